@@ -1,0 +1,98 @@
+"""`PermutedBlockMask`: the plan that block selection hands to attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PermutedBlockMask:
+    """Compressed block-sparse plan over permuted keys, modeled on FlexAttention's ``BlockMask``.
+
+    Key layout seen by query block ``i``: key blocks of *earlier* segments are read in permuted
+    order (slot ``s`` holds original key ``perm[..., s]``); key blocks of ``i``'s own (diagonal)
+    segment are read in original order. The permutation is a bijection inside each segment, so
+    keeping every block of the diagonal segment keeps the same key set either way, and the only
+    token-level mask needed is the usual causal one on the diagonal block ``j == i``.
+
+    Fields (int32, on the device of the inputs):
+        perm:          (B, H_perm, N)      original position of the key at each permuted slot;
+                                           H_perm = H_kv (shared per GQA group) or H_q.
+        kv_num_blocks: (B, H_q, N_qb)      number of kept key blocks per query block.
+        kv_indices:    (B, H_q, N_qb, N_kb) kept key-block indices, packed left, ascending.
+
+    Rebuild the dense block mask::
+
+        dense = torch.zeros(B, H_q, N_qb, N_kb, dtype=torch.bool)
+        for b, h, i in itertools.product(range(B), range(H_q), range(N_qb)):
+            n = kv_num_blocks[b, h, i]
+            dense[b, h, i, kv_indices[b, h, i, :n]] = True
+    """
+
+    perm: torch.Tensor
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    block_size: int
+    segment_size: int
+    seq_len: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, H_q, N_qb, N_kb)."""
+        return tuple(self.kv_indices.shape)  # type: ignore[return-value]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_indices.shape[-1]
+
+    def to_dense(self) -> torch.Tensor:
+        """Bool (B, H_q, N_qb, N_kb): True where query block i visits key block j."""
+        n_kb = self.num_blocks
+        slot = torch.arange(n_kb, device=self.kv_indices.device)
+        valid = slot < self.kv_num_blocks.unsqueeze(-1)
+        # padding slots may repeat a kept index: "amax" keeps True wherever any slot wrote it
+        dense = torch.zeros(self.kv_indices.shape, dtype=torch.bool, device=self.kv_indices.device)
+        return dense.scatter_reduce(-1, self.kv_indices.long(), valid, "amax")
+
+    def causal_blocks(self) -> int:
+        """Number of (query block, key block) pairs a dense causal attention visits, all heads."""
+        n_qb = self.kv_num_blocks.shape[-1]
+        b, h = self.kv_num_blocks.shape[:2]
+        return b * h * n_qb * (n_qb + 1) // 2
+
+    def density(self) -> float:
+        """Kept causal blocks / all causal blocks (1.0 = dense)."""
+        return float(self.kv_num_blocks.sum().item()) / max(1, self.causal_blocks())
+
+    def density_per_head(self) -> torch.Tensor:
+        """fp32 (B, H_q): density of each head."""
+        n_qb = self.kv_num_blocks.shape[-1]
+        return self.kv_num_blocks.float().sum(-1) / (n_qb * (n_qb + 1) / 2)
+
+    def __repr__(self) -> str:
+        b, h_q, n_qb, n_kb = self.shape
+        return (
+            f"PermutedBlockMask(batch={b}, heads={h_q}, perm_heads={self.perm.shape[1]}, "
+            f"seq_len={self.seq_len}, block_size={self.block_size}, segment_size={self.segment_size}, "
+            f"blocks={n_qb}x{n_kb}, density={self.density():.2%})"
+        )
+
+    def to_string(self, batch: int = 0, heads: int | None = 2, max_blocks: int = 32) -> str:
+        """A small grid per head: '█' kept, '░' skipped causal block, ' ' above the diagonal."""
+        dense = self.to_dense()[batch].cpu()
+        n_qb = dense.shape[-2]
+        step = max(1, -(-n_qb // max_blocks))
+        lines = [repr(self)]
+        for h in range(dense.shape[0] if heads is None else min(heads, dense.shape[0])):
+            lines.append(f"head {h}: density {self.density_per_head()[batch, h].item():.2%}")
+            for i in range(0, n_qb, step):
+                row = []
+                for j in range(0, n_qb, step):
+                    if j > i:
+                        row.append(" ")
+                    else:
+                        row.append("█" if dense[h, i : i + step, j : j + step].any() else "░")
+                lines.append("".join(row).rstrip())
+        return "\n".join(lines)

@@ -1,0 +1,31 @@
+"""Segmented key permutation: score keys by the last query block, sort inside segments.
+
+``compute_permutation`` dispatches: CUDA tensors use the GPU path of ``pbs_kernels.triton`` when it
+is importable, everything else the plain PyTorch twin in ``pbs_kernels.reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .backend import use_triton
+from .config import PBSConfig
+
+
+def compute_permutation(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float | None = None) -> torch.Tensor:
+    """int32 (B, H_perm, N): original key position at each permuted slot.
+
+    q (B, H_q, N, D), k (B, H_kv, N, D); H_perm = H_kv, or H_q with ``config.per_head_permutation``.
+    Identity when ``config.permute`` is off or N is shorter than one segment.
+    """
+    b, h_q, n, _ = q.shape
+    h_perm = h_q if config.per_head_permutation else k.shape[1]
+    if not config.permute or n < config.segment_size:
+        return reference.identity_permutation(b, h_perm, n, q.device)
+    if use_triton(q):
+        from .triton import permute as fast
+
+        return fast.compute_permutation(q, k, config, scale)
+    imp = reference.key_importance(q, k, config.block_size, config.per_head_permutation, scale)
+    return reference.segment_permutation(imp, config.segment_size)

@@ -1,0 +1,259 @@
+"""Plain PyTorch twin of every fast path: readable, vectorized, fp32 inside.
+
+These functions define what PBS-Attn computes. The Triton kernels in ``pbs_kernels.triton`` must
+match them (see the tolerance rule in the tests); on CPU they *are* the implementation, so they
+avoid Python loops over heads or blocks and work on bounded chunks of query blocks.
+
+Shapes: q (B, H_q, N, D); k, v (B, H_kv, N, D); H_q = G * H_kv (GQA group size G).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .block_mask import PermutedBlockMask
+from .config import PBSConfig
+
+# Work per chunk of query blocks, in fp32 elements of the (rows x gathered keys) score matrix.
+_CHUNK_ELEMENTS = 1 << 25  # 32M floats = 128 MiB
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def segment_starts(n_qb: int, block_size: int, segment_size: int, device=None) -> torch.Tensor:
+    """int64 (N_qb,): first key block of each query block's own (diagonal) segment."""
+    per_seg = segment_size // block_size
+    return torch.div(torch.arange(n_qb, device=device), per_seg, rounding_mode="floor") * per_seg
+
+
+# -- 1. segmented key permutation -------------------------------------------------------------
+
+
+def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: bool = False,
+                   scale: float | None = None) -> torch.Tensor:
+    """Importance of every key as seen by the last block of queries.
+
+    s[b, h, n] = mean over the last ``block_size`` query rows (and over the query heads of the GQA
+    group unless ``per_head``) of softmax(q_last k^T * scale) under the causal mask.
+
+    Returns fp32 (B, H_kv, N), or (B, H_q, N) when ``per_head``.
+    """
+    b, h_q, n, d = q.shape
+    h_kv = k.shape[1]
+    g = h_q // h_kv
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    rows = min(block_size, n)
+    q_last = q[:, :, n - rows :].float().reshape(b, h_kv, g * rows, d)
+    scores = torch.matmul(q_last, k.float().transpose(-1, -2)) * scale  # (B, H_kv, G*rows, N)
+    q_pos = torch.arange(n - rows, n, device=q.device).repeat(g)
+    causal = torch.arange(n, device=q.device)[None, :] <= q_pos[:, None]
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    if per_head:
+        return probs.reshape(b, h_kv, g, rows, n).mean(3).reshape(b, h_q, n)
+    return probs.mean(2)
+
+
+def segment_permutation(scores: torch.Tensor, segment_size: int) -> torch.Tensor:
+    """Sort keys by descending score inside each complete segment of ``segment_size`` tokens.
+
+    scores: (B, H, N). Returns int32 (B, H, N): original position of the key stored at each slot;
+    identity over the trailing partial segment.
+    """
+    b, h, n = scores.shape
+    full = (n // segment_size) * segment_size
+    perm = torch.arange(n, device=scores.device, dtype=torch.int64).expand(b, h, n).clone()
+    if full:
+        seg = scores[..., :full].reshape(b, h, full // segment_size, segment_size)
+        order = torch.sort(seg, dim=-1, descending=True, stable=True).indices
+        base = torch.arange(0, full, segment_size, device=scores.device)[:, None]
+        perm[..., :full] = (order + base).reshape(b, h, full)
+    return perm.to(torch.int32)
+
+
+def identity_permutation(b: int, h: int, n: int, device) -> torch.Tensor:
+    return torch.arange(n, device=device, dtype=torch.int32).expand(b, h, n).contiguous()
+
+
+def permute_keys(k: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Gather keys (or values) into permuted order. k (B, H_kv, N, D), perm (B, H_perm, N).
+
+    With a per-query-head permutation (H_perm = H_q) the result has H_q heads."""
+    b, h_perm, n = perm.shape
+    h_kv = k.shape[1]
+    src = k if h_perm == h_kv else k.repeat_interleave(h_perm // h_kv, dim=1)
+    return torch.gather(src, 2, perm.long().unsqueeze(-1).expand(-1, -1, -1, k.shape[-1]))
+
+
+# -- 2. block selection -----------------------------------------------------------------------
+
+
+def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean over each block of rows (the partial last block averages its real rows). (.., N, D) -> (.., N_b, D) fp32."""
+    n, d = x.shape[-2:]
+    n_b = _cdiv(n, block_size)
+    pad = n_b * block_size - n
+    xf = torch.nn.functional.pad(x.float(), (0, 0, 0, pad))
+    sums = xf.reshape(*x.shape[:-2], n_b, block_size, d).sum(-2)
+    counts = torch.full((n_b,), float(block_size), device=x.device)
+    counts[-1] = block_size - pad
+    return sums / counts[:, None]
+
+
+def sink_block(perm: torch.Tensor, block_size: int) -> torch.Tensor:
+    """int64 (B, H_perm): the permuted key block that holds original token 0."""
+    return torch.div((perm == 0).int().argmax(-1), block_size, rounding_mode="floor")
+
+
+def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
+                  scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p block selection over mean-pooled queries and permuted keys.
+
+    q (B, H_q, N, D); k_perm (B, H_k, N, D) and perm (B, H_k, N) with H_k = H_kv or H_q.
+    Returns (kv_num_blocks int32 (B, H_q, N_qb), kv_indices int32 (B, H_q, N_qb, N_kb)).
+    """
+    b, h_q, n, d = q.shape
+    bs = config.block_size
+    g = h_q // k_perm.shape[1]
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    n_b = _cdiv(n, bs)
+    q_bar = pool_blocks(q, bs)  # (B, H_q, N_b, D)
+    k_bar = pool_blocks(k_perm, bs).repeat_interleave(g, dim=1)  # (B, H_q, N_b, D)
+    diag_start = segment_starts(n_b, bs, config.segment_size, q.device)  # (N_b,)
+    cols = torch.arange(n_b, device=q.device)
+    sink = sink_block(perm, bs).repeat_interleave(g, dim=1)[:, :, None, None]  # (B, H_q, 1, 1)
+
+    num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
+    idx = torch.empty(b, h_q, n_b, n_b, dtype=torch.int32, device=q.device)
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h_q * n_b))
+    for r0 in range(0, n_b, rows_per_chunk):  # bounded memory: chunks of query blocks
+        r1 = min(n_b, r0 + rows_per_chunk)
+        start = diag_start[r0:r1, None]  # (C, 1)
+        candidate = cols[None, :] < start  # off-diagonal causal blocks, (C, N_b)
+        scores = torch.matmul(q_bar[:, :, r0:r1], k_bar.transpose(-1, -2)) * scale
+        probs = scores.masked_fill(~candidate, float("-inf")).softmax(-1).nan_to_num(0.0)
+
+        forced = (cols[None, :] >= start) & (cols[None, :] <= torch.arange(r0, r1, device=q.device)[:, None])
+        forced = forced | (candidate & (cols[None, :] >= start - config.local_blocks))
+        if config.sink:
+            forced = forced | (candidate & (cols == sink))
+        forced = forced.expand_as(probs)
+        # forced blocks come first in the ranking and count towards the kept mass
+        ranked = torch.where(forced, probs + 2.0, probs)
+        order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+        p_sorted = torch.gather(probs, -1, order)
+        mass_before = torch.cumsum(p_sorted, -1) - p_sorted
+        keep_sorted = (mass_before < config.threshold - 1e-6) | (config.threshold >= 1.0)
+        keep_sorted &= torch.gather(candidate.expand_as(probs) | forced, -1, order)
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted) | forced
+
+        num[:, :, r0:r1] = keep.sum(-1, dtype=torch.int32)
+        # kept blocks first, ascending; then the rest (padding, never read)
+        key = torch.where(keep, cols, cols + n_b)
+        idx[:, :, r0:r1] = torch.sort(key, dim=-1).indices.to(torch.int32)
+    return num, idx
+
+
+def build_plan(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float | None = None) -> PermutedBlockMask:
+    """Permutation and block selection in plain PyTorch. q (B, H_q, N, D), k (B, H_kv, N, D)."""
+    b, h_q, n, _ = q.shape
+    h_perm = h_q if config.per_head_permutation else k.shape[1]
+    if config.permute and n >= config.segment_size:
+        imp = key_importance(q, k, config.block_size, config.per_head_permutation, scale)
+        perm = segment_permutation(imp, config.segment_size)
+    else:
+        perm = identity_permutation(b, h_perm, n, q.device)
+    num, idx = select_blocks(q, permute_keys(k, perm), perm, config, scale)
+    return PermutedBlockMask(perm, num, idx, config.block_size, config.segment_size, n)
+
+
+# -- 3. block-sparse attention ----------------------------------------------------------------
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PermutedBlockMask,
+                           scale: float | None = None) -> torch.Tensor:
+    """Causal attention over the kept key blocks of ``plan`` only. Returns (B, H_q, N, D) in q's dtype.
+
+    Each chunk of query blocks gathers its kept key blocks (padded to the chunk's largest count)
+    from a virtual key array [permuted keys ; original keys], so the work is proportional to the
+    density, not to N^2.
+    """
+    b, h_q, n, d = q.shape
+    bs = plan.block_size
+    h_perm = plan.perm.shape[1]
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    n_b = _cdiv(n, bs)
+    pad = n_b * bs - n
+    g_perm = h_q // h_perm
+
+    # virtual key/value array per permutation head: slots [0, N_pad) permuted, [N_pad, 2 N_pad) original
+    def virtual(x: torch.Tensor) -> torch.Tensor:
+        xp = permute_keys(x, plan.perm)
+        xo = x if h_perm == x.shape[1] else x.repeat_interleave(h_perm // x.shape[1], dim=1)
+        both = torch.cat([torch.nn.functional.pad(xp, (0, 0, 0, pad)), torch.nn.functional.pad(xo, (0, 0, 0, pad))], 2)
+        return both.reshape(b * h_perm * 2 * n_b * bs, d)
+
+    k_virt, v_virt = virtual(k), virtual(v)
+    perm_pad = torch.nn.functional.pad(plan.perm.long(), (0, pad), value=n)  # (B, H_perm, N_pad)
+    orig_pos = torch.cat([perm_pad, torch.arange(n_b * bs, device=q.device).expand_as(perm_pad)], -1)
+    orig_pos = orig_pos.reshape(-1)
+
+    head_base = ((torch.arange(b, device=q.device)[:, None] * h_perm
+                  + torch.arange(h_q, device=q.device)[None, :] // g_perm) * (2 * n_b * bs))  # (B, H_q)
+    diag_start = segment_starts(n_b, bs, plan.segment_size, q.device)
+    tok = torch.arange(bs, device=q.device)
+    q_pad = torch.nn.functional.pad(q, (0, 0, 0, pad))
+    out = torch.empty(b, h_q, n_b * bs, d, dtype=torch.float32, device=q.device)
+
+    max_kept = int(plan.kv_num_blocks.max().item())
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h_q * bs * max_kept * bs))
+    for r0 in range(0, n_b, chunk):
+        r1 = min(n_b, r0 + chunk)
+        m = int(plan.kv_num_blocks[:, :, r0:r1].max().item())
+        blocks = plan.kv_indices[:, :, r0:r1, :m].long()  # (B, H_q, C, M)
+        valid = torch.arange(m, device=q.device) < plan.kv_num_blocks[:, :, r0:r1, None]
+        in_diag = blocks >= diag_start[r0:r1, None]
+        slot = blocks * bs + torch.where(in_diag, n_b * bs, 0)  # (B, H_q, C, M)
+        flat = (head_base[:, :, None, None, None] + slot[..., None] + tok).reshape(b, h_q, r1 - r0, m * bs)
+        keys = k_virt[flat]  # (B, H_q, C, M*bs, D)
+        vals = v_virt[flat]
+        kpos = orig_pos[flat]  # (B, H_q, C, M*bs)
+        qpos = torch.arange(r0 * bs, r1 * bs, device=q.device).reshape(r1 - r0, bs)  # (C, bs)
+        allowed = (valid.repeat_interleave(bs, -1)[..., None, :]
+                   & (kpos[..., None, :] <= qpos[None, None, :, :, None]) & (kpos[..., None, :] < n))
+        qc = q_pad[:, :, r0 * bs : r1 * bs].float().reshape(b, h_q, r1 - r0, bs, d)
+        s = torch.matmul(qc, keys.float().transpose(-1, -2)) * scale  # (B, H_q, C, bs, M*bs)
+        p = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+        out[:, :, r0 * bs : r1 * bs] = torch.matmul(p, vals.float()).reshape(b, h_q, (r1 - r0) * bs, d)
+    return out[:, :, :n].to(q.dtype)
+
+
+def attention_recall(q: torch.Tensor, k: torch.Tensor, plan: PermutedBlockMask, rows: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Share of each sampled query row's full causal attention mass that the kept blocks cover.
+
+    rows: int64 (R,) query positions. Returns fp32 (B, H_q, R) in [0, 1].
+    """
+    b, h_q, n, d = q.shape
+    h_kv = k.shape[1]
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    bs = plan.block_size
+    kf = k.float().repeat_interleave(h_q // h_kv, dim=1)
+    s = torch.matmul(q[:, :, rows].float(), kf.transpose(-1, -2)) * scale  # (B, H_q, R, N)
+    causal = torch.arange(n, device=q.device)[None, :] <= rows[:, None]
+    p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+    # which original keys each row keeps: kept blocks of its query block, mapped through perm
+    qb = torch.div(rows, bs, rounding_mode="floor")
+    dense = plan.to_dense()[:, :, qb]  # (B, H_q, R, N_kb)
+    kept_slot = dense.repeat_interleave(bs, -1)[..., :n]  # per slot
+    diag_start = segment_starts(plan.kv_num_blocks.shape[-1], bs, plan.segment_size, q.device)[qb] * bs
+    slot = torch.arange(n, device=q.device)
+    perm = plan.perm.long().repeat_interleave(h_q // plan.perm.shape[1], dim=1)  # (B, H_q, N)
+    # slot -> original key: permuted before the diagonal segment, identity inside it
+    key_of_slot = torch.where(slot[None, None, None, :] < diag_start[None, None, :, None],
+                              perm[:, :, None, :], slot.expand(1, 1, 1, n))
+    kept = torch.zeros_like(kept_slot).scatter_reduce(-1, key_of_slot.expand_as(kept_slot), kept_slot, "amax")
+    return (p * kept).sum(-1)

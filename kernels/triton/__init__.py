@@ -1,0 +1,1 @@
+"""Triton kernels (kernels/*.py hold only @triton.jit code) and their launchers."""

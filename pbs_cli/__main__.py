@@ -1,0 +1,3 @@
+from pbs_cli.app import main
+
+main()

@@ -1,0 +1,40 @@
+"""The `pbs` Typer application: composes the command modules, nothing else."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from . import __version__, console
+from .commands import env, prefill
+
+app = typer.Typer(
+    name="pbs",
+    help="Permuted Block-Sparse Attention: faster long-document prefill, measured on your model, text and GPU.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pbs {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    console.set_debug(debug)
+
+
+app.command("prefill")(prefill.command)
+app.command("env")(env.command)
+
+
+def main() -> None:
+    app()

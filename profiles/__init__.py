@@ -1,0 +1,1 @@
+"""Named PBS presets and model aliases (TOML files shipped with the package)."""
