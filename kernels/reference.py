@@ -224,9 +224,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
         qpos = torch.arange(r0 * bs, r1 * bs, device=q.device).reshape(r1 - r0, bs)  # (C, bs)
         allowed = (valid.repeat_interleave(bs, -1)[..., None, :]
                    & (kpos[..., None, :] <= qpos[None, None, :, :, None]) & (kpos[..., None, :] < n))
-        qc = q_pad[:, :, r0 * bs : r1 * bs].float().reshape(b, h_q, r1 - r0, bs, d)
-        s = torch.matmul(qc, keys.float().transpose(-1, -2)) * scale  # (B, H_q, C, bs, M*bs)
-        p = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+        qc = q_pad[:, :, r0 * bs : r1 * bs].float().reshape(b, h_q, r1 - r0, bs, d) * scale
+        s = torch.matmul(qc, keys.float().transpose(-1, -2))  # (B, H_q, C, bs, M*bs)
+        # every row keeps at least its own diagonal block, so no row is fully masked
+        p = s.masked_fill_(~allowed, float("-inf")).softmax(-1)
         out[:, :, r0 * bs : r1 * bs] = torch.matmul(p, vals.float()).reshape(b, h_q, (r1 - r0) * bs, d)
     return out[:, :, :n].to(q.dtype)
 
