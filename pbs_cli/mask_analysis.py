@@ -1,0 +1,264 @@
+"""What a PBS plan does to one attention head: block attention mass, kept mask, recall, forced rows.
+
+The pictures of ``pbs viz-mask`` and its numbers come from here; rendering lives in ``viz``.
+Everything is computed exactly in fp32 (token-level softmax, chunked over query rows), so the
+numbers are ground truth for the plan, not an estimate from pooled scores.
+
+Layouts. "original" indexes key blocks by original position. "plan" is the layout the kernel reads
+and ``plan.to_dense()`` uses: for query block ``i``, key blocks before ``i``'s own (diagonal)
+segment are permuted slots (slot ``s`` holds original key ``perm[s]``), key blocks inside it are in
+original order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from pbs_kernels import PBSConfig, PermutedBlockMask, build_plan
+from pbs_kernels import reference as ref
+
+# fp32 elements of one chunk of token-level attention probabilities (heads x rows x keys)
+_CHUNK_ELEMENTS = 1 << 23
+# recall difference (absolute) below which the permutation counts as neither helping nor hurting
+NEUTRAL_BAND = 0.005
+_BISECT_STEPS = 16
+
+
+@dataclass
+class HeadStats:
+    """Numbers for one head. Fractions in [0, 1].
+
+    density:          kept causal blocks / causal blocks.
+    recall:           mean over all query rows of the attention mass the kept keys cover.
+    forced_only_rows: query blocks that had a choice (earlier segments exist) but kept only forced blocks.
+    rows_with_choice: query blocks with at least one selectable (non-forced) causal block.
+    noperm_density:   density of the no-permutation plan matched to ``density`` (None when permute is off).
+    noperm_recall:    recall of plain block selection at ``density`` (interpolated between the two
+                      thresholds that bracket it).
+    recall_gain:      recall - noperm_recall: what the permutation bought at equal density.
+    verdict:          "helped", "hurt", "neutral" (|gain| < 0.5 points) or "n/a".
+    """
+
+    layer: int | None
+    head: int
+    density: float
+    recall: float
+    forced_only_rows: int
+    rows_with_choice: int
+    noperm_density: float | None
+    noperm_recall: float | None
+    recall_gain: float | None
+    verdict: str
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class HeadView:
+    """Everything needed to draw one head. Arrays are (N_b, N_b), numpy, on the host.
+
+    original: fp32 block attention mass in original key order (row i: mean over query rows of block
+              i of the softmax mass in each key block; each row sums to 1).
+    permuted: the same in plan layout.
+    kept:     bool, the plan's kept blocks (plan layout).
+    forced:   bool, the blocks the plan keeps regardless of scores (diagonal segment, sink, local).
+    """
+
+    stats: HeadStats
+    original: np.ndarray
+    permuted: np.ndarray
+    kept: np.ndarray
+    forced: np.ndarray
+    seq_len: int
+    config: PBSConfig
+    heads_total: int
+    head_dim: int
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def block_attention_mass(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, block_size: int,
+                         segment_size: int, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact causal block attention mass of some heads, in original and in plan layout.
+
+    q, k: (H, N, D), one key head per query head (GQA already resolved); perm: (H, N) int.
+    Returns two fp32 (H, N_b, N_b) tensors on the host: ``original`` and ``plan``; row i of each is
+    the mean over the real query rows of block i of the softmax mass per key block (rows sum to 1).
+    """
+    h, n, d = q.shape
+    bs = block_size
+    n_b = _cdiv(n, bs)
+    pad = n_b * bs - n
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    kf = k.float()
+    gather_idx = perm.long()[:, None, :]  # (H, 1, N)
+    original = torch.zeros(h, n_b, n_b)
+    permall = torch.zeros(h, n_b, n_b)
+    blocks_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, h * n * bs))
+    keys = torch.arange(n, device=q.device)
+    for b0 in range(0, n_b, blocks_per_chunk):
+        b1 = min(n_b, b0 + blocks_per_chunk)
+        r0, r1 = b0 * bs, min(n, b1 * bs)
+        rows = torch.arange(r0, r1, device=q.device)
+        s = torch.matmul(q[:, r0:r1].float(), kf.transpose(-1, -2)) * scale  # (H, R, N)
+        p = s.masked_fill(keys[None, :] > rows[:, None], float("-inf")).softmax(-1)
+        pp = torch.gather(p, -1, gather_idx.expand(-1, r1 - r0, -1))
+        row_pad = (b1 - b0) * bs - (r1 - r0)
+        for target, x in ((original, p), (permall, pp)):
+            x = torch.nn.functional.pad(x, (0, pad, 0, row_pad))  # (H, C*bs, N_b*bs)
+            sums = x.reshape(h, b1 - b0, bs, n_b, bs).sum(-1).sum(2)  # (H, C, N_b)
+            counts = torch.full((b1 - b0,), float(bs), device=q.device)
+            counts[-1] = bs - row_pad
+            target[:, b0:b1] = (sums / counts[None, :, None]).cpu()
+    diag = ref.segment_starts(n_b, bs, segment_size)  # (N_b,)
+    before_diag = torch.arange(n_b)[None, :] < diag[:, None]  # (N_b, N_b)
+    plan = torch.where(before_diag, permall, original)
+    return original, plan
+
+
+def forced_blocks(perm: torch.Tensor, n: int, config: PBSConfig) -> torch.Tensor:
+    """bool (H, N_b, N_b): blocks a plan keeps whatever the scores (plan layout).
+
+    perm: (H, N). The diagonal segment up to the query block, the ``local_blocks`` before it, and
+    (with ``sink``) the permuted block that holds original token 0.
+    """
+    bs = config.block_size
+    n_b = _cdiv(n, bs)
+    rows = torch.arange(n_b)[:, None]
+    cols = torch.arange(n_b)[None, :]
+    start = ref.segment_starts(n_b, bs, config.segment_size)[:, None]
+    forced = ((cols >= start) & (cols <= rows)) | ((cols < start) & (cols >= start - config.local_blocks))
+    forced = forced.expand(perm.shape[0], n_b, n_b).clone()
+    if config.sink:
+        sink = ref.sink_block(perm.cpu()[None], bs)[0]  # (H,)
+        forced |= (cols[None] == sink[:, None, None]) & (cols < start)[None]
+    return forced
+
+
+def _row_weights(n: int, bs: int) -> torch.Tensor:
+    """fp32 (N_b,): real query rows per block, over N (the last block may be partial)."""
+    n_b = _cdiv(n, bs)
+    w = torch.full((n_b,), float(bs))
+    w[-1] = n - (n_b - 1) * bs
+    return w / n
+
+
+def recall_of(mass: torch.Tensor, kept: torch.Tensor, n: int, bs: int) -> torch.Tensor:
+    """Mean over all query rows of the kept attention mass. mass, kept: (H, N_b, N_b) -> fp32 (H,)."""
+    per_block = (mass * kept.float()).sum(-1)  # (H, N_b)
+    return (per_block * _row_weights(n, bs)[None]).sum(-1)
+
+
+def _density(num: torch.Tensor) -> float:
+    n_b = num.shape[-1]
+    return float(num.sum().item()) / (num.numel() / n_b * n_b * (n_b + 1) / 2)
+
+
+def _noperm_at_density(q1: torch.Tensor, k1: torch.Tensor, config: PBSConfig, target: float,
+                       mass_original: torch.Tensor, scale: float | None) -> tuple[float, float]:
+    """(density, recall) of plain block selection (no permutation) at ``target`` density.
+
+    q1, k1: (1, 1, N, D); mass_original: (N_b, N_b). Bisects the threshold; recall is interpolated
+    linearly in density between the two plans that bracket ``target``. When even the smallest
+    threshold keeps more than ``target``, returns that plan's density and recall.
+    """
+    n = q1.shape[2]
+    bs = config.block_size
+    perm = ref.identity_permutation(1, 1, n, q1.device)
+    plain = config.replace(permute=False)
+
+    def measure(tau: float) -> tuple[float, float]:
+        num, idx = ref.select_blocks(q1, k1, perm, plain.replace(threshold=tau), scale)
+        kept = PermutedBlockMask(perm, num, idx, bs, config.segment_size, n).to_dense()[0, 0]
+        return _density(num), float(recall_of(mass_original[None], kept.cpu(), n, bs)[0])
+
+    lo_tau, hi_tau = 1e-6, 1.0
+    lo, hi = measure(lo_tau), (1.0, float(recall_of(mass_original[None], _causal(mass_original.shape[-1])[None], n, bs)[0]))
+    if lo[0] >= target:
+        return lo
+    for _ in range(_BISECT_STEPS):
+        mid_tau = 0.5 * (lo_tau + hi_tau)
+        mid = measure(mid_tau)
+        if mid[0] >= target:
+            hi_tau, hi = mid_tau, mid
+        else:
+            lo_tau, lo = mid_tau, mid
+        if hi[0] - lo[0] < 1e-9:
+            break
+    if hi[0] == target or hi[0] == lo[0]:
+        return hi
+    t = (target - lo[0]) / (hi[0] - lo[0])
+    return target, lo[1] + t * (hi[1] - lo[1])
+
+
+def _causal(n_b: int) -> torch.Tensor:
+    return torch.ones(n_b, n_b, dtype=torch.bool).tril()
+
+
+def verdict(gain: float | None) -> str:
+    if gain is None:
+        return "n/a"
+    if gain > NEUTRAL_BAND:
+        return "helped"
+    if gain < -NEUTRAL_BAND:
+        return "hurt"
+    return "neutral"
+
+
+def analyze(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, heads: list[int], layer: int | None = None,
+            scale: float | None = None, compare: bool = True) -> list[HeadView]:
+    """Plan one layer with ``config`` and describe the selected query heads.
+
+    q: (1, H_q, N, D) post-RoPE queries; k: (1, H_kv, N, D) keys. ``heads`` index query heads.
+    ``compare`` adds the no-permutation plan at equal density (skipped when ``config.permute`` is off).
+    Returns one ``HeadView`` per head, in the order given.
+    """
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != 1:
+        raise ValueError(f"expected q (1, H_q, N, D) and k (1, H_kv, N, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    _, h_q, n, d = q.shape
+    h_kv = k.shape[1]
+    bad = [h for h in heads if not 0 <= h < h_q]
+    if bad:
+        raise ValueError(f"head {bad[0]} out of range: this layer has {h_q} query heads (0-{h_q - 1})")
+    g = h_q // h_kv
+    bs = config.block_size
+    plan = build_plan(q, k, config, scale)
+    h_perm = plan.perm.shape[1]
+    idx = torch.tensor(heads, dtype=torch.long)
+    perm_rows = idx // (h_q // h_perm)
+    perm = plan.perm[0].cpu()[perm_rows]  # (h, N)
+    qs = q[0, idx.to(q.device)]
+    ks = k[0, (idx // g).to(k.device)]
+    original, planned = block_attention_mass(qs, ks, perm.to(q.device), bs, config.segment_size, scale)
+    kept = plan.to_dense()[0].cpu()[idx]  # (h, N_b, N_b)
+    forced = forced_blocks(perm, n, config) & _causal(kept.shape[-1])
+    recalls = recall_of(planned, kept, n, bs)
+    density_per_head = plan.density_per_head()[0].cpu()[idx]
+    n_b = kept.shape[-1]
+    start = ref.segment_starts(n_b, bs, config.segment_size)
+    choice_cols = torch.arange(n_b)[None, :] < start[:, None]
+    selectable = choice_cols[None] & ~forced
+    has_choice = selectable.any(-1)  # (h, N_b)
+    forced_only = has_choice & ~(kept & selectable).any(-1)
+
+    views = []
+    for t, h in enumerate(heads):
+        density = float(density_per_head[t])
+        recall = float(recalls[t])
+        np_density = np_recall = gain = None
+        if compare and config.permute and n >= config.segment_size:
+            np_density, np_recall = _noperm_at_density(q[:, h : h + 1], k[:, h // g : h // g + 1], config, density,
+                                                       original[t], scale)
+            gain = recall - np_recall
+        stats = HeadStats(layer, h, density, recall, int(forced_only[t].sum()), int(has_choice[t].sum()),
+                          np_density, np_recall, gain, verdict(gain))
+        views.append(HeadView(stats, original[t].numpy(), planned[t].numpy(), kept[t].numpy(), forced[t].numpy(),
+                              n, config, h_q, d))
+    return views
