@@ -1,0 +1,171 @@
+"""Launcher of the Triton block-sparse attention kernel (``attention_kernel.pbs_attn_fwd``).
+
+On CUDA the kernel is autotuned over a small set of tile shapes; on CPU tensors it runs in the
+Triton interpreter (``TRITON_INTERPRET=1``) with a fixed default configuration, for tests.
+The plain PyTorch twin is ``pbs_kernels.reference.block_sparse_attention``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+
+from ..block_mask import PermutedBlockMask
+from . import attention_kernel as K
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+PERM_MODES = {"tma": 0, "gather": 1, "remap": 2}
+# Default way of reading permuted keys on CUDA (see BENCHMARKS.md, "Attention kernel (H100)").
+DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "remap")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def supports(q: torch.Tensor) -> bool:
+    """True when the Triton kernel handles q (B, H_q, N, D): head_dim 64 or 128, and either a CUDA
+    tensor in fp16/bf16/fp32 or, under ``TRITON_INTERPRET=1``, a CPU tensor in fp16/fp32 (bf16 is
+    wrong in the interpreter)."""
+    if q.dim() != 4 or q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return False
+    if q.is_cuda:
+        return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return _interpreting() and q.dtype in (torch.float16, torch.float32)
+
+
+# -- configurations ---------------------------------------------------------------------------
+
+
+def _default_config(plan_block: int, head_dim: int) -> dict:
+    """Fixed tile shape: the interpreter path and the fallback when autotuning is off."""
+    return {"BLOCK_M": plan_block if plan_block <= 128 else 128, "BLOCK_N": min(64, plan_block),
+            "num_warps": 4, "num_stages": 1}
+
+
+def _cuda_configs(plan_block: int, head_dim: int) -> list[triton.Config]:
+    """Autotune candidates: BLOCK_M/BLOCK_N divide the plan block; 8 warps keep a 128x128 fp32
+    accumulator in registers; 2-4 stages overlap the next tile's loads with this tile's math."""
+    configs = []
+    for bm in (128, 64):
+        for bn in (128, 64):
+            if plan_block % bm or plan_block % bn:
+                continue
+            for warps, stages in ((8, 3), (4, 3), (8, 2), (4, 4)):
+                if bm == 128 and warps == 4 and head_dim == 128:
+                    continue  # 128x128 fp32 accumulator + scores spill with 4 warps
+                configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+@functools.cache
+def _autotuned(plan_block: int, head_dim: int):
+    return triton.autotune(configs=_cuda_configs(plan_block, head_dim),
+                           key=["HEAD_DIM", "PLAN_BLOCK", "PERM_MODE", "SEG_BLOCKS"])(K.pbs_attn_fwd)
+
+
+@functools.cache
+def _interpreted():
+    """The kernel as an interpreted function, also when this module was imported before
+    TRITON_INTERPRET was set (``triton.jit`` decides at decoration time)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    fn = K.pbs_attn_fwd
+    return fn if isinstance(fn, InterpretedFunction) else InterpretedFunction(fn.fn)
+
+
+_allocator_set = False
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors need global scratch memory from an allocator."""
+    global _allocator_set
+    if not _allocator_set:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _allocator_set = True
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
+def permuted_copy(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Gather keys or values into permuted order, one row gather. x (B, H_kv, N, D), perm (B, H_perm, N)
+    -> (B, H_perm, N, D) contiguous."""
+    b, h_perm, n = perm.shape
+    h_kv, d = x.shape[1], x.shape[-1]
+    heads = torch.arange(h_perm, device=x.device) // (h_perm // h_kv)  # kv head of each perm head
+    base = (torch.arange(b, device=x.device)[:, None] * h_kv + heads[None, :]) * n  # (B, H_perm)
+    rows = (base[:, :, None] + perm.long()).reshape(-1)
+    return x.reshape(-1, d).index_select(0, rows).reshape(b, h_perm, n, d)
+
+
+def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PermutedBlockMask,
+                  scale: float | None = None, *, perm_mode: str | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """Causal attention over the kept key blocks of ``plan`` (Triton).
+
+    q: (B, H_q, N, D); k, v: (B, H_kv, N, D) in original order; H_q a multiple of H_kv.
+    plan: ``PermutedBlockMask`` for these shapes. scale: softmax scale (default 1/sqrt(D)).
+    perm_mode: how permuted keys are read: "remap" (through ``plan.perm`` inside the kernel, no
+        copy), "gather" (one permuted copy of K/V, contiguous tiles) or "tma" (the copy, read with
+        tensor descriptors). Default ``DEFAULT_PERM_MODE``.
+    config: fixed tile config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} instead of autotuning.
+    Returns (B, H_q, N, D) in q's dtype.
+    """
+    if not supports(q):
+        raise ValueError(
+            f"Triton PBS attention needs head_dim in {SUPPORTED_HEAD_DIMS} and a CUDA tensor (or TRITON_INTERPRET=1 "
+            f"with fp16/fp32); got head_dim={q.shape[-1]}, dtype={q.dtype}, device={q.device}"
+        )
+    b, h_q, n, d = q.shape
+    h_kv = k.shape[1]
+    h_perm = plan.perm.shape[1]
+    bs = plan.block_size
+    n_qb, n_kb = plan.kv_num_blocks.shape[-1], plan.num_blocks
+    if h_q % h_kv or h_q % h_perm or h_perm % h_kv and h_kv % h_perm:
+        raise ValueError(f"heads must nest: H_q={h_q}, H_kv={h_kv}, plan perm heads={h_perm}")
+    if tuple(plan.kv_num_blocks.shape) != (b, h_q, n_qb) or n_qb != -(-n // bs):
+        raise ValueError(f"plan shape {tuple(plan.kv_indices.shape)} does not fit q {tuple(q.shape)} "
+                         f"with block_size {bs}: expected ({b}, {h_q}, {-(-n // bs)}, ...)")
+    mode_name = perm_mode or DEFAULT_PERM_MODE
+    if mode_name not in PERM_MODES:
+        raise ValueError(f"perm_mode must be one of {sorted(PERM_MODES)}, got {mode_name!r}")
+    mode = PERM_MODES[mode_name]
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    perm = plan.perm.to(torch.int32).contiguous()
+    num = plan.kv_num_blocks.to(torch.int32).contiguous()
+    idx = plan.kv_indices.to(torch.int32).contiguous()
+    if mode == 2:
+        kp, vp = k, v  # unused
+    else:
+        kp, vp = permuted_copy(k, perm), permuted_copy(v, perm)
+    out = torch.empty_like(q)
+
+    seg_blocks = plan.segment_size // bs
+    args = (q, k, v, kp, vp, perm, out, num, idx, scale * math.log2(math.e), n, h_q, h_kv, h_perm, n_qb, n_kb)
+    consts = dict(PLAN_BLOCK=bs, SEG_BLOCKS=seg_blocks, SEG_POW2=triton.next_power_of_2(seg_blocks),
+                  HEAD_DIM=d, PERM_MODE=mode, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+    if not q.is_cuda:
+        cfg = config or _default_config(bs, d)
+        grid = (n_qb * (bs // cfg["BLOCK_M"]), b * h_q)
+        _interpreted()[grid](*args, **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+        return out
+
+    if mode == 0:
+        _ensure_allocator()
+    with torch.cuda.device(q.device):
+        if config is not None:
+            grid = (n_qb * (bs // config["BLOCK_M"]), b * h_q)
+            K.pbs_attn_fwd[grid](*args, **consts, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                                 num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
+        else:
+            grid = lambda meta: (n_qb * (bs // meta["BLOCK_M"]), b * h_q)  # noqa: E731
+            _autotuned(bs, d)[grid](*args, **consts)
+    return out

@@ -1,0 +1,161 @@
+"""Block-sparse causal attention forward over a ``PermutedBlockMask`` (Triton, @triton.jit only).
+
+One program computes BLOCK_M query rows of one query head. Its loop runs over the kept key blocks of
+its plan row (``kv_num_blocks`` / ``kv_indices``), never over all earlier blocks, in three phases
+(kv_indices are ascending, so the blocks of the query's own segment form the tail of the row):
+
+  1. kept blocks of EARLIER segments: permuted keys, no token mask;
+  2. kept blocks of the OWN segment before the last kept block: original keys, no token mask;
+  3. the last kept block (the diagonal block j == i in a causal plan): original keys, causal mask
+     on positions and keys >= N masked.
+
+PERM_MODE says how phase 1 reads permuted keys:
+  0  gathered copies KP/VP (keys already in permuted order), contiguous tiles through TMA tensor
+     descriptors (CUDA, Hopper);
+  1  gathered copies KP/VP, contiguous tiles through plain pointer loads;
+  2  original K/V, rows remapped through ``perm`` inside the kernel (no copy).
+
+Softmax runs in base 2: scores are multiplied by ``qk_scale = scale * log2(e)`` and exponentiated
+with exp2, which is what the hardware computes natively.
+
+Shapes: Q, O (B, H_q, N, D); K, V (B, H_kv, N, D); KP, VP (B, H_perm, N, D); PERM (B, H_perm, N);
+KV_NUM (B, H_q, N_qb); KV_IDX (B, H_q, N_qb, N_kb). All contiguous (last stride 1).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, MASKED: tl.constexpr,
+                         DOT_PREC: tl.constexpr):
+    # q (BLOCK_M, D), k/v (BLOCK_N, D); acc (BLOCK_M, D) fp32; l_i, m_i (BLOCK_M,) fp32, m_i in log2 units
+    # -- scores --
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
+    if MASKED:
+        qk = tl.where(mask, qk, float("-inf"))
+    # -- online softmax update --
+    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # -- accumulate P V --
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def pbs_attn_fwd(
+    Q, K, V, KP, VP, PERM, O, KV_NUM, KV_IDX,
+    qk_scale,
+    N_CTX, H_Q, H_KV, H_PERM, N_QB, N_KB,
+    PLAN_BLOCK: tl.constexpr,  # tokens per plan block (selection granularity)
+    SEG_BLOCKS: tl.constexpr,  # plan blocks per segment
+    SEG_POW2: tl.constexpr,  # next power of two >= SEG_BLOCKS (tl.arange needs one)
+    BLOCK_M: tl.constexpr,  # query rows per program; divides PLAN_BLOCK
+    BLOCK_N: tl.constexpr,  # key rows per tile; divides PLAN_BLOCK
+    HEAD_DIM: tl.constexpr,
+    PERM_MODE: tl.constexpr,
+    DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs, else the default "tf32" (ignored for 16-bit)
+):
+    SUB_M: tl.constexpr = PLAN_BLOCK // BLOCK_M
+    SUB_N: tl.constexpr = PLAN_BLOCK // BLOCK_N
+    # longest rows first: causal rows late in the sequence hold the most blocks
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    qb = tile // SUB_M  # plan row
+    bh = tl.program_id(1)
+    b = bh // H_Q
+    h = bh % H_Q
+    h_kv = h // (H_Q // H_KV)
+    h_perm = h // (H_Q // H_PERM)
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    # int64 bases: B * H * N * D overflows int32 at 128K tokens
+    q_base = (bh.to(tl.int64) * N_CTX) * HEAD_DIM
+    kv_row0 = (b.to(tl.int64) * H_KV + h_kv) * N_CTX  # first row of this kv head in (B*H_kv*N, D)
+    kp_row0 = (b.to(tl.int64) * H_PERM + h_perm) * N_CTX
+    row = bh.to(tl.int64) * N_QB + qb
+    idx_row = KV_IDX + row * N_KB
+
+    q = tl.load(Q + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < N_CTX, other=0.0)
+
+    # -- split the row: count kept blocks inside the own segment (they are the tail) --
+    num = tl.load(KV_NUM + row)
+    diag_start = (qb // SEG_BLOCKS) * SEG_BLOCKS
+    back = tl.arange(0, SEG_POW2)
+    tail_ok = (back < SEG_BLOCKS) & (back < num)
+    tail = tl.load(idx_row + num - 1 - back, mask=tail_ok, other=-1)
+    n_diag = tl.sum(((tail >= diag_start) & tail_ok).to(tl.int32), 0)
+    n_off = num - n_diag
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked row stays NaN-free
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if PERM_MODE == 0:
+        total_rows = tl.num_programs(1) // H_Q * H_KV * N_CTX
+        k_desc = tl.make_tensor_descriptor(K, shape=[total_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(V, shape=[total_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        perm_rows = tl.num_programs(1) // H_Q * H_PERM * N_CTX
+        kp_desc = tl.make_tensor_descriptor(KP, shape=[perm_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM])
+        vp_desc = tl.make_tensor_descriptor(VP, shape=[perm_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM])
+
+    # -- phase 1: earlier segments, permuted keys, no mask --
+    for t in range(0, n_off * SUB_N):
+        j = tl.load(idx_row + t // SUB_N)
+        start = j * PLAN_BLOCK + (t % SUB_N) * BLOCK_N
+        if PERM_MODE == 0:
+            k = kp_desc.load([(kp_row0 + start).to(tl.int32), 0])
+            v = vp_desc.load([(kp_row0 + start).to(tl.int32), 0])
+        elif PERM_MODE == 1:
+            kv_off = (kp_row0 + start + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+            k = tl.load(KP + kv_off)
+            v = tl.load(VP + kv_off)
+        else:
+            src = tl.load(PERM + kp_row0 + start + offs_n)  # original positions of these slots
+            kv_off = (kv_row0 + src)[:, None] * HEAD_DIM + offs_d[None, :]
+            k = tl.load(K + kv_off)
+            v = tl.load(V + kv_off)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC)
+
+    # -- phase 2: own segment before the last kept block, original keys, no mask --
+    last = tl.maximum(num - 1, n_off)
+    for t in range(n_off * SUB_N, last * SUB_N):
+        j = tl.load(idx_row + t // SUB_N)
+        start = j * PLAN_BLOCK + (t % SUB_N) * BLOCK_N
+        if PERM_MODE == 0:
+            k = k_desc.load([(kv_row0 + start).to(tl.int32), 0])
+            v = v_desc.load([(kv_row0 + start).to(tl.int32), 0])
+        else:
+            kv_off = (kv_row0 + start + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+            k = tl.load(K + kv_off)
+            v = tl.load(V + kv_off)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC)
+
+    # -- phase 3: the last kept block of the own segment, causal mask on original positions --
+    if n_diag > 0:
+        j = tl.load(idx_row + num - 1)
+        for s in range(0, SUB_N):
+            offs_k = j * PLAN_BLOCK + s * BLOCK_N + offs_n
+            kv_off = (kv_row0 + offs_k)[:, None] * HEAD_DIM + offs_d[None, :]
+            in_seq = offs_k[:, None] < N_CTX
+            k = tl.load(K + kv_off, mask=in_seq, other=0.0)
+            v = tl.load(V + kv_off, mask=in_seq, other=0.0)
+            mask = (offs_k[None, :] <= offs_m[:, None]) & (offs_k[None, :] < N_CTX)
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, True, DOT_PREC)
+
+    # -- epilogue: normalize; rows that saw no key (only rows >= N) write 0 --
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_i[:, None]
+    tl.store(O + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=offs_m[:, None] < N_CTX)
