@@ -1,0 +1,207 @@
+"""Shared test fixtures: tiny offline models and hostile model files.
+
+Nothing here downloads anything. ``build_tiny_model_dir`` writes a random-weight ``LlamaForCausalLM``
+(safetensors) and a byte-level BPE tokenizer trained in code, so any byte sequence tokenizes. It is
+small enough that a forward over a few thousand tokens takes well under a second on a CPU.
+
+Use from a test module::
+
+    from fixtures import tiny_model_dir  # noqa: F401  (a session-scoped pytest fixture)
+
+Tiny model shape: 2 layers, 4 query heads, 2 KV heads, head_dim 16, ``TINY_CONTEXT`` positions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY_CONTEXT = 1024  # max_position_embeddings of the tiny model
+TINY_LAYERS = 2
+TINY_HEADS = 4
+TINY_KV_HEADS = 2
+TINY_HIDDEN = 64
+EOS = "<|endoftext|>"
+
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog. " * 20,
+    "def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 20,
+    "import os, sys\nfor i in range(10):\n    print(i)\n" * 20,
+]
+
+
+def build_tokenizer(path: Path):
+    """A byte-level BPE tokenizer (every byte sequence encodes), saved with ``save_pretrained``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[EOS], show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS)
+    fast.save_pretrained(path)
+    return fast
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    fields = dict(vocab_size=vocab_size, hidden_size=TINY_HIDDEN, intermediate_size=2 * TINY_HIDDEN,
+                  num_hidden_layers=TINY_LAYERS, num_attention_heads=TINY_HEADS,
+                  num_key_value_heads=TINY_KV_HEADS, max_position_embeddings=TINY_CONTEXT,
+                  bos_token_id=0, eos_token_id=0, tie_word_embeddings=True)
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def build_tiny_model_dir(path: Path, seed: int = 0, **config_overrides) -> Path:
+    """Write a random-weight tiny Llama (safetensors) and its tokenizer into ``path``; return ``path``."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path)
+    torch.manual_seed(seed)
+    config = tiny_llama_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               **config_overrides)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_model_of(path: Path, model_cls_name: str, config_cls_name: str, **config_fields) -> Path:
+    """A tiny random model of another architecture (e.g. ``"GPT2LMHeadModel"``, ``"GPT2Config"``) with the
+    same tokenizer; for fallback / refusal tests."""
+    import torch
+    import transformers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path)
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls_name)(vocab_size=len(tok), **config_fields)
+    model = getattr(transformers, model_cls_name)(config)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+# -- hostile model files --------------------------------------------------------------------------
+
+
+def write_truncated_gguf(path: Path, keep: int = 40) -> Path:
+    """A file that starts like a GGUF (magic, version 3, counts that promise tensors and metadata) and
+    then stops after ``keep`` bytes."""
+    header = b"GGUF" + struct.pack("<I", 3) + struct.pack("<Q", 12) + struct.pack("<Q", 24)
+    # first metadata key: "general.architecture" = "llama" (string type 8), then cut short
+    key = b"general.architecture"
+    header += struct.pack("<Q", len(key)) + key + struct.pack("<I", 8) + struct.pack("<Q", 5) + b"llama"
+    Path(path).write_bytes(header[:keep])
+    return Path(path)
+
+
+def write_garbage_gguf(path: Path, size: int = 4096, seed: int = 1) -> Path:
+    """Random bytes with a .gguf name (no magic at all)."""
+    import random
+
+    rng = random.Random(seed)
+    Path(path).write_bytes(bytes(rng.getrandbits(8) for _ in range(size)))
+    return Path(path)
+
+
+def corrupt_safetensors_in(model_dir: Path) -> Path:
+    """Truncate every ``*.safetensors`` file in ``model_dir`` to half its size (header intact, data cut)."""
+    for f in Path(model_dir).glob("*.safetensors"):
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+    return Path(model_dir)
+
+
+def garble_safetensors_header_in(model_dir: Path) -> Path:
+    """Overwrite the JSON header of every ``*.safetensors`` with junk of the same length."""
+    for f in Path(model_dir).glob("*.safetensors"):
+        data = bytearray(f.read_bytes())
+        (n,) = struct.unpack("<Q", data[:8])
+        data[8 : 8 + n] = b"{" * n
+        f.write_bytes(bytes(data))
+    return Path(model_dir)
+
+
+def pickle_only_model_dir(src_dir: Path, dst_dir: Path) -> Path:
+    """Copy config/tokenizer of ``src_dir`` and store the weights only as ``pytorch_model.bin`` (a pickle
+    that, if ever unpickled, writes a marker file ``PICKLE_RAN`` next to itself)."""
+    import shutil
+
+    dst_dir = Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for f in Path(src_dir).iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst_dir / f.name)
+    marker = dst_dir / "PICKLE_RAN"
+    payload = _MarkerPickle(str(marker))
+    import pickle
+
+    with open(dst_dir / "pytorch_model.bin", "wb") as fh:
+        pickle.dump(payload, fh)
+    return dst_dir
+
+
+class _MarkerPickle:
+    """Unpickling this object creates a file: proof that a loader ran a pickle."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# -- pytest fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A session-wide tiny Llama directory (read-only by convention: copy it before corrupting)."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture()
+def offline_env(monkeypatch, tmp_path):
+    """No network, no user config, a private HF cache and PBS cache: tests never touch the real ones."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("PBS_CONFIG_DIR", str(tmp_path / "pbs-config"))
+    monkeypatch.setenv("PBS_CACHE_DIR", str(tmp_path / "pbs-cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    return tmp_path
+
+
+def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for a ``python -m pbs_cli`` subprocess: offline, private caches, CPU interpreter."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"),
+               PBS_CONFIG_DIR=str(tmp_path / "pbs-config"), PBS_CACHE_DIR=str(tmp_path / "pbs-cache"),
+               XDG_CACHE_HOME=str(tmp_path / "xdg-cache"), PYTHONUNBUFFERED="1")
+    env.setdefault("TRITON_INTERPRET", "1")
+    env.pop("PBS_DEBUG", None)
+    env.update(extra)
+    return env
+
+
+PBS = [sys.executable, "-m", "pbs_cli"]
+
+
+def parse_jsonl(path: Path) -> list[dict]:
+    """Every line of ``path`` as JSON; raises on a torn or partial line."""
+    text = Path(path).read_text(encoding="utf-8")
+    assert text == "" or text.endswith("\n"), f"{path} ends mid-line: {text[-80:]!r}"
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
