@@ -1,0 +1,347 @@
+"""`pbs prefill DOC`: prefill a document with PBS attention, report time, density and (optionally) fidelity."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from .. import integration, models, presets, reports
+from ..console import command_boundary, debug_enabled, err, out
+from ..errors import UsageError
+
+DEFAULT_MODEL = "llama"
+_FIDELITY_CHUNK = 512  # positions per chunk of full-vocabulary logits (bounded memory)
+
+
+# -- input ----------------------------------------------------------------------------------
+
+
+def read_document(doc: str) -> tuple[str, str]:
+    """Read DOC ('-' = stdin) as UTF-8 text. Returns (text, display name). Raises UsageError on bad input."""
+    if doc == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8")
+        name = "<stdin>"
+    else:
+        path = Path(doc).expanduser()
+        if not path.exists():
+            raise UsageError(f"document {doc!r} does not exist; pass a text file, or - to read stdin")
+        if path.is_dir():
+            raise UsageError(f"document {doc!r} is a directory; pass a text file")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read document {doc!r}: {exc.strerror or exc}") from None
+        name = str(path)
+    if not data:
+        raise UsageError(f"document {name!r} is empty; pass a text file with content")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise UsageError(f"document {name!r} looks binary (NUL byte at offset {nul}); pass a UTF-8 text file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"document {name!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
+    if not text.strip():
+        raise UsageError(f"document {name!r} holds only whitespace; pass a text file with content")
+    return text, name
+
+
+def tokenize(tokenizer, text: str, limit: int | None, truncate: bool, reserve: int, name: str) -> tuple[list[int], int]:
+    """Token ids of ``text``, cut to ``limit - reserve`` with ``truncate``. Returns (ids, original count)."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    total = len(ids)
+    if limit is not None:
+        room = limit - reserve
+        if room < 2:
+            raise UsageError(f"--max-new-tokens {reserve} leaves no room for a prompt in the model's {limit} positions")
+        if total > room:
+            if not truncate:
+                extra = f" plus {reserve} new tokens" if reserve else ""
+                raise UsageError(f"document {name!r} has {total} tokens{extra}, more than the model's limit of {limit} "
+                                 f"positions; pass --truncate to keep the first {room} tokens")
+            ids = ids[:room]
+    if len(ids) < 2:
+        raise UsageError(f"document {name!r} has {len(ids)} token; prefill needs at least 2")
+    return ids, total
+
+
+# -- running --------------------------------------------------------------------------------
+
+
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class PrefillResult:
+    times_ms: list[float]
+    hidden: Any  # (B, N, hidden) last hidden state of the final iteration
+    last_logits: Any  # (B, vocab)
+    cache: Any = None
+    layers: list[integration.LayerStat] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+
+def _logits(model, hidden):
+    """Full-vocabulary logits from final hidden states (B, n, hidden) -> fp32 (B, n, vocab)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = cap * (logits / cap).tanh()
+    return logits
+
+
+def run_prefill(model, input_ids, attn: str, config, warmup: int, iters: int, keep_cache: bool) -> PrefillResult:
+    """Time ``iters`` forward passes (after ``warmup``) with attention ``attn``; per-layer stats of the last one."""
+    import torch
+
+    integration.set_attention(model, attn)
+    backbone = model.base_model
+    recorder = integration.Recorder()
+    times: list[float] = []
+    result = None
+    with torch.inference_mode(), integration.pbs_run(config, recorder):
+        for i in range(warmup + iters):
+            recorder.reset()
+            _sync(input_ids.device)
+            t0 = time.perf_counter()
+            outputs = backbone(input_ids=input_ids, use_cache=keep_cache)
+            hidden = outputs.last_hidden_state
+            last = _logits(model, hidden[:, -1:])[:, -1]
+            _sync(input_ids.device)
+            elapsed = (time.perf_counter() - t0) * 1e3
+            if i >= warmup:
+                times.append(elapsed)
+            result = (hidden, last, outputs.past_key_values if keep_cache else None)
+            del outputs
+    assert result is not None
+    return PrefillResult(times, result[0], result[1], result[2], recorder.prefill_layers())
+
+
+def fidelity(model, hidden_dense, hidden_pbs) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(dense || pbs)) of the next-token distributions over every position."""
+    import torch
+
+    n = hidden_dense.shape[1]
+    agree = 0.0
+    kl = 0.0
+    with torch.inference_mode():
+        for s in range(0, n, _FIDELITY_CHUNK):
+            ld = torch.log_softmax(_logits(model, hidden_dense[:, s : s + _FIDELITY_CHUNK]), -1)
+            lp = torch.log_softmax(_logits(model, hidden_pbs[:, s : s + _FIDELITY_CHUNK]), -1)
+            agree += (ld.argmax(-1) == lp.argmax(-1)).float().sum().item()
+            kl += (ld.exp() * (ld - lp)).sum(-1).clamp_min(0).sum().item()
+    count = n * hidden_dense.shape[0]
+    return agree / count, kl / count
+
+
+def greedy_generate(model, first_logits, cache, max_new_tokens: int, eos: set[int]) -> tuple[list[int], float]:
+    """Greedy decoding from a prefilled cache (decode steps run dense via the integration). Returns (ids, ms)."""
+    import torch
+
+    ids: list[int] = []
+    nxt = first_logits.argmax(-1, keepdim=True)  # (B, 1)
+    _sync(first_logits.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            tok = int(nxt[0, 0])
+            ids.append(tok)
+            if tok in eos or len(ids) == max_new_tokens:
+                break
+            step = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            cache = step.past_key_values
+            nxt = step.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(first_logits.device)
+    return ids, (time.perf_counter() - t0) * 1e3
+
+
+# -- reporting ------------------------------------------------------------------------------
+
+
+def _layer_summary(layers: list[integration.LayerStat]) -> dict[str, Any]:
+    dens = [s.density for s in layers if s.density is not None]
+    return {
+        "density": sum(dens) / len(dens) if dens else None,
+        "density_min": min(dens) if dens else None,
+        "density_max": max(dens) if dens else None,
+        "sparse_layers": sum(1 for s in layers if s.path == "pbs"),
+        "dense_layers": sum(1 for s in layers if s.path == "dense"),
+    }
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{ms / 1e3:.2f} s" if ms >= 1e4 else f"{ms:.1f} ms"
+
+
+def print_summary(rec: dict[str, Any]) -> None:
+    table = Table(title=f"pbs prefill: {rec['document']}", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    m = rec["model"]
+    table.add_row("model", f"{m['spec']} -> {m['name']} ({m['kind']}: {m['path']})")
+    table.add_row("device / dtype", f"{rec['device']} / {rec['dtype']}")
+    toks = f"{rec['prompt_tokens']}"
+    if rec["truncated"]:
+        toks += f" (truncated from {rec['document_tokens']})"
+    table.add_row("prompt tokens", toks)
+    t = rec["prefill_ms_all"]
+    spread = f"  (min {min(t):.1f}, max {max(t):.1f} over {len(t)} runs)" if len(t) > 1 else ""
+    table.add_row("prefill time", _fmt_ms(rec["prefill_ms"]) + spread)
+    table.add_row("throughput", f"{rec['tokens_per_s']:,.0f} tokens/s")
+    c = rec["config"]
+    table.add_row("PBS parameters", f"profile {rec['profile']}: block {c['block_size']}, segment {c['segment_size']}, "
+                  f"threshold {c['threshold']}, permute {c['permute']}, sink {c['sink']}, "
+                  f"local_blocks {c['local_blocks']}, dense_below {c['dense_below']}")
+    s = rec["layer_summary"]
+    if s["density"] is not None:
+        table.add_row("density", f"{rec['density']:.1%} overall; per layer {s['density_min']:.1%} - {s['density_max']:.1%}"
+                      f" ({s['sparse_layers']} sparse, {s['dense_layers']} dense)")
+    dense_reasons = sorted({ly["reason"] for ly in rec["layers"] if ly["path"] == "dense"})
+    if dense_reasons:
+        table.add_row("dense because", "; ".join(dense_reasons))
+    if "dense_prefill_ms" in rec:
+        table.add_row("dense SDPA prefill", _fmt_ms(rec["dense_prefill_ms"]))
+        table.add_row("speedup", f"{rec['speedup']:.2f}x vs dense SDPA")
+        table.add_row("top-1 agreement", f"{rec['top1_agreement']:.2%} of {rec['prompt_tokens']} positions")
+        table.add_row("mean KL(dense||pbs)", f"{rec['mean_kl']:.4f} nats")
+    g = rec.get("generation")
+    if g:
+        table.add_row("generated", f"{len(g['token_ids'])} tokens in {_fmt_ms(g['decode_ms'])}: {g['text']!r}")
+    out.print(table)
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+@command_boundary
+def command(
+    doc: Annotated[str, typer.Argument(help="UTF-8 text file to prefill; - reads stdin.", show_default=False)],
+    model: Annotated[str, typer.Option("--model", "-m", help="Alias (llama, smollm2), local directory, .gguf file, "
+                                       "or Hugging Face id in the local cache.")] = DEFAULT_MODEL,
+    profile: Annotated[str | None, typer.Option("--profile", "-p", help="PBS preset name (default: the alias's, "
+                                                "else 'default'). See `pbs env` for the list.")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", "-t", help="Top-p share of block attention "
+                                                    "to keep, in (0, 1]; 1.0 = dense.")] = None,
+    block_size: Annotated[int | None, typer.Option("--block-size", help="Tokens per block (power of two >= 16).")] = None,
+    segment_size: Annotated[int | None, typer.Option("--segment-size", help="Permutation segment, a multiple "
+                                                     "of the block size.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, "
+                                       "float16 or float32.")] = "auto",
+    device_map: Annotated[str | None, typer.Option("--device-map", help="'auto' spreads layers over the GPUs "
+                                                   "(accelerate).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=0, help="Greedy tokens to generate after "
+                                                 "the prefill (decode runs dense).")] = 0,
+    compare_dense: Annotated[bool, typer.Option("--compare-dense", help="Also run dense SDPA on the same input: "
+                                                "its time, the speedup, top-1 agreement and mean KL.")] = False,
+    truncate: Annotated[bool, typer.Option("--truncate", help="Keep the first tokens of a document longer than "
+                                           "the model's context instead of failing.")] = False,
+    warmup: Annotated[int | None, typer.Option("--warmup", min=0, help="Untimed runs first "
+                                               "(default: 0 on CPU, 1 on GPU).")] = None,
+    iters: Annotated[int | None, typer.Option("--iters", min=1, help="Timed runs; the median is reported "
+                                              "(default: 1 on CPU, 3 on GPU).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record to this file.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --output if it exists.")] = False,
+) -> None:
+    """Prefill DOC with PBS attention and report time, tokens/s, density per layer and, with --compare-dense,
+    the speedup and fidelity against dense SDPA."""
+    # -- validate everything before loading the model --
+    if output is not None:
+        reports.check_output_path(output, force)
+    overrides = dict(threshold=threshold, block_size=block_size, segment_size=segment_size)
+    config, profile_name = presets.resolve_config(profile, **overrides)
+    if device_map not in (None, "auto"):
+        raise UsageError(f"invalid --device-map {device_map!r}; only 'auto' is supported")
+    dev = models.resolve_device(device)
+    torch_dtype = models.resolve_dtype(dtype, dev)
+    text, doc_name = read_document(doc)
+    spec = models.resolve_model(model)
+    if profile is None and spec.profile and spec.profile != profile_name:
+        config, profile_name = presets.resolve_config(spec.profile, **overrides)
+    err.print(f"model: {spec.describe()}", highlight=False, markup=False)
+
+    import torch
+
+    models.quiet_transformers(debug_enabled())
+    torch.manual_seed(seed)
+    source = models.ModelSource(spec)
+    ids, doc_tokens = tokenize(source.tokenizer(), text, source.max_positions(), truncate, max_new_tokens, doc_name)
+    on_gpu = dev.startswith("cuda") or device_map == "auto"
+    warmup = warmup if warmup is not None else (1 if on_gpu else 0)
+    iters = iters if iters is not None else (3 if on_gpu else 1)
+
+    loaded = source.load(torch_dtype, dev, device_map, attn_implementation=integration.NAME)
+    if loaded.cache == "built":
+        err.print(f"cached the dequantized weights in {loaded.weights}", highlight=False, markup=False)
+    mdl = loaded.model
+    input_ids = torch.tensor([ids], device=mdl.device)
+
+    with models.progress(f"prefill of {len(ids)} tokens with PBS attention"):
+        pbs = run_prefill(mdl, input_ids, integration.NAME, config, warmup, iters, keep_cache=max_new_tokens > 0)
+    summary = _layer_summary(pbs.layers)
+    rec = reports.envelope(
+        "prefill",
+        document=doc_name,
+        model={**spec.to_dict(), "weights": str(loaded.weights), "cache": loaded.cache,
+               "architecture": type(mdl).__name__, "max_position_embeddings": source.max_positions()},
+        device=str(mdl.device),
+        dtype=str(torch_dtype).removeprefix("torch."),
+        profile=profile_name,
+        config=config.to_dict(),
+        document_tokens=doc_tokens,
+        prompt_tokens=len(ids),
+        truncated=len(ids) < doc_tokens,
+        warmup=warmup,
+        iters=iters,
+        prefill_ms=pbs.median_ms,
+        prefill_ms_all=pbs.times_ms,
+        tokens_per_s=len(ids) / (pbs.median_ms / 1e3),
+        density=summary["density"],
+        layer_summary=summary,
+        layers=[s.to_dict() for s in pbs.layers],
+        load_s=loaded.load_s,
+    )
+    if compare_dense:
+        with models.progress(f"prefill of {len(ids)} tokens with dense SDPA"):
+            dense = run_prefill(mdl, input_ids, "sdpa", config, warmup, iters, keep_cache=False)
+        with models.progress("comparing next-token distributions"):
+            top1, kl = fidelity(mdl, dense.hidden, pbs.hidden)
+        rec.update(dense_prefill_ms=dense.median_ms, dense_prefill_ms_all=dense.times_ms,
+                   speedup=dense.median_ms / pbs.median_ms, top1_agreement=top1, mean_kl=kl)
+        if not (math.isfinite(kl)):
+            err.print("warning: KL is not finite (the PBS output has NaN/inf)", highlight=False, markup=False)
+        integration.set_attention(mdl, integration.NAME)
+    if max_new_tokens > 0:
+        eos = loaded.tokenizer.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        with models.progress(f"generating up to {max_new_tokens} tokens"):
+            gen, decode_ms = greedy_generate(mdl, pbs.last_logits, pbs.cache, max_new_tokens, eos_ids)
+        rec["generation"] = {"token_ids": gen, "text": loaded.tokenizer.decode(gen, skip_special_tokens=True),
+                             "decode_ms": decode_ms, "decode_tokens_per_s": len(gen) / max(decode_ms / 1e3, 1e-9)}
+
+    if output is not None:
+        reports.atomic_write_text(output, reports.to_json(rec))
+        err.print(f"saved {output}", highlight=False, markup=False)
+    if as_json:
+        typer.echo(reports.to_json(rec), nl=False)
+    else:
+        print_summary(rec)

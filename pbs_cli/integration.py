@@ -1,0 +1,195 @@
+"""PBS-Attn inside transformers, through its supported extension points.
+
+``register()`` adds an attention implementation named ``"pbs"`` to ``transformers.AttentionInterface``
+and the matching mask builder (SDPA's) to ``AttentionMaskInterface``. A model then uses it with
+``from_pretrained(..., attn_implementation="pbs")`` or ``model.set_attn_implementation("pbs")``;
+no model class is patched.
+
+Which parameters a forward pass uses, and where per-layer statistics go, is set per run::
+
+    with pbs_run(PBSConfig(threshold=0.9)) as run:
+        model(input_ids)
+    run.recorder.prefill_layers()   # one LayerStat per attention call
+
+Outside any ``pbs_run`` block the attention uses ``PBSConfig()`` defaults and records nothing.
+
+The sparse path runs only for a plain causal prefill: more than one query, as many queries as keys
+(empty cache), no attention mask (transformers passes ``None`` when there is no padding), causal,
+no dropout, no softcap / sliding window / attention sinks, and N >= ``config.dense_below``.
+Everything else (decode steps, padded batches, chunked prefill over a cache) delegates to
+transformers' own SDPA attention function, unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from pbs_kernels import PBSConfig, pbs_prefill_attention
+
+NAME = "pbs"
+
+
+@dataclass
+class LayerStat:
+    """One attention call. ``density`` is kept causal blocks / all causal blocks (1.0 for dense prefill,
+    None for decode steps, where blocks do not apply)."""
+
+    layer: int | None
+    path: str  # "pbs" or "dense"
+    reason: str  # why this path: "causal prefill", "decode (q_len=1)", "attention mask (padding)", ...
+    q_len: int
+    kv_len: int
+    batch: int
+    _kept: torch.Tensor | None = field(default=None, repr=False)  # lazily synced block count
+    _total: int = 0
+
+    @property
+    def phase(self) -> str:
+        return "prefill" if self.q_len > 1 else "decode"
+
+    @property
+    def density(self) -> float | None:
+        if self._kept is not None:
+            return float(self._kept.item()) / max(1, self._total)
+        return 1.0 if self.phase == "prefill" else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "path": self.path, "reason": self.reason, "phase": self.phase,
+                "seq_len": self.kv_len, "q_len": self.q_len, "batch": self.batch, "density": self.density}
+
+
+class Recorder:
+    """Collects one ``LayerStat`` per attention call. Densities stay on the device until read,
+    so recording adds no host synchronisation to timed runs."""
+
+    def __init__(self) -> None:
+        self.stats: list[LayerStat] = []
+
+    def add(self, stat: LayerStat) -> None:
+        self.stats.append(stat)
+
+    def reset(self) -> None:
+        self.stats.clear()
+
+    def prefill_layers(self) -> list[LayerStat]:
+        return [s for s in self.stats if s.phase == "prefill"]
+
+    def decode_calls(self) -> list[LayerStat]:
+        return [s for s in self.stats if s.phase == "decode"]
+
+    def density(self) -> float | None:
+        """Overall prefill density: kept blocks / causal blocks over all prefill calls (dense calls count as 1.0)."""
+        layers = self.prefill_layers()
+        if not layers:
+            return None
+        return sum(s.density for s in layers) / len(layers)  # type: ignore[misc]
+
+
+@dataclass
+class PBSRun:
+    config: PBSConfig
+    recorder: Recorder
+
+
+_current: contextvars.ContextVar[PBSRun | None] = contextvars.ContextVar("pbs_run", default=None)
+_DEFAULT_CONFIG = PBSConfig()
+
+
+@contextlib.contextmanager
+def pbs_run(config: PBSConfig, recorder: Recorder | None = None) -> Iterator[PBSRun]:
+    """Within this block, "pbs" attention uses ``config`` and records into ``recorder`` (a new one if None)."""
+    run = PBSRun(config, recorder if recorder is not None else Recorder())
+    token = _current.set(run)
+    try:
+        yield run
+    finally:
+        _current.reset(token)
+
+
+def current_run() -> PBSRun | None:
+    return _current.get()
+
+
+def _dense_reason(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: Any,
+                  dropout: float, is_causal: bool | None, config: PBSConfig, kwargs: dict[str, Any]) -> str | None:
+    """Why this call must run dense, or None when the sparse path applies."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if q_len == 1:
+        return "decode (q_len=1)"
+    if q_len != kv_len:
+        return f"q_len {q_len} != kv_len {kv_len} (prefill over a cache)"
+    if attention_mask is not None:
+        return "attention mask (padding or custom mask)"
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not causal:
+        return "not causal"
+    if dropout and module.training:
+        return "dropout"
+    for name in ("softcap", "sliding_window", "s_aux", "position_bias"):
+        if kwargs.get(name) is not None:
+            return f"{name} not supported"
+    if q_len < config.dense_below:
+        return f"seq_len {q_len} < dense_below {config.dense_below}"
+    return None
+
+
+def _sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The "pbs" attention implementation (transformers' attention-function signature).
+
+    query (B, H_q, N, D) with RoPE applied; key/value (B, H_kv, N_kv, D), GQA not repeated.
+    Returns ((B, N, H_q, D), None).
+    """
+    run = _current.get()
+    config = run.config if run is not None else _DEFAULT_CONFIG
+    reason = _dense_reason(module, query, key, attention_mask, dropout, is_causal, config, kwargs)
+    layer = getattr(module, "layer_idx", None)
+    b, _, q_len, _ = query.shape
+    if reason is not None:
+        if run is not None:
+            run.recorder.add(LayerStat(layer, "dense", reason, q_len, key.shape[2], b))
+        return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                       is_causal=is_causal, **kwargs)
+    ctx = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
+    with ctx:
+        out, plan = pbs_prefill_attention(query, key, value, config, scale=scaling)
+    if run is not None:
+        run.recorder.add(LayerStat(layer, "pbs", "causal prefill", q_len, key.shape[2], b,
+                                   plan.kv_num_blocks.sum(), plan.causal_blocks()))
+    return out.transpose(1, 2).contiguous(), None
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register "pbs" with transformers' attention and mask interfaces (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, pbs_attention_forward)
+    # the mask builder of SDPA: None for plain causal inputs (what the sparse path needs), else a bool mask
+    AttentionMaskInterface.register(NAME, AttentionMaskInterface._global_mapping["sdpa"])
+    _registered = True
+
+
+def set_attention(model: torch.nn.Module, name: str) -> None:
+    """Switch a loaded model between "pbs" and any built-in implementation (e.g. "sdpa")."""
+    if name == NAME:
+        register()
+    model.set_attn_implementation(name)

@@ -1,0 +1,194 @@
+"""Named PBS presets and model aliases, read from TOML.
+
+Two places, later ones win:
+
+1. the presets shipped in the package ``pbs_profiles`` (the ``profiles/`` folder of the source tree),
+   read through ``importlib.resources`` so editable and wheel installs behave the same;
+2. the user's profiles folder, ``$PBS_CONFIG_DIR`` if set, else ``~/.config/pbs/profiles``
+   (``pbs calibrate`` writes its presets there).
+
+A preset is ``<name>.toml`` with an optional ``description`` string and a ``[pbs]`` table of
+``PBSConfig`` fields; other tables (e.g. ``[calibration]`` metadata) are kept but not interpreted.
+Model aliases live in ``models.toml`` under ``[aliases.<name>]`` with ``source``, ``profile`` and
+``description``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pbs_kernels.config import PBSConfig
+
+from .errors import UsageError
+
+ALIASES_FILE = "models.toml"
+DEFAULT_PROFILE = "default"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named preset: where it came from, what it says, the PBS parameters it sets."""
+
+    name: str
+    origin: str  # "builtin" or the user file's path
+    description: str
+    params: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def config(self) -> PBSConfig:
+        try:
+            return PBSConfig.from_dict(self.params)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"profile {self.name!r} ({self.origin}) is invalid: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    name: str
+    source: str
+    profile: str | None
+    description: str
+    origin: str
+
+
+def user_profiles_dir() -> Path:
+    """``$PBS_CONFIG_DIR`` or ``~/.config/pbs/profiles`` (may not exist)."""
+    env = os.environ.get("PBS_CONFIG_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".config" / "pbs" / "profiles"
+
+
+def _parse(text: str, origin: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"cannot read {origin}: {exc}; fix or remove the file") from None
+
+
+def _builtin_files() -> dict[str, str]:
+    """file name -> text of every TOML file shipped in ``pbs_profiles``."""
+    root = resources.files("pbs_profiles")
+    return {p.name: p.read_text(encoding="utf-8") for p in root.iterdir() if p.name.endswith(".toml")}
+
+
+def _user_files() -> dict[str, tuple[str, str]]:
+    """file name -> (path, text) of the TOML files in the user profiles folder."""
+    folder = user_profiles_dir()
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for p in sorted(folder.glob("*.toml")):
+        try:
+            found[p.name] = (str(p), p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read profile {str(p)!r}: {exc}") from None
+    return found
+
+
+def _profile_from(name: str, data: dict[str, Any], origin: str) -> Profile:
+    params = data.get("pbs", {})
+    if not isinstance(params, dict):
+        raise UsageError(f"profile {name!r} ({origin}): [pbs] must be a table of PBS parameters")
+    extra = {k: v for k, v in data.items() if k not in ("pbs", "description")}
+    return Profile(name, origin, str(data.get("description", "")), dict(params), extra)
+
+
+def profiles() -> dict[str, Profile]:
+    """Every known preset by name; user presets replace built-in ones of the same name."""
+    found: dict[str, Profile] = {}
+    for fname, text in sorted(_builtin_files().items()):
+        if fname == ALIASES_FILE:
+            continue
+        name = fname[: -len(".toml")]
+        found[name] = _profile_from(name, _parse(text, f"built-in {fname}"), "builtin")
+    for fname, (path, text) in _user_files().items():
+        if fname == ALIASES_FILE:
+            continue
+        name = fname[: -len(".toml")]
+        found[name] = _profile_from(name, _parse(text, path), path)
+    return found
+
+
+def get_profile(name: str) -> Profile:
+    known = profiles()
+    if name not in known:
+        raise UsageError(f"unknown profile {name!r}; known profiles: {', '.join(sorted(known))} "
+                         f"(user presets go in {user_profiles_dir()})")
+    return known[name]
+
+
+def resolve_config(profile: str | None = None, **overrides: Any) -> tuple[PBSConfig, str]:
+    """The PBS parameters for a run: the named preset (default: ``default``) with ``overrides``
+    (None values ignored) applied. Returns (config, profile name). Invalid values -> UsageError."""
+    name = profile or DEFAULT_PROFILE
+    base = get_profile(name)
+    params = dict(base.params)
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return PBSConfig.from_dict(params), name
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"invalid PBS parameters: {exc}") from None
+
+
+def model_aliases() -> dict[str, ModelAlias]:
+    """Every model alias by name; the user's ``models.toml`` adds or replaces entries."""
+    sources: list[tuple[str, str]] = []
+    builtin = _builtin_files()
+    if ALIASES_FILE in builtin:
+        sources.append(("builtin", builtin[ALIASES_FILE]))
+    user = _user_files()
+    if ALIASES_FILE in user:
+        sources.append(user[ALIASES_FILE])
+    found: dict[str, ModelAlias] = {}
+    for origin, text in sources:
+        table = _parse(text, origin).get("aliases", {})
+        for name, entry in table.items():
+            if not isinstance(entry, dict) or "source" not in entry:
+                raise UsageError(f"model alias {name!r} in {origin} needs a 'source' entry")
+            found[name] = ModelAlias(name, str(entry["source"]), entry.get("profile"),
+                                     str(entry.get("description", "")), origin)
+    return found
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_profile(config: PBSConfig, description: str = "", extra: dict[str, dict[str, Any]] | None = None) -> str:
+    """TOML text of a preset (flat tables of scalars only), readable by ``profiles()``."""
+    lines = []
+    if description:
+        lines.append(f"description = {_toml_value(description)}")
+        lines.append("")
+    lines.append("[pbs]")
+    lines += [f"{k} = {_toml_value(v)}" for k, v in config.to_dict().items()]
+    for table, values in (extra or {}).items():
+        lines += ["", f"[{table}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def save_user_profile(name: str, config: PBSConfig, description: str = "",
+                      extra: dict[str, dict[str, Any]] | None = None, force: bool = False) -> Path:
+    """Write ``<user profiles dir>/<name>.toml`` atomically; refuses to overwrite unless ``force``."""
+    from .reports import atomic_write_text
+
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise UsageError(f"invalid profile name {name!r}: use letters, digits, '-', '_' and '.'")
+    if name == ALIASES_FILE[: -len(".toml")]:
+        raise UsageError(f"{name!r} is reserved for model aliases; choose another profile name")
+    folder = user_profiles_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.toml"
+    if path.exists() and not force:
+        raise UsageError(f"profile {str(path)!r} exists; pass --force to overwrite it")
+    atomic_write_text(path, render_profile(config, description, extra))
+    return path
