@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from . import __version__, console
-from .commands import env, prefill
+from .commands import env, prefill, viz_mask
 
 app = typer.Typer(
     name="pbs",
@@ -34,6 +34,7 @@ def _root(
 
 app.command("prefill")(prefill.command)
 app.command("env")(env.command)
+app.command("viz-mask")(viz_mask.command)
 
 
 def main() -> None:

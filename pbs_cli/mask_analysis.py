@@ -95,27 +95,29 @@ def block_attention_mass(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, b
     h, n, d = q.shape
     bs = block_size
     n_b = _cdiv(n, bs)
-    pad = n_b * bs - n
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     kf = k.float()
-    gather_idx = perm.long()[:, None, :]  # (H, 1, N)
+    keys = torch.arange(n, device=q.device)
+    # key block of each original key, and the permuted block (slot // bs) that holds it
+    orig_block = (keys // bs).expand(h, n)
+    slot_of_key = torch.empty_like(perm, dtype=torch.long).scatter_(-1, perm.long(), keys.expand(h, n))
+    perm_block = slot_of_key // bs
     original = torch.zeros(h, n_b, n_b)
     permall = torch.zeros(h, n_b, n_b)
     blocks_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, h * n * bs))
-    keys = torch.arange(n, device=q.device)
     for b0 in range(0, n_b, blocks_per_chunk):
         b1 = min(n_b, b0 + blocks_per_chunk)
-        r0, r1 = b0 * bs, min(n, b1 * bs)
+        r0, r1 = b0 * bs, min(n, b1 * bs)  # query rows; they see keys [0, r1) only
         rows = torch.arange(r0, r1, device=q.device)
-        s = torch.matmul(q[:, r0:r1].float(), kf.transpose(-1, -2)) * scale  # (H, R, N)
-        p = s.masked_fill(keys[None, :] > rows[:, None], float("-inf")).softmax(-1)
-        pp = torch.gather(p, -1, gather_idx.expand(-1, r1 - r0, -1))
-        row_pad = (b1 - b0) * bs - (r1 - r0)
-        for target, x in ((original, p), (permall, pp)):
-            x = torch.nn.functional.pad(x, (0, pad, 0, row_pad))  # (H, C*bs, N_b*bs)
-            sums = x.reshape(h, b1 - b0, bs, n_b, bs).sum(-1).sum(2)  # (H, C, N_b)
-            counts = torch.full((b1 - b0,), float(bs), device=q.device)
-            counts[-1] = bs - row_pad
+        s = torch.matmul(q[:, r0:r1].float() * scale, kf[:, :r1].transpose(-1, -2))  # (H, R, r1)
+        p = s.masked_fill_(keys[None, :r1] > rows[:, None], float("-inf")).softmax(-1)
+        counts = torch.full((b1 - b0,), float(bs), device=q.device)
+        counts[-1] = r1 - (b1 - 1) * bs
+        # sum the rows of each query block first: (H, C, r1), then keys into blocks of either layout
+        rows_summed = torch.zeros(h, b1 - b0, r1, device=q.device).index_add_(1, (rows - r0) // bs, p)
+        for target, kblock in ((original, orig_block), (permall, perm_block)):
+            sums = torch.zeros(h, b1 - b0, n_b, device=q.device)
+            sums.scatter_add_(-1, kblock[:, None, :r1].expand(-1, b1 - b0, -1), rows_summed)
             target[:, b0:b1] = (sums / counts[None, :, None]).cpu()
     diag = ref.segment_starts(n_b, bs, segment_size)  # (N_b,)
     before_diag = torch.arange(n_b)[None, :] < diag[:, None]  # (N_b, N_b)
