@@ -20,6 +20,26 @@ class PBSConfig:
     sink:          always keep the key block that holds original token 0 (the attention sink).
     local_blocks:  key blocks just before the diagonal segment that are always kept.
     dense_below:   sequences shorter than this run dense attention (the measured break-even length).
+
+    Selection options beyond the published method (the GPU path implements only the defaults;
+    other values run the PyTorch reference selection, see ``uses_reference_selection``):
+
+    score:         how key blocks are scored for top-p selection.
+                   "pooled" (published): softmax of mean-pooled queries . mean-pooled keys over the
+                   off-diagonal blocks; tau is a share of that pooled off-diagonal attention.
+                   "sampled": the exact attention of ``sample_rows`` query rows per block (strided,
+                   the block's last row included), summed per key block; tau is then the estimated
+                   share of the *whole* causal attention mass (diagonal segment included) the kept
+                   blocks cover, i.e. an estimate of attention recall.
+                   "mean_query": like "sampled" with the block's mean query as the only row.
+    sample_rows:   query rows per block for score="sampled".
+    importance_rows: which queries score keys for the permutation: "last" (published: the last
+                   block of queries) or "strided" (block_size rows spread evenly over the queries
+                   after the first segment).
+    permute_heads: "all" (published) or "auto": per permutation head, keep the permutation only
+                   where it lowers the number of blocks that cover tau of the exact off-diagonal
+                   attention of a strided sample of query rows; other heads stay in original order.
+    dense_layers:  layer indices that run dense attention (see ``for_layer``).
     """
 
     block_size: int = 128
@@ -30,6 +50,15 @@ class PBSConfig:
     sink: bool = True
     local_blocks: int = 0
     dense_below: int = 0
+    score: str = "pooled"
+    sample_rows: int = 4
+    importance_rows: str = "last"
+    permute_heads: str = "all"
+    dense_layers: tuple[int, ...] = ()
+
+    SCORES = ("pooled", "sampled", "mean_query")
+    IMPORTANCE_ROWS = ("last", "strided")
+    PERMUTE_HEADS = ("all", "auto")
 
     def __post_init__(self) -> None:
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -46,12 +75,34 @@ class PBSConfig:
                 f"local_blocks and dense_below must be >= 0, got {self.local_blocks} and {self.dense_below}"
             )
 
+        for name, allowed in (("score", self.SCORES), ("importance_rows", self.IMPORTANCE_ROWS),
+                              ("permute_heads", self.PERMUTE_HEADS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if not (1 <= self.sample_rows <= self.block_size):
+            raise ValueError(f"sample_rows must be in [1, block_size={self.block_size}], got {self.sample_rows}")
+        if not isinstance(self.dense_layers, tuple):  # lists from TOML / JSON
+            object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
+        if any(i < 0 for i in self.dense_layers):
+            raise ValueError(f"dense_layers must be layer indices >= 0, got {list(self.dense_layers)}")
+
+    def uses_reference_selection(self) -> bool:
+        """True when an option beyond the published method is on: selection then runs the PyTorch
+        reference on every device (no GPU kernel implements these options yet)."""
+        return (self.score != "pooled" or self.importance_rows != "last" or self.permute_heads != "all")
+
+    def for_layer(self, layer: int | None) -> "PBSConfig | None":
+        """The config for one decoder layer, or None when that layer runs dense attention."""
+        return None if layer is not None and layer in self.dense_layers else self
+
     def replace(self, **changes) -> "PBSConfig":
         """A copy with some fields changed (None values are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["dense_layers"] = list(self.dense_layers)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict) -> "PBSConfig":

@@ -17,12 +17,15 @@ def compute_permutation(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, sca
     """int32 (B, H_perm, N): original key position at each permuted slot.
 
     q (B, H_q, N, D), k (B, H_kv, N, D); H_perm = H_kv, or H_q with ``config.per_head_permutation``.
-    Identity when ``config.permute`` is off or N is shorter than one segment.
+    Identity when ``config.permute`` is off or N is shorter than one segment. Options beyond the
+    published method (``config.uses_reference_selection()``) run the PyTorch reference on every device.
     """
     b, h_q, n, _ = q.shape
     h_perm = h_q if config.per_head_permutation else k.shape[1]
     if not config.permute or n < config.segment_size:
         return reference.identity_permutation(b, h_perm, n, q.device)
+    if config.uses_reference_selection():
+        return reference.compute_permutation(q, k, config, scale)
     if use_triton(q):
         from .triton import permute as fast
 

@@ -33,12 +33,25 @@ def segment_starts(n_qb: int, block_size: int, segment_size: int, device=None) -
 # -- 1. segmented key permutation -------------------------------------------------------------
 
 
-def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: bool = False,
-                   scale: float | None = None) -> torch.Tensor:
-    """Importance of every key as seen by the last block of queries.
+def importance_rows(n: int, block_size: int, segment_size: int, how: str = "last", device=None) -> torch.Tensor:
+    """int64 (R,): the query rows that score keys for the permutation.
 
-    s[b, h, n] = mean over the last ``block_size`` query rows (and over the query heads of the GQA
-    group unless ``per_head``) of softmax(q_last k^T * scale) under the causal mask.
+    "last": the last ``block_size`` rows (published). "strided": ``block_size`` rows spread evenly
+    over [segment_size, N), the last row included (falls back to "last" when N <= segment_size).
+    """
+    rows = min(block_size, n)
+    if how == "strided" and n > segment_size:
+        pos = torch.linspace(segment_size, n - 1, rows, device=device).round().long()
+        return torch.unique(pos)
+    return torch.arange(n - rows, n, device=device)
+
+
+def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: bool = False,
+                   scale: float | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Importance of every key as seen by a set of query rows (by default the last block of queries).
+
+    s[b, h, n] = mean over the query ``rows`` (default: the last ``block_size`` rows) and over the
+    query heads of the GQA group unless ``per_head``, of softmax(q_row k^T * scale) under the causal mask.
 
     Returns fp32 (B, H_kv, N), or (B, H_q, N) when ``per_head``.
     """
@@ -46,14 +59,16 @@ def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: 
     h_kv = k.shape[1]
     g = h_q // h_kv
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    rows = min(block_size, n)
-    q_last = q[:, :, n - rows :].float().reshape(b, h_kv, g * rows, d)
-    scores = torch.matmul(q_last, k.float().transpose(-1, -2)) * scale  # (B, H_kv, G*rows, N)
-    q_pos = torch.arange(n - rows, n, device=q.device).repeat(g)
+    if rows is None:
+        rows = torch.arange(n - min(block_size, n), n, device=q.device)
+    r = rows.numel()
+    q_rows = q[:, :, rows].float().reshape(b, h_kv, g * r, d)
+    scores = torch.matmul(q_rows, k.float().transpose(-1, -2)) * scale  # (B, H_kv, G*R, N)
+    q_pos = rows.repeat(g)
     causal = torch.arange(n, device=q.device)[None, :] <= q_pos[:, None]
     probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
     if per_head:
-        return probs.reshape(b, h_kv, g, rows, n).mean(3).reshape(b, h_q, n)
+        return probs.reshape(b, h_kv, g, r, n).mean(3).reshape(b, h_q, n)
     return probs.mean(2)
 
 
@@ -88,6 +103,66 @@ def permute_keys(k: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return torch.gather(src, 2, perm.long().unsqueeze(-1).expand(-1, -1, -1, k.shape[-1]))
 
 
+def blocks_to_cover(mass: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Fewest blocks whose mass reaches ``threshold`` of each row's total. mass (..., N_b) -> fp32 (...)."""
+    m = torch.sort(mass, dim=-1, descending=True).values
+    total = m.sum(-1, keepdim=True).clamp_min(1e-30)
+    before = (torch.cumsum(m, -1) - m) / total
+    return (before < threshold - 1e-6).float().sum(-1)
+
+
+def permutation_helps(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
+                      scale: float | None = None, n_rows: int = 64) -> torch.Tensor:
+    """Bool (B, H_perm): where the permutation lowers the oracle top-p block count.
+
+    For ``n_rows`` query rows spread evenly over the queries after the first segment, take their exact
+    attention over the keys of *earlier* segments, sum it per key block once in original and once in
+    permuted order, and count the fewest blocks that cover ``config.threshold`` of it. A head keeps its
+    permutation when that count, averaged over the rows (and the query heads sharing the permutation),
+    is lower than without permutation. Returns all True when N is too short to sample.
+    """
+    b, h_q, n, d = q.shape
+    h_perm = perm.shape[1]
+    bs, seg = config.block_size, config.segment_size
+    if n < 2 * seg:
+        return torch.ones(b, h_perm, dtype=torch.bool, device=q.device)
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    rows = torch.unique(torch.linspace(seg, n - 1, n_rows, device=q.device).round().long())
+    r = rows.numel()
+    kq = k.float().repeat_interleave(h_q // k.shape[1], dim=1)
+    s = torch.matmul(q[:, :, rows].float() * scale, kq.transpose(-1, -2))  # (B, H_q, R, N)
+    seg_start = torch.div(rows, seg, rounding_mode="floor") * seg  # earlier segments end here
+    earlier = torch.arange(n, device=q.device)[None, :] < seg_start[:, None]  # (R, N)
+    causal = torch.arange(n, device=q.device)[None, :] <= rows[:, None]
+    p = s.masked_fill(~causal, float("-inf")).softmax(-1) * earlier  # mass on earlier segments only
+    n_b = _cdiv(n, bs)
+    pad = n_b * bs - n
+
+    def count(p_slots: torch.Tensor) -> torch.Tensor:
+        blocks = torch.nn.functional.pad(p_slots, (0, pad)).reshape(b, h_q, r, n_b, bs).sum(-1)
+        return blocks_to_cover(blocks, config.threshold).mean(-1)  # (B, H_q)
+
+    permq = perm.long().repeat_interleave(h_q // h_perm, dim=1)  # (B, H_q, N)
+    permuted = torch.gather(p, -1, permq[:, :, None, :].expand(-1, -1, r, -1))  # slot s holds key perm[s]
+    gain = count(p) - count(permuted)  # (B, H_q): blocks saved by permuting
+    return gain.reshape(b, h_perm, h_q // h_perm).mean(-1) > 0
+
+
+def compute_permutation(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float | None = None) -> torch.Tensor:
+    """int32 (B, H_perm, N): the segment permutation with every option of ``config`` (plain PyTorch)."""
+    b, h_q, n, _ = q.shape
+    h_perm = h_q if config.per_head_permutation else k.shape[1]
+    if not config.permute or n < config.segment_size:
+        return identity_permutation(b, h_perm, n, q.device)
+    rows = importance_rows(n, config.block_size, config.segment_size, config.importance_rows, q.device)
+    imp = key_importance(q, k, config.block_size, config.per_head_permutation, scale, rows)
+    perm = segment_permutation(imp, config.segment_size)
+    if config.permute_heads == "auto":
+        keep = permutation_helps(q, k, perm, config, scale)  # (B, H_perm)
+        perm = torch.where(keep[..., None], perm, identity_permutation(b, h_perm, n, q.device))
+    return perm
+
+
 # -- 2. block selection -----------------------------------------------------------------------
 
 
@@ -108,11 +183,55 @@ def sink_block(perm: torch.Tensor, block_size: int) -> torch.Tensor:
     return torch.div((perm == 0).int().argmax(-1), block_size, rounding_mode="floor")
 
 
-def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
-                  scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-p block selection over mean-pooled queries and permuted keys.
+def sample_rows(n: int, block_size: int, rows: int, device=None) -> torch.Tensor:
+    """int64 (N_b, rows): ``rows`` query positions per block, strided, each block's last row first
+    (clipped to N-1 in a partial last block, so rows may repeat there)."""
+    n_b = _cdiv(n, block_size)
+    step = block_size // rows
+    offs = block_size - 1 - step * torch.arange(rows, device=device)
+    pos = torch.arange(n_b, device=device)[:, None] * block_size + offs[None, :]
+    return pos.clamp_max(n - 1)
 
-    q (B, H_q, N, D); k_perm (B, H_k, N, D) and perm (B, H_k, N) with H_k = H_kv or H_q.
+
+def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor, config: PBSConfig,
+                       r0: int, r1: int, scale: float) -> torch.Tensor:
+    """Estimated attention mass of every key block, for query blocks [r0, r1). fp32 (B, H_q, C, N_b).
+
+    Each query block's sampled rows (``config.sample_rows`` strided rows, or its mean query for
+    score="mean_query") attend exactly to all causal keys in the layout that block reads: permuted slots
+    before its diagonal segment, original order inside it. The softmax mass is summed per key block and
+    averaged over the rows; each row of the result sums to 1 over the causal blocks.
+    k (B, H_q, N, D) and k_perm (B, H_q, N, D) are already expanded to the query heads.
+    """
+    b, h_q, n, d = q.shape
+    bs = config.block_size
+    n_b = _cdiv(n, bs)
+    c = r1 - r0
+    if config.score == "mean_query":
+        m = 1
+        qs = pool_blocks(q, bs)[:, :, r0:r1]  # (B, H_q, C, D)
+        pos = (torch.arange(r0, r1, device=q.device) * bs + bs - 1).clamp_max(n - 1)[:, None]  # (C, 1)
+    else:
+        m = config.sample_rows
+        pos = sample_rows(n, bs, m, q.device)[r0:r1]  # (C, m)
+        qs = q[:, :, pos.reshape(-1)].float()
+    qs = qs.reshape(b, h_q, c * m, d) * scale
+    pos = pos.reshape(-1)  # (C*m,)
+    diag = (segment_starts(n_b, bs, config.segment_size, q.device)[r0:r1] * bs).repeat_interleave(m)  # (C*m,)
+    slot = torch.arange(n, device=q.device)
+    s = torch.where(slot[None, :] < diag[:, None], torch.matmul(qs, k_perm.transpose(-1, -2)),
+                    torch.matmul(qs, k.transpose(-1, -2)))  # (B, H_q, C*m, N)
+    p = s.masked_fill_(slot[None, :] > pos[:, None], float("-inf")).softmax(-1)
+    p = torch.nn.functional.pad(p, (0, n_b * bs - n)).reshape(b, h_q, c, m, n_b, bs).sum(-1)
+    return p.mean(3)
+
+
+def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
+                  scale: float | None = None, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p block selection over permuted keys (scores per ``config.score``).
+
+    q (B, H_q, N, D); k_perm (B, H_k, N, D) and perm (B, H_k, N) with H_k = H_kv or H_q;
+    k (B, H_kv, N, D): the original keys, needed only for score="sampled" / "mean_query".
     Returns (kv_num_blocks int32 (B, H_q, N_qb), kv_indices int32 (B, H_q, N_qb, N_kb)).
     """
     b, h_q, n, d = q.shape
@@ -125,16 +244,28 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, con
     diag_start = segment_starts(n_b, bs, config.segment_size, q.device)  # (N_b,)
     cols = torch.arange(n_b, device=q.device)
     sink = sink_block(perm, bs).repeat_interleave(g, dim=1)[:, :, None, None]  # (B, H_q, 1, 1)
+    sampled = config.score != "pooled"
+    if sampled:
+        if k is None:
+            raise ValueError(f"score={config.score!r} needs the original keys: pass k=")
+        k_all = k.float().repeat_interleave(h_q // k.shape[1], dim=1)  # (B, H_q, N, D)
+        kp_all = k_perm.float().repeat_interleave(g, dim=1)
+        m = 1 if config.score == "mean_query" else config.sample_rows
+        rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, 2 * b * h_q * m * n))
+    else:
+        rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h_q * n_b))
 
     num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
     idx = torch.empty(b, h_q, n_b, n_b, dtype=torch.int32, device=q.device)
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h_q * n_b))
     for r0 in range(0, n_b, rows_per_chunk):  # bounded memory: chunks of query blocks
         r1 = min(n_b, r0 + rows_per_chunk)
         start = diag_start[r0:r1, None]  # (C, 1)
         candidate = cols[None, :] < start  # off-diagonal causal blocks, (C, N_b)
-        scores = torch.matmul(q_bar[:, :, r0:r1], k_bar.transpose(-1, -2)) * scale
-        probs = scores.masked_fill(~candidate, float("-inf")).softmax(-1).nan_to_num(0.0)
+        if sampled:  # estimated share of the whole causal attention mass, diagonal segment included
+            probs = sampled_block_mass(q, k_all, kp_all, config, r0, r1, scale)
+        else:  # share of the pooled attention over off-diagonal blocks
+            scores = torch.matmul(q_bar[:, :, r0:r1], k_bar.transpose(-1, -2)) * scale
+            probs = scores.masked_fill(~candidate, float("-inf")).softmax(-1).nan_to_num(0.0)
 
         forced = (cols[None, :] >= start) & (cols[None, :] <= torch.arange(r0, r1, device=q.device)[:, None])
         forced = forced | (candidate & (cols[None, :] >= start - config.local_blocks))
@@ -159,14 +290,9 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, con
 
 def build_plan(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float | None = None) -> PermutedBlockMask:
     """Permutation and block selection in plain PyTorch. q (B, H_q, N, D), k (B, H_kv, N, D)."""
-    b, h_q, n, _ = q.shape
-    h_perm = h_q if config.per_head_permutation else k.shape[1]
-    if config.permute and n >= config.segment_size:
-        imp = key_importance(q, k, config.block_size, config.per_head_permutation, scale)
-        perm = segment_permutation(imp, config.segment_size)
-    else:
-        perm = identity_permutation(b, h_perm, n, q.device)
-    num, idx = select_blocks(q, permute_keys(k, perm), perm, config, scale)
+    n = q.shape[2]
+    perm = compute_permutation(q, k, config, scale)
+    num, idx = select_blocks(q, permute_keys(k, perm), perm, config, scale, k=k)
     return PermutedBlockMask(perm, num, idx, config.block_size, config.segment_size, n)
 
 

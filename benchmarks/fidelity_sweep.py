@@ -1,0 +1,199 @@
+"""Fidelity sweep of PBS selection options on a real model and real text (CPU is fine, slow).
+
+Two measurements:
+
+* ``proxy``: one dense forward captures every layer's post-RoPE q/k; each config then builds its plan
+  per layer and we measure the attention-mass recall of sampled query rows (cheap: no sparse forward).
+* ``full``: the model runs end to end with PBS attention in every layer; perplexity, next-token top-1
+  agreement and mean KL(dense || sparse) over all positions against a dense SDPA forward.
+
+Usage (see BENCHMARKS.md "Fidelity (CPU)" for the runs we report)::
+
+    python benchmarks/fidelity_sweep.py --model /tmp/smol-cache --doc argparse --mode proxy \\
+        --config published --config 'sampled:score=sampled,threshold=0.9'
+    python benchmarks/fidelity_sweep.py --model /tmp/smol-cache --doc inspect --mode full --config published
+
+``--doc`` is a standard-library module name (its source file is the text) or a path.
+A config is ``NAME`` from ``NAMED`` below or ``NAME:key=value,...`` on top of the published one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pbs_kernels import PBSConfig
+from pbs_kernels import reference as R
+
+PUBLISHED = PBSConfig(block_size=128, segment_size=256, threshold=0.9, local_blocks=0)
+NAMED = {
+    "published": PUBLISHED,
+    "noperm": PUBLISHED.replace(permute=False),
+}
+
+STATE: dict = {"mode": "dense", "config": None, "captured": {}, "density": {}}
+
+
+def parse_config(text: str) -> tuple[str, PBSConfig]:
+    name, _, spec = text.partition(":")
+    if not spec:
+        return name, NAMED[name]
+    changes = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        field_type = type(getattr(PUBLISHED, key))
+        if key == "dense_layers":
+            changes[key] = tuple(int(v) for v in value.split("/") if v)
+        elif field_type is bool:
+            changes[key] = value.lower() in ("1", "true", "yes")
+        else:
+            changes[key] = field_type(value)
+    return name, PUBLISHED.replace(**changes)
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    """q (B, H_q, N, D) post-RoPE, k/v (B, H_kv, N, D) -> ((B, N, H_q, D), None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layer = module.layer_idx
+    if STATE["mode"] == "capture":
+        STATE["captured"][layer] = (query.detach().clone(), key.detach().clone())
+    cfg = STATE["config"]
+    if STATE["mode"] != "pbs" or query.shape[2] != key.shape[2] or query.shape[2] == 1 or cfg.for_layer(layer) is None:
+        if STATE["mode"] == "pbs":
+            STATE["density"][layer] = 1.0
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw)
+    plan = R.build_plan(query, key, cfg, scaling)
+    out = R.block_sparse_attention(query, key, value, plan, scaling)
+    STATE["density"][layer] = plan.density()
+    return out.transpose(1, 2).contiguous(), None
+
+
+def load(model: str, device: str = "cpu"):
+    """A model directory (safetensors) or a .gguf file, in fp32 on ``device``."""
+    import transformers
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    transformers.AttentionInterface.register("pbs_exp", attention)
+    AttentionMaskInterface.register("pbs_exp", sdpa_mask)
+    path = Path(model)
+    kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    folder = path.parent if kw else path
+    m = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).to(device)
+    m.set_attn_implementation("pbs_exp")
+    m.eval()
+    tok = None if kw else transformers.AutoTokenizer.from_pretrained(folder)
+    return m, tok
+
+
+def doc_text(doc: str) -> str:
+    path = Path(doc)
+    if not path.exists():
+        path = Path(inspect.getsourcefile(importlib.import_module(doc)))
+    return path.read_text()
+
+
+@torch.no_grad()
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).logits[0].float()  # (N, V)
+
+
+def compare(dense_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> dict:
+    """Perplexity of the text, top-1 agreement and mean KL(dense || sparse) over all positions."""
+    target = ids[0, 1:]
+    lp_d = dense_logits[:-1].log_softmax(-1)
+    lp_s = logits[:-1].log_softmax(-1)
+    nll = -lp_s.gather(-1, target[:, None]).mean().item()
+    kl = (lp_d.exp() * (lp_d - lp_s)).sum(-1).mean().item()
+    agree = (dense_logits.argmax(-1) == logits.argmax(-1)).float().mean().item()
+    return {"ppl": math.exp(nll), "top1": agree, "kl": kl}
+
+
+def proxy(model, ids, configs, rows: int = 256) -> list[dict]:
+    STATE.update(mode="capture", captured={})
+    t = time.time()
+    dense_logits = logits_of(model, ids)
+    print(f"capture forward {time.time() - t:.1f}s", file=sys.stderr)
+    n = ids.shape[1]
+    sample = torch.linspace(256, n - 1, rows, device=ids.device).round().long()
+    results = []
+    for name, cfg in configs:
+        t = time.time()
+        rec, dens, per_layer = [], [], []
+        for layer, (q, k) in sorted(STATE["captured"].items()):
+            if cfg.for_layer(layer) is None:
+                rec.append(1.0)
+                dens.append(1.0)
+                continue
+            plan = R.build_plan(q, k, cfg, None)
+            r = R.attention_recall(q, k, plan, sample)  # (1, H, R)
+            rec.append(r.mean().item())
+            dens.append(plan.density())
+            per_layer.append(round(r.mean().item(), 4))
+        res = {"name": name, "density": sum(dens) / len(dens), "recall": sum(rec) / len(rec),
+               "min_layer_recall": min(rec), "per_layer_recall": per_layer, "config": cfg.to_dict(),
+               "seconds": time.time() - t}
+        print(json.dumps({k: v for k, v in res.items() if k not in ("config", "per_layer_recall")}), flush=True)
+        results.append(res)
+    return results
+
+
+def full(model, ids, configs, dense_logits=None) -> list[dict]:
+    if dense_logits is None:
+        STATE.update(mode="dense")
+        t = time.time()
+        dense_logits = logits_of(model, ids)
+        base = compare(dense_logits, dense_logits, ids)
+        print(json.dumps({"name": "dense", "density": 1.0, **base, "seconds": time.time() - t}), flush=True)
+    results = []
+    for name, cfg in configs:
+        STATE.update(mode="pbs", config=cfg, density={})
+        t = time.time()
+        logits = logits_of(model, ids)
+        d = STATE["density"]
+        res = {"name": name, "density": sum(d.values()) / len(d), **compare(dense_logits, logits, ids),
+               "seconds": time.time() - t, "config": cfg.to_dict()}
+        print(json.dumps({k: v for k, v in res.items() if k != "config"}), flush=True)
+        results.append(res)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="a transformers model directory (safetensors)")
+    ap.add_argument("--doc", action="append", default=[],
+                    help="stdlib module name or path (repeatable); with --ids, a key of that file")
+    ap.add_argument("--ids", help="torch file {doc name: int64 (1, N) token ids} (tokenized elsewhere)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--mode", choices=["proxy", "full"], default="proxy")
+    ap.add_argument("--config", action="append", default=[])
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load(args.model, args.device)
+    configs = [parse_config(c) for c in args.config] or list(NAMED.items())
+    stored = torch.load(args.ids) if args.ids else {}
+    results = {}
+    for doc in args.doc or ["argparse"]:
+        ids = stored[doc] if doc in stored else tok(doc_text(doc), return_tensors="pt").input_ids
+        ids = ids[:, : args.tokens].to(args.device)
+        print(f"doc {doc}: {ids.shape[1]} tokens", file=sys.stderr, flush=True)
+        print(json.dumps({"doc": doc}), flush=True)
+        results[doc] = (proxy if args.mode == "proxy" else full)(model, ids, configs)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
