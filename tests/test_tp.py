@@ -1,0 +1,152 @@
+"""Tensor-parallel prefill (``--tp N``): 2 gloo ranks on the CPU against one process, launch plumbing,
+and the refusals (indivisible heads, mismatched world size).
+
+The 2-rank runs start real processes through ``pbs_cli.distributed.launch`` (the engine behind
+``torchrun --standalone``); each costs a few seconds of interpreter start-up per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pbs_cli import distributed
+from pbs_cli.errors import PBSError, UsageError
+
+HERE = Path(__file__).resolve().parent
+WORKER = str(HERE / "tp_worker.py")
+sys.path.insert(0, str(HERE))
+
+from fixtures import build_tiny_model_dir  # noqa: E402
+import tp_worker  # noqa: E402
+
+SEQ = 512  # 32 blocks of 16 tokens, 16 segments of 32: the sparse path with real choices to make
+
+
+@pytest.fixture(scope="module")
+def model_4q2kv(tmp_path_factory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny42"), seed=3, max_position_embeddings=2048)
+
+
+def _one_process(model_dir: Path, dtype: torch.dtype):
+    """Logits (1, SEQ, vocab) as fp64 and per-layer (kept, causal) block counts of a single-process run."""
+    from transformers import AutoModelForCausalLM
+
+    from pbs_cli import integration
+    from pbs_kernels import PBSConfig
+
+    integration.register()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="pbs")
+    ids = tp_worker.input_ids(model.config.vocab_size, SEQ)
+    with torch.inference_mode(), integration.pbs_run(PBSConfig(**tp_worker.PBS)) as run:
+        logits = model(ids).logits.double()
+    return logits, [(int(s._kept), s._total) for s in run.recorder.prefill_layers()]
+
+
+def test_two_gloo_ranks_match_one_process(model_4q2kv, tmp_path):
+    from safetensors.torch import load_file
+
+    code = distributed.launch(2, [WORKER, "logits", str(model_4q2kv), str(tmp_path), str(SEQ)])
+    assert code == 0
+    meta = json.loads((tmp_path / "tp.json").read_text())
+    tp_logits = load_file(str(tmp_path / "tp.safetensors"))["logits"].double()
+
+    # the heads really were split: 2 of 4 query heads per rank, every layer took the sparse path
+    assert meta["world"] == 2 and meta["backend"] == "gloo"
+    assert meta["local_q_heads"] == 2 and meta["sum_local_q_heads"] == 4
+    assert meta["paths"] == ["pbs", "pbs"]
+
+    ref64, counts64 = _one_process(model_4q2kv, torch.float64)
+    one32, counts32 = _one_process(model_4q2kv, torch.float32)
+    # density merged over ranks = the one-process density (same heads, same selection)
+    assert list(zip(meta["kept"], meta["total"])) == [tuple(c) for c in counts32]
+    assert counts32 == counts64, "fp32 and fp64 selected different blocks; the tolerance rule needs one plan"
+    assert all(0 < k < t for k, t in counts32), "the comparison needs a truly sparse plan"
+    # each rank counted its own half of the causal blocks
+    assert [t for _, t in meta["rank0_local"]] == [t // 2 for _, t in counts32]
+
+    # tolerance rule: err(TP fp32 vs fp64) <= 2 * err(one-process fp32 vs fp64) + floor
+    err_tp = (tp_logits - ref64).abs().max().item()
+    err_one = (one32 - ref64).abs().max().item()
+    assert tp_logits.shape == ref64.shape
+    assert err_tp <= 2 * err_one + 1e-5, (err_tp, err_one)
+
+
+def test_launch_reports_failed_rank_and_only_rank0_prints(capfd):
+    code = distributed.launch(2, [WORKER, "fail", "1", "7"])
+    out, err = capfd.readouterr()
+    assert code == 7
+    assert "stdout from rank 0" in out and "stdout from rank 1" not in out
+    assert "rank 1 of 2 failed (exit code 7): boom on rank 1" in err
+
+
+def test_launch_returns_rank0_code_without_repeating_its_message(capfd):
+    code = distributed.launch(2, [WORKER, "fail", "0", "4"])
+    _, err = capfd.readouterr()
+    assert code == 4
+    assert err.count("boom on rank 0") == 1 and "failed (exit code" not in err
+
+
+# -- refusals and plumbing (no processes) --------------------------------------------------
+
+
+def test_valid_sizes_are_common_divisors():
+    assert distributed.valid_tp_sizes(9, 3) == [1, 3]
+    assert distributed.valid_tp_sizes(32, 8) == [1, 2, 4, 8]
+    assert distributed.valid_tp_sizes(32, 8, 128256, 14336) == [1, 2, 4, 8]
+    assert distributed.valid_tp_sizes(12, 4, 50) == [1, 2]
+
+
+def test_embedded_model_shape_refuses_tp2_and_names_sizes_that_work():
+    from transformers import LlamaConfig
+
+    # SmolLM2-135M: 9 query heads, 3 KV heads, vocabulary 49152, MLP 1536
+    cfg = LlamaConfig(num_attention_heads=9, num_key_value_heads=3, hidden_size=576, vocab_size=49152,
+                      intermediate_size=1536)
+    with pytest.raises(UsageError) as info:
+        distributed.check_model_config(2, cfg, "SmolLM2-135M-Instruct")
+    msg = str(info.value)
+    assert "--tp 2" in msg and "9 query heads and 3 KV heads" in msg and "sizes that work: 1, 3" in msg
+    assert info.value.exit_code == 2
+    distributed.check_model_config(3, cfg)  # divides: no error
+    distributed.check_model_config(1, cfg)
+
+
+def test_vocabulary_must_divide_too():
+    with pytest.raises(UsageError, match=r"vocabulary size \(50\).*sizes that work: 1, 2"):
+        distributed.check_tp_size(4, 8, 4, 50, 0, extra_names=("vocabulary size", "MLP width"))
+
+
+def test_tp_must_match_the_launcher_world(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not distributed.needs_launch(2)
+    with pytest.raises(UsageError, match=r"--tp 4 but torchrun started 2 processes"):
+        distributed.tp_context(4)
+
+
+def test_tp_outside_a_launcher(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.needs_launch(2) and not distributed.needs_launch(1) and not distributed.needs_launch(None)
+    assert distributed.tp_context(None).size == 1 and distributed.is_main_rank()
+    with pytest.raises(PBSError, match="needs 2 processes"):
+        distributed.tp_context(2)
+    assert distributed.reduce_max([1.0, 2.0]) == [1.0, 2.0] and distributed.load_kwargs_for_tp(1) == {}
+
+
+def test_child_env_keeps_multicast_off_and_respects_the_caller():
+    env = distributed.child_env(2, {"PATH": "/bin", "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "5"})
+    assert env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and env["NVSHMEM_DISABLE_NVLS"] == "1"
+    assert env["NCCL_NVLS_ENABLE"] == "0" and env["OMP_NUM_THREADS"] == "5" and env["PATH"] == "/bin"
+    assert int(distributed.child_env(2, {})["OMP_NUM_THREADS"]) >= 1
+
+
+def test_torchrun_command_for_docs():
+    assert distributed.torchrun_command(2, ["prefill", "my doc.txt", "--tp", "2"]) == (
+        "torchrun --nproc-per-node=2 --standalone -m pbs_cli prefill 'my doc.txt' --tp 2")
+    assert "--nnodes=2 --rdzv-backend=c10d" in distributed.torchrun_command(8, ["prefill", "d"], nnodes=2)
