@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
+
+# Progress is shown with Rich on stderr; silence the tqdm bars of transformers/huggingface_hub (tqdm
+# reads this variable when it is first imported, which happens later, inside the commands).
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 import typer
 
 from . import __version__, console
-from .commands import env, prefill, viz_mask
+from .commands import env, prefill, profile, report, viz_mask
 
 app = typer.Typer(
     name="pbs",
@@ -35,6 +40,8 @@ def _root(
 app.command("prefill")(prefill.command)
 app.command("env")(env.command)
 app.command("viz-mask")(viz_mask.command)
+app.command("profile")(profile.command)
+app.add_typer(report.app, name="report")
 
 
 def main() -> None:

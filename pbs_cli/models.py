@@ -196,12 +196,28 @@ def cache_is_valid(folder: Path) -> bool:
         return False
 
 
+def _save_plain(model, folder: Path) -> None:
+    """Weights (one safetensors file, tied tensors stored once) and a config without any GGUF
+    quantization entry, so the folder loads as a plain float checkpoint. (``save_pretrained`` refuses
+    models loaded from GGUF in recent transformers.)"""
+    from safetensors.torch import save_model
+
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = config["dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+
+
 def write_cache(folder: Path, model, tokenizer, source: ModelSpec) -> None:
     """Save ``model`` (safetensors) and ``tokenizer`` into ``folder`` atomically (temp folder, marker last, rename)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        _save_plain(model, tmp)
         tokenizer.save_pretrained(tmp)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         marker = {"format": CACHE_FORMAT, "source": str(source.path), "name": source.name,
