@@ -199,15 +199,19 @@ def head_title(view, source: str) -> str:
     return " · ".join(title_parts(view, source))
 
 
-def fit_parts(parts: Sequence[str], width: int, sep: str = " · ") -> list[str]:
-    """Join ``parts`` with ``sep`` into as few lines of at most ``width`` characters as possible
-    (a part longer than ``width`` gets a line of its own)."""
-    lines: list[str] = []
+def fit_parts(parts: Sequence[str | Text], width: int, sep: str = " · ") -> list[Text]:
+    """Join ``parts`` with ``sep`` into as few lines of at most ``width`` cells as possible
+    (a part longer than ``width`` gets a line of its own). Styled parts keep their styles."""
+    from rich.cells import cell_len
+
+    lines: list[Text] = []
     for part in parts:
-        if lines and len(lines[-1]) + len(sep) + len(part) <= width:
-            lines[-1] += sep + part
+        part = part if isinstance(part, Text) else Text(part)
+        if lines and cell_len(lines[-1].plain) + len(sep) + cell_len(part.plain) <= width:
+            lines[-1].append(sep)
+            lines[-1].append_text(part)
         else:
-            lines.append(part)
+            lines.append(part.copy())
     return lines
 
 
@@ -235,21 +239,20 @@ def render_head(view, width: int, color: bool, source: str = "synthetic") -> Ren
     grid.add_row(*bodies)
     scale = f"1 cell = {f}×{f} blocks" if f > 1 else "1 cell = 1 block"
     if color:
-        legend = Text.assemble(
-            ("mass ", ""), *[("█", colour(x)) for x in np.linspace(0, 1, 8)],
-            (f" 1e-{DECADES}…1 × max (log) · kept ", ""), ("█", KEPT_FORCED), (" forced ", ""),
-            ("█", KEPT_SELECTED), (" selected ", ""), ("█", SKIPPED_TERM), (" skipped", ""),
-        )
+        legend = [
+            Text.assemble("mass ", *[("█", colour(x)) for x in np.linspace(0, 1, 8)], f" 1e-{DECADES}…1 × max (log)"),
+            Text.assemble("kept ", ("█", KEPT_FORCED), " forced ", ("█", KEPT_SELECTED), " selected ",
+                          ("█", SKIPPED_TERM), " skipped"),
+        ]
     else:
-        legend = Text(f"mass {PLAIN_RAMP} 1e-{DECADES}…1 × max (log) · kept █ / skipped ░")
-    tail = fit_parts([legend.plain, scale, "rows: query blocks, columns: key blocks"], width)
-    if len(tail[0]) > len(legend.plain):
-        legend.append(tail[0][len(legend.plain):])
-        tail = tail[1:]
+        legend = [Text(f"mass {PLAIN_RAMP} 1e-{DECADES}…1 × max (log)"), Text("kept █ / skipped ░")]
     style = "bold" if color else ""
-    header = [Text(line, style=style) for line in fit_parts(title_parts(view, source), width)]
-    numbers = [Text(line) for line in fit_parts(numbers_line(view.stats).split(" · ") + [permutation_phrase(view.stats)], width)]
-    return Group(*header, *numbers, grid, legend, *[Text(line) for line in tail])
+    header = fit_parts(title_parts(view, source), width)
+    for line in header:
+        line.stylize(style)
+    numbers = fit_parts(numbers_line(view.stats).split(" · ") + permutation_phrase(view.stats).split(" vs "), width)
+    tail = fit_parts([*legend, scale, "rows: query blocks, columns: key blocks"], width)
+    return Group(*header, *numbers, grid, *tail)
 
 
 # -- many heads -------------------------------------------------------------------------------
@@ -312,7 +315,7 @@ def render_overview(stats: Sequence, width: int, color: bool) -> RenderableType:
              f"neutral {counts['neutral']} ·"]
     key = ("cells: density % per head" + ("; colour = recall (red ≤ 80%, green 100%)" if color else "")
            if not compact else f"cells: density {PLAIN_RAMP} (0-25-50-75-100%)" + ("; colour = recall" if color else ""))
-    return Group(table, *[Text(line) for line in fit_parts(parts + [key], width)])
+    return Group(table, *fit_parts(parts + [key], width))
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -380,8 +383,7 @@ def head_figure(view, source: str = "synthetic"):
     causal = causal_mask(n_b)
     vmax = float(max(view.original[causal].max(), view.permuted[causal].max()))
     norm = LogNorm(vmin=vmax * 10.0**-DECADES, vmax=vmax, clip=True)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.6), constrained_layout=True)
     extent = (-0.5, n_b - 0.5, n_b - 0.5, -0.5)
     per_seg = view.config.segment_size // view.config.block_size
