@@ -337,8 +337,11 @@ def captured_qkv(model, tokens: torch.Tensor, layers: Sequence[int] | Iterable[i
                 raise _StopForward
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
+    from transformers.masking_utils import AttentionMaskInterface
+
     name = "pbs_capture"
     AttentionInterface.register(name, capture)
+    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping["sdpa"])
     previous = getattr(model.config, "_attn_implementation", None) or "sdpa"
     model.set_attn_implementation(name)
     try:

@@ -1,0 +1,407 @@
+"""`pbs profile`: time PBS attention against the best dense attention on this machine, at one or many lengths."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, TextIO
+
+import typer
+
+from .. import presets, reports
+from ..console import command_boundary, debug_enabled, err, out
+from ..errors import OutOfMemory, UsageError
+from ..profiling import BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped, summarize
+from ..report_formats import format_for_path, header_line, render, result_line, rich_table
+from ..sizes import format_size, parse_sizes
+
+# Llama-3.1-8B attention: 32 query heads, 8 KV heads, head_dim 128
+DEFAULT_SHAPE = {"batch": 1, "heads": 32, "kv_heads": 8, "head_dim": 128}
+DEFAULT_LENGTHS = {"cuda": "8k,32k,128k", "cpu": "1k,4k"}
+
+HELP = (
+    "Time PBS attention (permute / select / attend) against dense SDPA backends and FlexAttention on the same "
+    "Q/K/V, at one or many sequence lengths; report density, speedup, error and recall.\n\n"
+    "Q/K/V come from the structured synthetic generator (sinks, local windows, heavy-hitter keys, slash and topic "
+    "heads; --pattern) or, with --from-model/--doc/--layers, from a real model's forward. Shapes: --model (its "
+    "config only) or --heads/--kv-heads/--head-dim/--batch; default Llama-3.1-8B (32/8/128, batch 1). Lengths take "
+    "k/m suffixes (128k = 131072). Unavailable backends and lengths that do not fit in memory are reported as "
+    "skipped and the sweep goes on.\n\n"
+    "TFLOP/s dense-equivalent = causal FLOPs / time, causal FLOPs = 2*2*N^2*D*H_q*B/2 = 2*N^2*D*H_q*B; "
+    "TFLOP/s computed = density * causal FLOPs / attend time. Speedup = time of the best dense SDPA backend at "
+    "that length (named) / this backend's time. Break-even = smallest tested length where PBS beats it."
+)
+
+
+def parse_backends(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return BACKENDS
+    names = [x.strip().lower() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in BACKENDS]
+    if unknown or not names:
+        raise UsageError(f"unknown backend(s) {', '.join(unknown) or repr(text)}; valid: {', '.join(BACKENDS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def parse_layers(text: str) -> list[int]:
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"invalid --layers {text!r}; use comma-separated layer indices, e.g. 0,10,-1") from None
+    if not layers:
+        raise UsageError(f"no layers in --layers {text!r}")
+    return list(dict.fromkeys(layers))
+
+
+def shape_from_model(spec_text: str) -> tuple[dict[str, int], str]:
+    """Attention shape from a model's config (no weights read). Returns (shape, description)."""
+    from .. import models
+
+    spec = models.resolve_model(spec_text)
+    config = models.ModelSource(spec).config()
+    config = getattr(config, "get_text_config", lambda: config)()
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return {"batch": 1, "heads": heads, "kv_heads": kv, "head_dim": head_dim}, spec.describe()
+
+
+class _Outputs:
+    """Where results go: stdout format, -o file, --html file; JSONL lines are flushed per length."""
+
+    def __init__(self, stdout_fmt: str | None, output: Path | None, html: Path | None, force: bool):
+        self.stdout_fmt = stdout_fmt
+        self.output, self.html = output, html
+        self.file_fmt = format_for_path(output) if output is not None else None
+        for path in (output, html):
+            if path is not None:
+                reports.check_output_path(path, force)
+        if html is not None and format_for_path(html) != "html":
+            raise UsageError(f"--html {str(html)!r} must end in .html")
+        if output is not None and html is not None and Path(output).resolve() == Path(html).resolve():
+            raise UsageError("--output and --html name the same file; give two different files")
+        self._jsonl: TextIO | None = None
+        self.run_id = ""
+
+    def start(self, doc: dict[str, Any]) -> None:
+        self.run_id = str(doc["timestamp"])
+        if self.stdout_fmt == "jsonl":
+            sys.stdout.write(header_line(doc))
+            sys.stdout.flush()
+        if self.file_fmt == "jsonl":
+            assert self.output is not None
+            self._jsonl = open(self.output, "w", encoding="utf-8")
+            self._jsonl.write(header_line(doc))
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.flush()
+            os.fsync(self._jsonl.fileno())
+
+    def records(self, recs: list[dict[str, Any]]) -> None:
+        """Called once per finished length."""
+        lines = "".join(result_line(r, self.run_id) for r in recs)
+        if self.stdout_fmt == "jsonl":
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(lines)
+            self._flush()
+
+    def finish(self, doc: dict[str, Any]) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            err.print(f"saved {self.output}", highlight=False, markup=False)
+        elif self.output is not None:
+            reports.atomic_write_text(self.output, render(doc, self.file_fmt or "json"))
+            err.print(f"saved {self.output}", highlight=False, markup=False)
+        if self.html is not None:
+            reports.atomic_write_text(self.html, render(doc, "html"))
+            err.print(f"saved {self.html}", highlight=False, markup=False)
+        if self.stdout_fmt in ("json", "csv", "markdown"):
+            typer.echo(render(doc, self.stdout_fmt), nl=False)
+        elif self.stdout_fmt is None:
+            print_table(rich_table(doc))
+
+    def close(self) -> None:
+        if self._jsonl is not None and not self._jsonl.closed:
+            self._jsonl.close()
+
+
+def print_table(table) -> None:
+    """Tables are wide: when stdout is not a terminal, do not wrap them at Rich's default 80 columns."""
+    if out.is_terminal:
+        out.print(table)
+    else:
+        from rich.console import Console
+
+        Console(width=240, highlight=False).print(table)
+
+
+def write_trace(path: Path, case: Case, settings: Settings) -> None:
+    """One PBS pass under torch.profiler with ranges pbs.permute / pbs.select / pbs.attend; Chrome
+    trace JSON (gzip-compressed when ``path`` ends in .gz), written atomically."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from pbs_kernels.attention import pbs_attention
+    from pbs_kernels.block_mask import PermutedBlockMask
+    from pbs_kernels.permute import compute_permutation
+    from pbs_kernels.select import select_blocks
+
+    q, k, v = case.q, case.k, case.v
+    cfg, scale = settings.config, settings.scale
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if q.is_cuda else [])
+    with profile(activities=acts) as prof:
+        with record_function("pbs.permute"):
+            perm = compute_permutation(q, k, cfg, scale)
+        with record_function("pbs.select"):
+            num, idx = select_blocks(q, k, perm, cfg, scale)
+        with record_function("pbs.attend"):
+            pbs_attention(q, k, v, PermutedBlockMask(perm, num, idx, cfg.block_size, cfg.segment_size, q.shape[2]), scale)
+        if q.is_cuda:
+            torch.cuda.synchronize(q.device)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".json", dir=path.parent)
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(tmp)
+        if path.name.endswith(".gz"):
+            with open(tmp, "rb") as src, gzip.open(tmp + ".gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp + ".gz", path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        for p in (tmp, tmp + ".gz"):
+            Path(p).unlink(missing_ok=True)
+
+
+@command_boundary
+def command(
+    seq_len: Annotated[str | None, typer.Option("--seq-len", "-n", help="Length or comma list, k/m suffixes "
+                                                "(128k = 131072). Default: 8k,32k,128k on CUDA, 1k,4k on CPU.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Take heads / KV heads / head_dim from this "
+                                              "model's config (alias, directory, .gguf, HF id); no weights are read.")] = None,
+    heads: Annotated[int | None, typer.Option("--heads", min=1, help="Query heads (default 32).")] = None,
+    kv_heads: Annotated[int | None, typer.Option("--kv-heads", min=1, help="KV heads (default 8).")] = None,
+    head_dim: Annotated[int | None, typer.Option("--head-dim", min=8, help="Head dimension (default 128).")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", min=1, help="Batch size (default 1).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, "
+                                       "float16 or float32.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    profile: Annotated[str | None, typer.Option("--profile", "-p", help="PBS preset name (see `pbs env`).")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", "-t", help="Top-p share of block attention "
+                                                    "to keep, in (0, 1]; 1.0 = dense.")] = None,
+    block_size: Annotated[int | None, typer.Option("--block-size", help="Tokens per block (power of two >= 16).")] = None,
+    segment_size: Annotated[int | None, typer.Option("--segment-size", help="Permutation segment, a multiple "
+                                                     "of the block size.")] = None,
+    backends: Annotated[str | None, typer.Option("--backends", "-b", help=f"Comma list of {', '.join(BACKENDS)} "
+                                                 "(default: all; unavailable ones are reported as skipped).")] = None,
+    pattern: Annotated[str, typer.Option("--pattern", help="Synthetic workload: mixed, sink, local, vertical, "
+                                         "slash, topic, uniform.")] = "mixed",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic workload and the recall rows.")] = 0,
+    from_model: Annotated[str | None, typer.Option("--from-model", help="Capture real post-RoPE Q/K/V from this "
+                                                   "model's forward over --doc (loads the weights).")] = None,
+    doc: Annotated[Path | None, typer.Option("--doc", help="UTF-8 text for --from-model.")] = None,
+    layers: Annotated[str, typer.Option("--layers", help="Layers to capture with --from-model, e.g. 0,10,-1.")] = "0",
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls before timing.")] = 1,
+    iters: Annotated[int, typer.Option("--iters", min=1, help="Minimum timed repeats.")] = 3,
+    budget: Annotated[float, typer.Option("--budget", min=0.0, help="Seconds to spend per measurement "
+                                          "(repeats adapt, at most 50).")] = 1.0,
+    recall_rows: Annotated[int, typer.Option("--recall-rows", min=1, help="Query rows sampled for recall.")] = 32,
+    reference_max_len: Annotated[int, typer.Option("--reference-max-len", min=1, help="Longest N to time the "
+                                                   "plain-PyTorch reference at.")] = 16384,
+    trace: Annotated[Path | None, typer.Option("--trace", help="Write a torch.profiler Chrome trace (.json or "
+                                               ".json.gz) of one PBS pass at the last length.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+    as_jsonl: Annotated[bool, typer.Option("--jsonl", help="Print JSON lines (header, then one per result, "
+                                           "flushed per length).")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save to this file; format from the "
+                                                "extension: .json .jsonl .csv .md .html.")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Also save an HTML report with plots.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite output files that exist.")] = False,
+) -> None:
+    import torch
+
+    from .. import models
+    from ..workloads import PATTERNS, synthetic_qkv
+
+    # -- validate everything before any work --
+    chosen = [name for name, on in (("json", as_json), ("jsonl", as_jsonl), ("csv", as_csv), ("markdown", as_markdown)) if on]
+    if len(chosen) > 1:
+        raise UsageError(f"choose one stdout format, got --{' --'.join(chosen)}")
+    dev = torch.device(models.resolve_device(device))
+    torch_dtype = models.resolve_dtype(dtype, str(dev))
+    sizes = parse_sizes(seq_len if seq_len is not None else DEFAULT_LENGTHS["cuda" if dev.type == "cuda" else "cpu"])
+    if min(sizes) < 2:
+        raise UsageError(f"--seq-len must be at least 2 tokens, got {min(sizes)}")
+    names = parse_backends(backends)
+    if pattern not in PATTERNS:
+        raise UsageError(f"unknown --pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
+    config, profile_name = presets.resolve_config(profile, threshold=threshold, block_size=block_size,
+                                                  segment_size=segment_size)
+    if trace is not None:
+        reports.check_output_path(trace, force)
+    outputs = _Outputs(chosen[0] if chosen else None, output, html, force)
+    if from_model is not None:
+        if doc is None:
+            raise UsageError("--from-model needs --doc FILE (the text to run the model on)")
+        if any(x is not None for x in (model, heads, kv_heads, head_dim, batch)):
+            raise UsageError("--model/--heads/--kv-heads/--head-dim/--batch do not apply with --from-model "
+                             "(the captured tensors have the model's shape)")
+        layer_list = parse_layers(layers)
+    elif doc is not None:
+        raise UsageError("--doc needs --from-model MODEL")
+
+    shape = dict(DEFAULT_SHAPE)
+    shape_source = "default (Llama-3.1-8B attention)"
+    if model is not None:
+        shape, shape_source = shape_from_model(model)
+    for key, value in (("heads", heads), ("kv_heads", kv_heads), ("head_dim", head_dim), ("batch", batch)):
+        if value is not None:
+            shape[key] = value
+            shape_source = "flags" if model is None else shape_source + " with flags"
+    if shape["heads"] % shape["kv_heads"]:
+        raise UsageError(f"--heads ({shape['heads']}) must be a multiple of --kv-heads ({shape['kv_heads']})")
+
+    settings = Settings(config=config, backends=names, warmup=warmup, iters=iters, budget_s=budget,
+                        recall_rows=recall_rows, reference_max_len=reference_max_len, seed=seed)
+
+    # -- captured workload: one forward at the longest length, prefixes for shorter ones --
+    captured: dict[int, tuple] | None = None
+    workload: dict[str, Any] = {"source": "synthetic", "pattern": pattern, "seed": seed}
+    if from_model is not None:
+        from .prefill import read_document
+        from ..workloads import captured_qkv
+
+        text, doc_name = read_document(str(doc))
+        spec = models.resolve_model(from_model)
+        err.print(f"model: {spec.describe()}", highlight=False, markup=False)
+        models.quiet_transformers(debug_enabled())
+        source = models.ModelSource(spec)
+        ids = source.tokenizer()(text, add_special_tokens=True)["input_ids"]
+        longest = min(max(sizes), len(ids))
+        too_long = [n for n in sizes if n > len(ids)]
+        if too_long:
+            err.print(f"document has {len(ids)} tokens: skipping --seq-len {', '.join(map(format_size, too_long))}",
+                      highlight=False, markup=False)
+        sizes_run = [n for n in sizes if n <= len(ids)]
+        if not sizes_run:
+            raise UsageError(f"document {doc_name!r} has only {len(ids)} tokens, fewer than every --seq-len; "
+                             "pass a longer document or a shorter --seq-len")
+        loaded = source.load(torch_dtype, str(dev), attn_implementation="sdpa")
+        tokens = torch.tensor([ids[:longest]], device=loaded.model.device)
+        with models.progress(f"capturing Q/K/V of layer(s) {','.join(map(str, layer_list))} over {longest} tokens"):
+            try:
+                captured = captured_qkv(loaded.model, tokens, layer_list)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        del loaded
+        q0 = next(iter(captured.values()))[0]
+        shape = {"batch": 1, "heads": q0.shape[1], "kv_heads": next(iter(captured.values()))[1].shape[1],
+                 "head_dim": q0.shape[3]}
+        shape_source = f"captured from {spec.name}"
+        torch_dtype = q0.dtype
+        workload = {"source": "model", "model": spec.to_dict(), "document": doc_name, "document_tokens": len(ids),
+                    "layers": sorted(captured)}
+    else:
+        sizes_run = sizes
+
+    doc_rec = reports.envelope(
+        "profile", device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
+        shape={**shape, "source": shape_source}, profile=profile_name, pbs=config.to_dict(), workload=workload,
+        seq_lens=sizes, backends=list(names),
+        measurement={"warmup": warmup, "min_repeats": iters, "budget_s": budget, "recall_rows": recall_rows,
+                     "timer": "cuda events" if dev.type == "cuda" else "time.perf_counter"},
+        results=[], summary={},
+    )
+    results: list[dict[str, Any]] = doc_rec["results"]
+    outputs.start(doc_rec)
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), TimeElapsedColumn(),
+                        console=err, transient=True, disable=not err.is_terminal)
+    task = progress.add_task("profiling", total=len(sizes))
+    profiler = Profiler(settings, on_step=lambda s: progress.update(task, description=s))
+    b, h, hk, d = shape["batch"], shape["heads"], shape["kv_heads"], shape["head_dim"]
+    traced = False
+    try:
+        with progress:
+            for n in sizes:
+                recs: list[dict[str, Any]] = []
+                if n not in sizes_run:
+                    recs = [skipped(n, x, "the document is shorter than this length") for x in names]
+                else:
+                    need = input_bytes(b, h, hk, n, d, torch_dtype) * (len(captured) if captured else 1)
+                    free = free_memory_bytes(dev)
+                    if captured is None and need > 0.9 * free:
+                        reason = (f"inputs need ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free on {dev.type}; "
+                                  "try a shorter --seq-len or fewer heads")
+                        err.print(f"skipping N={format_size(n)}: {reason}", highlight=False, markup=False)
+                        recs = [skipped(n, x, reason) for x in names]
+                    else:
+                        recs = _run_length(n, captured, profiler, settings, shape, torch_dtype, dev, pattern, seed,
+                                           trace)
+                        traced = traced or (trace is not None and any(r["backend"] == "pbs" and r["status"] == "ok" for r in recs))
+                results.extend(recs)
+                outputs.records(recs)
+                progress.advance(task)
+    except BaseException:
+        outputs.close()  # finished JSONL lines stay on disk
+        raise
+    doc_rec["summary"] = summarize(results)
+    outputs.finish(doc_rec)
+    if trace is not None:
+        err.print(f"saved {trace}" if traced else "no trace written: pbs did not run at any length",
+                  highlight=False, markup=False)
+    if results and all(r["status"] != "ok" for r in results):
+        if all("GiB" in (r.get("reason") or "") or "out of memory" in (r.get("reason") or "") for r in results):
+            raise OutOfMemory("no length fit in memory; try a shorter --seq-len, fewer heads or --dtype bfloat16")
+
+
+def _run_length(n: int, captured, profiler: Profiler, settings: Settings, shape: dict[str, int], dtype, dev,
+                pattern: str, seed: int, trace: Path | None) -> list[dict[str, Any]]:
+    """All cases of one length: generate (or slice) Q/K/V, run the profiler, optionally trace."""
+    import torch
+
+    from ..workloads import synthetic_qkv
+
+    cases: list[Case] = []
+    try:
+        if captured is not None:
+            for layer, (q, k, v) in captured.items():
+                cases.append(Case(q[:, :, :n].contiguous(), k[:, :, :n].contiguous(), v[:, :, :n].contiguous(), layer))
+        else:
+            q, k, v = synthetic_qkv(shape["batch"], shape["heads"], shape["kv_heads"], n, shape["head_dim"],
+                                    seed=seed, dtype=dtype, device=dev, pattern=pattern)
+            cases.append(Case(q, k, v))
+    except Exception as exc:  # noqa: BLE001
+        if not is_oom(exc):
+            raise
+        cases.clear()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        reason = f"out of memory while creating the inputs ({str(exc).splitlines()[0][:100]})"
+        err.print(f"skipping N={format_size(n)}: {reason}", highlight=False, markup=False)
+        return [skipped(n, x, reason) for x in settings.backends]
+    recs: list[dict[str, Any]] = []
+    for case in cases:
+        recs.extend(profiler.run(case))
+    if trace is not None and "pbs" in settings.backends and any(r["backend"] == "pbs" and r["status"] == "ok" for r in recs):
+        write_trace(trace, cases[-1], settings)
+    del cases
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return recs
+
+
+command.__doc__ = HELP

@@ -1,0 +1,68 @@
+"""`pbs report show FILE` and `pbs report compare A B`: read saved `pbs profile` results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..console import command_boundary, err, out
+from ..errors import RUNTIME, UsageError
+from .profile import print_table
+from ..report_formats import compare, compare_table, describe, load, render, rich_table
+
+app = typer.Typer(name="report", help="Show or compare saved `pbs profile` results (.json or .jsonl).",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+
+
+@app.command("show")
+@command_boundary
+def show(
+    file: Annotated[Path, typer.Argument(help="A .json or .jsonl file written by `pbs profile`.", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, json, jsonl, csv, markdown or html.")] = "table",
+) -> None:
+    """Print a saved profile as a table (or convert it to another format on stdout)."""
+    formats = ("table", "json", "jsonl", "csv", "markdown", "html")
+    if fmt not in formats:
+        raise UsageError(f"unknown --format {fmt!r}; use one of {', '.join(formats)}")
+    doc = load(file)
+    if fmt == "table":
+        print_table(rich_table(doc))
+    else:
+        typer.echo(render(doc, fmt), nl=False)
+
+
+@app.command("compare")
+@command_boundary
+def compare_cmd(
+    a: Annotated[Path, typer.Argument(help="Baseline profile (.json/.jsonl).", show_default=False)],
+    b: Annotated[Path, typer.Argument(help="New profile (.json/.jsonl).", show_default=False)],
+    fail_if_slower: Annotated[float | None, typer.Option("--fail-if-slower", min=0.0, help="Exit 1 when pbs got "
+                                                         "slower than A by more than this percent at any length.")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="Backend that --fail-if-slower checks.")] = "pbs",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison rows as JSON.")] = False,
+) -> None:
+    """Per matching length/backend(/layer): medians of A and B, the difference, and whether it is within the
+    spread (the larger interquartile range of the two runs)."""
+    import json
+
+    doc_a, doc_b = load(a), load(b)
+    rows = compare(doc_a, doc_b)
+    if not rows:
+        raise UsageError(f"{str(a)!r} and {str(b)!r} have no (length, backend) measured in both; nothing to compare")
+    if as_json:
+        typer.echo(json.dumps({"a": str(a), "b": str(b), "rows": rows}, indent=2))
+    else:
+        print_table(compare_table(rows, f"A: {a} ({describe(doc_a)})\nB: {b} ({describe(doc_b)})"))
+    if fail_if_slower is not None:
+        checked = [r for r in rows if r["backend"] == backend]
+        if not checked:
+            raise UsageError(f"no {backend!r} rows in both files; --fail-if-slower has nothing to check")
+        slower = [r for r in checked if r["delta_pct"] > fail_if_slower]
+        if slower:
+            worst = max(slower, key=lambda r: r["delta_pct"])
+            noise = " (within the runs' spread: rerun with more --iters to confirm)" if worst["noise"] else ""
+            err.print(f"{backend} got slower than {fail_if_slower:g}% at {len(slower)} length(s); worst "
+                      f"{worst['delta_pct']:+.1f}% at N={worst['seq_len']}{noise}", highlight=False, markup=False)
+            raise typer.Exit(RUNTIME)

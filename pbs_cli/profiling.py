@@ -1,0 +1,529 @@
+"""The attention profiler behind `pbs profile`: backends, measurements and result records.
+
+One *case* is one attention problem (q, k, v at one length, one layer for captured inputs). For a
+case, every requested backend is timed on the same tensors; PBS is timed per phase (permute,
+select, attend) and end to end; each sparse result is compared against a dense output.
+
+Backends (``BACKENDS``):
+
+- ``pbs``            ``pbs_kernels``' dispatch: Triton on CUDA, the PyTorch reference on CPU.
+- ``sdpa-cudnn``, ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-math``: ``F.scaled_dot_product_attention``
+  (causal) restricted to one SDPA backend each. GQA runs with ``enable_gqa=True`` where the backend
+  accepts it, else on K/V expanded to H_q heads beforehand (outside the timed region; noted).
+- ``flex``           FlexAttention (``torch.compile(flex_attention)``, CUDA only) with a ``BlockMask``
+  equivalent to the PBS plan: K/V gathered into permuted order, the plan's off-diagonal blocks as
+  full blocks, every block of the diagonal segment as a partial block whose ``mask_mod`` applies
+  causality on *original* positions (``perm[kv] <= q``) -- exactly the plan's key set. Its time is
+  PBS's permute + select plus FlexAttention's gather + attention.
+- ``reference``      the plain-PyTorch twin (``pbs_kernels.reference``), plan and attention.
+
+Numbers per record (all times in ms; spread = quartiles and min/max over the repeats):
+
+- ``tflops``: dense-equivalent throughput, causal FLOPs / time, where causal FLOPs =
+  ``2 * 2 * N^2 * D * H_q * B / 2`` = ``2 * N^2 * D * H_q * B`` (two matmuls, half the square).
+- ``tflops_computed``: FLOPs actually computed, ``density * causal FLOPs``, over the attend time.
+- ``speedup``: best dense SDPA time (the fastest ``sdpa-*`` at that length, named in ``best_dense``)
+  / this backend's time.
+- ``rel_l2_error``: ``||out - dense||_2 / ||dense||_2`` against one dense output (``error_vs``).
+- ``recall_mean``/``recall_min``: share of the full causal attention mass (softmax over all keys) that
+  the kept blocks cover, over sampled query rows and all heads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from pbs_kernels import PBSConfig, reference
+from pbs_kernels.attention import pbs_attention
+from pbs_kernels.block_mask import PermutedBlockMask
+from pbs_kernels.permute import compute_permutation
+from pbs_kernels.select import select_blocks
+
+from .timing import Timing, bench
+
+BACKENDS = ("pbs", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flex", "reference")
+DENSE_BACKENDS = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math")
+SPARSE_BACKENDS = ("pbs", "flex", "reference")
+
+RESULT_FIELDS = (
+    "seq_len", "layer", "backend", "status", "reason", "median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms",
+    "repeats", "permute_ms", "select_ms", "attend_ms", "density", "tflops", "tflops_computed", "speedup",
+    "best_dense", "rel_l2_error", "error_vs", "recall_mean", "recall_min", "peak_mem_mib", "notes",
+)
+
+
+def causal_flops(batch: int, heads: int, seq_len: int, head_dim: int) -> float:
+    """FLOPs of causal attention: 2 matmuls x 2 FLOPs x N^2 x D x H_q x B, halved by the causal mask."""
+    return 2.0 * 2.0 * seq_len * seq_len * head_dim * heads * batch / 2.0
+
+
+@dataclass
+class Settings:
+    """How to measure. ``budget_s``: seconds per measurement (repeats adapt); ``iters``: min repeats."""
+
+    config: PBSConfig
+    backends: tuple[str, ...]
+    warmup: int = 1
+    iters: int = 3
+    max_iters: int = 50
+    budget_s: float = 1.0
+    recall_rows: int = 32
+    reference_max_len: int = 16384
+    seed: int = 0
+    scale: float | None = None
+
+
+def result(seq_len: int, backend: str, layer: int | None = None, **fields: Any) -> dict[str, Any]:
+    """A result record with every field of ``RESULT_FIELDS`` (missing ones None)."""
+    rec = {name: None for name in RESULT_FIELDS}
+    rec.update(seq_len=seq_len, backend=backend, layer=layer, status="ok")
+    rec.update(fields)
+    return rec
+
+
+def skipped(seq_len: int, backend: str, reason: str, layer: int | None = None) -> dict[str, Any]:
+    return result(seq_len, backend, layer, status="skipped", reason=reason)
+
+
+def _timing_fields(t: Timing) -> dict[str, Any]:
+    return dict(median_ms=t.median_ms, q25_ms=t.q25_ms, q75_ms=t.q75_ms, min_ms=t.min_ms, max_ms=t.max_ms,
+                repeats=t.repeats, peak_mem_mib=t.peak_mem_mib)
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory where tensors of ``device`` live: CUDA free memory, else MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def input_bytes(batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Memory of q, k, v, two outputs and one fp32 generation scratch head (what a case holds)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    tokens = batch * seq_len * head_dim
+    return tokens * (3 * heads + 2 * kv_heads) * elt + seq_len * head_dim * 4 * 4
+
+
+def math_sdpa_bytes(batch: int, heads: int, seq_len: int, dtype: torch.dtype) -> int:
+    """The (B, H, N, N) score and probability matrices the math SDPA backend materializes."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    return batch * heads * seq_len * seq_len * (2 * elt + 1)
+
+
+# -- dense SDPA ----------------------------------------------------------------------------------
+
+
+def _sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+            "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}[name]
+
+
+def sdpa_call(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool, scale: float | None):
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(_sdpa_backend(name)):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                enable_gqa=gqa)
+
+
+_probe_cache: dict[tuple, tuple[str | None, str | None]] = {}
+
+
+def probe_sdpa(name: str, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
+               head_dim: int) -> tuple[str | None, str | None]:
+    """Can SDPA backend ``name`` run this shape here? Returns (mode, reason): mode "gqa" (native),
+    "expand" (needs K/V repeated to H_q heads) or None with the reason it cannot run."""
+    key = (name, str(device), dtype, heads, kv_heads, head_dim)
+    if key in _probe_cache:
+        return _probe_cache[key]
+    if device.type != "cuda" and name in ("sdpa-cudnn", "sdpa-efficient"):
+        return None, "needs a CUDA GPU"
+    q = torch.randn(1, heads, 256, head_dim, device=device, dtype=dtype)
+    k = torch.randn(1, kv_heads, 256, head_dim, device=device, dtype=dtype)
+    modes = ["gqa", "expand"] if heads != kv_heads else ["gqa"]
+    reason = None
+    answer: tuple[str | None, str | None] = (None, None)
+    for mode in modes:
+        kk = k if mode == "gqa" else k.repeat_interleave(heads // kv_heads, 1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                sdpa_call(name, q, kk, kk, mode == "gqa" and heads != kv_heads, None)
+                answer = (mode, None)
+                break
+            except RuntimeError as exc:
+                why = [str(w.message).splitlines()[0] for w in caught if "kernel not used" in str(w.message)
+                       or "not supported" in str(w.message) or "because" in str(w.message)]
+                reason = (why[0] if why else str(exc).splitlines()[0])[:200]
+    if answer[0] is None:
+        answer = (None, f"not available for {str(dtype).removeprefix('torch.')}, head_dim {head_dim} on "
+                        f"{device.type}: {reason}")
+    _probe_cache[key] = answer
+    return answer
+
+
+# -- PBS plan helpers -----------------------------------------------------------------------------
+
+
+def _slice_plan(plan: PermutedBlockMask, h0: int, h1: int, g_perm: int) -> PermutedBlockMask:
+    """The plan restricted to query heads [h0, h1) (h0, h1 multiples of the permutation group)."""
+    return PermutedBlockMask(plan.perm[:, h0 // g_perm : h1 // g_perm], plan.kv_num_blocks[:, h0:h1],
+                             plan.kv_indices[:, h0:h1], plan.block_size, plan.segment_size, plan.seq_len)
+
+
+def sample_rows(seq_len: int, count: int, seed: int, device: torch.device) -> torch.Tensor:
+    """int64 (R,): distinct query rows spread over [N/8, N), always including the last row."""
+    lo = seq_len // 8
+    count = max(1, min(count, seq_len - lo))
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(seq_len - lo, generator=gen)[: count - 1] + lo
+    rows = torch.cat([rows, torch.tensor([seq_len - 1])]).unique().sort().values
+    return rows.to(device)
+
+
+def recall_stats(q: torch.Tensor, k: torch.Tensor, plan: PermutedBlockMask, rows: torch.Tensor,
+                 scale: float | None, max_elements: int = 1 << 27) -> tuple[float, float]:
+    """(mean, min) attention-mass recall of ``plan`` over ``rows``, all heads; chunks of KV heads keep
+    the (heads x rows x N) fp32 score matrix under ``max_elements``."""
+    b, h_q, n, _ = q.shape
+    h_kv = k.shape[1]
+    g = h_q // h_kv
+    g_perm = h_q // plan.perm.shape[1]
+    step_q = max(g, g_perm)  # slices must hold whole GQA and permutation groups
+    per_head = b * rows.numel() * n * 3  # scores, probabilities, key map
+    heads_per_chunk = max(step_q, (max_elements // max(1, per_head)) // step_q * step_q)
+    total, count, worst = 0.0, 0, float("inf")
+    for h0 in range(0, h_q, heads_per_chunk):
+        h1 = min(h_q, h0 + heads_per_chunk)
+        r = reference.attention_recall(q[:, h0:h1], k[:, h0 // g : h1 // g], _slice_plan(plan, h0, h1, g_perm),
+                                       rows, scale)
+        total += float(r.double().sum())
+        count += r.numel()
+        worst = min(worst, float(r.min()))
+    return total / max(1, count), worst
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in fp64 accumulation, one head at a time (no full fp32 copies)."""
+    num = den = 0.0
+    for h in range(out.shape[1]):
+        a, r = out[:, h].double(), ref[:, h].double()
+        num += float(((a - r) ** 2).sum())
+        den += float((r**2).sum())
+    return math.sqrt(num / den) if den > 0 else float("nan")
+
+
+# -- FlexAttention --------------------------------------------------------------------------------
+
+_compiled_flex = None
+
+
+def flex_available(device: torch.device) -> str | None:
+    """None when FlexAttention can be timed here, else the reason."""
+    if device.type != "cuda":
+        return "FlexAttention is timed on CUDA only (it compiles Triton kernels)"
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError as exc:
+        return f"torch {torch.__version__} has no FlexAttention ({exc})"
+    return None
+
+
+def flex_block_mask(plan: PermutedBlockMask, heads: int):
+    """A FlexAttention ``BlockMask`` equivalent to ``plan`` over keys in permuted order.
+
+    Off-diagonal kept blocks are full blocks (every permuted key there is earlier than the query);
+    every block of the query's own segment is a partial block with ``perm[kv] <= q``.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, h_q, n_qb, n_kb = plan.kv_indices.shape
+    device = plan.kv_indices.device
+    bs = plan.block_size
+    per_seg = plan.segment_size // bs
+    diag = reference.segment_starts(n_qb, bs, plan.segment_size, device)  # (N_qb,)
+    slot = torch.arange(n_kb, device=device)
+    kept = slot < plan.kv_num_blocks[..., None]
+    full_num = (kept & (plan.kv_indices < diag[:, None])).sum(-1).to(torch.int32)  # packed left, ascending
+    part_num = (n_kb - diag).clamp(max=per_seg).to(torch.int32).expand(b, h_q, n_qb).contiguous()
+    part_idx = (diag[:, None] + slot[None, :]).clamp(max=n_kb - 1).to(torch.int32).expand(b, h_q, n_qb, n_kb)
+    n_pad = n_kb * bs
+    perm = torch.nn.functional.pad(plan.perm, (0, n_pad - plan.seq_len), value=2**30)  # (B, H_perm, N_pad)
+    g_perm = heads // plan.perm.shape[1]
+
+    def mask_mod(bi, hi, q_idx, kv_idx):
+        return perm[bi, hi // g_perm, kv_idx] <= q_idx
+
+    return BlockMask.from_kv_blocks(part_num, part_idx.contiguous(), full_num, plan.kv_indices.contiguous(),
+                                    BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(plan.seq_len, plan.seq_len))
+
+
+def flex_runner(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PermutedBlockMask,
+                scale: float | None) -> Callable[[], torch.Tensor]:
+    """A closure that gathers K/V into permuted order and runs compiled FlexAttention on the plan."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    mask = flex_block_mask(plan, q.shape[1])
+    gqa = q.shape[1] != plan.perm.shape[1] or q.shape[1] != k.shape[1]
+
+    def run() -> torch.Tensor:
+        kp = reference.permute_keys(k, plan.perm)
+        vp = reference.permute_keys(v, plan.perm)
+        return _compiled_flex(q, kp, vp, block_mask=mask, scale=scale, enable_gqa=gqa and kp.shape[1] != q.shape[1])
+
+    return run
+
+
+# -- one case -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One attention problem: q (B, H_q, N, D), k/v (B, H_kv, N, D), optional layer index."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    layer: int | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Profiler:
+    """Runs the backends of ``settings`` on cases; ``on_step(text)`` is called before each step."""
+
+    def __init__(self, settings: Settings, on_step: Callable[[str], None] | None = None):
+        self.s = settings
+        self.on_step = on_step or (lambda text: None)
+
+    def _bench(self, fn: Callable[[], object], device: torch.device, memory: bool = True) -> Timing:
+        s = self.s
+        return bench(fn, device, warmup=s.warmup, min_repeats=s.iters, max_repeats=max(s.iters, s.max_iters),
+                     budget_s=s.budget_s, memory=memory)
+
+    def run(self, case: Case) -> list[dict[str, Any]]:
+        """Every backend on ``case``; returns its records (also kept in ``case.records``)."""
+        q, k, v = case.q, case.k, case.v
+        b, h_q, n, d = q.shape
+        h_kv = k.shape[1]
+        device = q.device
+        s = self.s
+        flops = causal_flops(b, h_q, n, d)
+        recs: dict[str, dict[str, Any]] = {}
+        dense_out: torch.Tensor | None = None
+        dense_name: str | None = None
+
+        def guarded(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+            self.on_step(f"N={n} {name}" + (f" layer {case.layer}" if case.layer is not None else ""))
+            try:
+                recs[name] = fn()
+            except Exception as exc:  # noqa: BLE001 - one backend failing must not end the sweep
+                if not is_oom(exc):
+                    raise
+                recs[name] = skipped(n, name, f"out of memory ({str(exc).splitlines()[0][:120]})", case.layer)
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+        # -- dense baselines --
+        for name in [x for x in s.backends if x in DENSE_BACKENDS]:
+            mode, reason = probe_sdpa(name, device, q.dtype, h_q, h_kv, d)
+            if mode is None:
+                recs[name] = skipped(n, name, reason or "not available", case.layer)
+                continue
+            if name == "sdpa-math":
+                need = math_sdpa_bytes(b, h_q, n, q.dtype)
+                free = free_memory_bytes(device)
+                if need > 0.8 * free:
+                    recs[name] = skipped(n, name, f"needs ~{need / 2**30:.1f} GiB for its N x N matrices, "
+                                         f"{free / 2**30:.1f} GiB free", case.layer)
+                    continue
+            kk, vv = (k, v) if mode == "gqa" else (k.repeat_interleave(h_q // h_kv, 1), v.repeat_interleave(h_q // h_kv, 1))
+            gqa = mode == "gqa" and h_q != h_kv
+
+            def dense_case(name=name, kk=kk, vv=vv, gqa=gqa, mode=mode) -> dict[str, Any]:
+                nonlocal dense_out, dense_name
+                call = lambda: sdpa_call(name, q, kk, vv, gqa, s.scale)  # noqa: E731
+                t = self._bench(call, device)
+                if dense_out is None:
+                    dense_out, dense_name = call(), name
+                return result(n, name, case.layer, **_timing_fields(t), attend_ms=t.median_ms, density=1.0,
+                              tflops=flops / (t.median_ms * 1e9), tflops_computed=flops / (t.median_ms * 1e9),
+                              notes="K/V expanded to H_q heads (no native GQA)" if mode == "expand" and h_q != h_kv else None)
+
+            guarded(name, dense_case)
+            del kk, vv
+
+        if dense_out is None and any(x in SPARSE_BACKENDS for x in s.backends):
+            # errors need a dense output even when no dense backend was timed: chunked reference
+            self.on_step(f"N={n} dense output for errors")
+            try:
+                dense_out, dense_name = _dense_reference(q, k, v, s.scale), "dense reference (fp32)"
+            except Exception as exc:  # noqa: BLE001
+                if not is_oom(exc):
+                    raise
+        rows = sample_rows(n, s.recall_rows, s.seed, device)
+        config = s.config
+
+        def quality(out: torch.Tensor, plan: PermutedBlockMask) -> dict[str, Any]:
+            fields: dict[str, Any] = {"density": plan.density()}
+            if dense_out is not None:
+                fields.update(rel_l2_error=rel_l2(out, dense_out), error_vs=dense_name)
+            fields["recall_mean"], fields["recall_min"] = recall_stats(q, k, plan, rows, s.scale)
+            return fields
+
+        pbs_phases: dict[str, Timing] = {}
+        pbs_plan: PermutedBlockMask | None = None
+
+        if "pbs" in s.backends:
+            def pbs_case() -> dict[str, Any]:
+                nonlocal pbs_plan
+                perm = compute_permutation(q, k, config, s.scale)
+                t_perm = self._bench(lambda: compute_permutation(q, k, config, s.scale), device, memory=False)
+                num, idx = select_blocks(q, k, perm, config, s.scale)
+                t_sel = self._bench(lambda: select_blocks(q, k, perm, config, s.scale), device, memory=False)
+                plan = PermutedBlockMask(perm, num, idx, config.block_size, config.segment_size, n)
+                t_att = self._bench(lambda: pbs_attention(q, k, v, plan, s.scale), device, memory=False)
+
+                def total():
+                    p = compute_permutation(q, k, config, s.scale)
+                    nm, ix = select_blocks(q, k, p, config, s.scale)
+                    return pbs_attention(q, k, v, PermutedBlockMask(p, nm, ix, config.block_size,
+                                                                    config.segment_size, n), s.scale)
+
+                t_tot = self._bench(total, device)
+                out = pbs_attention(q, k, v, plan, s.scale)
+                pbs_phases.update(permute=t_perm, select=t_sel, attend=t_att)
+                pbs_plan = plan
+                fields = quality(out, plan)
+                return result(n, "pbs", case.layer, **_timing_fields(t_tot), permute_ms=t_perm.median_ms,
+                              select_ms=t_sel.median_ms, attend_ms=t_att.median_ms,
+                              tflops=flops / (t_tot.median_ms * 1e9),
+                              tflops_computed=fields["density"] * flops / (t_att.median_ms * 1e9), **fields,
+                              notes=None if q.is_cuda else "CPU: pbs runs the PyTorch reference path")
+
+            guarded("pbs", pbs_case)
+
+        if "flex" in s.backends:
+            reason = flex_available(device)
+            if reason is None and pbs_plan is None:
+                reason = "needs the pbs plan (add pbs to --backends; it failed or was skipped)"
+            if reason is not None:
+                recs["flex"] = skipped(n, "flex", reason, case.layer)
+            else:
+                def flex_case() -> dict[str, Any]:
+                    assert pbs_plan is not None
+                    run = flex_runner(q, k, v, pbs_plan, s.scale)
+                    t = self._bench(run, device)
+                    plan_ms = pbs_phases["permute"].median_ms + pbs_phases["select"].median_ms
+                    fields = quality(run(), pbs_plan)
+                    tot = plan_ms + t.median_ms
+                    rec = result(n, "flex", case.layer, **_timing_fields(t), permute_ms=pbs_phases["permute"].median_ms,
+                                 select_ms=pbs_phases["select"].median_ms, attend_ms=t.median_ms,
+                                 tflops=flops / (tot * 1e9),
+                                 tflops_computed=fields["density"] * flops / (t.median_ms * 1e9), **fields,
+                                 notes="time = pbs permute + select + FlexAttention (gather + attend); spread of the attend part")
+                    for key in ("median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms"):
+                        rec[key] = rec[key] + plan_ms
+                    return rec
+
+                guarded("flex", flex_case)
+
+        if "reference" in s.backends:
+            if n > s.reference_max_len:
+                recs["reference"] = skipped(n, "reference", f"N={n} > --reference-max-len {s.reference_max_len} "
+                                            "(the plain-PyTorch twin is slow; raise the limit to time it)", case.layer)
+            else:
+                def ref_case() -> dict[str, Any]:
+                    t_plan = self._bench(lambda: reference.build_plan(q, k, config, s.scale), device, memory=False)
+                    plan = reference.build_plan(q, k, config, s.scale)
+                    t_att = self._bench(lambda: reference.block_sparse_attention(q, k, v, plan, s.scale), device)
+                    out = reference.block_sparse_attention(q, k, v, plan, s.scale)
+                    fields = quality(out, plan)
+                    tot = t_plan.median_ms + t_att.median_ms
+                    rec = result(n, "reference", case.layer, **_timing_fields(t_att), attend_ms=t_att.median_ms,
+                                 tflops=flops / (tot * 1e9),
+                                 tflops_computed=fields["density"] * flops / (t_att.median_ms * 1e9), **fields,
+                                 notes="time = plan (permute + select) + attend, timed separately")
+                    for key in ("median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms"):
+                        rec[key] = rec[key] + t_plan.median_ms
+                    return rec
+
+                guarded("reference", ref_case)
+
+        # -- speedups vs the best dense backend of this case --
+        dense_ok = [recs[x] for x in DENSE_BACKENDS if x in recs and recs[x]["status"] == "ok"]
+        best = min(dense_ok, key=lambda r: r["median_ms"]) if dense_ok else None
+        ordered = [recs[x] for x in s.backends if x in recs]
+        for rec in ordered:
+            if best is not None and rec["status"] == "ok":
+                rec["best_dense"] = best["backend"]
+                rec["speedup"] = best["median_ms"] / rec["median_ms"]
+        case.records = ordered
+        return ordered
+
+
+def _dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Exact causal attention in fp32, one head and chunks of rows at a time. Returns q's dtype."""
+    b, h_q, n, d = q.shape
+    g = h_q // k.shape[1]
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    out = torch.empty_like(q)
+    rows = max(1, (1 << 24) // max(1, n))
+    pos = torch.arange(n, device=q.device)
+    for h in range(h_q):
+        kh, vh = k[:, h // g].float(), v[:, h // g].float()
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            s_ = torch.matmul(q[:, h, r0:r1].float(), kh.transpose(-1, -2)) * scale
+            s_ = s_.masked_fill(pos[None, None, :] > pos[r0:r1, None][None], float("-inf"))
+            out[:, h, r0:r1] = torch.matmul(s_.softmax(-1), vh).to(q.dtype)
+    return out
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Per length: the best dense backend; per sparse backend: the break-even length (smallest tested N
+    where it beats the best dense backend, None if never) and the speedup at the longest length."""
+    recs = [r for r in records if r["status"] == "ok"]
+    lengths = sorted({r["seq_len"] for r in recs})
+    best_dense: dict[str, str] = {}
+    for n in lengths:
+        dense = [r for r in recs if r["seq_len"] == n and r["backend"] in DENSE_BACKENDS]
+        if dense:
+            best_dense[str(n)] = min(dense, key=lambda r: r["median_ms"])["backend"]
+    break_even: dict[str, int | None] = {}
+    longest: dict[str, float | None] = {}
+    for name in SPARSE_BACKENDS:
+        mine = [r for r in recs if r["backend"] == name and r["speedup"] is not None]
+        if not mine:
+            continue
+        per_len: dict[int, list[float]] = {}
+        for r in mine:
+            per_len.setdefault(r["seq_len"], []).append(r["speedup"])
+        wins = [n for n in sorted(per_len) if sum(per_len[n]) / len(per_len[n]) > 1.0]
+        break_even[name] = wins[0] if wins else None
+        top = max(per_len)
+        longest[name] = sum(per_len[top]) / len(per_len[top])
+    return {"best_dense": best_dense, "break_even": break_even, "speedup_at_longest": longest}

@@ -1,0 +1,341 @@
+"""Writers and readers for `pbs profile` results: Rich table, JSON, JSONL, CSV, Markdown (HTML lives in
+``html_report``).
+
+A profile document is ``reports.envelope("profile", ...)`` with ``shape``, ``pbs``, ``workload``,
+``seq_lens``, ``backends``, ``results`` (one flat record per length x backend [x layer], fields
+``profiling.RESULT_FIELDS``) and ``summary``. JSONL holds the same document as lines: first a header
+(the document without ``results``, ``"record": "header"``), then one ``"record": "result"`` line per
+result, so a sweep cut short keeps every finished line and still loads.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from rich.table import Table
+from rich.text import Text
+
+from .errors import UsageError
+from .profiling import RESULT_FIELDS, summarize
+from .sizes import format_size
+
+FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".md": "markdown", ".markdown": "markdown",
+           ".html": "html", ".htm": "html"}
+
+
+def format_for_path(path: Path) -> str:
+    """Output format from a file extension. Raises UsageError for unknown extensions."""
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise UsageError(f"cannot tell the format of {str(path)!r} from its extension; use one of "
+                         f"{', '.join(sorted(FORMATS))}")
+    return fmt
+
+
+# -- JSON / JSONL -----------------------------------------------------------------------------------
+
+
+def to_json(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, default=str) + "\n"
+
+
+def header_line(doc: dict[str, Any]) -> str:
+    head = {k: v for k, v in doc.items() if k != "results"}
+    return json.dumps({"record": "header", **head}, default=str) + "\n"
+
+
+def result_line(rec: dict[str, Any], run_id: str) -> str:
+    return json.dumps({"record": "result", "run": run_id, **rec}, default=str) + "\n"
+
+
+def to_jsonl(doc: dict[str, Any]) -> str:
+    run = str(doc.get("timestamp", ""))
+    return header_line(doc) + "".join(result_line(r, run) for r in doc.get("results", []))
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read a profile document from .json or .jsonl. Raises UsageError with what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{str(path)!r} does not exist or is not a file; pass a file written by `pbs profile`")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {str(path)!r}: {exc}") from None
+    if path.suffix.lower() == ".jsonl" or (text.lstrip().startswith('{"record"')):
+        doc = _from_jsonl(text, path)
+    else:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{str(path)!r} is not valid JSON (line {exc.lineno}: {exc.msg}); pass a .json or "
+                             ".jsonl file written by `pbs profile`") from None
+    return validate(doc, str(path))
+
+
+def _from_jsonl(text: str, path: Path) -> dict[str, Any]:
+    header: dict[str, Any] | None = None
+    results: list[dict[str, Any]] = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{str(path)!r} line {i} is not valid JSON ({exc.msg})") from None
+        kind = item.pop("record", None) if isinstance(item, dict) else None
+        if kind == "header" and header is None:
+            header = item
+        elif kind == "result":
+            item.pop("run", None)
+            results.append(item)
+        else:
+            raise UsageError(f"{str(path)!r} line {i}: expected a header or result record, got {str(kind)!r}")
+    if header is None:
+        raise UsageError(f"{str(path)!r} has no header line; is it a `pbs profile --jsonl` file?")
+    header["results"] = results
+    if not header.get("summary"):
+        header["summary"] = summarize(results)
+    return header
+
+
+def validate(doc: Any, where: str) -> dict[str, Any]:
+    if not isinstance(doc, dict) or doc.get("command") != "profile":
+        cmd = doc.get("command") if isinstance(doc, dict) else type(doc).__name__
+        raise UsageError(f"{where} is not a `pbs profile` result (command: {cmd!r})")
+    version = doc.get("schema_version")
+    from .reports import SCHEMA_VERSION
+
+    if version != SCHEMA_VERSION:
+        raise UsageError(f"{where} has schema_version {version!r}; this pbs reads version {SCHEMA_VERSION}")
+    results = doc.get("results")
+    if not isinstance(results, list) or any(not isinstance(r, dict) or "backend" not in r or "seq_len" not in r
+                                            for r in results):
+        raise UsageError(f"{where}: 'results' must be a list of records with seq_len and backend")
+    return doc
+
+
+# -- CSV --------------------------------------------------------------------------------------------
+
+
+def to_csv(doc: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(RESULT_FIELDS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for rec in doc.get("results", []):
+        writer.writerow({k: ("" if rec.get(k) is None else rec.get(k)) for k in RESULT_FIELDS})
+    return buf.getvalue()
+
+
+# -- human formats ----------------------------------------------------------------------------------
+
+COLUMNS = ("N", "layer", "backend", "ms (±IQR/2)", "permute/select/attend ms", "density", "TF/s dense-eq",
+           "TF/s computed", "speedup", "rel. L2 err", "recall mean/min", "peak MiB")
+
+
+def _f(x: Any, fmt: str) -> str:
+    return "" if x is None else format(x, fmt)
+
+
+def _ms(x: float | None) -> str:
+    if x is None:
+        return ""
+    return f"{x:.3g}" if x < 100 else f"{x:,.0f}"
+
+
+def row_cells(rec: dict[str, Any]) -> list[str]:
+    """The human-readable cells of one measured record (COLUMNS order); skipped records get the reason."""
+    layer = "" if rec.get("layer") is None else str(rec["layer"])
+    if rec.get("status") != "ok":
+        return [format_size(rec["seq_len"]), layer, rec["backend"], f"skipped: {rec.get('reason') or ''}"] + [""] * 8
+    iqr = (rec["q75_ms"] - rec["q25_ms"]) if rec.get("q75_ms") is not None else None
+    phases = ""
+    if rec.get("permute_ms") is not None:
+        phases = f"{_ms(rec['permute_ms'])} / {_ms(rec['select_ms'])} / {_ms(rec['attend_ms'])}"
+    recall = ""
+    if rec.get("recall_mean") is not None:
+        recall = f"{rec['recall_mean']:.3f} / {rec['recall_min']:.3f}"
+    return [format_size(rec["seq_len"]), layer, rec["backend"],
+            f"{_ms(rec['median_ms'])} ±{_ms(iqr / 2 if iqr is not None else None)}",
+            phases, _f(rec.get("density"), ".1%"), _f(rec.get("tflops"), ".3g"), _f(rec.get("tflops_computed"), ".3g"),
+            _f(rec.get("speedup"), ".2f") + ("x" if rec.get("speedup") is not None else ""),
+            _f(rec.get("rel_l2_error"), ".2e"), recall, _f(rec.get("peak_mem_mib"), ",.0f")]
+
+
+def skipped_lines(doc: dict[str, Any]) -> list[str]:
+    """'skipped: BACKEND at 1K, 2K: reason' lines, one per (backend, reason)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in doc.get("results", []):
+        if r.get("status") != "ok":
+            where = format_size(r["seq_len"]) + (f" layer {r['layer']}" if r.get("layer") is not None else "")
+            groups.setdefault((r["backend"], r.get("reason") or "no reason given"), []).append(where)
+    return [f"skipped: {b} at {', '.join(dict.fromkeys(w))}: {why}" for (b, why), w in groups.items()]
+
+
+def _has_layers(doc: dict[str, Any]) -> bool:
+    return any(r.get("layer") is not None for r in doc.get("results", []))
+
+
+def summary_lines(doc: dict[str, Any]) -> list[str]:
+    s = doc.get("summary") or summarize(doc.get("results", []))
+    lines = []
+    if s.get("best_dense"):
+        lines.append("best dense (speedup baseline): " + ", ".join(f"{format_size(int(n))} {b}" for n, b in s["best_dense"].items()))
+    for name, n in (s.get("break_even") or {}).items():
+        at = (s.get("speedup_at_longest") or {}).get(name)
+        tail = f"; {at:.2f}x at the longest length" if at is not None else ""
+        lines.append(f"{name} break-even: {format_size(n) if n else 'not reached in this sweep'}{tail}")
+    return lines
+
+
+def describe(doc: dict[str, Any]) -> str:
+    """One line: shape, dtype, device, workload, PBS parameters."""
+    sh = doc.get("shape", {})
+    wl = doc.get("workload", {})
+    cfg = doc.get("pbs", {})
+    src = wl.get("source", "?")
+    what = (f"synthetic '{wl.get('pattern')}' seed {wl.get('seed')}" if src == "synthetic"
+            else f"captured from {wl.get('model')} on {wl.get('document')}")
+    gpu = (doc.get("env") or {}).get("gpu")
+    dev = gpu["name"] if gpu and str(doc.get("device", "")).startswith("cuda") else doc.get("device", "?")
+    return (f"batch {sh.get('batch')}, heads {sh.get('heads')}/{sh.get('kv_heads')} (q/kv), head_dim {sh.get('head_dim')}, "
+            f"{doc.get('dtype')} on {dev}; {what}; PBS block {cfg.get('block_size')}, segment {cfg.get('segment_size')}, "
+            f"threshold {cfg.get('threshold')}, permute {cfg.get('permute')}")
+
+
+def rich_table(doc: dict[str, Any]) -> Table:
+    table = Table(title=f"pbs profile: {describe(doc)}", title_justify="left",
+                  caption="\n".join(summary_lines(doc) + skipped_lines(doc)) or None, caption_justify="left")
+    layers = _has_layers(doc)
+    for col in COLUMNS:
+        if col == "layer" and not layers:
+            continue
+        table.add_column(col, justify="left" if col in ("N", "backend", "layer") else "right",
+                         overflow="fold")
+    for rec in doc.get("results", []):
+        if rec.get("status") != "ok":
+            continue
+        cells = row_cells(rec)
+        if not layers:
+            cells.pop(1)
+        style = "bold" if rec["backend"] == "pbs" else None
+        table.add_row(*[Text(c) for c in cells], style=style)
+    return table
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(doc: dict[str, Any]) -> str:
+    layers = _has_layers(doc)
+    cols = [c for c in COLUMNS if layers or c != "layer"]
+    lines = [f"## pbs profile", "", _md_escape(describe(doc)), "",
+             "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for rec in doc.get("results", []):
+        if rec.get("status") != "ok":
+            continue
+        cells = row_cells(rec)
+        if not layers:
+            cells.pop(1)
+        lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+    lines.append("")
+    lines += [f"- {_md_escape(s)}" for s in summary_lines(doc) + skipped_lines(doc)]
+    lines += ["", "TFLOP/s dense-eq = causal FLOPs / time, causal FLOPs = 2 * N^2 * D * H_q * B; "
+              "TFLOP/s computed = density * causal FLOPs / attend time; speedup = best dense SDPA time / time.", ""]
+    return "\n".join(lines)
+
+
+def parse_markdown_table(text: str) -> list[dict[str, str]]:
+    """Rows of the first pipe table in ``text`` as dicts (header -> cell). For tests and tooling."""
+    rows: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip().replace("\\|", "|") for c in _split_pipes(line.strip()[1:-1])]
+            rows.append(cells)
+        elif rows:
+            break
+    if len(rows) < 2:
+        return []
+    header, body = rows[0], rows[2:]
+    return [dict(zip(header, r)) for r in body]
+
+
+def _split_pipes(line: str) -> list[str]:
+    cells, cur, i = [], "", 0
+    while i < len(line):
+        if line[i] == "\\" and i + 1 < len(line) and line[i + 1] == "|":
+            cur += "\\|"
+            i += 2
+            continue
+        if line[i] == "|":
+            cells.append(cur)
+            cur = ""
+        else:
+            cur += line[i]
+        i += 1
+    cells.append(cur)
+    return cells
+
+
+def render(doc: dict[str, Any], fmt: str) -> str:
+    """The document in ``fmt`` (json, jsonl, csv, markdown, html)."""
+    if fmt == "json":
+        return to_json(doc)
+    if fmt == "jsonl":
+        return to_jsonl(doc)
+    if fmt == "csv":
+        return to_csv(doc)
+    if fmt == "markdown":
+        return to_markdown(doc)
+    if fmt == "html":
+        from .html_report import to_html
+
+        return to_html(doc)
+    raise UsageError(f"unknown format {fmt!r}")
+
+
+# -- compare ----------------------------------------------------------------------------------------
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows for every (seq_len, layer, backend) measured (status ok) in both documents.
+
+    delta_pct = (B - A) / A * 100 (positive: B is slower). ``noise`` is True when the spread of either
+    run (its interquartile range) is larger than the difference of the medians."""
+    def key(r: dict[str, Any]) -> tuple:
+        return (r["seq_len"], r.get("layer"), r["backend"])
+
+    index_a = {key(r): r for r in a["results"] if r.get("status") == "ok"}
+    rows = []
+    for r in b["results"]:
+        ra = index_a.get(key(r))
+        if r.get("status") != "ok" or ra is None:
+            continue
+        ta, tb = ra["median_ms"], r["median_ms"]
+        spread = max((ra.get("q75_ms") or ta) - (ra.get("q25_ms") or ta), (r.get("q75_ms") or tb) - (r.get("q25_ms") or tb))
+        rows.append({"seq_len": r["seq_len"], "layer": r.get("layer"), "backend": r["backend"], "a_ms": ta, "b_ms": tb,
+                     "delta_ms": tb - ta, "delta_pct": (tb - ta) / ta * 100 if ta else float("nan"),
+                     "spread_ms": spread, "noise": spread > abs(tb - ta),
+                     "a_density": ra.get("density"), "b_density": r.get("density"),
+                     "a_speedup": ra.get("speedup"), "b_speedup": r.get("speedup")})
+    return rows
+
+
+def compare_table(rows: Iterable[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("N", "layer", "backend", "A ms", "B ms", "delta", "spread ms", "", "speedup A -> B", "density A -> B"):
+        table.add_column(col, justify="left" if col in ("N", "layer", "backend", "") else "right")
+    for r in rows:
+        flag = "within noise" if r["noise"] else ("slower" if r["delta_ms"] > 0 else "faster")
+        sp = (f"{r['a_speedup']:.2f}x -> {r['b_speedup']:.2f}x" if r["a_speedup"] is not None and r["b_speedup"] is not None else "")
+        dn = (f"{r['a_density']:.1%} -> {r['b_density']:.1%}" if r["a_density"] is not None and r["b_density"] is not None else "")
+        style = None if r["noise"] else ("red" if r["delta_ms"] > 0 else "green")
+        table.add_row(format_size(r["seq_len"]), "" if r["layer"] is None else str(r["layer"]), r["backend"],
+                      _ms(r["a_ms"]), _ms(r["b_ms"]), f"{r['delta_pct']:+.1f}%", _ms(r["spread_ms"]), flag, sp, dn,
+                      style=style)
+    return table
