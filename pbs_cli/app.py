@@ -42,8 +42,6 @@ app.command("env")(env.command)
 app.command("viz-mask")(viz_mask.command)
 app.command("profile")(profile.command)
 app.add_typer(report.app, name="report")
-app.command("profile")(profile.command)
-app.add_typer(report.app, name="report")
 
 
 def main() -> None:
