@@ -1,0 +1,87 @@
+"""GPU segmented key permutation: key importance in Triton, per-segment sort with ``torch.sort``.
+
+Twin of ``reference.key_importance`` + ``reference.segment_permutation``. No host syncs; memory is
+O(B * H * N) (no (rows x N) score matrix): the importance is computed in two passes over the keys
+(row log-sum-exp first, then probabilities summed over the rows), see ``permute_kernel``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from .. import reference
+from ..config import PBSConfig
+from .permute_kernel import _importance_kernel, _row_stats_kernel
+
+# Keys per program of the row-statistics pass: enough programs to fill a GPU at long N while each
+# one still streams many key tiles (the spans are merged with a log-sum-exp on the host stream).
+_SPAN = 4096
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: bool = False,
+                   scale: float | None = None) -> torch.Tensor:
+    """fp32 (B, H_perm, N): mean probability each key gets from the last ``block_size`` query rows.
+
+    q (B, H_q, N, D), k (B, H_kv, N, D); H_perm = H_kv, or H_q when ``per_head`` (see
+    ``reference.key_importance``, which this matches up to fp32 rounding).
+    """
+    b, h_q, n, d = q.shape
+    h_kv = k.shape[1]
+    if h_q % h_kv:
+        raise ValueError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv})")
+    g = h_q // h_kv
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    rows = min(block_size, n)
+    h_perm = h_q if per_head else h_kv
+    gp = h_q // h_perm  # query heads averaged into one permutation head
+    d_pow2 = max(16, triton.next_power_of_2(d))
+    ieee = q.dtype == torch.float32
+    block_m, block_n = 64, 64
+    num_warps = 4
+
+    # -- pass 1: per row, max and sum of exponentials over spans of keys; merged into a log-sum-exp --
+    n_spans = triton.cdiv(n, _SPAN)
+    m_part = torch.empty(b * h_q, n_spans, rows, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    _row_stats_kernel[(triton.cdiv(rows, block_m), n_spans, b * h_q)](
+        q, k, m_part, l_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        n, rows, _SPAN, n_spans, h_q, g, scale,
+        HEAD_DIM=d, D_POW2=d_pow2, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=num_warps,
+    )
+    m_max = m_part.amax(1, keepdim=True)  # finite: key 0 is visible to every row
+    lse = (m_max + torch.log((l_part * torch.exp(m_part - m_max)).sum(1, keepdim=True))).reshape(b * h_q, rows)
+
+    # -- pass 2: probabilities of every row, summed per key --
+    out = torch.empty(b, h_perm, n, dtype=torch.float32, device=q.device)
+    _importance_kernel[(triton.cdiv(n, block_n), b * h_perm)](
+        q, k, lse, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        n, rows, h_q, h_perm, gp, h_perm // h_kv, scale, 1.0 / (gp * rows),
+        HEAD_DIM=d, D_POW2=d_pow2, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=num_warps,
+    )
+    return out
+
+
+def compute_permutation(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float | None = None) -> torch.Tensor:
+    """int32 (B, H_perm, N): original key position at each permuted slot (see ``pbs_kernels.permute``).
+
+    q (B, H_q, N, D), k (B, H_kv, N, D) on the GPU (or CPU under ``TRITON_INTERPRET=1``).
+    """
+    b, h_q, n, _ = q.shape
+    h_perm = h_q if config.per_head_permutation else k.shape[1]
+    if not config.permute or n < config.segment_size:
+        return reference.identity_permutation(b, h_perm, n, q.device)
+    imp = key_importance(q, k, config.block_size, config.per_head_permutation, scale)
+    # stable descending sort per segment, exactly as the reference (torch.sort runs on the GPU, no sync)
+    return reference.segment_permutation(imp, config.segment_size)

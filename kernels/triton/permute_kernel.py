@@ -1,0 +1,114 @@
+"""@triton.jit kernels of the segmented key permutation: key importance seen by the last query block.
+
+importance[b, hp, n] = mean over the last ``rows`` query rows r (of the query heads that share
+permutation head hp) of softmax_n(q_r . k_n * scale) under the causal mask. Two passes, so no
+(rows x N) score matrix ever exists in memory:
+
+1. ``_row_stats_kernel``: per query row and span of keys, the running max ``m_i`` and sum ``l_i`` of
+   the exponentials (online softmax); the launcher merges the spans into one log-sum-exp per row.
+2. ``_importance_kernel``: per tile of keys, recompute the scores of every row, turn them into
+   probabilities with the row's log-sum-exp and sum them over the rows.
+
+Launchers and shapes: ``pbs_kernels.triton.permute``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row_stats_kernel(
+    Q, K, M_OUT, L_OUT,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    n_keys, rows, span, n_spans, H_q, G, scale,
+    HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    # grid: (cdiv(rows, BLOCK_M), n_spans, B * H_q)
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H_q
+    h = pid_bh % H_q
+    hk = h // G
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row index among the last `rows` queries
+    offs_d = tl.arange(0, D_POW2)
+    row_ok = offs_m < rows
+    q_pos = n_keys - rows + offs_m
+    q_ptrs = Q + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh
+    lo = pid_s * span
+    hi = tl.minimum(lo + span, n_keys)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=(offs_n[:, None] < hi) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale
+        # -- causal mask: key n is visible to the query at q_pos when n <= q_pos --
+        valid = (offs_n[None, :] < hi) & (offs_n[None, :] <= q_pos[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        # -- online softmax update --
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+        m_i = m_new
+
+    out = (pid_bh * n_spans + pid_s) * rows + offs_m
+    tl.store(M_OUT + out, m_i, mask=row_ok)
+    tl.store(L_OUT + out, l_i, mask=row_ok)
+
+
+@triton.jit
+def _importance_kernel(
+    Q, K, LSE, OUT,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    n_keys, rows, H_q, H_perm, GP, PERM_PER_KV, scale, inv_count,
+    HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    # grid: (cdiv(n_keys, BLOCK_N), B * H_perm); permutation head hp serves query heads hp*GP .. hp*GP+GP-1
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_perm
+    hp = pid_bh % H_perm
+    hk = hp // PERM_PER_KV
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_POW2)
+    key_ok = offs_n < n_keys
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for g in range(0, GP):
+        h = hp * GP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        lse_base = LSE + (b * H_q + h) * rows
+        for start_m in range(0, rows, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < rows
+            q_pos = n_keys - rows + offs_m
+            q = tl.load(q_base + q_pos[:, None] * stride_qn + offs_d[None, :],
+                        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            # -- probabilities of this row tile, summed over the rows --
+            p = tl.exp(s * scale - lse[:, None])
+            valid = row_ok[:, None] & key_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            acc += tl.sum(tl.where(valid, p, 0.0), 0)
+
+    tl.store(OUT + pid_bh * n_keys + offs_n, acc * inv_count, mask=key_ok)

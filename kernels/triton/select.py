@@ -1,0 +1,130 @@
+"""GPU block selection: pooled block scores, top-p per query block, forced blocks, packed plan.
+
+Twin of ``reference.select_blocks(q, reference.permute_keys(k, perm), perm, config)``. No host
+syncs. Memory: pooled q and k (fp32, N/B rows each), the plan itself, and one fp32 score buffer
+for a chunk of query blocks, at most ``_SCORE_BYTES`` (the (B, H, N_qb, N_qb) score matrix never
+exists at once). The permuted keys are never materialized: pooling gathers rows through ``perm``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from ..config import PBSConfig
+from .select_kernel import _block_scores_kernel, _pool_kernel, _top_p_kernel
+
+# Upper bound of the per-chunk fp32 score buffer: 256 MiB (the whole matrix up to 128K tokens with
+# 32 heads; 16 chunks at 512K).
+_SCORE_BYTES = 256 << 20
+# The top-p ranking key keeps a block index in 20 bits.
+_MAX_BLOCKS = 1 << 20
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _tile_elements() -> int:
+    """Elements per program of the pooling and top-p tiles."""
+    return 1 << 16 if _interpreting() else 4096
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def pool_blocks(x: torch.Tensor, block_size: int, perm: torch.Tensor | None = None,
+                heads: int | None = None) -> torch.Tensor:
+    """fp32 (B, H_out, N_b, D): mean of each block of ``block_size`` rows (partial last block: its real rows).
+
+    x (B, H_x, N, D). With ``perm`` (int32 (B, H_out, N)) slot s of output head h reads row
+    ``perm[b, h, s]`` of input head ``h // (H_out // H_x)`` (pooled permuted keys, no permuted copy).
+    Twin of ``reference.pool_blocks`` (on ``reference.permute_keys(x, perm)``).
+    """
+    b, h_x, n, d = x.shape
+    x = _last_dim_contiguous(x)
+    h_out = perm.shape[1] if perm is not None else (heads or h_x)
+    if h_out % h_x:
+        raise ValueError(f"output heads ({h_out}) must be a multiple of input heads ({h_x})")
+    n_b = triton.cdiv(n, block_size)
+    out = torch.empty(b, h_out, n_b, d, dtype=torch.float32, device=x.device)
+    p = perm if perm is not None else out  # unused pointer when not gathering
+    d_pow2 = triton.next_power_of_2(d)
+    nblk = triton.next_power_of_2(max(1, min(n_b, _tile_elements() // (block_size * d_pow2))))
+    _pool_kernel[(triton.cdiv(n_b, nblk), b * h_out)](
+        x, p, out,
+        x.stride(0), x.stride(1), x.stride(2),
+        p.stride(0) if perm is not None else 0, p.stride(1) if perm is not None else 0,
+        n, n_b, h_out, h_out // h_x,
+        GATHER=perm is not None, NBLK=nblk, BLOCK=block_size, HEAD_DIM=d, D_POW2=d_pow2,
+        num_warps=4,
+    )
+    return out
+
+
+def sink_block(perm: torch.Tensor, block_size: int) -> torch.Tensor:
+    """int32 (B, H_perm): the permuted key block holding original token 0 (device-side, no sync)."""
+    return torch.div((perm == 0).int().argmax(-1), block_size, rounding_mode="floor").to(torch.int32)
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
+                  scale: float | None = None, score_bytes: int = _SCORE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv_num_blocks int32 (B, H_q, N_qb), kv_indices int32 (B, H_q, N_qb, N_kb)).
+
+    q (B, H_q, N, D); k (B, H_kv, N, D) in ORIGINAL order; perm int32 (B, H_perm, N) with
+    H_perm = H_kv or H_q. Same layout as ``reference.select_blocks``: kept blocks packed left in
+    ascending order, then the other blocks ascending (padding, never read).
+    """
+    b, h_q, n, d = q.shape
+    h_kv = k.shape[1]
+    h_perm = perm.shape[1]
+    if h_q % h_perm or h_perm % h_kv:
+        raise ValueError(f"heads must nest: H_q={h_q}, H_perm={h_perm}, H_kv={h_kv} "
+                         "(expected H_perm = H_kv or H_q, and H_q a multiple of H_kv)")
+    if perm.shape != (b, h_perm, n):
+        raise ValueError(f"perm has shape {tuple(perm.shape)}, expected ({b}, {h_perm}, {n})")
+    bs = config.block_size
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    n_b = triton.cdiv(n, bs)
+    if n_b > _MAX_BLOCKS:
+        raise ValueError(f"{n_b} key blocks exceed the selection limit of {_MAX_BLOCKS}; use a larger block_size")
+    perm = perm.to(torch.int32).contiguous()
+
+    q_bar = pool_blocks(q, bs)  # (B, H_q, N_b, D)
+    k_bar = pool_blocks(k, bs, perm)  # (B, H_perm, N_b, D), permuted order
+    sink = sink_block(perm, bs).contiguous()  # (B, H_perm)
+
+    num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
+    idx = torch.empty(b, h_q, n_b, n_b, dtype=torch.int32, device=q.device)
+    per_seg = config.segment_size // bs
+    nb_pow2 = max(16, triton.next_power_of_2(n_b))
+    top_p_warps = 4 if nb_pow2 <= 1024 else (8 if nb_pow2 <= 4096 else 16)
+    # rows of the top-p tile: a few thousand elements per program on a GPU; the interpreter's cost
+    # is per operation, not per element, so there one program takes many rows
+    block_r = max(1, min(_tile_elements() // nb_pow2, triton.next_power_of_2(n_b)))
+    d_pow2 = max(16, triton.next_power_of_2(d))
+    block_m = block_n = 32
+    # query blocks per chunk: a multiple of block_m whose score buffer fits in score_bytes
+    rows = max(block_m, (score_bytes // (4 * b * h_q * n_b)) // block_m * block_m)
+    rows = min(rows, triton.cdiv(n_b, block_m) * block_m)
+    scores = torch.empty(b * h_q, rows, n_b, dtype=torch.float32, device=q.device)
+    keep_all = config.threshold >= 1.0
+    for row0 in range(0, n_b, rows):  # fixed host-side chunking: no data-dependent branching
+        live = min(rows, n_b - row0)
+        _block_scores_kernel[(triton.cdiv(live, block_m), b * h_q)](
+            q_bar, k_bar, scores,
+            row0, rows, n_b, h_q, h_perm, h_q // h_perm, per_seg, scale,
+            HEAD_DIM=d, D_POW2=d_pow2, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        )
+        _top_p_kernel[(triton.cdiv(live, block_r), b * h_q)](
+            scores, sink, num, idx,
+            row0, rows, live, n_b, h_q, h_q // h_perm, per_seg, config.local_blocks,
+            # the reference compares fp32 masses against fp32(threshold - 1e-6)
+            config.threshold - 1e-6,
+            KEEP_ALL=keep_all, USE_SINK=config.sink, BLOCK_R=block_r, NB_POW2=nb_pow2, num_warps=top_p_warps,
+        )
+    return num, idx

@@ -1,0 +1,149 @@
+"""@triton.jit kernels of block selection (launchers and shapes: ``pbs_kernels.triton.select``).
+
+1. ``_pool_kernel``: mean of each block of rows, optionally gathering the rows through the
+   permutation first (pooled permuted keys without a permuted copy of K).
+2. ``_block_scores_kernel``: pooled scores q_bar . k_bar^T * scale for a chunk of query blocks,
+   only the key tiles left of the tile's last diagonal segment (the candidates).
+3. ``_top_p_kernel``: per (batch, head) and tile of query blocks, per row: softmax over the candidate
+   blocks, rank (forced blocks first, then descending probability, ties by block index), keep
+   blocks while the mass before them is below the threshold, write the packed plan row. The
+   kept prefix of the ranking is found by bisection over the ranking key (51 masked sums of one
+   row), not by sorting: no sort network, and the same result as a stable sort + cumsum.
+"""
+
+import triton
+import triton.language as tl
+
+# Ranking key of a candidate block (int64): [probability bits:30 | 0xFFFFF - block:20]. fp32
+# probabilities in [0, 1] are bit patterns below 2**30 that order like the values; the inverted
+# block index ranks ties by ascending block index, as the reference's stable sort does.
+_INDEX_BITS: tl.constexpr = 20
+_INDEX_MASK: tl.constexpr = 0xFFFFF
+_KEY_BITS: tl.constexpr = 50
+_KEY_END: tl.constexpr = 1 << 50
+
+
+@triton.jit
+def _pool_kernel(
+    X, PERM, OUT,
+    stride_xb, stride_xh, stride_xn,
+    stride_pb, stride_ph,
+    n, n_blocks, H_out, OUT_PER_X,
+    GATHER: tl.constexpr, NBLK: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr,
+):
+    # grid: (cdiv(n_blocks, NBLK), B * H_out); NBLK blocks of BLOCK rows per program;
+    # output head h reads input head h // OUT_PER_X
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_out
+    h = pid_bh % H_out
+    hx = h // OUT_PER_X
+
+    slots = pid * NBLK * BLOCK + tl.arange(0, NBLK * BLOCK)
+    offs_d = tl.arange(0, D_POW2)
+    ok = slots < n
+    if GATHER:
+        src = tl.load(PERM + b * stride_pb + h * stride_ph + slots, mask=ok, other=0)
+    else:
+        src = slots
+    x = tl.load(X + b * stride_xb + hx * stride_xh + src[:, None].to(tl.int64) * stride_xn + offs_d[None, :],
+                mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    sums = tl.sum(tl.reshape(x.to(tl.float32), [NBLK, BLOCK, D_POW2]), 1)  # (NBLK, D_POW2)
+    blk = pid * NBLK + tl.arange(0, NBLK)
+    count = tl.minimum(BLOCK, n - blk * BLOCK).to(tl.float32)  # the partial last block: its real rows
+    tl.store(OUT + (pid_bh * n_blocks + blk[:, None]) * HEAD_DIM + offs_d[None, :], sums / count[:, None],
+             mask=(blk[:, None] < n_blocks) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _block_scores_kernel(
+    QBAR, KBAR, S,
+    row0, rows, n_blocks, H_q, H_k, Q_PER_K, blocks_per_seg, scale,
+    HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # grid: (cdiv(rows, BLOCK_M), B * H_q); S is (B * H_q, rows, n_blocks) for query blocks row0 ..
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_q
+    h = pid_bh % H_q
+    hk = h // Q_PER_K
+
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row of the chunk
+    offs_d = tl.arange(0, D_POW2)
+    row_ok = (offs_r < rows) & (row0 + offs_r < n_blocks)
+    qbar = tl.load(QBAR + (pid_bh * n_blocks + row0 + offs_r[:, None]) * HEAD_DIM + offs_d[None, :],
+                   mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    # candidates of query block i are the key blocks before its segment: j < (i // per_seg) * per_seg
+    last = tl.minimum(row0 + (pid_m + 1) * BLOCK_M, tl.minimum(row0 + rows, n_blocks)) - 1
+    hi = (last // blocks_per_seg) * blocks_per_seg
+    k_base = KBAR + (b * H_k + hk) * n_blocks * HEAD_DIM
+    s_base = S + (pid_bh * rows + offs_r[:, None]).to(tl.int64) * n_blocks
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kbar = tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
+                       mask=(offs_n[:, None] < hi) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        s = tl.dot(qbar, tl.trans(kbar), input_precision="ieee") * scale
+        tl.store(s_base + offs_n[None, :], s, mask=row_ok[:, None] & (offs_n[None, :] < hi))
+
+
+@triton.jit
+def _top_p_kernel(
+    S, SINK, NUM, IDX,
+    row0, rows, live, n_blocks, H_q, Q_PER_PERM, blocks_per_seg, local_blocks, threshold,
+    KEEP_ALL: tl.constexpr, USE_SINK: tl.constexpr, BLOCK_R: tl.constexpr, NB_POW2: tl.constexpr,
+):
+    # grid: (cdiv(live, BLOCK_R), B * H_q); BLOCK_R query blocks i = row0 + r of one (batch, head),
+    # each row of the tile a full row of key blocks j
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_q
+    h = pid_bh % H_q
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = r < live
+    i = (row0 + r)[:, None]  # (BLOCK_R, 1)
+    j = tl.arange(0, NB_POW2)[None, :]  # (1, NB_POW2)
+    start = (i // blocks_per_seg) * blocks_per_seg  # first block of i's own (diagonal) segment
+    candidate = (j < start) & row_ok[:, None]
+
+    # -- softmax over the candidate (off-diagonal causal) blocks --
+    s = tl.load(S + (pid_bh * rows + r[:, None]).to(tl.int64) * n_blocks + j, mask=candidate, other=float("-inf"))
+    m = tl.max(s, 1)[:, None]
+    e = tl.where(candidate, tl.exp(s - tl.where(m == float("-inf"), 0.0, m)), 0.0)
+    total = tl.sum(e, 1)[:, None]
+    p = tl.where(candidate, e / tl.where(total == 0.0, 1.0, total), 0.0)
+
+    # -- forced blocks: the diagonal segment up to i, local blocks before it, the sink --
+    forced = (j >= start) & (j <= i)
+    forced = forced | (candidate & (j >= start - local_blocks))
+    if USE_SINK:
+        sink = tl.load(SINK + b * (H_q // Q_PER_PERM) + h // Q_PER_PERM)
+        forced = forced | (candidate & (j == sink))
+
+    # -- rank: forced first, then descending probability, ties by ascending block index --
+    # Top-p keeps a prefix of that ranking: a non-forced candidate j is kept when the mass ranked
+    # before it, F + sum(p_k : key_k > key_j), is below the threshold (F = mass of the forced
+    # blocks). The prefix is found by bisection on the key, per row, instead of a sort.
+    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << _INDEX_BITS) | (_INDEX_MASK - j).to(tl.int64)
+    free = candidate & ~forced
+    if KEEP_ALL:
+        keep = candidate | forced
+    else:
+        mass_forced = tl.sum(tl.where(forced, p, 0.0), 1)
+        lo = tl.full([BLOCK_R], -1, tl.int64)  # the predicate is false (or never evaluated) at lo
+        hi = tl.full([BLOCK_R], _KEY_END, tl.int64)  # and true at hi (which keeps nothing)
+        for _ in range(_KEY_BITS + 1):
+            mid = (lo + hi) // 2
+            before = mass_forced + tl.sum(tl.where(free & (key > mid[:, None]), p, 0.0), 1)
+            ok = before < threshold
+            hi = tl.where(ok, mid, hi)
+            lo = tl.where(ok, lo, mid)
+        keep = (free & (key >= hi[:, None])) | forced
+
+    # -- pack: kept blocks ascending, then the others ascending (padding, never read) --
+    keep_i = keep.to(tl.int32)
+    kept_upto = tl.cumsum(keep_i, 1)  # kept blocks <= j
+    n_kept = tl.sum(keep_i, 1)
+    pos = tl.where(keep, kept_upto - 1, n_kept[:, None] + j - kept_upto)
+    tl.store(IDX + (pid_bh * n_blocks + i).to(tl.int64) * n_blocks + pos, j.to(tl.int32) + 0 * pos,
+             mask=row_ok[:, None] & (j < n_blocks))
+    tl.store(NUM + pid_bh * n_blocks + row0 + r, n_kept, mask=row_ok)
