@@ -149,6 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-flash", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="sweep tile configs at the first length, 20%% density")
+    ap.add_argument("--sweep-modes", default="", help="modes to sweep (default: --modes)")
     ap.add_argument("--configs", default="", help="JSON {shape: {mode: config}} fixed configs to use")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
             q, k, v = (torch.randn(1, h, n, d, device=dev, dtype=torch.bfloat16) for h in (h_q, h_kv, h_kv))
             plan = random_plan(1, h_q, h_kv, n, 0.2, dev)
             best = {}
-            for mode in modes:
+            for mode in (args.sweep_modes.split(",") if args.sweep_modes else modes):
                 for c in A._cuda_configs(BLOCK, d):
                     cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
                     try:
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
                     if mode not in best or ms < best[mode][0]:
                         best[mode] = (ms, cfg)
             for mode, (ms, cfg) in best.items():
-                fixed.setdefault(shape, {}).setdefault(mode, cfg)
+                fixed.setdefault(shape, {})[mode] = cfg
             del q, k, v, plan
         record(best_configs=fixed)
 

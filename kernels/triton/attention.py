@@ -55,7 +55,7 @@ def _cuda_configs(plan_block: int, head_dim: int) -> list[triton.Config]:
         for bn in (128, 64):
             if plan_block % bm or plan_block % bn:
                 continue
-            for warps, stages in ((8, 3), (4, 3), (8, 2), (4, 4)):
+            for warps, stages in ((8, 3), (4, 3), (8, 2), (4, 4), (8, 4)):
                 if bm == 128 and warps == 4 and head_dim == 128:
                     continue  # 128x128 fp32 accumulator + scores spill with 4 warps
                 configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
@@ -154,7 +154,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
 
     if not q.is_cuda:
         cfg = config or _default_config(bs, d)
-        grid = (n_qb * (bs // cfg["BLOCK_M"]), b * h_q)
+        grid = (n_qb * (bs // cfg["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
         _interpreted()[grid](*args, **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
         return out
 
@@ -162,10 +162,10 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         _ensure_allocator()
     with torch.cuda.device(q.device):
         if config is not None:
-            grid = (n_qb * (bs // config["BLOCK_M"]), b * h_q)
+            grid = (n_qb * (bs // config["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
             K.pbs_attn_fwd[grid](*args, **consts, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
                                  num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
         else:
-            grid = lambda meta: (n_qb * (bs // meta["BLOCK_M"]), b * h_q)  # noqa: E731
+            grid = lambda meta: (n_qb * (bs // meta["BLOCK_M"]) * (h_q // h_kv), b * h_kv)  # noqa: E731
             _autotuned(bs, d)[grid](*args, **consts)
     return out

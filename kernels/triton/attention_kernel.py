@@ -13,7 +13,8 @@ PERM_MODE says how phase 1 reads permuted keys:
   0  gathered copies KP/VP (keys already in permuted order), contiguous tiles through TMA tensor
      descriptors (CUDA, Hopper);
   1  gathered copies KP/VP, contiguous tiles through plain pointer loads;
-  2  original K/V, rows remapped through ``perm`` inside the kernel (no copy).
+  2  original K/V, rows remapped through ``perm`` inside the kernel (no copy); phases 1 and 2
+     then share one loop.
 
 Softmax runs in base 2: scores are multiplied by ``qk_scale = scale * log2(e)`` and exponentiated
 with exp2, which is what the hardware computes natively.
@@ -32,13 +33,13 @@ import triton.language as tl
 def _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, MASKED: tl.constexpr,
                          DOT_PREC: tl.constexpr):
     # q (BLOCK_M, D), k/v (BLOCK_N, D); acc (BLOCK_M, D) fp32; l_i, m_i (BLOCK_M,) fp32, m_i in log2 units
-    # -- scores --
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
+    # -- scores (raw; the log2e-folded scale enters through one multiply-add below) --
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
     if MASKED:
         qk = tl.where(mask, qk, float("-inf"))
     # -- online softmax update --
-    m_ij = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_ij[:, None])
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     # -- accumulate P V --
@@ -63,13 +64,16 @@ def pbs_attn_fwd(
 ):
     SUB_M: tl.constexpr = PLAN_BLOCK // BLOCK_M
     SUB_N: tl.constexpr = PLAN_BLOCK // BLOCK_N
-    # longest rows first: causal rows late in the sequence hold the most blocks
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    GROUP = H_Q // H_KV
+    # grid: (tiles * GROUP, B * H_kv). The query heads of one GQA group are neighbours in launch
+    # order, so the K/V blocks they share are read from L2; longest rows first (causal rows late
+    # in the sequence hold the most blocks).
+    tile = tl.num_programs(0) // GROUP - 1 - tl.program_id(0) // GROUP
+    b = tl.program_id(1) // H_KV
+    h_kv = tl.program_id(1) % H_KV
+    h = h_kv * GROUP + tl.program_id(0) % GROUP
+    bh = b * H_Q + h
     qb = tile // SUB_M  # plan row
-    bh = tl.program_id(1)
-    b = bh // H_Q
-    h = bh % H_Q
-    h_kv = h // (H_Q // H_KV)
     h_perm = h // (H_Q // H_PERM)
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,48 +103,55 @@ def pbs_attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     if PERM_MODE == 0:
-        total_rows = tl.num_programs(1) // H_Q * H_KV * N_CTX
+        total_rows = tl.num_programs(1) * N_CTX  # B * H_kv * N
         k_desc = tl.make_tensor_descriptor(K, shape=[total_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
         v_desc = tl.make_tensor_descriptor(V, shape=[total_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
-        perm_rows = tl.num_programs(1) // H_Q * H_PERM * N_CTX
+        perm_rows = tl.num_programs(1) // H_KV * H_PERM * N_CTX
         kp_desc = tl.make_tensor_descriptor(KP, shape=[perm_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
                                             block_shape=[BLOCK_N, HEAD_DIM])
         vp_desc = tl.make_tensor_descriptor(VP, shape=[perm_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
                                             block_shape=[BLOCK_N, HEAD_DIM])
 
-    # -- phase 1: earlier segments, permuted keys, no mask --
-    for t in range(0, n_off * SUB_N):
-        j = tl.load(idx_row + t // SUB_N)
-        start = j * PLAN_BLOCK + (t % SUB_N) * BLOCK_N
-        if PERM_MODE == 0:
-            k = kp_desc.load([(kp_row0 + start).to(tl.int32), 0])
-            v = vp_desc.load([(kp_row0 + start).to(tl.int32), 0])
-        elif PERM_MODE == 1:
-            kv_off = (kp_row0 + start + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
-            k = tl.load(KP + kv_off)
-            v = tl.load(VP + kv_off)
-        else:
-            src = tl.load(PERM + kp_row0 + start + offs_n)  # original positions of these slots
+    last = tl.maximum(num - 1, n_off)
+    if PERM_MODE == 2:
+        # -- phases 1 and 2 in one pipelined loop: rows remapped through perm before the own
+        #    segment, read in original order inside it; no mask --
+        for t in range(0, last * SUB_N):
+            j = tl.load(idx_row + t // SUB_N)
+            slot = j * PLAN_BLOCK + (t % SUB_N) * BLOCK_N + offs_n
+            src = tl.load(PERM + kp_row0 + slot)  # original positions of these slots
+            src = tl.where(t < n_off * SUB_N, src, slot)
             kv_off = (kv_row0 + src)[:, None] * HEAD_DIM + offs_d[None, :]
             k = tl.load(K + kv_off)
             v = tl.load(V + kv_off)
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC)
-
-    # -- phase 2: own segment before the last kept block, original keys, no mask --
-    last = tl.maximum(num - 1, n_off)
-    for t in range(n_off * SUB_N, last * SUB_N):
-        j = tl.load(idx_row + t // SUB_N)
-        start = j * PLAN_BLOCK + (t % SUB_N) * BLOCK_N
-        if PERM_MODE == 0:
-            k = k_desc.load([(kv_row0 + start).to(tl.int32), 0])
-            v = v_desc.load([(kv_row0 + start).to(tl.int32), 0])
-        else:
-            kv_off = (kv_row0 + start + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
-            k = tl.load(K + kv_off)
-            v = tl.load(V + kv_off)
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC)
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC)
+    else:
+        # -- phase 1: earlier segments, permuted copies, no mask --
+        for t in range(0, n_off * SUB_N):
+            j = tl.load(idx_row + t // SUB_N)
+            start = j * PLAN_BLOCK + (t % SUB_N) * BLOCK_N
+            if PERM_MODE == 0:
+                k = kp_desc.load([(kp_row0 + start).to(tl.int32), 0])
+                v = vp_desc.load([(kp_row0 + start).to(tl.int32), 0])
+            else:
+                kv_off = (kp_row0 + start + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+                k = tl.load(KP + kv_off)
+                v = tl.load(VP + kv_off)
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC)
+        # -- phase 2: own segment before the last kept block, original keys, no mask --
+        for t in range(n_off * SUB_N, last * SUB_N):
+            j = tl.load(idx_row + t // SUB_N)
+            start = j * PLAN_BLOCK + (t % SUB_N) * BLOCK_N
+            if PERM_MODE == 0:
+                k = k_desc.load([(kv_row0 + start).to(tl.int32), 0])
+                v = v_desc.load([(kv_row0 + start).to(tl.int32), 0])
+            else:
+                kv_off = (kv_row0 + start + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+                k = tl.load(K + kv_off)
+                v = tl.load(V + kv_off)
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC)
 
     # -- phase 3: the last kept block of the own segment, causal mask on original positions --
     if n_diag > 0:
