@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-TINY_CONTEXT = 1024  # max_position_embeddings of the tiny model
+TINY_CONTEXT = 256  # max_position_embeddings of the tiny model (= one default 256-token segment)
 TINY_LAYERS = 2
 TINY_HEADS = 4
 TINY_KV_HEADS = 2
@@ -205,3 +205,37 @@ def parse_jsonl(path: Path) -> list[dict]:
     text = Path(path).read_text(encoding="utf-8")
     assert text == "" or text.endswith("\n"), f"{path} ends mid-line: {text[-80:]!r}"
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# -- running the CLI in-process -------------------------------------------------------------------
+
+DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 4, 130}
+
+
+def invoke(args: list[str], input: bytes | str | None = None, env: dict[str, str] | None = None):
+    """Run ``pbs ARGS`` in-process with Typer's CliRunner (stdout and stderr kept apart)."""
+    from typer.testing import CliRunner
+
+    from pbs_cli.app import app
+
+    return CliRunner().invoke(app, args, input=input, env=env)
+
+
+def assert_clean_outcome(result, allowed: set[int] | None = None) -> None:
+    """The run ended in a result or one clear error: a documented exit code, no escaped exception, no
+    traceback; on failure the last stderr line is the ``error:`` line (or Typer's own usage panel,
+    exit 2, for options it could not parse)."""
+    allowed = DOCUMENTED_EXIT_CODES if allowed is None else allowed
+    exc = result.exception
+    assert exc is None or isinstance(exc, SystemExit), f"exception escaped the command boundary: {exc!r}"
+    assert result.exit_code in allowed, (f"exit code {result.exit_code}, expected one of {sorted(allowed)}; "
+                                         f"stderr: {result.stderr[-800:]}")
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr[-2000:]
+    if result.exit_code != 0:
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        if lines and lines[-1].startswith("error: "):
+            assert sum(ln.startswith("error: ") for ln in lines) == 1, result.stderr
+            assert len(lines[-1]) < 600, f"error line too long ({len(lines[-1])} chars)"
+        else:
+            assert result.exit_code == 2 and "Usage:" in result.stderr, (
+                f"exit {result.exit_code} without an 'error:' line; stderr: {result.stderr[-800:]}")

@@ -9,18 +9,22 @@ Budget: a fixed seed (``derandomize``) and few examples by default, so CI is fas
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import re
 
 import pytest
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
 
 from pbs_cli import errors
 from pbs_cli.errors import UsageError
 from pbs_cli.sizes import format_size, parse_size, parse_sizes
 from pbs_kernels import PBSConfig
+
+from fixtures import TINY_CONTEXT, assert_clean_outcome, invoke, tiny_model_dir  # noqa: F401 (fixture)
 
 _BUDGET = os.environ.get("PBS_HYPOTHESIS_BUDGET", "small")
 settings.register_profile("pbs-small", max_examples=60, derandomize=True, deadline=None,
@@ -144,8 +148,7 @@ def test_pbs_config_accepts_exactly_the_valid_parameters(fields):
 
 @given(st.dictionaries(st.text(min_size=1, max_size=12), st.integers(), max_size=3))
 def test_pbs_config_from_dict_refuses_unknown_names(data):
-    known = {"block_size", "segment_size", "threshold", "permute", "per_head_permutation", "sink",
-             "local_blocks", "dense_below"}
+    known = {f.name for f in dataclasses.fields(PBSConfig)}
     assume(set(data) - known)
     with pytest.raises(ValueError, match="unknown PBS parameter"):
         PBSConfig.from_dict(data)
@@ -155,3 +158,183 @@ def test_exit_codes_are_the_documented_ones():
     assert (errors.OK, errors.RUNTIME, errors.USAGE, errors.UNSUPPORTED, errors.OUT_OF_MEMORY,
             errors.INTERRUPTED) == (0, 1, 2, 3, 4, 130)
     assert set(errors.EXIT_CODES) == {0, 1, 2, 3, 4, 130}
+
+
+# -- the CLI: documents ------------------------------------------------------------------------------
+
+# Each CLI example loads a model: no shrinking by default (a failing example is still printed in full).
+CLI = settings(max_examples=CLI_EXAMPLES,
+               phases=[Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if _BUDGET != "small" else []))
+# (block, segment) choices: the defaults (the tiny model's whole context is exactly one segment) and
+# small blocks (many blocks and segments in a short document)
+GEOMETRIES = [(128, 256), (16, 32), (32, 64)]
+
+
+def _boundaries() -> list[int]:
+    near = {0, 1, 2, 3, TINY_CONTEXT - 1, TINY_CONTEXT, TINY_CONTEXT + 1}
+    for b, s in GEOMETRIES:
+        for edge in (b, s, 2 * s, s + b):
+            near |= {edge - 1, edge, edge + 1}
+    return sorted(n for n in near if n >= 0)
+
+
+BOUNDARY_LENGTHS = _boundaries()
+# "Z" is in no merge of the tiny tokenizer (its corpus has no Z), so b"Z" * n is exactly n tokens.
+documents = st.one_of(
+    st.binary(max_size=400),
+    st.text(max_size=300).map(lambda t: t.encode("utf-8")),
+    st.sampled_from(BOUNDARY_LENGTHS).map(lambda n: b"Z" * n),
+    st.sampled_from(BOUNDARY_LENGTHS).map(lambda n: b"\xef\xbb\xbf" + b"Z" * n),  # UTF-8 BOM first
+    st.sampled_from([
+        b"", b"\xef\xbb\xbf", b" \n\t\r\n", b"\x00", b"Z\x00Z", b"\xff\xfe" + "hi".encode("utf-16-le"),
+        b"\xc3\x28 invalid continuation", b"caf\xe9 latin-1", "ok \u2028 line separator".encode(),
+        b"a" * 20_000,  # one huge line, far past the context
+        b"Z" + b"\n" * 3000,
+        "\U0001f600 emoji, combining e\u0301".encode(),
+    ]),
+)
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("pbs-home")
+    return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(home / "hf"),
+            "PBS_CONFIG_DIR": str(home / "config"), "PBS_CACHE_DIR": str(home / "cache"), "PBS_DEBUG": None}
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _expected_tokens(data: bytes, tokenizer, truncate: bool) -> int | None:
+    """Prompt tokens the CLI must report, or None when it must refuse the document (exit 2):
+    empty, binary (NUL), not UTF-8, only whitespace, longer than the context without --truncate,
+    fewer than 2 tokens."""
+    if not data or b"\x00" in data:
+        return None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+    if not text.strip():
+        return None
+    n = len(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if n > TINY_CONTEXT and not truncate:
+        return None
+    n = min(n, TINY_CONTEXT)
+    return n if n >= 2 else None
+
+
+@CLI
+@given(data=documents, truncate=st.booleans(), via_stdin=st.booleans(), geometry=st.sampled_from(GEOMETRIES))
+@example(data=b"Z" * TINY_CONTEXT, truncate=False, via_stdin=True, geometry=(128, 256))  # exactly one segment
+@example(data=b"Z" * (TINY_CONTEXT + 1), truncate=False, via_stdin=True, geometry=(128, 256))  # one past the context
+@example(data=b"Z" * (TINY_CONTEXT + 1), truncate=True, via_stdin=False, geometry=(16, 32))
+@example(data=b"Z" * 128, truncate=False, via_stdin=False, geometry=(128, 256))  # exactly one block
+@example(data=b"Z", truncate=False, via_stdin=True, geometry=(16, 32))  # one token
+@example(data=b"", truncate=False, via_stdin=False, geometry=(16, 32))  # zero length
+def test_prefill_any_document_ends_in_a_result_or_one_clear_error(tiny_model_dir, tiny_tokenizer, cli_env,
+                                                                  tmp_path_factory, data, truncate, via_stdin,
+                                                                  geometry):
+    block, segment = geometry
+    args = ["prefill", "-", "--model", str(tiny_model_dir), "--json", "--block-size", str(block),
+            "--segment-size", str(segment)]
+    if truncate:
+        args.append("--truncate")
+    if not via_stdin:
+        doc = tmp_path_factory.mktemp("doc") / "doc.txt"
+        doc.write_bytes(data)
+        args[1] = str(doc)
+    result = invoke(args, input=data if via_stdin else None, env=cli_env)
+    assert_clean_outcome(result, {0, 2})
+    expected = _expected_tokens(data, tiny_tokenizer, truncate)
+    if expected is None:
+        assert result.exit_code == 2, f"expected a refusal (exit 2), got {result.exit_code}: {result.stdout[:300]}"
+        return
+    assert result.exit_code == 0, f"expected a result, got exit {result.exit_code}: {result.stderr[-500:]}"
+    record = json.loads(result.stdout)
+    assert record["prompt_tokens"] == expected
+    assert record["truncated"] == (record["document_tokens"] > expected)
+    assert record["config"]["block_size"] == block and record["config"]["segment_size"] == segment
+    assert len(record["layers"]) == 2
+    for layer in record["layers"]:
+        assert layer["seq_len"] == expected
+        assert 0.0 < layer["density"] <= 1.0
+    assert math.isfinite(record["prefill_ms"]) and record["prefill_ms"] > 0
+
+
+# -- the CLI: options --------------------------------------------------------------------------------
+
+_VALID_DTYPES = {"auto", "bfloat16", "float16", "float32"}
+option_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                      max_size=12)
+
+
+def _expected_option_code(threshold, block, segment, dtype, device) -> int:
+    """0 when every option is valid on this CPU-only machine, 3 when only the device needs a GPU, else 2."""
+    fields = {"threshold": threshold}
+    if block is not None:
+        fields["block_size"] = block
+    if segment is not None:
+        fields["segment_size"] = segment
+    if threshold is not None and not _valid({"threshold": threshold}):
+        return 2
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if not _valid(fields):
+        return 2
+    if dtype.strip().lower() not in _VALID_DTYPES:
+        return 2
+    dev = device.strip().lower()
+    if dev in ("auto", "cpu"):
+        return 0
+    if re.fullmatch(r"cuda(:[0-9]+)?", dev):
+        return 3
+    return 2
+
+
+@CLI
+@given(
+    threshold=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True, width=32),
+                        st.sampled_from([1.0, 0.5, 1e-6, 0.0, -0.1, 1.0000001])),
+    block=st.one_of(st.none(), st.sampled_from([16, 32, 64, 128]), st.integers(-20, 300)),
+    segment=st.one_of(st.none(), st.sampled_from([32, 64, 256]), st.integers(-20, 600)),
+    dtype=st.one_of(st.sampled_from(sorted(_VALID_DTYPES) + ["FLOAT32", " float32 "]), option_text),
+    device=st.one_of(st.sampled_from(["auto", "cpu", "CPU", "cuda", "cuda:0", "cuda:7", "mps", "cpu:0"]), option_text),
+)
+def test_prefill_options_are_validated_before_any_work(tiny_model_dir, cli_env, threshold, block, segment,
+                                                       dtype, device):
+    args = ["prefill", "-", "--model", str(tiny_model_dir), "--json", f"--dtype={dtype}", f"--device={device}"]
+    if threshold is not None:
+        args.append(f"--threshold={threshold!r}")
+    if block is not None:
+        args.append(f"--block-size={block}")
+    if segment is not None:
+        args.append(f"--segment-size={segment}")
+    expected = _expected_option_code(threshold, block, segment, dtype, device)
+    if expected == 0 and dtype.strip().lower() in ("bfloat16", "float16"):
+        expected_codes = {0}
+    else:
+        expected_codes = {expected}
+    result = invoke(args, input=b"Z" * 40, env=cli_env)
+    assert_clean_outcome(result)
+    assert result.exit_code in expected_codes, (
+        f"exit {result.exit_code}, expected {expected_codes}; stderr: {result.stderr[-400:]}")
+    if result.exit_code == 0:
+        assert json.loads(result.stdout)["prompt_tokens"] == 40
+
+
+@pytest.mark.xfail(reason="models.resolve_model lets OSError (file name too long) escape: exit 1, not 2",
+                   strict=False)
+@CLI
+@given(spec=st.one_of(option_text, st.text(min_size=200, max_size=400),
+                      st.sampled_from(["", " ", ".", "..", "/", "x.gguf", "org/name", "org/na me", "~", "-", "a" * 300,
+                                       "a/" * 200, "../../etc/passwd", "nonexistent.GGUF", "bad:alias"])))
+def test_model_option_never_crashes(cli_env, spec):
+    from pbs_cli.presets import model_aliases
+
+    assume(spec.strip() not in model_aliases())  # aliases load the real embedded model (slow tests elsewhere)
+    result = invoke(["prefill", "-", f"--model={spec}", "--json"], input=b"Z" * 40, env=cli_env)
+    assert_clean_outcome(result, {2, 3})
