@@ -25,7 +25,7 @@ from pbs_kernels import reference as ref
 _CHUNK_ELEMENTS = 1 << 23
 # recall difference (absolute) below which the permutation counts as neither helping nor hurting
 NEUTRAL_BAND = 0.005
-_BISECT_STEPS = 16
+_BISECT_STEPS = 10
 
 
 @dataclass
@@ -177,7 +177,7 @@ def _noperm_at_density(q1: torch.Tensor, k1: torch.Tensor, config: PBSConfig, ta
     plain = config.replace(permute=False)
 
     def measure(tau: float) -> tuple[float, float]:
-        num, idx = ref.select_blocks(q1, k1, perm, plain.replace(threshold=tau), scale)
+        num, idx = ref.select_blocks(q1, k1, perm, plain.replace(threshold=tau), scale, k=k1)
         kept = PermutedBlockMask(perm, num, idx, bs, config.segment_size, n).to_dense()[0, 0]
         return _density(num), float(recall_of(mass_original[None], kept.cpu(), n, bs)[0])
 

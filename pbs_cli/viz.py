@@ -397,13 +397,13 @@ def head_figure(view, source: str = "synthetic"):
     codes = np.where(~causal, 0, np.where(~view.kept, 1, np.where(view.forced, 2, 3)))
     mcmap = ListedColormap(["white", SKIPPED_FIG, KEPT_FORCED, KEPT_SELECTED])
     axes[2].imshow(codes, cmap=mcmap, vmin=-0.5, vmax=3.5, interpolation="nearest", extent=extent)
-    axes[2].set_title(f"kept blocks (density {_pct(view.stats.density)})", fontsize=11)
+    axes[2].set_title(f"kept blocks, plan layout (density {_pct(view.stats.density)})", fontsize=11)
     axes[2].legend(handles=[Patch(color=KEPT_FORCED, label="kept: forced (diagonal segment, sink)"),
                             Patch(color=KEPT_SELECTED, label="kept: selected (top-p)"),
                             Patch(color=SKIPPED_FIG, label="skipped")],
                    loc="upper right", fontsize=8, framealpha=0.9)
-    for ax in axes:
-        ax.set_xlabel("key block")
+    for ax, xlabel in zip(axes, ("key block", "key block (plan layout)", "key block (plan layout)")):
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("query block")
         if n_b // max(1, per_seg) <= 40:
             for b in range(per_seg, n_b, per_seg):
