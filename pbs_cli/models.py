@@ -344,9 +344,33 @@ class ModelSource:
         value = getattr(self.config(), "max_position_embeddings", None)
         return int(value) if value else None
 
-    def load(self, dtype, device: str, device_map: str | None = None, attn_implementation: str = "pbs") -> LoadedModel:
-        """Load the weights (building the GGUF cache on first use) with the given attention."""
+    def ensure_cache(self) -> None:
+        """Build the dequantized-weights cache of a GGUF model if it is missing (no-op otherwise).
+        Re-checks first, so a process that waited for another one to build it just uses it."""
         import torch
+        from transformers import AutoModelForCausalLM
+
+        if not (self.spec.is_gguf and self.cache == "miss"):
+            return
+        assert self.cache_folder is not None
+        if cache_is_valid(self.cache_folder):
+            self.cache = "hit"
+            return
+        where, kw = self._kwargs()
+        with progress(f"dequantizing {self.spec.path.name} (first run only, 20-40 s on a CPU)"):
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, trust_remote_code=False,
+                                                         local_files_only=True, **kw)
+        with progress(f"caching the weights in {self.cache_folder}"):
+            write_cache(self.cache_folder, model, self.tokenizer(), self.spec)
+        del model  # load again from the cache: one code path for placement and dtype
+        self.cache = "built"
+
+    def load(self, dtype, device: str, device_map: str | None = None, attn_implementation: str = "pbs",
+             load_kwargs: dict[str, Any] | None = None) -> LoadedModel:
+        """Load the weights (building the GGUF cache on first use) with the given attention.
+
+        ``load_kwargs``: extra ``from_pretrained`` arguments, e.g. ``distributed.load_kwargs_for_tp(n)``;
+        a tensor-parallel load places the shards itself, so the model is not moved to ``device``."""
         from transformers import AutoModelForCausalLM
 
         from . import integration
@@ -355,21 +379,15 @@ class ModelSource:
             integration.register()
         t0 = time.perf_counter()
         common = dict(trust_remote_code=False, local_files_only=True, attn_implementation=attn_implementation)
-        if self.spec.is_gguf and self.cache == "miss":
-            where, kw = self._kwargs()
-            with progress(f"dequantizing {self.spec.path.name} (first run only, 20-40 s on a CPU)"):
-                model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw, **common)
-            assert self.cache_folder is not None
-            with progress(f"caching the weights in {self.cache_folder}"):
-                write_cache(self.cache_folder, model, self.tokenizer(), self.spec)
-            del model  # load again from the cache: one code path for placement and dtype
-            self.cache = "built"
+        self.ensure_cache()
         where, kw = self._kwargs()
+        extra = dict(load_kwargs or {})
         with progress(f"loading {self.spec.name} ({str(dtype).removeprefix('torch.')})"):
-            extra = {"device_map": device_map} if device_map else {}
+            if device_map:
+                extra["device_map"] = device_map
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, use_safetensors=True,
                                                          **kw, **common, **extra)
-        if not device_map:
+        if not device_map and "distributed_config" not in extra:
             model = model.to(device)
         weights = Path(where)
         model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import statistics
 import sys
@@ -13,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .. import integration, models, presets, reports
+from .. import distributed, integration, models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import UsageError
 
@@ -98,6 +99,16 @@ class PrefillResult:
         return statistics.median(self.times_ms)
 
 
+def _cache_of(outputs):
+    """The KV cache of a model output (``cache`` in newer transformers, ``past_key_values`` before)."""
+    cache = getattr(outputs, "cache", None)
+    return cache if cache is not None else getattr(outputs, "past_key_values", None)
+
+
+def _cache_kwarg(model) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _logits(model, hidden):
     """Full-vocabulary logits from final hidden states (B, n, hidden) -> fp32 (B, n, vocab)."""
     logits = model.get_output_embeddings()(hidden).float()
@@ -128,7 +139,7 @@ def run_prefill(model, input_ids, attn: str, config, warmup: int, iters: int, ke
             elapsed = (time.perf_counter() - t0) * 1e3
             if i >= warmup:
                 times.append(elapsed)
-            result = (hidden, last, outputs.past_key_values if keep_cache else None)
+            result = (hidden, last, _cache_of(outputs) if keep_cache else None)
             del outputs
     assert result is not None
     return PrefillResult(times, result[0], result[1], result[2], recorder.prefill_layers())
@@ -156,6 +167,7 @@ def greedy_generate(model, first_logits, cache, max_new_tokens: int, eos: set[in
     import torch
 
     ids: list[int] = []
+    kwarg = _cache_kwarg(model)
     nxt = first_logits.argmax(-1, keepdim=True)  # (B, 1)
     _sync(first_logits.device)
     t0 = time.perf_counter()
@@ -165,8 +177,8 @@ def greedy_generate(model, first_logits, cache, max_new_tokens: int, eos: set[in
             ids.append(tok)
             if tok in eos or len(ids) == max_new_tokens:
                 break
-            step = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache = step.past_key_values
+            step = model(input_ids=nxt, use_cache=True, **{kwarg: cache})
+            cache = _cache_of(step)
             nxt = step.logits[:, -1].argmax(-1, keepdim=True)
     _sync(first_logits.device)
     return ids, (time.perf_counter() - t0) * 1e3
@@ -197,6 +209,9 @@ def print_summary(rec: dict[str, Any]) -> None:
     m = rec["model"]
     table.add_row("model", f"{m['spec']} -> {m['name']} ({m['kind']}: {m['path']})")
     table.add_row("device / dtype", f"{rec['device']} / {rec['dtype']}")
+    if rec.get("tensor_parallel", {}).get("size", 1) > 1:
+        table.add_row("tensor parallel", f"{rec['tensor_parallel']['size']} ranks ({rec['tensor_parallel']['backend']}); "
+                      "times are the slowest rank's, density covers all heads")
     toks = f"{rec['prompt_tokens']}"
     if rec["truncated"]:
         toks += f" (truncated from {rec['document_tokens']})"
@@ -261,6 +276,9 @@ def command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record to this file.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --output if it exists.")] = False,
+    tp: Annotated[int | None, typer.Option("--tp", min=1, help="Tensor-parallel size: shard the heads over N GPUs "
+                                           "(re-runs this command on N ranks through torch.distributed; query and "
+                                           "KV heads must divide by N). Under torchrun: the world size.")] = None,
 ) -> None:
     """Prefill DOC with PBS attention and report time, tokens/s, density per layer and, with --compare-dense,
     the speedup and fidelity against dense SDPA."""
@@ -273,23 +291,36 @@ def command(
         raise UsageError(f"invalid --device-map {device_map!r}; only 'auto' is supported")
     dev = models.resolve_device(device)
     torch_dtype = models.resolve_dtype(dtype, dev)
+    if tp and tp > 1 and doc == "-":
+        raise UsageError("--tp runs the command on several ranks, which cannot share stdin; pass a file, not -")
     text, doc_name = read_document(doc)
     spec = models.resolve_model(model)
+    # -- tensor parallel (pbs_cli.distributed): refuse what cannot shard, re-run on N ranks, join the group --
+    distributed.check_launch_environment(tp or distributed.env_world_size(), device, device_map)
+    if distributed.needs_launch(tp):
+        distributed.check_model_config(tp, models.ModelSource(spec).config(), spec.name)
+        distributed.relaunch(tp)  # exits with the ranks' exit code
+    tpi = distributed.tp_context(tp, device)
     if profile is None and spec.profile and spec.profile != profile_name:
         config, profile_name = presets.resolve_config(spec.profile, **overrides)
-    err.print(f"model: {spec.describe()}", highlight=False, markup=False)
 
     import torch
 
     models.quiet_transformers(debug_enabled())
     torch.manual_seed(seed)
     source = models.ModelSource(spec)
+    if tpi.active:
+        distributed.check_model_config(tpi.size, source.config(), spec.name)
+        with distributed.main_rank_first():  # rank 0 builds a missing GGUF cache, the others then read it
+            source.ensure_cache()
     ids, doc_tokens = tokenize(source.tokenizer(), text, source.max_positions(), truncate, max_new_tokens, doc_name)
     on_gpu = dev.startswith("cuda") or device_map == "auto"
     warmup = warmup if warmup is not None else (1 if on_gpu else 0)
     iters = iters if iters is not None else (3 if on_gpu else 1)
 
-    loaded = source.load(torch_dtype, dev, device_map, attn_implementation=integration.NAME)
+    err.print(f"model: {spec.describe()}", highlight=False, markup=False)
+    loaded = source.load(torch_dtype, dev, device_map, attn_implementation=integration.NAME,
+                         load_kwargs=distributed.load_kwargs_for_tp(tpi.size))
     if loaded.cache == "built":
         err.print(f"cached the dequantized weights in {loaded.weights}", highlight=False, markup=False)
     mdl = loaded.model
@@ -297,6 +328,8 @@ def command(
 
     with models.progress(f"prefill of {len(ids)} tokens with PBS attention"):
         pbs = run_prefill(mdl, input_ids, integration.NAME, config, warmup, iters, keep_cache=max_new_tokens > 0)
+    pbs.times_ms = distributed.reduce_max(pbs.times_ms)  # tensor parallel: each run's slowest rank
+    distributed.merge_layer_stats(pbs.layers)  # tensor parallel: densities over the heads of all ranks
     summary = _layer_summary(pbs.layers)
     rec = reports.envelope(
         "prefill",
@@ -319,10 +352,12 @@ def command(
         layer_summary=summary,
         layers=[s.to_dict() for s in pbs.layers],
         load_s=loaded.load_s,
+        tensor_parallel=tpi.to_dict(),
     )
     if compare_dense:
         with models.progress(f"prefill of {len(ids)} tokens with dense SDPA"):
             dense = run_prefill(mdl, input_ids, "sdpa", config, warmup, iters, keep_cache=False)
+        dense.times_ms = distributed.reduce_max(dense.times_ms)
         with models.progress("comparing next-token distributions"):
             top1, kl = fidelity(mdl, dense.hidden, pbs.hidden)
         rec.update(dense_prefill_ms=dense.median_ms, dense_prefill_ms_all=dense.times_ms,
@@ -335,9 +370,12 @@ def command(
         eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         with models.progress(f"generating up to {max_new_tokens} tokens"):
             gen, decode_ms = greedy_generate(mdl, pbs.last_logits, pbs.cache, max_new_tokens, eos_ids)
+        decode_ms = distributed.reduce_max(decode_ms)
         rec["generation"] = {"token_ids": gen, "text": loaded.tokenizer.decode(gen, skip_special_tokens=True),
                              "decode_ms": decode_ms, "decode_tokens_per_s": len(gen) / max(decode_ms / 1e3, 1e-9)}
 
+    if not distributed.is_main_rank():  # tensor parallel: rank 0 alone prints and writes
+        return
     if output is not None:
         reports.atomic_write_text(output, reports.to_json(rec))
         err.print(f"saved {output}", highlight=False, markup=False)

@@ -1,0 +1,149 @@
+"""The "pbs" attention inside transformers: dense equivalence at threshold 1.0, fallbacks, statistics.
+
+Tolerance rule (FlashAttention's): err(pbs fp32 vs fp64 model) <= 2 * err(SDPA fp32 vs fp64 model) + floor.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pbs_cli import integration
+from pbs_kernels import PBSConfig, pbs_prefill_attention
+
+FLOOR = 1e-5
+SMALL = dict(block_size=16, segment_size=32)
+
+
+def tiny_model(heads: int, kv_heads: int, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=16 * heads, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16,
+                      max_position_embeddings=1024, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    # stronger weights than the default init so attention is far from uniform
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+def forward(model, ids, attn: str, config: PBSConfig | None = None, **kw):
+    integration.set_attention(model, attn)
+    with torch.no_grad(), integration.pbs_run(config or PBSConfig(**SMALL)) as run:
+        out = model(ids, output_hidden_states=True, **kw)
+    return out, run.recorder
+
+
+def max_err(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (4, 1)])
+@pytest.mark.parametrize("batch,n", [(1, 83), (2, 150)])
+def test_threshold_one_matches_dense_layers_and_logits(heads, kv_heads, batch, n):
+    model = tiny_model(heads, kv_heads)
+    model64 = copy.deepcopy(model).double()
+    ids = torch.randint(0, 300, (batch, n), generator=torch.Generator().manual_seed(n))
+    ref, _ = forward(model64, ids, "sdpa")
+    dense, _ = forward(model, ids, "sdpa")
+    pbs, rec = forward(model, ids, integration.NAME, PBSConfig(threshold=1.0, **SMALL))
+
+    layers = rec.prefill_layers()
+    assert [s.layer for s in layers] == [0, 1]
+    assert all(s.path == "pbs" and s.density == pytest.approx(1.0) for s in layers)
+    for h_ref, h_dense, h_pbs in zip(ref.hidden_states, dense.hidden_states, pbs.hidden_states):
+        assert max_err(h_pbs, h_ref) <= 2 * max_err(h_dense, h_ref) + FLOOR
+    assert max_err(pbs.logits, ref.logits) <= 2 * max_err(dense.logits, ref.logits) + FLOOR
+
+
+def test_sparse_threshold_runs_the_plan_and_records_its_density(monkeypatch):
+    model = tiny_model(6, 2, layers=1)
+    ids = torch.randint(0, 300, (1, 200), generator=torch.Generator().manual_seed(1))
+    config = PBSConfig(threshold=0.5, **SMALL)
+    seen = {}
+
+    def spy(q, k, v, cfg, scale=None):
+        seen["args"] = (q.clone(), k.clone(), v.clone(), cfg, scale)
+        return pbs_prefill_attention(q, k, v, cfg, scale)
+
+    monkeypatch.setattr(integration, "pbs_prefill_attention", spy)
+    integration.set_attention(model, integration.NAME)
+    with torch.no_grad(), integration.pbs_run(config) as run:
+        sparse = model(ids).logits
+    q, k, v, cfg, scale = seen["args"]
+    assert cfg is config  # the run's parameters, not a hidden global
+    assert q.shape == (1, 6, 200, 16) and k.shape == (1, 2, 200, 16)  # GQA not repeated
+    _, plan = pbs_prefill_attention(q, k, v, config, scale)
+    (stat,) = run.recorder.prefill_layers()
+    assert stat.path == "pbs" and stat.density == pytest.approx(plan.density())
+    assert stat.density < 1.0
+    dense, _ = forward(model, ids, "sdpa")
+    assert max_err(sparse, dense.logits) > 1e-4  # blocks were really skipped
+
+
+def test_decode_runs_dense_and_is_recorded():
+    model = tiny_model(4, 2)
+    ids = torch.randint(0, 300, (1, 70), generator=torch.Generator().manual_seed(2))
+    integration.set_attention(model, integration.NAME)
+    with torch.no_grad(), integration.pbs_run(PBSConfig(threshold=0.6, **SMALL)) as run:
+        out = model(ids, use_cache=True)
+        step = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+    decode = run.recorder.decode_calls()
+    assert len(decode) == 2 and all(s.path == "dense" and s.reason.startswith("decode") for s in decode)
+    assert all(s.density is None for s in decode)
+    assert step.logits.shape == (1, 1, 300)
+
+
+def test_padding_mask_falls_back_to_sdpa_exactly():
+    model = tiny_model(4, 2)
+    ids = torch.randint(0, 300, (2, 90), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding in the second row
+    ref, _ = forward(model, ids, "sdpa", attention_mask=mask)
+    pbs, rec = forward(model, ids, integration.NAME, PBSConfig(threshold=0.5, **SMALL), attention_mask=mask)
+    assert all(s.path == "dense" and "mask" in s.reason for s in rec.prefill_layers())
+    assert torch.equal(pbs.logits, ref.logits)
+
+
+def test_prefill_over_a_cache_and_short_inputs_run_dense():
+    model = tiny_model(4, 2)
+    ids = torch.randint(0, 300, (1, 120), generator=torch.Generator().manual_seed(4))
+    integration.set_attention(model, integration.NAME)
+    with torch.no_grad(), integration.pbs_run(PBSConfig(threshold=0.5, dense_below=100, **SMALL)) as run:
+        first = model(ids[:, :60], use_cache=True)
+        model(ids[:, 60:], past_key_values=first.past_key_values, use_cache=True)
+    reasons = [s.reason for s in run.recorder.prefill_layers()]
+    assert reasons[:2] == ["seq_len 60 < dense_below 100"] * 2
+    assert all("q_len 60 != kv_len 120" in r for r in reasons[2:]) and len(reasons) == 4
+
+
+def test_outside_a_run_uses_defaults_and_records_nothing():
+    model = tiny_model(4, 2, layers=1)
+    ids = torch.randint(0, 300, (1, 300), generator=torch.Generator().manual_seed(5))
+    integration.set_attention(model, integration.NAME)
+    assert integration.current_run() is None
+    with torch.no_grad():
+        outside = model(ids).logits
+        with integration.pbs_run(PBSConfig()) as run:
+            inside = model(ids).logits
+    assert torch.equal(outside, inside)
+    assert len(run.recorder.stats) == 1
+
+
+def test_load_with_attn_implementation_pbs(tiny_model_dir):
+    integration.register()
+    integration.register()  # idempotent
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="pbs", use_safetensors=True)
+    assert model.config._attn_implementation == "pbs"
+    ids = torch.randint(0, 300, (1, 64))
+    with torch.no_grad(), integration.pbs_run(PBSConfig(**SMALL)) as run:
+        model(ids)
+    assert [s.path for s in run.recorder.prefill_layers()] == ["pbs", "pbs"]
+
+
+from fixtures import tiny_model_dir  # noqa: E402,F401  (session fixture)
