@@ -105,7 +105,7 @@ def permuted_copy(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PermutedBlockMask,
                   scale: float | None = None, *, perm_mode: str | None = None,
-                  config: dict | None = None) -> torch.Tensor:
+                  config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention over the kept key blocks of ``plan`` (Triton).
 
     q: (B, H_q, N, D); k, v: (B, H_kv, N, D) in original order; H_q a multiple of H_kv.
@@ -114,6 +114,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         copy), "gather" (one permuted copy of K/V, contiguous tiles) or "tma" (the copy, read with
         tensor descriptors). Default ``DEFAULT_PERM_MODE``.
     config: fixed tile config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} instead of autotuning.
+    out: optional contiguous (B, H_q, N, D) tensor of q's dtype to write into.
     Returns (B, H_q, N, D) in q's dtype.
     """
     if not supports(q):
@@ -145,7 +146,11 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         kp, vp = k, v  # unused
     else:
         kp, vp = permuted_copy(k, perm), permuted_copy(v, perm)
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor on {q.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
 
     seg_blocks = plan.segment_size // bs
     args = (q, k, v, kp, vp, perm, out, num, idx, scale * math.log2(math.e), n, h_q, h_kv, h_perm, n_qb, n_kb)

@@ -1,0 +1,215 @@
+"""The Triton block-sparse attention kernel against the PyTorch reference and an fp64 oracle.
+
+Without a GPU the kernel runs in the Triton interpreter (TRITON_INTERPRET=1, set per test by a
+fixture; the launcher interprets the kernel even when triton was imported earlier) in fp16/fp32 on
+tiny shapes. With a GPU the same tests run on CUDA in fp16/bf16.
+
+Tolerance rule (FlashAttention's): err(kernel vs fp64) <= 2 * err(plain PyTorch in the same low
+precision vs fp64) + floor, max abs error; outputs are NaN-filled first so an unwritten tile fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pbs_kernels import PBSConfig, PermutedBlockMask, build_plan  # noqa: E402
+from pbs_kernels import reference as R  # noqa: E402
+from pbs_kernels.triton import attention as A  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16, torch.float32]
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+SMALL = PBSConfig(block_size=32, segment_size=64, threshold=0.9)
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+# -- inputs and plans -------------------------------------------------------------------------
+
+
+def qkv(b, h_q, h_kv, n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g).to(dtype).to(DEVICE) for h in (h_q, h_kv, h_kv)]
+
+
+def random_plan(b, h_q, h_perm, n, block, segment, p, seed=0) -> PermutedBlockMask:
+    """Random permutation inside full segments; diagonal segment and sink forced; other causal
+    blocks kept with probability p. Independent of the selection code."""
+    g = torch.Generator().manual_seed(seed)
+    n_b = -(-n // block)
+    per_seg = segment // block
+    full = n // segment * segment
+    perm = torch.arange(n).repeat(b, h_perm, 1)
+    if full:
+        r = torch.rand(b, h_perm, full // segment, segment, generator=g)
+        perm[..., :full] = (r.argsort(-1) + torch.arange(0, full, segment)[:, None]).reshape(b, h_perm, full)
+    rows, cols = torch.arange(n_b)[:, None], torch.arange(n_b)[None, :]
+    diag = rows // per_seg * per_seg
+    sink = ((perm == 0).int().argmax(-1) // block).repeat_interleave(h_q // h_perm, 1)[..., None, None]
+    keep = (cols >= diag) & (cols <= rows)
+    keep = keep | ((cols < diag) & ((cols == sink) | (torch.rand(b, h_q, n_b, n_b, generator=g) < p)))
+    num = keep.sum(-1, dtype=torch.int32)
+    idx = torch.where(keep, cols, cols + n_b).sort(-1).indices.to(torch.int32)
+    return PermutedBlockMask(perm.to(torch.int32), num, idx, block, segment, n)
+
+
+def to_device(plan: PermutedBlockMask) -> PermutedBlockMask:
+    return PermutedBlockMask(plan.perm.to(DEVICE), plan.kv_num_blocks.to(DEVICE), plan.kv_indices.to(DEVICE),
+                             plan.block_size, plan.segment_size, plan.seq_len)
+
+
+# -- the oracle -------------------------------------------------------------------------------
+
+
+def token_mask(plan: PermutedBlockMask) -> torch.Tensor:
+    """Bool (B, H_q, N, N) over ORIGINAL key positions, from plan.to_dense() and plan.perm."""
+    dense = plan.to_dense().cpu()
+    perm = plan.perm.cpu().long()
+    b, h_q, n_qb, _ = dense.shape
+    n, bs = plan.seq_len, plan.block_size
+    per_seg = plan.segment_size // bs
+    g = h_q // perm.shape[1]
+    mask = torch.zeros(b, h_q, n, n, dtype=torch.bool)
+    for bi, h, i in itertools.product(range(b), range(h_q), range(n_qb)):
+        for j in torch.nonzero(dense[bi, h, i]).flatten().tolist():
+            slots = torch.arange(j * bs, min(n, (j + 1) * bs))
+            keys = slots if j >= (i // per_seg) * per_seg else perm[bi, h // g, slots]
+            mask[bi, h, i * bs : (i + 1) * bs, keys] = True
+    return mask & torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def masked_attention(q, k, v, mask, dtype):
+    """Dense masked attention with every op in ``dtype`` (float64 = the oracle)."""
+    g = q.shape[1] // k.shape[1]
+    q, k, v = (x.cpu().to(dtype) for x in (q, k, v))
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    return s.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+def check(q, k, v, plan, **kw):
+    """Run the kernel into a NaN-filled output; apply the tolerance rule against the fp64 oracle
+    and compare with the PyTorch reference."""
+    out = torch.full_like(q, float("nan"))
+    A.pbs_attention(q, k, v, plan, out=out, **kw)
+    assert not out.isnan().any(), "kernel left NaN (unwritten tile or 0/0)"
+    mask = token_mask(plan)
+    oracle = masked_attention(q, k, v, mask, torch.float64)
+    low = masked_attention(q, k, v, mask, q.dtype if q.dtype != torch.bfloat16 else torch.float32).to(q.dtype)
+    err = (out.cpu().double() - oracle).abs().max().item()
+    err_pt = (low.double() - oracle).abs().max().item()
+    assert err <= 2 * err_pt + FLOOR[q.dtype], f"kernel error {err:.3g} > 2 x PyTorch error {err_pt:.3g} + floor"
+    ref = R.block_sparse_attention(q.float(), k.float(), v.float(), plan)
+    torch.testing.assert_close(out.float(), ref, atol=2 * err_pt + FLOOR[q.dtype], rtol=0)
+    return out
+
+
+# -- cases ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("h_q,h_kv", [(2, 2), (4, 1), (8, 1)])
+def test_gqa_ratios_random_sparse_plan(dtype, h_q, h_kv):
+    q, k, v = qkv(1, h_q, h_kv, 256, 64, dtype)
+    plan = to_device(random_plan(1, h_q, h_kv, 256, 32, 64, p=0.3))
+    assert plan.density() < 0.8
+    check(q, k, v, plan)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["remap", "gather", "tma"])
+def test_perm_modes_odd_length_batch2(dtype, mode):
+    n = 203  # not a multiple of the block (32) or the segment (64)
+    q, k, v = qkv(2, 4, 2, n, 64, dtype, seed=1)
+    plan = to_device(random_plan(2, 4, 2, n, 32, 64, p=0.4, seed=1))
+    check(q, k, v, plan, perm_mode=mode)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [20, 50])
+def test_shorter_than_one_segment(dtype, n):
+    q, k, v = qkv(1, 3, 1, n, 64, dtype, seed=2)
+    plan = build_plan(q.float(), k.float(), SMALL)
+    check(q, k, v, plan)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_head_dim_128_and_per_head_permutation(dtype):
+    q, k, v = qkv(1, 4, 2, 160, 128, dtype, seed=3)
+    plan = to_device(random_plan(1, 4, 4, 160, 32, 64, p=0.5, seed=3))  # one perm per query head
+    check(q, k, v, plan)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_only_forced_blocks(dtype):
+    q, k, v = qkv(1, 4, 2, 230, 64, dtype, seed=4)
+    plan = build_plan(q.float(), k.float(), SMALL.replace(threshold=1e-6))
+    # forced per query block: own-segment causal blocks, plus the sink block outside segment 0
+    n_b, per_seg = plan.kv_num_blocks.shape[-1], 2
+    forced = torch.tensor([i % per_seg + 1 + (i >= per_seg) for i in range(n_b)], dtype=torch.int32)
+    assert torch.equal(plan.kv_num_blocks.cpu(), forced.expand_as(plan.kv_num_blocks.cpu()))
+    check(q, k, v, plan)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+def test_threshold_one_is_dense_causal(dtype, d):
+    n = 150
+    q, k, v = qkv(1, 4, 1, n, d, dtype, seed=5)
+    plan = build_plan(q.float(), k.float(), SMALL.replace(threshold=1.0))
+    assert plan.density() == 1.0
+    out = check(q, k, v, plan)
+    qd, kd, vd = (x.cpu().double() for x in (q, k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+    assert (out.cpu().double() - sdpa).abs().max().item() <= 2 * FLOOR[dtype] + 2e-3 * (dtype != torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 32)])
+def test_tiles_smaller_than_plan_blocks(dtype, block_m, block_n):
+    q, k, v = qkv(1, 2, 1, 190, 64, dtype, seed=6)
+    plan = to_device(random_plan(1, 2, 1, 190, 32, 64, p=0.5, seed=6))
+    check(q, k, v, plan, config={"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2})
+
+
+def test_plan_block_64_and_scale():
+    dtype = DTYPES[0]
+    q, k, v = qkv(1, 2, 1, 300, 64, dtype, seed=7)
+    plan = to_device(random_plan(1, 2, 1, 300, 64, 128, p=0.5, seed=7))
+    out = torch.full_like(q, float("nan"))
+    A.pbs_attention(q, k, v, plan, scale=0.05, out=out)
+    ref = R.block_sparse_attention(q.float(), k.float(), v.float(), plan, scale=0.05)
+    torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=0)
+
+
+def test_supports():
+    dtype = DTYPES[0]
+    assert A.supports(torch.empty(1, 2, 8, 64, dtype=dtype, device=DEVICE))
+    assert A.supports(torch.empty(1, 2, 8, 128, dtype=dtype, device=DEVICE))
+    assert not A.supports(torch.empty(1, 2, 8, 96, dtype=dtype, device=DEVICE))
+    assert not A.supports(torch.empty(2, 8, 64, dtype=dtype, device=DEVICE))
+    if not ON_GPU:
+        assert not A.supports(torch.empty(1, 2, 8, 64, dtype=torch.bfloat16))  # wrong in the interpreter
+
+
+def test_bad_inputs_say_what_to_do():
+    q, k, v = qkv(1, 2, 1, 64, 64, DTYPES[0])
+    plan = to_device(random_plan(1, 2, 1, 64, 32, 64, p=1.0))
+    with pytest.raises(ValueError, match="perm_mode"):
+        A.pbs_attention(q, k, v, plan, perm_mode="bogus")
+    with pytest.raises(ValueError, match="out must be"):
+        A.pbs_attention(q, k, v, plan, out=torch.empty(1, 2, 64, 32, dtype=q.dtype, device=DEVICE))
+    other = to_device(random_plan(1, 2, 1, 128, 32, 64, p=1.0))
+    with pytest.raises(ValueError, match="plan shape"):
+        A.pbs_attention(q, k, v, other)
