@@ -288,7 +288,6 @@ def command(
         models.quiet_transformers(debug_enabled())
         source = models.ModelSource(spec)
         ids = source.tokenizer()(text, add_special_tokens=True)["input_ids"]
-        longest = min(max(sizes), len(ids))
         too_long = [n for n in sizes if n > len(ids)]
         if too_long:
             err.print(f"document has {len(ids)} tokens: skipping --seq-len {', '.join(map(format_size, too_long))}",
@@ -297,6 +296,7 @@ def command(
         if not sizes_run:
             raise UsageError(f"document {doc_name!r} has only {len(ids)} tokens, fewer than every --seq-len; "
                              "pass a longer document or a shorter --seq-len")
+        longest = max(sizes_run)
         loaded = source.load(torch_dtype, str(dev), attn_implementation="sdpa")
         tokens = torch.tensor([ids[:longest]], device=loaded.model.device)
         with models.progress(f"capturing Q/K/V of layer(s) {','.join(map(str, layer_list))} over {longest} tokens"):
