@@ -105,15 +105,23 @@ def _check_weights_dir(path: Path, spec: str) -> None:
         raise UsageError(f"model {spec!r}: no *.safetensors weights in {str(path)!r}{hint}")
 
 
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache, read from the environment now (``HF_HUB_CACHE``, else ``$HF_HOME/hub``)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
 def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE
 
+    cache = hf_hub_cache()
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=str(cache)))
     except Exception:  # noqa: BLE001 - every miss means the same thing to the user
         raise UsageError(
-            f"model {repo_id!r} is not in the local Hugging Face cache ({HF_HUB_CACHE}) and pbs never "
+            f"model {repo_id!r} is not in the local Hugging Face cache ({cache}) and pbs never "
             f"downloads; on a connected machine run `hf download {repo_id}` and copy the cache here, "
             "or pass a local directory") from None
 
