@@ -84,11 +84,47 @@ def test_launch_reports_failed_rank_and_only_rank0_prints(capfd):
     assert "rank 1 of 2 failed (exit code 7): boom on rank 1" in err
 
 
-def test_launch_returns_rank0_code_without_repeating_its_message(capfd):
-    code = distributed.launch(2, [WORKER, "fail", "0", "4"])
-    _, err = capfd.readouterr()
-    assert code == 4
-    assert err.count("boom on rank 0") == 1 and "failed (exit code" not in err
+def test_cli_prefill_tp2_reports_once_with_merged_density(model_4q2kv, tmp_path):
+    """`pbs prefill --tp 2` re-launches itself on 2 gloo ranks: one JSON record (rank 0), the same
+    density per layer as one process, and the tensor-parallel size in the record."""
+    import inspect
+    import os
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from pbs_cli.app import app
+
+    doc = tmp_path / "doc.py"
+    doc.write_text(Path(inspect.getsourcefile(json.decoder)).read_text()[:2500])
+    args = ["prefill", str(doc), "--model", str(model_4q2kv), "--truncate", "--block-size", "32",
+            "--segment-size", "64", "--threshold", "0.7", "--json"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-m", "pbs_cli", *args, "--tp", "2"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    tp = json.loads(proc.stdout)  # exactly one JSON object: ranks != 0 print nothing
+    assert proc.stderr.count("model: ") == 1
+    one = json.loads(CliRunner().invoke(app, args).stdout)
+    assert tp["tensor_parallel"] == {"size": 2, "backend": "gloo"}
+    assert tp["prompt_tokens"] == one["prompt_tokens"] > 512
+    assert [ly["path"] for ly in tp["layers"]] == ["pbs", "pbs"]
+    assert [ly["density"] for ly in tp["layers"]] == pytest.approx([ly["density"] for ly in one["layers"]], abs=1e-9)
+    assert 0 < tp["density"] < 1
+
+
+def test_cli_refuses_tp2_for_9_query_3_kv_heads(tmp_path):
+    from typer.testing import CliRunner
+
+    from pbs_cli.app import app
+
+    model = build_tiny_model_dir(tmp_path / "m93", num_attention_heads=9, num_key_value_heads=3, hidden_size=144,
+                                 head_dim=16)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello world " * 50)
+    result = CliRunner().invoke(app, ["prefill", str(doc), "--model", str(model), "--tp", "2"])
+    assert result.exit_code == 2
+    assert "9 query heads and 3 KV heads" in result.stderr and "sizes that work: 1" in result.stderr
 
 
 # -- refusals and plumbing (no processes) --------------------------------------------------
