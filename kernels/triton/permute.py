@@ -8,6 +8,7 @@ O(B * H * N) (no (rows x N) score matrix): the importance is computed in two pas
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -19,6 +20,10 @@ from .permute_kernel import _importance_kernel, _row_stats_kernel
 # Keys per program of the row-statistics pass: enough programs to fill a GPU at long N while each
 # one still streams many key tiles (the spans are merged with a log-sum-exp on the host stream).
 _SPAN = 4096
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -45,6 +50,8 @@ def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: 
     d_pow2 = max(16, triton.next_power_of_2(d))
     ieee = q.dtype == torch.float32
     block_m, block_n = 64, 64
+    if _interpreting():  # the interpreter's cost is per operation: fewer, larger tiles
+        block_m, block_n = 128, 512
     num_warps = 4
 
     # -- pass 1: per row, max and sum of exponentials over spans of keys; merged into a log-sum-exp --
@@ -80,6 +87,9 @@ def compute_permutation(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, sca
     """
     b, h_q, n, _ = q.shape
     h_perm = h_q if config.per_head_permutation else k.shape[1]
+    if getattr(config, "uses_reference_selection", lambda: False)():
+        raise ValueError("this GPU path implements the published method only; options beyond it run "
+                         f"through pbs_kernels.permute (the reference), got {config}")
     if not config.permute or n < config.segment_size:
         return reference.identity_permutation(b, h_perm, n, q.device)
     imp = key_importance(q, k, config.block_size, config.per_head_permutation, scale)

@@ -82,6 +82,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     b, h_q, n, d = q.shape
     h_kv = k.shape[1]
     h_perm = perm.shape[1]
+    if getattr(config, "uses_reference_selection", lambda: False)():
+        raise ValueError("this GPU path implements the published method only; options beyond it run "
+                         f"through pbs_kernels.select (the reference), got {config}")
     if h_q % h_perm or h_perm % h_kv:
         raise ValueError(f"heads must nest: H_q={h_q}, H_perm={h_perm}, H_kv={h_kv} "
                          "(expected H_perm = H_kv or H_q, and H_q a multiple of H_kv)")
@@ -107,10 +110,12 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     # is per operation, not per element, so there one program takes many rows
     block_r = max(1, min(_tile_elements() // nb_pow2, triton.next_power_of_2(n_b)))
     d_pow2 = max(16, triton.next_power_of_2(d))
-    block_m = block_n = 32
-    # query blocks per chunk: a multiple of block_m whose score buffer fits in score_bytes
-    rows = max(block_m, (score_bytes // (4 * b * h_q * n_b)) // block_m * block_m)
-    rows = min(rows, triton.cdiv(n_b, block_m) * block_m)
+    block_m = block_n = 64 if _interpreting() else 32
+    # query blocks per chunk: as many as the score buffer holds within score_bytes (a multiple of
+    # block_m when more than one tile fits)
+    rows = max(1, min(n_b, score_bytes // (4 * b * h_q * n_b)))
+    if block_m < rows < n_b:
+        rows = rows // block_m * block_m
     scores = torch.empty(b * h_q, rows, n_b, dtype=torch.float32, device=q.device)
     keep_all = config.threshold >= 1.0
     for row0 in range(0, n_b, rows):  # fixed host-side chunking: no data-dependent branching
