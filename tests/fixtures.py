@@ -239,3 +239,76 @@ def assert_clean_outcome(result, allowed: set[int] | None = None) -> None:
         else:
             assert result.exit_code == 2 and "Usage:" in result.stderr, (
                 f"exit {result.exit_code} without an 'error:' line; stderr: {result.stderr[-800:]}")
+
+
+# -- a tiny GGUF (for the dequantization cache) ---------------------------------------------------
+
+
+def build_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """Write a tiny random Llama as a GGUF file (fp32 tensors, a GPT-2 style BPE tokenizer in the metadata)
+    that transformers loads with ``from_pretrained(dir, gguf_file=...)``, like the embedded model."""
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    scratch = path.with_suffix(".tokenizer")
+    tok = build_tokenizer(scratch)
+    backend = json.loads((scratch / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = backend["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]]
+    eos = tok.convert_tokens_to_ids(EOS)
+
+    rng = np.random.default_rng(seed)
+    head_dim = TINY_HIDDEN // TINY_HEADS
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-test-llama")
+    w.add_context_length(TINY_CONTEXT)
+    w.add_embedding_length(TINY_HIDDEN)
+    w.add_block_count(TINY_LAYERS)
+    w.add_feed_forward_length(2 * TINY_HIDDEN)
+    w.add_head_count(TINY_HEADS)
+    w.add_head_count_kv(TINY_KV_HEADS)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t == EOS else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(eos)
+    w.add_eos_token_id(eos)
+    w.add_add_bos_token(False)
+
+    def tensor(name: str, *shape: int) -> None:
+        data = (rng.standard_normal(shape) * 0.05).astype(np.float32) if len(shape) > 1 else np.ones(shape, np.float32)
+        w.add_tensor(name, data)
+
+    h, f, kv = TINY_HIDDEN, 2 * TINY_HIDDEN, TINY_KV_HEADS * head_dim
+    tensor("token_embd.weight", len(tokens), h)
+    tensor("output_norm.weight", h)
+    for i in range(TINY_LAYERS):
+        tensor(f"blk.{i}.attn_norm.weight", h)
+        tensor(f"blk.{i}.attn_q.weight", h, h)
+        tensor(f"blk.{i}.attn_k.weight", kv, h)
+        tensor(f"blk.{i}.attn_v.weight", kv, h)
+        tensor(f"blk.{i}.attn_output.weight", h, h)
+        tensor(f"blk.{i}.ffn_norm.weight", h)
+        tensor(f"blk.{i}.ffn_gate.weight", f, h)
+        tensor(f"blk.{i}.ffn_up.weight", f, h)
+        tensor(f"blk.{i}.ffn_down.weight", h, f)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    import shutil
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """A session-wide tiny GGUF file (copy it before corrupting or touching it)."""
+    return build_tiny_gguf(tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf")
