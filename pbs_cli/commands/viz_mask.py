@@ -8,8 +8,8 @@ kept only forced blocks, and whether the permutation helped or hurt the head at 
 
 from __future__ import annotations
 
+import contextlib
 import re
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -199,15 +199,31 @@ def _from_model(text: str, model_spec: str, profile, overrides, layer, layers, h
     with models.progress(f"running {spec.name} over {tokens.shape[1]} tokens"):
         captured = captured_qkv(loaded.model, tokens.to(loaded.device), layer_ids)
     views = []
-    with models.progress(f"planning and measuring {len(layer_ids) * len(head_ids)} head(s)"):
+    with _layer_progress(len(layer_ids), len(head_ids)) as advance:
         for li in layer_ids:
             q, k, _ = captured.pop(li)
             views.extend(mask_analysis.analyze(q.float(), k.float(), config, head_ids, layer=li))
+            advance()
     meta = {"shape": {"layers": n_layers, "heads": n_heads, "kv_heads": int(getattr(cfg, "num_key_value_heads", n_heads)),
                       "seq_len": int(tokens.shape[1]), "head_dim": views[0].head_dim},
             "model": spec.to_dict(), "device": dev, "dtype": str(torch_dtype).removeprefix("torch."),
             "workload": {"kind": "document", "tokens": int(tokens.shape[1])}}
     return views, meta, config, profile_name
+
+
+@contextlib.contextmanager
+def _layer_progress(n_layers: int, n_heads: int):
+    """A Rich progress bar on stderr (terminal only) advanced once per analysed layer."""
+    if not console.err.is_terminal or n_layers == 1:
+        with contextlib.nullcontext():
+            yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn(f"planning and measuring {n_heads} head(s) per layer"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=console.err, transient=True) as bar:
+        task = bar.add_task("layers", total=n_layers)
+        yield lambda: bar.advance(task)
 
 
 def _ranges(ids: list[int]) -> str:
