@@ -365,10 +365,11 @@ class Profiler:
 
             def dense_case(name=name, kk=kk, vv=vv, gqa=gqa, mode=mode) -> dict[str, Any]:
                 nonlocal dense_out, dense_name
-                call = lambda: sdpa_call(name, q, kk, vv, gqa, s.scale)  # noqa: E731
-                t = self._bench(call, device)
+                keep: dict[str, torch.Tensor] = {}
+                t = self._bench(lambda: keep.__setitem__("out", sdpa_call(name, q, kk, vv, gqa, s.scale)), device)
                 if dense_out is None:
-                    dense_out, dense_name = call(), name
+                    dense_out, dense_name = keep["out"], name
+                keep.clear()
                 return result(n, name, case.layer, **_timing_fields(t), attend_ms=t.median_ms, density=1.0,
                               tflops=flops / (t.median_ms * 1e9), tflops_computed=flops / (t.median_ms * 1e9),
                               notes="K/V expanded to H_q heads (no native GQA)" if mode == "expand" and h_q != h_kv else None)
@@ -405,7 +406,9 @@ class Profiler:
                 num, idx = select_blocks(q, k, perm, config, s.scale)
                 t_sel = self._bench(lambda: select_blocks(q, k, perm, config, s.scale), device, memory=False)
                 plan = PermutedBlockMask(perm, num, idx, config.block_size, config.segment_size, n)
-                t_att = self._bench(lambda: pbs_attention(q, k, v, plan, s.scale), device, memory=False)
+                keep: dict[str, torch.Tensor] = {}
+                t_att = self._bench(lambda: keep.__setitem__("out", pbs_attention(q, k, v, plan, s.scale)), device,
+                                    memory=False)
 
                 def total():
                     p = compute_permutation(q, k, config, s.scale)
@@ -414,7 +417,7 @@ class Profiler:
                                                                     config.segment_size, n), s.scale)
 
                 t_tot = self._bench(total, device)
-                out = pbs_attention(q, k, v, plan, s.scale)
+                out = keep.pop("out")
                 pbs_phases.update(permute=t_perm, select=t_sel, attend=t_att)
                 pbs_plan = plan
                 fields = quality(out, plan)
@@ -459,8 +462,10 @@ class Profiler:
                 def ref_case() -> dict[str, Any]:
                     t_plan = self._bench(lambda: reference.build_plan(q, k, config, s.scale), device, memory=False)
                     plan = reference.build_plan(q, k, config, s.scale)
-                    t_att = self._bench(lambda: reference.block_sparse_attention(q, k, v, plan, s.scale), device)
-                    out = reference.block_sparse_attention(q, k, v, plan, s.scale)
+                    keep: dict[str, torch.Tensor] = {}
+                    t_att = self._bench(lambda: keep.__setitem__("out", reference.block_sparse_attention(
+                        q, k, v, plan, s.scale)), device)
+                    out = keep.pop("out")
                     fields = quality(out, plan)
                     tot = t_plan.median_ms + t_att.median_ms
                     rec = result(n, "reference", case.layer, **_timing_fields(t_att), attend_ms=t_att.median_ms,

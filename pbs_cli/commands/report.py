@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..console import command_boundary, err, out
+from ..console import command_boundary, fail
 from ..errors import RUNTIME, UsageError
 from .profile import print_table
 from ..report_formats import compare, compare_table, describe, load, render, rich_table
@@ -63,6 +63,5 @@ def compare_cmd(
         if slower:
             worst = max(slower, key=lambda r: r["delta_pct"])
             noise = " (within the runs' spread: rerun with more --iters to confirm)" if worst["noise"] else ""
-            err.print(f"{backend} got slower than {fail_if_slower:g}% at {len(slower)} length(s); worst "
-                      f"{worst['delta_pct']:+.1f}% at N={worst['seq_len']}{noise}", highlight=False, markup=False)
-            raise typer.Exit(RUNTIME)
+            raise fail(f"{backend} got slower by more than {fail_if_slower:g}% at {len(slower)} length(s); worst "
+                       f"{worst['delta_pct']:+.1f}% at N={worst['seq_len']}{noise}", RUNTIME)
