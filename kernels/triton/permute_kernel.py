@@ -29,15 +29,15 @@ def _row_stats_kernel(
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
-    b = pid_bh // H_q
-    h = pid_bh % H_q
+    b = (pid_bh // H_q).to(tl.int64)  # 64-bit offsets: (B, H, N, D) tensors pass 2**31 elements at 512K
+    h = (pid_bh % H_q).to(tl.int64)
     hk = h // G
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row index among the last `rows` queries
     offs_d = tl.arange(0, D_POW2)
     row_ok = offs_m < rows
     q_pos = n_keys - rows + offs_m
-    q_ptrs = Q + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_qn + offs_d[None, :]
+    q_ptrs = Q + b * stride_qb + h * stride_qh + q_pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -47,7 +47,7 @@ def _row_stats_kernel(
     hi = tl.minimum(lo + span, n_keys)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                     mask=(offs_n[:, None] < hi) & (offs_d[None, :] < HEAD_DIM), other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -63,7 +63,7 @@ def _row_stats_kernel(
         l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
         m_i = m_new
 
-    out = (pid_bh * n_spans + pid_s) * rows + offs_m
+    out = (pid_bh.to(tl.int64) * n_spans + pid_s) * rows + offs_m
     tl.store(M_OUT + out, m_i, mask=row_ok)
     tl.store(L_OUT + out, l_i, mask=row_ok)
 
@@ -80,14 +80,14 @@ def _importance_kernel(
     # grid: (cdiv(n_keys, BLOCK_N), B * H_perm); permutation head hp serves query heads hp*GP .. hp*GP+GP-1
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H_perm
-    hp = pid_bh % H_perm
+    b = (pid_bh // H_perm).to(tl.int64)  # 64-bit offsets, as above
+    hp = (pid_bh % H_perm).to(tl.int64)
     hk = hp // PERM_PER_KV
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_POW2)
     key_ok = offs_n < n_keys
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                 mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
     acc = tl.zeros([BLOCK_N], tl.float32)
@@ -99,7 +99,7 @@ def _importance_kernel(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < rows
             q_pos = n_keys - rows + offs_m
-            q = tl.load(q_base + q_pos[:, None] * stride_qn + offs_d[None, :],
+            q = tl.load(q_base + q_pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
                         mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
             if IEEE:
@@ -111,4 +111,4 @@ def _importance_kernel(
             valid = row_ok[:, None] & key_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
             acc += tl.sum(tl.where(valid, p, 0.0), 0)
 
-    tl.store(OUT + pid_bh * n_keys + offs_n, acc * inv_count, mask=key_ok)
+    tl.store(OUT + pid_bh.to(tl.int64) * n_keys + offs_n, acc * inv_count, mask=key_ok)

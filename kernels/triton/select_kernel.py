@@ -35,8 +35,8 @@ def _pool_kernel(
     # output head h reads input head h // OUT_PER_X
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H_out
-    h = pid_bh % H_out
+    b = (pid_bh // H_out).to(tl.int64)  # 64-bit offsets: (B, H, N, D) tensors pass 2**31 elements at 512K
+    h = (pid_bh % H_out).to(tl.int64)
     hx = h // OUT_PER_X
 
     slots = pid * NBLK * BLOCK + tl.arange(0, NBLK * BLOCK)
@@ -51,7 +51,7 @@ def _pool_kernel(
     sums = tl.sum(tl.reshape(x.to(tl.float32), [NBLK, BLOCK, D_POW2]), 1)  # (NBLK, D_POW2)
     blk = pid * NBLK + tl.arange(0, NBLK)
     count = tl.minimum(BLOCK, n - blk * BLOCK).to(tl.float32)  # the partial last block: its real rows
-    tl.store(OUT + (pid_bh * n_blocks + blk[:, None]) * HEAD_DIM + offs_d[None, :], sums / count[:, None],
+    tl.store(OUT + (pid_bh.to(tl.int64) * n_blocks + blk[:, None]) * HEAD_DIM + offs_d[None, :], sums / count[:, None],
              mask=(blk[:, None] < n_blocks) & (offs_d[None, :] < HEAD_DIM))
 
 
