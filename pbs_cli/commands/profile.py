@@ -12,7 +12,7 @@ from typing import Annotated, Any, TextIO
 
 import typer
 
-from .. import presets, reports
+from .. import distributed, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import OutOfMemory, UsageError
 from ..profiling import BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped, summarize
@@ -228,6 +228,9 @@ def command(
                                                 "extension: .json .jsonl .csv .md .html.")] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Also save an HTML report with plots.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite output files that exist.")] = False,
+    tp: Annotated[int | None, typer.Option("--tp", min=1, help="Tensor-parallel size: each of N ranks (one GPU "
+                                           "each, re-launched through torch.distributed) times its H/N heads; "
+                                           "times are the slowest rank's.")] = None,
 ) -> None:
     import torch
 
@@ -238,6 +241,13 @@ def command(
     chosen = [name for name, on in (("json", as_json), ("jsonl", as_jsonl), ("csv", as_csv), ("markdown", as_markdown)) if on]
     if len(chosen) > 1:
         raise UsageError(f"choose one stdout format, got --{' --'.join(chosen)}")
+    # -- tensor parallel (pbs_cli.distributed): re-run on N ranks, each timing its own heads --
+    distributed.check_launch_environment(tp or distributed.env_world_size(), device)
+    tp_size = tp or distributed.env_world_size()
+    if distributed.needs_launch(tp):
+        _check_tp_shape(tp, model, heads, kv_heads, from_model)
+        distributed.relaunch(tp)  # exits with the ranks' exit code
+    tpi = distributed.tp_context(tp, device)
     dev = torch.device(models.resolve_device(device))
     torch_dtype = models.resolve_dtype(dtype, str(dev))
     sizes = parse_sizes(seq_len if seq_len is not None else DEFAULT_LENGTHS["cuda" if dev.type == "cuda" else "cpu"])
@@ -250,7 +260,8 @@ def command(
                                                   segment_size=segment_size)
     if trace is not None:
         reports.check_output_path(trace, force)
-    outputs = _Outputs(chosen[0] if chosen else None, output, html, force)
+    outputs = (_Outputs(chosen[0] if chosen else None, output, html, force) if tpi.is_main
+               else _Outputs(None, None, None, force))  # tensor parallel: rank 0 alone writes
     if from_model is not None:
         if doc is None:
             raise UsageError("--from-model needs --doc FILE (the text to run the model on)")
@@ -271,6 +282,7 @@ def command(
             shape_source = "flags" if model is None else shape_source + " with flags"
     if shape["heads"] % shape["kv_heads"]:
         raise UsageError(f"--heads ({shape['heads']}) must be a multiple of --kv-heads ({shape['kv_heads']})")
+    distributed.check_tp_size(tp_size, shape["heads"], shape["kv_heads"], name=shape_source)
 
     settings = Settings(config=config, backends=names, warmup=warmup, iters=iters, budget_s=budget,
                         recall_rows=recall_rows, reference_max_len=reference_max_len, seed=seed)
@@ -309,6 +321,7 @@ def command(
         shape = {"batch": 1, "heads": q0.shape[1], "kv_heads": next(iter(captured.values()))[1].shape[1],
                  "head_dim": q0.shape[3]}
         shape_source = f"captured from {spec.name}"
+        distributed.check_tp_size(tp_size, shape["heads"], shape["kv_heads"], name=spec.name)
         torch_dtype = q0.dtype
         workload = {"source": "model", "model": spec.to_dict(), "document": doc_name, "document_tokens": len(ids),
                     "layers": sorted(captured)}
@@ -317,7 +330,7 @@ def command(
 
     doc_rec = reports.envelope(
         "profile", device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
-        shape={**shape, "source": shape_source}, profile=profile_name, pbs=config.to_dict(), workload=workload,
+        shape={**shape, "source": shape_source}, tensor_parallel=tpi.to_dict(), profile=profile_name, pbs=config.to_dict(), workload=workload,
         seq_lens=sizes, backends=list(names),
         measurement={"warmup": warmup, "min_repeats": iters, "budget_s": budget, "recall_rows": recall_rows,
                      "timer": "cuda events" if dev.type == "cuda" else "time.perf_counter"},
@@ -350,8 +363,9 @@ def command(
                         recs = [skipped(n, x, reason) for x in names]
                     else:
                         recs = _run_length(n, captured, profiler, settings, shape, torch_dtype, dev, pattern, seed,
-                                           trace)
+                                           trace if tpi.is_main else None)
                         traced = traced or (trace is not None and any(r["backend"] == "pbs" and r["status"] == "ok" for r in recs))
+                recs = distributed.merge_profile_records(recs)  # tensor parallel: all heads, slowest rank
                 results.extend(recs)
                 outputs.records(recs)
                 progress.advance(task)
@@ -368,6 +382,25 @@ def command(
             raise OutOfMemory("no length fit in memory; try a shorter --seq-len, fewer heads or --dtype bfloat16")
 
 
+def _check_tp_shape(tp: int, model: str | None, heads: int | None, kv_heads: int | None,
+                    from_model: str | None) -> None:
+    """Before launching ranks: refuse a --tp that does not divide the heads of the profiled shape."""
+    from .. import models
+
+    if from_model is not None:
+        spec = models.resolve_model(from_model)
+        h, hk, _, _ = distributed.model_dims(models.ModelSource(spec).config())
+        name = spec.name
+    else:
+        h, hk, name = DEFAULT_SHAPE["heads"], DEFAULT_SHAPE["kv_heads"], "the default Llama-3.1-8B shape"
+        if model is not None:
+            shape, name = shape_from_model(model)
+            h, hk = shape["heads"], shape["kv_heads"]
+        if heads or kv_heads:
+            h, hk, name = heads or h, kv_heads or hk, "--heads/--kv-heads"
+    distributed.check_tp_size(tp, h, hk, name=name)
+
+
 def _run_length(n: int, captured, profiler: Profiler, settings: Settings, shape: dict[str, int], dtype, dev,
                 pattern: str, seed: int, trace: Path | None) -> list[dict[str, Any]]:
     """All cases of one length: generate (or slice) Q/K/V, run the profiler, optionally trace."""
@@ -379,11 +412,11 @@ def _run_length(n: int, captured, profiler: Profiler, settings: Settings, shape:
     try:
         if captured is not None:
             for layer, (q, k, v) in captured.items():
-                cases.append(Case(q[:, :, :n].contiguous(), k[:, :, :n].contiguous(), v[:, :, :n].contiguous(), layer))
+                cases.append(Case(*distributed.local_heads(q[:, :, :n], k[:, :, :n], v[:, :, :n]), layer))
         else:
             q, k, v = synthetic_qkv(shape["batch"], shape["heads"], shape["kv_heads"], n, shape["head_dim"],
                                     seed=seed, dtype=dtype, device=dev, pattern=pattern)
-            cases.append(Case(q, k, v))
+            cases.append(Case(*distributed.local_heads(q, k, v)))  # tensor parallel: this rank's heads
     except Exception as exc:  # noqa: BLE001
         if not is_oom(exc):
             raise
