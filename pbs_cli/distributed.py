@@ -440,3 +440,85 @@ def load_kwargs_for_tp(n: int) -> dict[str, Any]:
     from transformers.distributed import DistributedConfig
 
     return {"distributed_config": DistributedConfig(tp_size=n, tp_plan="auto")}
+
+
+# -- attention-only profiling (`pbs profile --tp N`): each rank times its own heads ------------
+
+
+def local_heads(q, k, v, info: TPInfo | None = None):
+    """This rank's heads, as transformers' column-wise plan shards them: contiguous chunks of H_q / N query
+    heads and H_kv / N KV heads (each query group keeps its KV head). q (B, H_q, N, D), k/v (B, H_kv, N, D)."""
+    info = info or current()
+    if not info.active:
+        return q, k, v
+    hq, hk = q.shape[1] // info.size, k.shape[1] // info.size
+    r = info.rank
+    return (q[:, r * hq:(r + 1) * hq].contiguous(), k[:, r * hk:(r + 1) * hk].contiguous(),
+            v[:, r * hk:(r + 1) * hk].contiguous())
+
+
+_MAX_FIELDS = ("median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms", "permute_ms", "select_ms", "attend_ms",
+               "peak_mem_mib")
+_MEAN_FIELDS = ("density", "recall_mean")
+
+
+def merge_profile_records(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge ``pbs profile`` result records of all ranks (each timed its own heads) into whole-model records.
+
+    Per (seq_len, layer, backend): times and peak memory are the slowest rank's; density and mean recall the
+    mean over ranks (exact: every rank has as many heads of the same length); minimum recall the minimum;
+    relative L2 error the root mean square; TFLOP/s the FLOPs of all heads over the slowest time; speedups are
+    recomputed against the best merged dense backend. A record skipped on any rank is skipped. Collective:
+    every rank must call it once per length. Identity outside a distributed run.
+    """
+    if not _distributed():
+        return recs
+    import torch.distributed as dist
+
+    gathered: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, recs)
+    key = lambda r: (r["seq_len"], r.get("layer"), r["backend"])  # noqa: E731
+    by_rank = [{key(r): r for r in rank_recs or []} for rank_recs in gathered]
+    merged: list[dict[str, Any]] = []
+    for rec in recs:
+        parts = [m[key(rec)] for m in by_rank if key(rec) in m]
+        bad = next((p for p in parts if p["status"] != "ok"), None)
+        if bad is not None or len(parts) != len(by_rank):
+            merged.append(dict(bad if bad is not None else rec, status="skipped",
+                               reason=(bad or {}).get("reason") or "not run on every rank"))
+            continue
+        m = dict(rec)
+        for f in _MAX_FIELDS:
+            vals = [p[f] for p in parts if p.get(f) is not None]
+            m[f] = max(vals) if vals else None
+        for f in _MEAN_FIELDS:
+            vals = [p[f] for p in parts if p.get(f) is not None]
+            m[f] = sum(vals) / len(vals) if len(vals) == len(parts) else None
+        vals = [p["recall_min"] for p in parts if p.get("recall_min") is not None]
+        m["recall_min"] = min(vals) if vals else None
+        vals = [p["rel_l2_error"] for p in parts if p.get("rel_l2_error") is not None]
+        m["rel_l2_error"] = math.sqrt(sum(x * x for x in vals) / len(vals)) if len(vals) == len(parts) else None
+        vals = [p["repeats"] for p in parts if p.get("repeats") is not None]
+        m["repeats"] = min(vals) if vals else None
+        # FLOPs of rank r = tflops_r * time_r (time it was computed with); all heads over the slowest time
+        for f, t in (("tflops", "median_ms"), ("tflops_computed", "attend_ms")):
+            if all(p.get(f) is not None and p.get(t) for p in parts) and m.get(t):
+                m[f] = sum(p[f] * p[t] for p in parts) / m[t]
+        merged.append(m)
+    # speedups against the best merged dense backend of each (seq_len, layer)
+    from .profiling import DENSE_BACKENDS
+
+    for rec in merged:
+        rec["speedup"], rec["best_dense"] = None, None
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for rec in merged:
+        groups.setdefault((rec["seq_len"], rec.get("layer")), []).append(rec)
+    for group in groups.values():
+        dense = [r for r in group if r["backend"] in DENSE_BACKENDS and r["status"] == "ok" and r.get("median_ms")]
+        if not dense:
+            continue
+        best = min(dense, key=lambda r: r["median_ms"])
+        for rec in group:
+            if rec["status"] == "ok" and rec.get("median_ms"):
+                rec["best_dense"], rec["speedup"] = best["backend"], best["median_ms"] / rec["median_ms"]
+    return merged

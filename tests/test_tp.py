@@ -186,3 +186,48 @@ def test_torchrun_command_for_docs():
     assert distributed.torchrun_command(2, ["prefill", "my doc.txt", "--tp", "2"]) == (
         "torchrun --nproc-per-node=2 --standalone -m pbs_cli prefill 'my doc.txt' --tp 2")
     assert "--nnodes=2 --rdzv-backend=c10d" in distributed.torchrun_command(8, ["prefill", "d"], nnodes=2)
+
+
+def test_merge_profile_records_whole_model_from_rank_halves(monkeypatch):
+    """Two ranks' records of one length -> slowest time, mean density/recall, min recall, all-head TFLOP/s,
+    speedup against the best merged dense backend; a backend skipped on one rank is skipped."""
+    import torch.distributed as dist
+
+    from pbs_cli.profiling import result
+
+    def rank_recs(rank):
+        t = 10.0 + rank  # rank 1 is slower
+        return [
+            result(4096, "sdpa-flash", median_ms=2 * t, attend_ms=2 * t, density=1.0, tflops=1.0, tflops_computed=1.0),
+            result(4096, "pbs", median_ms=t, attend_ms=t / 2, permute_ms=0.1 * t, select_ms=0.2, density=0.2 + 0.2 * rank,
+                   recall_mean=0.9 + 0.05 * rank, recall_min=0.5 + 0.3 * rank, rel_l2_error=0.03 + 0.01 * rank,
+                   tflops=2.0, tflops_computed=0.8, repeats=5 + rank),
+            result(4096, "flex", status="skipped", reason="no flex here") if rank else
+            result(4096, "flex", median_ms=3.0, density=0.2),
+        ]
+
+    monkeypatch.setattr(distributed, "_distributed", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [rank_recs(0), rank_recs(1)]))
+    merged = {r["backend"]: r for r in distributed.merge_profile_records(rank_recs(0))}
+
+    pbs, flash = merged["pbs"], merged["sdpa-flash"]
+    assert pbs["median_ms"] == 11.0 and pbs["attend_ms"] == 5.5 and pbs["permute_ms"] == pytest.approx(1.1)
+    assert pbs["density"] == pytest.approx(0.3) and pbs["recall_mean"] == pytest.approx(0.925)
+    assert pbs["recall_min"] == 0.5 and pbs["repeats"] == 5
+    assert pbs["rel_l2_error"] == pytest.approx(((0.03**2 + 0.04**2) / 2) ** 0.5)
+    # FLOPs: rank r did tflops * time; all of it over the slowest time
+    assert pbs["tflops"] == pytest.approx((2.0 * 10 + 2.0 * 11) / 11)
+    assert pbs["tflops_computed"] == pytest.approx((0.8 * 5 + 0.8 * 5.5) / 5.5)
+    assert flash["median_ms"] == 22.0 and pbs["best_dense"] == "sdpa-flash" and pbs["speedup"] == pytest.approx(2.0)
+    assert merged["flex"]["status"] == "skipped" and merged["flex"]["reason"] == "no flex here"
+
+
+def test_profile_refuses_tp_that_does_not_divide_heads():
+    from typer.testing import CliRunner
+
+    from pbs_cli.app import app
+
+    result = CliRunner().invoke(app, ["profile", "--heads", "12", "--kv-heads", "4", "--tp", "8"])
+    assert result.exit_code == 2
+    assert "12 query heads and 4 KV heads" in result.stderr and "sizes that work: 1, 2, 4" in result.stderr
