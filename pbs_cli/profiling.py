@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -340,9 +341,15 @@ class Profiler:
             try:
                 recs[name] = fn()
             except Exception as exc:  # noqa: BLE001 - one backend failing must not end the sweep
-                if not is_oom(exc):
-                    raise
-                recs[name] = skipped(n, name, f"out of memory ({str(exc).splitlines()[0][:120]})", case.layer)
+                first = str(exc).splitlines()[0][:160] if str(exc) else ""
+                if is_oom(exc):
+                    recs[name] = skipped(n, name, f"out of memory ({first})", case.layer)
+                else:
+                    from .console import debug_enabled
+
+                    if debug_enabled():
+                        traceback.print_exc()
+                    recs[name] = skipped(n, name, f"failed: {type(exc).__name__}: {first}", case.layer)
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
