@@ -280,8 +280,7 @@ def command(
                                            "(re-runs this command on N ranks through torch.distributed; query and "
                                            "KV heads must divide by N). Under torchrun: the world size.")] = None,
 ) -> None:
-    """Prefill DOC with PBS attention and report time, tokens/s, density per layer and, with --compare-dense,
-    the speedup and fidelity against dense SDPA."""
+    """Prefill DOC with PBS attention: time, tokens/s, density per layer; --compare-dense adds speedup and fidelity."""
     # -- validate everything before loading the model --
     if output is not None:
         reports.check_output_path(output, force)
