@@ -17,10 +17,10 @@ import triton.language as tl
 # Ranking key of a candidate block (int64): [probability bits:30 | 0xFFFFF - block:20]. fp32
 # probabilities in [0, 1] are bit patterns below 2**30 that order like the values; the inverted
 # block index ranks ties by ascending block index, as the reference's stable sort does.
-_INDEX_BITS: tl.constexpr = 20
-_INDEX_MASK: tl.constexpr = 0xFFFFF
-_KEY_BITS: tl.constexpr = 50
-_KEY_END: tl.constexpr = 1 << 50
+_INDEX_BITS = tl.constexpr(20)
+_INDEX_MASK = tl.constexpr(0xFFFFF)
+_KEY_BITS = tl.constexpr(50)
+_KEY_END = tl.constexpr(1 << 50)
 
 
 @triton.jit
