@@ -78,6 +78,7 @@ class Settings:
     reference_max_len: int = 16384
     seed: int = 0
     scale: float | None = None
+    explicit_backends: bool = False  # the user named the backends (time "reference" even where pbs == reference)
 
 
 def result(seq_len: int, backend: str, layer: int | None = None, **fields: Any) -> dict[str, Any]:
@@ -462,7 +463,12 @@ class Profiler:
                 guarded("flex", flex_case)
 
         if "reference" in s.backends:
-            if n > s.reference_max_len:
+            from pbs_kernels.backend import use_triton
+
+            if not s.explicit_backends and not use_triton(q):
+                recs["reference"] = skipped(n, "reference", "pbs runs this same PyTorch reference path on "
+                                            f"{device.type}; name it in --backends to time it twice", case.layer)
+            elif n > s.reference_max_len:
                 recs["reference"] = skipped(n, "reference", f"N={n} > --reference-max-len {s.reference_max_len} "
                                             "(the plain-PyTorch twin is slow; raise the limit to time it)", case.layer)
             else:

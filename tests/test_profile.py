@@ -68,6 +68,8 @@ def test_cpu_sweep_lists_dense_and_pbs_with_density_speedup_recall(sweep):
         for name in ("sdpa-cudnn", "sdpa-efficient", "flex"):
             rec = _rec(doc, n, name)
             assert rec["status"] == "skipped" and "CUDA" in rec["reason"]
+        # on CPU pbs already is the reference path: not timed twice unless named
+        assert _rec(doc, n, "reference")["status"] == "skipped" and "same" in _rec(doc, n, "reference")["reason"]
     assert "pbs" in doc["summary"]["break_even"]
 
 
@@ -138,6 +140,17 @@ def test_output_extension_picks_the_format(tmp_path):
         assert_clean_outcome(result, {0})
         assert check(target.read_text()), ext
         assert "sdpa-math" in result.stdout  # the table still goes to stdout
+
+
+def test_named_reference_runs_and_jsonl_streams_to_stdout():
+    result = invoke(["profile", "--seq-len", "512", *SHAPE, *FAST, "--backends", "reference,sdpa-math", "--jsonl"])
+    assert_clean_outcome(result, {0})
+    lines = [json.loads(x) for x in result.stdout.splitlines()]
+    assert lines[0]["record"] == "header" and [x["backend"] for x in lines[1:]] == ["reference", "sdpa-math"]
+    ref = lines[1]
+    q, k, _ = synthetic_qkv(1, 4, 2, 512, 64, seed=0)
+    assert ref["status"] == "ok" and ref["density"] == pytest.approx(reference.build_plan(q, k, PBSConfig()).density())
+    assert ref["speedup"] == pytest.approx(lines[2]["median_ms"] / ref["median_ms"])
 
 
 def test_trace_has_the_named_phase_ranges(sweep):

@@ -285,7 +285,8 @@ def command(
     distributed.check_tp_size(tp_size, shape["heads"], shape["kv_heads"], name=shape_source)
 
     settings = Settings(config=config, backends=names, warmup=warmup, iters=iters, budget_s=budget,
-                        recall_rows=recall_rows, reference_max_len=reference_max_len, seed=seed)
+                        recall_rows=recall_rows, reference_max_len=reference_max_len, seed=seed,
+                        explicit_backends=backends is not None)
 
     # -- captured workload: one forward at the longest length, prefixes for shorter ones --
     captured: dict[int, tuple] | None = None
