@@ -16,7 +16,7 @@ import triton.language as tl
 
 # Ranking key of a candidate block (int64): [probability bits:30 | 0xFFFFF - block:20]. fp32
 # probabilities in [0, 1] are bit patterns below 2**30 that order like the values; the inverted
-# block index ranks ties by ascending block index, as the reference's stable sort does.
+# block index (j ^ 0xFFFFF = 0xFFFFF - j) ranks ties by ascending block index, as the reference's stable sort does.
 _INDEX_BITS = tl.constexpr(20)
 _INDEX_MASK = tl.constexpr(0xFFFFF)
 _KEY_BITS = tl.constexpr(50)
@@ -123,7 +123,7 @@ def _top_p_kernel(
     # Top-p keeps a prefix of that ranking: a non-forced candidate j is kept when the mass ranked
     # before it, F + sum(p_k : key_k > key_j), is below the threshold (F = mass of the forced
     # blocks). The prefix is found by bisection on the key, per row, instead of a sort.
-    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << _INDEX_BITS) | (_INDEX_MASK - j).to(tl.int64)
+    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << _INDEX_BITS) | (j.to(tl.int64) ^ _INDEX_MASK)
     free = candidate & ~forced
     if KEEP_ALL:
         keep = candidate | forced
