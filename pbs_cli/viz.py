@@ -250,7 +250,8 @@ def render_head(view, width: int, color: bool, source: str = "synthetic") -> Ren
     header = fit_parts(title_parts(view, source), width)
     for line in header:
         line.stylize(style)
-    numbers = fit_parts(numbers_line(view.stats).split(" · ") + permutation_phrase(view.stats).split(" vs "), width)
+    verdict, _, versus = permutation_phrase(view.stats).partition(" vs ")
+    numbers = fit_parts(numbers_line(view.stats).split(" · ") + [verdict] + ([f"vs {versus}"] if versus else []), width)
     tail = fit_parts([*legend, scale, "rows: query blocks, columns: key blocks"], width)
     return Group(*header, *numbers, grid, *tail)
 
@@ -315,7 +316,7 @@ def render_overview(stats: Sequence, width: int, color: bool) -> RenderableType:
              f"neutral {counts['neutral']} ·"]
     key = ("cells: density % per head" + ("; colour = recall (red ≤ 80%, green 100%)" if color else "")
            if not compact else f"cells: density {PLAIN_RAMP} (0-25-50-75-100%)" + ("; colour = recall" if color else ""))
-    return Group(table, *fit_parts(parts + [key], width))
+    return Group(table, *fit_parts(parts, width), *fit_parts([key], width))
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -425,14 +426,15 @@ def overview_figure(stats: Sequence, title: str):
         i, j = layers.index(s.layer), heads.index(s.head)
         grids["density"][i, j] = s.density
         grids["recall"][i, j] = s.recall
-        grids["gain"][i, j] = np.nan if s.recall_gain is None else s.recall_gain
-    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.1 * len(heads) * 3, 2 + 0.35 * len(layers)), constrained_layout=True,
+        grids["gain"][i, j] = np.nan if s.recall_gain is None else 100 * s.recall_gain  # points
+    panel_w = 1.6 + 0.42 * len(heads)
+    fig, axes = plt.subplots(1, 3, figsize=(3 * panel_w + 1.0, 2.2 + 0.28 * len(layers)), constrained_layout=True,
                              squeeze=False)
     axes = axes[0]
-    lim = np.nanmax(np.abs(grids["gain"])) if np.isfinite(grids["gain"]).any() else 0.01
+    lim = np.nanmax(np.abs(grids["gain"])) if np.isfinite(grids["gain"]).any() else 1.0
     specs = (("density", "density (kept / causal blocks)", "viridis", 0, 1),
              ("recall", "attention mass recall", "RdYlGn", min(0.8, np.nanmin(grids["recall"])), 1),
-             ("gain", "recall gain from permutation (equal density)", "RdBu", -max(lim, 1e-3), max(lim, 1e-3)))
+             ("gain", "recall gain from permutation at equal density (pts)", "RdBu", -max(lim, 0.1), max(lim, 0.1)))
     for ax, (key, name, cmap, lo, hi) in zip(axes, specs):
         img = ax.imshow(grids[key], cmap=cmap, vmin=lo, vmax=hi, aspect="auto", interpolation="nearest")
         ax.set_title(name, fontsize=10)
@@ -444,7 +446,7 @@ def overview_figure(stats: Sequence, title: str):
         if shape[0] * shape[1] <= 120:
             for (i, j), v in np.ndenumerate(grids[key]):
                 if np.isfinite(v):
-                    ax.text(j, i, f"{100 * v:.0f}" if key != "gain" else f"{100 * v:+.1f}", ha="center",
+                    ax.text(j, i, f"{100 * v:.0f}" if key != "gain" else f"{v:+.1f}", ha="center",
                             va="center", fontsize=7, color="black")
     fig.suptitle(title, fontsize=11)
     return fig

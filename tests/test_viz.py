@@ -337,3 +337,32 @@ def test_cli_on_a_document_with_a_tiny_model(offline_env, tiny_model_dir, tmp_pa
     grid = invoke([*base, "--layers", "all", "--heads", "all"], env=NO_COLOR)
     assert_clean_outcome(grid, {0})
     assert "8 heads" in grid.stdout
+
+
+@pytest.mark.slow
+def test_cli_real_model_numbers_match_reference(tmp_path):
+    """The embedded SmolLM2: the printed JSON recall equals the kernels' own attention_recall on the
+    same captured layer, and the PNG is written."""
+    import argparse
+    import inspect
+
+    from pbs_cli import models
+    from pbs_cli.workloads import captured_qkv
+
+    doc = tmp_path / "argparse.txt"
+    doc.write_text(open(inspect.getsourcefile(argparse)).read())
+    png = tmp_path / "layer10.png"
+    result = invoke(["viz-mask", str(doc), "--model", "llama", "--layer", "10", "--head", "2", "--seq-len", "1k",
+                     "--png", str(png), "--json"], env={"HF_HUB_OFFLINE": "1", **NO_COLOR})
+    assert_clean_outcome(result, {0})
+    (head,) = json.loads(result.stdout)["heads"]
+    assert _png_size(png.read_bytes())[0] > 1500
+
+    source = models.ModelSource(models.resolve_model("llama"))
+    tokens = source.tokenizer()(doc.read_text(), return_tensors="pt")["input_ids"][:, :1024]
+    loaded = source.load(torch.float32, "cpu", attn_implementation="sdpa")
+    q, k, _ = captured_qkv(loaded.model, tokens, [10])[10]
+    plan = build_plan(q.float(), k.float(), PBSConfig())
+    recall = ref.attention_recall(q.float(), k.float(), plan, torch.arange(1024)).mean(-1)[0, 2].item()
+    assert head["recall"] == pytest.approx(recall, abs=1e-4)
+    assert head["density"] == pytest.approx(plan.density_per_head()[0, 2].item(), abs=1e-6)
