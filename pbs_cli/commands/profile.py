@@ -128,6 +128,14 @@ class _Outputs:
         elif self.stdout_fmt is None:
             print_table(rich_table(doc))
 
+    def discard_files(self) -> None:
+        """Write no files: remove the JSONL file this run created, forget -o and --html."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            Path(self._jsonl.name).unlink(missing_ok=True)
+            self._jsonl = None
+        self.output = self.html = None
+
     def close(self) -> None:
         if self._jsonl is not None and not self._jsonl.closed:
             self._jsonl.close()
@@ -367,6 +375,11 @@ def command(
                                            trace if tpi.is_main else None)
                         traced = traced or (trace is not None and any(r["backend"] == "pbs" and r["status"] == "ok" for r in recs))
                 recs = distributed.merge_profile_records(recs)  # tensor parallel: all heads, slowest rank
+                for r in recs:  # a backend that ran out of memory or failed: say so now, the sweep goes on
+                    why = r.get("reason") or ""
+                    if r["status"] != "ok" and why.startswith(("out of memory", "failed:")):
+                        where = format_size(n) + (f" layer {r['layer']}" if r.get("layer") is not None else "")
+                        err.print(f"skipping {r['backend']} at N={where}: {why}", highlight=False, markup=False)
                 results.extend(recs)
                 outputs.records(recs)
                 progress.advance(task)
@@ -374,13 +387,19 @@ def command(
         outputs.close()  # finished JSONL lines stay on disk
         raise
     doc_rec["summary"] = summarize(results)
+    nothing_fit = bool(results) and all(
+        r["status"] != "ok" and ("GiB" in (r.get("reason") or "") or "out of memory" in (r.get("reason") or ""))
+        for r in results)
+    if nothing_fit:
+        # no report of nothing but failures: drop this run's JSONL file, write no -o/--html file
+        outputs.discard_files()
     outputs.finish(doc_rec)
     if trace is not None:
         err.print(f"saved {trace}" if traced else "no trace written: pbs did not run at any length",
                   highlight=False, markup=False)
-    if results and all(r["status"] != "ok" for r in results):
-        if all("GiB" in (r.get("reason") or "") or "out of memory" in (r.get("reason") or "") for r in results):
-            raise OutOfMemory("no length fit in memory; try a shorter --seq-len, fewer heads or --dtype bfloat16")
+    if nothing_fit:
+        raise OutOfMemory(f"no length fit in memory (tried {', '.join(map(format_size, sizes))}); try a shorter "
+                          "--seq-len, fewer heads or --dtype bfloat16")
 
 
 def _check_tp_shape(tp: int, model: str | None, heads: int | None, kv_heads: int | None,
