@@ -85,7 +85,7 @@ def bench(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmu
           min_repeats: int = 3, max_repeats: int = 50, budget_s: float = 1.0, memory: bool = True) -> Timing:
     """Time ``fn()`` on ``device``: ``warmup`` untimed calls, then adaptive repeats.
 
-    The first warm-up call also estimates the cost of one call; repeats = clamp(budget_s / cost,
+    The last warm-up call also estimates the cost of one call; repeats = clamp(budget_s / cost,
     min_repeats, max_repeats). ``memory``: also measure the peak working memory (CUDA only, one
     extra call).
     """
@@ -93,11 +93,12 @@ def bench(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmu
     cuda = _is_cuda(device)
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     warmup = max(1, warmup)
-    start = time.perf_counter()
-    for _ in range(warmup):
+    for _ in range(warmup):  # the last warm-up call, alone, estimates the cost (earlier ones may autotune)
+        sync()
+        start = time.perf_counter()
         fn()
-    sync()
-    per_call = max(1e-6, (time.perf_counter() - start) / warmup)
+        sync()
+    per_call = max(1e-6, time.perf_counter() - start)
     repeats = int(max(min_repeats, min(max_repeats, budget_s / per_call)))
     samples: list[float] = []
     if cuda:

@@ -218,7 +218,8 @@ def command(
                                                    "model's forward over --doc (loads the weights).")] = None,
     doc: Annotated[Path | None, typer.Option("--doc", help="UTF-8 text for --from-model.")] = None,
     layers: Annotated[str, typer.Option("--layers", help="Layers to capture with --from-model, e.g. 0,10,-1.")] = "0",
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls before timing.")] = 1,
+    warmup: Annotated[int | None, typer.Option("--warmup", min=0, help="Untimed calls before timing (default: 2 "
+                                               "on CUDA, where the first call may autotune or compile; 1 on CPU).")] = None,
     iters: Annotated[int, typer.Option("--iters", min=1, help="Minimum timed repeats.")] = 3,
     budget: Annotated[float, typer.Option("--budget", min=0.0, help="Seconds to spend per measurement "
                                           "(repeats adapt, at most 50).")] = 1.0,
@@ -292,6 +293,8 @@ def command(
         raise UsageError(f"--heads ({shape['heads']}) must be a multiple of --kv-heads ({shape['kv_heads']})")
     distributed.check_tp_size(tp_size, shape["heads"], shape["kv_heads"], name=shape_source)
 
+    if warmup is None:
+        warmup = 2 if dev.type == "cuda" else 1
     settings = Settings(config=config, backends=names, warmup=warmup, iters=iters, budget_s=budget,
                         recall_rows=recall_rows, reference_max_len=reference_max_len, seed=seed,
                         explicit_backends=backends is not None)
