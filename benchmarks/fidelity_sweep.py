@@ -160,10 +160,43 @@ def full(model, ids, configs, dense_logits=None) -> list[dict]:
         logits = logits_of(model, ids)
         d = STATE["density"]
         res = {"name": name, "density": sum(d.values()) / len(d), **compare(dense_logits, logits, ids),
-               "seconds": time.time() - t, "config": cfg.to_dict()}
-        print(json.dumps({k: v for k, v in res.items() if k != "config"}), flush=True)
+               "seconds": time.time() - t, "config": cfg.to_dict(),
+               "layer_density": [round(d[i], 4) for i in sorted(d)]}
+        print(json.dumps({k: v for k, v in res.items() if k not in ("config", "layer_density")}), flush=True)
         results.append(res)
     return results
+
+
+@torch.no_grad()
+def passkey(model, tok, filler_ids: torch.Tensor, configs, lengths, depths, trials: int, seed: int = 0) -> list[dict]:
+    """Dense vs each config: greedy retrieval of a random key hidden at ``depths`` of real filler text."""
+    import random
+
+    from pbs_cli import fidelity as F
+
+    filler = tok.decode(filler_ids[0].tolist())
+    rng = random.Random(seed)
+    rows = []
+    for length in lengths:
+        for depth in depths:
+            for _ in range(trials):
+                p = F.passkey_prompt(tok, filler, length, depth, F.random_key(rng))
+                ids = torch.tensor([p.ids], device=model.device)
+                row = {"length": length, "depth": depth, "key": p.key}
+                for name, cfg in [("dense", None)] + list(configs):
+                    STATE.update(mode="pbs" if cfg else "dense", config=cfg, density={})
+                    out = model(ids, use_cache=True)
+                    nxt, cache, gen = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values, []
+                    for _ in range(8):
+                        gen.append(int(nxt))
+                        out = model(nxt, past_key_values=cache, use_cache=True)
+                        nxt, cache = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+                    text = tok.decode(gen)
+                    row[name] = F.passkey_found(text, p.key)
+                    row[name + "_text"] = text
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -174,17 +207,41 @@ def main() -> None:
     ap.add_argument("--ids", help="torch file {doc name: int64 (1, N) token ids} (tokenized elsewhere)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--mode", choices=["proxy", "full"], default="proxy")
+    ap.add_argument("--mode", choices=["proxy", "full", "passkey"], default="proxy")
+    ap.add_argument("--tokenizer", help="tokenizer folder or .gguf (passkey mode, when --model has none)")
+    ap.add_argument("--lengths", default="1024,2048,4096,8192")
+    ap.add_argument("--depths", default="0.1,0.5,0.9")
+    ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--config", action="append", default=[])
+    ap.add_argument("--config-file", help="one config spec per line (as --config)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load(args.model, args.device)
-    configs = [parse_config(c) for c in args.config] or list(NAMED.items())
+    specs = args.config + (Path(args.config_file).read_text().split() if args.config_file else [])
+    configs = [parse_config(c) for c in specs] or list(NAMED.items())
     stored = torch.load(args.ids) if args.ids else {}
     results = {}
+    if args.mode == "passkey":
+        import transformers
+
+        t = Path(args.tokenizer or args.model)
+        tok = transformers.AutoTokenizer.from_pretrained(t.parent, gguf_file=t.name) if t.suffix == ".gguf" \
+            else transformers.AutoTokenizer.from_pretrained(t)
+        doc = (args.doc or ["argparse"])[0]
+        filler = stored[doc] if doc in stored else tok(doc_text(doc), return_tensors="pt").input_ids
+        results = passkey(model, tok, filler, configs, [int(x) for x in args.lengths.split(",")],
+                          [float(x) for x in args.depths.split(",")], args.trials)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        for name, _ in [("dense", None)] + configs:
+            by = {}
+            for r in results:
+                by.setdefault(r["length"], []).append(r[name])
+            print(name, {k: f"{sum(v)}/{len(v)}" for k, v in by.items()}, flush=True)
+        return
     for doc in args.doc or ["argparse"]:
         ids = stored[doc] if doc in stored else tok(doc_text(doc), return_tensors="pt").input_ids
         ids = ids[:, : args.tokens].to(args.device)

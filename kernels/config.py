@@ -28,10 +28,12 @@ class PBSConfig:
                    "pooled" (published): softmax of mean-pooled queries . mean-pooled keys over the
                    off-diagonal blocks; tau is a share of that pooled off-diagonal attention.
                    "sampled": the exact attention of ``sample_rows`` query rows per block (strided,
-                   the block's last row included), summed per key block; tau is then the estimated
-                   share of the *whole* causal attention mass (diagonal segment included) the kept
-                   blocks cover, i.e. an estimate of attention recall.
+                   the block's last row included), summed per key block (an estimate of the true
+                   block attention mass, not of a pooled proxy).
                    "mean_query": like "sampled" with the block's mean query as the only row.
+    threshold_scope: what tau is a share of: "offdiag" (the published meaning: the attention over
+                   off-diagonal blocks) or "total" (all causal blocks, diagonal segment included; with
+                   score="sampled" tau is then an estimate of the attention recall).
     sample_rows:   query rows per block for score="sampled".
     importance_rows: which queries score keys for the permutation: "last" (published: the last
                    block of queries) or "strided" (block_size rows spread evenly over the queries
@@ -55,6 +57,7 @@ class PBSConfig:
     importance_rows: str = "last"
     permute_heads: str = "all"
     dense_layers: tuple[int, ...] = ()
+    threshold_scope: str = "offdiag"
 
     SCORES = ("pooled", "sampled", "mean_query")
     IMPORTANCE_ROWS = ("last", "strided")
@@ -79,6 +82,8 @@ class PBSConfig:
                               ("permute_heads", self.PERMUTE_HEADS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.threshold_scope not in ("offdiag", "total"):
+            raise ValueError(f"threshold_scope must be offdiag or total, got {self.threshold_scope!r}")
         if not (1 <= self.sample_rows <= self.block_size):
             raise ValueError(f"sample_rows must be in [1, block_size={self.block_size}], got {self.sample_rows}")
         if not isinstance(self.dense_layers, tuple):  # lists from TOML / JSON
@@ -89,7 +94,8 @@ class PBSConfig:
     def uses_reference_selection(self) -> bool:
         """True when an option beyond the published method is on: selection then runs the PyTorch
         reference on every device (no GPU kernel implements these options yet)."""
-        return (self.score != "pooled" or self.importance_rows != "last" or self.permute_heads != "all")
+        return (self.score != "pooled" or self.importance_rows != "last" or self.permute_heads != "all"
+                or self.threshold_scope != "offdiag")
 
     def for_layer(self, layer: int | None) -> "PBSConfig | None":
         """The config for one decoder layer, or None when that layer runs dense attention."""
@@ -100,8 +106,12 @@ class PBSConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict:
+        """Plain values; ``dense_layers`` as a list, left out when empty (the default) so writers of
+        flat scalar tables (the TOML presets) need not handle lists unless a preset uses it."""
         d = dataclasses.asdict(self)
         d["dense_layers"] = list(self.dense_layers)
+        if not d["dense_layers"]:
+            del d["dense_layers"]
         return d
 
     @classmethod

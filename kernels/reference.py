@@ -261,11 +261,16 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, con
         r1 = min(n_b, r0 + rows_per_chunk)
         start = diag_start[r0:r1, None]  # (C, 1)
         candidate = cols[None, :] < start  # off-diagonal causal blocks, (C, N_b)
-        if sampled:  # estimated share of the whole causal attention mass, diagonal segment included
+        causal = cols[None, :] <= torch.arange(r0, r1, device=q.device)[:, None]
+        if sampled:  # estimated attention mass per block, summing to 1 over the causal blocks
             probs = sampled_block_mass(q, k_all, kp_all, config, r0, r1, scale)
-        else:  # share of the pooled attention over off-diagonal blocks
+            if config.threshold_scope == "offdiag":
+                probs = probs * candidate
+                probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
+        else:  # pooled attention over the off-diagonal blocks (or all causal blocks, scope "total")
             scores = torch.matmul(q_bar[:, :, r0:r1], k_bar.transpose(-1, -2)) * scale
-            probs = scores.masked_fill(~candidate, float("-inf")).softmax(-1).nan_to_num(0.0)
+            scope = candidate if config.threshold_scope == "offdiag" else causal
+            probs = scores.masked_fill(~scope, float("-inf")).softmax(-1).nan_to_num(0.0)
 
         forced = (cols[None, :] >= start) & (cols[None, :] <= torch.arange(r0, r1, device=q.device)[:, None])
         forced = forced | (candidate & (cols[None, :] >= start - config.local_blocks))

@@ -12,7 +12,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import typer
 
 from . import __version__, console
-from .commands import env, prefill, profile, report, viz_mask
+from .commands import calibrate, env, prefill, profile, report, viz_mask
+from .commands import eval as eval_cmd
 
 app = typer.Typer(
     name="pbs",
@@ -42,6 +43,8 @@ app.command("env")(env.command)
 app.command("viz-mask")(viz_mask.command)
 app.command("profile")(profile.command)
 app.add_typer(report.app, name="report")
+app.command("eval")(eval_cmd.command)
+app.command("calibrate")(calibrate.command)
 
 
 def main() -> None:

@@ -116,7 +116,7 @@ def test_sampled_with_every_row_keeps_tau_of_each_blocks_mean_attention():
     q, k, _ = qkv(1, 3, 1, 128, 16, seed=3)
     densities = []
     for tau in (0.5, 0.8, 0.95):
-        cfg = SMALL.replace(score="sampled", sample_rows=16, threshold=tau)
+        cfg = SMALL.replace(score="sampled", sample_rows=16, threshold=tau, threshold_scope="total")
         plan = R.build_plan(q, k, cfg)
         recall = R.attention_recall(q, k, plan, torch.arange(128))  # (1, 3, 128)
         per_block = recall.reshape(1, 3, 8, 16).mean(-1)

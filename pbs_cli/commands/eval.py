@@ -1,0 +1,281 @@
+"""`pbs eval DOC`: what sparsity costs. Dense vs PBS vs plain block selection vs the published PBS-Attn
+on the same tokens: perplexity, top-1 agreement, mean KL, density and attention recall per layer; a
+threshold sweep (density-fidelity table, Pareto PNG); `--passkey` retrieval accuracy."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from pbs_kernels import PBSConfig
+
+from .. import fidelity, models, presets, reports
+from ..console import command_boundary, debug_enabled, err, out
+from ..errors import UsageError
+from ..sizes import parse_size, parse_sizes
+from .prefill import DEFAULT_MODEL, greedy_generate, read_document, run_prefill, tokenize
+
+# The published method: tau 0.9, mean-pooled last-block permutation scoring, no forced local blocks.
+PUBLISHED = PBSConfig(block_size=128, segment_size=256, threshold=0.9, permute=True, sink=True, local_blocks=0)
+
+
+def strategies(config: PBSConfig, profile: str) -> list[tuple[str, PBSConfig]]:
+    """(label, config) of every compared selection: the profile, no permutation, the published one."""
+    return [(f"pbs ({profile})", config), (f"no-permutation ({profile})", config.replace(permute=False)),
+            ("published PBS-Attn", PUBLISHED)]
+
+
+def parse_thresholds(text: str | None) -> list[float | None]:
+    if not text:
+        return [None]
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"invalid --thresholds {text!r}; use comma-separated numbers in (0, 1], e.g. 0.8,0.9,0.95") from None
+    bad = [v for v in values if not 0.0 < v <= 1.0]
+    if bad or not values:
+        raise UsageError(f"--thresholds must be numbers in (0, 1], got {text!r}")
+    return values
+
+
+def parse_fractions(text: str, name: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise UsageError(f"invalid {name} {text!r}; use comma-separated fractions in [0, 1], e.g. 0.1,0.5,0.9")
+    return values
+
+
+# -- the text evaluation ----------------------------------------------------------------------
+
+
+def evaluate(mdl, ids, runs: list[tuple[str, PBSConfig]], recall_rows: int) -> tuple[dict, list[dict]]:
+    """Dense forward, then one PBS forward per (label, config). Returns (dense row, rows)."""
+    with models.progress(f"dense SDPA forward over {ids.shape[1]} tokens"):
+        dense = fidelity.run_forward(mdl, ids, None)
+    rows = []
+    for i, (label, cfg) in enumerate(runs):
+        err.print(f"[{i + 1}/{len(runs)}] {label}: threshold {cfg.threshold}", highlight=False, markup=False)
+        with models.progress(f"{label}, threshold {cfg.threshold}"):
+            res = fidelity.run_forward(mdl, ids, cfg, recall_rows)
+            metrics = fidelity.compare_hidden(mdl, dense.hidden, res.hidden, ids)
+        rows.append({"strategy": label, "threshold": cfg.threshold, "density": res.density, "recall": res.recall,
+                     **metrics, "config": cfg.to_dict(), "layers": res.layers})
+        del res
+    ppl = rows[0]["ppl_dense"] if rows else None
+    return {"strategy": "dense SDPA", "density": 1.0, "ppl": ppl, "top1_agreement": 1.0, "mean_kl": 0.0}, rows
+
+
+def pareto(rows: list[dict]) -> list[bool]:
+    """True where no other row has lower-or-equal density and strictly better (lower) KL."""
+    return [not any(o["density"] <= r["density"] and o["mean_kl"] < r["mean_kl"] and o is not r for o in rows)
+            for r in rows]
+
+
+def print_table(rec: dict) -> None:
+    table = Table(title=f"pbs eval: {rec['document']} ({rec['prompt_tokens']} tokens, {rec['model']['name']})",
+                  title_justify="left")
+    for col in ("strategy", "threshold", "density", "perplexity", "top-1 agreement", "mean KL", "recall", "pareto"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    d = rec["dense"]
+    table.add_row(d["strategy"], "-", "100.0%", f"{d['ppl']:.3f}" if d["ppl"] else "-", "100.00%", "0", "1", "")
+    for r, best in zip(rec["results"], rec["pareto"]):
+        table.add_row(r["strategy"], f"{r['threshold']:g}", f"{r['density']:.1%}",
+                      f"{r['ppl']:.3f} ({r['ppl_increase']:+.1%})", f"{r['top1_agreement']:.2%}",
+                      f"{r['mean_kl']:.4f}", f"{r['recall']:.4f}" if r["recall"] is not None else "-",
+                      "*" if best else "")
+    out.print(table)
+    worst = min(rec["results"], key=lambda r: min(ly["recall_min_head"] for ly in r["layers"]) if r["layers"] else 1)
+    if worst["layers"]:
+        ly = min(worst["layers"], key=lambda x: x["recall_min_head"])
+        err.print(f"lowest head recall: {worst['strategy']} t={worst['threshold']:g}, layer {ly['layer']}: "
+                  f"{ly['recall_min_head']:.3f} (layer mean {ly['recall']:.3f}, density {ly['density']:.1%})",
+                  highlight=False, markup=False)
+
+
+def save_png(rec: dict, path: Path) -> None:
+    """Density (x) against mean KL and perplexity increase (y), one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    by: dict[str, list[dict]] = {}
+    for r in rec["results"]:
+        by.setdefault(r["strategy"], []).append(r)
+    for label, rows in by.items():
+        rows = sorted(rows, key=lambda r: r["density"])
+        x = [100 * r["density"] for r in rows]
+        axes[0].plot(x, [r["mean_kl"] for r in rows], "o-", label=label)
+        axes[1].plot(x, [100 * r["ppl_increase"] for r in rows], "o-", label=label)
+    axes[0].set_ylabel("mean KL(dense || sparse), nats")
+    axes[1].set_ylabel("perplexity increase, %")
+    for ax in axes:
+        ax.set_xlabel("density, % of causal blocks")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{rec['model']['name']}, {rec['prompt_tokens']} tokens of {Path(rec['document']).name}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- passkey ----------------------------------------------------------------------------------
+
+
+def passkey_eval(mdl, tokenizer, filler: str, lengths: list[int], depths: list[float], trials: int,
+                 config: PBSConfig, seed: int, max_new_tokens: int = 8) -> list[dict]:
+    """Dense vs PBS retrieval at every (length, depth), ``trials`` random keys each."""
+    import torch
+
+    from .. import integration
+
+    rng = random.Random(seed)
+    eos = tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    cells = []
+    for length in lengths:
+        for depth in depths:
+            hits = {"dense": 0, "pbs": 0}
+            answers = []
+            for _ in range(trials):
+                prompt = fidelity.passkey_prompt(tokenizer, filler, length, depth, fidelity.random_key(rng))
+                ids = torch.tensor([prompt.ids], device=mdl.device)
+                row = {"key": prompt.key}
+                for name, attn in (("dense", "sdpa"), ("pbs", integration.NAME)):
+                    res = run_prefill(mdl, ids, attn, config, 0, 1, keep_cache=True)
+                    gen, _ = greedy_generate(mdl, res.last_logits, res.cache, max_new_tokens, eos_ids)
+                    text = tokenizer.decode(gen, skip_special_tokens=True)
+                    ok = fidelity.passkey_found(text, prompt.key)
+                    hits[name] += ok
+                    row[name] = text
+                    if name == "pbs":
+                        dens = [s.density for s in res.layers if s.density is not None]
+                        row["density"] = sum(dens) / max(1, len(dens))
+                answers.append(row)
+            integration.set_attention(mdl, integration.NAME)
+            cells.append({"length": length, "depth": depth, "trials": trials,
+                          "dense_accuracy": hits["dense"] / trials, "pbs_accuracy": hits["pbs"] / trials,
+                          "answers": answers})
+            err.print(f"passkey {length} tokens, depth {depth:g}: dense {hits['dense']}/{trials}, "
+                      f"pbs {hits['pbs']}/{trials}", highlight=False, markup=False)
+    return cells
+
+
+def print_passkey(rec: dict) -> None:
+    table = Table(title=f"pbs eval --passkey ({rec['model']['name']}, filler {rec['document']})", title_justify="left")
+    for col in ("length", "dense accuracy", "pbs accuracy", "difference"):
+        table.add_column(col, justify="right")
+    for length in sorted({c["length"] for c in rec["passkey"]}):
+        cells = [c for c in rec["passkey"] if c["length"] == length]
+        n = sum(c["trials"] for c in cells)
+        d = sum(c["dense_accuracy"] * c["trials"] for c in cells) / n
+        p = sum(c["pbs_accuracy"] * c["trials"] for c in cells) / n
+        table.add_row(str(length), f"{d:.0%}", f"{p:.0%}", f"{100 * (p - d):+.0f} pts")
+    out.print(table)
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+@command_boundary
+def command(
+    doc: Annotated[str, typer.Argument(help="UTF-8 text file (real text; - reads stdin). With --passkey, the "
+                                       "filler document.", show_default=False)],
+    model: Annotated[str, typer.Option("--model", "-m", help="Alias, local directory, .gguf file, or Hugging "
+                                       "Face id in the local cache.")] = DEFAULT_MODEL,
+    profile: Annotated[str | None, typer.Option("--profile", "-p", help="PBS preset to evaluate (default: the "
+                                                "alias's, else 'default').")] = None,
+    thresholds: Annotated[str | None, typer.Option("--thresholds", help="Sweep: comma-separated thresholds, e.g. "
+                                                   "0.8,0.9,0.95 (each strategy at each).")] = None,
+    max_tokens: Annotated[str | None, typer.Option("--max-tokens", help="Use the first N tokens (e.g. 4k; "
+                                                   "default: the model's context).")] = None,
+    recall_rows: Annotated[int, typer.Option("--recall-rows", min=0, help="Query rows per layer sampled for "
+                                             "attention recall (0 = skip).")] = 64,
+    passkey: Annotated[bool, typer.Option("--passkey", help="Passkey retrieval instead: dense vs PBS accuracy "
+                                          "with greedy generation.")] = False,
+    lengths: Annotated[str, typer.Option("--lengths", help="Passkey prompt lengths (default: 1k up to the "
+                                         "model's context, doubling).")] = "",
+    depths: Annotated[str, typer.Option("--depths", help="Passkey depths as fractions.")] = "0.1,0.5,0.9",
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Random keys per length and depth.")] = 2,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32 (auto: float32 "
+                                       "on CPU, bfloat16 on CUDA).")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (passkeys).")] = 0,
+    png: Annotated[Path | None, typer.Option("--png", help="Save a density-fidelity Pareto plot here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --output / --png if they exist.")] = False,
+) -> None:
+    """Compare dense attention with PBS (the profile), plain block selection and the published PBS-Attn
+    on DOC: perplexity, next-token top-1 agreement, mean KL, density and recall per layer."""
+    if output is not None:
+        reports.check_output_path(output, force)
+    if png is not None:
+        reports.check_output_path(png, force)
+    sweep = parse_thresholds(thresholds)
+    config, profile_name = presets.resolve_config(profile)
+    dev = models.resolve_device(device)
+    torch_dtype = models.resolve_dtype(dtype, dev)
+    depth_list = parse_fractions(depths, "--depths")
+    limit = parse_size(max_tokens) if max_tokens else None
+    text, doc_name = read_document(doc)
+    spec = models.resolve_model(model)
+    if profile is None and spec.profile and spec.profile != profile_name:
+        config, profile_name = presets.resolve_config(spec.profile)
+    err.print(f"model: {spec.describe()}", highlight=False, markup=False)
+
+    import torch
+
+    models.quiet_transformers(debug_enabled())
+    torch.manual_seed(seed)
+    source = models.ModelSource(spec)
+    context = source.max_positions()
+    loaded = source.load(torch_dtype, dev, attn_implementation="pbs")
+    mdl = loaded.model
+    base = dict(model={**spec.to_dict(), "weights": str(loaded.weights)}, document=doc_name, device=str(mdl.device),
+                dtype=str(torch_dtype).removeprefix("torch."), profile=profile_name, config=config.to_dict())
+
+    if passkey:
+        top = min(x for x in (limit, context) if x) if (limit or context) else 8192
+        sizes = parse_sizes(lengths) if lengths else [n for n in (1024, 2048, 4096, 8192, 16384, 32768) if n <= top]
+        too_long = [n for n in sizes if context and n > context]
+        if too_long:
+            raise UsageError(f"--lengths {too_long} exceed the model's {context} positions; pass lengths <= {context}")
+        cells = passkey_eval(mdl, loaded.tokenizer, text, sizes, depth_list, trials, config, seed)
+        rec = reports.envelope("eval", mode="passkey", **base, lengths=sizes, depths=depth_list, trials=trials,
+                               passkey=cells)
+        if output is not None:
+            reports.atomic_write_text(output, reports.to_json(rec))
+        if as_json:
+            typer.echo(reports.to_json(rec), nl=False)
+        else:
+            print_passkey(rec)
+        return
+
+    cap = min(x for x in (limit, context) if x) if (limit or context) else None
+    ids_list, doc_tokens = tokenize(loaded.tokenizer, text, cap, True, 0, doc_name)
+    ids = torch.tensor([ids_list], device=mdl.device)
+    runs = [(label, cfg.replace(threshold=t)) for t in sweep for label, cfg in strategies(config, profile_name)]
+    dense, rows = evaluate(mdl, ids, runs, recall_rows)
+    rec = reports.envelope("eval", mode="text", **base, document_tokens=doc_tokens, prompt_tokens=len(ids_list),
+                           thresholds=[r for r in sweep if r is not None], dense=dense, results=rows)
+    rec["pareto"] = pareto(rows)
+    if png is not None:
+        save_png(rec, png)
+        err.print(f"saved {png}", highlight=False, markup=False)
+    if output is not None:
+        reports.atomic_write_text(output, reports.to_json(rec))
+        err.print(f"saved {output}", highlight=False, markup=False)
+    if as_json:
+        typer.echo(reports.to_json(rec), nl=False)
+    else:
+        print_table(rec)

@@ -1,0 +1,305 @@
+"""Fidelity of a sparse prefill against dense attention, on a real model and real text.
+
+* next-token metrics over every position: perplexity of the text, top-1 agreement with dense, mean
+  KL(dense || sparse) (``compare_hidden`` / ``next_token_metrics``);
+* per-layer density and per-layer/head attention-mass recall on sampled query rows, through a probe
+  attention ("pbs-probe") that wraps the "pbs" attention of ``integration`` (``run_forward``);
+* passkey retrieval: a random key hidden at a depth of a real filler document (``passkey_prompt``).
+
+Shapes: logits (N, V); hidden (B, N, hidden); recall per layer (H_q, R).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from pbs_kernels import PBSConfig, build_plan
+from pbs_kernels.reference import attention_recall
+
+from . import integration
+
+PROBE = "pbs-probe"
+CHUNK = 512  # positions per chunk of full-vocabulary logits (bounded memory)
+
+
+# -- next-token metrics -----------------------------------------------------------------------
+
+
+@dataclass
+class NextTokenSums:
+    """Running sums over positions; ``add`` a chunk at a time, read the means at the end."""
+
+    nll_ref: float = 0.0
+    nll: float = 0.0
+    targets: int = 0
+    agree: float = 0.0
+    kl: float = 0.0
+    positions: int = 0
+
+    def add(self, ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor | None) -> None:
+        """ref_logits, logits (n, V); targets (m,) int64, the next tokens of the first m <= n positions."""
+        lr = ref_logits.float().log_softmax(-1)
+        ls = logits.float().log_softmax(-1)
+        self.agree += (lr.argmax(-1) == ls.argmax(-1)).sum().item()
+        self.kl += (lr.exp() * (lr - ls)).sum(-1).clamp_min(0).sum().item()
+        self.positions += lr.shape[0]
+        if targets is not None and targets.numel():
+            m = targets.numel()
+            t = targets[:, None].to(lr.device)
+            self.nll_ref -= lr[:m].gather(-1, t).sum().item()
+            self.nll -= ls[:m].gather(-1, t).sum().item()
+            self.targets += m
+
+    def result(self) -> dict[str, float]:
+        ppl_ref = math.exp(self.nll_ref / max(1, self.targets))
+        ppl = math.exp(self.nll / max(1, self.targets))
+        return {"ppl_dense": ppl_ref, "ppl": ppl, "ppl_increase": ppl / ppl_ref - 1.0,
+                "top1_agreement": self.agree / max(1, self.positions), "mean_kl": self.kl / max(1, self.positions),
+                "positions": self.positions}
+
+
+def next_token_metrics(ref_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> dict[str, float]:
+    """Metrics of logits (N, V) against ref_logits (N, V) for the token ids (N,) they were computed on.
+
+    Perplexity uses the N-1 next tokens; agreement and KL use all N positions."""
+    sums = NextTokenSums()
+    sums.add(ref_logits, logits, ids[1:])
+    return sums.result()
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary fp32 logits of final hidden states (B, n, hidden) -> (B, n, V)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return cap * (logits / cap).tanh() if cap else logits
+
+
+@torch.inference_mode()
+def compare_hidden(model, hidden_ref: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor,
+                   chunk: int = CHUNK) -> dict[str, float]:
+    """``next_token_metrics`` from final hidden states (1, N, hidden), a chunk of positions at a time."""
+    n = hidden.shape[1]
+    ids = ids.reshape(-1)
+    sums = NextTokenSums()
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        sums.add(output_logits(model, hidden_ref[0, s:e]), output_logits(model, hidden[0, s:e]), ids[s + 1 : e + 1])
+    return sums.result()
+
+
+# -- the probe attention: per-layer recall and dense layers -------------------------------------
+
+
+@dataclass
+class Probe:
+    """What one forward through the probe attention saw, per layer."""
+
+    rows: int = 64  # sampled query rows per layer for recall; 0 = no recall
+    recall: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> fp32 (H_q, R)
+
+
+_probe: list[Probe] = []
+
+
+def sample_query_rows(n: int, rows: int, start: int, device=None) -> torch.Tensor:
+    """int64 (R,): ``rows`` query positions spread evenly over [start, N) (all of [0, N) when N <= start)."""
+    lo = start if n > start else 0
+    count = min(rows, n - lo)
+    return torch.unique(torch.linspace(lo, n - 1, count, device=device).round().long())
+
+
+def probe_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                    is_causal=None, **kwargs):
+    """The "pbs" attention plus: layers in ``config.dense_layers`` run dense SDPA, and the recall of
+    sampled query rows is measured on the plan of every sparse layer."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    run = integration.current_run()
+    layer = getattr(module, "layer_idx", None)
+    config = run.config if run is not None else PBSConfig()
+    if config.for_layer(layer) is None and query.shape[2] > 1:
+        if run is not None:
+            run.recorder.add(integration.LayerStat(layer, "dense", "dense_layers", query.shape[2], key.shape[2],
+                                                   query.shape[0]))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    before = len(run.recorder.stats) if run is not None else 0
+    out = integration.pbs_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                            scaling=scaling, is_causal=is_causal, **kwargs)
+    probe = _probe[-1] if _probe else None
+    sparse = run is not None and len(run.recorder.stats) > before and run.recorder.stats[-1].path == "pbs"
+    if probe is not None and probe.rows and sparse and layer is not None:
+        n = query.shape[2]
+        rows = sample_query_rows(n, probe.rows, config.segment_size, query.device)
+        plan = build_plan(query, key, config, scaling)  # deterministic: the plan the forward used
+        probe.recall[layer] = attention_recall(query, key, plan, rows, scaling).mean(0).float().cpu()
+    return out
+
+
+def register_probe() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    integration.register()
+    AttentionInterface.register(PROBE, probe_attention)
+    AttentionMaskInterface.register(PROBE, AttentionMaskInterface._global_mapping["sdpa"])
+
+
+@contextlib.contextmanager
+def probing(rows: int) -> Iterator[Probe]:
+    probe = Probe(rows)
+    _probe.append(probe)
+    try:
+        yield probe
+    finally:
+        _probe.remove(probe)
+
+
+@dataclass
+class ForwardResult:
+    hidden: torch.Tensor  # (1, N, hidden)
+    layers: list[dict[str, Any]]  # per layer: layer, path, density, recall (mean), recall_min_head, recall_heads
+    density: float  # kept causal blocks / all causal blocks, averaged over layers (dense layers count 1.0)
+    recall: float | None  # mean over layers, heads and sampled rows
+
+
+@torch.inference_mode()
+def run_forward(model, ids: torch.Tensor, config: PBSConfig | None, recall_rows: int = 64) -> ForwardResult:
+    """One forward over ids (1, N): dense SDPA when ``config`` is None, else PBS through the probe."""
+    backbone = model.base_model
+    if config is None:
+        integration.set_attention(model, "sdpa")
+        hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
+        return ForwardResult(hidden, [], 1.0, None)
+    register_probe()
+    model.set_attn_implementation(PROBE)
+    recorder = integration.Recorder()
+    try:
+        with integration.pbs_run(config, recorder), probing(recall_rows) as probe:
+            hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
+    finally:
+        integration.set_attention(model, integration.NAME)
+    layers = []
+    for stat in recorder.prefill_layers():
+        rec = probe.recall.get(stat.layer) if stat.path == "pbs" else None
+        layers.append({"layer": stat.layer, "path": stat.path, "reason": stat.reason, "density": stat.density,
+                       "recall": float(rec.mean()) if rec is not None else 1.0,
+                       "recall_min_head": float(rec.mean(-1).min()) if rec is not None else 1.0,
+                       "recall_heads": [round(float(x), 5) for x in rec.mean(-1)] if rec is not None else None})
+    dens = [ly["density"] for ly in layers]
+    recalls = [ly["recall"] for ly in layers] if recall_rows else []
+    return ForwardResult(hidden, layers, sum(dens) / max(1, len(dens)),
+                         sum(recalls) / len(recalls) if recalls else None)
+
+
+# -- passkey retrieval ------------------------------------------------------------------------
+
+PASSKEY_INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it; "
+                 "you will be asked for it at the end.\n\n")
+PASSKEY_NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
+PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    ids: list[int]
+    key: str
+    depth: float  # requested depth in [0, 1]
+    needle_at: int  # token index where the needle starts
+
+
+def passkey_prompt(tokenizer, filler: str, length: int, depth: float, key: str) -> PasskeyPrompt:
+    """Exactly ``length`` tokens: intro, filler, the needle at ``depth`` of the filler, filler, question.
+
+    The filler (real text) is tokenized once and cut at token boundaries; it repeats when too short.
+    Raises ValueError when ``length`` cannot hold the fixed parts.
+    """
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    intro, needle, question = enc(PASSKEY_INTRO), enc(PASSKEY_NEEDLE.format(key=key)), enc(PASSKEY_QUESTION)
+    room = length - len(bos) - len(intro) - len(needle) - len(question)
+    if room < 0:
+        raise ValueError(f"passkey length {length} is too short: the fixed parts take {length - room} tokens")
+    fill = enc(filler)
+    if not fill:
+        raise ValueError("the filler document has no tokens")
+    while len(fill) < room:
+        fill = fill + fill
+    fill = fill[:room]
+    cut = int(round(depth * room))
+    ids = bos + intro + fill[:cut] + needle + fill[cut:] + question
+    return PasskeyPrompt(ids, key, depth, len(bos) + len(intro) + cut)
+
+
+def random_key(rng: random.Random, digits: int = 5) -> str:
+    return str(rng.randrange(10 ** (digits - 1), 10**digits))
+
+
+def passkey_found(text: str, key: str) -> bool:
+    """True when the first number in the generated text is the key."""
+    m = re.search(r"\d+", text)
+    return m is not None and m.group(0) == key
+
+
+# -- calibration helpers: plans on dense activations ------------------------------------------
+
+CAPTURE = "pbs-capture"
+_captured: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
+
+
+def capture_attention(module, query, key, value, attention_mask, **kwargs):
+    """Dense SDPA that also keeps each layer's post-RoPE q (B, H_q, N, D) and k (B, H_kv, N, D)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if _captured and query.shape[2] > 1:
+        _captured[-1][getattr(module, "layer_idx", len(_captured[-1]))] = (query.detach(), key.detach())
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@torch.inference_mode()
+def capture_qk(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """One dense forward over ids (1, N). Returns (final hidden (1, N, hidden), {layer: (q, k)})."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(CAPTURE, capture_attention)
+    AttentionMaskInterface.register(CAPTURE, AttentionMaskInterface._global_mapping["sdpa"])
+    store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    _captured.append(store)
+    model.set_attn_implementation(CAPTURE)
+    try:
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    finally:
+        _captured.remove(store)
+        integration.set_attention(model, integration.NAME)
+    return hidden, store
+
+
+@torch.inference_mode()
+def plan_stats(captured: dict[int, tuple[torch.Tensor, torch.Tensor]], config: PBSConfig, rows: int = 64,
+               scale: float | None = None) -> dict[str, Any]:
+    """Density and attention recall of ``config``'s plans on captured dense activations, per layer.
+
+    Dense layers (``config.dense_layers``) count density 1 and recall 1. Returns density and recall
+    averaged over layers (recall also over heads and ``rows`` sampled query rows), the lowest head
+    recall, and the per-layer values."""
+    layers = []
+    for layer, (q, k) in sorted(captured.items()):
+        if config.for_layer(layer) is None:
+            layers.append({"layer": layer, "density": 1.0, "recall": 1.0, "recall_min_head": 1.0})
+            continue
+        plan = build_plan(q, k, config, scale)
+        sample = sample_query_rows(q.shape[2], rows, config.segment_size, q.device)
+        rec = attention_recall(q, k, plan, sample, scale).mean(0)  # (H_q, R)
+        layers.append({"layer": layer, "density": plan.density(), "recall": float(rec.mean()),
+                       "recall_min_head": float(rec.mean(-1).min())})
+    n = max(1, len(layers))
+    return {"density": sum(x["density"] for x in layers) / n, "recall": sum(x["recall"] for x in layers) / n,
+            "recall_min_head": min((x["recall_min_head"] for x in layers), default=1.0), "layers": layers}
