@@ -192,7 +192,7 @@ def title_parts(view, source: str) -> list[str]:
     where = f"layer {s.layer} head {s.head}/{view.heads_total}" if s.layer is not None else f"head {s.head}/{view.heads_total}"
     n_b = view.kept.shape[0]
     return [source, where, f"N={view.seq_len} d={view.head_dim}",
-            f"{n_b} blocks of {c.block_size}, segments of {c.segment_size}", f"τ={c.threshold:g}"]
+            f"{n_b} block{'' if n_b == 1 else 's'} of {c.block_size}, segments of {c.segment_size}", f"τ={c.threshold:g}"]
 
 
 def head_title(view, source: str) -> str:
