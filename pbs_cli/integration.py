@@ -135,6 +135,10 @@ def _dense_reason(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
             return f"{name} not supported"
     if q_len < config.dense_below:
         return f"seq_len {q_len} < dense_below {config.dense_below}"
+    layer = getattr(module, "layer_idx", None)
+    for_layer = getattr(config, "for_layer", None)
+    if for_layer is not None and for_layer(layer) is None:
+        return f"layer {layer} in dense_layers"
     return None
 
 

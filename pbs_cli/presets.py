@@ -155,6 +155,8 @@ def model_aliases() -> dict[str, ModelAlias]:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -163,7 +165,7 @@ def _toml_value(value: Any) -> str:
 
 
 def render_profile(config: PBSConfig, description: str = "", extra: dict[str, dict[str, Any]] | None = None) -> str:
-    """TOML text of a preset (flat tables of scalars only), readable by ``profiles()``."""
+    """TOML text of a preset (flat tables of scalars and lists), readable by ``profiles()``."""
     lines = []
     if description:
         lines.append(f"description = {_toml_value(description)}")

@@ -147,3 +147,11 @@ def test_load_with_attn_implementation_pbs(tiny_model_dir):
 
 
 from fixtures import tiny_model_dir  # noqa: E402,F401  (session fixture)
+
+
+def test_dense_layers_run_dense():
+    model = tiny_model(4, 2)
+    ids = torch.randint(0, 300, (1, 100), generator=torch.Generator().manual_seed(6))
+    _, rec = forward(model, ids, integration.NAME, PBSConfig(threshold=0.5, dense_layers=(1,), **SMALL))
+    assert [(s.layer, s.path) for s in rec.prefill_layers()] == [(0, "pbs"), (1, "dense")]
+    assert rec.prefill_layers()[1].reason == "layer 1 in dense_layers"

@@ -177,11 +177,12 @@ def test_overrides_and_invalid_values(offline_env):
 
 
 def test_user_profiles_override_and_round_trip(offline_env):
-    saved = presets.save_user_profile("mine", PBSConfig(threshold=0.75, local_blocks=2), "calibrated",
+    mine = PBSConfig(threshold=0.75, local_blocks=2, dense_layers=(0, 3))
+    saved = presets.save_user_profile("mine", mine, "calibrated",
                                       extra={"calibration": {"model": "tiny", "tokens": 4096}})
     assert saved.parent == presets.user_profiles_dir()
     profile = presets.get_profile("mine")
-    assert profile.config() == PBSConfig(threshold=0.75, local_blocks=2)
+    assert profile.config() == mine
     assert profile.description == "calibrated" and profile.extra["calibration"]["tokens"] == 4096
     with pytest.raises(errors.UsageError, match="--force"):
         presets.save_user_profile("mine", PBSConfig())
