@@ -309,14 +309,26 @@ def render_overview(stats: Sequence, width: int, color: bool) -> RenderableType:
     rec = np.array([s.recall for s in stats])
     counts = {v: sum(1 for s in stats if s.verdict == v) for v in ("helped", "hurt", "neutral")}
     worst = sorted(stats, key=lambda s: s.recall)[:3]
-    worst_txt = ", ".join((f"L{s.layer}" if s.layer is not None else "") + f"H{s.head} {_pct(s.recall)}" for s in worst)
+    name = lambda s: (f"L{s.layer}" if s.layer is not None else "") + f"H{s.head}"  # noqa: E731
+    worst_txt = ", ".join(f"{name(s)} {_pct(s.recall)}" for s in worst)
+    compared = sorted((s for s in stats if s.recall_gain is not None), key=lambda s: s.recall_gain)
+    extremes = []
+    if compared and compared[0].verdict == "hurt":
+        extremes.append("most hurt " + ", ".join(f"{name(s)} {100 * s.recall_gain:+.1f} pts"
+                                                 for s in compared[:3] if s.verdict == "hurt"))
+    if compared and compared[-1].verdict == "helped":
+        extremes.append("most helped " + ", ".join(f"{name(s)} {100 * s.recall_gain:+.1f} pts"
+                                                   for s in compared[::-1][:3] if s.verdict == "helped"))
     parts = [f"{len(stats)} heads", f"density mean {_pct(dens.mean())} (min {_pct(dens.min())}, max {_pct(dens.max())})",
              f"recall mean {_pct(rec.mean())}", f"lowest recall {worst_txt}",
              f"permutation at equal density: helped {counts['helped']} ▲, hurt {counts['hurt']} ▼, "
              f"neutral {counts['neutral']} ·"]
     key = ("cells: density % per head" + ("; colour = recall (red ≤ 80%, green 100%)" if color else "")
            if not compact else f"cells: density {PLAIN_RAMP} (0-25-50-75-100%)" + ("; colour = recall" if color else ""))
-    return Group(table, *fit_parts(parts, width), *fit_parts([key], width))
+    lines = fit_parts(parts, width)
+    for e in extremes:
+        lines += fit_parts(e.split(", "), width, sep=", ")
+    return Group(table, *lines, *fit_parts([key], width))
 
 
 # -- output -----------------------------------------------------------------------------------
