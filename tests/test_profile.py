@@ -285,6 +285,17 @@ def test_helpers_against_direct_computation():
     assert mean == pytest.approx(float(full.mean()), abs=1e-6) and worst == pytest.approx(float(full.min()), abs=1e-6)
 
 
+def test_cuda_safe_dense_plan_matches_to_dense():
+    from pbs_cli.profiling import _slice_plan
+
+    q, k, _ = synthetic_qkv(1, 8, 2, 700, 32, seed=4)
+    plan = reference.build_plan(q, k, PBSConfig(block_size=64, segment_size=128, threshold=0.6))
+    for h0, h1 in ((0, 8), (4, 8), (0, 4)):
+        part = _slice_plan(plan, h0, h1, 4)
+        assert torch.equal(part.to_dense(), plan.to_dense()[:, h0:h1])
+        assert part.to_dense().dtype == torch.bool
+
+
 def test_profiler_at_threshold_one_matches_dense():
     """tau = 1.0 keeps every causal block: PBS output equals dense attention, recall is 1."""
     q, k, v = synthetic_qkv(1, 4, 2, 512, 32, seed=2)
