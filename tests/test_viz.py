@@ -122,6 +122,17 @@ def test_block_mass_matches_token_level_oracle(small_case):
         assert np.allclose(v.original.sum(1), 1, atol=1e-5) and np.allclose(v.permuted.sum(1), 1, atol=1e-5)
 
 
+def test_block_mass_chunking_does_not_change_results(small_case, monkeypatch):
+    q, k, config, _ = small_case
+    perm = build_plan(q, k, config).perm[0].repeat_interleave(2, 0)  # (H_q, N)
+    kx = k[0].repeat_interleave(2, 0)
+    whole = ma.block_attention_mass(q[0], kx, perm, 32, 64)
+    monkeypatch.setattr(ma, "_CHUNK_ELEMENTS", 600 * 32 * 2)  # two heads per pass, 2 query blocks per chunk
+    split = ma.block_attention_mass(q[0], kx, perm, 32, 64)
+    for a, b in zip(whole, split):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_forced_blocks_are_kept_and_forced_only_rows_counted(small_case):
     q, k, config, views = small_case
     for v in views:
