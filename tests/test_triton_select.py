@@ -282,3 +282,18 @@ def test_rejects_mismatched_heads():
     bad = torch.zeros(1, 3, 64, dtype=torch.int32, device=q.device)
     with pytest.raises(ValueError, match="heads must nest"):
         tsel.select_blocks(q, k, bad, cfg)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.6, 0.85])
+def test_exact_ties_rank_by_block_index(threshold):
+    """Keys repeating with the segment period give key blocks with bit-identical pooled keys, so
+    block probabilities tie exactly; the reference's stable sort keeps the lower block index first."""
+    cfg = PBSConfig(block_size=16, segment_size=64, threshold=threshold)
+    q, k = structured_qkv(1, 2, 1, 512, 32, DTYPES[0], seed=3)
+    k = k[:, :, :64].repeat(1, 1, 8, 1)
+    perm = tperm.compute_permutation(q, k, cfg)
+    num, idx = tsel.select_blocks(q, k, perm, cfg)
+    r_num, r_idx = reference.select_blocks(q, reference.permute_keys(k, perm), perm, cfg)
+    k_bar = reference.pool_blocks(reference.permute_keys(k, perm), 16)
+    assert torch.equal(k_bar[:, :, 4:8], k_bar[:, :, 8:12])  # the ties are real
+    assert torch.equal(num.cpu(), r_num.cpu()) and torch.equal(idx.cpu(), r_idx.cpu())

@@ -7,20 +7,17 @@
 3. ``_top_p_kernel``: per (batch, head) and tile of query blocks, per row: softmax over the candidate
    blocks, rank (forced blocks first, then descending probability, ties by block index), keep
    blocks while the mass before them is below the threshold, write the packed plan row. The
-   kept prefix of the ranking is found by bisection over the ranking key (51 masked sums of one
-   row), not by sorting: no sort network, and the same result as a stable sort + cumsum.
+   kept prefix of the ranking is found by bisection over the probability bits (31 masked sums of
+   a row), not by sorting: no sort network, the same result as a stable sort + cumsum.
 """
 
 import triton
 import triton.language as tl
 
-# Ranking key of a candidate block (int64): [probability bits:30 | 0xFFFFF - block:20]. fp32
-# probabilities in [0, 1] are bit patterns below 2**30 that order like the values; the inverted
-# block index (j ^ 0xFFFFF = 0xFFFFF - j) ranks ties by ascending block index, as the reference's stable sort does.
-_INDEX_BITS = tl.constexpr(20)
-_INDEX_MASK = tl.constexpr(0xFFFFF)
-_KEY_BITS = tl.constexpr(50)
-_KEY_END = tl.constexpr(1 << 50)
+# fp32 probabilities in [0, 1] have bit patterns in [0, 2**30) that order like the values: the
+# top-p boundary is searched over those 30 bits.
+_VALUE_BITS = tl.constexpr(30)
+_BITS_END = tl.constexpr(1 << 30)
 
 
 @triton.jit
@@ -120,24 +117,32 @@ def _top_p_kernel(
         forced = forced | (candidate & (j == sink))
 
     # -- rank: forced first, then descending probability, ties by ascending block index --
-    # Top-p keeps a prefix of that ranking: a non-forced candidate j is kept when the mass ranked
-    # before it, F + sum(p_k : key_k > key_j), is below the threshold (F = mass of the forced
-    # blocks). The prefix is found by bisection on the key, per row, instead of a sort.
-    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << _INDEX_BITS) | (j.to(tl.int64) ^ _INDEX_MASK)
+    # Top-p keeps a prefix of that ranking: a non-forced candidate is kept while the mass ranked
+    # before it is below the threshold. With G(t) = F + sum(p_k : bits(p_k) > t) (F = mass of the
+    # forced blocks; fp32 bits of p >= 0 order like the values), the boundary value is the
+    # smallest t with G(t) < threshold, found by bisection per row (no sort): blocks above it are
+    # kept, blocks below it are not, and blocks exactly at it (ties) are kept in index order while
+    # G(t) + (earlier ties) * p stays below the threshold.
+    bits = p.to(tl.int32, bitcast=True)
     free = candidate & ~forced
     if KEEP_ALL:
         keep = candidate | forced
     else:
         mass_forced = tl.sum(tl.where(forced, p, 0.0), 1)
-        lo = tl.full([BLOCK_R], -1, tl.int64)  # the predicate is false (or never evaluated) at lo
-        hi = tl.full([BLOCK_R], _KEY_END, tl.int64)  # and true at hi (which keeps nothing)
-        for _ in range(_KEY_BITS + 1):
+        lo = tl.full([BLOCK_R], -1, tl.int32)  # G(lo) >= threshold (or never evaluated)
+        hi = tl.full([BLOCK_R], _BITS_END, tl.int32)  # G(hi) = F: below the threshold, or keep none
+        for _ in range(_VALUE_BITS + 1):
             mid = (lo + hi) // 2
-            before = mass_forced + tl.sum(tl.where(free & (key > mid[:, None]), p, 0.0), 1)
-            ok = before < threshold
+            g_mid = mass_forced + tl.sum(tl.where(free & (bits > mid[:, None]), p, 0.0), 1)
+            ok = g_mid < threshold
             hi = tl.where(ok, mid, hi)
             lo = tl.where(ok, lo, mid)
-        keep = (free & (key >= hi[:, None])) | forced
+        g_hi = mass_forced + tl.sum(tl.where(free & (bits > hi[:, None]), p, 0.0), 1)
+        tie = free & (bits == hi[:, None])
+        tie_i = tie.to(tl.int32)
+        ties_before = (tl.cumsum(tie_i, 1) - tie_i).to(tl.float32)
+        keep_tie = tie & (g_hi[:, None] + ties_before * p < threshold)
+        keep = (free & (bits > hi[:, None])) | keep_tie | forced
 
     # -- pack: kept blocks ascending, then the others ascending (padding, never read) --
     keep_i = keep.to(tl.int32)
