@@ -148,6 +148,14 @@ def resolve_model(spec: str) -> ModelSpec:
             raise UsageError(f"alias {text!r} points to itself")
         return ModelSpec(text, inner.kind, inner.name, inner.path, text, alias.profile)
 
+    try:
+        return _resolve_path_or_id(text, aliases)
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise UsageError(f"model path {shown!r} cannot be used: {exc.strerror or exc}") from None
+
+
+def _resolve_path_or_id(text: str, aliases) -> ModelSpec:
     path = Path(text).expanduser()
     if path.is_dir():
         _check_weights_dir(path, text)
