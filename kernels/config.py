@@ -35,6 +35,8 @@ class PBSConfig:
                    off-diagonal blocks) or "total" (all causal blocks, diagonal segment included; with
                    score="sampled" tau is then an estimate of the attention recall).
     sample_rows:   query rows per block for score="sampled".
+    row_top:       with score="sampled", each sampled row also keeps its ``row_top`` highest-mass
+                   off-diagonal blocks (protects needles that one row needs and the mean dilutes).
     importance_rows: which queries score keys for the permutation: "last" (published: the last
                    block of queries) or "strided" (block_size rows spread evenly over the queries
                    after the first segment).
@@ -58,6 +60,7 @@ class PBSConfig:
     permute_heads: str = "all"
     dense_layers: tuple[int, ...] = ()
     threshold_scope: str = "offdiag"
+    row_top: int = 0
 
     SCORES = ("pooled", "sampled", "mean_query")
     IMPORTANCE_ROWS = ("last", "strided")
@@ -84,6 +87,8 @@ class PBSConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.threshold_scope not in ("offdiag", "total"):
             raise ValueError(f"threshold_scope must be offdiag or total, got {self.threshold_scope!r}")
+        if self.row_top < 0:
+            raise ValueError(f"row_top must be >= 0, got {self.row_top}")
         if not (1 <= self.sample_rows <= self.block_size):
             raise ValueError(f"sample_rows must be in [1, block_size={self.block_size}], got {self.sample_rows}")
         if not isinstance(self.dense_layers, tuple):  # lists from TOML / JSON
@@ -95,7 +100,7 @@ class PBSConfig:
         """True when an option beyond the published method is on: selection then runs the PyTorch
         reference on every device (no GPU kernel implements these options yet)."""
         return (self.score != "pooled" or self.importance_rows != "last" or self.permute_heads != "all"
-                or self.threshold_scope != "offdiag")
+                or self.threshold_scope != "offdiag" or self.row_top != 0)
 
     def for_layer(self, layer: int | None) -> "PBSConfig | None":
         """The config for one decoder layer, or None when that layer runs dense attention."""

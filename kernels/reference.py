@@ -194,8 +194,9 @@ def sample_rows(n: int, block_size: int, rows: int, device=None) -> torch.Tensor
 
 
 def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor, config: PBSConfig,
-                       r0: int, r1: int, scale: float) -> torch.Tensor:
-    """Estimated attention mass of every key block, for query blocks [r0, r1). fp32 (B, H_q, C, N_b).
+                       r0: int, r1: int, scale: float, per_row: bool = False) -> torch.Tensor:
+    """Estimated attention mass of every key block, for query blocks [r0, r1). fp32 (B, H_q, C, N_b),
+    or (B, H_q, C, rows, N_b) for each sampled row with ``per_row``.
 
     Each query block's sampled rows (``config.sample_rows`` strided rows, or its mean query for
     score="mean_query") attend exactly to all causal keys in the layout that block reads: permuted slots
@@ -223,7 +224,7 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor, c
                     torch.matmul(qs, k.transpose(-1, -2)))  # (B, H_q, C*m, N)
     p = s.masked_fill_(slot[None, :] > pos[:, None], float("-inf")).softmax(-1)
     p = torch.nn.functional.pad(p, (0, n_b * bs - n)).reshape(b, h_q, c, m, n_b, bs).sum(-1)
-    return p.mean(3)
+    return p if per_row else p.mean(3)
 
 
 def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
@@ -263,7 +264,12 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, con
         candidate = cols[None, :] < start  # off-diagonal causal blocks, (C, N_b)
         causal = cols[None, :] <= torch.arange(r0, r1, device=q.device)[:, None]
         if sampled:  # estimated attention mass per block, summing to 1 over the causal blocks
-            probs = sampled_block_mass(q, k_all, kp_all, config, r0, r1, scale)
+            per_row = sampled_block_mass(q, k_all, kp_all, config, r0, r1, scale, per_row=True)
+            probs = per_row.mean(3)
+            if config.row_top:  # every sampled row keeps its own best off-diagonal blocks (needles)
+                top = per_row.masked_fill(~candidate[:, None, :], -1.0).topk(min(config.row_top, n_b), -1)
+                row_best = torch.zeros_like(per_row, dtype=torch.bool).scatter_(-1, top.indices, top.values > 0)
+                row_forced = row_best.any(3)  # (B, H_q, C, N_b)
             if config.threshold_scope == "offdiag":
                 probs = probs * candidate
                 probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -277,6 +283,8 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, con
         if config.sink:
             forced = forced | (candidate & (cols == sink))
         forced = forced.expand_as(probs)
+        if sampled and config.row_top:
+            forced = forced | (row_forced & candidate)
         # forced blocks come first in the ranking and count towards the kept mass
         ranked = torch.where(forced, probs + 2.0, probs)
         order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices

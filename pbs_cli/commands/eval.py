@@ -80,9 +80,11 @@ def pareto(rows: list[dict]) -> list[bool]:
 
 def print_table(rec: dict) -> None:
     table = Table(title=f"pbs eval: {rec['document']} ({rec['prompt_tokens']} tokens, {rec['model']['name']})",
-                  title_justify="left")
-    for col in ("strategy", "threshold", "density", "perplexity", "top-1 agreement", "mean KL", "recall", "pareto"):
-        table.add_column(col, justify="left" if col == "strategy" else "right")
+                  title_justify="left", caption="top-1: next-token agreement with dense; recall: attention mass "
+                  "kept on sampled rows; pareto *: no sparser row has lower KL", caption_justify="left")
+    table.add_column("strategy", no_wrap=True)
+    for col in ("tau", "density", "perplexity", "top-1", "mean KL", "recall", "pareto"):
+        table.add_column(col, justify="right")
     d = rec["dense"]
     table.add_row(d["strategy"], "-", "100.0%", f"{d['ppl']:.3f}" if d["ppl"] else "-", "100.00%", "0", "1", "")
     for r, best in zip(rec["results"], rec["pareto"]):
