@@ -157,16 +157,24 @@ def test_cache_location_follows_pbs_cache_dir(offline_env, tmp_path):
 # -- presets ----------------------------------------------------------------------------------
 
 
-def test_builtin_default_profile(offline_env):
+def _shipped(name: str) -> dict:
+    import tomllib
+    from importlib import resources
+
+    return tomllib.loads(resources.files("pbs_profiles").joinpath(f"{name}.toml").read_text(encoding="utf-8"))
+
+
+def test_builtin_profiles(offline_env):
     config, name = presets.resolve_config(None)
-    assert name == "default"
-    assert (config.block_size, config.segment_size, config.threshold) == (128, 256, 0.9)
-    assert {"default", "dense"} <= set(presets.profiles())
+    assert name == "default" and config == PBSConfig.from_dict(_shipped("default")["pbs"])
+    assert {"default", "dense", "published"} <= set(presets.profiles())
     assert presets.resolve_config("dense")[0].threshold == 1.0
+    published = presets.resolve_config("published")[0]
+    assert (published.block_size, published.segment_size, published.threshold) == (128, 256, 0.9)
 
 
 def test_overrides_and_invalid_values(offline_env):
-    config, _ = presets.resolve_config("default", threshold=0.5, block_size=None)
+    config, _ = presets.resolve_config("published", threshold=0.5, block_size=None)
     assert config.threshold == 0.5 and config.block_size == 128
     with pytest.raises(errors.UsageError, match="threshold"):
         presets.resolve_config(None, threshold=0.0)

@@ -317,11 +317,11 @@ def command(
     warmup = warmup if warmup is not None else (1 if on_gpu else 0)
     iters = iters if iters is not None else (3 if on_gpu else 1)
 
-    err.print(f"model: {spec.describe()}", highlight=False, markup=False)
+    err.print(f"model: {spec.describe()}", highlight=False, markup=False, soft_wrap=True)
     loaded = source.load(torch_dtype, dev, device_map, attn_implementation=integration.NAME,
                          load_kwargs=distributed.load_kwargs_for_tp(tpi.size))
     if loaded.cache == "built":
-        err.print(f"cached the dequantized weights in {loaded.weights}", highlight=False, markup=False)
+        err.print(f"cached the dequantized weights in {loaded.weights}", highlight=False, markup=False, soft_wrap=True)
     mdl = loaded.model
     input_ids = torch.tensor([ids], device=mdl.device)
 
@@ -362,7 +362,7 @@ def command(
         rec.update(dense_prefill_ms=dense.median_ms, dense_prefill_ms_all=dense.times_ms,
                    speedup=dense.median_ms / pbs.median_ms, top1_agreement=top1, mean_kl=kl)
         if not (math.isfinite(kl)):
-            err.print("warning: KL is not finite (the PBS output has NaN/inf)", highlight=False, markup=False)
+            err.print("warning: KL is not finite (the PBS output has NaN/inf)", highlight=False, markup=False, soft_wrap=True)
         integration.set_attention(mdl, integration.NAME)
     if max_new_tokens > 0:
         eos = loaded.tokenizer.eos_token_id
@@ -377,7 +377,7 @@ def command(
         return
     if output is not None:
         reports.atomic_write_text(output, reports.to_json(rec))
-        err.print(f"saved {output}", highlight=False, markup=False)
+        err.print(f"saved {output}", highlight=False, markup=False, soft_wrap=True)
     if as_json:
         typer.echo(reports.to_json(rec), nl=False)
     else:
