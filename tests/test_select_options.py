@@ -260,3 +260,58 @@ def test_dispatch_sends_new_options_to_the_reference_even_on_the_gpu_path(monkey
     num, idx = select_dispatch.select_blocks(q, k, perm, cfg)
     ref = R.build_plan(q, k, cfg)
     assert torch.equal(perm, ref.perm) and torch.equal(num, ref.kv_num_blocks) and torch.equal(idx, ref.kv_indices)
+
+
+# -- threshold scope and per-row needle blocks --------------------------------------------------
+
+
+def topp_keep(mass, forced, allowed, tau):
+    """Loop oracle of the top-p rule: forced blocks first, then descending mass, while the mass kept
+    before a block is < tau. mass/forced/allowed: lists over key blocks."""
+    order = [j for j in range(len(mass)) if forced[j]]
+    order += sorted((j for j in range(len(mass)) if allowed[j] and not forced[j]), key=lambda j: -mass[j])
+    keep, acc = set(), 0.0
+    for j in order:
+        if forced[j] or acc < tau - 1e-6:
+            keep.add(j)
+        acc += mass[j]
+    return keep
+
+
+def test_pooled_total_scope_is_top_p_over_every_causal_block():
+    q, k, _ = qkv(1, 2, 1, 128, 16, seed=12)
+    cfg = SMALL.replace(threshold=0.6, threshold_scope="total", permute=False, sink=False)
+    plan = build_plan(q, k, cfg)
+    dense = plan.to_dense()
+    qb = q.reshape(1, 2, 8, 16, 16).mean(3).double()
+    kb = k.reshape(1, 1, 8, 16, 16).mean(3).double()
+    for h in range(2):
+        for i in range(8):
+            s = (qb[0, h, i] @ kb[0, 0, : i + 1].T / 4.0).softmax(-1).tolist()  # scale 1/sqrt(16)
+            diag = i // 2 * 2
+            forced = [j >= diag for j in range(i + 1)]
+            expect = topp_keep(s, forced, [True] * (i + 1), 0.6)
+            assert set(torch.nonzero(dense[0, h, i]).flatten().tolist()) == expect, (h, i)
+
+
+def test_row_top_keeps_each_sampled_rows_best_off_diagonal_blocks():
+    q, k, _ = qkv(1, 2, 1, 160, 8, seed=13)
+    cfg = SMALL.replace(score="sampled", sample_rows=4, threshold=0.2, threshold_scope="total", permute=False,
+                        row_top=2)
+    plan = build_plan(q, k, cfg)
+    base = build_plan(q, k, cfg.replace(row_top=0)).to_dense()
+    dense = plan.to_dense()
+    assert torch.equal(dense | base, dense) and plan.density() > build_plan(q, k, cfg.replace(row_top=0)).density()
+    rows = R.sample_rows(160, 16, 4)  # (10, 4)
+    mass = oracle_block_mass(q, k, R.identity_permutation(1, 1, 160, q.device), cfg, rows.reshape(-1).tolist())
+    mass = mass.reshape(1, 2, 10, 4, 10)
+    for h in range(2):
+        for i in range(10):
+            diag = i // 2 * 2
+            need = set()
+            for r in range(4):
+                off = sorted(range(diag), key=lambda j: -float(mass[0, h, i, r, j]))[:2]
+                need |= {j for j in off if float(mass[0, h, i, r, j]) > 0}
+            kept = set(torch.nonzero(dense[0, h, i]).flatten().tolist())
+            assert need <= kept, (h, i, need, kept)
+            assert kept - need <= set(torch.nonzero(base[0, h, i]).flatten().tolist())
