@@ -373,7 +373,11 @@ def test_cli_real_model_numbers_match_reference(tmp_path):
     tokens = source.tokenizer()(doc.read_text(), return_tensors="pt")["input_ids"][:, :1024]
     loaded = source.load(torch.float32, "cpu", attn_implementation="sdpa")
     q, k, _ = captured_qkv(loaded.model, tokens, [10])[10]
-    plan = build_plan(q.float(), k.float(), PBSConfig())
+    from pbs_cli import presets
+
+    config, _ = presets.resolve_config(source.spec.profile)  # what the command used: the alias's profile
+    assert json.loads(result.stdout)["pbs"] == config.to_dict()
+    plan = build_plan(q.float(), k.float(), config)
     recall = ref.attention_recall(q.float(), k.float(), plan, torch.arange(1024)).mean(-1)[0, 2].item()
     assert head["recall"] == pytest.approx(recall, abs=1e-4)
     assert head["density"] == pytest.approx(plan.density_per_head()[0, 2].item(), abs=1e-6)
