@@ -12,7 +12,7 @@ from fixtures import TINY_CONTEXT, offline_env, tiny_model_dir  # noqa: F401  (p
 from pbs_cli import errors
 from pbs_cli.app import app
 
-SMALL = ["--block-size", "16", "--segment-size", "32"]
+SMALL = ["--block-size", "16", "--segment-size", "32", "--device", "cpu"]
 TEXT = ("def parse(line):\n    key, _, value = line.partition('=')\n    return key.strip(), value.strip()\n\n" * 2)
 
 
