@@ -412,7 +412,7 @@ def head_figure(view, source: str = "synthetic"):
     axes[2].imshow(codes, cmap=mcmap, vmin=-0.5, vmax=3.5, interpolation="nearest", extent=extent)
     axes[2].set_title(f"kept blocks, plan layout (density {_pct(view.stats.density)})", fontsize=11)
     axes[2].legend(handles=[Patch(color=KEPT_FORCED, label="kept: forced (diagonal segment, sink)"),
-                            Patch(color=KEPT_SELECTED, label="kept: selected (top-p)"),
+                            Patch(color=KEPT_SELECTED, label="kept: selected by score"),
                             Patch(color=SKIPPED_FIG, label="skipped")],
                    loc="upper right", fontsize=8, framealpha=0.9)
     for ax, xlabel in zip(axes, ("key block", "key block (plan layout)", "key block (plan layout)")):
