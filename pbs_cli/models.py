@@ -157,6 +157,10 @@ def resolve_model(spec: str) -> ModelSpec:
 
 def _resolve_path_or_id(text: str, aliases) -> ModelSpec:
     path = Path(text).expanduser()
+    try:
+        path.is_dir() and path.is_file()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise UsageError(f"model path {text[:80]!r} cannot be used: {exc.strerror or exc}") from None
     if path.is_dir():
         _check_weights_dir(path, text)
         return ModelSpec(text, "directory", path.resolve().name, path.resolve())
@@ -314,8 +318,34 @@ class LoadedModel:
         return self.model.device
 
 
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()
+
+
 class ModelSource:
     """A resolved model whose config and tokenizer can be read before the weights are loaded."""
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Any failure to read ``what`` becomes one PBSError that names the files and what to do.
+        Out-of-memory, Ctrl-C and errors that are already PBSErrors pass through unchanged."""
+        try:
+            yield
+        except PBSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - third-party readers raise anything (struct.error, SafetensorError...)
+            if _is_oom(exc):
+                raise
+            detail = (str(exc).splitlines() or [""])[0][:200]
+            if self.spec.is_gguf and self.cache not in ("hit", "built"):
+                hint = "the GGUF file is truncated, corrupt or not a GGUF file; download it again"
+            else:
+                hint = ("the files are truncated or corrupt (e.g. *.safetensors cut short) or not a "
+                        "transformers causal LM; save the model again with save_pretrained")
+            raise PBSError(f"cannot read the {what} of {self.spec.describe()}: {type(exc).__name__}: {detail}; "
+                           f"{hint}") from None
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -338,7 +368,7 @@ class ModelSource:
             from transformers import AutoConfig
 
             where, kw = self._kwargs()
-            with progress(f"reading the config of {self.spec.name}"):
+            with progress(f"reading the config of {self.spec.name}"), self._reading("config"):
                 self._config = AutoConfig.from_pretrained(where, trust_remote_code=False, local_files_only=True, **kw)
         return self._config
 
@@ -347,13 +377,9 @@ class ModelSource:
             from transformers import AutoTokenizer
 
             where, kw = self._kwargs()
-            with progress(f"loading the tokenizer of {self.spec.name}"):
-                try:
-                    self._tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False,
-                                                                    local_files_only=True, **kw)
-                except (OSError, ValueError) as exc:
-                    raise PBSError(f"cannot load a tokenizer for {self.spec.describe()}: "
-                                   f"{str(exc).splitlines()[0]}") from None
+            with progress(f"loading the tokenizer of {self.spec.name}"), self._reading("tokenizer"):
+                self._tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False,
+                                                                local_files_only=True, **kw)
         return self._tokenizer
 
     def max_positions(self) -> int | None:
@@ -373,7 +399,8 @@ class ModelSource:
             self.cache = "hit"
             return
         where, kw = self._kwargs()
-        with progress(f"dequantizing {self.spec.path.name} (first run only, 20-40 s on a CPU)"):
+        with progress(f"dequantizing {self.spec.path.name} (first run only, 20-40 s on a CPU)"), \
+                self._reading("weights"):
             model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, trust_remote_code=False,
                                                          local_files_only=True, **kw)
         with progress(f"caching the weights in {self.cache_folder}"):
@@ -398,7 +425,7 @@ class ModelSource:
         self.ensure_cache()
         where, kw = self._kwargs()
         extra = dict(load_kwargs or {})
-        with progress(f"loading {self.spec.name} ({str(dtype).removeprefix('torch.')})"):
+        with progress(f"loading {self.spec.name} ({str(dtype).removeprefix('torch.')})"), self._reading("weights"):
             if device_map:
                 extra["device_map"] = device_map
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, use_safetensors=True,
