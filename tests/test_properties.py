@@ -336,8 +336,6 @@ def test_prefill_options_are_validated_before_any_work(tiny_model_dir, cli_env, 
         assert json.loads(result.stdout)["prompt_tokens"] == 40
 
 
-@pytest.mark.xfail(reason="models.resolve_model lets OSError (file name too long) escape: exit 1, not 2",
-                   strict=False)
 @CLI
 @given(spec=st.one_of(option_text, st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
                                            min_size=200, max_size=400),
