@@ -162,6 +162,13 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     layer = getattr(module, "layer_idx", None)
     b, _, q_len, _ = query.shape
     if reason is not None:
+        if kwargs.get("softcap") is not None:
+            # SDPA (the dense fallback) cannot soft-cap logits either: refuse clearly rather than fail inside it
+            from .errors import UnsupportedError
+
+            raise UnsupportedError(
+                f"{type(module).__name__} soft-caps attention logits (softcap={kwargs['softcap']}), which neither "
+                "the PBS kernel nor its dense SDPA fallback implements; pbs cannot run this model")
         if run is not None:
             run.recorder.add(LayerStat(layer, "dense", reason, q_len, key.shape[2], b))
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
