@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import contextlib
 import math
 import statistics
 import sys
@@ -16,7 +17,7 @@ from rich.table import Table
 
 from .. import distributed, integration, models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
-from ..errors import UsageError
+from ..errors import OutOfMemory, UsageError
 
 DEFAULT_MODEL = "llama"
 _FIDELITY_CHUNK = 512  # positions per chunk of full-vocabulary logits (bounded memory)
@@ -33,6 +34,10 @@ def read_document(doc: str) -> tuple[str, str]:
         name = "<stdin>"
     else:
         path = Path(doc).expanduser()
+        try:
+            path.exists()
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise UsageError(f"document {doc[:80]!r} cannot be used: {exc.strerror or exc}") from None
         if not path.exists():
             raise UsageError(f"document {doc!r} does not exist; pass a text file, or - to read stdin")
         if path.is_dir():
@@ -184,6 +189,41 @@ def greedy_generate(model, first_logits, cache, max_new_tokens: int, eos: set[in
     return ids, (time.perf_counter() - t0) * 1e3
 
 
+@contextlib.contextmanager
+def out_of_memory_hint(step: str, tokens: int, device: str, dtype: str):
+    """Out-of-memory inside ``step`` becomes ``OutOfMemory`` (exit 4) naming the size and what to try."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - only OOM is translated, everything else passes
+        import torch
+
+        if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        tries = ["a shorter document (or --truncate with a model of fewer positions)"]
+        if dtype == "float32":
+            tries.append("--dtype bfloat16")
+        tries.append("--device-map auto (spread the layers over several GPUs)")
+        detail = (str(exc).splitlines() or [""])[0][:120]
+        raise OutOfMemory(f"out of memory {step} of {tokens} tokens ({dtype} on {device}): {detail}; "
+                          f"try {', '.join(tries)}") from None
+
+
+def warn_if_not_sparse(layers: list[integration.LayerStat], architecture: str) -> None:
+    """One stderr warning when PBS did not run on some or all attention calls of the prefill."""
+    if not layers:
+        err.print(f"warning: {architecture} made no attention calls through PBS (no attention layers that "
+                  "use transformers' attention interface): nothing ran sparse", highlight=False, markup=False)
+        return
+    chosen = ("dense_below", "dense_layers")  # dense because the PBS parameters asked for it: no warning
+    dense = [s for s in layers if s.path == "dense" and not any(c in s.reason for c in chosen)]
+    if dense:
+        reasons = "; ".join(sorted({s.reason for s in dense}))
+        err.print(f"warning: {len(dense)} of {len(layers)} attention layers ran dense, not PBS ({reasons})",
+                  highlight=False, markup=False)
+
+
 # -- reporting ------------------------------------------------------------------------------
 
 
@@ -276,6 +316,8 @@ def command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record to this file.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --output if it exists.")] = False,
+    include_text: Annotated[bool, typer.Option("--include-text", help="Put the document's text in the JSON "
+                                               "record (left out by default: reports get shared).")] = False,
     tp: Annotated[int | None, typer.Option("--tp", min=1, help="Tensor-parallel size: shard the heads over N GPUs "
                                            "(re-runs this command on N ranks through torch.distributed; query and "
                                            "KV heads must divide by N). Under torchrun: the world size.")] = None,
@@ -318,18 +360,22 @@ def command(
     iters = iters if iters is not None else (3 if on_gpu else 1)
 
     err.print(f"model: {spec.describe()}", highlight=False, markup=False, soft_wrap=True)
-    loaded = source.load(torch_dtype, dev, device_map, attn_implementation=integration.NAME,
-                         load_kwargs=distributed.load_kwargs_for_tp(tpi.size))
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    with out_of_memory_hint("loading the weights for a prefill", len(ids), dev, dtype_name):
+        loaded = source.load(torch_dtype, dev, device_map, attn_implementation=integration.NAME,
+                             load_kwargs=distributed.load_kwargs_for_tp(tpi.size))
     if loaded.cache == "built":
         err.print(f"cached the dequantized weights in {loaded.weights}", highlight=False, markup=False, soft_wrap=True)
     mdl = loaded.model
     input_ids = torch.tensor([ids], device=mdl.device)
 
-    with models.progress(f"prefill of {len(ids)} tokens with PBS attention"):
+    with models.progress(f"prefill of {len(ids)} tokens with PBS attention"), \
+            out_of_memory_hint("in the PBS prefill", len(ids), str(mdl.device), dtype_name):
         pbs = run_prefill(mdl, input_ids, integration.NAME, config, warmup, iters, keep_cache=max_new_tokens > 0)
     pbs.times_ms = distributed.reduce_max(pbs.times_ms)  # tensor parallel: each run's slowest rank
     distributed.merge_layer_stats(pbs.layers)  # tensor parallel: densities over the heads of all ranks
     summary = _layer_summary(pbs.layers)
+    warn_if_not_sparse(pbs.layers, type(mdl).__name__)
     rec = reports.envelope(
         "prefill",
         document=doc_name,
@@ -354,10 +400,12 @@ def command(
         tensor_parallel=tpi.to_dict(),
     )
     if compare_dense:
-        with models.progress(f"prefill of {len(ids)} tokens with dense SDPA"):
+        with models.progress(f"prefill of {len(ids)} tokens with dense SDPA"), \
+                out_of_memory_hint("in the dense SDPA prefill (--compare-dense)", len(ids), str(mdl.device), dtype_name):
             dense = run_prefill(mdl, input_ids, "sdpa", config, warmup, iters, keep_cache=False)
         dense.times_ms = distributed.reduce_max(dense.times_ms)
-        with models.progress("comparing next-token distributions"):
+        with models.progress("comparing next-token distributions"), \
+                out_of_memory_hint("comparing the logits (--compare-dense)", len(ids), str(mdl.device), dtype_name):
             top1, kl = fidelity(mdl, dense.hidden, pbs.hidden)
         rec.update(dense_prefill_ms=dense.median_ms, dense_prefill_ms_all=dense.times_ms,
                    speedup=dense.median_ms / pbs.median_ms, top1_agreement=top1, mean_kl=kl)
@@ -367,12 +415,15 @@ def command(
     if max_new_tokens > 0:
         eos = loaded.tokenizer.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        with models.progress(f"generating up to {max_new_tokens} tokens"):
+        with models.progress(f"generating up to {max_new_tokens} tokens"), \
+                out_of_memory_hint("generating after the prefill", len(ids), str(mdl.device), dtype_name):
             gen, decode_ms = greedy_generate(mdl, pbs.last_logits, pbs.cache, max_new_tokens, eos_ids)
         decode_ms = distributed.reduce_max(decode_ms)
         rec["generation"] = {"token_ids": gen, "text": loaded.tokenizer.decode(gen, skip_special_tokens=True),
                              "decode_ms": decode_ms, "decode_tokens_per_s": len(gen) / max(decode_ms / 1e3, 1e-9)}
 
+    if include_text:
+        rec["text"] = text
     if not distributed.is_main_rank():  # tensor parallel: rank 0 alone prints and writes
         return
     if output is not None:
