@@ -102,7 +102,6 @@ def test_ctrl_c_during_load_or_prefill_exits_130_and_writes_nothing(offline_env,
 # -- out of memory ------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(reason='gap: prefill OOM message does not name the token count (and suggests --seq-len, a profile option)', strict=True)
 def test_oom_during_prefill_is_exit_4_naming_the_size_and_leaves_no_report(offline_env, tiny_model_dir,
                                                                            tmp_path, monkeypatch):
     from pbs_cli import integration
@@ -121,7 +120,6 @@ def test_oom_during_prefill_is_exit_4_naming_the_size_and_leaves_no_report(offli
     assert list(report.parent.iterdir()) == [], "a partial report was written"
 
 
-@pytest.mark.xfail(reason='gap: profile records an OOM skip silently (no stderr line naming the size)', strict=True)
 def test_oom_in_one_profile_length_is_skipped_with_a_message_and_the_sweep_goes_on(offline_env, tmp_path,
                                                                                     monkeypatch):
     from pbs_cli import profiling
@@ -146,7 +144,6 @@ def test_oom_in_one_profile_length_is_skipped_with_a_message_and_the_sweep_goes_
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".json") == ["sweep.json"]
 
 
-@pytest.mark.xfail(reason='gap: profile writes the -o report before exiting 4', strict=True)
 def test_profile_where_nothing_fits_is_exit_4_and_leaves_no_report(offline_env, tmp_path, monkeypatch):
     from pbs_cli import profiling
 

@@ -80,7 +80,6 @@ def test_profile_from_a_model_does_not_store_the_document(secret_env, tiny_model
     _assert_private(result.stdout, result.stderr, report.read_text(encoding="utf-8"))
 
 
-@pytest.mark.xfail(reason="gap: pbs prefill has no --include-text yet", strict=True)
 def test_include_text_puts_the_document_in_the_report_on_request(secret_env, tiny_model_dir, tmp_path):
     doc = tmp_path / "doc.py"
     doc.write_text(TEXT, encoding="utf-8")
