@@ -114,6 +114,38 @@ def check_against_reference(q, k, config):
     }
 
 
+def sweep(args, cfg, dtype) -> list:
+    """Time each phase under alternative tiles (``TUNING`` of the launchers) at each length."""
+    from pbs_kernels.triton import permute as tperm
+    from pbs_kernels.triton import select as tsel
+
+    out = []
+    perm_default, sel_default = dict(tperm.TUNING), dict(tsel.TUNING)
+    for n in [parse_len(x) for x in args.seq_lens.split(",") if x]:
+        q, k = structured_qkv(args.batch, args.heads, args.kv_heads, n, args.head_dim, dtype)
+        perm = tperm.compute_permutation(q, k, cfg)
+        row = {"seq_len": n,
+               "pool_q": cuda_time(lambda: tsel.pool_blocks(q, cfg.block_size), 2, 5),
+               "pool_k": cuda_time(lambda: tsel.pool_blocks(k, cfg.block_size, perm), 2, 5),
+               "importance": [], "select": []}
+        for bm, bn, w in ((64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8), (64, 128, 8)):
+            tperm.TUNING.update(block_m=bm, block_n=bn, num_warps=w)
+            t = cuda_time(lambda: tperm.key_importance(q, k, cfg.block_size), 2, 5)
+            row["importance"].append({"block_m": bm, "block_n": bn, "num_warps": w, **t})
+        tperm.TUNING.update(perm_default)
+        for tile, warps, sb in ((4096, None, 32), (2048, None, 32), (8192, None, 32), (4096, 8, 32),
+                                (4096, None, 64)):
+            tsel.TUNING.update(tile_elements=tile, top_p_warps=warps, score_block=sb)
+            t = cuda_time(lambda: tsel.select_blocks(q, k, perm, cfg), 2, 5)
+            row["select"].append({"tile_elements": tile, "top_p_warps": warps, "score_block": sb, **t})
+        tsel.TUNING.update(sel_default)
+        print(json.dumps(row), file=sys.stderr)
+        out.append(row)
+        del q, k, perm
+        torch.cuda.empty_cache()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-lens", default="32k,128k")
@@ -130,6 +162,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference timings")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--check-len", default="32k", help="length of the Triton-vs-reference check (0: skip)")
+    ap.add_argument("--sweep", action="store_true", help="time alternative GPU tiles of each phase and stop")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -154,6 +187,13 @@ def main(argv=None) -> int:
              "dtype": "bfloat16", **cfg.to_dict()}
     results = {"env": env, "shape": shape, "lengths": [], "memory": None, "check": None}
     print(json.dumps(env), file=sys.stderr)
+
+    if args.sweep:
+        results["sweep"] = sweep(args, cfg, dtype)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(results, fh, indent=2)
+        return 0
 
     check_len = parse_len(args.check_len)
     if check_len:

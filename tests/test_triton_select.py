@@ -218,7 +218,7 @@ def test_tiny_threshold_keeps_only_forced_blocks(dtype, sink, local):
     q, k = structured_qkv(2, 3, 1, 250, 32, dtype)
     perm = tperm.compute_permutation(q, k, cfg)
     num, idx = tsel.select_blocks(q, k, perm, cfg)
-    plan = PermutedBlockMask(perm, num, idx, 16, 32, 250)
+    plan = PermutedBlockMask(perm.cpu(), num.cpu(), idx.cpu(), 16, 32, 250)
     sink_blocks = reference.sink_block(perm, 16).repeat_interleave(3, 1).cpu() if sink else None
     want = forced_blocks(16, 2, local, sink_blocks).expand(2, 3, 16, 16)
     assert torch.equal(plan.to_dense().cpu(), want)

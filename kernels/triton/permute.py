@@ -20,6 +20,8 @@ from .permute_kernel import _importance_kernel, _row_stats_kernel
 # Keys per program of the row-statistics pass: enough programs to fill a GPU at long N while each
 # one still streams many key tiles (the spans are merged with a log-sum-exp on the host stream).
 _SPAN = 4096
+# GPU tile of both passes (the benchmark's --sweep measures alternatives)
+TUNING = {"block_m": 64, "block_n": 64, "num_warps": 4}
 
 
 def _interpreting() -> bool:
@@ -49,10 +51,9 @@ def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: 
     gp = h_q // h_perm  # query heads averaged into one permutation head
     d_pow2 = max(16, triton.next_power_of_2(d))
     ieee = q.dtype == torch.float32
-    block_m, block_n = 64, 64
+    block_m, block_n, num_warps = TUNING["block_m"], TUNING["block_n"], TUNING["num_warps"]
     if _interpreting():  # the interpreter's cost is per operation: fewer, larger tiles
         block_m, block_n = 128, 512
-    num_warps = 4
 
     # -- pass 1: per row, max and sum of exponentials over spans of keys; merged into a log-sum-exp --
     n_spans = triton.cdiv(n, _SPAN)

@@ -20,6 +20,9 @@ from .select_kernel import _block_scores_kernel, _pool_kernel, _top_p_kernel
 # Upper bound of the per-chunk fp32 score buffer: 256 MiB (the whole matrix up to 128K tokens with
 # 32 heads; 16 chunks at 512K).
 _SCORE_BYTES = 256 << 20
+# GPU tiles: elements per program of the pooling / top-p tiles, top-p warps per row length (None:
+# by length), score tile (the benchmark's --sweep measures alternatives)
+TUNING = {"tile_elements": 4096, "top_p_warps": None, "score_block": 32}
 # The top-p ranking key keeps a block index in 20 bits.
 _MAX_BLOCKS = 1 << 20
 
@@ -30,7 +33,7 @@ def _interpreting() -> bool:
 
 def _tile_elements() -> int:
     """Elements per program of the pooling and top-p tiles."""
-    return 1 << 16 if _interpreting() else 4096
+    return 1 << 16 if _interpreting() else TUNING["tile_elements"]
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -105,12 +108,12 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     idx = torch.empty(b, h_q, n_b, n_b, dtype=torch.int32, device=q.device)
     per_seg = config.segment_size // bs
     nb_pow2 = max(16, triton.next_power_of_2(n_b))
-    top_p_warps = 4 if nb_pow2 <= 1024 else (8 if nb_pow2 <= 4096 else 16)
+    top_p_warps = TUNING["top_p_warps"] or (4 if nb_pow2 <= 1024 else (8 if nb_pow2 <= 4096 else 16))
     # rows of the top-p tile: a few thousand elements per program on a GPU; the interpreter's cost
     # is per operation, not per element, so there one program takes many rows
     block_r = max(1, min(_tile_elements() // nb_pow2, triton.next_power_of_2(n_b)))
     d_pow2 = max(16, triton.next_power_of_2(d))
-    block_m = block_n = 64 if _interpreting() else 32
+    block_m = block_n = 64 if _interpreting() else TUNING["score_block"]
     # query blocks per chunk: as many as the score buffer holds within score_bytes (a multiple of
     # block_m when more than one tile fits)
     rows = max(1, min(n_b, score_bytes // (4 * b * h_q * n_b)))
