@@ -207,7 +207,7 @@ def main(argv=None) -> int:
             plan = random_plan(1, h_q, h_kv, n, 0.2, dev)
             best = {}
             for mode in (args.sweep_modes.split(",") if args.sweep_modes else modes):
-                for c in A._cuda_configs(BLOCK, d):
+                for c in A._sweep_configs(BLOCK, d):
                     cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
                     try:
                         ms = bench(lambda: A.pbs_attention(q, k, v, plan, perm_mode=mode, config=cfg))

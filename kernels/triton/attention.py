@@ -48,8 +48,20 @@ def _default_config(plan_block: int, head_dim: int) -> dict:
 
 
 def _cuda_configs(plan_block: int, head_dim: int) -> list[triton.Config]:
-    """Autotune candidates: BLOCK_M/BLOCK_N divide the plan block; 8 warps keep a 128x128 fp32
-    accumulator in registers; 2-4 stages overlap the next tile's loads with this tile's math."""
+    """Autotune candidates (BLOCK_M, BLOCK_N, warps, stages), pruned to those that won a sweep of
+    all 2x2x5 shapes on an H100 (BENCHMARKS.md) plus the 64-token tiles that 64-token plans need.
+    8 warps hold a 128x128 fp32 accumulator for head_dim 128; 3 stages overlap the next tile's
+    loads with this tile's math."""
+    if head_dim > 64:
+        shapes = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 8, 3)]
+    else:
+        shapes = [(128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in shapes if plan_block % bm == 0 and plan_block % bn == 0]
+
+
+def _sweep_configs(plan_block: int, head_dim: int) -> list[triton.Config]:
+    """Every tile shape of the benchmark's sweep (``benchmarks/kernel_bench.py --sweep``)."""
     configs = []
     for bm in (128, 64):
         for bn in (128, 64):
