@@ -238,6 +238,16 @@ def _layer_summary(layers: list[integration.LayerStat]) -> dict[str, Any]:
     }
 
 
+def _other_params(config: dict[str, Any]) -> str:
+    """', name value' for every further PBS parameter that differs from its default."""
+    from pbs_kernels import PBSConfig
+
+    shown = {"block_size", "segment_size", "threshold", "permute", "sink", "local_blocks", "dense_below"}
+    defaults = PBSConfig().to_dict()
+    extra = [f"{k} {v}" for k, v in config.items() if k not in shown and (k not in defaults or defaults[k] != v)]
+    return "".join(f", {e}" for e in extra)
+
+
 def _fmt_ms(ms: float) -> str:
     return f"{ms / 1e3:.2f} s" if ms >= 1e4 else f"{ms:.1f} ms"
 
@@ -263,7 +273,7 @@ def print_summary(rec: dict[str, Any]) -> None:
     c = rec["config"]
     table.add_row("PBS parameters", f"profile {rec['profile']}: block {c['block_size']}, segment {c['segment_size']}, "
                   f"threshold {c['threshold']}, permute {c['permute']}, sink {c['sink']}, "
-                  f"local_blocks {c['local_blocks']}, dense_below {c['dense_below']}")
+                  f"local_blocks {c['local_blocks']}, dense_below {c['dense_below']}" + _other_params(c))
     s = rec["layer_summary"]
     if s["density"] is not None:
         table.add_row("density", f"{rec['density']:.1%} overall; per layer {s['density_min']:.1%} - {s['density_max']:.1%}"
