@@ -20,8 +20,8 @@ from .permute_kernel import _importance_kernel, _row_stats_kernel
 # Keys per program of the row-statistics pass: enough programs to fill a GPU at long N while each
 # one still streams many key tiles (the spans are merged with a log-sum-exp on the host stream).
 _SPAN = 4096
-# GPU tile of both passes (the benchmark's --sweep measures alternatives)
-TUNING = {"block_m": 64, "block_n": 64, "num_warps": 4}
+# GPU tile of both passes (benchmarks/select_bench.py --sweep measures alternatives)
+TUNING = {"block_m": 64, "block_n": 128, "num_warps": 8}  # best of 5 tiles on an H100 at 32K and 128K
 
 
 def _interpreting() -> bool:
