@@ -34,9 +34,7 @@ def fail(message: str, code: int) -> typer.Exit:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()
+    return errors.is_out_of_memory(exc)
 
 
 def command_boundary(fn):

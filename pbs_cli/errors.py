@@ -23,6 +23,25 @@ EXIT_CODES = {
 }
 
 
+_OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for running out of memory anywhere: torch's CUDA allocator (``torch.OutOfMemoryError``),
+    the CPU allocator (a RuntimeError "DefaultCPUAllocator: can't allocate memory"), Python's MemoryError."""
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    text = str(exc).lower()
+    return any(t in text for t in _OOM_TEXT)
+
+
 class PBSError(Exception):
     """An error for the user: one clear line, a documented exit code."""
 

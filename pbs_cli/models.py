@@ -319,9 +319,9 @@ class LoadedModel:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    import torch
+    from .errors import is_out_of_memory
 
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()
+    return is_out_of_memory(exc)
 
 
 class ModelSource:

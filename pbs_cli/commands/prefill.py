@@ -197,7 +197,9 @@ def out_of_memory_hint(step: str, tokens: int, device: str, dtype: str):
     except Exception as exc:  # noqa: BLE001 - only OOM is translated, everything else passes
         import torch
 
-        if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()):
+        from ..errors import is_out_of_memory
+
+        if not is_out_of_memory(exc):
             raise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
