@@ -102,11 +102,17 @@ def test_ctrl_c_during_load_or_prefill_exits_130_and_writes_nothing(offline_env,
 # -- out of memory ------------------------------------------------------------------------------------
 
 
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+           "to allocate 4398046511104 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("oom", [torch.OutOfMemoryError(GIB), RuntimeError(CPU_OOM), MemoryError()],
+                         ids=["cuda", "cpu-allocator", "MemoryError"])
 def test_oom_during_prefill_is_exit_4_naming_the_size_and_leaves_no_report(offline_env, tiny_model_dir,
-                                                                           tmp_path, monkeypatch):
+                                                                           tmp_path, monkeypatch, oom):
     from pbs_cli import integration
 
-    monkeypatch.setattr(integration, "pbs_prefill_attention", _raise(torch.OutOfMemoryError(GIB)))
+    monkeypatch.setattr(integration, "pbs_prefill_attention", _raise(oom))
     report = tmp_path / "out" / "report.json"
     report.parent.mkdir()
     result = invoke(["prefill", "-", "--model", str(tiny_model_dir), "-o", str(report), "--json"],
