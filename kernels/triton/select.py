@@ -23,8 +23,6 @@ _SCORE_BYTES = 256 << 20
 # GPU tiles: elements per program of the pooling / top-p tiles, top-p warps per row length (None:
 # by length), score tile (the benchmark's --sweep measures alternatives)
 TUNING = {"tile_elements": 4096, "top_p_warps": None, "score_block": 32}
-# The top-p ranking key keeps a block index in 20 bits.
-_MAX_BLOCKS = 1 << 20
 
 
 def _interpreting() -> bool:
@@ -96,8 +94,6 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     bs = config.block_size
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     n_b = triton.cdiv(n, bs)
-    if n_b > _MAX_BLOCKS:
-        raise ValueError(f"{n_b} key blocks exceed the selection limit of {_MAX_BLOCKS}; use a larger block_size")
     perm = perm.to(torch.int32).contiguous()
 
     q_bar = pool_blocks(q, bs)  # (B, H_q, N_b, D)
