@@ -53,8 +53,9 @@ class PermutedBlockMask:
         slot = torch.arange(n_kb, device=self.kv_indices.device)
         valid = slot < self.kv_num_blocks.unsqueeze(-1)
         # padding slots may repeat a kept index: "amax" keeps True wherever any slot wrote it
-        dense = torch.zeros(self.kv_indices.shape, dtype=torch.bool, device=self.kv_indices.device)
-        return dense.scatter_reduce(-1, self.kv_indices.long(), valid, "amax")
+        # (uint8: CUDA has no bool scatter_reduce)
+        dense = torch.zeros(self.kv_indices.shape, dtype=torch.uint8, device=self.kv_indices.device)
+        return dense.scatter_reduce(-1, self.kv_indices.long(), valid.to(torch.uint8), "amax").bool()
 
     def causal_blocks(self) -> int:
         """Number of (query block, key block) pairs a dense causal attention visits, all heads."""
