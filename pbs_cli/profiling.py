@@ -215,6 +215,38 @@ def sample_rows(seq_len: int, count: int, seed: int, device: torch.device) -> to
     return rows.to(device)
 
 
+def attention_recall(q: torch.Tensor, k: torch.Tensor, plan: PermutedBlockMask, rows: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """fp32 (B, H_q, R): share of each sampled row's full causal attention mass that the plan's kept
+    blocks cover. Same definition as ``pbs_kernels.reference.attention_recall`` (the tests compare the
+    two), written with uint8 scatters so that it also runs on CUDA (torch has no CUDA bool scatter).
+
+    q (B, H_q, N, D), k (B, H_kv, N, D), rows int64 (R,) query positions.
+    """
+    b, h_q, n, d = q.shape
+    g = h_q // k.shape[1]
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    bs = plan.block_size
+    dev = q.device
+    s_ = torch.matmul(q[:, :, rows].float(), k.float().repeat_interleave(g, 1).transpose(-1, -2)) * scale
+    p = s_.masked_fill(torch.arange(n, device=dev)[None, :] > rows[:, None], float("-inf")).softmax(-1)
+    del s_
+    qb = torch.div(rows, bs, rounding_mode="floor")
+    n_kb = plan.num_blocks
+    valid = torch.arange(n_kb, device=dev) < plan.kv_num_blocks[:, :, qb, None]  # (B, H_q, R, N_kb)
+    blocks = torch.zeros(valid.shape, dtype=torch.uint8, device=dev)
+    blocks = blocks.scatter_reduce(-1, plan.kv_indices[:, :, qb].long(), valid.to(torch.uint8), "amax")
+    kept_slot = blocks.repeat_interleave(bs, -1)[..., :n]  # (B, H_q, R, N) per key slot
+    # slot -> original key: permuted before the row's own segment, identity inside it (a bijection)
+    diag = reference.segment_starts(plan.kv_num_blocks.shape[-1], bs, plan.segment_size, dev)[qb] * bs  # (R,)
+    slot = torch.arange(n, device=dev)
+    perm = plan.perm.long().repeat_interleave(h_q // plan.perm.shape[1], dim=1)  # (B, H_q, N)
+    key_of_slot = torch.where(slot[None, None, None, :] < diag[None, None, :, None], perm[:, :, None, :],
+                              slot.expand(1, 1, 1, n))
+    kept = torch.zeros_like(kept_slot).scatter(-1, key_of_slot.expand_as(kept_slot), kept_slot)
+    return (p * kept).sum(-1)
+
+
 def recall_stats(q: torch.Tensor, k: torch.Tensor, plan: PermutedBlockMask, rows: torch.Tensor,
                  scale: float | None, max_elements: int = 1 << 27) -> tuple[float, float]:
     """(mean, min) attention-mass recall of ``plan`` over ``rows``, all heads; chunks of KV heads keep
@@ -229,8 +261,7 @@ def recall_stats(q: torch.Tensor, k: torch.Tensor, plan: PermutedBlockMask, rows
     total, count, worst = 0.0, 0, float("inf")
     for h0 in range(0, h_q, heads_per_chunk):
         h1 = min(h_q, h0 + heads_per_chunk)
-        r = reference.attention_recall(q[:, h0:h1], k[:, h0 // g : h1 // g], _slice_plan(plan, h0, h1, g_perm),
-                                       rows, scale)
+        r = attention_recall(q[:, h0:h1], k[:, h0 // g : h1 // g], _slice_plan(plan, h0, h1, g_perm), rows, scale)
         total += float(r.double().sum())
         count += r.numel()
         worst = min(worst, float(r.min()))
@@ -302,11 +333,14 @@ def flex_runner(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permute
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     mask = flex_block_mask(plan, q.shape[1])
     gqa = q.shape[1] != plan.perm.shape[1] or q.shape[1] != k.shape[1]
+    # FlexAttention's kernel tiles must divide the mask's blocks (its H100 default is 128)
+    options = {"BLOCK_M": plan.block_size, "BLOCK_N": plan.block_size} if plan.block_size < 128 else None
 
     def run() -> torch.Tensor:
         kp = reference.permute_keys(k, plan.perm)
         vp = reference.permute_keys(v, plan.perm)
-        return _compiled_flex(q, kp, vp, block_mask=mask, scale=scale, enable_gqa=gqa and kp.shape[1] != q.shape[1])
+        return _compiled_flex(q, kp, vp, block_mask=mask, scale=scale, enable_gqa=gqa and kp.shape[1] != q.shape[1],
+                              kernel_options=options)
 
     return run
 

@@ -86,14 +86,15 @@ def test_density_and_recall_match_an_independent_plan(sweep):
     dense = plan.to_dense()
     s = (q[:, :, rows] @ k.repeat_interleave(2, 1).transpose(-1, -2)) / 8.0
     s = s.masked_fill(torch.arange(n)[None, :] > rows[:, None], float("-inf")).softmax(-1)
+    bs, per_seg = doc["pbs"]["block_size"], doc["pbs"]["segment_size"] // doc["pbs"]["block_size"]
     total = []
     for h in range(4):
         for ri, r in enumerate(rows.tolist()):
-            i = r // 128
-            seg_start = (i // 2) * 2
+            i = r // bs
+            seg_start = (i // per_seg) * per_seg
             keys = set()
             for j in dense[0, h, i].nonzero().flatten().tolist():
-                slots = range(j * 128, min(n, (j + 1) * 128))
+                slots = range(j * bs, min(n, (j + 1) * bs))
                 keys |= set(slots) if j >= seg_start else {int(plan.perm[0, h // 2, t]) for t in slots}
             total.append(float(s[0, h, ri, sorted(keys)].sum()))
     rec = _rec(doc, n, "pbs")
@@ -149,7 +150,8 @@ def test_named_reference_runs_and_jsonl_streams_to_stdout():
     assert lines[0]["record"] == "header" and [x["backend"] for x in lines[1:]] == ["reference", "sdpa-math"]
     ref = lines[1]
     q, k, _ = synthetic_qkv(1, 4, 2, 512, 64, seed=0)
-    assert ref["status"] == "ok" and ref["density"] == pytest.approx(reference.build_plan(q, k, PBSConfig()).density())
+    config = PBSConfig.from_dict(lines[0]["pbs"])  # the default preset's parameters, as recorded
+    assert ref["status"] == "ok" and ref["density"] == pytest.approx(reference.build_plan(q, k, config).density())
     assert ref["speedup"] == pytest.approx(lines[2]["median_ms"] / ref["median_ms"])
 
 
@@ -277,6 +279,14 @@ def test_helpers_against_direct_computation():
     assert rel_l2(a, b) == pytest.approx(float((a - b).norm() / b.norm()), rel=1e-6)
     rows = sample_rows(1000, 16, 0, torch.device("cpu"))
     assert rows.numel() == 16 and int(rows[-1]) == 999 and int(rows.min()) >= 125 and rows.unique().numel() == 16
+    # the CUDA-safe recall equals the reference's, per row and head
+    from pbs_cli.profiling import attention_recall
+
+    for n, bs, seg in ((512, 64, 128), (700, 64, 256), (1000, 32, 64)):
+        q, k, _ = synthetic_qkv(1, 8, 2, n, 32, seed=n)
+        plan = reference.build_plan(q, k, PBSConfig(block_size=bs, segment_size=seg, threshold=0.6))
+        r = sample_rows(n, 12, 1, torch.device("cpu"))
+        torch.testing.assert_close(attention_recall(q, k, plan, r), reference.attention_recall(q, k, plan, r))
     # chunked recall equals the unchunked reference
     q, k, _ = synthetic_qkv(1, 8, 2, 512, 32, seed=3)
     plan = reference.build_plan(q, k, PBSConfig(block_size=64, segment_size=128))
