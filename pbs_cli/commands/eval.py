@@ -125,9 +125,9 @@ def save_png(rec: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{rec['model']['name']}, {rec['prompt_tokens']} tokens of {Path(rec['document']).name}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from ..viz import save_figure
+
+    save_figure(fig, path, "png")  # temp file + rename in the same folder; closes the figure
 
 
 # -- passkey ----------------------------------------------------------------------------------
