@@ -183,6 +183,23 @@ def test_tiles_smaller_than_plan_blocks(dtype, block_m, block_n):
     check(q, k, v, plan, config={"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2})
 
 
+@pytest.mark.parametrize("mode", ["remap", "tma"])
+def test_plan_without_some_diagonal_blocks(mode):
+    """A plan need not keep block i for query block i: then no key of block i is read."""
+    dtype = DTYPES[0]
+    q, k, v = qkv(1, 2, 1, 200, 64, dtype, seed=8)
+    plan = random_plan(1, 2, 1, 200, 32, 64, p=0.5, seed=8)
+    dense = plan.to_dense()
+    rows = torch.arange(dense.shape[-2])
+    drop = (rows % 2 == 1)  # odd rows keep block i-1 of their own segment, not block i
+    dense[..., rows[drop], rows[drop]] = False
+    cols = torch.arange(dense.shape[-1])
+    num = dense.sum(-1, dtype=torch.int32)
+    idx = torch.where(dense, cols, cols + dense.shape[-1]).sort(-1).indices.to(torch.int32)
+    plan = to_device(PermutedBlockMask(plan.perm, num, idx, 32, 64, 200))
+    check(q, k, v, plan, perm_mode=mode)
+
+
 def test_plan_block_64_and_scale():
     dtype = DTYPES[0]
     q, k, v = qkv(1, 2, 1, 300, 64, dtype, seed=7)

@@ -19,8 +19,13 @@ from . import attention_kernel as K
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 PERM_MODES = {"tma": 0, "gather": 1, "remap": 2}
-# Default way of reading permuted keys on CUDA (see BENCHMARKS.md, "Attention kernel (H100)").
-DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "remap")
+# Default way of reading permuted keys: "auto" picks "remap" for short rows and "tma" for long ones
+# (BENCHMARKS.md, "Attention kernel (H100)"); PBS_PERM_MODE=remap|gather|tma overrides it.
+DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "auto")
+# Mean kept blocks per query block from which the permuted copy + TMA tiles beat remapped loads.
+# Measured on an H100 (bf16, 128-token blocks): remap wins at <= ~26 blocks/row (128K at 5%, 32K
+# at <= 20%), the copy + TMA wins from ~51 (128K at >= 10%); the crossover lies between.
+TMA_MIN_BLOCKS_PER_ROW = 40
 
 
 def _interpreting() -> bool:
@@ -115,6 +120,14 @@ def permuted_copy(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, d).index_select(0, rows).reshape(b, h_perm, n, d)
 
 
+def choose_perm_mode(plan: PermutedBlockMask) -> str:
+    """"tma" (permuted copy, descriptor loads) when rows keep many blocks, else "remap".
+
+    Reads the plan's mean row length: one host synchronization per call."""
+    mean_blocks = plan.kv_num_blocks.float().mean().item()
+    return "tma" if mean_blocks >= TMA_MIN_BLOCKS_PER_ROW else "remap"
+
+
 def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PermutedBlockMask,
                   scale: float | None = None, *, perm_mode: str | None = None,
                   config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,8 +136,8 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     q: (B, H_q, N, D); k, v: (B, H_kv, N, D) in original order; H_q a multiple of H_kv.
     plan: ``PermutedBlockMask`` for these shapes. scale: softmax scale (default 1/sqrt(D)).
     perm_mode: how permuted keys are read: "remap" (through ``plan.perm`` inside the kernel, no
-        copy), "gather" (one permuted copy of K/V, contiguous tiles) or "tma" (the copy, read with
-        tensor descriptors). Default ``DEFAULT_PERM_MODE``.
+        copy), "gather" (one permuted copy of K/V, contiguous tiles), "tma" (the copy, read with
+        tensor descriptors) or "auto" (``choose_perm_mode``). Default ``DEFAULT_PERM_MODE``.
     config: fixed tile config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} instead of autotuning.
     out: optional contiguous (B, H_q, N, D) tensor of q's dtype to write into.
     Returns (B, H_q, N, D) in q's dtype.
@@ -145,8 +158,10 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         raise ValueError(f"plan shape {tuple(plan.kv_indices.shape)} does not fit q {tuple(q.shape)} "
                          f"with block_size {bs}: expected ({b}, {h_q}, {-(-n // bs)}, ...)")
     mode_name = perm_mode or DEFAULT_PERM_MODE
+    if mode_name == "auto":
+        mode_name = choose_perm_mode(plan) if q.is_cuda else "remap"
     if mode_name not in PERM_MODES:
-        raise ValueError(f"perm_mode must be one of {sorted(PERM_MODES)}, got {mode_name!r}")
+        raise ValueError(f"perm_mode must be one of {sorted(PERM_MODES) + ['auto']}, got {mode_name!r}")
     mode = PERM_MODES[mode_name]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
 

@@ -1,13 +1,14 @@
 """Block-sparse causal attention forward over a ``PermutedBlockMask`` (Triton, @triton.jit only).
 
 One program computes BLOCK_M query rows of one query head. Its loop runs over the kept key blocks of
-its plan row (``kv_num_blocks`` / ``kv_indices``), never over all earlier blocks, in three phases
-(kv_indices are ascending, so the blocks of the query's own segment form the tail of the row):
+its plan row (``kv_num_blocks`` / ``kv_indices``), never over all earlier blocks (kv_indices are
+ascending and causal, j <= i, so the blocks of the query's own segment form the tail of the row):
 
+  0. the diagonal block j == i first: original keys, causal mask on positions, keys >= N masked.
+     Its loads need nothing from the plan, so they overlap the plan's own loads; when the plan
+     does not keep block i, the mask drops every key of it;
   1. kept blocks of EARLIER segments: permuted keys, no token mask;
-  2. kept blocks of the OWN segment before the last kept block: original keys, no token mask;
-  3. the last kept block (the diagonal block j == i in a causal plan): original keys, causal mask
-     on positions and keys >= N masked.
+  2. kept blocks of the OWN segment before block i: original keys, no token mask.
 
 PERM_MODE says how phase 1 reads permuted keys:
   0  gathered copies KP/VP (keys already in permuted order), contiguous tiles through TMA tensor
@@ -89,6 +90,10 @@ def pbs_attn_fwd(
 
     q = tl.load(Q + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < N_CTX, other=0.0)
 
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked row stays NaN-free
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
     # -- split the row: count kept blocks inside the own segment (they are the tail) --
     num = tl.load(KV_NUM + row)
     diag_start = (qb // SEG_BLOCKS) * SEG_BLOCKS
@@ -97,10 +102,17 @@ def pbs_attn_fwd(
     tail = tl.load(idx_row + num - 1 - back, mask=tail_ok, other=-1)
     n_diag = tl.sum(((tail >= diag_start) & tail_ok).to(tl.int32), 0)
     n_off = num - n_diag
+    has_diag = tl.sum(((tail == qb) & tail_ok).to(tl.int32), 0)  # 1 when block qb is kept (last entry)
 
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked row stays NaN-free
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # -- phase 0: the diagonal block, original keys, causal mask on positions --
+    for s in tl.static_range(0, SUB_N):
+        offs_k = qb * PLAN_BLOCK + s * BLOCK_N + offs_n
+        kv_off = (kv_row0 + offs_k)[:, None] * HEAD_DIM + offs_d[None, :]
+        in_seq = offs_k[:, None] < N_CTX
+        k = tl.load(K + kv_off, mask=in_seq, other=0.0)
+        v = tl.load(V + kv_off, mask=in_seq, other=0.0)
+        mask = (offs_k[None, :] <= offs_m[:, None]) & (offs_k[None, :] < N_CTX) & (has_diag > 0)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, True, DOT_PREC)
 
     if PERM_MODE == 0:
         total_rows = tl.num_programs(1) * N_CTX  # B * H_kv * N
@@ -114,7 +126,7 @@ def pbs_attn_fwd(
         vp_desc = tl.make_tensor_descriptor(VP, shape=[perm_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
                                             block_shape=[BLOCK_N, HEAD_DIM])
 
-    last = tl.maximum(num - 1, n_off)
+    last = num - has_diag  # every kept block but qb: fully visible to every row of this tile
     if PERM_MODE == 2:
         # -- phases 1 and 2 in one pipelined loop: rows remapped through perm before the own
         #    segment, read in original order inside it; no mask --
@@ -152,18 +164,6 @@ def pbs_attn_fwd(
                 k = tl.load(K + kv_off)
                 v = tl.load(V + kv_off)
             acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC)
-
-    # -- phase 3: the last kept block of the own segment, causal mask on original positions --
-    if n_diag > 0:
-        j = tl.load(idx_row + num - 1)
-        for s in range(0, SUB_N):
-            offs_k = j * PLAN_BLOCK + s * BLOCK_N + offs_n
-            kv_off = (kv_row0 + offs_k)[:, None] * HEAD_DIM + offs_d[None, :]
-            in_seq = offs_k[:, None] < N_CTX
-            k = tl.load(K + kv_off, mask=in_seq, other=0.0)
-            v = tl.load(V + kv_off, mask=in_seq, other=0.0)
-            mask = (offs_k[None, :] <= offs_m[:, None]) & (offs_k[None, :] < N_CTX)
-            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, True, DOT_PREC)
 
     # -- epilogue: normalize; rows that saw no key (only rows >= N) write 0 --
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
