@@ -23,7 +23,7 @@ Numbers per record (all times in ms; spread = quartiles and min/max over the rep
   ``2 * 2 * N^2 * D * H_q * B / 2`` = ``2 * N^2 * D * H_q * B`` (two matmuls, half the square).
 - ``tflops_computed``: FLOPs actually computed, ``density * causal FLOPs``, over the attend time.
 - ``speedup``: best dense SDPA time (the fastest ``sdpa-*`` at that length, named in ``best_dense``)
-  / this backend's time.
+  / this backend's time; ``attend_speedup``: the same over the attend phase alone (sparse backends).
 - ``rel_l2_error``: ``||out - dense||_2 / ||dense||_2`` against one dense output (``error_vs``).
 - ``recall_mean``/``recall_min``: share of the full causal attention mass (softmax over all keys) that
   the kept blocks cover, over sampled query rows and all heads.
@@ -56,7 +56,7 @@ SPARSE_BACKENDS = ("pbs", "flex", "reference")
 RESULT_FIELDS = (
     "seq_len", "layer", "backend", "status", "reason", "median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms",
     "repeats", "permute_ms", "select_ms", "attend_ms", "density", "tflops", "tflops_computed", "speedup",
-    "best_dense", "rel_l2_error", "error_vs", "recall_mean", "recall_min", "peak_mem_mib", "notes",
+    "attend_speedup", "best_dense", "rel_l2_error", "error_vs", "recall_mean", "recall_min", "peak_mem_mib", "notes",
 )
 
 
@@ -552,6 +552,8 @@ class Profiler:
             if best is not None and rec["status"] == "ok":
                 rec["best_dense"] = best["backend"]
                 rec["speedup"] = best["median_ms"] / rec["median_ms"]
+                if rec["backend"] in SPARSE_BACKENDS and rec.get("attend_ms"):
+                    rec["attend_speedup"] = best["median_ms"] / rec["attend_ms"]  # the attention kernel alone
         case.records = ordered
         return ordered
 

@@ -134,7 +134,7 @@ def to_csv(doc: dict[str, Any]) -> str:
 # -- human formats ----------------------------------------------------------------------------------
 
 COLUMNS = ("N", "layer", "backend", "ms (±IQR/2)", "permute/select/attend ms", "density", "TF/s dense-eq",
-           "TF/s computed", "speedup", "rel. L2 err", "recall mean/min", "peak MiB")
+           "TF/s computed", "speedup (total / attend)", "rel. L2 err", "recall mean/min", "peak MiB")
 
 
 def _f(x: Any, fmt: str) -> str:
@@ -162,7 +162,8 @@ def row_cells(rec: dict[str, Any]) -> list[str]:
     return [format_size(rec["seq_len"]), layer, rec["backend"],
             f"{_ms(rec['median_ms'])} ±{_ms(iqr / 2 if iqr is not None else None)}",
             phases, _f(rec.get("density"), ".1%"), _f(rec.get("tflops"), ".3g"), _f(rec.get("tflops_computed"), ".3g"),
-            _f(rec.get("speedup"), ".2f") + ("x" if rec.get("speedup") is not None else ""),
+            _f(rec.get("speedup"), ".2f") + ("x" if rec.get("speedup") is not None else "")
+            + (f" / {rec['attend_speedup']:.2f}x" if rec.get("attend_speedup") is not None else ""),
             _f(rec.get("rel_l2_error"), ".2e"), recall, _f(rec.get("peak_mem_mib"), ",.0f")]
 
 
@@ -246,7 +247,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
     lines.append("")
     lines += [f"- {_md_escape(s)}" for s in summary_lines(doc) + skipped_lines(doc)]
     lines += ["", "TFLOP/s dense-eq = causal FLOPs / time, causal FLOPs = 2 * N^2 * D * H_q * B; "
-              "TFLOP/s computed = density * causal FLOPs / attend time; speedup = best dense SDPA time / time.", ""]
+              "TFLOP/s computed = density * causal FLOPs / attend time; speedup = best dense SDPA time / time "
+              "(total, and the attend phase alone).", ""]
     return "\n".join(lines)
 
 

@@ -90,7 +90,7 @@ def test_report_show_formats(pair):
     assert_clean_outcome(res, {0})
     rows = parse_markdown_table(res.stdout)
     assert [(r["N"], r["backend"]) for r in rows] == [("1K", "pbs"), ("1K", "sdpa-flash"), ("4K", "pbs"), ("4K", "sdpa-flash")]
-    assert rows[2]["speedup"] == "1.25x"
+    assert rows[2]["speedup (total / attend)"] == "1.25x"
     assert load(pb)["results"] == b["results"]
 
 
