@@ -360,3 +360,16 @@ def test_profile_from_model_on_real_text(tiny_model_dir, offline_env, tmp_path):
     assert {(r["seq_len"], r["layer"], r["backend"]) for r in ok} == {
         (n, layer, b) for n in (256, 512) for layer in (0, 1) for b in ("pbs", "sdpa-math")}
     assert all(r["status"] == "skipped" and "shorter" in r["reason"] for r in doc["results"] if r["seq_len"] == 2**20)
+
+
+def test_shape_from_model_config_with_flag_override(tiny_model_dir, offline_env):  # noqa: F811
+    result = invoke(["profile", "--model", str(tiny_model_dir), "--seq-len", "256", *FAST, "--backends", "sdpa-math",
+                     "--json"])
+    assert_clean_outcome(result, {0})
+    shape = json.loads(result.stdout)["shape"]
+    assert (shape["heads"], shape["kv_heads"], shape["head_dim"], shape["batch"]) == (4, 2, 16, 1)
+    result = invoke(["profile", "--model", str(tiny_model_dir), "--head-dim", "32", "--seq-len", "256", *FAST,
+                     "--backends", "sdpa-math", "--json"])
+    assert_clean_outcome(result, {0})
+    shape = json.loads(result.stdout)["shape"]
+    assert (shape["heads"], shape["head_dim"]) == (4, 32) and "flags" in shape["source"]
