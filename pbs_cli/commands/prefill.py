@@ -207,7 +207,10 @@ def out_of_memory_hint(step: str, tokens: int, device: str, dtype: str):
         if dtype == "float32":
             tries.append("--dtype bfloat16")
         tries.append("--device-map auto (spread the layers over several GPUs)")
-        detail = (str(exc).splitlines() or [""])[0][:120]
+        detail = (str(exc).splitlines() or [""])[0]
+        if len(detail) > 160:  # keep whole sentences ("CUDA out of memory. Tried to allocate 128.00 GiB.")
+            cut = detail.rfind(". ", 0, 160)
+            detail = detail[: cut + 1] if cut > 0 else detail[:160]
         raise OutOfMemory(f"out of memory {step} of {tokens} tokens ({dtype} on {device}): {detail}; "
                           f"try {', '.join(tries)}") from None
 
