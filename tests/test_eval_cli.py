@@ -74,11 +74,14 @@ def test_eval_table_and_output_file(env, tiny_model_dir):  # noqa: F811
     tmp, doc = env
     out = tmp / "eval.json"
     res = invoke(["eval", str(doc), "--model", str(tiny_model_dir), "--profile", "small", "-o", str(out),
-                  "--max-tokens", "200"])
+                  "--max-tokens", "200", "--per-layer"])
     assert_clean_outcome(res, {0})
     assert "pbs eval" in res.stdout and "published PBS-Attn" in res.stdout and "dense SDPA" in res.stdout
     rec = json.loads(out.read_text())
     assert rec["prompt_tokens"] == 200 and len(rec["results"]) == 3
+    assert res.stdout.count(": per layer") == 3  # one per-layer table per strategy
+    first = rec["results"][0]["layers"][0]
+    assert f"{first['density']:.1%}" in res.stdout and f"{first['recall']:.4f}" in res.stdout
     again = invoke(["eval", str(doc), "--model", str(tiny_model_dir), "-o", str(out)])
     assert_clean_outcome(again, {2})
     assert "--force" in again.stderr

@@ -101,6 +101,18 @@ def print_table(rec: dict) -> None:
                   highlight=False, markup=False)
 
 
+def print_layers(rec: dict) -> None:
+    """Per-layer density and recall (mean and lowest head) of every evaluated strategy."""
+    for r in rec["results"]:
+        table = Table(title=f"{r['strategy']}, tau {r['threshold']:g}: per layer", title_justify="left")
+        for col in ("layer", "path", "density", "recall", "lowest head recall"):
+            table.add_column(col, justify="right")
+        for ly in r["layers"]:
+            table.add_row(str(ly["layer"]), ly["path"], f"{ly['density']:.1%}", f"{ly['recall']:.4f}",
+                          f"{ly['recall_min_head']:.4f}")
+        out.print(table)
+
+
 def save_png(rec: dict, path: Path) -> None:
     """Density (x) against mean KL and perplexity increase (y), one line per strategy."""
     import matplotlib
@@ -197,11 +209,14 @@ def command(
     profile: Annotated[str | None, typer.Option("--profile", "-p", help="PBS preset to evaluate (default: the "
                                                 "alias's, else 'default').")] = None,
     thresholds: Annotated[str | None, typer.Option("--thresholds", help="Sweep: comma-separated thresholds, e.g. "
-                                                   "0.8,0.9,0.95 (each strategy at each).")] = None,
+                                                   "0.8,0.9,0.95 (each strategy at each; what tau means follows "
+                                                   "each config's threshold_scope, so compare rows by density).")] = None,
     max_tokens: Annotated[str | None, typer.Option("--max-tokens", help="Use the first N tokens (e.g. 4k; "
                                                    "default: the model's context).")] = None,
     recall_rows: Annotated[int, typer.Option("--recall-rows", min=0, help="Query rows per layer sampled for "
                                              "attention recall (0 = skip).")] = 64,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Also print density and recall of every "
+                                            "layer (mean and lowest head).")] = False,
     passkey: Annotated[bool, typer.Option("--passkey", help="Passkey retrieval instead: dense vs PBS accuracy "
                                           "with greedy generation.")] = False,
     lengths: Annotated[str, typer.Option("--lengths", help="Passkey prompt lengths (default: 1k up to the "
@@ -281,3 +296,5 @@ def command(
         typer.echo(reports.to_json(rec), nl=False)
     else:
         print_table(rec)
+        if per_layer:
+            print_layers(rec)
