@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -357,18 +356,10 @@ pre {{ font-family: Menlo, 'DejaVu Sans Mono', Consolas, monospace; line-height:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` via a temporary file in the target directory and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` via a temporary file in the target directory and a rename (``reports``' writer)."""
+    from .reports import atomic_write_bytes as write
+
+    write(path, data)
 
 
 def _figure_bytes(fig, fmt: str) -> bytes:
