@@ -177,6 +177,7 @@ def write_trace(path: Path, case: Case, settings: Settings) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".json", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, reports.new_file_mode())  # mkstemp's 0o600 -> what open() would give
     try:
         prof.export_chrome_trace(tmp)
         if path.name.endswith(".gz"):
