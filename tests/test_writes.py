@@ -5,6 +5,7 @@ neither a partial file nor a temp file), and nothing is written anywhere else (n
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,9 @@ def test_existing_file_is_kept_without_force_and_replaced_with_it(workdir, name)
     replaced = invoke([*_args(template, target, workdir), force])
     assert_clean_outcome(replaced, {0})
     assert target.read_bytes() != b"precious" and target.stat().st_size > 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask, "not the mode a plain open() would give"
     assert _listing(workdir["out"]) == [filename], "temp files or extra files left beside the output"
     assert _listing(workdir["cwd"]) == [], "files written to the working directory"
 
