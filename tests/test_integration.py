@@ -6,6 +6,7 @@ Tolerance rule (FlashAttention's): err(pbs fp32 vs fp64 model) <= 2 * err(SDPA f
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -37,6 +38,14 @@ def forward(model, ids, attn: str, config: PBSConfig | None = None, **kw):
     with torch.no_grad(), integration.pbs_run(config or PBSConfig(**SMALL)) as run:
         out = model(ids, output_hidden_states=True, **kw)
     return out, run.recorder
+
+
+def with_cache(model, outputs) -> dict:
+    """The KV cache of ``outputs`` as a keyword for the next call (``cache`` in newer transformers)."""
+    cache = getattr(outputs, "cache", None)
+    cache = cache if cache is not None else outputs.past_key_values
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {key: cache}
 
 
 def max_err(a, b) -> float:
@@ -92,7 +101,7 @@ def test_decode_runs_dense_and_is_recorded():
     integration.set_attention(model, integration.NAME)
     with torch.no_grad(), integration.pbs_run(PBSConfig(threshold=0.6, **SMALL)) as run:
         out = model(ids, use_cache=True)
-        step = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+        step = model(out.logits[:, -1:].argmax(-1), use_cache=True, **with_cache(model, out))
     decode = run.recorder.decode_calls()
     assert len(decode) == 2 and all(s.path == "dense" and s.reason.startswith("decode") for s in decode)
     assert all(s.density is None for s in decode)
@@ -116,7 +125,7 @@ def test_prefill_over_a_cache_and_short_inputs_run_dense():
     integration.set_attention(model, integration.NAME)
     with torch.no_grad(), integration.pbs_run(PBSConfig(threshold=0.5, dense_below=100, **SMALL)) as run:
         first = model(ids[:, :60], use_cache=True)
-        model(ids[:, 60:], past_key_values=first.past_key_values, use_cache=True)
+        model(ids[:, 60:], use_cache=True, **with_cache(model, first))
     reasons = [s.reason for s in run.recorder.prefill_layers()]
     assert reasons[:2] == ["seq_len 60 < dense_below 100"] * 2
     assert all("q_len 60 != kv_len 120" in r for r in reasons[2:]) and len(reasons) == 4
