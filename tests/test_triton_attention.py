@@ -227,6 +227,8 @@ def test_bad_inputs_say_what_to_do():
         A.pbs_attention(q, k, v, plan, perm_mode="bogus")
     with pytest.raises(ValueError, match="out must be"):
         A.pbs_attention(q, k, v, plan, out=torch.empty(1, 2, 64, 32, dtype=q.dtype, device=DEVICE))
+    with pytest.raises(ValueError, match="config must be"):
+        A.pbs_attention(q, k, v, plan, config="fast")
     other = to_device(random_plan(1, 2, 1, 128, 32, 64, p=1.0))
     with pytest.raises(ValueError, match="plan shape"):
         A.pbs_attention(q, k, v, other)

@@ -1,7 +1,8 @@
 """Launcher of the Triton block-sparse attention kernel (``attention_kernel.pbs_attn_fwd``).
 
-On CUDA the kernel is autotuned over a small set of tile shapes; on CPU tensors it runs in the
-Triton interpreter (``TRITON_INTERPRET=1``) with a fixed default configuration, for tests.
+On CUDA the kernel runs with the tile configuration measured best on an H100 (or, opt-in, autotuned
+over a small set of tile shapes); on CPU tensors it runs in the Triton interpreter
+(``TRITON_INTERPRET=1``) with a fixed default configuration, for tests.
 The plain PyTorch twin is ``pbs_kernels.reference.block_sparse_attention``.
 """
 
@@ -46,10 +47,22 @@ def supports(q: torch.Tensor) -> bool:
 # -- configurations ---------------------------------------------------------------------------
 
 
-def _default_config(plan_block: int, head_dim: int) -> dict:
-    """Fixed tile shape: the interpreter path and the fallback when autotuning is off."""
-    return {"BLOCK_M": plan_block if plan_block <= 128 else 128, "BLOCK_N": min(64, plan_block),
-            "num_warps": 4, "num_stages": 1}
+def _default_config(plan_block: int, head_dim: int, mode: str) -> dict:
+    """Fixed tile config: the measured H100 winners (BENCHMARKS.md, "Attention kernel (H100)"),
+    the interpreter's config, and the default on CUDA (autotuning is opt-in, see ``pbs_attention``).
+
+    128-token plans: head_dim 128 -> 128x128 tiles, 8 warps, 3 stages (all modes); head_dim 64 ->
+    64x128, 4 warps, 3 stages for remap, 128x128, 4 warps, 4 stages for the copy modes. 64-token
+    plans (not measured yet): 64x64, 4 warps, 3 stages. Smaller plan blocks: one tile per block."""
+    if plan_block >= 128:
+        if head_dim > 64:
+            return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+        if mode == "remap":
+            return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
+        return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4}
+    if plan_block == 64:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": plan_block, "BLOCK_N": plan_block, "num_warps": 4, "num_stages": 2}
 
 
 def _cuda_configs(plan_block: int, head_dim: int) -> list[triton.Config]:
@@ -80,7 +93,9 @@ def _sweep_configs(plan_block: int, head_dim: int) -> list[triton.Config]:
 
 
 @functools.cache
-def _autotuned(plan_block: int, head_dim: int):
+def _autotuned(plan_block: int, head_dim: int, row_bucket: int):
+    """One autotuner per (plan block, head_dim, power-of-two bucket of mean kept blocks per row):
+    each bucket is tuned on its first call, so a tune at a short length does not serve long ones."""
     return triton.autotune(configs=_cuda_configs(plan_block, head_dim),
                            key=["HEAD_DIM", "PLAN_BLOCK", "PERM_MODE", "SEG_BLOCKS"])(K.pbs_attn_fwd)
 
@@ -130,7 +145,7 @@ def choose_perm_mode(plan: PermutedBlockMask) -> str:
 
 def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PermutedBlockMask,
                   scale: float | None = None, *, perm_mode: str | None = None,
-                  config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                  config: dict | str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention over the kept key blocks of ``plan`` (Triton).
 
     q: (B, H_q, N, D); k, v: (B, H_kv, N, D) in original order; H_q a multiple of H_kv.
@@ -138,7 +153,9 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     perm_mode: how permuted keys are read: "remap" (through ``plan.perm`` inside the kernel, no
         copy), "gather" (one permuted copy of K/V, contiguous tiles), "tma" (the copy, read with
         tensor descriptors) or "auto" (``choose_perm_mode``). Default ``DEFAULT_PERM_MODE``.
-    config: fixed tile config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} instead of autotuning.
+    config: tile config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}; None = the measured
+        default (``_default_config``); "autotune" = tune on CUDA over ``_cuda_configs`` (also when
+        ``PBS_AUTOTUNE=1``), once per plan block, head_dim and row-length bucket.
     out: optional contiguous (B, H_q, N, D) tensor of q's dtype to write into.
     Returns (B, H_q, N, D) in q's dtype.
     """
@@ -184,8 +201,12 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     consts = dict(PLAN_BLOCK=bs, SEG_BLOCKS=seg_blocks, SEG_POW2=triton.next_power_of_2(seg_blocks),
                   HEAD_DIM=d, PERM_MODE=mode, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
+    if config is None and os.environ.get("PBS_AUTOTUNE", "0") not in ("", "0"):
+        config = "autotune"
+    if config is not None and config != "autotune" and not isinstance(config, dict):
+        raise ValueError(f'config must be a dict of tile sizes, "autotune" or None, got {config!r}')
     if not q.is_cuda:
-        cfg = config or _default_config(bs, d)
+        cfg = config if isinstance(config, dict) else _default_config(bs, d, mode_name)
         grid = (n_qb * (bs // cfg["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
         _interpreted()[grid](*args, **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
         return out
@@ -193,11 +214,13 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     if mode == 0:
         _ensure_allocator()
     with torch.cuda.device(q.device):
-        if config is not None:
-            grid = (n_qb * (bs // config["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
-            K.pbs_attn_fwd[grid](*args, **consts, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
-                                 num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
-        else:
+        if config == "autotune":
+            bucket = triton.next_power_of_2(max(1, math.ceil(num.float().mean().item())))
             grid = lambda meta: (n_qb * (bs // meta["BLOCK_M"]) * (h_q // h_kv), b * h_kv)  # noqa: E731
-            _autotuned(bs, d)[grid](*args, **consts)
+            _autotuned(bs, d, bucket)[grid](*args, **consts)
+        else:
+            cfg = config or _default_config(bs, d, mode_name)
+            grid = (n_qb * (bs // cfg["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
+            K.pbs_attn_fwd[grid](*args, **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                 num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return out
