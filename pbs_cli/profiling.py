@@ -100,7 +100,10 @@ def _timing_fields(t: Timing) -> dict[str, Any]:
 
 
 def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()
+    """CUDA or CPU allocator out of memory, or MemoryError (see ``errors.is_out_of_memory``)."""
+    from .errors import is_out_of_memory
+
+    return is_out_of_memory(exc)
 
 
 def free_memory_bytes(device: torch.device) -> int:
