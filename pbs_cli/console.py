@@ -13,7 +13,7 @@ from rich.console import Console
 from . import errors
 
 out = Console(soft_wrap=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # diagnostics stay one line each (logs, grep), like `out`
 
 _state = {"debug": bool(os.environ.get("PBS_DEBUG"))}
 
