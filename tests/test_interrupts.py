@@ -126,15 +126,16 @@ def test_oom_during_prefill_is_exit_4_naming_the_size_and_leaves_no_report(offli
     assert list(report.parent.iterdir()) == [], "a partial report was written"
 
 
+@pytest.mark.parametrize("oom", [torch.OutOfMemoryError(GIB), RuntimeError(CPU_OOM)], ids=["cuda", "cpu-allocator"])
 def test_oom_in_one_profile_length_is_skipped_with_a_message_and_the_sweep_goes_on(offline_env, tmp_path,
-                                                                                    monkeypatch):
+                                                                                    monkeypatch, oom):
     from pbs_cli import profiling
 
     real = profiling.pbs_attention
 
     def attention(q, *args, **kwargs):
         if q.shape[2] == 2048:
-            raise torch.OutOfMemoryError(GIB)
+            raise oom
         return real(q, *args, **kwargs)
 
     monkeypatch.setattr(profiling, "pbs_attention", attention)
