@@ -190,6 +190,24 @@ def test_half_written_temp_folder_from_a_killed_writer_is_never_used(offline_env
     assert Path(record["model"]["weights"]) == folder
 
 
+def test_ctrl_c_while_building_the_cache_leaves_nothing_half_written(offline_env, private_gguf, monkeypatch):
+    real_save = models._save_plain
+
+    def save_then_interrupt(model, folder):
+        real_save(model, folder)  # the weights are on disk in the temp folder, the marker is not
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "_save_plain", save_then_interrupt)
+    result = prefill(private_gguf)
+    assert_clean_outcome(result, {errors.INTERRUPTED})
+    folder = _cache_folder(private_gguf)
+    assert not folder.exists()
+    assert list(folder.parent.iterdir()) == [], "a temp folder was left in the cache"
+    monkeypatch.setattr(models, "_save_plain", real_save)
+    state, _ = _run_cache_state(private_gguf)
+    assert state == "built"
+
+
 # -- safetensors directories -------------------------------------------------------------------------
 
 
