@@ -64,9 +64,13 @@ def random_plan(b, h_q, h_perm, n, block, segment, p, seed=0) -> PermutedBlockMa
     return PermutedBlockMask(perm.to(torch.int32), num, idx, block, segment, n)
 
 
-def to_device(plan: PermutedBlockMask) -> PermutedBlockMask:
-    return PermutedBlockMask(plan.perm.to(DEVICE), plan.kv_num_blocks.to(DEVICE), plan.kv_indices.to(DEVICE),
+def to_device(plan: PermutedBlockMask, device=DEVICE) -> PermutedBlockMask:
+    return PermutedBlockMask(plan.perm.to(device), plan.kv_num_blocks.to(device), plan.kv_indices.to(device),
                              plan.block_size, plan.segment_size, plan.seq_len)
+
+
+def to_cpu(plan: PermutedBlockMask) -> PermutedBlockMask:
+    return to_device(plan, "cpu")
 
 
 # -- the oracle -------------------------------------------------------------------------------
@@ -74,7 +78,7 @@ def to_device(plan: PermutedBlockMask) -> PermutedBlockMask:
 
 def token_mask(plan: PermutedBlockMask) -> torch.Tensor:
     """Bool (B, H_q, N, N) over ORIGINAL key positions, from plan.to_dense() and plan.perm."""
-    dense = plan.to_dense().cpu()
+    dense = to_cpu(plan).to_dense()
     perm = plan.perm.cpu().long()
     b, h_q, n_qb, _ = dense.shape
     n, bs = plan.seq_len, plan.block_size
@@ -106,7 +110,7 @@ def check(q, k, v, plan, **kw):
     assert not out.isnan().any(), "kernel left NaN (unwritten tile or 0/0)"
     mask = token_mask(plan)
     oracle = masked_attention(q, k, v, mask, torch.float64)
-    low = masked_attention(q, k, v, mask, q.dtype if q.dtype != torch.bfloat16 else torch.float32).to(q.dtype)
+    low = masked_attention(q, k, v, mask, q.dtype)
     err = (out.cpu().double() - oracle).abs().max().item()
     err_pt = (low.double() - oracle).abs().max().item()
     assert err <= 2 * err_pt + FLOOR[q.dtype], f"kernel error {err:.3g} > 2 x PyTorch error {err_pt:.3g} + floor"
