@@ -346,3 +346,27 @@ def test_model_option_never_crashes(cli_env, spec):
     assume(spec.strip() not in model_aliases())  # aliases load the real embedded model (slow tests elsewhere)
     result = invoke(["prefill", "-", f"--model={spec}", "--json"], input=b"Z" * 40, env=cli_env)
     assert_clean_outcome(result, {2, 3})
+
+
+@CLI
+@given(text=st.one_of(size_text, st.lists(size_text, min_size=1, max_size=4).map(",".join)))
+@example(text="0")
+@example(text="1")  # a single token: refused (at least 2)
+@example(text="2")
+@example(text="1k,,1k")
+@example(text="9" * 5000)
+def test_profile_seq_len_any_text_ends_cleanly(cli_env, text):
+    try:
+        sizes = parse_sizes(text)
+    except UsageError:
+        sizes = None
+    assume(sizes is None or max(sizes) <= 512)  # larger sweeps are real work, not input handling
+    result = invoke(["profile", f"--seq-len={text}", "--heads", "1", "--kv-heads", "1", "--head-dim", "16",
+                     "--device", "cpu", "--backends", "pbs", "--budget", "0", "--iters", "1", "--warmup", "0",
+                     "--block-size", "16", "--segment-size", "32", "--json"], env=cli_env)
+    assert_clean_outcome(result)
+    if sizes is None or min(sizes) < 2:
+        assert result.exit_code == 2, result.stderr[-300:]
+    else:
+        assert result.exit_code == 0, result.stderr[-300:]
+        assert json.loads(result.stdout)["seq_lens"] == sizes
