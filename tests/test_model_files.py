@@ -352,3 +352,30 @@ def test_model_without_attention_layers_warns_that_nothing_is_sparse(offline_env
     if result.exit_code == 0:
         assert json.loads(result.stdout)["layers"] == []
         assert "warning" in result.stderr.lower(), result.stderr
+
+
+def test_only_models_py_loads_weights_and_nothing_unpickles():
+    """Source guard: every ``from_pretrained`` call sits in pbs_cli/models.py (whose flags the spy test above
+    checks), and no module calls ``torch.load`` or ``pickle.load(s)``."""
+    import ast
+
+    import pbs_cli
+    import pbs_kernels
+
+    offenders, in_models = [], 0
+    for package in (pbs_cli, pbs_kernels):
+        for path in Path(package.__file__).parent.rglob("*.py"):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                    owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+                    name = node.func.attr
+                    if name == "from_pretrained":
+                        if path.name != "models.py":
+                            offenders.append(f"{path}:{node.lineno} from_pretrained")
+                        else:
+                            in_models += 1
+                    if (owner, name) in {("torch", "load"), ("pickle", "load"), ("pickle", "loads")}:
+                        offenders.append(f"{path}:{node.lineno} {owner}.{name}")
+    assert offenders == []
+    assert in_models >= 3, "the walker found no from_pretrained calls in models.py: the guard would be vacuous"
