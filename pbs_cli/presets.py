@@ -28,6 +28,7 @@ from .errors import UsageError
 
 ALIASES_FILE = "models.toml"
 DEFAULT_PROFILE = "default"
+GPU_PROFILE = "gpu"  # chosen on CUDA when the default's selection has no GPU kernel
 
 
 @dataclass(frozen=True)
@@ -121,17 +122,25 @@ def get_profile(name: str) -> Profile:
     return known[name]
 
 
-def resolve_config(profile: str | None = None, **overrides: Any) -> tuple[PBSConfig, str]:
+def resolve_config(profile: str | None = None, *, device: str | None = None, explicit: bool | None = None,
+                   **overrides: Any) -> tuple[PBSConfig, str]:
     """The PBS parameters for a run: the named preset (default: ``default``) with ``overrides``
-    (None values ignored) applied. Returns (config, profile name). Invalid values -> UsageError."""
+    (None values ignored) applied. Returns (config, profile name). Invalid values -> UsageError.
+
+    On a CUDA ``device``, a preset the user did not choose (``explicit`` False; by default: no
+    ``profile`` given) whose selection has no GPU kernel is replaced by ``gpu`` (GPU_PROFILE)."""
     name = profile or DEFAULT_PROFILE
     base = get_profile(name)
     params = dict(base.params)
     params.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return PBSConfig.from_dict(params), name
+        config = PBSConfig.from_dict(params)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"invalid PBS parameters: {exc}") from None
+    chosen = explicit if explicit is not None else profile is not None
+    if not chosen and device is not None and str(device).startswith("cuda") and config.uses_reference_selection():
+        return resolve_config(GPU_PROFILE, explicit=True, **overrides)
+    return config, name
 
 
 def model_aliases() -> dict[str, ModelAlias]:

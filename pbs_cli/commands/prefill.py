@@ -342,10 +342,10 @@ def command(
     if output is not None:
         reports.check_output_path(output, force)
     overrides = dict(threshold=threshold, block_size=block_size, segment_size=segment_size)
-    config, profile_name = presets.resolve_config(profile, **overrides)
     if device_map not in (None, "auto"):
         raise UsageError(f"invalid --device-map {device_map!r}; only 'auto' is supported")
     dev = models.resolve_device(device)
+    config, profile_name = presets.resolve_config(profile, device=dev, **overrides)
     torch_dtype = models.resolve_dtype(dtype, dev)
     if tp and tp > 1 and doc == "-":
         raise UsageError("--tp runs the command on several ranks, which cannot share stdin; pass a file, not -")
@@ -358,7 +358,7 @@ def command(
         distributed.relaunch(tp)  # exits with the ranks' exit code
     tpi = distributed.tp_context(tp, device)
     if profile is None and spec.profile and spec.profile != profile_name:
-        config, profile_name = presets.resolve_config(spec.profile, **overrides)
+        config, profile_name = presets.resolve_config(spec.profile, device=dev, explicit=False, **overrides)
 
     import torch
 

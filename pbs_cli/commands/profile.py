@@ -266,8 +266,8 @@ def command(
     names = parse_backends(backends)
     if pattern not in PATTERNS:
         raise UsageError(f"unknown --pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
-    config, profile_name = presets.resolve_config(profile, threshold=threshold, block_size=block_size,
-                                                  segment_size=segment_size)
+    config, profile_name = presets.resolve_config(profile, device=str(dev), threshold=threshold,
+                                                  block_size=block_size, segment_size=segment_size)
     if trace is not None:
         reports.check_output_path(trace, force)
     outputs = (_Outputs(chosen[0] if chosen else None, output, html, force) if tpi.is_main
