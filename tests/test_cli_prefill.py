@@ -174,3 +174,18 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(runner, offline_env, tin
     assert "Traceback" not in res.stderr and res.stdout == ""
     after = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
     assert after == before  # nothing written or overwritten
+
+
+def test_max_tokens_and_beyond_context_for_length_sweeps(runner, offline_env, tiny_model_dir, tmp_path):
+    long_doc = tmp_path / "long.txt"
+    long_doc.write_text(TEXT * 8, encoding="utf-8")
+    total = token_count(tiny_model_dir, TEXT * 8)
+    res = invoke(runner, long_doc, "--model", tiny_model_dir, *SMALL, "--max-tokens", "100", "--json")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["prompt_tokens"] == 100
+    res = invoke(runner, long_doc, "--model", tiny_model_dir, *SMALL, "--beyond-context", "--json")
+    assert res.exit_code == 0, res.stderr
+    rec = json.loads(res.stdout)
+    assert rec["prompt_tokens"] == total > TINY_CONTEXT and not rec["truncated"]
+    res = invoke(runner, long_doc, "--model", tiny_model_dir, *SMALL, "--max-tokens", "12q")
+    assert res.exit_code == errors.USAGE and "12q" in res.stderr

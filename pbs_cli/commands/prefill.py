@@ -17,6 +17,7 @@ from rich.table import Table
 
 from .. import distributed, integration, models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
+from ..sizes import parse_size
 from ..errors import OutOfMemory, UsageError
 
 DEFAULT_MODEL = "llama"
@@ -323,6 +324,11 @@ def command(
                                                 "its time, the speedup, top-1 agreement and mean KL.")] = False,
     truncate: Annotated[bool, typer.Option("--truncate", help="Keep the first tokens of a document longer than "
                                            "the model's context instead of failing.")] = False,
+    max_tokens: Annotated[str | None, typer.Option("--max-tokens", help="Use at most this many tokens of the "
+                                                   "document (e.g. 32k), for length sweeps.")] = None,
+    beyond_context: Annotated[bool, typer.Option("--beyond-context", help="Benchmarking only: allow prompts longer "
+                                                 "than the model's trained positions (quality is meaningless "
+                                                 "there; timings are real).")] = False,
     warmup: Annotated[int | None, typer.Option("--warmup", min=0, help="Untimed runs first "
                                                "(default: 0 on CPU, 1 on GPU).")] = None,
     iters: Annotated[int | None, typer.Option("--iters", min=1, help="Timed runs; the median is reported "
@@ -342,6 +348,7 @@ def command(
     if output is not None:
         reports.check_output_path(output, force)
     overrides = dict(threshold=threshold, block_size=block_size, segment_size=segment_size)
+    cap = parse_size(max_tokens) if max_tokens is not None else None
     if device_map not in (None, "auto"):
         raise UsageError(f"invalid --device-map {device_map!r}; only 'auto' is supported")
     dev = models.resolve_device(device)
@@ -369,7 +376,10 @@ def command(
         distributed.check_model_config(tpi.size, source.config(), spec.name)
         with distributed.main_rank_first():  # rank 0 builds a missing GGUF cache, the others then read it
             source.ensure_cache()
-    ids, doc_tokens = tokenize(source.tokenizer(), text, source.max_positions(), truncate, max_new_tokens, doc_name)
+    limit = None if beyond_context else source.max_positions()
+    if cap is not None:
+        limit, truncate = (cap + max_new_tokens if limit is None else min(limit, cap + max_new_tokens)), True
+    ids, doc_tokens = tokenize(source.tokenizer(), text, limit, truncate, max_new_tokens, doc_name)
     on_gpu = dev.startswith("cuda") or device_map == "auto"
     warmup = warmup if warmup is not None else (1 if on_gpu else 0)
     iters = iters if iters is not None else (3 if on_gpu else 1)
