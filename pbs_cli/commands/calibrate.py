@@ -17,7 +17,13 @@ from ..errors import UsageError
 from ..sizes import parse_size
 from .prefill import DEFAULT_MODEL, read_document, tokenize
 
-BLOCK_SIZES = (64, 128)
+
+
+def emit(renderable) -> None:
+    """Print to stdout; pipes and files get 160 columns (whole rows), not Rich's 80-column default."""
+    from rich.console import Console
+
+    (out if out.is_terminal else Console(width=160, soft_wrap=True)).print(renderable)
 
 
 def search_threshold(evaluate: Callable[[float], dict], meets: Callable[[dict], bool], lo: float = 0.5,
@@ -208,6 +214,6 @@ def command(
     if as_json:
         typer.echo(reports.to_json(rec), nl=False)
     else:
-        out.print(summary_table(rec))
+        emit(summary_table(rec))
         out.print(f"wrote {path}: block {config.block_size}, threshold {config.threshold:g}, density "
                   f"{best['density']:.1%}; use it with --profile {name}", highlight=False)

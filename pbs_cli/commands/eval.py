@@ -19,6 +19,14 @@ from ..errors import UsageError
 from ..sizes import parse_size, parse_sizes
 from .prefill import DEFAULT_MODEL, greedy_generate, read_document, run_prefill, tokenize
 
+
+def emit(renderable) -> None:
+    """Print to stdout; pipes and files get 160 columns (whole rows), not Rich's 80-column default."""
+    from rich.console import Console
+
+    (out if out.is_terminal else Console(width=160, soft_wrap=True)).print(renderable)
+
+
 # The published method: tau 0.9, mean-pooled last-block permutation scoring, no forced local blocks.
 PUBLISHED = PBSConfig(block_size=128, segment_size=256, threshold=0.9, permute=True, sink=True, local_blocks=0)
 
@@ -92,7 +100,7 @@ def print_table(rec: dict) -> None:
                       f"{r['ppl']:.3f} ({r['ppl_increase']:+.1%})", f"{r['top1_agreement']:.2%}",
                       f"{r['mean_kl']:.4f}", f"{r['recall']:.4f}" if r["recall"] is not None else "-",
                       "*" if best else "")
-    out.print(table)
+    emit(table)
     worst = min(rec["results"], key=lambda r: min(ly["recall_min_head"] for ly in r["layers"]) if r["layers"] else 1)
     if worst["layers"]:
         ly = min(worst["layers"], key=lambda x: x["recall_min_head"])
@@ -110,7 +118,7 @@ def print_layers(rec: dict) -> None:
         for ly in r["layers"]:
             table.add_row(str(ly["layer"]), ly["path"], f"{ly['density']:.1%}", f"{ly['recall']:.4f}",
                           f"{ly['recall_min_head']:.4f}")
-        out.print(table)
+        emit(table)
 
 
 def save_png(rec: dict, path: Path) -> None:
@@ -194,7 +202,7 @@ def print_passkey(rec: dict) -> None:
         d = sum(c["dense_accuracy"] * c["trials"] for c in cells) / n
         p = sum(c["pbs_accuracy"] * c["trials"] for c in cells) / n
         table.add_row(str(length), f"{d:.0%}", f"{p:.0%}", f"{100 * (p - d):+.0f} pts")
-    out.print(table)
+    emit(table)
 
 
 # -- the command ----------------------------------------------------------------------------
