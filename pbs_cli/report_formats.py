@@ -116,6 +116,9 @@ def validate(doc: Any, where: str) -> dict[str, Any]:
     if not isinstance(results, list) or any(not isinstance(r, dict) or "backend" not in r or "seq_len" not in r
                                             for r in results):
         raise UsageError(f"{where}: 'results' must be a list of records with seq_len and backend")
+    for rec in results:  # records from older or partial runs: absent fields read as None
+        for name in RESULT_FIELDS:
+            rec.setdefault(name, None)
     return doc
 
 
