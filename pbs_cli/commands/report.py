@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Iterator
 
 import typer
 
@@ -11,6 +12,17 @@ from ..console import command_boundary, fail
 from ..errors import RUNTIME, UsageError
 from .profile import print_table
 from ..report_formats import compare, compare_table, describe, load, render, rich_table
+
+@contextlib.contextmanager
+def _readable(*paths: Path) -> Iterator[None]:
+    """A saved file whose records have the wrong shape (hand-edited, damaged) is a usage error, not a crash."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        names = " / ".join(repr(str(p)) for p in paths)
+        raise UsageError(f"{names}: a record is malformed ({type(exc).__name__}: {str(exc)[:120]}); pass files "
+                         "written by `pbs profile`") from None
+
 
 app = typer.Typer(name="report", help="Show or compare saved `pbs profile` results (.json or .jsonl).",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -27,10 +39,13 @@ def show(
     if fmt not in formats:
         raise UsageError(f"unknown --format {fmt!r}; use one of {', '.join(formats)}")
     doc = load(file)
-    if fmt == "table":
-        print_table(rich_table(doc))
+    with _readable(file):
+        text = None if fmt == "table" else render(doc, fmt)
+        table = rich_table(doc) if fmt == "table" else None
+    if table is not None:
+        print_table(table)
     else:
-        typer.echo(render(doc, fmt), nl=False)
+        typer.echo(text, nl=False)
 
 
 @app.command("compare")
@@ -48,13 +63,15 @@ def compare_cmd(
     import json
 
     doc_a, doc_b = load(a), load(b)
-    rows = compare(doc_a, doc_b)
+    with _readable(a, b):
+        rows = compare(doc_a, doc_b)
+        table = None if as_json else compare_table(rows, f"A: {a} ({describe(doc_a)})\nB: {b} ({describe(doc_b)})")
     if not rows:
         raise UsageError(f"{str(a)!r} and {str(b)!r} have no (length, backend) measured in both; nothing to compare")
     if as_json:
         typer.echo(json.dumps({"a": str(a), "b": str(b), "rows": rows}, indent=2))
     else:
-        print_table(compare_table(rows, f"A: {a} ({describe(doc_a)})\nB: {b} ({describe(doc_b)})"))
+        print_table(table)
     if fail_if_slower is not None:
         checked = [r for r in rows if r["backend"] == backend]
         if not checked:
