@@ -284,9 +284,9 @@ option_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), black
 
 
 def _expected_option_codes(threshold, block, segment, dtype, device) -> set[int]:
-    """{0} when every option is valid on this CPU-only machine, {3} when only the device needs a GPU,
-    {2} for a bad PBS parameter (checked first); a bad --dtype together with a GPU --device may report
-    either problem first: {2, 3}."""
+    """The exit codes the CLI may give: {0} when every option is valid on this CPU-only machine, else the
+    code of any one of the problems (the order of the checks is the command's business): 2 for a bad PBS
+    parameter, --dtype or --device string, 3 for a GPU --device."""
     from pbs_cli.presets import resolve_config
 
     default = resolve_config(None)[0]  # the shipped default profile fills in what the options leave out
@@ -296,16 +296,17 @@ def _expected_option_codes(threshold, block, segment, dtype, device) -> set[int]
     if segment is not None:
         fields["segment_size"] = segment
     fields = {k: v for k, v in fields.items() if v is not None}
+    problems = set()
     if not _valid(fields):
-        return {2}
+        problems.add(2)
     dev = device.strip().lower()
-    gpu = re.fullmatch(r"cuda(:[0-9]+)?", dev) is not None
-    if dev not in ("auto", "cpu") and not gpu:
-        return {2}
-    dtype_ok = dtype.strip().lower() in _VALID_DTYPES
-    if gpu:
-        return {3} if dtype_ok else {2, 3}
-    return {0} if dtype_ok else {2}
+    if re.fullmatch(r"cuda(:[0-9]+)?", dev):
+        problems.add(3)
+    elif dev not in ("auto", "cpu"):
+        problems.add(2)
+    if dtype.strip().lower() not in _VALID_DTYPES:
+        problems.add(2)
+    return problems or {0}
 
 
 @CLI
@@ -370,3 +371,58 @@ def test_profile_seq_len_any_text_ends_cleanly(cli_env, text):
     else:
         assert result.exit_code == 0, result.stderr[-300:]
         assert json.loads(result.stdout)["seq_lens"] == sizes
+
+
+# -- saved reports read back (pbs report show / compare) ---------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@pytest.fixture(scope="module")
+def saved_profile(cli_env, tmp_path_factory) -> dict:
+    path = tmp_path_factory.mktemp("saved-profile") / "run.json"
+    result = invoke(["profile", "--seq-len", "64,128", "--heads", "1", "--kv-heads", "1", "--head-dim", "16",
+                     "--device", "cpu", "--backends", "pbs,sdpa-math", "--budget", "0", "--iters", "1",
+                     "--warmup", "0", "--block-size", "16", "--segment-size", "32", "-o", str(path)], env=cli_env)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(path.read_text())
+
+
+@settings(max_examples=CLI_EXAMPLES * 2)
+@given(data=st.data(), jsonl=st.booleans())
+def test_report_show_and_compare_survive_damaged_records(saved_profile, cli_env, tmp_path_factory, data, jsonl):
+    """A saved profile with one field replaced by any JSON value (or removed) is shown / compared, or
+    refused with exit 2 -- never a crash."""
+    import copy
+
+    from pbs_cli.report_formats import to_jsonl
+
+    doc = copy.deepcopy(saved_profile)
+    target = data.draw(st.sampled_from(["top"] + list(range(len(doc["results"])))), label="where")
+    holder = doc if target == "top" else doc["results"][target]
+    key = data.draw(st.sampled_from(sorted(holder)), label="key")
+    if data.draw(st.booleans(), label="remove"):
+        del holder[key]
+    else:
+        holder[key] = data.draw(json_values, label="value")
+    folder = tmp_path_factory.mktemp("damaged")
+    damaged = folder / ("run.jsonl" if jsonl else "run.json")
+    try:
+        damaged.write_text(to_jsonl(doc) if jsonl else json.dumps(doc), encoding="utf-8")
+    except Exception:  # noqa: BLE001 - the damage broke our own serializer: not an input the CLI can see
+        assume(False)
+    good = folder / "good.json"
+    good.write_text(json.dumps(saved_profile), encoding="utf-8")
+    fmt = data.draw(st.sampled_from(["table", "json", "jsonl", "csv", "markdown", "html"]), label="format")
+    for args in (["report", "show", str(damaged), "--format", fmt], ["report", "compare", str(good), str(damaged)],
+                 ["report", "compare", str(damaged), str(good), "--json"]):
+        result = invoke(args, env=cli_env)
+        assert_clean_outcome(result, {0, 2})
+    gate = invoke(["report", "compare", str(good), str(damaged), "--fail-if-slower", "5"], env=cli_env)
+    assert_clean_outcome(gate, {0, 1, 2})
+    if gate.exit_code == 1:  # the gate's own verdict, not a crash
+        assert "got slower" in gate.stderr, gate.stderr[-300:]
