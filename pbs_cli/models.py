@@ -157,10 +157,6 @@ def resolve_model(spec: str) -> ModelSpec:
 
 def _resolve_path_or_id(text: str, aliases) -> ModelSpec:
     path = Path(text).expanduser()
-    try:
-        path.is_dir() and path.is_file()
-    except OSError as exc:  # e.g. a name longer than the file system allows
-        raise UsageError(f"model path {text[:80]!r} cannot be used: {exc.strerror or exc}") from None
     if path.is_dir():
         _check_weights_dir(path, text)
         return ModelSpec(text, "directory", path.resolve().name, path.resolve())
