@@ -316,58 +316,73 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
                            scale: float | None = None) -> torch.Tensor:
     """Causal attention over the kept key blocks of ``plan`` only. Returns (B, H_q, N, D) in q's dtype.
 
-    Each chunk of query blocks gathers its kept key blocks (padded to the chunk's largest count)
-    from a virtual key array [permuted keys ; original keys], so the work is proportional to the
-    density, not to N^2.
+    Each chunk of query blocks gathers its kept key blocks from a virtual key array
+    [permuted keys ; original keys], right-aligned so that query block i's own block comes last:
+    then the only mask is a bottom-right-aligned causal one, which SDPA applies without a dense
+    mask tensor. Rows with fewer kept blocks than the chunk's longest are padded on the left with
+    keys whose extra bias column is -inf (q carries a matching column of ones). The work is
+    proportional to the density, not to N^2.
     """
+    from torch.nn.attention.bias import causal_lower_right
+
     b, h_q, n, d = q.shape
     bs = plan.block_size
     h_perm = plan.perm.shape[1]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     n_b = _cdiv(n, bs)
-    pad = n_b * bs - n
+    n_pad = n_b * bs
     g_perm = h_q // h_perm
+    dev = q.device
 
-    # virtual key/value array per permutation head: slots [0, N_pad) permuted, [N_pad, 2 N_pad) original
-    def virtual(x: torch.Tensor) -> torch.Tensor:
+    # virtual arrays per permutation head, rows [0, N_pad) permuted, [N_pad, 2 N_pad) original,
+    # with one extra column: keys carry a bias (0 real key, -inf past N), values a 0
+    perm_pad = torch.nn.functional.pad(plan.perm.long(), (0, n_b * bs - n), value=n)  # (B, H_perm, N_pad)
+    orig_pos = torch.cat([perm_pad, torch.arange(n_pad, device=dev).expand_as(perm_pad)], -1)  # (B, H_perm, 2 N_pad)
+
+    def virtual(x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
         xp = permute_keys(x, plan.perm)
         xo = x if h_perm == x.shape[1] else x.repeat_interleave(h_perm // x.shape[1], dim=1)
-        both = torch.cat([torch.nn.functional.pad(xp, (0, 0, 0, pad)), torch.nn.functional.pad(xo, (0, 0, 0, pad))], 2)
-        return both.reshape(b * h_perm * 2 * n_b * bs, d)
+        pad = (0, 0, 0, n_pad - n)
+        both = torch.cat([torch.nn.functional.pad(xp.float(), pad), torch.nn.functional.pad(xo.float(), pad)], 2)
+        return torch.cat([both, extra[..., None]], -1).reshape(-1, bs, d + 1)  # (blocks, bs, D+1)
 
-    k_virt, v_virt = virtual(k), virtual(v)
-    perm_pad = torch.nn.functional.pad(plan.perm.long(), (0, pad), value=n)  # (B, H_perm, N_pad)
-    orig_pos = torch.cat([perm_pad, torch.arange(n_b * bs, device=q.device).expand_as(perm_pad)], -1)
-    orig_pos = orig_pos.reshape(-1)
+    bias = torch.zeros(orig_pos.shape, device=dev).masked_fill_(orig_pos >= n, float("-inf"))
+    k_virt = virtual(k, bias)
+    v_virt = virtual(v, torch.zeros_like(bias))
+    head_base = ((torch.arange(b, device=dev)[:, None] * h_perm
+                  + torch.arange(h_q, device=dev)[None, :] // g_perm) * (2 * n_b))  # (B, H_q), in blocks
+    diag_start = segment_starts(n_b, bs, plan.segment_size, dev)
+    q_aug = torch.cat([torch.nn.functional.pad(q.float() * scale, (0, 0, 0, n_pad - n)),
+                       torch.ones(b, h_q, n_pad, 1, device=dev)], -1)  # (B, H_q, N_pad, D+1)
+    out = torch.empty(b, h_q, n_pad, d, dtype=torch.float32, device=dev)
 
-    head_base = ((torch.arange(b, device=q.device)[:, None] * h_perm
-                  + torch.arange(h_q, device=q.device)[None, :] // g_perm) * (2 * n_b * bs))  # (B, H_q)
-    diag_start = segment_starts(n_b, bs, plan.segment_size, q.device)
-    tok = torch.arange(bs, device=q.device)
-    q_pad = torch.nn.functional.pad(q, (0, 0, 0, pad))
-    out = torch.empty(b, h_q, n_b * bs, d, dtype=torch.float32, device=q.device)
+    # is the query block's own block among the kept ones? (kept blocks are ascending, so it is last)
+    num = plan.kv_num_blocks.long()
+    last = torch.gather(plan.kv_indices, -1, (num - 1).clamp(min=0)[..., None])[..., 0]
+    has_own = (num > 0) & (last == torch.arange(n_b, device=dev))
+    others = num - has_own.long()  # kept blocks strictly before the query block, (B, H_q, N_qb)
 
-    max_kept = int(plan.kv_num_blocks.max().item())
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h_q * bs * max_kept * bs))
+    max_slots = int(others.max().item()) + 1
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h_q * bs * max_slots * bs))
     for r0 in range(0, n_b, chunk):
         r1 = min(n_b, r0 + chunk)
-        m = int(plan.kv_num_blocks[:, :, r0:r1].max().item())
-        blocks = plan.kv_indices[:, :, r0:r1, :m].long()  # (B, H_q, C, M)
-        valid = torch.arange(m, device=q.device) < plan.kv_num_blocks[:, :, r0:r1, None]
+        c = r1 - r0
+        cnt = others[:, :, r0:r1]  # (B, H_q, C)
+        m = int(cnt.max().item()) + 1  # slots: the others, right-aligned, then the own block
+        src = torch.arange(m - 1, device=dev) - (m - 1 - cnt[..., None])  # (B, H_q, C, m-1)
+        blocks = torch.gather(plan.kv_indices[:, :, r0:r1].long(), -1, src.clamp(min=0))
+        own = torch.arange(r0, r1, device=dev).expand(b, h_q, c)[..., None]
+        blocks = torch.cat([blocks, own], -1)  # (B, H_q, C, m)
+        slot_ok = torch.cat([src >= 0, has_own[:, :, r0:r1, None]], -1)
         in_diag = blocks >= diag_start[r0:r1, None]
-        slot = blocks * bs + torch.where(in_diag, n_b * bs, 0)  # (B, H_q, C, M)
-        flat = (head_base[:, :, None, None, None] + slot[..., None] + tok).reshape(b, h_q, r1 - r0, m * bs)
-        keys = k_virt[flat]  # (B, H_q, C, M*bs, D)
-        vals = v_virt[flat]
-        kpos = orig_pos[flat]  # (B, H_q, C, M*bs)
-        qpos = torch.arange(r0 * bs, r1 * bs, device=q.device).reshape(r1 - r0, bs)  # (C, bs)
-        allowed = (valid.repeat_interleave(bs, -1)[..., None, :]
-                   & (kpos[..., None, :] <= qpos[None, None, :, :, None]) & (kpos[..., None, :] < n))
-        qc = q_pad[:, :, r0 * bs : r1 * bs].float().reshape(b, h_q, r1 - r0, bs, d) * scale
-        s = torch.matmul(qc, keys.float().transpose(-1, -2))  # (B, H_q, C, bs, M*bs)
-        # every row keeps at least its own diagonal block, so no row is fully masked
-        p = s.masked_fill_(~allowed, float("-inf")).softmax(-1)
-        out[:, :, r0 * bs : r1 * bs] = torch.matmul(p, vals.float()).reshape(b, h_q, (r1 - r0) * bs, d)
+        flat = (head_base[:, :, None, None] + blocks + torch.where(in_diag, n_b, 0)).reshape(-1)
+        keys = k_virt.index_select(0, flat).reshape(b * h_q * c, 1, m * bs, d + 1)  # whole blocks at once
+        vals = v_virt.index_select(0, flat).reshape(b * h_q * c, 1, m * bs, d + 1)
+        keys[..., d].masked_fill_(~slot_ok.repeat_interleave(bs, -1).reshape(b * h_q * c, 1, m * bs), float("-inf"))
+        qc = q_aug[:, :, r0 * bs : r1 * bs].reshape(b * h_q * c, 1, bs, d + 1)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qc, keys, vals, attn_mask=causal_lower_right(bs, m * bs), scale=1.0)
+        out[:, :, r0 * bs : r1 * bs] = o[..., :d].reshape(b, h_q, c * bs, d)
     return out[:, :, :n].to(q.dtype)
 
 
