@@ -111,7 +111,8 @@ def command(
         sizes = [int(x) for x in block_sizes.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"invalid --block-sizes {block_sizes!r}; use e.g. 64,128") from None
-    base, base_name = presets.resolve_config(profile)
+    dev = models.resolve_device(device)
+    base, base_name = presets.resolve_config(profile, device=dev)  # what `pbs prefill` would start from here
     candidates = []
     for bs in sizes:
         try:
@@ -123,7 +124,6 @@ def command(
     existing = presets.user_profiles_dir() / f"{name}.toml"
     if existing.exists() and not force:
         raise UsageError(f"profile {str(existing)!r} exists; pass --force to overwrite it")
-    dev = models.resolve_device(device)
     torch_dtype = models.resolve_dtype(dtype, dev)
     limit = parse_size(max_tokens) if max_tokens else None
     text, doc_name = read_document(doc)

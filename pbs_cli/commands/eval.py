@@ -247,15 +247,16 @@ def command(
     if png is not None:
         reports.check_output_path(png, force)
     sweep = parse_thresholds(thresholds)
-    config, profile_name = presets.resolve_config(profile)
     dev = models.resolve_device(device)
+    # the profile `pbs prefill` would run on this device (on CUDA an unchosen default may become `gpu`)
+    config, profile_name = presets.resolve_config(profile, device=dev)
     torch_dtype = models.resolve_dtype(dtype, dev)
     depth_list = parse_fractions(depths, "--depths")
     limit = parse_size(max_tokens) if max_tokens else None
     text, doc_name = read_document(doc)
     spec = models.resolve_model(model)
     if profile is None and spec.profile and spec.profile != profile_name:
-        config, profile_name = presets.resolve_config(spec.profile)
+        config, profile_name = presets.resolve_config(spec.profile, device=dev, explicit=False)
     err.print(f"model: {spec.describe()}", highlight=False, markup=False)
 
     import torch
