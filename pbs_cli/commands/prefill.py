@@ -349,6 +349,7 @@ def command(
         reports.check_output_path(output, force)
     overrides = dict(threshold=threshold, block_size=block_size, segment_size=segment_size)
     cap = parse_size(max_tokens) if max_tokens is not None else None
+    presets.resolve_config(profile, **overrides)  # usage errors first, before the device is probed
     if device_map not in (None, "auto"):
         raise UsageError(f"invalid --device-map {device_map!r}; only 'auto' is supported")
     dev = models.resolve_device(device)
