@@ -368,6 +368,10 @@ def command(
     if profile is None and spec.profile and spec.profile != profile_name:
         config, profile_name = presets.resolve_config(spec.profile, device=dev, explicit=False, **overrides)
 
+    if profile is None and profile_name == presets.GPU_PROFILE:
+        err.print(f"profile: {presets.GPU_PROFILE!r} (the default selection has no GPU kernel yet; "
+                  "--profile default forces it)", highlight=False, markup=False)
+
     import torch
 
     models.quiet_transformers(debug_enabled())
