@@ -219,11 +219,16 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor, c
     qs = qs.reshape(b, h_q, c * m, d) * scale
     pos = pos.reshape(-1)  # (C*m,)
     diag = (segment_starts(n_b, bs, config.segment_size, q.device)[r0:r1] * bs).repeat_interleave(m)  # (C*m,)
-    slot = torch.arange(n, device=q.device)
-    s = torch.where(slot[None, :] < diag[:, None], torch.matmul(qs, k_perm.transpose(-1, -2)),
-                    torch.matmul(qs, k.transpose(-1, -2)))  # (B, H_q, C*m, N)
+    # keys past the chunk's last row are never causal: score only the first n_k slots
+    n_k = min(n, r1 * bs)
+    slot = torch.arange(n_k, device=q.device)
+    s = torch.matmul(qs, k_perm[:, :, :n_k].transpose(-1, -2))  # (B, H_q, C*m, n_k), permuted layout
+    # each row's own segment is read in original order: rescore those <= S slots with the original keys
+    seg = (diag[:, None] + torch.arange(config.segment_size, device=q.device)).clamp_max(n_k - 1)  # (C*m, S)
+    k_seg = k[:, :, seg]  # (B, H_q, C*m, S, D)
+    s.scatter_(-1, seg.expand(b, h_q, -1, -1), torch.einsum("bhrd,bhrsd->bhrs", qs, k_seg))
     p = s.masked_fill_(slot[None, :] > pos[:, None], float("-inf")).softmax(-1)
-    p = torch.nn.functional.pad(p, (0, n_b * bs - n)).reshape(b, h_q, c, m, n_b, bs).sum(-1)
+    p = torch.nn.functional.pad(p, (0, n_b * bs - n_k)).reshape(b, h_q, c, m, n_b, bs).sum(-1)
     return p if per_row else p.mean(3)
 
 
