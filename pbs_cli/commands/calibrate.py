@@ -97,8 +97,9 @@ def command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record here.")] = None,
 ) -> None:
-    """Search block size and threshold for the sparsest plan that meets --target-recall (measured on
-    dense activations: fast) or --target-kl (a PBS forward per step), and write it as preset NAME."""
+    """Find the sparsest block size and threshold meeting --target-recall or --target-kl; save it as preset NAME.
+
+    --target-recall is measured on dense activations (fast); --target-kl runs a PBS forward per step."""
     if (target_recall is None) == (target_kl is None):
         raise UsageError("pass exactly one of --target-recall R (e.g. 0.95) or --target-kl K (e.g. 0.01)")
     if target_recall is not None and not 0.0 < target_recall <= 1.0:

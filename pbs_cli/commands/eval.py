@@ -240,8 +240,10 @@ def command(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record here.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --output / --png if they exist.")] = False,
 ) -> None:
-    """Compare dense attention with PBS (the profile), plain block selection and the published PBS-Attn
-    on DOC: perplexity, next-token top-1 agreement, mean KL, density and recall per layer."""
+    """Dense vs PBS vs plain block selection vs published PBS-Attn on DOC: perplexity, top-1 agreement, KL, recall.
+
+    Every position's next-token prediction is compared with dense attention on the same tokens;
+    --thresholds sweeps the density-fidelity trade-off, --passkey tests retrieval."""
     if output is not None:
         reports.check_output_path(output, force)
     if png is not None:
