@@ -220,15 +220,20 @@ def rich_table(doc: dict[str, Any]) -> Table:
             continue
         table.add_column(col, justify="left" if col in ("N", "backend", "layer") else "right",
                          overflow="fold")
-    for rec in doc.get("results", []):
-        if rec.get("status") != "ok":
-            continue
-        cells = row_cells(rec)
-        if not layers:
-            cells.pop(1)
+    for rec, cells in _ok_rows(doc, layers):
         style = "bold" if rec["backend"] == "pbs" else None
         table.add_row(*[Text(c) for c in cells], style=style)
     return table
+
+
+def _ok_rows(doc: dict[str, Any], layers: bool):
+    """(record, table cells) of each measured result; the layer column only when records have layers."""
+    for rec in doc.get("results", []):
+        if rec.get("status") == "ok":
+            cells = row_cells(rec)
+            if not layers:
+                cells.pop(1)
+            yield rec, cells
 
 
 def _md_escape(text: str) -> str:
@@ -240,12 +245,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
     cols = [c for c in COLUMNS if layers or c != "layer"]
     lines = [f"## pbs profile", "", _md_escape(describe(doc)), "",
              "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for rec in doc.get("results", []):
-        if rec.get("status") != "ok":
-            continue
-        cells = row_cells(rec)
-        if not layers:
-            cells.pop(1)
+    for _, cells in _ok_rows(doc, layers):
         lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     lines.append("")
     lines += [f"- {_md_escape(s)}" for s in summary_lines(doc) + skipped_lines(doc)]
