@@ -224,9 +224,10 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor, c
     slot = torch.arange(n_k, device=q.device)
     s = torch.matmul(qs, k_perm[:, :, :n_k].transpose(-1, -2))  # (B, H_q, C*m, n_k), permuted layout
     # each row's own segment is read in original order: rescore those <= S slots with the original keys
-    seg = (diag[:, None] + torch.arange(config.segment_size, device=q.device)).clamp_max(n_k - 1)  # (C*m, S)
-    k_seg = k[:, :, seg]  # (B, H_q, C*m, S, D)
-    s.scatter_(-1, seg.expand(b, h_q, -1, -1), torch.einsum("bhrd,bhrsd->bhrs", qs, k_seg))
+    seg = (diag[::m, None] + torch.arange(config.segment_size, device=q.device)).clamp_max(n_k - 1)  # (C, S)
+    k_seg = k[:, :, seg]  # (B, H_q, C, S, D): one segment per query block, shared by its m rows
+    own = torch.matmul(qs.reshape(b, h_q, c, m, d), k_seg.transpose(-1, -2))  # (B, H_q, C, m, S)
+    s.scatter_(-1, seg.repeat_interleave(m, 0).expand(b, h_q, -1, -1), own.reshape(b, h_q, c * m, -1))
     p = s.masked_fill_(slot[None, :] > pos[:, None], float("-inf")).softmax(-1)
     p = torch.nn.functional.pad(p, (0, n_b * bs - n_k)).reshape(b, h_q, c, m, n_b, bs).sum(-1)
     return p if per_row else p.mean(3)
