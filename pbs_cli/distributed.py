@@ -230,7 +230,10 @@ def launch(nproc: int, args: Sequence[str], *, python_args: Sequence[str] = ("-u
         failures = exc.failures
         if 0 in failures and failures[0].exitcode > 0:
             return int(failures[0].exitcode)
-        rank = min(failures)
+        # a rank that exited with an error code is the cause; ranks killed by a signal were usually
+        # stopped by the launcher after that failure, whichever finished first
+        errored = [r for r, f in failures.items() if f.exitcode > 0]
+        rank = min(errored) if errored else min(failures)
         code = failures[rank].exitcode
         detail = _tail(log_dir / f"rank{rank}.log")
         how = f"exit code {code}" if code >= 0 else f"signal {-code}"
