@@ -78,15 +78,6 @@ def random_plan(b: int, h_q: int, h_kv: int, n: int, density: float, device, see
     return PermutedBlockMask(perm.to(torch.int32), num, idx, BLOCK, SEGMENT, n)
 
 
-def dense_blocks(plan) -> torch.Tensor:
-    """Bool (B, H_q, N_qb, N_kb) kept blocks. (PermutedBlockMask.to_dense scatters bools, which
-    CUDA does not implement in torch 2.11; this scatters int8.)"""
-    slot = torch.arange(plan.num_blocks, device=plan.kv_indices.device)
-    valid = (slot < plan.kv_num_blocks.unsqueeze(-1)).to(torch.int8)
-    dense = torch.zeros(plan.kv_indices.shape, dtype=torch.int8, device=plan.kv_indices.device)
-    return dense.scatter_reduce(-1, plan.kv_indices.long(), valid, "amax").bool()
-
-
 def flex_block_mask(plan, h_q: int, h_kv: int):
     """Equivalent FlexAttention BlockMask over K/V permuted everywhere (diagonal segment included).
 
@@ -100,7 +91,7 @@ def flex_block_mask(plan, h_q: int, h_kv: int):
     rows = torch.arange(n_qb, device=dev)[:, None]
     cols = torch.arange(n_kb, device=dev)[None, :]
     diag_start = rows // per_seg * per_seg
-    dense = dense_blocks(plan)
+    dense = plan.to_dense()
     full = dense & (cols < diag_start)
     partial = ((cols >= diag_start) & (cols < diag_start + per_seg)).expand_as(dense)
 

@@ -408,13 +408,15 @@ def attention_recall(q: torch.Tensor, k: torch.Tensor, plan: PermutedBlockMask, 
     p = s.masked_fill(~causal, float("-inf")).softmax(-1)
     # which original keys each row keeps: kept blocks of its query block, mapped through perm
     qb = torch.div(rows, bs, rounding_mode="floor")
-    dense = plan.to_dense()[:, :, qb]  # (B, H_q, R, N_kb)
+    valid = torch.arange(plan.num_blocks, device=q.device) < plan.kv_num_blocks[:, :, qb, None]  # (B, H_q, R, N_kb)
+    dense = torch.zeros(valid.shape, dtype=torch.uint8, device=q.device)  # uint8: CUDA has no bool scatter_reduce
+    dense = dense.scatter_reduce(-1, plan.kv_indices[:, :, qb].long(), valid.to(torch.uint8), "amax")
     kept_slot = dense.repeat_interleave(bs, -1)[..., :n]  # per slot
     diag_start = segment_starts(plan.kv_num_blocks.shape[-1], bs, plan.segment_size, q.device)[qb] * bs
     slot = torch.arange(n, device=q.device)
     perm = plan.perm.long().repeat_interleave(h_q // plan.perm.shape[1], dim=1)  # (B, H_q, N)
-    # slot -> original key: permuted before the diagonal segment, identity inside it
+    # slot -> original key: permuted before the diagonal segment, identity inside it (a bijection)
     key_of_slot = torch.where(slot[None, None, None, :] < diag_start[None, None, :, None],
                               perm[:, :, None, :], slot.expand(1, 1, 1, n))
-    kept = torch.zeros_like(kept_slot).scatter_reduce(-1, key_of_slot.expand_as(kept_slot), kept_slot, "amax")
+    kept = torch.zeros_like(kept_slot).scatter(-1, key_of_slot.expand_as(kept_slot), kept_slot)
     return (p * kept).sum(-1)

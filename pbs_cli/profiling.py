@@ -191,21 +191,10 @@ def probe_sdpa(name: str, device: torch.device, dtype: torch.dtype, heads: int, 
 # -- PBS plan helpers -----------------------------------------------------------------------------
 
 
-class _DensifiablePlan(PermutedBlockMask):
-    """A plan whose ``to_dense`` also runs on CUDA (a bool ``scatter_reduce`` has no CUDA kernel in
-    torch 2.11: it scatters uint8 and converts). Same result as ``PermutedBlockMask.to_dense``."""
-
-    def to_dense(self) -> torch.Tensor:
-        n_kb = self.num_blocks
-        valid = torch.arange(n_kb, device=self.kv_indices.device) < self.kv_num_blocks.unsqueeze(-1)
-        dense = torch.zeros(self.kv_indices.shape, dtype=torch.uint8, device=self.kv_indices.device)
-        return dense.scatter_reduce(-1, self.kv_indices.long(), valid.to(torch.uint8), "amax").bool()
-
-
 def _slice_plan(plan: PermutedBlockMask, h0: int, h1: int, g_perm: int) -> PermutedBlockMask:
     """The plan restricted to query heads [h0, h1) (h0, h1 multiples of the permutation group)."""
-    return _DensifiablePlan(plan.perm[:, h0 // g_perm : h1 // g_perm], plan.kv_num_blocks[:, h0:h1],
-                            plan.kv_indices[:, h0:h1], plan.block_size, plan.segment_size, plan.seq_len)
+    return PermutedBlockMask(plan.perm[:, h0 // g_perm : h1 // g_perm], plan.kv_num_blocks[:, h0:h1],
+                             plan.kv_indices[:, h0:h1], plan.block_size, plan.segment_size, plan.seq_len)
 
 
 def sample_rows(seq_len: int, count: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -216,38 +205,6 @@ def sample_rows(seq_len: int, count: int, seed: int, device: torch.device) -> to
     rows = torch.randperm(seq_len - lo, generator=gen)[: count - 1] + lo
     rows = torch.cat([rows, torch.tensor([seq_len - 1])]).unique().sort().values
     return rows.to(device)
-
-
-def attention_recall(q: torch.Tensor, k: torch.Tensor, plan: PermutedBlockMask, rows: torch.Tensor,
-                     scale: float | None = None) -> torch.Tensor:
-    """fp32 (B, H_q, R): share of each sampled row's full causal attention mass that the plan's kept
-    blocks cover. Same definition as ``pbs_kernels.reference.attention_recall`` (the tests compare the
-    two), written with uint8 scatters so that it also runs on CUDA (torch has no CUDA bool scatter).
-
-    q (B, H_q, N, D), k (B, H_kv, N, D), rows int64 (R,) query positions.
-    """
-    b, h_q, n, d = q.shape
-    g = h_q // k.shape[1]
-    scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    bs = plan.block_size
-    dev = q.device
-    s_ = torch.matmul(q[:, :, rows].float(), k.float().repeat_interleave(g, 1).transpose(-1, -2)) * scale
-    p = s_.masked_fill(torch.arange(n, device=dev)[None, :] > rows[:, None], float("-inf")).softmax(-1)
-    del s_
-    qb = torch.div(rows, bs, rounding_mode="floor")
-    n_kb = plan.num_blocks
-    valid = torch.arange(n_kb, device=dev) < plan.kv_num_blocks[:, :, qb, None]  # (B, H_q, R, N_kb)
-    blocks = torch.zeros(valid.shape, dtype=torch.uint8, device=dev)
-    blocks = blocks.scatter_reduce(-1, plan.kv_indices[:, :, qb].long(), valid.to(torch.uint8), "amax")
-    kept_slot = blocks.repeat_interleave(bs, -1)[..., :n]  # (B, H_q, R, N) per key slot
-    # slot -> original key: permuted before the row's own segment, identity inside it (a bijection)
-    diag = reference.segment_starts(plan.kv_num_blocks.shape[-1], bs, plan.segment_size, dev)[qb] * bs  # (R,)
-    slot = torch.arange(n, device=dev)
-    perm = plan.perm.long().repeat_interleave(h_q // plan.perm.shape[1], dim=1)  # (B, H_q, N)
-    key_of_slot = torch.where(slot[None, None, None, :] < diag[None, None, :, None], perm[:, :, None, :],
-                              slot.expand(1, 1, 1, n))
-    kept = torch.zeros_like(kept_slot).scatter(-1, key_of_slot.expand_as(kept_slot), kept_slot)
-    return (p * kept).sum(-1)
 
 
 def recall_stats(q: torch.Tensor, k: torch.Tensor, plan: PermutedBlockMask, rows: torch.Tensor,
@@ -264,7 +221,7 @@ def recall_stats(q: torch.Tensor, k: torch.Tensor, plan: PermutedBlockMask, rows
     total, count, worst = 0.0, 0, float("inf")
     for h0 in range(0, h_q, heads_per_chunk):
         h1 = min(h_q, h0 + heads_per_chunk)
-        r = attention_recall(q[:, h0:h1], k[:, h0 // g : h1 // g], _slice_plan(plan, h0, h1, g_perm), rows, scale)
+        r = reference.attention_recall(q[:, h0:h1], k[:, h0 // g : h1 // g], _slice_plan(plan, h0, h1, g_perm), rows, scale)
         total += float(r.double().sum())
         count += r.numel()
         worst = min(worst, float(r.min()))

@@ -281,14 +281,6 @@ def test_helpers_against_direct_computation():
     assert rel_l2(a, b) == pytest.approx(float((a - b).norm() / b.norm()), rel=1e-6)
     rows = sample_rows(1000, 16, 0, torch.device("cpu"))
     assert rows.numel() == 16 and int(rows[-1]) == 999 and int(rows.min()) >= 125 and rows.unique().numel() == 16
-    # the CUDA-safe recall equals the reference's, per row and head
-    from pbs_cli.profiling import attention_recall
-
-    for n, bs, seg in ((512, 64, 128), (700, 64, 256), (1000, 32, 64)):
-        q, k, _ = synthetic_qkv(1, 8, 2, n, 32, seed=n)
-        plan = reference.build_plan(q, k, PBSConfig(block_size=bs, segment_size=seg, threshold=0.6))
-        r = sample_rows(n, 12, 1, torch.device("cpu"))
-        torch.testing.assert_close(attention_recall(q, k, plan, r), reference.attention_recall(q, k, plan, r))
     # chunked recall equals the unchunked reference
     q, k, _ = synthetic_qkv(1, 8, 2, 512, 32, seed=3)
     plan = reference.build_plan(q, k, PBSConfig(block_size=64, segment_size=128))
@@ -297,7 +289,7 @@ def test_helpers_against_direct_computation():
     assert mean == pytest.approx(float(full.mean()), abs=1e-6) and worst == pytest.approx(float(full.min()), abs=1e-6)
 
 
-def test_cuda_safe_dense_plan_matches_to_dense():
+def test_sliced_plan_matches_to_dense():
     from pbs_cli.profiling import _slice_plan
 
     q, k, _ = synthetic_qkv(1, 8, 2, 700, 32, seed=4)
