@@ -31,7 +31,10 @@ import torch
 
 from pbs_kernels import PBSConfig, pbs_prefill_attention
 
+from . import dense_sdpa
+
 NAME = "pbs"
+DENSE_NAME = "pbs_dense"  # dense SDPA on the run's chosen backend (the baseline of --compare-dense)
 
 
 @dataclass
@@ -94,6 +97,7 @@ class Recorder:
 class PBSRun:
     config: PBSConfig
     recorder: Recorder
+    dense: dense_sdpa.DenseChoice | None = None  # SDPA backend of every dense call (None: PyTorch's choice)
 
 
 _current: contextvars.ContextVar[PBSRun | None] = contextvars.ContextVar("pbs_run", default=None)
@@ -101,9 +105,11 @@ _DEFAULT_CONFIG = PBSConfig()
 
 
 @contextlib.contextmanager
-def pbs_run(config: PBSConfig, recorder: Recorder | None = None) -> Iterator[PBSRun]:
-    """Within this block, "pbs" attention uses ``config`` and records into ``recorder`` (a new one if None)."""
-    run = PBSRun(config, recorder if recorder is not None else Recorder())
+def pbs_run(config: PBSConfig, recorder: Recorder | None = None,
+            dense: dense_sdpa.DenseChoice | None = None) -> Iterator[PBSRun]:
+    """Within this block, "pbs" attention uses ``config`` and records into ``recorder`` (a new one if None);
+    dense calls of "pbs" and "pbs_dense" use SDPA backend ``dense`` first."""
+    run = PBSRun(config, recorder if recorder is not None else Recorder(), dense)
     token = _current.set(run)
     try:
         yield run
@@ -142,12 +148,6 @@ def _dense_reason(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     return None
 
 
-def _sdpa():
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward
-
-
 def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -171,8 +171,9 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
                 "the PBS kernel nor its dense SDPA fallback implements; pbs cannot run this model")
         if run is not None:
             run.recorder.add(LayerStat(layer, "dense", reason, q_len, key.shape[2], b))
-        return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                       is_causal=is_causal, **kwargs)
+        return dense_sdpa.attention_forward(run.dense if run is not None else None, module, query, key, value,
+                                            attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                                            **kwargs)
     ctx = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
     with ctx:
         out, plan = pbs_prefill_attention(query, key, value, config, scale=scaling)
@@ -180,6 +181,14 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         run.recorder.add(LayerStat(layer, "pbs", "causal prefill", q_len, key.shape[2], b,
                                    plan.kv_num_blocks.sum(), plan.causal_blocks()))
     return out.transpose(1, 2).contiguous(), None
+
+
+def dense_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The "pbs_dense" implementation: transformers' SDPA attention on the current run's SDPA backend."""
+    run = _current.get()
+    return dense_sdpa.attention_forward(run.dense if run is not None else None, module, query, key, value,
+                                        attention_mask, **kwargs)
 
 
 _registered = False
@@ -194,13 +203,15 @@ def register() -> None:
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, pbs_attention_forward)
+    AttentionInterface.register(DENSE_NAME, dense_attention_forward)
     # the mask builder of SDPA: None for plain causal inputs (what the sparse path needs), else a bool mask
-    AttentionMaskInterface.register(NAME, AttentionMaskInterface._global_mapping["sdpa"])
+    for name in (NAME, DENSE_NAME):
+        AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping["sdpa"])
     _registered = True
 
 
 def set_attention(model: torch.nn.Module, name: str) -> None:
-    """Switch a loaded model between "pbs" and any built-in implementation (e.g. "sdpa")."""
-    if name == NAME:
+    """Switch a loaded model between "pbs", "pbs_dense" and any built-in implementation (e.g. "sdpa")."""
+    if name in (NAME, DENSE_NAME):
         register()
     model.set_attn_implementation(name)

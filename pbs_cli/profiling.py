@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 import os
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -47,10 +46,10 @@ from pbs_kernels.permute import compute_permutation
 from pbs_kernels.select import select_blocks
 
 from .console import debug_enabled
+from .dense_sdpa import DENSE_BACKENDS, probe_sdpa, sdpa_call
 from .timing import Timing, bench
 
 BACKENDS = ("pbs", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flex", "reference")
-DENSE_BACKENDS = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math")
 SPARSE_BACKENDS = ("pbs", "flex", "reference")
 
 RESULT_FIELDS = (
@@ -132,60 +131,6 @@ def math_sdpa_bytes(batch: int, heads: int, seq_len: int, dtype: torch.dtype) ->
     """The (B, H, N, N) score and probability matrices the math SDPA backend materializes."""
     elt = torch.empty((), dtype=dtype).element_size()
     return batch * heads * seq_len * seq_len * (2 * elt + 1)
-
-
-# -- dense SDPA ----------------------------------------------------------------------------------
-
-
-def _sdpa_backend(name: str):
-    from torch.nn.attention import SDPBackend
-
-    return {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
-            "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}[name]
-
-
-def sdpa_call(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool, scale: float | None):
-    from torch.nn.attention import sdpa_kernel
-
-    with sdpa_kernel(_sdpa_backend(name)):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                                enable_gqa=gqa)
-
-
-_probe_cache: dict[tuple, tuple[str | None, str | None]] = {}
-
-
-def probe_sdpa(name: str, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
-               head_dim: int) -> tuple[str | None, str | None]:
-    """Can SDPA backend ``name`` run this shape here? Returns (mode, reason): mode "gqa" (native),
-    "expand" (needs K/V repeated to H_q heads) or None with the reason it cannot run."""
-    key = (name, str(device), dtype, heads, kv_heads, head_dim)
-    if key in _probe_cache:
-        return _probe_cache[key]
-    if device.type != "cuda" and name in ("sdpa-cudnn", "sdpa-efficient"):
-        return None, "needs a CUDA GPU"
-    q = torch.randn(1, heads, 256, head_dim, device=device, dtype=dtype)
-    k = torch.randn(1, kv_heads, 256, head_dim, device=device, dtype=dtype)
-    modes = ["gqa", "expand"] if heads != kv_heads else ["gqa"]
-    reason = None
-    answer: tuple[str | None, str | None] = (None, None)
-    for mode in modes:
-        kk = k if mode == "gqa" else k.repeat_interleave(heads // kv_heads, 1)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                sdpa_call(name, q, kk, kk, mode == "gqa" and heads != kv_heads, None)
-                answer = (mode, None)
-                break
-            except RuntimeError as exc:
-                why = [str(w.message).splitlines()[0] for w in caught if "kernel not used" in str(w.message)
-                       or "not supported" in str(w.message) or "because" in str(w.message)]
-                reason = (why[0] if why else str(exc).splitlines()[0])[:200]
-    if answer[0] is None:
-        answer = (None, f"not available for {str(dtype).removeprefix('torch.')}, head_dim {head_dim} on "
-                        f"{device.type}: {reason}")
-    _probe_cache[key] = answer
-    return answer
 
 
 # -- PBS plan helpers -----------------------------------------------------------------------------

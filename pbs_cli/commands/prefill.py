@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .. import distributed, integration, models, presets, reports
+from .. import dense_sdpa, distributed, integration, models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..sizes import parse_size
 from ..errors import OutOfMemory, UsageError
@@ -124,8 +124,10 @@ def _logits(model, hidden):
     return logits
 
 
-def run_prefill(model, input_ids, attn: str, config, warmup: int, iters: int, keep_cache: bool) -> PrefillResult:
-    """Time ``iters`` forward passes (after ``warmup``) with attention ``attn``; per-layer stats of the last one."""
+def run_prefill(model, input_ids, attn: str, config, warmup: int, iters: int, keep_cache: bool,
+                dense: dense_sdpa.DenseChoice | None = None) -> PrefillResult:
+    """Time ``iters`` forward passes (after ``warmup``) with attention ``attn`` (dense calls on SDPA backend
+    ``dense``); per-layer stats of the last one."""
     import torch
 
     integration.set_attention(model, attn)
@@ -133,7 +135,7 @@ def run_prefill(model, input_ids, attn: str, config, warmup: int, iters: int, ke
     recorder = integration.Recorder()
     times: list[float] = []
     result = None
-    with torch.inference_mode(), integration.pbs_run(config, recorder):
+    with torch.inference_mode(), integration.pbs_run(config, recorder, dense):
         for i in range(warmup + iters):
             recorder.reset()
             _sync(input_ids.device)
@@ -149,6 +151,23 @@ def run_prefill(model, input_ids, attn: str, config, warmup: int, iters: int, ke
             del outputs
     assert result is not None
     return PrefillResult(times, result[0], result[1], result[2], recorder.prefill_layers())
+
+
+def choose_dense_backend(model, input_ids, config) -> dense_sdpa.DenseChoice | None:
+    """On CUDA, the fastest SDPA backend for this model and input, timed on whole forwards (None elsewhere)."""
+    import torch
+
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+    def forward(choice: dense_sdpa.DenseChoice) -> None:
+        with torch.inference_mode(), integration.pbs_run(config, None, choice):
+            model.base_model(input_ids=input_ids, use_cache=False)
+
+    integration.set_attention(model, integration.DENSE_NAME)
+    return dense_sdpa.pick_fastest(forward, input_ids.device, model.dtype, heads,
+                                   getattr(cfg, "num_key_value_heads", None) or heads, head_dim)
 
 
 def fidelity(model, hidden_dense, hidden_pbs) -> tuple[float, float]:
@@ -288,7 +307,8 @@ def print_summary(rec: dict[str, Any]) -> None:
     if dense_reasons:
         table.add_row("dense because", "; ".join(dense_reasons))
     if "dense_prefill_ms" in rec:
-        table.add_row("dense SDPA prefill", _fmt_ms(rec["dense_prefill_ms"]))
+        backend = (rec.get("dense_sdpa") or {}).get("backend", "PyTorch's choice")
+        table.add_row("dense SDPA prefill", f"{_fmt_ms(rec['dense_prefill_ms'])} ({backend})")
         table.add_row("speedup", f"{rec['speedup']:.2f}x vs dense SDPA")
         table.add_row("top-1 agreement", f"{rec['top1_agreement']:.2%} of {rec['prompt_tokens']} positions")
         table.add_row("mean KL(dense||pbs)", f"{rec['mean_kl']:.4f} nats")
@@ -399,9 +419,20 @@ def command(
     mdl = loaded.model
     input_ids = torch.tensor([ids], device=mdl.device)
 
+    choice = None
+    if compare_dense or len(ids) < config.dense_below:  # dense attention runs: on its fastest SDPA backend
+        with models.progress("timing the SDPA backends for dense attention"), \
+                out_of_memory_hint("timing the dense SDPA backends", len(ids), str(mdl.device), dtype_name):
+            choice = choose_dense_backend(mdl, input_ids, config)
+        if choice is not None:
+            err.print(f"dense attention: {choice.name} (fastest of "
+                      + ", ".join(f"{k} {v:.0f} ms" for k, v in choice.times_ms.items()) + " per forward)",
+                      highlight=False, markup=False, soft_wrap=True)
+
     with models.progress(f"prefill of {len(ids)} tokens with PBS attention"), \
             out_of_memory_hint("in the PBS prefill", len(ids), str(mdl.device), dtype_name):
-        pbs = run_prefill(mdl, input_ids, integration.NAME, config, warmup, iters, keep_cache=max_new_tokens > 0)
+        pbs = run_prefill(mdl, input_ids, integration.NAME, config, warmup, iters, keep_cache=max_new_tokens > 0,
+                          dense=choice)
     pbs.times_ms = distributed.reduce_max(pbs.times_ms)  # tensor parallel: each run's slowest rank
     distributed.merge_layer_stats(pbs.layers)  # tensor parallel: densities over the heads of all ranks
     summary = _layer_summary(pbs.layers)
@@ -428,11 +459,13 @@ def command(
         layers=[s.to_dict() for s in pbs.layers],
         load_s=loaded.load_s,
         tensor_parallel=tpi.to_dict(),
+        dense_sdpa=choice.to_dict() if choice is not None else None,
     )
     if compare_dense:
         with models.progress(f"prefill of {len(ids)} tokens with dense SDPA"), \
                 out_of_memory_hint("in the dense SDPA prefill (--compare-dense)", len(ids), str(mdl.device), dtype_name):
-            dense = run_prefill(mdl, input_ids, "sdpa", config, warmup, iters, keep_cache=False)
+            dense = run_prefill(mdl, input_ids, integration.DENSE_NAME, config, warmup, iters, keep_cache=False,
+                                dense=choice)
         dense.times_ms = distributed.reduce_max(dense.times_ms)
         with models.progress("comparing next-token distributions"), \
                 out_of_memory_hint("comparing the logits (--compare-dense)", len(ids), str(mdl.device), dtype_name):
