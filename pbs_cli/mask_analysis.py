@@ -26,7 +26,6 @@ from pbs_kernels import reference as ref
 _CHUNK_ELEMENTS = 1 << 23
 # recall difference (absolute) below which the permutation counts as neither helping nor hurting
 NEUTRAL_BAND = 0.005
-_BISECT_STEPS = 10
 
 
 @dataclass
@@ -169,41 +168,112 @@ def _density(num: torch.Tensor) -> float:
     return float(num.sum().item()) / (num.numel() / n_b * n_b * (n_b + 1) / 2)
 
 
+def plain_selection_order(q1: torch.Tensor, k1: torch.Tensor, config: PBSConfig,
+                          scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The threshold-independent part of plain block selection (no permutation) of one head.
+
+    q1, k1: (1, 1, N, D). Top-p selection ranks each query block's candidate blocks once (forced
+    blocks first, then by score) and keeps a candidate iff the score mass ranked before it is below
+    ``threshold - 1e-6`` (everything at threshold 1.0), so one scoring pass describes the plans of
+    every threshold. Plain-PyTorch twin of the ranking in ``pbs_kernels.reference.select_blocks``
+    (tests check that re-thresholding reproduces that function's plans exactly).
+
+    Returns (forced bool (N_b, N_b), before fp32 (N_b, N_b)): ``before[i, j]`` is the mass ranked
+    before candidate block j of query block i, +inf where j is forced or not a candidate.
+    """
+    _, _, n, d = q1.shape
+    bs = config.block_size
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    n_b = _cdiv(n, bs)
+    diag_start = ref.segment_starts(n_b, bs, config.segment_size, q1.device)
+    cols = torch.arange(n_b, device=q1.device)
+    sampled = config.score != "pooled"
+    kf = k1.float()
+    if sampled:
+        m = 1 if config.score == "mean_query" else config.sample_rows
+        rows_per_chunk = max(1, ref._CHUNK_ELEMENTS // max(1, 2 * m * n))
+    else:
+        q_bar, k_bar = ref.pool_blocks(q1, bs), ref.pool_blocks(k1, bs)
+        rows_per_chunk = max(1, ref._CHUNK_ELEMENTS // n_b)
+    forced_all = torch.zeros(n_b, n_b, dtype=torch.bool)
+    before_all = torch.full((n_b, n_b), float("inf"))
+    for r0 in range(0, n_b, rows_per_chunk):
+        r1 = min(n_b, r0 + rows_per_chunk)
+        rows = torch.arange(r0, r1, device=q1.device)[:, None]
+        start = diag_start[r0:r1, None]
+        candidate = cols[None, :] < start  # (C, N_b)
+        if sampled:
+            per_row = ref.sampled_block_mass(q1, kf, kf, config, r0, r1, scale, per_row=True)[0, 0]  # (C, m, N_b)
+            probs = per_row.mean(1)
+            if config.threshold_scope == "offdiag":
+                probs = probs * candidate
+                probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
+        else:
+            scores = torch.matmul(q_bar[0, 0, r0:r1], k_bar[0, 0].T) * scale
+            scope = candidate if config.threshold_scope == "offdiag" else cols[None, :] <= rows
+            probs = scores.masked_fill(~scope, float("-inf")).softmax(-1).nan_to_num(0.0)
+        forced = ((cols[None, :] >= start) & (cols[None, :] <= rows)) | (candidate & (cols[None, :] >= start - config.local_blocks))
+        if config.sink:  # the identity permutation keeps token 0 in block 0
+            forced = forced | (candidate & (cols[None, :] == 0))
+        if sampled and config.row_top:
+            top = per_row.masked_fill(~candidate[:, None, :], -1.0).topk(min(config.row_top, n_b), -1)
+            best = torch.zeros_like(per_row, dtype=torch.bool).scatter_(-1, top.indices, top.values > 0)
+            forced = forced | (best.any(1) & candidate)
+        order = torch.sort(torch.where(forced, probs + 2.0, probs), dim=-1, descending=True, stable=True).indices
+        p_sorted = torch.gather(probs, -1, order)
+        before = torch.empty_like(probs).scatter_(-1, order, torch.cumsum(p_sorted, -1) - p_sorted)
+        forced_all[r0:r1] = forced.cpu()
+        before_all[r0:r1] = before.masked_fill(forced | ~candidate, float("inf")).cpu()
+    return forced_all, before_all
+
+
+def plain_selection_curve(forced: torch.Tensor, before: torch.Tensor, mass: torch.Tensor,
+                          n: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(density, recall) of every distinct plain plan, from the smallest threshold to 1.0.
+
+    forced, before: from ``plain_selection_order``; mass: (N_b, N_b) block attention mass (original
+    layout = the plain plan's layout). Returns two float64 (P,) tensors, density strictly
+    increasing, the first the plan of the smallest threshold, the last 1.0 (every causal block).
+    """
+    n_b = forced.shape[-1]
+    causal = n_b * (n_b + 1) / 2
+    weighted = mass.double() * _row_weights(n, bs).double()[:, None]  # recall contribution of each block
+    selectable = torch.isfinite(before)
+    base = forced | (selectable & (before < 0))  # kept at every threshold
+    crit = before[selectable & ~base].double().clamp_max(1.0 - 1e-6)  # above this, the threshold keeps it
+    gain = weighted[selectable & ~base]
+    crit, order = torch.sort(crit, stable=True)
+    last = torch.ones_like(crit, dtype=torch.bool)  # last entry of each group of equal critical values
+    last[:-1] = crit[1:] != crit[:-1]
+    count = (torch.arange(1, crit.numel() + 1, dtype=torch.float64) + base.sum()) / causal
+    recall = torch.cumsum(gain[order], 0) + weighted[base].sum()
+    d0 = torch.tensor([float(base.sum()) / causal], dtype=torch.float64)
+    r0 = weighted[base].sum().reshape(1)
+    return torch.cat([d0, count[last]]), torch.cat([r0, recall[last]])
+
+
 def _noperm_at_density(q1: torch.Tensor, k1: torch.Tensor, config: PBSConfig, target: float,
                        mass_original: torch.Tensor, scale: float | None) -> tuple[float, float]:
     """(density, recall) of plain block selection (no permutation) at ``target`` density.
 
-    q1, k1: (1, 1, N, D); mass_original: (N_b, N_b). Bisects the threshold; recall is interpolated
-    linearly in density between the two plans that bracket ``target``. When even the smallest
-    threshold keeps more than ``target``, returns that plan's density and recall.
+    q1, k1: (1, 1, N, D); mass_original: (N_b, N_b). Among the plain plans of all thresholds, the
+    two that bracket ``target`` (the sparsest with density >= target and the densest below it);
+    recall is interpolated linearly in density between them. When even the smallest threshold keeps
+    more than ``target``, returns that plan's density and recall.
     """
     n = q1.shape[2]
     bs = config.block_size
-    perm = ref.identity_permutation(1, 1, n, q1.device)
-    plain = config.replace(permute=False)
-
-    def measure(tau: float) -> tuple[float, float]:
-        num, idx = ref.select_blocks(q1, k1, perm, plain.replace(threshold=tau), scale, k=k1)
-        kept = PermutedBlockMask(perm, num, idx, bs, config.segment_size, n).to_dense()[0, 0]
-        return _density(num), float(recall_of(mass_original[None], kept.cpu(), n, bs)[0])
-
-    lo_tau, hi_tau = 1e-6, 1.0
-    lo, hi = measure(lo_tau), (1.0, float(recall_of(mass_original[None], _causal(mass_original.shape[-1])[None], n, bs)[0]))
-    if lo[0] >= target:
-        return lo
-    for _ in range(_BISECT_STEPS):
-        mid_tau = 0.5 * (lo_tau + hi_tau)
-        mid = measure(mid_tau)
-        if mid[0] >= target:
-            hi_tau, hi = mid_tau, mid
-        else:
-            lo_tau, lo = mid_tau, mid
-        if hi[0] - lo[0] < 1e-9:
-            break
-    if hi[0] == target or hi[0] == lo[0]:
-        return hi
-    t = (target - lo[0]) / (hi[0] - lo[0])
-    return target, lo[1] + t * (hi[1] - lo[1])
+    forced, before = plain_selection_order(q1, k1, config.replace(permute=False), scale)
+    density, recall = plain_selection_curve(forced, before, mass_original, n, bs)
+    hi = int(torch.searchsorted(density, torch.tensor([target], dtype=torch.float64))[0])
+    hi = min(hi, density.numel() - 1)
+    if hi == 0:
+        return float(density[0]), float(recall[0])
+    d_lo, d_hi, r_lo, r_hi = float(density[hi - 1]), float(density[hi]), float(recall[hi - 1]), float(recall[hi])
+    if d_hi == target:
+        return d_hi, r_hi
+    t = (target - d_lo) / (d_hi - d_lo)
+    return target, r_lo + t * (r_hi - r_lo)
 
 
 @contextlib.contextmanager
