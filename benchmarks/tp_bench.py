@@ -98,8 +98,7 @@ def worker(args) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from pbs_cli import integration
-    from pbs_kernels import PBSConfig
+    from pbs_cli import dense_sdpa, integration, presets
 
     info = distributed.tp_context(None, "auto")
     integration.register()
@@ -112,12 +111,21 @@ def worker(args) -> None:
     device = model.device
     lengths = parse_sizes(args.lengths)
     dense_max = parse_sizes(args.dense_max)[0] if args.dense_max else max(lengths)
-    config = PBSConfig(threshold=args.threshold, block_size=args.block_size, segment_size=args.segment_size)
+    # the preset pbs uses on a GPU, with this run's threshold / block / segment
+    config, _ = presets.resolve_config("gpu", threshold=args.threshold, block_size=args.block_size,
+                                       segment_size=args.segment_size)
+    # dense attention on cuDNN where it runs this shape (the fastest SDPA backend on an H100), else PyTorch's choice
+    cfg = model.config
+    heads, kv_heads = cfg.num_attention_heads // info.size, cfg.num_key_value_heads // info.size
+    dense = None
+    if torch.cuda.is_available():
+        mode, _ = dense_sdpa.probe_sdpa("sdpa-cudnn", device, torch.bfloat16, heads, kv_heads, cfg.head_dim)
+        dense = dense_sdpa.DenseChoice("sdpa-cudnn", mode) if mode else None
     gen = torch.Generator().manual_seed(args.seed)
     ids_all = torch.randint(0, model.config.vocab_size, (1, max(lengths)), generator=gen).to(device)
     out = Path(args.out)
     tag = f"tp{info.size}"
-    results: dict = {"tp": info.size, "backend": info.backend, "device": torch.cuda.get_device_name()
+    results: dict = {"tp": info.size, "backend": info.backend, "dense_sdpa": dense.name if dense else "pytorch", "device": torch.cuda.get_device_name()
                      if torch.cuda.is_available() else "cpu", "load_s": load_s, "config": config.to_dict(),
                      "model": {k: getattr(model.config, k) for k in ("num_hidden_layers", "num_attention_heads",
                                                                      "num_key_value_heads", "head_dim", "hidden_size")},
@@ -140,14 +148,14 @@ def worker(args) -> None:
             if attn in oom_from:
                 results["runs"].append({"n": n, "attn": attn, "status": "oom"})
                 continue
-            integration.set_attention(model, "pbs" if attn == "pbs" else "sdpa")
+            integration.set_attention(model, integration.NAME if attn == "pbs" else integration.DENSE_NAME)
             recorder = integration.Recorder()
             times: list[float] = []
             try:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                with torch.inference_mode(), integration.pbs_run(config, recorder):
+                with torch.inference_mode(), integration.pbs_run(config, recorder, dense):
                     for i in range(args.warmup + args.iters):
                         recorder.reset()
                         distributed.barrier()
