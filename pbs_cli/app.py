@@ -1,8 +1,17 @@
-"""The `pbs` Typer application: composes the command modules, nothing else."""
+"""The `pbs` Typer application: composes the command modules, nothing else.
 
-from __future__ import annotations
+Commands are registered lazily: ``pbs viz-mask`` imports only ``commands/viz_mask.py`` (and what
+it imports), not the modules of the other commands, which pull in torch, transformers and the
+kernels at import time. ``pbs --help`` lists the commands from their docstrings, read from the
+source without importing the modules.
+"""
 
+
+import ast
+import importlib
+import inspect
 import os
+from pathlib import Path
 from typing import Annotated
 
 # Progress is shown with Rich on stderr; silence the tqdm bars of transformers/huggingface_hub (tqdm
@@ -10,17 +19,108 @@ from typing import Annotated
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import typer
+from typer.core import TyperCommand, TyperGroup
+from typer.main import get_command_from_info, get_group_from_info
+from typer.models import CommandInfo, TyperInfo
 
 from . import __version__, console
-from .commands import calibrate, env, prefill, profile, report, viz_mask
-from .commands import eval as eval_cmd
+
+# name -> (module under pbs_cli.commands, attribute): a function ``command`` or a Typer ``app``
+# (a command group). The order is that of `pbs --help`: single commands first, then groups.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prefill": ("prefill", "command"),
+    "env": ("env", "command"),
+    "viz-mask": ("viz_mask", "command"),
+    "profile": ("profile", "command"),
+    "eval": ("eval", "command"),
+    "calibrate": ("calibrate", "command"),
+    "report": ("report", "app"),
+}
+_PRETTY_EXCEPTIONS_SHORT = True
+_MARKUP = "rich"
+
+
+def load_command(name: str):
+    """The click command of ``name``, built from its module (imported now)."""
+    module_name, attr = COMMANDS[name]
+    target = getattr(importlib.import_module(f"{__package__}.commands.{module_name}"), attr)
+    if attr == "app":
+        return get_group_from_info(TyperInfo(target, name=name), pretty_exceptions_short=_PRETTY_EXCEPTIONS_SHORT,
+                                   suggest_commands=True, rich_markup_mode=_MARKUP)
+    return get_command_from_info(CommandInfo(name=name, callback=target),
+                                 pretty_exceptions_short=_PRETTY_EXCEPTIONS_SHORT, rich_markup_mode=_MARKUP)
+
+
+def listed_help(name: str) -> str:
+    """The help text of command ``name`` as `pbs --help` lists it, read from its module's source
+    without importing it: the ``command`` function's docstring (or a later ``command.__doc__ = X``),
+    or the ``help=`` of the group's ``typer.Typer(...)``. Imports the module when the source says
+    it some other way."""
+    module_name, attr = COMMANDS[name]
+    path = Path(__file__).parent / "commands" / f"{module_name}.py"
+    try:
+        found = _help_in_source(ast.parse(path.read_text(encoding="utf-8"), str(path)), attr)
+    except (OSError, SyntaxError, ValueError):
+        found = None
+    return found if found is not None else (load_command(name).help or "")
+
+
+def _help_in_source(tree: ast.Module, attr: str) -> str | None:
+    constants, doc = {}, None
+    for node in tree.body:
+        if not isinstance(node, ast.Assign):
+            if attr == "command" and isinstance(node, ast.FunctionDef) and node.name == "command":
+                doc = ast.get_docstring(node, clean=False)
+            continue
+        value = node.value
+        for target in node.targets:
+            if isinstance(target, ast.Name) and isinstance(value, ast.Constant) and isinstance(value.value, str):
+                constants[target.id] = value.value
+            elif (attr == "command" and isinstance(target, ast.Attribute) and target.attr == "__doc__"
+                  and getattr(target.value, "id", None) == "command"):
+                doc = value.value if isinstance(value, ast.Constant) else constants.get(getattr(value, "id", None))
+                if doc is None:
+                    return None
+            elif attr == "app" and getattr(target, "id", None) == "app" and isinstance(value, ast.Call):
+                helps = [kw.value for kw in value.keywords if kw.arg == "help"]
+                if not helps or not isinstance(helps[0], ast.Constant):
+                    return None
+                doc = helps[0].value
+    return inspect.cleandoc(doc) if isinstance(doc, str) else None
+
+
+class LazyGroup(TyperGroup):
+    """A Typer group whose commands are imported when first used; its own help lists them from
+    their source without importing them."""
+
+    _listing = False
+
+    def list_commands(self, ctx) -> list[str]:
+        return [*COMMANDS, *(n for n in self.commands if n not in COMMANDS)]
+
+    def get_command(self, ctx, cmd_name: str):
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            if self._listing:  # only the name and help text are shown: don't import the module
+                return TyperCommand(name=cmd_name, help=listed_help(cmd_name), rich_markup_mode=_MARKUP)
+            self.commands[cmd_name] = load_command(cmd_name)
+        return self.commands.get(cmd_name)
+
+    def format_help(self, ctx, formatter) -> None:
+        self._listing = True
+        try:
+            return super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
 
 app = typer.Typer(
     name="pbs",
+    cls=LazyGroup,
     help="Permuted Block-Sparse Attention: faster long-document prefill, measured on your model, text and GPU.",
     no_args_is_help=True,
+    pretty_exceptions_short=_PRETTY_EXCEPTIONS_SHORT,
     pretty_exceptions_show_locals=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=_MARKUP,
 )
 
 
@@ -38,14 +138,6 @@ def _root(
     console.set_debug(debug)
 
 
-app.command("prefill")(prefill.command)
-app.command("env")(env.command)
-app.command("viz-mask")(viz_mask.command)
-app.command("profile")(profile.command)
-app.add_typer(report.app, name="report")
-app.command("eval")(eval_cmd.command)
-app.command("calibrate")(calibrate.command)
-
-
 def main() -> None:
+    console.set_one_command_process()
     app()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import os
 import sys
 import traceback
@@ -15,7 +17,12 @@ from . import errors
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)  # diagnostics stay one line each (logs, grep), like `out`
 
-_state = {"debug": bool(os.environ.get("PBS_DEBUG"))}
+_state = {"debug": bool(os.environ.get("PBS_DEBUG")), "one_command": False}
+
+
+def set_one_command_process() -> None:
+    """Called by the ``pbs`` entry point: this process runs one command and exits (see ``heavy_imports``)."""
+    _state["one_command"] = True
 
 
 def set_debug(on: bool) -> None:
@@ -24,6 +31,28 @@ def set_debug(on: bool) -> None:
 
 def debug_enabled() -> bool:
     return _state["debug"]
+
+
+@contextlib.contextmanager
+def heavy_imports():
+    """Import torch and friends with the cyclic garbage collector paused; in the ``pbs`` process,
+    then freeze what they allocated.
+
+    ``import torch`` creates about a million long-lived objects that the collector would rescan in
+    every full collection, including the one at interpreter exit (0.4-0.8 s of a 1.2-2 s start on a
+    2-core CPU). Frozen objects are never scanned again; objects created later are collected as
+    usual. Only the one-command ``pbs`` process freezes: a long-lived host (tests, a notebook
+    calling the app) keeps its collector untouched.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if _state["one_command"]:
+            gc.freeze()
+        if was_enabled:
+            gc.enable()
 
 
 def fail(message: str, code: int) -> typer.Exit:

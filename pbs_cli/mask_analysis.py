@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from pbs_kernels import PBSConfig, PermutedBlockMask, build_plan
+from pbs_kernels import PBSConfig, PermutedBlockMask
+from pbs_kernels.permute import compute_permutation
+from pbs_kernels.select import select_blocks
 from pbs_kernels import reference as ref
 
 # fp32 elements of one chunk of token-level attention probabilities (heads x rows x keys)
@@ -302,6 +304,25 @@ def verdict(gain: float | None) -> str:
     return "neutral"
 
 
+def plan_heads(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, heads: list[int],
+               scale: float | None = None) -> PermutedBlockMask:
+    """The rows of ``build_plan(q, k, config)`` for query heads ``heads`` only, without selecting
+    blocks for the other heads. q: (1, H_q, N, D), k: (1, H_kv, N, D).
+
+    The permutation needs every query head of a KV group (it averages their key importance), the
+    block selection is per query head: so the permutation is computed for the whole layer and the
+    selection for the chosen heads, each with its own KV head and permutation row. Returns a plan of
+    ``len(heads)`` heads, one permutation row per head.
+    """
+    h_q, h_kv = q.shape[1], k.shape[1]
+    perm = compute_permutation(q, k, config, scale)  # (1, H_perm, N)
+    idx = torch.tensor(heads, dtype=torch.long, device=q.device)
+    perm = perm[:, idx // (h_q // perm.shape[1])]  # (1, h, N)
+    qs, ks = q[:, idx], k[:, idx // (h_q // h_kv)]  # (1, h, N, D) each
+    num, kv_idx = select_blocks(qs, ks, perm, config, scale)
+    return PermutedBlockMask(perm, num, kv_idx, config.block_size, config.segment_size, q.shape[2])
+
+
 def analyze(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, heads: list[int], layer: int | None = None,
             scale: float | None = None, compare: bool = True) -> list[HeadView]:
     """Plan one layer with ``config`` and describe the selected query heads.
@@ -319,18 +340,16 @@ def analyze(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, heads: list[int
         raise ValueError(f"head {bad[0]} out of range: this layer has {h_q} query heads (0-{h_q - 1})")
     g = h_q // h_kv
     bs = config.block_size
-    plan = build_plan(q, k, config, scale)
-    h_perm = plan.perm.shape[1]
+    plan = plan_heads(q, k, config, heads, scale)
     idx = torch.tensor(heads, dtype=torch.long)
-    perm_rows = idx // (h_q // h_perm)
-    perm = plan.perm[0].cpu()[perm_rows]  # (h, N)
+    perm = plan.perm[0].cpu()  # (h, N)
     qs = q[0, idx.to(q.device)]
     ks = k[0, (idx // g).to(k.device)]
     original, planned = block_attention_mass(qs, ks, perm.to(q.device), bs, config.segment_size, scale)
-    kept = plan.to_dense()[0].cpu()[idx]  # (h, N_b, N_b)
+    kept = plan.to_dense()[0].cpu()  # (h, N_b, N_b)
     forced = forced_blocks(perm, n, config) & _causal(kept.shape[-1])
     recalls = recall_of(planned, kept, n, bs)
-    density_per_head = plan.density_per_head()[0].cpu()[idx]
+    density_per_head = plan.density_per_head()[0].cpu()
     n_b = kept.shape[-1]
     start = ref.segment_starts(n_b, bs, config.segment_size)
     choice_cols = torch.arange(n_b)[None, :] < start[:, None]

@@ -101,6 +101,24 @@ def test_recall_matches_reference_attention_recall(small_case):
         assert (v.kept == plan.to_dense()[0, v.stats.head].numpy()).all()
 
 
+@pytest.mark.parametrize("config", [
+    PBSConfig(block_size=32, segment_size=64, threshold=0.8),
+    PBSConfig(block_size=32, segment_size=64, per_head_permutation=True, score="sampled", sample_rows=4),
+    PBSConfig(block_size=32, segment_size=64, permute_heads="auto", threshold_scope="total", row_top=1,
+              score="sampled", sample_rows=4),
+], ids=["gqa", "per-head", "auto"])
+def test_plan_heads_equals_the_whole_layer_plan_rows(small_case, config):
+    q, k, _, _ = small_case  # 4 query heads, 2 KV heads
+    whole = build_plan(q, k, config)
+    heads = [3, 0, 2]
+    part = ma.plan_heads(q, k, config, heads, None)
+    g = q.shape[1] // whole.perm.shape[1]
+    idx = torch.tensor(heads)
+    assert torch.equal(part.perm[0], whole.perm[0, idx // g])
+    assert torch.equal(part.to_dense()[0], whole.to_dense()[0, idx])
+    assert torch.equal(part.density_per_head()[0], whole.density_per_head()[0, idx])
+
+
 def test_block_mass_matches_token_level_oracle(small_case):
     q, k, config, views = small_case
     plan = build_plan(q, k, config)

@@ -6,7 +6,6 @@ the PBS parameters. Numbers beside the picture: density, attention-mass recall, 
 kept only forced blocks, and whether the permutation helped or hurt the head at equal density.
 """
 
-from __future__ import annotations
 
 import contextlib
 import re
@@ -118,8 +117,11 @@ def command(
 
     pbs viz-mask doc.txt --layers all --heads all --json
     """
-    from .. import presets, reports, viz
-    from ..sizes import parse_size
+    with console.heavy_imports():
+        import torch  # noqa: F401 - imported here, under heavy_imports, by whichever module needs it first
+
+        from .. import presets, reports, viz
+        from ..sizes import parse_size
 
     outputs = {fmt: reports.check_output_path(p, force) for fmt, p in (("png", png), ("svg", svg), ("html", html)) if p}
     if len({str(p.resolve()) for p in outputs.values()}) < len(outputs):
