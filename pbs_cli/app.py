@@ -8,6 +8,7 @@ source without importing the modules.
 
 
 import ast
+import difflib
 import importlib
 import inspect
 import os
@@ -19,6 +20,7 @@ from typing import Annotated
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import typer
+from typer._click.exceptions import UsageError as ClickUsageError  # typer vendors click
 from typer.core import TyperCommand, TyperGroup
 from typer.main import get_command_from_info, get_group_from_info
 from typer.models import CommandInfo, TyperInfo
@@ -104,6 +106,16 @@ class LazyGroup(TyperGroup):
                 return TyperCommand(name=cmd_name, help=listed_help(cmd_name), rich_markup_mode=_MARKUP)
             self.commands[cmd_name] = load_command(cmd_name)
         return self.commands.get(cmd_name)
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except ClickUsageError as exc:  # Typer suggests only loaded commands: suggest the others too
+            if self.suggest_commands and args and "Did you mean" not in exc.message:
+                matches = difflib.get_close_matches(args[0], self.list_commands(ctx))
+                if matches:
+                    exc.message = f"{exc.message.rstrip('.')}. Did you mean {', '.join(repr(m) for m in matches)}?"
+            raise
 
     def format_help(self, ctx, formatter) -> None:
         self._listing = True
