@@ -12,17 +12,15 @@ original order.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-
 from pbs_kernels import PBSConfig, PermutedBlockMask
+from pbs_kernels import reference as ref
 from pbs_kernels.permute import compute_permutation
 from pbs_kernels.select import select_blocks
-from pbs_kernels import reference as ref
 
 # fp32 elements of one chunk of token-level attention probabilities (heads x rows x keys)
 _CHUNK_ELEMENTS = 1 << 23
@@ -278,18 +276,6 @@ def _noperm_at_density(q1: torch.Tensor, k1: torch.Tensor, config: PBSConfig, ta
     return target, r_lo + t * (r_hi - r_lo)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Run many tiny tensor ops on one intra-op thread: no thread hand-offs (10-20x faster for the
-    N_b x N_b selection calls of the bisection on a busy machine); restores the previous count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _causal(n_b: int) -> torch.Tensor:
     return torch.ones(n_b, n_b, dtype=torch.bool).tril()
 
@@ -363,9 +349,8 @@ def analyze(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, heads: list[int
         recall = float(recalls[t])
         np_density = np_recall = gain = None
         if compare and config.permute and n >= config.segment_size:
-            with _one_thread():
-                np_density, np_recall = _noperm_at_density(q[:, h : h + 1], k[:, h // g : h // g + 1], config,
-                                                           density, original[t], scale)
+            np_density, np_recall = _noperm_at_density(q[:, h : h + 1], k[:, h // g : h // g + 1], config,
+                                                       density, original[t], scale)
             gain = recall - np_recall
         stats = HeadStats(layer, h, density, recall, int(forced_only[t].sum()), int(has_choice[t].sum()),
                           np_density, np_recall, gain, verdict(gain))

@@ -64,7 +64,7 @@ def _modules_after(args: list[str]) -> dict:
         "from pbs_cli.app import main\n"
         "main()\n"
     )
-    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False,
                          env={**__import__("os").environ, **ENV})
     assert res.returncode == 0, res.stderr[-2000:]
     line = [ln for ln in res.stderr.splitlines() if ln.startswith("MODULES ")][-1]
