@@ -24,15 +24,17 @@ SCHEMA_VERSION = 1
 
 def environment() -> dict[str, Any]:
     """Versions and the accelerator, for the `env` block of every report. No secrets, no paths."""
+    from importlib import metadata
+
     import torch
-    import transformers
 
-    try:
-        import triton
+    def version(package: str) -> str | None:  # read from metadata: importing transformers/triton costs seconds
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    triton_version = version("triton")
     gpu = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -49,7 +51,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(terse=True),
         "torch": torch.__version__,
         "triton": triton_version,
-        "transformers": transformers.__version__,
+        "transformers": version("transformers"),
         "gpu": gpu,
         "cpu_threads": torch.get_num_threads(),
     }
