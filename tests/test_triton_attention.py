@@ -239,3 +239,18 @@ def test_bad_inputs_say_what_to_do():
     other = to_device(random_plan(1, 2, 1, 128, 32, 64, p=1.0))
     with pytest.raises(ValueError, match="plan shape"):
         A.pbs_attention(q, k, v, other)
+
+
+def test_auto_read_mode_needs_no_plan_values():
+    """``auto`` chooses remap vs copy + TMA from the length alone: on a plan whose tensors hold no data
+    (meta device) it still answers, so choosing cannot synchronize with the GPU."""
+    def meta_plan(n, block=128):
+        nb = -(-n // block)
+        return PermutedBlockMask(torch.empty(1, 8, n, dtype=torch.int32, device="meta"),
+                                 torch.empty(1, 32, nb, dtype=torch.int32, device="meta"),
+                                 torch.empty(1, 32, nb, nb, dtype=torch.int32, device="meta"), block, 256, n)
+
+    assert A.choose_perm_mode(meta_plan(32768)) == "remap"
+    assert A.choose_perm_mode(meta_plan(A.TMA_MIN_SEQ_LEN - 1)) == "remap"
+    assert A.choose_perm_mode(meta_plan(A.TMA_MIN_SEQ_LEN)) == "tma"
+    assert A.choose_perm_mode(meta_plan(131072)) == "tma"

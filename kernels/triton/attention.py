@@ -23,10 +23,12 @@ PERM_MODES = {"tma": 0, "gather": 1, "remap": 2}
 # Default way of reading permuted keys: "auto" picks "remap" for short rows and "tma" for long ones
 # (BENCHMARKS.md, "Attention kernel (H100)"); PBS_PERM_MODE=remap|gather|tma overrides it.
 DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "auto")
-# Mean kept blocks per query block from which the permuted copy + TMA tiles beat remapped loads.
-# Measured on an H100 (bf16, 128-token blocks): remap wins at <= ~26 blocks/row (128K at 5%, 32K
-# at <= 20%), the copy + TMA wins from ~51 (128K at >= 10%); the crossover lies between.
-TMA_MIN_BLOCKS_PER_ROW = 40
+# Sequence length from which "auto" reads permuted keys from a copy through TMA instead of remapping.
+# Measured on an H100 (bf16, 128-token blocks): remap wins while rows keep <= ~26 blocks (32K up to
+# 20% density, 128K at 5%), the copy + TMA from ~51 (32K at 40%, 128K from 10%). The rule looks at the
+# length, not at the plan's row lengths, so that choosing costs no host synchronization (reading the
+# plan's mean stalled the CPU once per layer); it loses <= 3% at 32K/40% and ~20% at 128K/5%.
+TMA_MIN_SEQ_LEN = 65536
 
 
 def _interpreting() -> bool:
@@ -136,11 +138,9 @@ def permuted_copy(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 def choose_perm_mode(plan: PermutedBlockMask) -> str:
-    """"tma" (permuted copy, descriptor loads) when rows keep many blocks, else "remap".
-
-    Reads the plan's mean row length: one host synchronization per call."""
-    mean_blocks = plan.kv_num_blocks.float().mean().item()
-    return "tma" if mean_blocks >= TMA_MIN_BLOCKS_PER_ROW else "remap"
+    """"tma" (permuted copy, descriptor loads) for long sequences, where rows keep many blocks, else
+    "remap". Reads only the plan's length: no host synchronization."""
+    return "tma" if plan.seq_len >= TMA_MIN_SEQ_LEN else "remap"
 
 
 def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PermutedBlockMask,
