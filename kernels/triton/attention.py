@@ -27,7 +27,7 @@ DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "auto")
 # Measured on an H100 (bf16, 128-token blocks): remap wins while rows keep <= ~26 blocks (32K up to
 # 20% density, 128K at 5%), the copy + TMA from ~51 (32K at 40%, 128K from 10%). The rule looks at the
 # length, not at the plan's row lengths, so that choosing costs no host synchronization (reading the
-# plan's mean stalled the CPU once per layer); it loses <= 3% at 32K/40% and ~20% at 128K/5%.
+# plan's mean stalled the CPU once per layer); it loses up to 5% at 32K/40% and ~20% at 128K/5%.
 TMA_MIN_SEQ_LEN = 65536
 
 
