@@ -13,6 +13,7 @@ Backend names: ``sdpa-cudnn``, ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-math``
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ import torch
 
 DENSE_BACKENDS = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math")
 GPU_CANDIDATES = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient")
+REPEAT_BELOW_MS = 100.0  # forwards shorter than this are timed up to SHORT_REPEATS times (minimum kept)
+SHORT_REPEATS = 5
 
 
 def sdpa_backend(name: str):
@@ -144,10 +147,12 @@ def attention_forward(choice: DenseChoice | None, module: torch.nn.Module, query
 def pick_fastest(run_forward: Callable[[DenseChoice], None], device: torch.device, dtype: torch.dtype,
                  heads: int, kv_heads: int, head_dim: int,
                  candidates: tuple[str, ...] = GPU_CANDIDATES) -> DenseChoice | None:
-    """Time one forward (after one untimed) per SDPA backend that can run this shape; the fastest.
+    """Time each SDPA backend that can run this shape on whole forwards; the fastest.
 
-    ``run_forward(choice)`` runs the model's forward with dense attention on ``choice``. Returns None
-    off CUDA (one backend there matters: PyTorch's own choice)."""
+    Per backend: one untimed forward, then timed ones, the minimum kept: one when it takes at least
+    ``REPEAT_BELOW_MS``, else up to ``SHORT_REPEATS`` (short forwards are noisy). ``run_forward(choice)``
+    runs the model's forward with dense attention on ``choice``. Returns None off CUDA (one backend
+    there matters: PyTorch's own choice)."""
     if device.type != "cuda":
         return None
     times: dict[str, float] = {}
@@ -159,18 +164,23 @@ def pick_fastest(run_forward: Callable[[DenseChoice], None], device: torch.devic
             skipped[name] = reason or "cannot run"
             continue
         trial = DenseChoice(name, mode, strict=True)
+        best = math.inf
         try:
             run_forward(trial)
-            torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            run_forward(trial)
-            torch.cuda.synchronize(device)
+            for _ in range(SHORT_REPEATS):
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                run_forward(trial)
+                torch.cuda.synchronize(device)
+                best = min(best, (time.perf_counter() - t0) * 1e3)
+                if best >= REPEAT_BELOW_MS:
+                    break
         except RuntimeError as exc:  # e.g. a backend that accepts the probe but not a longer input
             skipped[name] = str(exc).splitlines()[0][:200]
             continue
-        times[name] = (time.perf_counter() - t0) * 1e3
+        times[name] = best
         modes[name] = mode
     if not times:
         return None
-    best = min(times, key=times.__getitem__)
-    return DenseChoice(best, modes[best], times_ms=times, skipped=skipped)
+    winner = min(times, key=times.__getitem__)
+    return DenseChoice(winner, modes[winner], times_ms=times, skipped=skipped)

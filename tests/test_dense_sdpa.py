@@ -65,17 +65,18 @@ def test_pick_fastest_is_none_off_cuda():
 
 
 def test_pick_fastest_takes_the_quickest_runnable(monkeypatch):
-    """With the probe and the clock faked: the backend whose forward took least wins; unrunnable ones are
-    reported with their reason."""
+    """With the probe and the clock faked: short forwards are repeated and their minimum kept, a long one
+    is timed once; the quickest backend wins; unrunnable ones are reported with their reason."""
     monkeypatch.setattr(dense_sdpa, "probe_sdpa", lambda name, *a: (None, "no kernel") if name == "sdpa-efficient"
                         else ("gqa" if name == "sdpa-flash" else "expand", None))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    clock = iter([0.0, 0.030, 0.0, 0.020])  # cudnn 30 ms, flash 20 ms
-    monkeypatch.setattr(dense_sdpa.time, "perf_counter", lambda: next(clock))
+    durations = [0.030, 0.035, 0.028, 0.040, 0.031, 0.150]  # cudnn x5 (short: repeated), flash x1 (long)
+    ticks = iter([t for d in durations for t in (0.0, d)])
+    monkeypatch.setattr(dense_sdpa.time, "perf_counter", lambda: next(ticks))
     ran = []
     choice = dense_sdpa.pick_fastest(lambda c: ran.append((c.name, c.strict)), torch.device("cuda"),
                                      torch.bfloat16, 32, 8, 128)
-    assert choice is not None and (choice.name, choice.mode, choice.strict) == ("sdpa-flash", "gqa", False)
-    assert choice.times_ms == pytest.approx({"sdpa-cudnn": 30.0, "sdpa-flash": 20.0})
+    assert choice is not None and (choice.name, choice.mode, choice.strict) == ("sdpa-cudnn", "expand", False)
+    assert choice.times_ms == pytest.approx({"sdpa-cudnn": 28.0, "sdpa-flash": 150.0})
     assert choice.skipped == {"sdpa-efficient": "no kernel"}
-    assert ran == [("sdpa-cudnn", True)] * 2 + [("sdpa-flash", True)] * 2
+    assert ran == [("sdpa-cudnn", True)] * (1 + dense_sdpa.SHORT_REPEATS) + [("sdpa-flash", True)] * 2
