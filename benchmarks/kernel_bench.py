@@ -7,6 +7,7 @@ kernel against the PyTorch reference in bf16, then times every method with
 
     python benchmarks/kernel_bench.py --out $OUT              # everything (Llama + SmolLM2, 32K, 128K)
     python benchmarks/kernel_bench.py --lens 32k --sweep      # also sweep tile configs at 32K
+    python benchmarks/kernel_bench.py --block 64              # 64-token plans (the default preset's)
 
 Methods: cuDNN and FLASH SDPA (dense causal; K/V repeated to H_q heads outside the timing),
 compiled ``flex_attention`` with an equivalent ``BlockMask`` (K/V permuted up front, outside the
@@ -34,6 +35,12 @@ SHAPES = {  # name: (H_q, H_kv, head_dim)
     "smollm2": (9, 3, 64),
 }
 BLOCK, SEGMENT = 128, 256
+
+
+def set_block(block: int) -> None:
+    """Plan block size of this run's random plans (``--block``)."""
+    global BLOCK
+    BLOCK = block
 
 
 def parse_len(s: str) -> int:
@@ -144,8 +151,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true", help="sweep tile configs at the first length, 20%% density")
     ap.add_argument("--sweep-modes", default="", help="modes to sweep (default: --modes)")
     ap.add_argument("--configs", default="", help="JSON {shape: {mode: config}} fixed configs to use")
+    ap.add_argument("--block", type=int, default=BLOCK, help="plan block size (128: the gpu preset; 64: default)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
+    set_block(args.block)
 
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
