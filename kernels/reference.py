@@ -233,6 +233,73 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor, c
     return p if per_row else p.mean(3)
 
 
+def chunk_blocks(n_b: int, r0: int, r1: int, config: PBSConfig, sink: torch.Tensor,
+                 device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block classes of query blocks [r0, r1) (C = r1 - r0) against all N_b key blocks.
+
+    sink: int64 (B, H_q) permuted key block holding original token 0 (``sink_block``, expanded to
+    the query heads). Returns (candidate bool (C, N_b): the off-diagonal causal blocks, i.e. those
+    before the query block's own segment; causal bool (C, N_b); forced bool, broadcastable to
+    (B, H_q, C, N_b): the diagonal segment up to the query block, the ``local_blocks`` just before
+    it and, with ``config.sink``, the sink block). Plain torch, no host syncs.
+    """
+    cols = torch.arange(n_b, device=device)
+    rows = torch.arange(r0, r1, device=device)[:, None]  # (C, 1)
+    start = segment_starts(n_b, config.block_size, config.segment_size, device)[r0:r1, None]  # (C, 1)
+    candidate = cols[None, :] < start
+    causal = cols[None, :] <= rows
+    forced = (cols[None, :] >= start) & causal
+    forced = forced | (candidate & (cols[None, :] >= start - config.local_blocks))
+    if config.sink:
+        forced = forced | (candidate & (cols == sink[:, :, None, None]))
+    return candidate, causal, forced
+
+
+def rank_blocks(probs: torch.Tensor | None, candidate: torch.Tensor, forced: torch.Tensor, config: PBSConfig,
+                per_row: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p ranking of one chunk of query blocks: the kept set, packed. Shared by the reference and
+    the GPU paths (plain torch: runs on CUDA without host syncs).
+
+    probs: fp32 (B, H_q, C, N_b) block probabilities (score="pooled": softmax over the scope), or
+    None with ``per_row``: fp32 (B, H_q, C, m, N_b), the mass of each sampled row on each key block
+    (score="sampled" / "mean_query", rows summing to 1 over the causal blocks). Then the block
+    probability is the mean over the rows; ``config.row_top`` forces each row's best off-diagonal
+    blocks; threshold_scope "offdiag" renormalizes over the off-diagonal blocks.
+    candidate (C, N_b), forced (broadcastable to (B, H_q, C, N_b)): from ``chunk_blocks``.
+
+    Forced blocks rank first and count towards the kept mass; then blocks by descending probability
+    (stable sort) until the mass before them reaches tau. Returns (kv_num_blocks int32 (B, H_q, C),
+    kv_indices int32 (B, H_q, C, N_b): kept blocks first, ascending, then the rest ascending).
+    """
+    if per_row is not None:  # estimated attention mass per block, summing to 1 over the causal blocks
+        n_b = per_row.shape[-1]
+        probs = per_row.mean(3)
+        if config.row_top:  # every sampled row keeps its own best off-diagonal blocks (needles)
+            top = per_row.masked_fill(~candidate[:, None, :], -1.0).topk(min(config.row_top, n_b), -1)
+            row_best = torch.zeros_like(per_row, dtype=torch.bool).scatter_(-1, top.indices, top.values > 0)
+            row_forced = row_best.any(3)  # (B, H_q, C, N_b)
+        if config.threshold_scope == "offdiag":
+            probs = probs * candidate
+            probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
+    n_b = probs.shape[-1]
+    cols = torch.arange(n_b, device=probs.device)
+    forced = forced.expand_as(probs)
+    if per_row is not None and config.row_top:
+        forced = forced | (row_forced & candidate)
+    # forced blocks come first in the ranking and count towards the kept mass
+    ranked = torch.where(forced, probs + 2.0, probs)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    p_sorted = torch.gather(probs, -1, order)
+    mass_before = torch.cumsum(p_sorted, -1) - p_sorted
+    keep_sorted = (mass_before < config.threshold - 1e-6) | (config.threshold >= 1.0)
+    keep_sorted &= torch.gather(candidate.expand_as(probs) | forced, -1, order)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted) | forced
+    num = keep.sum(-1, dtype=torch.int32)
+    # kept blocks first, ascending; then the rest (padding, never read)
+    key = torch.where(keep, cols, cols + n_b)
+    return num, torch.sort(key, dim=-1).indices.to(torch.int32)
+
+
 def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
                   scale: float | None = None, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-p block selection over permuted keys (scores per ``config.score``).
@@ -246,11 +313,7 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, con
     g = h_q // k_perm.shape[1]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     n_b = _cdiv(n, bs)
-    q_bar = pool_blocks(q, bs)  # (B, H_q, N_b, D)
-    k_bar = pool_blocks(k_perm, bs).repeat_interleave(g, dim=1)  # (B, H_q, N_b, D)
-    diag_start = segment_starts(n_b, bs, config.segment_size, q.device)  # (N_b,)
-    cols = torch.arange(n_b, device=q.device)
-    sink = sink_block(perm, bs).repeat_interleave(g, dim=1)[:, :, None, None]  # (B, H_q, 1, 1)
+    sink = sink_block(perm, bs).repeat_interleave(g, dim=1)  # (B, H_q)
     sampled = config.score != "pooled"
     if sampled:
         if k is None:
@@ -260,50 +323,23 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, con
         m = 1 if config.score == "mean_query" else config.sample_rows
         rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, 2 * b * h_q * m * n))
     else:
+        q_bar = pool_blocks(q, bs)  # (B, H_q, N_b, D)
+        k_bar = pool_blocks(k_perm, bs).repeat_interleave(g, dim=1)  # (B, H_q, N_b, D)
         rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h_q * n_b))
 
     num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
     idx = torch.empty(b, h_q, n_b, n_b, dtype=torch.int32, device=q.device)
     for r0 in range(0, n_b, rows_per_chunk):  # bounded memory: chunks of query blocks
         r1 = min(n_b, r0 + rows_per_chunk)
-        start = diag_start[r0:r1, None]  # (C, 1)
-        candidate = cols[None, :] < start  # off-diagonal causal blocks, (C, N_b)
-        causal = cols[None, :] <= torch.arange(r0, r1, device=q.device)[:, None]
-        if sampled:  # estimated attention mass per block, summing to 1 over the causal blocks
+        candidate, causal, forced = chunk_blocks(n_b, r0, r1, config, sink, q.device)
+        if sampled:
             per_row = sampled_block_mass(q, k_all, kp_all, config, r0, r1, scale, per_row=True)
-            probs = per_row.mean(3)
-            if config.row_top:  # every sampled row keeps its own best off-diagonal blocks (needles)
-                top = per_row.masked_fill(~candidate[:, None, :], -1.0).topk(min(config.row_top, n_b), -1)
-                row_best = torch.zeros_like(per_row, dtype=torch.bool).scatter_(-1, top.indices, top.values > 0)
-                row_forced = row_best.any(3)  # (B, H_q, C, N_b)
-            if config.threshold_scope == "offdiag":
-                probs = probs * candidate
-                probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
+            num[:, :, r0:r1], idx[:, :, r0:r1] = rank_blocks(None, candidate, forced, config, per_row=per_row)
         else:  # pooled attention over the off-diagonal blocks (or all causal blocks, scope "total")
             scores = torch.matmul(q_bar[:, :, r0:r1], k_bar.transpose(-1, -2)) * scale
             scope = candidate if config.threshold_scope == "offdiag" else causal
             probs = scores.masked_fill(~scope, float("-inf")).softmax(-1).nan_to_num(0.0)
-
-        forced = (cols[None, :] >= start) & (cols[None, :] <= torch.arange(r0, r1, device=q.device)[:, None])
-        forced = forced | (candidate & (cols[None, :] >= start - config.local_blocks))
-        if config.sink:
-            forced = forced | (candidate & (cols == sink))
-        forced = forced.expand_as(probs)
-        if sampled and config.row_top:
-            forced = forced | (row_forced & candidate)
-        # forced blocks come first in the ranking and count towards the kept mass
-        ranked = torch.where(forced, probs + 2.0, probs)
-        order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-        p_sorted = torch.gather(probs, -1, order)
-        mass_before = torch.cumsum(p_sorted, -1) - p_sorted
-        keep_sorted = (mass_before < config.threshold - 1e-6) | (config.threshold >= 1.0)
-        keep_sorted &= torch.gather(candidate.expand_as(probs) | forced, -1, order)
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted) | forced
-
-        num[:, :, r0:r1] = keep.sum(-1, dtype=torch.int32)
-        # kept blocks first, ascending; then the rest (padding, never read)
-        key = torch.where(keep, cols, cols + n_b)
-        idx[:, :, r0:r1] = torch.sort(key, dim=-1).indices.to(torch.int32)
+            num[:, :, r0:r1], idx[:, :, r0:r1] = rank_blocks(probs, candidate, forced, config)
     return num, idx
 
 
