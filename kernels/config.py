@@ -97,10 +97,17 @@ class PBSConfig:
             raise ValueError(f"dense_layers must be layer indices >= 0, got {list(self.dense_layers)}")
 
     def uses_reference_selection(self) -> bool:
-        """True when an option beyond the published method is on: selection then runs the PyTorch
-        reference on every device (no GPU kernel implements these options yet)."""
+        """True when an option beyond the published method is on (the fused GPU selection of
+        ``pbs_kernels.triton.select`` implements the published options only). Narrower:
+        ``needs_reference_selection`` (options with no GPU path at all)."""
         return (self.score != "pooled" or self.importance_rows != "last" or self.permute_heads != "all"
                 or self.threshold_scope != "offdiag" or self.row_top != 0)
+
+    def needs_reference_selection(self) -> bool:
+        """True when an option has no GPU path at all: score "mean_query", importance_rows "strided",
+        permute_heads "auto". The other options beyond the published method (score "sampled",
+        threshold_scope "total", row_top) run on the GPU through ``pbs_kernels.triton.sampled``."""
+        return self.score == "mean_query" or self.importance_rows != "last" or self.permute_heads != "all"
 
     def for_layer(self, layer: int | None) -> "PBSConfig | None":
         """The config for one decoder layer, or None when that layer runs dense attention."""

@@ -1,0 +1,93 @@
+"""@triton.jit kernel of the sampled-row block scoring (score="sampled"): per sampled query row, the
+log of its softmax mass on every key block, in the layout that the row's query block reads.
+
+Layout read by query block i (diagonal segment starting at key block ds(i)): key blocks j < ds(i) are
+read in PERMUTED order (slot s holds original key perm[b, hp, s], gathered through perm, no permuted
+copy); key blocks ds(i) <= j <= i hold ORIGINAL keys, masked causally on original positions (key <= row)
+and at N (partial last block). Rows are ``reference.sample_rows``: m strided rows per block, the last
+row first, clipped to N-1.
+
+One program = the sampled rows of QB consecutive query blocks that share one diagonal segment
+(QB divides segment_size / block_size) x one query head; it streams key tiles of BLOCK_N = block_size
+keys once: per tile and row it stores the tile's log-sum-exp ``lse_j = log sum_{keys in j} exp(s)``
+(-inf for a tile the row cannot see) and keeps an online log-sum-exp over all tiles, stored per row at
+the end. The launcher turns the tile values into masses in place: ``mass_j = exp(lse_j - lse)``.
+
+Output layout: OUT fp32 (B * H_q, C, m, N_b) with C = r1 - r0 query blocks of the chunk [r0, r1);
+LSE fp32 (B * H_q, C, m). Launcher and shapes: ``pbs_kernels.triton.sampled``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sampled_lse_kernel(
+    Q, K, PERM, OUT, LSE,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_pb, stride_ph,
+    n_keys, n_b, r0, r1, g_first, H_q, G_KV, G_PERM, per_seg, scale,
+    M: tl.constexpr, M_POW2: tl.constexpr, STEP: tl.constexpr, QB: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, IEEE: tl.constexpr,
+):
+    # grid: (cdiv(r1 - g_first, QB), B * H_q); program p covers query blocks g0 .. g0+QB-1
+    pid_g = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H_q).to(tl.int64)  # 64-bit offsets: (B, H, N, D) tensors pass 2**31 elements at 512K
+    h = (pid_bh % H_q).to(tl.int64)
+    hk = h // G_KV
+    hp = h // G_PERM
+    g0 = g_first + pid_g * QB
+    ds = (g0 // per_seg) * per_seg  # first key block of the group's (shared) diagonal segment
+    hi = tl.minimum(g0 + QB, r1)  # key blocks past the group's last live query block are never causal
+
+    # -- the group's sampled rows: r = local block * M_POW2 + t, t-th sampled row of that block --
+    offs_r = tl.arange(0, BLOCK_R)
+    qb = g0 + offs_r // M_POW2
+    t = offs_r % M_POW2
+    row_ok = (t < M) & (offs_r // M_POW2 < QB) & (qb >= r0) & (qb < r1)
+    pos = tl.minimum(qb * BLOCK_N + (BLOCK_N - 1) - STEP * t, n_keys - 1)  # in bounds for every lane
+    offs_d = tl.arange(0, D_POW2)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
+                mask=d_ok[None, :], other=0.0)
+
+    k_base = K + b * stride_kb + hk * stride_kh
+    p_base = PERM + b * stride_pb + hp * stride_ph
+    out_row = ((pid_bh.to(tl.int64) * (r1 - r0) + (qb - r0)) * M + t) * n_b  # OUT[bh, qb - r0, t, :]
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    for j in range(0, hi):
+        key = j * BLOCK_N + offs_n  # slots of key block j
+        if j < ds:  # earlier segment: permuted order (slot -> original key through perm)
+            src = tl.load(p_base + key).to(tl.int64)
+        else:  # own segment: original order
+            src = tl.minimum(key, n_keys - 1).to(tl.int64)
+        # causal on original positions inside the own segment, keys >= N masked; slots of earlier
+        # segments are < ds * BLOCK_N <= every row of the group, so the same test keeps them all
+        valid = (key[None, :] <= pos[:, None]) & (key[None, :] < n_keys)
+        k = tl.load(k_base + src[:, None] * stride_kn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid, s * scale, float("-inf"))
+        # -- this tile's log-sum-exp per row, and the online log-sum-exp over all tiles --
+        m_t = tl.max(s, 1)
+        m_t_safe = tl.where(m_t == float("-inf"), 0.0, m_t)
+        l_t = tl.sum(tl.exp(s - m_t_safe[:, None]), 1)
+        seen = m_t != float("-inf")
+        lse_t = tl.where(seen, m_t_safe + tl.log(tl.where(seen, l_t, 1.0)), float("-inf"))
+        tl.store(OUT + out_row + j, lse_t, mask=row_ok)
+        m_new = tl.maximum(m_i, m_t)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_safe) + l_t * tl.exp(m_t - m_safe)
+        m_i = m_new
+    none = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for j in range(hi, n_b):  # key blocks after the group: not causal for any of its rows
+        tl.store(OUT + out_row + j, none, mask=row_ok)
+    # key 0 is visible to every row, so l_i >= 1 and m_i is finite
+    tl.store(LSE + ((pid_bh.to(tl.int64) * (r1 - r0) + (qb - r0)) * M + t), m_i + tl.log(l_i), mask=row_ok)
