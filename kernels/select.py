@@ -1,4 +1,10 @@
-"""Block selection: pooled block scores, top-p per query block, forced blocks, compressed plan."""
+"""Block selection: block scores, top-p per query block, forced blocks, compressed plan.
+
+Dispatch (``backend.use_triton`` decides GPU or reference): the published pooled options run the
+fused ``pbs_kernels.triton.select``; score "sampled" and the other ranking options with a GPU path
+(threshold_scope "total", row_top, see ``PBSConfig.needs_reference_selection``) run
+``pbs_kernels.triton.sampled``; everything else the PyTorch reference.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,16 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     """(kv_num_blocks int32 (B, H_q, N_qb), kv_indices int32 (B, H_q, N_qb, N_kb)).
 
     q (B, H_q, N, D), k (B, H_kv, N, D) in original order, perm (B, H_perm, N) from
-    ``compute_permutation``. Options beyond the published method (``config.uses_reference_selection()``)
-    run the PyTorch reference on every device: no GPU kernel implements them yet.
+    ``compute_permutation``. Options with no GPU path (``config.needs_reference_selection()``) run
+    the PyTorch reference on every device.
     """
-    if use_triton(q) and not config.uses_reference_selection():
-        from .triton import select as fast
+    if use_triton(q):
+        if not config.uses_reference_selection():
+            from .triton import select as fast
 
-        return fast.select_blocks(q, k, perm, config, scale)
+            return fast.select_blocks(q, k, perm, config, scale)
+        if not config.needs_reference_selection():
+            from .triton import sampled
+
+            return sampled.select_blocks(q, k, perm, config, scale)
     return reference.select_blocks(q, reference.permute_keys(k, perm), perm, config, scale, k=k)
