@@ -1,0 +1,279 @@
+"""GPU sampled-row block scoring (``pbs_kernels.triton.sampled``) vs an independent definition and
+vs the reference selection.
+
+Without a GPU the kernel runs on CPU tensors under ``TRITON_INTERPRET=1`` (conftest.py), in fp32
+and fp16; on a CUDA machine the same tests run compiled, in bf16 and fp16.
+
+``layout_masses`` below is the definition, written independently of both implementations: for each
+sampled row of query block i it builds the key sequence that block reads (slot s < ds(i)*B holds key
+perm[s], slot s >= ds(i)*B holds key s), masks slots after the row, takes the softmax and sums it per
+block of B slots. Plans must equal the reference's exactly, except where the reference's own block
+masses tie (a tie may swap two blocks at the top-p boundary: same count, same density).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pbs_kernels import reference  # noqa: E402
+from pbs_kernels.config import PBSConfig  # noqa: E402
+from pbs_kernels.triton import sampled  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if not (CUDA or INTERPRET):
+    pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = "cuda" if CUDA and not INTERPRET else "cpu"
+LOW = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # bf16 is wrong in the interpreter
+TIE = 1e-6
+
+
+def structured_qkv(b: int, h_q: int, h_kv: int, n: int, d: int, seed: int = 0):
+    """fp32 q (B, H_q, N, D), k (B, H_kv, N, D) with attention structure: shared heavy-hitter key
+    directions, a sink-like first token; scores span a wide range so the layout matters."""
+    gen = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(3, d, generator=gen)
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True) * math.sqrt(d)
+    q = 0.6 * torch.randn(b, h_q, n, d, generator=gen) + torch.rand(b, h_q, n, 3, generator=gen) @ dirs
+    k = 0.6 * torch.randn(b, h_kv, n, d, generator=gen)
+    heavy = torch.rand(b, h_kv, n, 1, generator=gen) < 0.06
+    k += heavy * (torch.randint(0, 3, (b, h_kv, n), generator=gen)[..., None] == torch.arange(3)).float() @ dirs
+    k[:, :, 0] += dirs[0]
+    return q, k
+
+
+def permutation(q, k, cfg):
+    return reference.compute_permutation(q, k, cfg)
+
+
+def layout_masses(q, k, perm, cfg, r0, r1, dtype=torch.float64, layout="pbs"):
+    """(B, H_q, C, m, N_b) per-row block masses from the definition, computed in ``dtype``.
+
+    layout "pbs": permuted slots before the diagonal segment, original keys inside it. The broken
+    layouts "original" (no permutation anywhere) and "permuted" (permuted inside the diagonal segment
+    too) exist to show that the tests would catch them."""
+    b, h_q, n, d = q.shape
+    bs, m = cfg.block_size, cfg.sample_rows
+    n_b = -(-n // bs)
+    per_seg = cfg.segment_size // bs
+    scale = 1.0 / math.sqrt(d)
+    kq = k.repeat_interleave(h_q // k.shape[1], 1).to(dtype)
+    pq = perm.long().repeat_interleave(h_q // perm.shape[1], 1)  # (B, H_q, N)
+    slots = torch.arange(n)
+    out = torch.zeros(b, h_q, r1 - r0, m, n_b, dtype=torch.float64)
+    for i in range(r0, r1):
+        rows = [min(i * bs + bs - 1 - (bs // m) * t, n - 1) for t in range(m)]
+        ds = i // per_seg * per_seg * bs
+        if layout == "original":
+            src = slots.expand(b, h_q, n)
+        elif layout == "permuted":
+            src = pq
+        else:
+            src = torch.where(slots < ds, pq, slots)
+        k_lay = torch.gather(kq, 2, src[..., None].expand(-1, -1, -1, d))  # (B, H_q, N, D), this block's layout
+        s = (q[:, :, rows].to(dtype) * scale) @ k_lay.transpose(-1, -2)  # (B, H_q, m, N)
+        s = s.masked_fill(slots[None, :] > torch.tensor(rows)[:, None], float("-inf"))
+        p = s.softmax(-1).double()
+        out[:, :, i - r0] = torch.nn.functional.pad(p, (0, n_b * bs - n)).reshape(b, h_q, m, n_b, bs).sum(-1)
+    return out
+
+
+def ref_select(q, k, perm, cfg):
+    return reference.select_blocks(q, reference.permute_keys(k, perm), perm, cfg, k=k)
+
+
+def assert_plans_equal(q, k, perm, cfg, got, want):
+    """Equal plans, or (only where the reference's block masses tie within TIE) equal counts with
+    swapped tied blocks; density then equal within 1e-6."""
+    num, idx = (t.cpu() for t in got)
+    r_num, r_idx = (t.cpu() for t in want)
+    assert num.dtype == idx.dtype == torch.int32
+    assert num.shape == r_num.shape and idx.shape == r_idx.shape
+    if torch.equal(num, r_num) and torch.equal(idx, r_idx):
+        return
+    assert torch.equal(num, r_num), "kept-block counts differ from the reference"
+    n_b = idx.shape[-1]
+    kept = torch.arange(n_b) < num[..., None]
+    mass = reference.sampled_block_mass(
+        q.float(), k.float().repeat_interleave(q.shape[1] // k.shape[1], 1),
+        reference.permute_keys(k.float(), perm).repeat_interleave(q.shape[1] // perm.shape[1], 1),
+        cfg, 0, n_b, 1.0 / math.sqrt(q.shape[-1]), per_row=True).mean(3).cpu()
+    for row in (idx != r_idx).any(-1).nonzero().tolist():
+        a = set(idx[tuple(row)][kept[tuple(row)]].tolist())
+        r = set(r_idx[tuple(row)][kept[tuple(row)]].tolist())
+        p = mass[tuple(row)]
+        for x, y in zip(sorted(a - r), sorted(r - a)):
+            assert abs(p[x] - p[y]) <= TIE, f"row {row}: block {x} kept instead of {y} without a tie"
+
+
+# -- per-row masses ------------------------------------------------------------------------------
+
+SHAPES = [
+    # (B, H_q, H_kv, N, block, segment, sample_rows, per_head_permutation)
+    (1, 3, 3, 333, 32, 64, 8, False),   # GQA 1, partial last block
+    (2, 3, 1, 300, 32, 96, 4, False),   # GQA 3, three blocks per segment
+    (1, 4, 1, 257, 16, 64, 16, True),   # GQA 4, per-head permutation, one-row last block
+    (1, 2, 2, 50, 16, 64, 3, False),    # N shorter than one segment; 3 rows (not a power of two)
+]
+
+
+@pytest.mark.parametrize("case", SHAPES, ids=lambda c: "B{}-Hq{}-Hkv{}-N{}-bs{}-S{}-m{}-ph{}".format(*c))
+def test_masses_match_definition_fp32(case):
+    b, h_q, h_kv, n, bs, s, m, ph = case
+    cfg = PBSConfig(block_size=bs, segment_size=s, score="sampled", sample_rows=m, per_head_permutation=ph)
+    q, k = structured_qkv(b, h_q, h_kv, n, 32, seed=n)
+    perm = permutation(q, k, cfg)
+    n_b = -(-n // bs)
+    got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b).cpu()
+    want = layout_masses(q, k, perm, cfg, 0, n_b)
+    assert got.shape == want.shape == (b, h_q, n_b, m, n_b) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6)
+    # and the reference twin agrees (the plan's ranking runs on these numbers)
+    twin = reference.sampled_block_mass(q, k.repeat_interleave(h_q // h_kv, 1),
+                                        reference.permute_keys(k, perm).repeat_interleave(h_q // perm.shape[1], 1),
+                                        cfg, 0, n_b, 1.0 / math.sqrt(32), per_row=True)
+    torch.testing.assert_close(got, twin, rtol=1e-5, atol=2e-6)
+
+
+def test_broken_layouts_would_fail():
+    """The data make the layout visible: reading original keys before the diagonal segment, or
+    permuted keys inside it, moves the masses far beyond the fp32 tolerance above."""
+    cfg = PBSConfig(block_size=32, segment_size=64, score="sampled", sample_rows=8)
+    q, k = structured_qkv(1, 3, 1, 333, 32, seed=5)
+    perm = permutation(q, k, cfg)
+    n_b = -(-333 // 32)
+    got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b).cpu().double()
+    for broken in ("original", "permuted"):
+        wrong = layout_masses(q, k, perm, cfg, 0, n_b, layout=broken)
+        assert (got - wrong).abs().max() > 1e-2, f"layout {broken!r} is indistinguishable"
+
+
+def test_chunk_offsets_and_explicit_scale():
+    """A chunk [r0, r1) that starts inside a segment (not at a program group boundary) equals the
+    same rows of the whole; an explicit scale is used."""
+    cfg = PBSConfig(block_size=16, segment_size=64, score="sampled", sample_rows=4)
+    q, k = structured_qkv(1, 2, 1, 200, 32, seed=3)
+    perm = permutation(q, k, cfg).to(DEVICE)
+    q, k = q.to(DEVICE), k.to(DEVICE)
+    whole = sampled.sampled_block_mass(q, k, perm, cfg, 0, 13, scale=0.1)
+    part = sampled.sampled_block_mass(q, k, perm, cfg, 5, 11, scale=0.1)
+    torch.testing.assert_close(part, whole[:, :, 5:11], rtol=0, atol=0)
+    want = layout_masses(q.cpu() * (0.1 * math.sqrt(32)), k.cpu(), perm.cpu(), cfg, 5, 11)
+    torch.testing.assert_close(part.cpu().double(), want, rtol=1e-5, atol=2e-6)
+
+
+def test_masses_low_precision_tolerance_rule():
+    """err(kernel in fp16/bf16 vs fp64) <= 2 * err(plain PyTorch in the same dtype vs fp64) + floor."""
+    cfg = PBSConfig(block_size=32, segment_size=64, score="sampled", sample_rows=8)
+    q, k = structured_qkv(1, 4, 2, 300, 64, seed=11)
+    q, k = q.to(LOW), k.to(LOW)
+    perm = permutation(q.float(), k.float(), cfg)
+    n_b = -(-300 // 32)
+    exact = layout_masses(q, k, perm, cfg, 0, n_b, dtype=torch.float64)
+    plain = layout_masses(q, k, perm, cfg, 0, n_b, dtype=LOW)  # scores and softmax in LOW
+    got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b).cpu().double()
+    err, plain_err = (got - exact).abs().max().item(), (plain - exact).abs().max().item()
+    assert err <= 2 * plain_err + 1e-5, f"kernel error {err:.3g} vs plain {LOW} error {plain_err:.3g}"
+
+
+# -- plans ---------------------------------------------------------------------------------------
+
+DEFAULT = dict(score="sampled", sample_rows=8, threshold=0.985, threshold_scope="total", row_top=2)
+PLANS = [
+    # (B, H_q, H_kv, N, block, segment, options)
+    (1, 3, 3, 333, 32, 64, DEFAULT),
+    (1, 3, 1, 400, 32, 64, {**DEFAULT, "row_top": 0, "threshold": 0.9}),
+    (2, 4, 1, 290, 32, 64, {**DEFAULT, "threshold_scope": "offdiag", "per_head_permutation": True}),
+    (1, 4, 2, 300, 32, 96, {**DEFAULT, "threshold_scope": "offdiag", "row_top": 0, "local_blocks": 1,
+                            "sample_rows": 4}),
+    (1, 2, 2, 417, 32, 64, {**DEFAULT, "sink": False, "threshold": 0.5}),
+    (1, 3, 1, 45, 16, 64, DEFAULT),  # N shorter than one segment
+    (1, 3, 1, 300, 32, 64, {"score": "pooled", "threshold_scope": "total", "threshold": 0.9}),
+]
+
+
+@pytest.mark.parametrize("case", PLANS, ids=lambda c: "B{}-Hq{}-Hkv{}-N{}-bs{}-S{}-".format(*c[:6])
+                         + "-".join(f"{k}={v}" for k, v in c[6].items() if DEFAULT.get(k) != v))
+def test_plan_matches_reference(case):
+    b, h_q, h_kv, n, bs, s, opts = case
+    cfg = PBSConfig(block_size=bs, segment_size=s, **opts)
+    q, k = structured_qkv(b, h_q, h_kv, n, 32, seed=n + h_q)
+    perm = permutation(q, k, cfg)
+    got = sampled.select_blocks(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg)
+    assert_plans_equal(q, k, perm, cfg, got, ref_select(q, k, perm, cfg))
+
+
+def test_threshold_one_keeps_every_causal_block():
+    cfg = PBSConfig(block_size=32, segment_size=64, **{**DEFAULT, "threshold": 1.0})
+    q, k = structured_qkv(1, 3, 1, 301, 32, seed=2)
+    perm = permutation(q, k, cfg)
+    num, idx = (t.cpu() for t in sampled.select_blocks(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg))
+    n_b = -(-301 // 32)
+    assert torch.equal(num, (torch.arange(n_b) + 1).int().expand_as(num))
+    assert torch.equal(idx, torch.arange(n_b).int().expand_as(idx))
+
+
+def test_chunked_plan_equals_one_chunk():
+    """A tiny buffer (many chunks, ending inside segments) gives the same plan as one chunk."""
+    cfg = PBSConfig(block_size=16, segment_size=64, **DEFAULT)
+    q, k = structured_qkv(1, 2, 1, 250, 32, seed=4)
+    perm = permutation(q, k, cfg)
+    q, k, perm = q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE)
+    one = sampled.select_blocks(q, k, perm, cfg)
+    n_b = -(-250 // 16)
+    for per_chunk in (1, 3, 6):  # query blocks per chunk (groups of 4 blocks share a segment)
+        many = sampled.select_blocks(q, k, perm, cfg, buffer_bytes=4 * 2 * 8 * n_b * per_chunk)
+        assert all(torch.equal(a, b) for a, b in zip(one, many)), f"{per_chunk} blocks per chunk"
+
+
+# -- dispatch and errors -------------------------------------------------------------------------
+
+
+def test_dispatch_routes_sampled_to_the_gpu_path(monkeypatch):
+    """With PBS_BACKEND=triton, build_plan permutes with the Triton importance and selects with this
+    path for the default-like options; options without a GPU path stay on the reference."""
+    from pbs_kernels import attention
+    from pbs_kernels.triton import permute as tperm
+
+    monkeypatch.setenv("PBS_BACKEND", "triton")
+    cfg = PBSConfig(block_size=32, segment_size=64, **DEFAULT)
+    assert cfg.uses_reference_selection() and not cfg.needs_reference_selection()
+    q, k = structured_qkv(1, 3, 1, 300, 32, seed=8)
+    q, k = q.to(DEVICE), k.to(DEVICE)
+    calls = []
+    real_sel, real_imp = sampled.select_blocks, tperm.key_importance
+    monkeypatch.setattr(sampled, "select_blocks", lambda *a, **kw: calls.append("select") or real_sel(*a, **kw))
+    monkeypatch.setattr(tperm, "key_importance", lambda *a, **kw: calls.append("perm") or real_imp(*a, **kw))
+    plan = attention.build_plan(q, k, cfg)
+    assert calls == ["perm", "select"]
+    assert_plans_equal(q.cpu(), k.cpu(), plan.perm.cpu(), cfg, (plan.kv_num_blocks, plan.kv_indices),
+                       ref_select(q.cpu(), k.cpu(), plan.perm.cpu(), cfg))
+
+    calls.clear()
+    for opts in ({"score": "mean_query"}, {"importance_rows": "strided"}, {"permute_heads": "auto"}):
+        c = cfg.replace(**opts)
+        assert c.needs_reference_selection()
+        attention.build_plan(q, k, c)
+        assert "select" not in calls, f"{opts} has no GPU selection"
+    monkeypatch.setenv("PBS_BACKEND", "reference")
+    attention.build_plan(q, k, cfg)
+    assert "select" not in calls
+
+
+def test_rejects_bad_inputs():
+    cfg = PBSConfig(block_size=16, segment_size=32, **DEFAULT)
+    q, k = structured_qkv(1, 4, 2, 64, 32)
+    perm = reference.identity_permutation(1, 3, 64, "cpu")
+    with pytest.raises(ValueError, match="heads must nest"):
+        sampled.select_blocks(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg)
+    perm = reference.identity_permutation(1, 2, 64, "cpu").to(DEVICE)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm, cfg, 2, 5)
+    with pytest.raises(ValueError, match="mean_query"):
+        sampled.select_blocks(q.to(DEVICE), k.to(DEVICE), perm, cfg.replace(score="mean_query"))
