@@ -148,7 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="remap,gather,tma")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-flash", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="sweep tile configs at the first length, 20%% density")
+    ap.add_argument("--sweep", action="store_true", help="sweep tile configs at the first length")
+    ap.add_argument("--sweep-densities", default="0.2", help="densities of the sweep (comma list)")
     ap.add_argument("--sweep-modes", default="", help="modes to sweep (default: --modes)")
     ap.add_argument("--configs", default="", help="JSON {shape: {mode: config}} fixed configs to use")
     ap.add_argument("--block", type=int, default=BLOCK, help="plan block size (128: the gpu preset; 64: default)")
@@ -206,22 +207,26 @@ def main(argv=None) -> int:
         for shape in args.shapes.split(","):
             h_q, h_kv, d = SHAPES[shape]
             q, k, v = (torch.randn(1, h, n, d, device=dev, dtype=torch.bfloat16) for h in (h_q, h_kv, h_kv))
-            plan = random_plan(1, h_q, h_kv, n, 0.2, dev)
-            best = {}
-            for mode in (args.sweep_modes.split(",") if args.sweep_modes else modes):
-                for c in A._sweep_configs(BLOCK, d):
-                    cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-                    try:
-                        ms = bench(lambda: A.pbs_attention(q, k, v, plan, perm_mode=mode, config=cfg))
-                    except Exception as e:  # out of resources for this tile shape
-                        record(sweep=shape, n=n, mode=mode, config=cfg, error=str(e).splitlines()[0][:200])
-                        continue
-                    record(sweep=shape, n=n, mode=mode, config=cfg, ms=ms)
-                    if mode not in best or ms < best[mode][0]:
-                        best[mode] = (ms, cfg)
-            for mode, (ms, cfg) in best.items():
-                fixed.setdefault(shape, {})[mode] = cfg
-            del q, k, v, plan
+            for p in map(float, args.sweep_densities.split(",")):
+                plan = random_plan(1, h_q, h_kv, n, p, dev)
+                best = {}
+                for mode in (args.sweep_modes.split(",") if args.sweep_modes else modes):
+                    for c in A._sweep_configs(BLOCK, d):
+                        cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                        try:
+                            ms = bench(lambda: A.pbs_attention(q, k, v, plan, perm_mode=mode, config=cfg))
+                        except Exception as e:  # out of resources for this tile shape
+                            record(sweep=shape, n=n, density=p, mode=mode, config=cfg,
+                                   error=str(e).splitlines()[0][:200])
+                            continue
+                        record(sweep=shape, n=n, density=p, mode=mode, config=cfg, ms=ms)
+                        if mode not in best or ms < best[mode][0]:
+                            best[mode] = (ms, cfg)
+                for mode, (ms, cfg) in best.items():
+                    record(sweep_best=shape, n=n, density=p, mode=mode, config=cfg, ms=ms)
+                    fixed.setdefault(shape, {}).setdefault(mode, cfg)  # the first density's winner is used below
+                del plan
+            del q, k, v
         record(best_configs=fixed)
 
     # -- timings --
