@@ -1,0 +1,205 @@
+"""Permutation + sampled-row block selection (the ``default`` preset) on the GPU vs cuDNN dense attention.
+
+For each model shape and length: ``pbs_kernels.permute.compute_permutation`` (Triton importance) and
+``pbs_kernels.select.select_blocks`` (``pbs_kernels.triton.sampled``) timed separately, their sum, the
+plain-PyTorch reference selection at the ``--reference-lens`` (the path CUDA ran before), dense causal
+SDPA (cuDNN, else flash) on the same inputs, and the peak extra memory of permute + select. At
+``--check-len`` the GPU plan is compared with the reference plan on fp32 inputs.
+
+    python benchmarks/sampled_bench.py                                  # H100: 8k,32k,128k, both shapes
+    python benchmarks/sampled_bench.py --shapes smollm2 --seq-lens 8k --json out.json
+    # CPU smoke run (Triton interpreter):
+    TRITON_INTERPRET=1 PBS_BACKEND=triton python benchmarks/sampled_bench.py \\
+        --shapes smollm2 --seq-lens 600 --check-len 600 --reference-lens 600 --dtype float32 --iters 1 --warmup 0
+
+Shapes: smollm2 (9 query / 3 KV heads, head_dim 64), llama (32 / 8, head_dim 128). Inputs are
+structured (shared heavy-hitter key directions, a sink token, a slow drift), not Gaussian noise.
+Timings: median of ``--iters`` runs after warm-up (CUDA events on a GPU, wall clock on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import tomllib
+from importlib import resources
+
+import torch
+
+SHAPES = {"smollm2": (9, 3, 64), "llama": (32, 8, 128)}
+
+
+def parse_len(text: str) -> int:
+    text = text.strip().lower()
+    mult = {"k": 1024, "m": 1024 * 1024}.get(text[-1:], 1)
+    return int(text[:-1] if mult > 1 else text) * mult
+
+
+def default_config():
+    from pbs_kernels.config import PBSConfig
+
+    text = resources.files("pbs_profiles").joinpath("default.toml").read_text()
+    return PBSConfig.from_dict(tomllib.loads(text)["pbs"])
+
+
+def structured_qkv(h_q, h_kv, n, d, dtype, device, seed=0):
+    """q (1, H_q, N, D), k (1, H_kv, N, D): queries share three directions, 6% of keys are heavy
+    hitters along one of them, token 0 is a sink, a slow drift gives locality."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dirs = torch.randn(3, d, device=device, generator=gen)
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True) * math.sqrt(d)
+    drift = torch.randn(d, device=device, generator=gen) / math.sqrt(d)
+    pos = torch.linspace(0, 6.28, n, device=device)[:, None]
+
+    def head(h, keys):  # one head at a time bounds the fp32 temporaries at long N
+        x = 0.6 * torch.randn(n, d, device=device, generator=gen) + torch.sin(pos * (1 + h % 4)) * drift * 4
+        if keys:
+            heavy = torch.rand(n, 1, device=device, generator=gen) < 0.06
+            x += heavy * dirs[torch.randint(0, 3, (n,), device=device, generator=gen)]
+            x[0] += dirs[0]
+        else:
+            x += torch.rand(n, 3, device=device, generator=gen) @ dirs
+        return x.to(dtype)
+
+    q = torch.stack([head(h, False) for h in range(h_q)])[None]
+    k = torch.stack([head(h, True) for h in range(h_kv)])[None]
+    return q, k
+
+
+def timeit(fn, warmup: int, iters: int) -> float:
+    """Median milliseconds of ``fn``."""
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, iters)):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def dense_time(q, k, warmup, iters):
+    """(ms, backend name) of dense causal SDPA on expanded K/V: cuDNN, else flash; the default on a CPU."""
+    f = torch.nn.functional.scaled_dot_product_attention
+    ke = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    ve = torch.randn_like(ke)
+    if not q.is_cuda:
+        return timeit(lambda: f(q, ke, ve, is_causal=True), warmup, iters), "cpu-default"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                f(q, ke, ve, is_causal=True)
+                return timeit(lambda: f(q, ke, ve, is_causal=True), warmup, iters), backend.name
+        except RuntimeError as exc:  # noqa: PERF203
+            print(f"  {backend.name} unavailable: {str(exc).splitlines()[0]}", file=sys.stderr)
+    return float("nan"), "none"
+
+
+def check_plan(q, k, cfg) -> dict:
+    """GPU plan vs the reference plan on the same (fp32) inputs and the same permutation."""
+    from pbs_kernels import reference, select
+    from pbs_kernels.permute import compute_permutation
+
+    perm = compute_permutation(q, k, cfg)
+    perm_r = reference.compute_permutation(q, k, cfg)
+    num, idx = select.select_blocks(q, k, perm_r, cfg)
+    num_r, idx_r = reference.select_blocks(q, reference.permute_keys(k, perm_r), perm_r, cfg, k=k)
+    same = (num == num_r) & (idx == idx_r).all(-1)
+    return {"perm_equal_fraction": (perm == perm_r).float().mean().item(),
+            "plan_rows_identical": same.float().mean().item(),
+            "kept_blocks": int(num.sum()), "kept_blocks_reference": int(num_r.sum())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="smollm2,llama", help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--seq-lens", default="8k,32k,128k")
+    ap.add_argument("--reference-lens", default="8k", help="lengths that also time the reference selection")
+    ap.add_argument("--check-len", default="8k", help="length of the GPU-vs-reference plan check (0: skip)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+
+    from pbs_kernels import reference
+    from pbs_kernels.backend import use_triton
+    from pbs_kernels.permute import compute_permutation
+    from pbs_kernels.select import select_blocks
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    cfg = default_config()
+    ref_lens = {parse_len(x) for x in args.reference_lens.split(",") if x.strip()}
+    check_len = parse_len(args.check_len)
+    probe = torch.empty(1, device=device)
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, GPU path: {use_triton(probe)}, "
+          f"{args.dtype}, preset default: {cfg}", file=sys.stderr)
+    rows = []
+    for shape in args.shapes.split(","):
+        h_q, h_kv, d = SHAPES[shape.strip()]
+        for n in (parse_len(x) for x in args.seq_lens.split(",")):
+            q, k = structured_qkv(h_q, h_kv, n, d, dtype, device)
+            perm = compute_permutation(q, k, cfg)
+            row = {"shape": shape, "n": n, "heads": f"{h_q}/{h_kv}", "head_dim": d, "dtype": args.dtype}
+            row["permute_ms"] = timeit(lambda: compute_permutation(q, k, cfg), args.warmup, args.iters)
+            row["select_ms"] = timeit(lambda: select_blocks(q, k, perm, cfg), args.warmup, args.iters)
+            row["plan_ms"] = row["permute_ms"] + row["select_ms"]
+            num, _ = select_blocks(q, k, perm, cfg)
+            n_b = -(-n // cfg.block_size)
+            row["density"] = num.sum().item() / (num.numel() // n_b * n_b * (n_b + 1) / 2)
+            if device == "cuda":
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                select_blocks(q, k, compute_permutation(q, k, cfg), cfg)
+                torch.cuda.synchronize()
+                row["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            if n in ref_lens:
+                row["reference_select_ms"] = timeit(
+                    lambda: reference.select_blocks(q, reference.permute_keys(k, perm), perm, cfg, k=k), 0, 1)
+            row["dense_ms"], row["dense_backend"] = dense_time(q, k, args.warmup, args.iters)
+            row["plan_over_dense"] = row["plan_ms"] / row["dense_ms"]
+            if n == check_len:
+                qf, kf = structured_qkv(h_q, h_kv, n, d, torch.float32, device, seed=1)
+                row.update(check_plan(qf, kf, cfg))
+            rows.append(row)
+            del q, k, perm
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+    cols = [("shape", "{}"), ("n", "{}"), ("permute_ms", "{:.2f}"), ("select_ms", "{:.2f}"), ("plan_ms", "{:.2f}"),
+            ("reference_select_ms", "{:.1f}"), ("dense_ms", "{:.2f}"), ("plan_over_dense", "{:.2f}"),
+            ("density", "{:.3f}"), ("peak_extra_mib", "{:.0f}"), ("plan_rows_identical", "{:.6f}")]
+    table = [[name for name, _ in cols]] + [[fmt.format(r[c]) if c in r else "-" for c, fmt in cols] for r in rows]
+    widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
+    for line in table:
+        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+    for r in rows:
+        if "kept_blocks" in r:
+            print(f"check {r['shape']} {r['n']}: perm equal {r['perm_equal_fraction']:.6f}, plan rows identical "
+                  f"{r['plan_rows_identical']:.6f}, kept {r['kept_blocks']} vs reference {r['kept_blocks_reference']}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                       "torch": torch.__version__, "config": cfg.to_dict(), "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
