@@ -22,6 +22,31 @@ import triton.language as tl
 
 
 @triton.jit
+def _scores(q, k, scale, IEEE: tl.constexpr):
+    """fp32 (R, N) scores q . k^T * scale (fp32 inputs in IEEE precision, not TF32)."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    return s * scale
+
+
+@triton.jit
+def _online_update(s, m_i, l_i):
+    """s fp32 (R, N) scores, -inf where masked -> (this tile's log-sum-exp per row (-inf for a row
+    that sees none of its keys), running max, running sum of exponentials)."""
+    m_t = tl.max(s, 1)
+    seen = m_t != float("-inf")
+    m_t_safe = tl.where(seen, m_t, 0.0)
+    l_t = tl.sum(tl.exp(s - m_t_safe[:, None]), 1)
+    lse_t = tl.where(seen, m_t_safe + tl.log(tl.where(seen, l_t, 1.0)), float("-inf"))
+    m_new = tl.maximum(m_i, m_t)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.exp(m_i - m_safe) + l_t * tl.exp(m_t - m_safe)
+    return lse_t, m_new, l_i
+
+
+@triton.jit
 def _sampled_lse_kernel(
     Q, K, PERM, OUT, LSE,
     stride_qb, stride_qh, stride_qn,
@@ -60,32 +85,23 @@ def _sampled_lse_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
-    for j in range(0, hi):
-        key = j * BLOCK_N + offs_n  # slots of key block j
-        if j < ds:  # earlier segment: permuted order (slot -> original key through perm)
-            src = tl.load(p_base + key).to(tl.int64)
-        else:  # own segment: original order
-            src = tl.minimum(key, n_keys - 1).to(tl.int64)
-        # causal on original positions inside the own segment, keys >= N masked; slots of earlier
-        # segments are < ds * BLOCK_N <= every row of the group, so the same test keeps them all
-        valid = (key[None, :] <= pos[:, None]) & (key[None, :] < n_keys)
+    # -- earlier segments: permuted order (slot -> original key through perm); every slot is before
+    #    ds * BLOCK_N <= every row of the group, so nothing is masked --
+    for j in range(0, ds):
+        src = tl.load(p_base + j * BLOCK_N + offs_n).to(tl.int64)
         k = tl.load(k_base + src[:, None] * stride_kn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(valid, s * scale, float("-inf"))
-        # -- this tile's log-sum-exp per row, and the online log-sum-exp over all tiles --
-        m_t = tl.max(s, 1)
-        m_t_safe = tl.where(m_t == float("-inf"), 0.0, m_t)
-        l_t = tl.sum(tl.exp(s - m_t_safe[:, None]), 1)
-        seen = m_t != float("-inf")
-        lse_t = tl.where(seen, m_t_safe + tl.log(tl.where(seen, l_t, 1.0)), float("-inf"))
+        s = _scores(q, k, scale, IEEE)
+        lse_t, m_i, l_i = _online_update(s, m_i, l_i)
         tl.store(OUT + out_row + j, lse_t, mask=row_ok)
-        m_new = tl.maximum(m_i, m_t)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + l_t * tl.exp(m_t - m_safe)
-        m_i = m_new
+    # -- own segment: original order, causal on original positions, keys >= N masked --
+    for j in range(ds, hi):
+        key = j * BLOCK_N + offs_n
+        k = tl.load(k_base + key[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                    mask=(key[:, None] < n_keys) & d_ok[None, :], other=0.0)
+        s = _scores(q, k, scale, IEEE)
+        s = tl.where((key[None, :] <= pos[:, None]) & (key[None, :] < n_keys), s, float("-inf"))
+        lse_t, m_i, l_i = _online_update(s, m_i, l_i)
+        tl.store(OUT + out_row + j, lse_t, mask=row_ok)
     none = tl.full([BLOCK_R], float("-inf"), tl.float32)
     for j in range(hi, n_b):  # key blocks after the group: not causal for any of its rows
         tl.store(OUT + out_row + j, none, mask=row_ok)
