@@ -256,6 +256,21 @@ def test_chunked_plan_equals_one_chunk():
         assert all(torch.equal(a, b) for a, b in zip(one, many)), f"{per_chunk} blocks per chunk"
 
 
+def test_transformers_layout_inputs():
+    """q, k as transformers hands them over ((B, N, H, D) storage seen as (B, H, N, D)): same plan
+    and masses as contiguous inputs."""
+    cfg = PBSConfig(block_size=32, segment_size=64, **DEFAULT)
+    q, k = structured_qkv(2, 3, 1, 200, 32, seed=6)
+    perm = permutation(q, k, cfg).to(DEVICE)
+    q, k = q.to(DEVICE), k.to(DEVICE)
+    qt, kt = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
+    assert qt.stride(2) != q.stride(2)
+    for a, b_ in zip(sampled.select_blocks(qt, kt, perm, cfg), sampled.select_blocks(q, k, perm, cfg)):
+        assert torch.equal(a, b_)
+    torch.testing.assert_close(sampled.sampled_block_mass(qt, kt, perm, cfg, 0, 7),
+                               sampled.sampled_block_mass(q, k, perm, cfg, 0, 7), rtol=0, atol=0)
+
+
 # -- dispatch and errors -------------------------------------------------------------------------
 
 
