@@ -125,6 +125,27 @@ def check_plan(q, k, cfg) -> dict:
             "kept_blocks": int(num.sum()), "kept_blocks_reference": int(num_r.sum())}
 
 
+def sweep(fn, warmup, iters) -> dict:
+    """Median ms of ``fn`` per GPU tile of the sampled kernel (rows per program x warps x stages)."""
+    from pbs_kernels.triton import sampled
+
+    saved = dict(sampled.TUNING)
+    res = {}
+    try:
+        for rows in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (None, 2, 3, 4):
+                    sampled.TUNING.update(rows=rows, num_warps=warps, num_stages=stages)
+                    res[f"rows{rows}-w{warps}-s{stages or 'default'}"] = timeit(fn, warmup, iters)
+    finally:
+        sampled.TUNING.clear()
+        sampled.TUNING.update(saved)
+    best = min(res, key=res.get)
+    now = "rows{}-w{}-s{}".format(saved["rows"], saved["num_warps"], saved["num_stages"] or "default")
+    print(f"  sweep: best {best} {res[best]:.2f} ms; current {now} {res.get(now, float('nan')):.2f} ms", file=sys.stderr)
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="smollm2,llama", help=f"comma list of {', '.join(SHAPES)}")
@@ -134,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the selection with alternative GPU tiles (pbs_kernels.triton.sampled.TUNING)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -160,6 +183,8 @@ def main(argv=None) -> int:
             row["permute_ms"] = timeit(lambda: compute_permutation(q, k, cfg), args.warmup, args.iters)
             row["select_ms"] = timeit(lambda: select_blocks(q, k, perm, cfg), args.warmup, args.iters)
             row["plan_ms"] = row["permute_ms"] + row["select_ms"]
+            if args.sweep:
+                row["sweep"] = sweep(lambda: select_blocks(q, k, perm, cfg), args.warmup, args.iters)
             num, _ = select_blocks(q, k, perm, cfg)
             n_b = -(-n // cfg.block_size)
             row["density"] = num.sum().item() / (num.numel() // n_b * n_b * (n_b + 1) / 2)

@@ -24,8 +24,10 @@ from .sampled_kernel import _sampled_lse_kernel
 # Upper bound of the per-chunk per-row mass buffer: 256 MiB (SmolLM2 at 32K in one chunk; 64 query
 # blocks of 64 tokens per chunk for 32 heads at 128K).
 _BUFFER_BYTES = 256 << 20
-# GPU tile: sampled rows per program (query blocks of one segment x sample_rows), warps
-TUNING = {"rows": 64, "num_warps": 4}
+# GPU tile: sampled rows per program (query blocks of one segment x sample_rows; the default preset
+# allows at most 4 x 16 = 64), warps, software-pipelining stages (None: Triton's default);
+# benchmarks/sampled_bench.py --sweep times alternatives
+TUNING = {"rows": 64, "num_warps": 4, "num_stages": None}
 
 
 def _interpreting() -> bool:
@@ -75,7 +77,7 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
         n, triton.cdiv(n, bs), r0, r1, g_first, h_q, h_q // k.shape[1], h_q // perm.shape[1], per_seg, scale,
         M=m, M_POW2=m_pow2, STEP=bs // m, QB=qb, BLOCK_R=block_r, BLOCK_N=bs,
         HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
-        num_warps=TUNING["num_warps"],
+        num_warps=TUNING["num_warps"], **({"num_stages": TUNING["num_stages"]} if TUNING["num_stages"] else {}),
     )
 
 
