@@ -129,6 +129,7 @@ SHAPES = [
     (2, 3, 1, 300, 32, 96, 4, False),   # GQA 3, three blocks per segment
     (1, 4, 1, 257, 16, 64, 16, True),   # GQA 4, per-head permutation, one-row last block
     (1, 2, 2, 50, 16, 64, 3, False),    # N shorter than one segment; 3 rows (not a power of two)
+    (1, 8, 1, 150, 16, 32, 2, False),   # GQA 8, one block per segment
 ]
 
 
@@ -203,6 +204,7 @@ PLANS = [
                             "sample_rows": 4}),
     (1, 2, 2, 417, 32, 64, {**DEFAULT, "sink": False, "threshold": 0.5}),
     (1, 3, 1, 45, 16, 64, DEFAULT),  # N shorter than one segment
+    (1, 3, 1, 300, 32, 64, {**DEFAULT, "threshold": 0.05, "row_top": 0}),  # forced blocks only
     (1, 3, 1, 300, 32, 64, {"score": "pooled", "threshold_scope": "total", "threshold": 0.9}),
 ]
 
