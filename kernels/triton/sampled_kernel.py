@@ -57,14 +57,15 @@ def _sampled_lse_kernel(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # grid: (cdiv(r1 - g_first, QB), B * H_q); program p covers query blocks g0 .. g0+QB-1
+    # grid: (cdiv(r1 - g_first, QB), B * H_q); each program covers query blocks g0 .. g0+QB-1
     pid_g = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_q).to(tl.int64)  # 64-bit offsets: (B, H, N, D) tensors pass 2**31 elements at 512K
     h = (pid_bh % H_q).to(tl.int64)
     hk = h // G_KV
     hp = h // G_PERM
-    g0 = g_first + pid_g * QB
+    # the last query blocks (the longest rows) start first: less tail at the end of the grid
+    g0 = g_first + (tl.num_programs(0) - 1 - pid_g) * QB
     ds = (g0 // per_seg) * per_seg  # first key block of the group's (shared) diagonal segment
     hi = tl.minimum(g0 + QB, r1)  # key blocks past the group's last live query block are never causal
 
