@@ -21,8 +21,10 @@ class PBSConfig:
     local_blocks:  key blocks just before the diagonal segment that are always kept.
     dense_below:   sequences shorter than this run dense attention (the measured break-even length).
 
-    Selection options beyond the published method (the GPU path implements only the defaults;
-    other values run the PyTorch reference selection, see ``uses_reference_selection``):
+    Selection options beyond the published method (``beyond_published``). On a GPU the fused
+    selection kernel implements the published options; "sampled", threshold_scope "total" and row_top
+    run a second Triton path (sampled rows); the rest the PyTorch reference
+    (``needs_reference_selection``):
 
     score:         how key blocks are scored for top-p selection.
                    "pooled" (published): softmax of mean-pooled queries . mean-pooled keys over the
@@ -96,7 +98,7 @@ class PBSConfig:
         if any(i < 0 for i in self.dense_layers):
             raise ValueError(f"dense_layers must be layer indices >= 0, got {list(self.dense_layers)}")
 
-    def uses_reference_selection(self) -> bool:
+    def beyond_published(self) -> bool:
         """True when an option beyond the published method is on (the fused GPU selection of
         ``pbs_kernels.triton.select`` implements the published options only). Narrower:
         ``needs_reference_selection`` (options with no GPU path at all)."""

@@ -24,7 +24,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     the PyTorch reference on every device.
     """
     if use_triton(q):
-        if not config.uses_reference_selection():
+        if not config.beyond_published():
             from .triton import select as fast
 
             return fast.select_blocks(q, k, perm, config, scale)

@@ -28,7 +28,7 @@ from .errors import UsageError
 
 ALIASES_FILE = "models.toml"
 DEFAULT_PROFILE = "default"
-GPU_PROFILE = "gpu"  # chosen on CUDA when the default's selection has no GPU kernel
+GPU_PROFILE = "gpu"  # chosen on CUDA for a preset the user did not name whose selection is beyond the published one
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,8 @@ def resolve_config(profile: str | None = None, *, device: str | None = None, exp
     (None values ignored) applied. Returns (config, profile name). Invalid values -> UsageError.
 
     On a CUDA ``device``, a preset the user did not choose (``explicit`` False; by default: no
-    ``profile`` given) whose selection has no GPU kernel is replaced by ``gpu`` (GPU_PROFILE)."""
+    ``profile`` given) whose selection goes beyond the published method is replaced by ``gpu``
+    (GPU_PROFILE): on an H100 the sampled-row selection costs more than it saves (BENCHMARKS.md)."""
     name = profile or DEFAULT_PROFILE
     base = get_profile(name)
     params = dict(base.params)
@@ -138,7 +139,7 @@ def resolve_config(profile: str | None = None, *, device: str | None = None, exp
     except (TypeError, ValueError) as exc:
         raise UsageError(f"invalid PBS parameters: {exc}") from None
     chosen = explicit if explicit is not None else profile is not None
-    if not chosen and device is not None and str(device).startswith("cuda") and config.uses_reference_selection():
+    if not chosen and device is not None and str(device).startswith("cuda") and config.beyond_published():
         return resolve_config(GPU_PROFILE, explicit=True, **overrides)
     return config, name
 

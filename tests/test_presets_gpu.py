@@ -7,8 +7,8 @@ def test_cuda_default_switches_to_gpu_native_profile():
     cpu_cfg, cpu_name = presets.resolve_config(None, device="cpu")
     cuda_cfg, cuda_name = presets.resolve_config(None, device="cuda:0")
     assert cpu_name == presets.DEFAULT_PROFILE
-    if cpu_cfg.uses_reference_selection():
-        assert cuda_name == presets.GPU_PROFILE and not cuda_cfg.uses_reference_selection()
+    if cpu_cfg.beyond_published():
+        assert cuda_name == presets.GPU_PROFILE and not cuda_cfg.beyond_published()
     else:
         assert cuda_name == cpu_name
 

@@ -53,13 +53,13 @@ def oracle_block_mass(q, k, perm, cfg, rows):
 def test_config_defaults_are_the_published_method():
     cfg = PBSConfig()
     assert (cfg.score, cfg.importance_rows, cfg.permute_heads, cfg.dense_layers) == ("pooled", "last", "all", ())
-    assert not cfg.uses_reference_selection()
+    assert not cfg.beyond_published()
 
 
 @pytest.mark.parametrize("change", [{"score": "sampled"}, {"score": "mean_query"}, {"importance_rows": "strided"},
                                     {"permute_heads": "auto"}])
 def test_new_options_route_to_reference(change):
-    assert PBSConfig(**change).uses_reference_selection()
+    assert PBSConfig(**change).beyond_published()
 
 
 def test_config_round_trips_dense_layers_and_rejects_bad_values():

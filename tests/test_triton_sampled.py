@@ -284,7 +284,7 @@ def test_dispatch_routes_sampled_to_the_gpu_path(monkeypatch):
 
     monkeypatch.setenv("PBS_BACKEND", "triton")
     cfg = PBSConfig(block_size=32, segment_size=64, **DEFAULT)
-    assert cfg.uses_reference_selection() and not cfg.needs_reference_selection()
+    assert cfg.beyond_published() and not cfg.needs_reference_selection()
     q, k = structured_qkv(1, 3, 1, 300, 32, seed=8)
     q, k = q.to(DEVICE), k.to(DEVICE)
     calls = []

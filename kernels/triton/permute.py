@@ -88,7 +88,7 @@ def compute_permutation(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, sca
     """
     b, h_q, n, _ = q.shape
     h_perm = h_q if config.per_head_permutation else k.shape[1]
-    if getattr(config, "uses_reference_selection", lambda: False)():
+    if getattr(config, "beyond_published", lambda: False)():
         raise ValueError("this GPU path implements the published method only; options beyond it run "
                          f"through pbs_kernels.permute (the reference), got {config}")
     if not config.permute or n < config.segment_size:

@@ -83,7 +83,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     b, h_q, n, d = q.shape
     h_kv = k.shape[1]
     h_perm = perm.shape[1]
-    if getattr(config, "uses_reference_selection", lambda: False)():
+    if getattr(config, "beyond_published", lambda: False)():
         raise ValueError("this GPU path implements the published method only; options beyond it run "
                          f"through pbs_kernels.select (the reference), got {config}")
     if h_q % h_perm or h_perm % h_kv:

@@ -389,7 +389,8 @@ def command(
         config, profile_name = presets.resolve_config(spec.profile, device=dev, explicit=False, **overrides)
 
     if profile is None and profile_name == presets.GPU_PROFILE:
-        err.print(f"profile: {presets.GPU_PROFILE!r} (the default selection has no GPU kernel yet; "
+        err.print(f"profile: {presets.GPU_PROFILE!r} (on a GPU the default preset's sampled selection costs more "
+                  "than dense attention; "
                   "--profile default forces it)", highlight=False, markup=False)
 
     import torch
