@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -196,7 +195,6 @@ def worker(args) -> None:
 
 
 def compare(out: Path, tp: int, markdown: bool) -> int:
-    import torch
     from safetensors.torch import load_file
 
     one_path, many_path = out / "tp1.json", out / f"tp{tp}.json"

@@ -243,7 +243,7 @@ def _md_escape(text: str) -> str:
 def to_markdown(doc: dict[str, Any]) -> str:
     layers = _has_layers(doc)
     cols = [c for c in COLUMNS if layers or c != "layer"]
-    lines = [f"## pbs profile", "", _md_escape(describe(doc)), "",
+    lines = ["## pbs profile", "", _md_escape(describe(doc)), "",
              "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, cells in _ok_rows(doc, layers):
         lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")

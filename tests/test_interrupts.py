@@ -8,7 +8,6 @@ The SIGINT test runs a real ``pbs profile`` sweep in a subprocess on the CPU; th
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time

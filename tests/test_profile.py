@@ -8,7 +8,6 @@ import gzip
 import inspect
 import io
 import json
-import math
 import shutil
 import subprocess
 from pathlib import Path

@@ -245,7 +245,7 @@ def command(
     import torch
 
     from .. import models
-    from ..workloads import PATTERNS, synthetic_qkv
+    from ..workloads import PATTERNS
 
     # -- validate everything before any work --
     chosen = [name for name, on in (("json", as_json), ("jsonl", as_jsonl), ("csv", as_csv), ("markdown", as_markdown)) if on]
