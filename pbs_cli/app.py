@@ -20,7 +20,10 @@ from typing import Annotated
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import typer
-from typer._click.exceptions import UsageError as ClickUsageError  # typer vendors click
+try:
+    from typer._click.exceptions import UsageError as ClickUsageError  # newer typer vendors click
+except ImportError:
+    from click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperCommand, TyperGroup
 from typer.main import get_command_from_info, get_group_from_info
 from typer.models import CommandInfo, TyperInfo
