@@ -193,6 +193,11 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
         at = (s.get("speedup_at_longest") or {}).get(name)
         tail = f"; {at:.2f}x at the longest length" if at is not None else ""
         lines.append(f"{name} break-even: {format_size(n) if n else 'not reached in this sweep'}{tail}")
+    below = (doc.get("pbs") or {}).get("dense_below") or 0
+    short = sorted({r["seq_len"] for r in doc.get("results", []) if r.get("backend") == "pbs" and r["seq_len"] < below})
+    if short:
+        lines.append(f"pbs rows at {', '.join(format_size(n) for n in short)} time the sparse path; with these "
+                     f"parameters `pbs prefill` runs dense below {format_size(below)} tokens (dense_below)")
     return lines
 
 

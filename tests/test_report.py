@@ -143,3 +143,17 @@ def test_bench_counts_calls_and_repeats():
     calls.clear()
     t = bench(lambda: calls.append(1), "cpu", warmup=1, min_repeats=1, max_repeats=5, budget_s=10.0)
     assert t.repeats == 5 and len(calls) == 6  # cheap call: capped by max_repeats
+
+
+def test_summary_says_which_pbs_rows_prefill_would_run_dense():
+    from pbs_cli.report_formats import summary_lines
+
+    def row(n, backend, ms):
+        return {"seq_len": n, "backend": backend, "status": "ok", "median_ms": ms, "speedup": None, "layer": None}
+
+    results = [row(8192, "pbs", 1.0), row(8192, "sdpa-cudnn", 0.9), row(32768, "pbs", 6.0), row(32768, "sdpa-cudnn", 14.0)]
+    lines = summary_lines({"pbs": {"dense_below": 16384}, "results": results})
+    notes = [ln for ln in lines if "dense_below" in ln]
+    assert notes == ["pbs rows at 8K time the sparse path; with these parameters `pbs prefill` runs dense below "
+                     "16K tokens (dense_below)"]
+    assert not [ln for ln in summary_lines({"pbs": {"dense_below": 0}, "results": results}) if "dense_below" in ln]
