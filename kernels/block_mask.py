@@ -6,15 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-INT16_MAX_BLOCKS = 32767  # plans with at most this many key blocks store kv_indices as int16
-
-
-def index_dtype(num_blocks: int) -> torch.dtype:
-    """dtype of ``kv_indices`` for a plan of ``num_blocks`` key blocks: int16 while every index fits
-    (up to 4M tokens at 128-token blocks), else int32. Half the plan's memory at long context: at 512K
-    tokens a Llama-3.1-8B layer's plan is 1 GiB instead of 2."""
-    return torch.int16 if num_blocks <= INT16_MAX_BLOCKS else torch.int32
-
 
 @dataclass
 class PermutedBlockMask:
@@ -26,13 +17,11 @@ class PermutedBlockMask:
     keeping every block of the diagonal segment keeps the same key set either way, and the only
     token-level mask needed is the usual causal one on the diagonal block ``j == i``.
 
-    Fields (on the device of the inputs):
-        perm:          (B, H_perm, N)      int32, original position of the key at each permuted slot;
+    Fields (int32, on the device of the inputs):
+        perm:          (B, H_perm, N)      original position of the key at each permuted slot;
                                            H_perm = H_kv (shared per GQA group) or H_q.
-        kv_num_blocks: (B, H_q, N_qb)      int32, number of kept key blocks per query block.
-        kv_indices:    (B, H_q, N_qb, N_kb) kept key-block indices, packed left, ascending; int16 or
-                                           int32 as ``index_dtype(N_kb)`` says (the builders of this
-                                           package; the kernels accept either).
+        kv_num_blocks: (B, H_q, N_qb)      number of kept key blocks per query block.
+        kv_indices:    (B, H_q, N_qb, N_kb) kept key-block indices, packed left, ascending.
 
     Rebuild the dense block mask::
 

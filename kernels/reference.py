@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .block_mask import PermutedBlockMask, index_dtype
+from .block_mask import PermutedBlockMask
 from .config import PBSConfig
 
 # Work per chunk of query blocks, in fp32 elements of the (rows x gathered keys) score matrix.
@@ -269,8 +269,7 @@ def rank_blocks(probs: torch.Tensor | None, candidate: torch.Tensor, forced: tor
 
     Forced blocks rank first and count towards the kept mass; then blocks by descending probability
     (stable sort) until the mass before them reaches tau. Returns (kv_num_blocks int32 (B, H_q, C),
-    kv_indices (B, H_q, C, N_b) of ``index_dtype(N_b)``: kept blocks first, ascending, then the rest
-    ascending).
+    kv_indices int32 (B, H_q, C, N_b): kept blocks first, ascending, then the rest ascending).
     """
     if per_row is not None:  # estimated attention mass per block, summing to 1 over the causal blocks
         n_b = per_row.shape[-1]
@@ -298,7 +297,7 @@ def rank_blocks(probs: torch.Tensor | None, candidate: torch.Tensor, forced: tor
     num = keep.sum(-1, dtype=torch.int32)
     # kept blocks first, ascending; then the rest (padding, never read)
     key = torch.where(keep, cols, cols + n_b)
-    return num, torch.sort(key, dim=-1).indices.to(index_dtype(n_b))
+    return num, torch.sort(key, dim=-1).indices.to(torch.int32)
 
 
 def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
@@ -307,7 +306,7 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, con
 
     q (B, H_q, N, D); k_perm (B, H_k, N, D) and perm (B, H_k, N) with H_k = H_kv or H_q;
     k (B, H_kv, N, D): the original keys, needed only for score="sampled" / "mean_query".
-    Returns (kv_num_blocks int32 (B, H_q, N_qb), kv_indices (B, H_q, N_qb, N_kb) of ``index_dtype(N_kb)``).
+    Returns (kv_num_blocks int32 (B, H_q, N_qb), kv_indices int32 (B, H_q, N_qb, N_kb)).
     """
     b, h_q, n, d = q.shape
     bs = config.block_size
@@ -329,7 +328,7 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, con
         rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h_q * n_b))
 
     num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
-    idx = torch.empty(b, h_q, n_b, n_b, dtype=index_dtype(n_b), device=q.device)
+    idx = torch.empty(b, h_q, n_b, n_b, dtype=torch.int32, device=q.device)
     for r0 in range(0, n_b, rows_per_chunk):  # bounded memory: chunks of query blocks
         r1 = min(n_b, r0 + rows_per_chunk)
         candidate, causal, forced = chunk_blocks(n_b, r0, r1, config, sink, q.device)

@@ -17,7 +17,7 @@ from .config import PBSConfig
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
                   scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kv_num_blocks int32 (B, H_q, N_qb), kv_indices (B, H_q, N_qb, N_kb), int16 or int32: ``block_mask.index_dtype``).
+    """(kv_num_blocks int32 (B, H_q, N_qb), kv_indices int32 (B, H_q, N_qb, N_kb)).
 
     q (B, H_q, N, D), k (B, H_kv, N, D) in original order, perm (B, H_perm, N) from
     ``compute_permutation``. Options with no GPU path (``config.needs_reference_selection()``) run

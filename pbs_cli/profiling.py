@@ -224,7 +224,7 @@ def flex_block_mask(plan: PermutedBlockMask, heads: int):
     def mask_mod(bi, hi, q_idx, kv_idx):
         return perm[bi, hi // g_perm, kv_idx] <= q_idx
 
-    return BlockMask.from_kv_blocks(part_num, part_idx.contiguous(), full_num, plan.kv_indices.to(torch.int32).contiguous(),
+    return BlockMask.from_kv_blocks(part_num, part_idx.contiguous(), full_num, plan.kv_indices.contiguous(),
                                     BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(plan.seq_len, plan.seq_len))
 
 

@@ -9,7 +9,6 @@ import torch
 
 from pbs_kernels import PBSConfig, build_plan, pbs_attention
 from pbs_kernels import reference as R
-from pbs_kernels.block_mask import INT16_MAX_BLOCKS, index_dtype
 
 SMALL = PBSConfig(block_size=32, segment_size=64, threshold=0.9)
 
@@ -125,8 +124,7 @@ def test_plan_layout_packed_left_ascending():
     for num, idx in zip(plan.kv_num_blocks.flatten(0, 2).tolist(), plan.kv_indices.flatten(0, 2).tolist()):
         kept = idx[:num]
         assert kept == sorted(set(kept))
-    assert plan.kv_num_blocks.dtype == torch.int32
-    assert plan.kv_indices.dtype == index_dtype(plan.num_blocks) == torch.int16  # 10 blocks fit int16
+    assert plan.kv_indices.dtype == plan.kv_num_blocks.dtype == torch.int32
 
 
 def test_per_head_permutation_and_no_permutation():
@@ -169,10 +167,3 @@ def test_plan_repr_and_grid():
 def test_config_errors_say_what_to_do(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PBSConfig(**kwargs)
-
-
-def test_index_dtype_halves_the_plan_while_indices_fit():
-    """int16 up to INT16_MAX_BLOCKS key blocks (every index representable), int32 beyond."""
-    assert index_dtype(1) == index_dtype(INT16_MAX_BLOCKS) == torch.int16
-    assert torch.iinfo(torch.int16).max >= INT16_MAX_BLOCKS - 1
-    assert index_dtype(INT16_MAX_BLOCKS + 1) == torch.int32

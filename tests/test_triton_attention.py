@@ -254,17 +254,3 @@ def test_auto_read_mode_needs_no_plan_values():
     assert A.choose_perm_mode(meta_plan(A.TMA_MIN_SEQ_LEN - 1)) == "remap"
     assert A.choose_perm_mode(meta_plan(A.TMA_MIN_SEQ_LEN)) == "tma"
     assert A.choose_perm_mode(meta_plan(131072)) == "tma"
-
-
-@pytest.mark.parametrize("dtype", DTYPES[:1])
-def test_int16_and_int32_plan_indices_give_the_same_output(dtype):
-    """Plans store kv_indices as int16 while they fit (``block_mask.index_dtype``); the kernel reads
-    either width and must produce bit-identical output."""
-    b, h_q, h_kv, n, d = 1, 4, 2, 300, 64
-    q, k, v = qkv(b, h_q, h_kv, n, d, dtype, seed=3)
-    plan32 = to_device(random_plan(b, h_q, h_kv, n, 32, 64, 0.4, seed=3))
-    plan16 = PermutedBlockMask(plan32.perm, plan32.kv_num_blocks, plan32.kv_indices.to(torch.int16),
-                               plan32.block_size, plan32.segment_size, plan32.seq_len)
-    out32 = check(q, k, v, plan32)
-    out16 = A.pbs_attention(q, k, v, plan16)
-    assert plan16.kv_indices.dtype == torch.int16 and torch.equal(out16, out32)

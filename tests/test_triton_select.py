@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("triton")
 
 from pbs_kernels import reference  # noqa: E402
-from pbs_kernels.block_mask import PermutedBlockMask, index_dtype  # noqa: E402
+from pbs_kernels.block_mask import PermutedBlockMask  # noqa: E402
 from pbs_kernels.config import PBSConfig  # noqa: E402
 from pbs_kernels.triton import permute as tperm  # noqa: E402
 from pbs_kernels.triton import select as tsel  # noqa: E402
@@ -153,8 +153,7 @@ def assert_selection_matches(q, k, perm, cfg, got, want):
     """Equal kept sets, except rows whose reference boundary is within TIE (see module docstring)."""
     num, idx = (t.cpu() for t in got)
     r_num, r_idx = (t.cpu() for t in want)
-    assert num.dtype == torch.int32 and idx.dtype == r_idx.dtype == index_dtype(idx.shape[-1])
-    assert num.shape == r_num.shape and idx.shape == r_idx.shape
+    assert num.dtype == idx.dtype == torch.int32 and num.shape == r_num.shape and idx.shape == r_idx.shape
     assert_packed(num, idx)
     dense = PermutedBlockMask(perm, num, idx, cfg.block_size, cfg.segment_size, q.shape[2]).to_dense().cpu()
     r_dense = PermutedBlockMask(perm, r_num, r_idx, cfg.block_size, cfg.segment_size, q.shape[2]).to_dense().cpu()
@@ -209,7 +208,7 @@ def test_threshold_one_keeps_every_causal_block(dtype):
     num, idx = (t.cpu() for t in tsel.select_blocks(q, k, perm, cfg))
     n_b = 19
     assert torch.equal(num, torch.arange(1, n_b + 1, dtype=torch.int32).expand(1, 4, n_b))
-    assert torch.equal(idx, torch.arange(n_b, dtype=index_dtype(n_b)).expand(1, 4, n_b, n_b))
+    assert torch.equal(idx, torch.arange(n_b, dtype=torch.int32).expand(1, 4, n_b, n_b))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

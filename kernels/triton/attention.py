@@ -185,7 +185,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     perm = plan.perm.to(torch.int32).contiguous()
     num = plan.kv_num_blocks.to(torch.int32).contiguous()
-    idx = plan.kv_indices.contiguous() if plan.kv_indices.dtype == torch.int16 else plan.kv_indices.to(torch.int32).contiguous()
+    idx = plan.kv_indices.to(torch.int32).contiguous()
     if mode == 2:
         kp, vp = k, v  # unused
     else:

@@ -21,7 +21,7 @@ Softmax runs in base 2: scores are multiplied by ``qk_scale = scale * log2(e)`` 
 with exp2, which is what the hardware computes natively.
 
 Shapes: Q, O (B, H_q, N, D); K, V (B, H_kv, N, D); KP, VP (B, H_perm, N, D); PERM (B, H_perm, N);
-KV_NUM (B, H_q, N_qb) int32; KV_IDX (B, H_q, N_qb, N_kb) int16 or int32. All contiguous (last stride 1).
+KV_NUM (B, H_q, N_qb); KV_IDX (B, H_q, N_qb, N_kb). All contiguous (last stride 1).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def pbs_attn_fwd(
     diag_start = (qb // SEG_BLOCKS) * SEG_BLOCKS
     back = tl.arange(0, SEG_POW2)
     tail_ok = (back < SEG_BLOCKS) & (back < num)
-    tail = tl.load(idx_row + num - 1 - back, mask=tail_ok, other=-1).to(tl.int32)
+    tail = tl.load(idx_row + num - 1 - back, mask=tail_ok, other=-1)
     n_diag = tl.sum(((tail >= diag_start) & tail_ok).to(tl.int32), 0)
     n_off = num - n_diag
     has_diag = tl.sum(((tail == qb) & tail_ok).to(tl.int32), 0)  # 1 when block qb is kept (last entry)
@@ -131,7 +131,7 @@ def pbs_attn_fwd(
         # -- phases 1 and 2 in one pipelined loop: rows remapped through perm before the own
         #    segment, read in original order inside it; no mask --
         for t in range(0, last * SUB_N):
-            j = tl.load(idx_row + t // SUB_N).to(tl.int32)
+            j = tl.load(idx_row + t // SUB_N)
             slot = j * PLAN_BLOCK + (t % SUB_N) * BLOCK_N + offs_n
             src = tl.load(PERM + kp_row0 + slot)  # original positions of these slots
             src = tl.where(t < n_off * SUB_N, src, slot)
@@ -142,7 +142,7 @@ def pbs_attn_fwd(
     else:
         # -- phase 1: earlier segments, permuted copies, no mask --
         for t in range(0, n_off * SUB_N):
-            j = tl.load(idx_row + t // SUB_N).to(tl.int32)
+            j = tl.load(idx_row + t // SUB_N)
             start = j * PLAN_BLOCK + (t % SUB_N) * BLOCK_N
             if PERM_MODE == 0:
                 k = kp_desc.load([(kp_row0 + start).to(tl.int32), 0])
@@ -154,7 +154,7 @@ def pbs_attn_fwd(
             acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC)
         # -- phase 2: own segment before the last kept block, original keys, no mask --
         for t in range(n_off * SUB_N, last * SUB_N):
-            j = tl.load(idx_row + t // SUB_N).to(tl.int32)
+            j = tl.load(idx_row + t // SUB_N)
             start = j * PLAN_BLOCK + (t % SUB_N) * BLOCK_N
             if PERM_MODE == 0:
                 k = k_desc.load([(kv_row0 + start).to(tl.int32), 0])

@@ -17,7 +17,6 @@ import torch
 import triton
 
 from .. import reference
-from ..block_mask import index_dtype
 from ..config import PBSConfig
 from . import select as pooled
 from .sampled_kernel import _sampled_lse_kernel
@@ -107,7 +106,7 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, con
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
                   scale: float | None = None, buffer_bytes: int = _BUFFER_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kv_num_blocks int32 (B, H_q, N_qb), kv_indices (B, H_q, N_qb, N_kb) of ``index_dtype(N_kb)``), equal to the
+    """(kv_num_blocks int32 (B, H_q, N_qb), kv_indices int32 (B, H_q, N_qb, N_kb)), equal to the
     reference's plan (up to exact ties of the block masses).
 
     q (B, H_q, N, D); k (B, H_kv, N, D) in ORIGINAL order; perm int32 (B, H_perm, N). Handles
@@ -124,7 +123,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     g = h_q // perm.shape[1]
     sink = reference.sink_block(perm, bs).repeat_interleave(g, dim=1)  # (B, H_q)
     num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
-    idx = torch.empty(b, h_q, n_b, n_b, dtype=index_dtype(n_b), device=q.device)
+    idx = torch.empty(b, h_q, n_b, n_b, dtype=torch.int32, device=q.device)
 
     if config.score == "pooled":  # pooled means (Triton), scores and ranking in torch
         q_bar = pooled.pool_blocks(q, bs)  # (B, H_q, N_b, D)

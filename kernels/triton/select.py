@@ -14,7 +14,6 @@ import os
 import torch
 import triton
 
-from ..block_mask import index_dtype
 from ..config import PBSConfig
 from .select_kernel import _block_scores_kernel, _pool_kernel, _top_p_kernel
 
@@ -75,7 +74,7 @@ def sink_block(perm: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
                   scale: float | None = None, score_bytes: int = _SCORE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kv_num_blocks int32 (B, H_q, N_qb), kv_indices (B, H_q, N_qb, N_kb) of ``index_dtype(N_kb)``).
+    """(kv_num_blocks int32 (B, H_q, N_qb), kv_indices int32 (B, H_q, N_qb, N_kb)).
 
     q (B, H_q, N, D); k (B, H_kv, N, D) in ORIGINAL order; perm int32 (B, H_perm, N) with
     H_perm = H_kv or H_q. Same layout as ``reference.select_blocks``: kept blocks packed left in
@@ -102,7 +101,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     sink = sink_block(perm, bs).contiguous()  # (B, H_perm)
 
     num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
-    idx = torch.empty(b, h_q, n_b, n_b, dtype=index_dtype(n_b), device=q.device)
+    idx = torch.empty(b, h_q, n_b, n_b, dtype=torch.int32, device=q.device)
     per_seg = config.segment_size // bs
     nb_pow2 = max(16, triton.next_power_of_2(n_b))
     top_p_warps = TUNING["top_p_warps"] or (4 if nb_pow2 <= 1024 else (8 if nb_pow2 <= 4096 else 16))

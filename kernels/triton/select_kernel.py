@@ -149,6 +149,6 @@ def _top_p_kernel(
     kept_upto = tl.cumsum(keep_i, 1)  # kept blocks <= j
     n_kept = tl.sum(keep_i, 1)
     pos = tl.where(keep, kept_upto - 1, n_kept[:, None] + j - kept_upto)
-    tl.store(IDX + (pid_bh * n_blocks + i).to(tl.int64) * n_blocks + pos, (j + 0 * pos).to(IDX.dtype.element_ty),
+    tl.store(IDX + (pid_bh * n_blocks + i).to(tl.int64) * n_blocks + pos, j.to(tl.int32) + 0 * pos,
              mask=row_ok[:, None] & (j < n_blocks))
     tl.store(NUM + pid_bh * n_blocks + row0 + r, n_kept, mask=row_ok)
