@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-import time
 import tomllib
 from importlib import resources
 
@@ -71,24 +69,12 @@ def structured_qkv(h_q, h_kv, n, d, dtype, device, seed=0):
 
 
 def timeit(fn, warmup: int, iters: int) -> float:
-    """Median milliseconds of ``fn``."""
-    cuda = torch.cuda.is_available()
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, iters)):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of ``fn`` over ``iters`` calls after ``warmup`` (CUDA events on a GPU)."""
+    from pbs_cli.timing import bench
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = max(1, iters)
+    return bench(fn, device, warmup=warmup, min_repeats=n, max_repeats=n, memory=False).median_ms
 
 
 def dense_time(q, k, warmup, iters):

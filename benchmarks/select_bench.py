@@ -19,7 +19,6 @@ import datetime
 import json
 import math
 import platform
-import statistics
 import sys
 
 import torch
@@ -58,17 +57,11 @@ def structured_qkv(b, h_q, h_kv, n, d, dtype, seed=0):
 
 
 def cuda_time(fn, warmup: int, iters: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": iters}
+    """Median / min / max milliseconds of ``fn`` over ``iters`` CUDA-event-timed calls after ``warmup``."""
+    from pbs_cli.timing import bench
+
+    t = bench(fn, "cuda", warmup=warmup, min_repeats=iters, max_repeats=iters, memory=False)
+    return {"median_ms": t.median_ms, "min_ms": t.min_ms, "max_ms": t.max_ms, "iters": t.repeats}
 
 
 def dense_cudnn(q, k, warmup, iters):
