@@ -19,17 +19,12 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from triton_setup import DEVICE
 
 from pbs_kernels import reference  # noqa: E402
 from pbs_kernels.config import PBSConfig  # noqa: E402
 from pbs_kernels.triton import sampled  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-if not (CUDA or INTERPRET):
-    pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-DEVICE = "cuda" if CUDA and not INTERPRET else "cpu"
 LOW = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # bf16 is wrong in the interpreter
 TIE = 1e-6
 

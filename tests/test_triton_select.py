@@ -14,12 +14,11 @@ differ by at most one block in count.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from triton_setup import DEVICE
 
 from pbs_kernels import reference  # noqa: E402
 from pbs_kernels.block_mask import PermutedBlockMask  # noqa: E402
@@ -27,11 +26,6 @@ from pbs_kernels.config import PBSConfig  # noqa: E402
 from pbs_kernels.triton import permute as tperm  # noqa: E402
 from pbs_kernels.triton import select as tsel  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-if not (CUDA or INTERPRET):
-    pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-DEVICE = "cuda" if CUDA and not INTERPRET else "cpu"
 # bf16 is wrong in the interpreter (DESIGN.md); fp32 is what the CPU path is for
 DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float32, torch.float16]
 TIE = 1e-5
