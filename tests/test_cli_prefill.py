@@ -182,10 +182,12 @@ def test_max_tokens_and_beyond_context_for_length_sweeps(runner, offline_env, ti
     total = token_count(tiny_model_dir, TEXT * 8)
     res = invoke(runner, long_doc, "--model", tiny_model_dir, *SMALL, "--max-tokens", "100", "--json")
     assert res.exit_code == 0, res.stderr
-    assert json.loads(res.stdout)["prompt_tokens"] == 100
+    assert json.loads(res.stdout)["prompt_tokens"] == 100 and not json.loads(res.stdout)["beyond_context"]
+    assert "trained positions" not in res.stderr
     res = invoke(runner, long_doc, "--model", tiny_model_dir, *SMALL, "--beyond-context", "--json")
     assert res.exit_code == 0, res.stderr
     rec = json.loads(res.stdout)
-    assert rec["prompt_tokens"] == total > TINY_CONTEXT and not rec["truncated"]
+    assert rec["prompt_tokens"] == total > TINY_CONTEXT and not rec["truncated"] and rec["beyond_context"]
+    assert f"exceed the model's {TINY_CONTEXT} trained positions" in res.stderr
     res = invoke(runner, long_doc, "--model", tiny_model_dir, *SMALL, "--max-tokens", "12q")
     assert res.exit_code == errors.USAGE and "12q" in res.stderr

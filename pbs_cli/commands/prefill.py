@@ -406,6 +406,12 @@ def command(
     if cap is not None:
         limit, truncate = (cap + max_new_tokens if limit is None else min(limit, cap + max_new_tokens)), True
     ids, doc_tokens = tokenize(source.tokenizer(), text, limit, truncate, max_new_tokens, doc_name)
+    trained = source.max_positions()
+    past_context = trained is not None and len(ids) + max_new_tokens > trained
+    if past_context:
+        err.print(f"note: {len(ids)} prompt tokens exceed the model's {trained} trained positions (--beyond-context): "
+                  "timings are real; the outputs, and --compare-dense agreement, are out of distribution",
+                  highlight=False, markup=False, soft_wrap=True)
     on_gpu = dev.startswith("cuda") or device_map == "auto"
     warmup = warmup if warmup is not None else (1 if on_gpu else 0)
     iters = iters if iters is not None else (3 if on_gpu else 1)
@@ -450,6 +456,7 @@ def command(
         document_tokens=doc_tokens,
         prompt_tokens=len(ids),
         truncated=len(ids) < doc_tokens,
+        beyond_context=past_context,
         warmup=warmup,
         iters=iters,
         prefill_ms=pbs.median_ms,
