@@ -267,6 +267,14 @@ def progress(message: str) -> Iterator[None]:
         yield
 
 
+def attention_shape(config: Any) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim) of a transformers config (its text part)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    return heads, kv, int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+
+
 def resolve_device(device: str) -> str:
     """'auto' -> 'cuda' when available, else 'cpu'. Checks 'cuda'/'cuda:N' against the machine."""
     import torch

@@ -157,17 +157,14 @@ def choose_dense_backend(model, input_ids, config) -> dense_sdpa.DenseChoice | N
     """On CUDA, the fastest SDPA backend for this model and input, timed on whole forwards (None elsewhere)."""
     import torch
 
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    heads, kv_heads, head_dim = models.attention_shape(model.config)
 
     def forward(choice: dense_sdpa.DenseChoice) -> None:
         with torch.inference_mode(), integration.pbs_run(config, None, choice):
             model.base_model(input_ids=input_ids, use_cache=False)
 
     integration.set_attention(model, integration.DENSE_NAME)
-    return dense_sdpa.pick_fastest(forward, input_ids.device, model.dtype, heads,
-                                   getattr(cfg, "num_key_value_heads", None) or heads, head_dim)
+    return dense_sdpa.pick_fastest(forward, input_ids.device, model.dtype, heads, kv_heads, head_dim)
 
 
 def fidelity(model, hidden_dense, hidden_pbs) -> tuple[float, float]:
@@ -402,11 +399,11 @@ def command(
         distributed.check_model_config(tpi.size, source.config(), spec.name)
         with distributed.main_rank_first():  # rank 0 builds a missing GGUF cache, the others then read it
             source.ensure_cache()
-    limit = None if beyond_context else source.max_positions()
+    trained = source.max_positions()
+    limit = None if beyond_context else trained
     if cap is not None:
         limit, truncate = (cap + max_new_tokens if limit is None else min(limit, cap + max_new_tokens)), True
     ids, doc_tokens = tokenize(source.tokenizer(), text, limit, truncate, max_new_tokens, doc_name)
-    trained = source.max_positions()
     past_context = trained is not None and len(ids) + max_new_tokens > trained
     if past_context:
         err.print(f"note: {len(ids)} prompt tokens exceed the model's {trained} trained positions (--beyond-context): "
@@ -448,7 +445,7 @@ def command(
         "prefill",
         document=doc_name,
         model={**spec.to_dict(), "weights": str(loaded.weights), "cache": loaded.cache,
-               "architecture": type(mdl).__name__, "max_position_embeddings": source.max_positions()},
+               "architecture": type(mdl).__name__, "max_position_embeddings": trained},
         device=str(mdl.device),
         dtype=str(torch_dtype).removeprefix("torch."),
         profile=profile_name,

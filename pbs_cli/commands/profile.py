@@ -62,11 +62,7 @@ def shape_from_model(spec_text: str) -> tuple[dict[str, int], str]:
     from .. import models
 
     spec = models.resolve_model(spec_text)
-    config = models.ModelSource(spec).config()
-    config = getattr(config, "get_text_config", lambda: config)()
-    heads = int(config.num_attention_heads)
-    kv = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    heads, kv, head_dim = models.attention_shape(models.ModelSource(spec).config())
     return {"batch": 1, "heads": heads, "kv_heads": kv, "head_dim": head_dim}, spec.describe()
 
 
