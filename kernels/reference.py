@@ -255,10 +255,9 @@ def chunk_blocks(n_b: int, r0: int, r1: int, config: PBSConfig, sink: torch.Tens
     return candidate, causal, forced
 
 
-def rank_blocks(probs: torch.Tensor | None, candidate: torch.Tensor, forced: torch.Tensor, config: PBSConfig,
-                per_row: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-p ranking of one chunk of query blocks: the kept set, packed. Shared by the reference and
-    the GPU paths (plain torch: runs on CUDA without host syncs).
+def rank_order(probs: torch.Tensor | None, candidate: torch.Tensor, forced: torch.Tensor, config: PBSConfig,
+               per_row: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The threshold-independent part of the top-p ranking of one chunk of query blocks.
 
     probs: fp32 (B, H_q, C, N_b) block probabilities (score="pooled": softmax over the scope), or
     None with ``per_row``: fp32 (B, H_q, C, m, N_b), the mass of each sampled row on each key block
@@ -267,9 +266,9 @@ def rank_blocks(probs: torch.Tensor | None, candidate: torch.Tensor, forced: tor
     blocks; threshold_scope "offdiag" renormalizes over the off-diagonal blocks.
     candidate (C, N_b), forced (broadcastable to (B, H_q, C, N_b)): from ``chunk_blocks``.
 
-    Forced blocks rank first and count towards the kept mass; then blocks by descending probability
-    (stable sort) until the mass before them reaches tau. Returns (kv_num_blocks int32 (B, H_q, C),
-    kv_indices int32 (B, H_q, C, N_b): kept blocks first, ascending, then the rest ascending).
+    Forced blocks rank first, then blocks by descending probability (stable sort). Returns (probs,
+    forced, order, mass_before), each (B, H_q, C, N_b): the block probabilities, the forced blocks
+    (row_top included), the ranking (block indices) and the mass ranked before each ranked position.
     """
     if per_row is not None:  # estimated attention mass per block, summing to 1 over the causal blocks
         n_b = per_row.shape[-1]
@@ -281,8 +280,6 @@ def rank_blocks(probs: torch.Tensor | None, candidate: torch.Tensor, forced: tor
         if config.threshold_scope == "offdiag":
             probs = probs * candidate
             probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
-    n_b = probs.shape[-1]
-    cols = torch.arange(n_b, device=probs.device)
     forced = forced.expand_as(probs)
     if per_row is not None and config.row_top:
         forced = forced | (row_forced & candidate)
@@ -290,7 +287,21 @@ def rank_blocks(probs: torch.Tensor | None, candidate: torch.Tensor, forced: tor
     ranked = torch.where(forced, probs + 2.0, probs)
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     p_sorted = torch.gather(probs, -1, order)
-    mass_before = torch.cumsum(p_sorted, -1) - p_sorted
+    return probs, forced, order, torch.cumsum(p_sorted, -1) - p_sorted
+
+
+def rank_blocks(probs: torch.Tensor | None, candidate: torch.Tensor, forced: torch.Tensor, config: PBSConfig,
+                per_row: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p ranking of one chunk of query blocks: the kept set, packed. Shared by the reference and
+    the GPU paths (plain torch: runs on CUDA without host syncs). Arguments as for ``rank_order``.
+
+    Forced blocks rank first and count towards the kept mass; then blocks by descending probability
+    until the mass before them reaches tau. Returns (kv_num_blocks int32 (B, H_q, C),
+    kv_indices int32 (B, H_q, C, N_b): kept blocks first, ascending, then the rest ascending).
+    """
+    probs, forced, order, mass_before = rank_order(probs, candidate, forced, config, per_row)
+    n_b = probs.shape[-1]
+    cols = torch.arange(n_b, device=probs.device)
     keep_sorted = (mass_before < config.threshold - 1e-6) | (config.threshold >= 1.0)
     keep_sorted &= torch.gather(candidate.expand_as(probs) | forced, -1, order)
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted) | forced

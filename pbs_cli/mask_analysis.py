@@ -175,8 +175,8 @@ def plain_selection_order(q1: torch.Tensor, k1: torch.Tensor, config: PBSConfig,
     q1, k1: (1, 1, N, D). Top-p selection ranks each query block's candidate blocks once (forced
     blocks first, then by score) and keeps a candidate iff the score mass ranked before it is below
     ``threshold - 1e-6`` (everything at threshold 1.0), so one scoring pass describes the plans of
-    every threshold. Plain-PyTorch twin of the ranking in ``pbs_kernels.reference.select_blocks``
-    (tests check that re-thresholding reproduces that function's plans exactly).
+    every threshold. The ranking is ``pbs_kernels.reference.rank_order``, the one that
+    ``reference.select_blocks`` uses (tests check that re-thresholding reproduces its plans exactly).
 
     Returns (forced bool (N_b, N_b), before fp32 (N_b, N_b)): ``before[i, j]`` is the mass ranked
     before candidate block j of query block i, +inf where j is forced or not a candidate.
@@ -185,8 +185,6 @@ def plain_selection_order(q1: torch.Tensor, k1: torch.Tensor, config: PBSConfig,
     bs = config.block_size
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     n_b = _cdiv(n, bs)
-    diag_start = ref.segment_starts(n_b, bs, config.segment_size, q1.device)
-    cols = torch.arange(n_b, device=q1.device)
     sampled = config.score != "pooled"
     kf = k1.float()
     if sampled:
@@ -197,31 +195,20 @@ def plain_selection_order(q1: torch.Tensor, k1: torch.Tensor, config: PBSConfig,
         rows_per_chunk = max(1, ref._CHUNK_ELEMENTS // n_b)
     forced_all = torch.zeros(n_b, n_b, dtype=torch.bool)
     before_all = torch.full((n_b, n_b), float("inf"))
+    sink = torch.zeros(1, 1, dtype=torch.long, device=q1.device)  # the identity permutation keeps token 0 in block 0
     for r0 in range(0, n_b, rows_per_chunk):
         r1 = min(n_b, r0 + rows_per_chunk)
-        rows = torch.arange(r0, r1, device=q1.device)[:, None]
-        start = diag_start[r0:r1, None]
-        candidate = cols[None, :] < start  # (C, N_b)
+        candidate, causal, forced = ref.chunk_blocks(n_b, r0, r1, config, sink, q1.device)
         if sampled:
-            per_row = ref.sampled_block_mass(q1, kf, kf, config, r0, r1, scale, per_row=True)[0, 0]  # (C, m, N_b)
-            probs = per_row.mean(1)
-            if config.threshold_scope == "offdiag":
-                probs = probs * candidate
-                probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
+            per_row = ref.sampled_block_mass(q1, kf, kf, config, r0, r1, scale, per_row=True)  # (1, 1, C, m, N_b)
+            _, forced, order, mass_before = ref.rank_order(None, candidate, forced, config, per_row)
         else:
-            scores = torch.matmul(q_bar[0, 0, r0:r1], k_bar[0, 0].T) * scale
-            scope = candidate if config.threshold_scope == "offdiag" else cols[None, :] <= rows
+            scores = torch.matmul(q_bar[:, :, r0:r1], k_bar.transpose(-1, -2)) * scale
+            scope = candidate if config.threshold_scope == "offdiag" else causal
             probs = scores.masked_fill(~scope, float("-inf")).softmax(-1).nan_to_num(0.0)
-        forced = ((cols[None, :] >= start) & (cols[None, :] <= rows)) | (candidate & (cols[None, :] >= start - config.local_blocks))
-        if config.sink:  # the identity permutation keeps token 0 in block 0
-            forced = forced | (candidate & (cols[None, :] == 0))
-        if sampled and config.row_top:
-            top = per_row.masked_fill(~candidate[:, None, :], -1.0).topk(min(config.row_top, n_b), -1)
-            best = torch.zeros_like(per_row, dtype=torch.bool).scatter_(-1, top.indices, top.values > 0)
-            forced = forced | (best.any(1) & candidate)
-        order = torch.sort(torch.where(forced, probs + 2.0, probs), dim=-1, descending=True, stable=True).indices
-        p_sorted = torch.gather(probs, -1, order)
-        before = torch.empty_like(probs).scatter_(-1, order, torch.cumsum(p_sorted, -1) - p_sorted)
+            _, forced, order, mass_before = ref.rank_order(probs, candidate, forced, config)
+        forced, order, mass_before = forced[0, 0], order[0, 0], mass_before[0, 0]
+        before = torch.empty_like(mass_before).scatter_(-1, order, mass_before)
         forced_all[r0:r1] = forced.cpu()
         before_all[r0:r1] = before.masked_fill(forced | ~candidate, float("inf")).cpu()
     return forced_all, before_all
