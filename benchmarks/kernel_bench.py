@@ -15,8 +15,7 @@ timing, and a mask_mod with the causal rule on original positions), and our kern
 ways of reading permuted keys: remap (through perm inside the kernel), gather (a permuted copy of
 K/V, timed with the kernel), tma (the copy, read with tensor descriptors), auto (the launcher's
 default: remap or tma by the plan's mean row length). Modes without a --configs entry use the
-launcher's default tile config. A mode with the suffix "+est" (e.g. ``--modes auto,auto+est``) runs
-it with ``estimate_dropped`` (pseudo-keys for the dropped blocks; checked against the reference's).
+launcher's default tile config.
 """
 
 from __future__ import annotations
@@ -181,10 +180,6 @@ def main(argv=None) -> int:
     fixed = json.loads(args.configs) if args.configs else {}
     flex = torch.compile(flex_attention, dynamic=False)
 
-    def attend(q, k, v, plan, mode, cfg=None):
-        base = mode.removesuffix("+est")
-        return A.pbs_attention(q, k, v, plan, perm_mode=base, config=cfg, estimate_dropped=base != mode)
-
     # -- correctness: bf16 kernel vs fp32 reference, small sizes, odd N --
     for shape in args.shapes.split(","):
         h_q, h_kv, d = SHAPES[shape]
@@ -194,18 +189,11 @@ def main(argv=None) -> int:
             plan = random_plan(1, h_q, h_kv, n, 0.3, dev, seed=1)
             ref = R.block_sparse_attention(q.float(), k.float(), v.float(), plan)
             low = R.block_sparse_attention(q, k, v, plan)  # the same math with bf16 rounding of the output
-            est_ref = est_low = None
             for mode in modes:
-                out = attend(q, k, v, plan, mode, fixed.get(shape, {}).get(mode))
-                r, lo = ref, low
-                if mode.endswith("+est"):
-                    if est_ref is None:
-                        est_ref = R.block_sparse_attention(q.float(), k.float(), v.float(), plan, estimate_dropped=True)
-                        est_low = R.block_sparse_attention(q, k, v, plan, estimate_dropped=True)
-                    r, lo = est_ref, est_low
+                out = A.pbs_attention(q, k, v, plan, perm_mode=mode, config=fixed.get(shape, {}).get(mode))
                 record(check=shape, n=n, mode=mode, density=round(plan.density(), 4),
-                       max_abs_err=(out.float() - r).abs().max().item(), rel_err=rel_err(out, r),
-                       rel_err_bf16_reference=rel_err(lo, r), nan=bool(out.isnan().any()))
+                       max_abs_err=(out.float() - ref).abs().max().item(), rel_err=rel_err(out, ref),
+                       rel_err_bf16_reference=rel_err(low, ref), nan=bool(out.isnan().any()))
             if n % BLOCK == 0 and not args.no_flex:
                 bm = flex_block_mask(plan, h_q, h_kv)
                 kp, vp = A.permuted_copy(k, plan.perm), A.permuted_copy(v, plan.perm)
@@ -270,7 +258,7 @@ def main(argv=None) -> int:
                     del kp, vp, bm
                 for mode in modes:
                     cfg = fixed.get(shape, {}).get(mode)
-                    row[mode] = bench(lambda: attend(q, k, v, plan, mode, cfg))
+                    row[mode] = bench(lambda: A.pbs_attention(q, k, v, plan, perm_mode=mode, config=cfg))
                 if any(m in modes for m in ("gather", "tma")):
                     row["copy"] = bench(lambda: (A.permuted_copy(k, plan.perm), A.permuted_copy(v, plan.perm)))
                 record(**row, tflops={m: dens * flops / row[m] / 1e9 for m in modes + (["flex"] if "flex" in row else [])})

@@ -36,9 +36,8 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float
 
 
 def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PermutedBlockMask,
-                  scale: float | None = None, estimate_dropped: bool = False) -> torch.Tensor:
-    """Causal attention over the kept blocks of ``plan`` (and, with ``estimate_dropped``, one
-    pseudo-key per dropped block of an earlier segment: ``PBSConfig.estimate_dropped``).
+                  scale: float | None = None) -> torch.Tensor:
+    """Causal attention over the kept blocks of ``plan``.
 
     q: (B, H_q, N, D), k/v: (B, H_kv, N, D) in original (unpermuted) order.
     Returns (B, H_q, N, D) in q's dtype. Triton on CUDA, the PyTorch reference elsewhere.
@@ -50,12 +49,12 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         from .triton import attention as fast
 
         if fast.supports(q):
-            return fast.pbs_attention(q, k, v, plan, scale, estimate_dropped=estimate_dropped)
-    return reference.block_sparse_attention(q, k, v, plan, scale, estimate_dropped)
+            return fast.pbs_attention(q, k, v, plan, scale)
+    return reference.block_sparse_attention(q, k, v, plan, scale)
 
 
 def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,
                           scale: float | None = None) -> tuple[torch.Tensor, PermutedBlockMask]:
     """Plan and attend in one call. Shapes as in ``pbs_attention``; returns (out, plan)."""
     plan = build_plan(q, k, config, scale)
-    return pbs_attention(q, k, v, plan, scale, config.estimate_dropped), plan
+    return pbs_attention(q, k, v, plan, scale), plan

@@ -46,15 +46,6 @@ class PBSConfig:
                    where it lowers the number of blocks that cover tau of the exact off-diagonal
                    attention of a strided sample of query rows; other heads stay in original order.
     dense_layers:  layer indices that run dense attention (see ``for_layer``).
-
-    Attention option beyond the published method (both attention paths, Triton and reference):
-
-    estimate_dropped: every causal key block of an earlier segment that the plan drops still
-                   enters the softmax as one pseudo-key: the block's mean key and mean value
-                   (over its permuted slots), weighted by its token count. The published method
-                   gives dropped blocks zero weight; this estimate is exact when a block's keys
-                   score alike (diffuse heads, and what the permutation sorts towards). Costs one
-                   extra tile per BLOCK_N earlier blocks per query tile; the plan is unchanged.
     """
 
     block_size: int = 128
@@ -72,7 +63,6 @@ class PBSConfig:
     dense_layers: tuple[int, ...] = ()
     threshold_scope: str = "offdiag"
     row_top: int = 0
-    estimate_dropped: bool = False
 
     SCORES = ("pooled", "sampled", "mean_query")
     IMPORTANCE_ROWS = ("last", "strided")

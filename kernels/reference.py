@@ -365,28 +365,9 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float
 # -- 3. block-sparse attention ----------------------------------------------------------------
 
 
-def dropped_block_summaries(k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor, block_size: int
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean key and mean value of every permuted key block (``PBSConfig.estimate_dropped``).
-    k, v (B, H_kv, N, D), perm (B, H_perm, N) -> two fp32 (B, H_perm, N_kb, D)."""
-    return pool_blocks(permute_keys(k, perm), block_size), pool_blocks(permute_keys(v, perm), block_size)
-
-
-def estimated_blocks(plan: PermutedBlockMask) -> torch.Tensor:
-    """Bool (B, H_q, N_qb, N_kb): the blocks ``estimate_dropped`` adds as pseudo-keys, i.e. dropped
-    blocks of segments before the query block's own (every such block is whole)."""
-    n_qb = plan.kv_num_blocks.shape[-1]
-    diag_start = segment_starts(n_qb, plan.block_size, plan.segment_size, plan.perm.device)
-    earlier = torch.arange(plan.num_blocks, device=plan.perm.device)[None, :] < diag_start[:, None]
-    return earlier & ~plan.to_dense()
-
-
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PermutedBlockMask,
-                           scale: float | None = None, estimate_dropped: bool = False) -> torch.Tensor:
+                           scale: float | None = None) -> torch.Tensor:
     """Causal attention over the kept key blocks of ``plan`` only. Returns (B, H_q, N, D) in q's dtype.
-
-    With ``estimate_dropped`` every block of ``estimated_blocks(plan)`` also enters the softmax as
-    one pseudo-key (its mean key and mean value, with a log(block_size) score bias).
 
     Each chunk of query blocks gathers its kept key blocks from a virtual key array
     [permuted keys ; original keys], right-aligned so that query block i's own block comes last:
@@ -434,15 +415,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
     has_own = (num > 0) & (last == torch.arange(n_b, device=dev))
     others = num - has_own.long()  # kept blocks strictly before the query block, (B, H_q, N_qb)
 
-    n_est = n_b if estimate_dropped else 0  # pseudo-keys per query block, in front of its real ones
-    if estimate_dropped:
-        k_mean, v_mean = dropped_block_summaries(k, v, plan.perm, bs)  # (B, H_perm, N_kb, D)
-        k_mean = k_mean.repeat_interleave(g_perm, dim=1)
-        v_mean = v_mean.repeat_interleave(g_perm, dim=1)
-        estimated = estimated_blocks(plan)  # (B, H_q, N_qb, N_kb)
-
     max_slots = int(others.max().item()) + 1
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h_q * bs * (max_slots * bs + n_est)))
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h_q * bs * max_slots * bs))
     for r0 in range(0, n_b, chunk):
         r1 = min(n_b, r0 + chunk)
         c = r1 - r0
@@ -458,16 +432,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
         keys = k_virt.index_select(0, flat).reshape(b * h_q * c, 1, m * bs, d + 1)  # whole blocks at once
         vals = v_virt.index_select(0, flat).reshape(b * h_q * c, 1, m * bs, d + 1)
         keys[..., d].masked_fill_(~slot_ok.repeat_interleave(bs, -1).reshape(b * h_q * c, 1, m * bs), float("-inf"))
-        if estimate_dropped:
-            bias = torch.full((b, h_q, c, n_b, 1), float("-inf"), device=dev)
-            bias.masked_fill_(estimated[:, :, r0:r1, :, None], math.log(bs))
-            est_k = torch.cat([k_mean[:, :, None].expand(b, h_q, c, n_b, d), bias], -1)
-            est_v = torch.cat([v_mean[:, :, None].expand(b, h_q, c, n_b, d), torch.zeros_like(bias)], -1)
-            keys = torch.cat([est_k.reshape(b * h_q * c, 1, n_b, d + 1), keys], 2)
-            vals = torch.cat([est_v.reshape(b * h_q * c, 1, n_b, d + 1), vals], 2)
         qc = q_aug[:, :, r0 * bs : r1 * bs].reshape(b * h_q * c, 1, bs, d + 1)
         o = torch.nn.functional.scaled_dot_product_attention(
-            qc, keys, vals, attn_mask=causal_lower_right(bs, m * bs + n_est), scale=1.0)
+            qc, keys, vals, attn_mask=causal_lower_right(bs, m * bs), scale=1.0)
         out[:, :, r0 * bs : r1 * bs] = o[..., :d].reshape(b, h_q, c * bs, d)
     return out[:, :, :n].to(q.dtype)
 

@@ -373,16 +373,14 @@ class Profiler:
                 t_sel = self._bench(lambda: select_blocks(q, k, perm, config, s.scale), device, memory=False)
                 plan = PermutedBlockMask(perm, num, idx, config.block_size, config.segment_size, n)
                 keep: dict[str, torch.Tensor] = {}
-                t_att = self._bench(lambda: keep.__setitem__("out", pbs_attention(q, k, v, plan, s.scale,
-                                                                                          config.estimate_dropped)), device,
+                t_att = self._bench(lambda: keep.__setitem__("out", pbs_attention(q, k, v, plan, s.scale)), device,
                                     memory=False)
 
                 def total():
                     p = compute_permutation(q, k, config, s.scale)
                     nm, ix = select_blocks(q, k, p, config, s.scale)
                     return pbs_attention(q, k, v, PermutedBlockMask(p, nm, ix, config.block_size,
-                                                                    config.segment_size, n), s.scale,
-                                         config.estimate_dropped)
+                                                                    config.segment_size, n), s.scale)
 
                 t_tot = self._bench(total, device)
                 out = keep.pop("out")
@@ -415,9 +413,7 @@ class Profiler:
                                  select_ms=pbs_phases["select"].median_ms, attend_ms=t.median_ms,
                                  tflops=flops / (tot * 1e9),
                                  tflops_computed=fields["density"] * flops / (t.median_ms * 1e9), **fields,
-                                 notes="time = pbs permute + select + FlexAttention (gather + attend); spread of the attend part"
-                                 + ("; without estimate_dropped (FlexAttention has no pseudo-keys)" if config.estimate_dropped
-                                    else ""))
+                                 notes="time = pbs permute + select + FlexAttention (gather + attend); spread of the attend part")
                     for key in ("median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms"):
                         rec[key] = rec[key] + plan_ms
                     return rec
@@ -439,7 +435,7 @@ class Profiler:
                     plan = reference.build_plan(q, k, config, s.scale)
                     keep: dict[str, torch.Tensor] = {}
                     t_att = self._bench(lambda: keep.__setitem__("out", reference.block_sparse_attention(
-                        q, k, v, plan, s.scale, config.estimate_dropped)), device)
+                        q, k, v, plan, s.scale)), device)
                     out = keep.pop("out")
                     fields = quality(out, plan)
                     tot = t_plan.median_ms + t_att.median_ms

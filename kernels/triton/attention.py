@@ -99,7 +99,7 @@ def _autotuned(plan_block: int, head_dim: int, row_bucket: int):
     """One autotuner per (plan block, head_dim, power-of-two bucket of mean kept blocks per row):
     each bucket is tuned on its first call, so a tune at a short length does not serve long ones."""
     return triton.autotune(configs=_cuda_configs(plan_block, head_dim),
-                           key=["HEAD_DIM", "PLAN_BLOCK", "PERM_MODE", "SEG_BLOCKS", "ESTIMATE"])(K.pbs_attn_fwd)
+                           key=["HEAD_DIM", "PLAN_BLOCK", "PERM_MODE", "SEG_BLOCKS"])(K.pbs_attn_fwd)
 
 
 @functools.cache
@@ -137,36 +137,6 @@ def permuted_copy(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, d).index_select(0, rows).reshape(b, h_perm, n, d)
 
 
-def block_means(xp: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Mean row of every whole block of xp (B, H, N, D), accumulated in fp32 -> (B, H, N_kb, D) in
-    xp's dtype; a partial last block gets zeros (it is never an earlier segment's block)."""
-    b, h, n, d = xp.shape
-    n_full = n // block_size
-    out = torch.zeros(b, h, -(-n // block_size), d, dtype=xp.dtype, device=xp.device)
-    out[:, :, :n_full] = xp[:, :, : n_full * block_size].unflatten(2, (n_full, block_size)).mean(3, dtype=torch.float32)
-    return out
-
-
-def kept_bits(plan: PermutedBlockMask, chunk_elements: int = 1 << 24) -> torch.Tensor:
-    """The plan's kept blocks as bits: int32 (B, H_q, N_qb, ceil(N_kb / 32)), bit j % 32 of word
-    j // 32 set when the row keeps block j. Built a chunk of query blocks at a time, so the
-    temporaries stay near ``chunk_elements`` entries."""
-    b, h, n_qb, n_kb = plan.kv_indices.shape
-    words = -(-n_kb // 32)
-    bits = torch.zeros(b, h, n_qb, words, dtype=torch.int32, device=plan.kv_indices.device)
-    slot = torch.arange(n_kb, device=bits.device)
-    step = max(1, chunk_elements // max(1, b * h * n_kb))
-    for r0 in range(0, n_qb, step):
-        idx = plan.kv_indices[:, :, r0 : r0 + step].to(torch.int32)
-        valid = slot < plan.kv_num_blocks[:, :, r0 : r0 + step, None]
-        # kept indices are distinct, so adding one bit per kept block is a bitwise OR (bit 31 wraps
-        # to the sign bit, which is what the kernel reads)
-        idx = torch.where(valid, idx, 0)  # padding slots may hold anything
-        one = torch.where(valid, torch.bitwise_left_shift(torch.ones_like(idx), idx & 31), 0)
-        bits[:, :, r0 : r0 + step].scatter_add_(-1, (idx >> 5).long(), one)
-    return bits
-
-
 def choose_perm_mode(plan: PermutedBlockMask) -> str:
     """"tma" (permuted copy, descriptor loads) for long sequences, where rows keep many blocks, else
     "remap". Reads only the plan's length: no host synchronization."""
@@ -175,8 +145,7 @@ def choose_perm_mode(plan: PermutedBlockMask) -> str:
 
 def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PermutedBlockMask,
                   scale: float | None = None, *, perm_mode: str | None = None,
-                  config: dict | str | None = None, out: torch.Tensor | None = None,
-                  estimate_dropped: bool = False) -> torch.Tensor:
+                  config: dict | str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention over the kept key blocks of ``plan`` (Triton).
 
     q: (B, H_q, N, D); k, v: (B, H_kv, N, D) in original order; H_q a multiple of H_kv.
@@ -188,8 +157,6 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         default (``_default_config``); "autotune" = tune on CUDA over ``_cuda_configs`` (also when
         ``PBS_AUTOTUNE=1``), once per plan block, head_dim and row-length bucket.
     out: optional contiguous (B, H_q, N, D) tensor of q's dtype to write into.
-    estimate_dropped: dropped blocks of earlier segments enter as pseudo-keys (mean key and value,
-        weighted by the block size; ``PBSConfig.estimate_dropped``).
     Returns (B, H_q, N, D) in q's dtype.
     """
     if not supports(q):
@@ -229,19 +196,10 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor on {q.device}, "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
 
-    if estimate_dropped:
-        km = block_means(kp if mode != 2 else permuted_copy(k, perm), bs)
-        vm = block_means(vp if mode != 2 else permuted_copy(v, perm), bs)
-        bits = kept_bits(plan)
-    else:
-        km, vm, bits = k, v, num  # unused
     seg_blocks = plan.segment_size // bs
-    qk_scale = scale * math.log2(math.e)
-    args = (q, k, v, kp, vp, perm, out, num, idx, km, vm, bits, qk_scale, math.log2(bs) / qk_scale,
-            n, h_q, h_kv, h_perm, n_qb, n_kb)
+    args = (q, k, v, kp, vp, perm, out, num, idx, scale * math.log2(math.e), n, h_q, h_kv, h_perm, n_qb, n_kb)
     consts = dict(PLAN_BLOCK=bs, SEG_BLOCKS=seg_blocks, SEG_POW2=triton.next_power_of_2(seg_blocks),
-                  HEAD_DIM=d, PERM_MODE=mode, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                  ESTIMATE=bool(estimate_dropped))
+                  HEAD_DIM=d, PERM_MODE=mode, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
     if config is None and os.environ.get("PBS_AUTOTUNE", "0") not in ("", "0"):
         config = "autotune"

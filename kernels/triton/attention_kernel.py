@@ -8,10 +8,7 @@ ascending and causal, j <= i, so the blocks of the query's own segment form the 
      Its loads need nothing from the plan, so they overlap the plan's own loads; when the plan
      does not keep block i, the mask drops every key of it;
   1. kept blocks of EARLIER segments: permuted keys, no token mask;
-  2. kept blocks of the OWN segment before block i: original keys, no token mask;
-  3. with ESTIMATE (``PBSConfig.estimate_dropped``): the DROPPED blocks of earlier segments, as one
-     pseudo-key each (mean key KM, mean value VM, score + log(PLAN_BLOCK)), BLOCK_N blocks per
-     tile; KEPT_BITS says which blocks the row keeps.
+  2. kept blocks of the OWN segment before block i: original keys, no token mask.
 
 PERM_MODE says how phase 1 reads permuted keys:
   0  gathered copies KP/VP (keys already in permuted order), contiguous tiles through TMA tensor
@@ -24,9 +21,7 @@ Softmax runs in base 2: scores are multiplied by ``qk_scale = scale * log2(e)`` 
 with exp2, which is what the hardware computes natively.
 
 Shapes: Q, O (B, H_q, N, D); K, V (B, H_kv, N, D); KP, VP (B, H_perm, N, D); PERM (B, H_perm, N);
-KV_NUM (B, H_q, N_qb); KV_IDX (B, H_q, N_qb, N_kb); KM, VM (B, H_perm, N_kb, D);
-KEPT_BITS int32 (B, H_q, N_qb, ceil(N_kb / 32)), bit j % 32 of word j // 32 set when the row keeps
-block j. All contiguous (last stride 1).
+KV_NUM (B, H_q, N_qb); KV_IDX (B, H_q, N_qb, N_kb). All contiguous (last stride 1).
 """
 
 from __future__ import annotations
@@ -37,13 +32,12 @@ import triton.language as tl
 
 @triton.jit
 def _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, MASKED: tl.constexpr,
-                         DOT_PREC: tl.constexpr, shift):
-    # q (BLOCK_M, D), k/v (BLOCK_N, D); acc (BLOCK_M, D) fp32; l_i, m_i (BLOCK_M,) fp32, m_i in log2 units;
-    # shift: added to the raw scores of a masked step (a pseudo-key's weight, in raw-score units)
+                         DOT_PREC: tl.constexpr):
+    # q (BLOCK_M, D), k/v (BLOCK_N, D); acc (BLOCK_M, D) fp32; l_i, m_i (BLOCK_M,) fp32, m_i in log2 units
     # -- scores (raw; the log2e-folded scale enters through one multiply-add below) --
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
     if MASKED:
-        qk = tl.where(mask, qk + shift, float("-inf"))
+        qk = tl.where(mask, qk, float("-inf"))
     # -- online softmax update --
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
@@ -57,9 +51,8 @@ def _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, MASKED: tl.cons
 
 @triton.jit
 def pbs_attn_fwd(
-    Q, K, V, KP, VP, PERM, O, KV_NUM, KV_IDX, KM, VM, KEPT_BITS,
+    Q, K, V, KP, VP, PERM, O, KV_NUM, KV_IDX,
     qk_scale,
-    est_shift,  # log2(PLAN_BLOCK) / qk_scale: a pseudo-key's weight in raw-score units
     N_CTX, H_Q, H_KV, H_PERM, N_QB, N_KB,
     PLAN_BLOCK: tl.constexpr,  # tokens per plan block (selection granularity)
     SEG_BLOCKS: tl.constexpr,  # plan blocks per segment
@@ -69,7 +62,6 @@ def pbs_attn_fwd(
     HEAD_DIM: tl.constexpr,
     PERM_MODE: tl.constexpr,
     DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs, else the default "tf32" (ignored for 16-bit)
-    ESTIMATE: tl.constexpr,  # phase 3: dropped blocks of earlier segments as pseudo-keys
 ):
     SUB_M: tl.constexpr = PLAN_BLOCK // BLOCK_M
     SUB_N: tl.constexpr = PLAN_BLOCK // BLOCK_N
@@ -120,7 +112,7 @@ def pbs_attn_fwd(
         k = tl.load(K + kv_off, mask=in_seq, other=0.0)
         v = tl.load(V + kv_off, mask=in_seq, other=0.0)
         mask = (offs_k[None, :] <= offs_m[:, None]) & (offs_k[None, :] < N_CTX) & (has_diag > 0)
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, True, DOT_PREC, 0.0)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, True, DOT_PREC)
 
     if PERM_MODE == 0:
         total_rows = tl.num_programs(1) * N_CTX  # B * H_kv * N
@@ -146,7 +138,7 @@ def pbs_attn_fwd(
             kv_off = (kv_row0 + src)[:, None] * HEAD_DIM + offs_d[None, :]
             k = tl.load(K + kv_off)
             v = tl.load(V + kv_off)
-            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC, 0.0)
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC)
     else:
         # -- phase 1: earlier segments, permuted copies, no mask --
         for t in range(0, n_off * SUB_N):
@@ -159,7 +151,7 @@ def pbs_attn_fwd(
                 kv_off = (kp_row0 + start + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
                 k = tl.load(KP + kv_off)
                 v = tl.load(VP + kv_off)
-            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC, 0.0)
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC)
         # -- phase 2: own segment before the last kept block, original keys, no mask --
         for t in range(n_off * SUB_N, last * SUB_N):
             j = tl.load(idx_row + t // SUB_N)
@@ -171,23 +163,7 @@ def pbs_attn_fwd(
                 kv_off = (kv_row0 + start + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
                 k = tl.load(K + kv_off)
                 v = tl.load(V + kv_off)
-            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC, 0.0)
-
-    if ESTIMATE:
-        # -- phase 3: each dropped block of an earlier segment as one pseudo-key: its mean key and
-        #    value, its score raised by log2(PLAN_BLOCK) (it stands for PLAN_BLOCK keys) --
-        words = (N_KB + 31) // 32
-        bits_row = KEPT_BITS + row * words
-        m_row0 = (b.to(tl.int64) * H_PERM + h_perm) * N_KB
-        for c0 in range(0, diag_start, BLOCK_N):
-            blk = c0 + offs_n
-            word = tl.load(bits_row + blk // 32, mask=blk < diag_start, other=-1)
-            dropped = ((word >> (blk % 32)) & 1) == 0  # blocks >= diag_start read as kept
-            m_off = (m_row0 + blk)[:, None] * HEAD_DIM + offs_d[None, :]
-            km = tl.load(KM + m_off, mask=dropped[:, None], other=0.0)
-            vm = tl.load(VM + m_off, mask=dropped[:, None], other=0.0)
-            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, km, vm, qk_scale, dropped[None, :], True,
-                                                 DOT_PREC, est_shift)
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC)
 
     # -- epilogue: normalize; rows that saw no key (only rows >= N) write 0 --
     l_i = tl.where(l_i == 0.0, 1.0, l_i)

@@ -167,8 +167,7 @@ def write_trace(path: Path, case: Case, settings: Settings) -> None:
         with record_function("pbs.select"):
             num, idx = select_blocks(q, k, perm, cfg, scale)
         with record_function("pbs.attend"):
-            pbs_attention(q, k, v, PermutedBlockMask(perm, num, idx, cfg.block_size, cfg.segment_size, q.shape[2]), scale,
-                          cfg.estimate_dropped)
+            pbs_attention(q, k, v, PermutedBlockMask(perm, num, idx, cfg.block_size, cfg.segment_size, q.shape[2]), scale)
         if q.is_cuda:
             torch.cuda.synchronize(q.device)
     path = Path(path)
