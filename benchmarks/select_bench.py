@@ -161,6 +161,7 @@ def main(argv=None) -> int:
 
     import triton
 
+    from pbs_kernels import attention as api
     from pbs_kernels import reference
     from pbs_kernels.config import PBSConfig
     from pbs_kernels.triton import permute as tperm
@@ -261,6 +262,47 @@ def main(argv=None) -> int:
         }
         n_b = idx.shape[-1]
         mem["density"] = num.double().sum().item() / (args.batch * args.heads * n_b * (n_b + 1) / 2)
+        whole_num = num
+        del num, idx
+        # the same selection in row chunks, as pbs_prefill_attention runs it at this length
+        rows = api.plan_chunk_rows(q, cfg)
+        if rows is not None:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            nums = []
+            for r0 in range(0, n_b, rows):
+                part_num, part_idx = tsel.select_blocks(q, k, perm, cfg, rows=(r0, min(n_b, r0 + rows)))
+                nums.append(part_num)
+                del part_idx
+            torch.cuda.synchronize()
+            mem["chunk_rows"] = rows
+            mem["chunked_select_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+            mem["chunked_counts_equal"] = bool(torch.equal(torch.cat(nums, -1), whole_num))
+
+            def chunked():
+                for r0 in range(0, n_b, rows):
+                    tsel.select_blocks(q, k, perm, cfg, rows=(r0, min(n_b, r0 + rows)))
+            mem["chunked_select"] = cuda_time(chunked, 1, 3)
+            del nums
+        # plan + attend in one call at this length: row chunks (the default) vs one whole plan
+        v = torch.randn_like(k)
+        for name, budget in (("prefill_chunked", api.PLAN_CHUNK_BYTES), ("prefill_whole", 1 << 62)):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            out, _ = api.pbs_prefill_attention(q, k, v, cfg, plan_bytes=budget)
+            torch.cuda.synchronize()
+            mem[name + "_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+            mem[name] = cuda_time(lambda: api.pbs_prefill_attention(q, k, v, cfg, plan_bytes=budget), 1, 2)
+            if name == "prefill_chunked":
+                first = out
+            else:
+                mem["prefill_outputs_equal"] = bool(torch.equal(first, out))
+            del out
+        del first, v
         results["memory"] = mem
         print(json.dumps(mem), file=sys.stderr)
 
@@ -284,6 +326,13 @@ def main(argv=None) -> int:
               f"{m['select_peak_extra_bytes'] / gib:.3f} GiB = plan output {m['select_output_bytes'] / gib:.3f} GiB + "
               f"workspace {m['select_workspace_bytes'] / gib:.3f} GiB; permute {m['permute']['median_ms']:.2f} ms, "
               f"select {m['select']['median_ms']:.2f} ms, density {m['density']:.1%}")
+        if "chunk_rows" in m:
+            print(f"  in chunks of {m['chunk_rows']} query blocks: select peak extra "
+                  f"{m['chunked_select_peak_extra_bytes'] / gib:.3f} GiB, {m['chunked_select']['median_ms']:.2f} ms, "
+                  f"counts equal: {m['chunked_counts_equal']}")
+        print(f"  pbs_prefill_attention: chunked {m['prefill_chunked']['median_ms']:.1f} ms, peak extra "
+              f"{m['prefill_chunked_peak_extra_bytes'] / gib:.3f} GiB; whole plan {m['prefill_whole']['median_ms']:.1f} ms, "
+              f"peak extra {m['prefill_whole_peak_extra_bytes'] / gib:.3f} GiB; outputs equal: {m['prefill_outputs_equal']}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)

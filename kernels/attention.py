@@ -12,6 +12,11 @@ from .permute import compute_permutation
 from .select import select_blocks
 
 
+# Above this many bytes of plan indices (int32 kv_indices), ``pbs_prefill_attention`` plans and
+# attends in chunks of query blocks: the whole table is 2 GiB at 512K tokens with 32 query heads.
+PLAN_CHUNK_BYTES = 256 << 20
+
+
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"expected q, k as (B, H, N, D), got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -53,8 +58,50 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     return reference.block_sparse_attention(q, k, v, plan, scale)
 
 
+def plan_chunk_rows(q: torch.Tensor, config: PBSConfig, budget: int = PLAN_CHUNK_BYTES) -> int | None:
+    """Query blocks per row chunk when q's whole plan index table (int32, B x H_q x N_qb x N_kb)
+    would exceed ``budget`` bytes and the fused GPU path can plan and attend in row chunks (Triton
+    attention, the published selection options); None = plan the whole sequence at once."""
+    b, h_q, n, _ = q.shape
+    n_b = -(-n // config.block_size)
+    if 4 * b * h_q * n_b * n_b <= budget or not use_triton(q) or config.beyond_published():
+        return None
+    from .triton import attention as fast
+
+    return max(1, budget // (4 * b * h_q * n_b)) if fast.supports(q) else None
+
+
 def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,
-                          scale: float | None = None) -> tuple[torch.Tensor, PermutedBlockMask]:
-    """Plan and attend in one call. Shapes as in ``pbs_attention``; returns (out, plan)."""
-    plan = build_plan(q, k, config, scale)
-    return pbs_attention(q, k, v, plan, scale), plan
+                          scale: float | None = None, plan_bytes: int = PLAN_CHUNK_BYTES
+                          ) -> tuple[torch.Tensor, PermutedBlockMask]:
+    """Plan and attend in one call. Shapes as in ``pbs_attention``; returns (out, plan).
+
+    Long sequences (``plan_chunk_rows``: index table over ``plan_bytes``) are planned and attended
+    one chunk of query blocks at a time, after one permutation for all: the same result, with at
+    most ``plan_bytes`` of indices alive. The returned plan is then a summary (``kv_indices`` None).
+    """
+    rows = plan_chunk_rows(q, config, plan_bytes)
+    if rows is None:
+        plan = build_plan(q, k, config, scale)
+        return pbs_attention(q, k, v, plan, scale), plan
+    from .triton import attention as fast
+    from .triton import select as fast_select
+
+    _check_shapes(q, k, v)
+    n = q.shape[2]
+    bs, seg = config.block_size, config.segment_size
+    n_b = -(-n // bs)
+    perm = compute_permutation(q, k, config, scale)
+    copies = None
+    if fast.resolve_perm_mode(n, q) != "remap":  # one permuted copy of K/V for every chunk
+        copies = fast.permuted_copy(k, perm), fast.permuted_copy(v, perm)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    nums = []
+    for r0 in range(0, n_b, rows):
+        r1 = min(n_b, r0 + rows)
+        num, idx = fast_select.select_blocks(q, k, perm, config, scale, rows=(r0, r1))
+        fast.pbs_attention(q, k, v, PermutedBlockMask(perm, num, idx, bs, seg, n, row_offset=r0), scale,
+                           out=out, permuted=copies)
+        nums.append(num)
+        del idx
+    return out, PermutedBlockMask(perm, torch.cat(nums, -1), None, bs, seg, n)

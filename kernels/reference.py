@@ -383,6 +383,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
     h_perm = plan.perm.shape[1]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     n_b = _cdiv(n, bs)
+    if plan.row_offset or plan.kv_num_blocks.shape[-1] != n_b or plan.kv_indices is None:
+        raise ValueError(f"the reference attends whole plans ({n_b} rows from 0); got {plan!r}")
     n_pad = n_b * bs
     g_perm = h_q // h_perm
     dev = q.device

@@ -217,6 +217,37 @@ def test_plan_block_64_and_scale():
     torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["remap", "tma"])
+def test_plan_rows_chunk_writes_only_its_rows(mode):
+    """A plan of query blocks r0..r1-1 (``row_offset``) computes exactly those rows of the whole plan's
+    output; the permuted copies may come from the caller."""
+    dtype = DTYPES[0]
+    n = 300
+    q, k, v = qkv(1, 4, 2, n, 64, dtype, seed=9)
+    plan = to_device(random_plan(1, 4, 2, n, 32, 64, p=0.4, seed=9))
+    whole = A.pbs_attention(q, k, v, plan, perm_mode=mode)
+    out = torch.full_like(q, float("nan"))
+    copies = (A.permuted_copy(k, plan.perm), A.permuted_copy(v, plan.perm))
+    for r0, r1 in ((3, 7), (0, 3), (7, 10)):
+        part = PermutedBlockMask(plan.perm, plan.kv_num_blocks[:, :, r0:r1].contiguous(),
+                                 plan.kv_indices[:, :, r0:r1].contiguous(), 32, 64, n, row_offset=r0)
+        assert part.causal_blocks() == 4 * sum(i + 1 for i in range(r0, r1))
+        before = out.clone()
+        A.pbs_attention(q, k, v, part, perm_mode=mode, out=out, permuted=copies)
+        rows = slice(r0 * 32, min(n, r1 * 32))
+        torch.testing.assert_close(out[:, :, rows], whole[:, :, rows], atol=0, rtol=0)
+        out[:, :, rows] = before[:, :, rows]
+        assert torch.equal(out.isnan(), before.isnan()) and torch.equal(out.nan_to_num(), before.nan_to_num())
+        out[:, :, rows] = whole[:, :, rows]
+    torch.testing.assert_close(out, whole, atol=0, rtol=0)
+    bad = PermutedBlockMask(plan.perm, plan.kv_num_blocks[:, :, :4].contiguous(), plan.kv_indices[:, :, :4].contiguous(),
+                            32, 64, n, row_offset=8)
+    with pytest.raises(ValueError, match="does not fit"):
+        A.pbs_attention(q, k, v, bad)
+    with pytest.raises(ValueError, match="whole plans"):
+        R.block_sparse_attention(q.float(), k.float(), v.float(), bad)
+
+
 def test_supports():
     dtype = DTYPES[0]
     assert A.supports(torch.empty(1, 2, 8, 64, dtype=dtype, device=DEVICE))

@@ -229,6 +229,21 @@ def test_chunked_scores_equal_one_chunk():
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 
 
+@pytest.mark.parametrize("r0,r1,score_rows", [(0, 38, 38), (5, 17, 4), (30, 38, 3), (37, 38, 38)])
+def test_row_range_equals_those_rows_of_the_whole_plan(r0, r1, score_rows):
+    """rows=(r0, r1) plans query blocks r0..r1-1 only (long sequences are planned in such chunks),
+    also when the score buffer splits the range again."""
+    cfg = PBSConfig(block_size=16, segment_size=32, local_blocks=1)
+    q, k = structured_qkv(2, 2, 1, 600, 32, DTYPES[0], seed=3)  # 38 query blocks, the last one partial
+    perm = tperm.compute_permutation(q, k, cfg)
+    num, idx = tsel.select_blocks(q, k, perm, cfg)
+    part_num, part_idx = tsel.select_blocks(q, k, perm, cfg, rows=(r0, r1), score_bytes=4 * 2 * 2 * 38 * score_rows)
+    assert part_num.shape == (2, 2, r1 - r0) and part_idx.shape == (2, 2, r1 - r0, 38)
+    assert torch.equal(part_num, num[:, :, r0:r1]) and torch.equal(part_idx, idx[:, :, r0:r1])
+    with pytest.raises(ValueError, match="rows must satisfy"):
+        tsel.select_blocks(q, k, perm, cfg, rows=(3, 3))
+
+
 def test_pooling_gathers_through_the_permutation():
     q, k = structured_qkv(2, 4, 2, 201, 32, DTYPES[0])
     cfg = PBSConfig(block_size=16, segment_size=32, per_head_permutation=True)

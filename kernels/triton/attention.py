@@ -140,16 +140,34 @@ def permuted_copy(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 def choose_perm_mode(plan: PermutedBlockMask) -> str:
     """"tma" (permuted copy, descriptor loads) for long sequences, where rows keep many blocks, else
     "remap". Reads only the plan's length: no host synchronization."""
-    return "tma" if plan.seq_len >= TMA_MIN_SEQ_LEN else "remap"
+    return _mode_for_length(plan.seq_len)
+
+
+def _mode_for_length(seq_len: int) -> str:
+    return "tma" if seq_len >= TMA_MIN_SEQ_LEN else "remap"
+
+
+def resolve_perm_mode(seq_len: int, q: torch.Tensor, perm_mode: str | None = None) -> str:
+    """The read mode ``pbs_attention`` uses for ``perm_mode`` (None: ``DEFAULT_PERM_MODE``; "auto":
+    ``choose_perm_mode``'s rule on CUDA, "remap" in the interpreter)."""
+    name = perm_mode or DEFAULT_PERM_MODE
+    if name == "auto":
+        name = _mode_for_length(seq_len) if q.is_cuda else "remap"
+    if name not in PERM_MODES:
+        raise ValueError(f"perm_mode must be one of {sorted(PERM_MODES) + ['auto']}, got {name!r}")
+    return name
 
 
 def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PermutedBlockMask,
                   scale: float | None = None, *, perm_mode: str | None = None,
-                  config: dict | str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                  config: dict | str | None = None, out: torch.Tensor | None = None,
+                  permuted: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention over the kept key blocks of ``plan`` (Triton).
 
     q: (B, H_q, N, D); k, v: (B, H_kv, N, D) in original order; H_q a multiple of H_kv.
-    plan: ``PermutedBlockMask`` for these shapes. scale: softmax scale (default 1/sqrt(D)).
+    plan: ``PermutedBlockMask`` for these shapes, whole or a chunk of rows (``row_offset``): then
+        only the query rows of those blocks are computed (and written into ``out``).
+        scale: softmax scale (default 1/sqrt(D)).
     perm_mode: how permuted keys are read: "remap" (through ``plan.perm`` inside the kernel, no
         copy), "gather" (one permuted copy of K/V, contiguous tiles), "tma" (the copy, read with
         tensor descriptors) or "auto" (``choose_perm_mode``). Default ``DEFAULT_PERM_MODE``.
@@ -157,6 +175,8 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         default (``_default_config``); "autotune" = tune on CUDA over ``_cuda_configs`` (also when
         ``PBS_AUTOTUNE=1``), once per plan block, head_dim and row-length bucket.
     out: optional contiguous (B, H_q, N, D) tensor of q's dtype to write into.
+    permuted: the copies ``(permuted_copy(k, plan.perm), permuted_copy(v, plan.perm))``, when the
+        caller already has them (row chunks of one plan share them); used by "gather" and "tma".
     Returns (B, H_q, N, D) in q's dtype.
     """
     if not supports(q):
@@ -168,17 +188,15 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     h_kv = k.shape[1]
     h_perm = plan.perm.shape[1]
     bs = plan.block_size
-    n_qb, n_kb = plan.kv_num_blocks.shape[-1], plan.num_blocks
+    n_rows, n_kb, qb0 = plan.kv_num_blocks.shape[-1], plan.num_blocks, plan.row_offset
     if h_q % h_kv or h_q % h_perm or h_perm % h_kv and h_kv % h_perm:
         raise ValueError(f"heads must nest: H_q={h_q}, H_kv={h_kv}, plan perm heads={h_perm}")
-    if tuple(plan.kv_num_blocks.shape) != (b, h_q, n_qb) or n_qb != -(-n // bs):
-        raise ValueError(f"plan shape {tuple(plan.kv_indices.shape)} does not fit q {tuple(q.shape)} "
-                         f"with block_size {bs}: expected ({b}, {h_q}, {-(-n // bs)}, ...)")
-    mode_name = perm_mode or DEFAULT_PERM_MODE
-    if mode_name == "auto":
-        mode_name = choose_perm_mode(plan) if q.is_cuda else "remap"
-    if mode_name not in PERM_MODES:
-        raise ValueError(f"perm_mode must be one of {sorted(PERM_MODES) + ['auto']}, got {mode_name!r}")
+    if (tuple(plan.kv_num_blocks.shape) != (b, h_q, n_rows) or n_kb != -(-n // bs)
+            or tuple(plan.kv_indices.shape) != (b, h_q, n_rows, n_kb) or qb0 + n_rows > n_kb):
+        raise ValueError(f"plan shape {tuple(plan.kv_indices.shape)} (rows from {qb0}) does not fit q "
+                         f"{tuple(q.shape)} with block_size {bs}: expected ({b}, {h_q}, <= {-(-n // bs)} rows, "
+                         f"{-(-n // bs)})")
+    mode_name = resolve_perm_mode(plan.seq_len, q, perm_mode)
     mode = PERM_MODES[mode_name]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
 
@@ -188,6 +206,8 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     idx = plan.kv_indices.to(torch.int32).contiguous()
     if mode == 2:
         kp, vp = k, v  # unused
+    elif permuted is not None:
+        kp, vp = (x.contiguous() for x in permuted)
     else:
         kp, vp = permuted_copy(k, perm), permuted_copy(v, perm)
     if out is None:
@@ -197,7 +217,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
 
     seg_blocks = plan.segment_size // bs
-    args = (q, k, v, kp, vp, perm, out, num, idx, scale * math.log2(math.e), n, h_q, h_kv, h_perm, n_qb, n_kb)
+    args = (q, k, v, kp, vp, perm, out, num, idx, scale * math.log2(math.e), n, h_q, h_kv, h_perm, qb0, n_rows, n_kb)
     consts = dict(PLAN_BLOCK=bs, SEG_BLOCKS=seg_blocks, SEG_POW2=triton.next_power_of_2(seg_blocks),
                   HEAD_DIM=d, PERM_MODE=mode, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
@@ -207,7 +227,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         raise ValueError(f'config must be a dict of tile sizes, "autotune" or None, got {config!r}')
     if not q.is_cuda:
         cfg = config if isinstance(config, dict) else _default_config(bs, d, mode_name)
-        grid = (n_qb * (bs // cfg["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
+        grid = (n_rows * (bs // cfg["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
         _interpreted()[grid](*args, **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
         return out
 
@@ -216,11 +236,11 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     with torch.cuda.device(q.device):
         if config == "autotune":
             bucket = triton.next_power_of_2(max(1, math.ceil(num.float().mean().item())))
-            grid = lambda meta: (n_qb * (bs // meta["BLOCK_M"]) * (h_q // h_kv), b * h_kv)  # noqa: E731
+            grid = lambda meta: (n_rows * (bs // meta["BLOCK_M"]) * (h_q // h_kv), b * h_kv)  # noqa: E731
             _autotuned(bs, d, bucket)[grid](*args, **consts)
         else:
             cfg = config or _default_config(bs, d, mode_name)
-            grid = (n_qb * (bs // cfg["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
+            grid = (n_rows * (bs // cfg["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
             K.pbs_attn_fwd[grid](*args, **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return out

@@ -21,7 +21,8 @@ Softmax runs in base 2: scores are multiplied by ``qk_scale = scale * log2(e)`` 
 with exp2, which is what the hardware computes natively.
 
 Shapes: Q, O (B, H_q, N, D); K, V (B, H_kv, N, D); KP, VP (B, H_perm, N, D); PERM (B, H_perm, N);
-KV_NUM (B, H_q, N_qb); KV_IDX (B, H_q, N_qb, N_kb). All contiguous (last stride 1).
+KV_NUM (B, H_q, R); KV_IDX (B, H_q, R, N_kb): the plan rows of query blocks QB0 .. QB0 + R - 1 (the
+whole plan: QB0 = 0, R = N_qb); the grid covers those query blocks only. All contiguous (last stride 1).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, MASKED: tl.cons
 def pbs_attn_fwd(
     Q, K, V, KP, VP, PERM, O, KV_NUM, KV_IDX,
     qk_scale,
-    N_CTX, H_Q, H_KV, H_PERM, N_QB, N_KB,
+    N_CTX, H_Q, H_KV, H_PERM, QB0, N_QB, N_KB,  # N_QB: plan rows held (R)
     PLAN_BLOCK: tl.constexpr,  # tokens per plan block (selection granularity)
     SEG_BLOCKS: tl.constexpr,  # plan blocks per segment
     SEG_POW2: tl.constexpr,  # next power of two >= SEG_BLOCKS (tl.arange needs one)
@@ -69,7 +70,7 @@ def pbs_attn_fwd(
     # grid: (tiles * GROUP, B * H_kv). The query heads of one GQA group are neighbours in launch
     # order, so the K/V blocks they share are read from L2; longest rows first (causal rows late
     # in the sequence hold the most blocks).
-    tile = tl.num_programs(0) // GROUP - 1 - tl.program_id(0) // GROUP
+    tile = QB0 * SUB_M + tl.num_programs(0) // GROUP - 1 - tl.program_id(0) // GROUP
     b = tl.program_id(1) // H_KV
     h_kv = tl.program_id(1) % H_KV
     h = h_kv * GROUP + tl.program_id(0) % GROUP
@@ -85,7 +86,7 @@ def pbs_attn_fwd(
     q_base = (bh.to(tl.int64) * N_CTX) * HEAD_DIM
     kv_row0 = (b.to(tl.int64) * H_KV + h_kv) * N_CTX  # first row of this kv head in (B*H_kv*N, D)
     kp_row0 = (b.to(tl.int64) * H_PERM + h_perm) * N_CTX
-    row = bh.to(tl.int64) * N_QB + qb
+    row = bh.to(tl.int64) * N_QB + qb - QB0
     idx_row = KV_IDX + row * N_KB
 
     q = tl.load(Q + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < N_CTX, other=0.0)

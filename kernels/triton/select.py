@@ -73,12 +73,15 @@ def sink_block(perm: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
-                  scale: float | None = None, score_bytes: int = _SCORE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale: float | None = None, score_bytes: int = _SCORE_BYTES,
+                  rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(kv_num_blocks int32 (B, H_q, N_qb), kv_indices int32 (B, H_q, N_qb, N_kb)).
 
     q (B, H_q, N, D); k (B, H_kv, N, D) in ORIGINAL order; perm int32 (B, H_perm, N) with
     H_perm = H_kv or H_q. Same layout as ``reference.select_blocks``: kept blocks packed left in
     ascending order, then the other blocks ascending (padding, never read).
+    rows: (r0, r1) plans only query blocks [r0, r1): the outputs then have R = r1 - r0 rows
+    ((B, H_q, R) and (B, H_q, R, N_kb)), equal to those rows of the whole plan.
     """
     b, h_q, n, d = q.shape
     h_kv = k.shape[1]
@@ -100,8 +103,12 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     k_bar = pool_blocks(k, bs, perm)  # (B, H_perm, N_b, D), permuted order
     sink = sink_block(perm, bs).contiguous()  # (B, H_perm)
 
-    num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
-    idx = torch.empty(b, h_q, n_b, n_b, dtype=torch.int32, device=q.device)
+    r_begin, r_end = rows if rows is not None else (0, n_b)
+    if not 0 <= r_begin < r_end <= n_b:
+        raise ValueError(f"rows must satisfy 0 <= r0 < r1 <= {n_b} (query blocks), got {rows}")
+    out_rows = r_end - r_begin
+    num = torch.empty(b, h_q, out_rows, dtype=torch.int32, device=q.device)
+    idx = torch.empty(b, h_q, out_rows, n_b, dtype=torch.int32, device=q.device)
     per_seg = config.segment_size // bs
     nb_pow2 = max(16, triton.next_power_of_2(n_b))
     top_p_warps = TUNING["top_p_warps"] or (4 if nb_pow2 <= 1024 else (8 if nb_pow2 <= 4096 else 16))
@@ -112,21 +119,21 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     block_m = block_n = 64 if _interpreting() else TUNING["score_block"]
     # query blocks per chunk: as many as the score buffer holds within score_bytes (a multiple of
     # block_m when more than one tile fits)
-    rows = max(1, min(n_b, score_bytes // (4 * b * h_q * n_b)))
-    if block_m < rows < n_b:
-        rows = rows // block_m * block_m
-    scores = torch.empty(b * h_q, rows, n_b, dtype=torch.float32, device=q.device)
+    chunk = max(1, min(out_rows, score_bytes // (4 * b * h_q * n_b)))
+    if block_m < chunk < out_rows:
+        chunk = chunk // block_m * block_m
+    scores = torch.empty(b * h_q, chunk, n_b, dtype=torch.float32, device=q.device)
     keep_all = config.threshold >= 1.0
-    for row0 in range(0, n_b, rows):  # fixed host-side chunking: no data-dependent branching
-        live = min(rows, n_b - row0)
+    for row0 in range(r_begin, r_end, chunk):  # fixed host-side chunking: no data-dependent branching
+        live = min(chunk, r_end - row0)
         _block_scores_kernel[(triton.cdiv(live, block_m), b * h_q)](
             q_bar, k_bar, scores,
-            row0, rows, n_b, h_q, h_perm, h_q // h_perm, per_seg, scale,
+            row0, chunk, n_b, h_q, h_perm, h_q // h_perm, per_seg, scale,
             HEAD_DIM=d, D_POW2=d_pow2, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
         )
         _top_p_kernel[(triton.cdiv(live, block_r), b * h_q)](
             scores, sink, num, idx,
-            row0, rows, live, n_b, h_q, h_q // h_perm, per_seg, config.local_blocks,
+            row0, chunk, live, n_b, r_begin, out_rows, h_q, h_q // h_perm, per_seg, config.local_blocks,
             # the reference compares fp32 masses against fp32(threshold - 1e-6)
             config.threshold - 1e-6,
             KEEP_ALL=keep_all, USE_SINK=config.sink, BLOCK_R=block_r, NB_POW2=nb_pow2, num_warps=top_p_warps,

@@ -86,11 +86,12 @@ def _block_scores_kernel(
 @triton.jit
 def _top_p_kernel(
     S, SINK, NUM, IDX,
-    row0, rows, live, n_blocks, H_q, Q_PER_PERM, blocks_per_seg, local_blocks, threshold,
+    row0, rows, live, n_blocks, out_row0, out_rows, H_q, Q_PER_PERM, blocks_per_seg, local_blocks, threshold,
     KEEP_ALL: tl.constexpr, USE_SINK: tl.constexpr, BLOCK_R: tl.constexpr, NB_POW2: tl.constexpr,
 ):
     # grid: (cdiv(live, BLOCK_R), B * H_q); BLOCK_R query blocks i = row0 + r of one (batch, head),
-    # each row of the tile a full row of key blocks j
+    # each row of the tile a full row of key blocks j. NUM / IDX hold out_rows query blocks per
+    # (batch, head), from query block out_row0 on (the whole plan: 0 and n_blocks).
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_q
@@ -149,6 +150,7 @@ def _top_p_kernel(
     kept_upto = tl.cumsum(keep_i, 1)  # kept blocks <= j
     n_kept = tl.sum(keep_i, 1)
     pos = tl.where(keep, kept_upto - 1, n_kept[:, None] + j - kept_upto)
-    tl.store(IDX + (pid_bh * n_blocks + i).to(tl.int64) * n_blocks + pos, j.to(tl.int32) + 0 * pos,
+    out_i = pid_bh * out_rows + i - out_row0
+    tl.store(IDX + out_i.to(tl.int64) * n_blocks + pos, j.to(tl.int32) + 0 * pos,
              mask=row_ok[:, None] & (j < n_blocks))
-    tl.store(NUM + pid_bh * n_blocks + row0 + r, n_kept, mask=row_ok)
+    tl.store(NUM + pid_bh * out_rows + row0 - out_row0 + r, n_kept, mask=row_ok)

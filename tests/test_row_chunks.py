@@ -1,0 +1,68 @@
+"""Long sequences are planned and attended in chunks of query blocks (``pbs_prefill_attention`` with
+``plan_chunk_rows``): the same output and block counts as one whole plan, with a bounded index table.
+
+Runs the Triton path: compiled on CUDA, in the interpreter on CPU tensors (``PBS_BACKEND=triton``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from triton_setup import DEVICE
+
+from pbs_kernels import PBSConfig, PermutedBlockMask, build_plan, pbs_attention  # noqa: E402
+from pbs_kernels import attention as api  # noqa: E402
+from test_triton_select import structured_qkv  # noqa: E402
+
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+CFG = PBSConfig(block_size=16, segment_size=32, threshold=0.9, local_blocks=1)
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("PBS_BACKEND", "triton")
+
+
+def inputs(n=600, seed=0):
+    q, k = structured_qkv(1, 4, 2, n, 64, DTYPE, seed=seed)
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, DTYPE)
+    return q, k, v
+
+
+def test_chunked_prefill_equals_one_plan():
+    q, k, v = inputs()
+    n_b = 38
+    budget = 4 * 4 * n_b * 9  # 9 query blocks per chunk -> 5 chunks, the last one of 2
+    assert api.plan_chunk_rows(q, CFG, budget) == 9
+    out, summary = api.pbs_prefill_attention(q, k, v, CFG, plan_bytes=budget)
+    plan = build_plan(q, k, CFG)
+    want = pbs_attention(q, k, v, plan)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    assert summary.kv_indices is None and torch.equal(summary.kv_num_blocks, plan.kv_num_blocks)
+    assert summary.causal_blocks() == plan.causal_blocks() and summary.density() == plan.density()
+    assert summary.shape == plan.shape
+    with pytest.raises(ValueError, match="build_plan"):
+        summary.to_dense()
+
+
+def test_whole_plan_below_the_budget_and_off_the_fused_path(monkeypatch):
+    q, k, v = inputs(n=200)
+    assert api.plan_chunk_rows(q, CFG) is None  # 13 x 13 blocks: far below 256 MiB
+    assert api.plan_chunk_rows(q, CFG, budget=64) == 1
+    assert api.plan_chunk_rows(q, CFG.replace(score="sampled", sample_rows=4), budget=64) is None
+    monkeypatch.setenv("PBS_BACKEND", "reference")
+    assert api.plan_chunk_rows(q, CFG, budget=64) is None
+    out, plan = api.pbs_prefill_attention(q, k, v, CFG, plan_bytes=64)  # the reference: whole plan
+    assert plan.kv_indices is not None
+
+
+def test_a_chunk_of_rows_reads_as_such():
+    perm = torch.arange(100).expand(1, 2, 100).to(torch.int32)
+    num = torch.tensor([[[3, 4], [1, 2]]], dtype=torch.int32)  # rows 2 and 3 of a 7-row plan
+    plan = PermutedBlockMask(perm, num, torch.zeros(1, 2, 2, 7, dtype=torch.int32), 16, 32, 100, row_offset=2)
+    assert plan.shape == (1, 2, 2, 7)
+    assert plan.causal_blocks() == 2 * (3 + 4)
+    assert plan.density() == pytest.approx(10 / 14)
+    torch.testing.assert_close(plan.density_per_head(), torch.tensor([[1.0, 3 / 7]]))
+    assert "rows 2..3 of 2x7" in repr(plan)
