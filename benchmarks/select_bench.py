@@ -272,8 +272,7 @@ def main(argv=None) -> int:
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             nums = []
-            for r0 in range(0, n_b, rows):
-                part_num, part_idx = tsel.select_blocks(q, k, perm, cfg, rows=(r0, min(n_b, r0 + rows)))
+            for _, part_num, part_idx in tsel.select_row_chunks(q, k, perm, cfg, None, rows):
                 nums.append(part_num)
                 del part_idx
             torch.cuda.synchronize()
@@ -282,8 +281,8 @@ def main(argv=None) -> int:
             mem["chunked_counts_equal"] = bool(torch.equal(torch.cat(nums, -1), whole_num))
 
             def chunked():
-                for r0 in range(0, n_b, rows):
-                    tsel.select_blocks(q, k, perm, cfg, rows=(r0, min(n_b, r0 + rows)))
+                for _ in tsel.select_row_chunks(q, k, perm, cfg, None, rows):
+                    pass
             mem["chunked_select"] = cuda_time(chunked, 1, 3)
             del nums
         # plan + attend in one call at this length: row chunks (the default) vs one whole plan

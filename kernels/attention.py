@@ -90,16 +90,13 @@ def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, con
     _check_shapes(q, k, v)
     n = q.shape[2]
     bs, seg = config.block_size, config.segment_size
-    n_b = -(-n // bs)
     perm = compute_permutation(q, k, config, scale)
     copies = None
     if fast.resolve_perm_mode(n, q) != "remap":  # one permuted copy of K/V for every chunk
         copies = fast.permuted_copy(k, perm), fast.permuted_copy(v, perm)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     nums = []
-    for r0 in range(0, n_b, rows):
-        r1 = min(n_b, r0 + rows)
-        num, idx = fast_select.select_blocks(q, k, perm, config, scale, rows=(r0, r1))
+    for r0, num, idx in fast_select.select_row_chunks(q, k, perm, config, scale, rows):
         fast.pbs_attention(q, k, v, PermutedBlockMask(perm, num, idx, bs, seg, n, row_offset=r0), scale,
                            out=out, permuted=copies)
         nums.append(num)

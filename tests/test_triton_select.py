@@ -244,6 +244,20 @@ def test_row_range_equals_those_rows_of_the_whole_plan(r0, r1, score_rows):
         tsel.select_blocks(q, k, perm, cfg, rows=(3, 3))
 
 
+def test_row_chunks_pool_once_and_cover_the_plan(monkeypatch):
+    cfg = PBSConfig(block_size=16, segment_size=32, local_blocks=1)
+    q, k = structured_qkv(1, 2, 1, 600, 32, DTYPES[0], seed=4)
+    perm = tperm.compute_permutation(q, k, cfg)
+    num, idx = tsel.select_blocks(q, k, perm, cfg)
+    pools = []
+    real = tsel.pool_blocks
+    monkeypatch.setattr(tsel, "pool_blocks", lambda *a, **kw: pools.append(1) or real(*a, **kw))
+    chunks = list(tsel.select_row_chunks(q, k, perm, cfg, None, 10))
+    assert [r0 for r0, _, _ in chunks] == [0, 10, 20, 30] and len(pools) == 2  # q and k, once
+    assert torch.equal(torch.cat([c[1] for c in chunks], -1), num)
+    assert torch.equal(torch.cat([c[2] for c in chunks], -2), idx)
+
+
 def test_pooling_gathers_through_the_permutation():
     q, k = structured_qkv(2, 4, 2, 201, 32, DTYPES[0])
     cfg = PBSConfig(block_size=16, segment_size=32, per_head_permutation=True)

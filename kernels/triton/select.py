@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -83,59 +84,82 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     rows: (r0, r1) plans only query blocks [r0, r1): the outputs then have R = r1 - r0 rows
     ((B, H_q, R) and (B, H_q, R, N_kb)), equal to those rows of the whole plan.
     """
-    b, h_q, n, d = q.shape
-    h_kv = k.shape[1]
-    h_perm = perm.shape[1]
-    if getattr(config, "beyond_published", lambda: False)():
-        raise ValueError("this GPU path implements the published method only; options beyond it run "
-                         f"through pbs_kernels.select (the reference), got {config}")
-    if h_q % h_perm or h_perm % h_kv:
-        raise ValueError(f"heads must nest: H_q={h_q}, H_perm={h_perm}, H_kv={h_kv} "
-                         "(expected H_perm = H_kv or H_q, and H_q a multiple of H_kv)")
-    if perm.shape != (b, h_perm, n):
-        raise ValueError(f"perm has shape {tuple(perm.shape)}, expected ({b}, {h_perm}, {n})")
-    bs = config.block_size
-    scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    n_b = triton.cdiv(n, bs)
-    perm = perm.to(torch.int32).contiguous()
+    pooled = _Pooled(q, k, perm, config, scale)
+    return pooled.select(*(rows if rows is not None else (0, pooled.n_b)), score_bytes)
 
-    q_bar = pool_blocks(q, bs)  # (B, H_q, N_b, D)
-    k_bar = pool_blocks(k, bs, perm)  # (B, H_perm, N_b, D), permuted order
-    sink = sink_block(perm, bs).contiguous()  # (B, H_perm)
 
-    r_begin, r_end = rows if rows is not None else (0, n_b)
-    if not 0 <= r_begin < r_end <= n_b:
-        raise ValueError(f"rows must satisfy 0 <= r0 < r1 <= {n_b} (query blocks), got {rows}")
-    out_rows = r_end - r_begin
-    num = torch.empty(b, h_q, out_rows, dtype=torch.int32, device=q.device)
-    idx = torch.empty(b, h_q, out_rows, n_b, dtype=torch.int32, device=q.device)
-    per_seg = config.segment_size // bs
-    nb_pow2 = max(16, triton.next_power_of_2(n_b))
-    top_p_warps = TUNING["top_p_warps"] or (4 if nb_pow2 <= 1024 else (8 if nb_pow2 <= 4096 else 16))
-    # rows of the top-p tile: a few thousand elements per program on a GPU; the interpreter's cost
-    # is per operation, not per element, so there one program takes many rows
-    block_r = max(1, min(_tile_elements() // nb_pow2, triton.next_power_of_2(n_b)))
-    d_pow2 = max(16, triton.next_power_of_2(d))
-    block_m = block_n = 64 if _interpreting() else TUNING["score_block"]
-    # query blocks per chunk: as many as the score buffer holds within score_bytes (a multiple of
-    # block_m when more than one tile fits)
-    chunk = max(1, min(out_rows, score_bytes // (4 * b * h_q * n_b)))
-    if block_m < chunk < out_rows:
-        chunk = chunk // block_m * block_m
-    scores = torch.empty(b * h_q, chunk, n_b, dtype=torch.float32, device=q.device)
-    keep_all = config.threshold >= 1.0
-    for row0 in range(r_begin, r_end, chunk):  # fixed host-side chunking: no data-dependent branching
-        live = min(chunk, r_end - row0)
-        _block_scores_kernel[(triton.cdiv(live, block_m), b * h_q)](
-            q_bar, k_bar, scores,
-            row0, chunk, n_b, h_q, h_perm, h_q // h_perm, per_seg, scale,
-            HEAD_DIM=d, D_POW2=d_pow2, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-        )
-        _top_p_kernel[(triton.cdiv(live, block_r), b * h_q)](
-            scores, sink, num, idx,
-            row0, chunk, live, n_b, r_begin, out_rows, h_q, h_q // h_perm, per_seg, config.local_blocks,
-            # the reference compares fp32 masses against fp32(threshold - 1e-6)
-            config.threshold - 1e-6,
-            KEEP_ALL=keep_all, USE_SINK=config.sink, BLOCK_R=block_r, NB_POW2=nb_pow2, num_warps=top_p_warps,
-        )
-    return num, idx
+def select_row_chunks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
+                      scale: float | None, rows_per_chunk: int, score_bytes: int = _SCORE_BYTES
+                      ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``select_blocks`` one chunk of query blocks at a time, pooling q and k once: yields (r0,
+    kv_num_blocks (B, H_q, R), kv_indices (B, H_q, R, N_kb)) for r0 = 0, rows_per_chunk, ...
+    (R = rows_per_chunk, the last chunk shorter). Shapes otherwise as in ``select_blocks``."""
+    pooled = _Pooled(q, k, perm, config, scale)
+    for r0 in range(0, pooled.n_b, rows_per_chunk):
+        yield (r0, *pooled.select(r0, min(pooled.n_b, r0 + rows_per_chunk), score_bytes))
+
+
+class _Pooled:
+    """Validated inputs and the pooled q / k of one selection; ``select`` plans a range of rows."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
+                 scale: float | None) -> None:
+        b, h_q, n, d = q.shape
+        h_kv = k.shape[1]
+        h_perm = perm.shape[1]
+        if getattr(config, "beyond_published", lambda: False)():
+            raise ValueError("this GPU path implements the published method only; options beyond it run "
+                             f"through pbs_kernels.select (the reference), got {config}")
+        if h_q % h_perm or h_perm % h_kv:
+            raise ValueError(f"heads must nest: H_q={h_q}, H_perm={h_perm}, H_kv={h_kv} "
+                             "(expected H_perm = H_kv or H_q, and H_q a multiple of H_kv)")
+        if perm.shape != (b, h_perm, n):
+            raise ValueError(f"perm has shape {tuple(perm.shape)}, expected ({b}, {h_perm}, {n})")
+        self.config, self.device = config, q.device
+        self.b, self.h_q, self.h_perm, self.d = b, h_q, h_perm, d
+        bs = config.block_size
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(d)
+        self.n_b = triton.cdiv(n, bs)
+        perm = perm.to(torch.int32).contiguous()
+        self.q_bar = pool_blocks(q, bs)  # (B, H_q, N_b, D)
+        self.k_bar = pool_blocks(k, bs, perm)  # (B, H_perm, N_b, D), permuted order
+        self.sink = sink_block(perm, bs).contiguous()  # (B, H_perm)
+
+    def select(self, r_begin: int, r_end: int, score_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plan rows of query blocks [r_begin, r_end)."""
+        b, h_q, h_perm, d, n_b, config = self.b, self.h_q, self.h_perm, self.d, self.n_b, self.config
+        if not 0 <= r_begin < r_end <= n_b:
+            raise ValueError(f"rows must satisfy 0 <= r0 < r1 <= {n_b} (query blocks), got {(r_begin, r_end)}")
+        out_rows = r_end - r_begin
+        num = torch.empty(b, h_q, out_rows, dtype=torch.int32, device=self.device)
+        idx = torch.empty(b, h_q, out_rows, n_b, dtype=torch.int32, device=self.device)
+        per_seg = config.segment_size // config.block_size
+        nb_pow2 = max(16, triton.next_power_of_2(n_b))
+        top_p_warps = TUNING["top_p_warps"] or (4 if nb_pow2 <= 1024 else (8 if nb_pow2 <= 4096 else 16))
+        # rows of the top-p tile: a few thousand elements per program on a GPU; the interpreter's cost
+        # is per operation, not per element, so there one program takes many rows
+        block_r = max(1, min(_tile_elements() // nb_pow2, triton.next_power_of_2(n_b)))
+        d_pow2 = max(16, triton.next_power_of_2(d))
+        block_m = block_n = 64 if _interpreting() else TUNING["score_block"]
+        # query blocks per chunk: as many as the score buffer holds within score_bytes (a multiple of
+        # block_m when more than one tile fits)
+        chunk = max(1, min(out_rows, score_bytes // (4 * b * h_q * n_b)))
+        if block_m < chunk < out_rows:
+            chunk = chunk // block_m * block_m
+        scores = torch.empty(b * h_q, chunk, n_b, dtype=torch.float32, device=self.device)
+        keep_all = config.threshold >= 1.0
+        for row0 in range(r_begin, r_end, chunk):  # fixed host-side chunking: no data-dependent branching
+            live = min(chunk, r_end - row0)
+            _block_scores_kernel[(triton.cdiv(live, block_m), b * h_q)](
+                self.q_bar, self.k_bar, scores,
+                row0, chunk, n_b, h_q, h_perm, h_q // h_perm, per_seg, self.scale,
+                HEAD_DIM=d, D_POW2=d_pow2, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+            )
+            _top_p_kernel[(triton.cdiv(live, block_r), b * h_q)](
+                scores, self.sink, num, idx,
+                row0, chunk, live, n_b, r_begin, out_rows, h_q, h_q // h_perm, per_seg, config.local_blocks,
+                # the reference compares fp32 masses against fp32(threshold - 1e-6)
+                config.threshold - 1e-6,
+                KEEP_ALL=keep_all, USE_SINK=config.sink, BLOCK_R=block_r, NB_POW2=nb_pow2, num_warps=top_p_warps,
+            )
+        return num, idx
