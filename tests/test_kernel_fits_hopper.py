@@ -1,0 +1,62 @@
+"""The attention kernel's default tile configs compile for Hopper (sm_90) and fit its shared memory.
+
+Triton compiles for a GPU target without a GPU, so this runs on the CPU CI machine and catches what
+once only a GPU run caught: a change that makes the copy + TMA config (3 stages of 128x128 K and V
+tiles) ask for more than the H100's 227 KB per block and fail to launch (BENCHMARKS.md, the int16
+attempt). The compile runs in a subprocess without TRITON_INTERPRET (the suite's conftest sets it,
+which turns the kernels into interpreted functions). Shared-memory sizes come from the installed
+Triton, which may differ from the GPU machine's; the bound is the hardware's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+H100_SHARED_BYTES = 232_448  # max dynamic shared memory per block on sm_90 (227 KB)
+
+_COMPILE = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pbs_kernels.triton import attention as A
+from pbs_kernels.triton import attention_kernel as K
+
+ptr = {name: ("*i32" if name in ("PERM", "KV_NUM", "KV_IDX") else "*bf16")
+       for name in ("Q", "K", "V", "KP", "VP", "PERM", "O", "KV_NUM", "KV_IDX")}
+scalars = {"qk_scale": "fp32", **{n: "i32" for n in ("N_CTX", "H_Q", "H_KV", "H_PERM", "QB0", "N_QB", "N_KB")}}
+out = []
+for d in A.SUPPORTED_HEAD_DIMS:
+    for mode, code in A.PERM_MODES.items():
+        for block in (128, 64):
+            cfg = A._default_config(block, d, mode)
+            consts = dict(PLAN_BLOCK=block, SEG_BLOCKS=256 // block, SEG_POW2=256 // block, BLOCK_M=cfg["BLOCK_M"],
+                          BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=d, PERM_MODE=code, DOT_PREC="tf32")
+            sig = {**ptr, **scalars, **{c: "constexpr" for c in consts}}
+            kernel = triton.compile(ASTSource(fn=K.pbs_attn_fwd, signature=sig, constexprs=consts),
+                                    target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+            out.append({"head_dim": d, "mode": mode, "block": block, **cfg, "shared": kernel.metadata.shared})
+print(json.dumps(out))
+"""
+
+
+def test_default_configs_fit_hopper_shared_memory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from a cache
+    run = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode != 0 and "ptxas" in run.stderr.lower() and "not found" in run.stderr.lower():
+        pytest.skip("this Triton install has no ptxas to compile for sm_90")
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(results) == 2 * 3 * 2  # head_dim x read mode x plan block
+    too_big = [r for r in results if r["shared"] > H100_SHARED_BYTES]
+    assert all(r["shared"] > 0 for r in results)  # every config stages tiles through shared memory
+    assert not too_big, f"configs over the H100's {H100_SHARED_BYTES} bytes of shared memory: {too_big}"
