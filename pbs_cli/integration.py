@@ -175,7 +175,7 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
                                             attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                                             **kwargs)
     ctx = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
-    with ctx:
+    with ctx, torch.profiler.record_function("pbs.attention"):  # groups the layer's PBS work in traces
         out, plan = pbs_prefill_attention(query, key, value, config, scale=scaling)
     if run is not None:
         run.recorder.add(LayerStat(layer, "pbs", "causal prefill", q_len, key.shape[2], b,

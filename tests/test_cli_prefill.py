@@ -90,6 +90,25 @@ def test_table_output_and_saved_record(runner, offline_env, tiny_model_dir, doc,
     assert res.exit_code == 0 and json.loads(target.read_text())["config"]["threshold"] == 0.7
 
 
+def test_trace_saves_one_forward_and_names_the_top_ops(runner, offline_env, tiny_model_dir, doc, tmp_path):
+    target = tmp_path / "prefill.trace.json"
+    res = invoke(runner, doc, "--model", tiny_model_dir, *SMALL, "--trace", target, "--json")
+    assert res.exit_code == 0, res.stderr
+    events = json.loads(target.read_text())["traceEvents"]
+    names = [e.get("name", "") for e in events]
+    assert names.count("pbs.attention") == 2  # one range per layer of the tiny model, one forward
+    rec = json.loads(res.stdout)
+    assert rec["trace"]["path"] == str(target) and rec["trace"]["device_time"] is False
+    top = rec["trace"]["top_ops"]
+    assert top and all(a["ms"] >= b["ms"] for a, b in zip(top, top[1:])) and 0 < sum(o["share"] for o in top) <= 1.0001
+    assert f"saved {target}" in res.stderr.replace("\n", "")
+    # the trace file is an output like -o: refused without --force, and --trace with --tp is refused
+    res = invoke(runner, doc, "--model", tiny_model_dir, *SMALL, "--trace", target)
+    assert res.exit_code == errors.USAGE and "--force" in res.stderr
+    res = invoke(runner, doc, "--model", tiny_model_dir, *SMALL, "--trace", tmp_path / "t.json", "--tp", "2")
+    assert res.exit_code == errors.USAGE and "--tp" in res.stderr
+
+
 def test_stdin_document(runner, offline_env, tiny_model_dir):
     res = invoke(runner, "-", "--model", tiny_model_dir, *SMALL, "--json", input=TEXT)
     assert res.exit_code == 0, res.stderr

@@ -206,6 +206,25 @@ def greedy_generate(model, first_logits, cache, max_new_tokens: int, eos: set[in
     return ids, (time.perf_counter() - t0) * 1e3
 
 
+def write_trace(path: Path, model, input_ids, config, dense: dense_sdpa.DenseChoice | None) -> dict[str, Any]:
+    """One PBS forward (as timed) under torch.profiler: save the Chrome trace at ``path``, print the
+    ops with the most self time (GPU time on CUDA) to stderr; returns {"path", "top_ops"} for the record.
+    The layers' PBS work sits inside "pbs.attention" ranges."""
+    from .. import traces
+
+    cuda = input_ids.is_cuda
+    prof = traces.record(lambda: run_prefill(model, input_ids, integration.NAME, config, 0, 1, keep_cache=False,
+                                             dense=dense), cuda)
+    traces.save(prof, path)
+    top = traces.top_ops(prof, cuda)
+    err.print(f"saved {path}; the ops with the most {'GPU' if cuda else 'CPU'} self time in that forward:",
+              highlight=False, markup=False, soft_wrap=True)
+    for op in top:
+        err.print(f"  {op['share']:6.1%} {op['ms']:10.2f} ms {op['calls']:6d}x  {op['name'][:90]}",
+                  highlight=False, markup=False, soft_wrap=True)
+    return {"path": str(path), "device_time": cuda, "top_ops": top}
+
+
 @contextlib.contextmanager
 def out_of_memory_hint(step: str, tokens: int, device: str, dtype: str):
     """Out-of-memory inside ``step`` becomes ``OutOfMemory`` (exit 4) naming the size and what to try."""
@@ -354,6 +373,9 @@ def command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record to this file.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --output if it exists.")] = False,
+    trace: Annotated[Path | None, typer.Option("--trace", help="Also run one PBS forward under torch.profiler: "
+                                               "save its Chrome trace (.json or .json.gz; open in chrome://tracing "
+                                               "or Perfetto) and print the ops that took the most time.")] = None,
     include_text: Annotated[bool, typer.Option("--include-text", help="Put the document's text in the JSON "
                                                "record (left out by default: reports get shared).")] = False,
     tp: Annotated[int | None, typer.Option("--tp", min=1, help="Tensor-parallel size: shard the heads over N GPUs "
@@ -364,6 +386,10 @@ def command(
     # -- validate everything before loading the model --
     if output is not None:
         reports.check_output_path(output, force)
+    if trace is not None:
+        if tp and tp > 1:
+            raise UsageError("--trace profiles one process; run it without --tp")
+        reports.check_output_path(trace, force)
     overrides = dict(threshold=threshold, block_size=block_size, segment_size=segment_size)
     cap = parse_size(max_tokens) if max_tokens is not None else None
     presets.resolve_config(profile, **overrides)  # usage errors first, before the device is probed
@@ -466,6 +492,10 @@ def command(
         tensor_parallel=tpi.to_dict(),
         dense_sdpa=choice.to_dict() if choice is not None else None,
     )
+    if trace is not None:
+        with models.progress("one PBS forward under torch.profiler (--trace)"), \
+                out_of_memory_hint("in the traced PBS prefill", len(ids), str(mdl.device), dtype_name):
+            rec["trace"] = write_trace(trace, mdl, input_ids, config, choice)
     if compare_dense:
         with models.progress(f"prefill of {len(ids)} tokens with dense SDPA"), \
                 out_of_memory_hint("in the dense SDPA prefill (--compare-dense)", len(ids), str(mdl.device), dtype_name):

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, TextIO
 
@@ -150,41 +147,27 @@ def print_table(table) -> None:
 def write_trace(path: Path, case: Case, settings: Settings) -> None:
     """One PBS pass under torch.profiler with ranges pbs.permute / pbs.select / pbs.attend; Chrome
     trace JSON (gzip-compressed when ``path`` ends in .gz), written atomically."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import record_function
 
     from pbs_kernels.attention import pbs_attention
     from pbs_kernels.block_mask import PermutedBlockMask
     from pbs_kernels.permute import compute_permutation
     from pbs_kernels.select import select_blocks
 
+    from .. import traces
+
     q, k, v = case.q, case.k, case.v
     cfg, scale = settings.config, settings.scale
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if q.is_cuda else [])
-    with profile(activities=acts) as prof:
+
+    def one_pass() -> None:
         with record_function("pbs.permute"):
             perm = compute_permutation(q, k, cfg, scale)
         with record_function("pbs.select"):
             num, idx = select_blocks(q, k, perm, cfg, scale)
         with record_function("pbs.attend"):
             pbs_attention(q, k, v, PermutedBlockMask(perm, num, idx, cfg.block_size, cfg.segment_size, q.shape[2]), scale)
-        if q.is_cuda:
-            torch.cuda.synchronize(q.device)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".json", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, reports.new_file_mode())  # mkstemp's 0o600 -> what open() would give
-    try:
-        prof.export_chrome_trace(tmp)
-        if path.name.endswith(".gz"):
-            with open(tmp, "rb") as src, gzip.open(tmp + ".gz", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp + ".gz", path)
-        else:
-            os.replace(tmp, path)
-    finally:
-        for p in (tmp, tmp + ".gz"):
-            Path(p).unlink(missing_ok=True)
+
+    traces.save(traces.record(one_pass, q.is_cuda), path)
 
 
 @command_boundary
