@@ -126,6 +126,11 @@ def sweep(args, cfg, dtype) -> list:
             t = cuda_time(lambda: tperm.key_importance(q, k, cfg.block_size), 2, 5)
             row["importance"].append({"block_m": bm, "block_n": bn, "num_warps": w, **t})
         tperm.TUNING.update(perm_default)
+        for span in (512, 1024, 2048, 4096, 8192):
+            tperm.TUNING.update(span=span)
+            t = cuda_time(lambda: tperm.key_importance(q, k, cfg.block_size), 2, 5)
+            row["importance"].append({**perm_default, "span": span, **t})
+        tperm.TUNING.update(perm_default)
         for tile, warps, sb in ((4096, None, 32), (2048, None, 32), (8192, None, 32), (4096, 8, 32),
                                 (4096, None, 64)):
             tsel.TUNING.update(tile_elements=tile, top_p_warps=warps, score_block=sb)

@@ -73,6 +73,14 @@ def test_key_importance_matches_reference(dtype, h_q, h_kv, per_head, n):
     torch.testing.assert_close(got.sum(-1), torch.ones_like(got.sum(-1)), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("span", [128, 512])
+def test_key_importance_merges_spans(monkeypatch, span):
+    """Row statistics over several key spans, merged by log-sum-exp, equal one pass over all keys."""
+    q, k = structured_qkv(1, 4, 2, 1500, 64, DTYPES[0], seed=5)
+    monkeypatch.setitem(tperm.TUNING, "span", span)  # the launcher rounds it up to its key tile
+    torch.testing.assert_close(tperm.key_importance(q, k, 64), reference.key_importance(q, k, 64), rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("h_q,h_kv,per_head,n", [(3, 1, False, 517), (4, 1, True, 300), (2, 2, False, 64)])
 def test_permutation_matches_reference(dtype, h_q, h_kv, per_head, n):

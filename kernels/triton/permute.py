@@ -17,11 +17,10 @@ from .. import reference
 from ..config import PBSConfig
 from .permute_kernel import _importance_kernel, _row_stats_kernel
 
-# Keys per program of the row-statistics pass: enough programs to fill a GPU at long N while each
-# one still streams many key tiles (the spans are merged with a log-sum-exp on the host stream).
-_SPAN = 4096
-# GPU tile of both passes (benchmarks/select_bench.py --sweep measures alternatives)
-TUNING = {"block_m": 64, "block_n": 128, "num_warps": 8}  # best of 5 tiles on an H100 at 32K and 128K
+# GPU tile of both passes, and keys per program of the row-statistics pass ("span": enough programs
+# to fill a GPU at long N while each one still streams many key tiles; the spans are merged with a
+# log-sum-exp on the host stream). benchmarks/select_bench.py --sweep measures alternatives.
+TUNING = {"block_m": 64, "block_n": 128, "num_warps": 8, "span": 4096}  # best of 5 tiles on an H100 at 32K and 128K
 
 
 def _interpreting() -> bool:
@@ -56,14 +55,15 @@ def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: 
         block_m, block_n = 128, 512
 
     # -- pass 1: per row, max and sum of exponentials over spans of keys; merged into a log-sum-exp --
-    n_spans = triton.cdiv(n, _SPAN)
+    span = max(block_n, TUNING["span"] // block_n * block_n)
+    n_spans = triton.cdiv(n, span)
     m_part = torch.empty(b * h_q, n_spans, rows, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     _row_stats_kernel[(triton.cdiv(rows, block_m), n_spans, b * h_q)](
         q, k, m_part, l_part,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
-        n, rows, _SPAN, n_spans, h_q, g, scale,
+        n, rows, span, n_spans, h_q, g, scale,
         HEAD_DIM=d, D_POW2=d_pow2, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=num_warps,
     )
     m_max = m_part.amax(1, keepdim=True)  # finite: key 0 is visible to every row
