@@ -98,6 +98,7 @@ class PBSRun:
     config: PBSConfig
     recorder: Recorder
     dense: dense_sdpa.DenseChoice | None = None  # SDPA backend of every dense call (None: PyTorch's choice)
+    record_dense: str | None = None  # "pbs_dense" calls are recorded as dense layers with this reason
 
 
 _current: contextvars.ContextVar[PBSRun | None] = contextvars.ContextVar("pbs_run", default=None)
@@ -106,10 +107,12 @@ _DEFAULT_CONFIG = PBSConfig()
 
 @contextlib.contextmanager
 def pbs_run(config: PBSConfig, recorder: Recorder | None = None,
-            dense: dense_sdpa.DenseChoice | None = None) -> Iterator[PBSRun]:
+            dense: dense_sdpa.DenseChoice | None = None, record_dense: str | None = None) -> Iterator[PBSRun]:
     """Within this block, "pbs" attention uses ``config`` and records into ``recorder`` (a new one if None);
-    dense calls of "pbs" and "pbs_dense" use SDPA backend ``dense`` first."""
-    run = PBSRun(config, recorder if recorder is not None else Recorder(), dense)
+    dense calls of "pbs" and "pbs_dense" use SDPA backend ``dense`` first. With ``record_dense``,
+    "pbs_dense" calls are recorded too, as dense layers for that reason (a whole prompt below
+    ``dense_below`` runs on "pbs_dense": the dense forward itself, with no per-layer dispatch)."""
+    run = PBSRun(config, recorder if recorder is not None else Recorder(), dense, record_dense)
     token = _current.set(run)
     try:
         yield run
@@ -187,6 +190,9 @@ def dense_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                             attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The "pbs_dense" implementation: transformers' SDPA attention on the current run's SDPA backend."""
     run = _current.get()
+    if run is not None and run.record_dense is not None:
+        b, _, q_len, _ = query.shape
+        run.recorder.add(LayerStat(getattr(module, "layer_idx", None), "dense", run.record_dense, q_len, key.shape[2], b))
     return dense_sdpa.attention_forward(run.dense if run is not None else None, module, query, key, value,
                                         attention_mask, **kwargs)
 

@@ -109,6 +109,35 @@ def test_trace_saves_one_forward_and_names_the_top_ops(runner, offline_env, tiny
     assert res.exit_code == errors.USAGE and "--tp" in res.stderr
 
 
+def test_prompt_below_dense_below_runs_the_dense_forward(runner, offline_env, tiny_model_dir, doc, monkeypatch):
+    """Below the preset's break-even the whole forward runs on "pbs_dense" (no per-layer dispatch
+    through "pbs", so it costs what dense costs), and the record still says why, layer by layer."""
+    from pbs_cli import integration
+
+    presets = offline_env / "pbs-config"
+    presets.mkdir(exist_ok=True)
+    (presets / "short.toml").write_text('description = "dense below 100000"\n\n[pbs]\nblock_size = 16\n'
+                                        'segment_size = 32\nthreshold = 0.5\ndense_below = 100000\n')
+
+    def no_dispatch(*args, **kwargs):
+        raise AssertionError("the per-layer pbs dispatch ran below dense_below")
+
+    monkeypatch.setattr(integration, "pbs_attention_forward", no_dispatch)
+    integration._registered = False  # re-register the patched function
+    try:
+        res = invoke(runner, doc, "--model", tiny_model_dir, "--device", "cpu", "--profile", "short",
+                     "--compare-dense", "--json")
+    finally:
+        monkeypatch.undo()
+        integration._registered = False
+        integration.register()
+    assert res.exit_code == 0, res.stderr
+    rec = json.loads(res.stdout)
+    n = rec["prompt_tokens"]
+    assert [(ly["path"], ly["reason"]) for ly in rec["layers"]] == [("dense", f"seq_len {n} < dense_below 100000")] * 2
+    assert rec["density"] == 1.0 and rec["top1_agreement"] == 1.0 and rec["mean_kl"] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_stdin_document(runner, offline_env, tiny_model_dir):
     res = invoke(runner, "-", "--model", tiny_model_dir, *SMALL, "--json", input=TEXT)
     assert res.exit_code == 0, res.stderr

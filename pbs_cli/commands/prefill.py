@@ -125,9 +125,9 @@ def _logits(model, hidden):
 
 
 def run_prefill(model, input_ids, attn: str, config, warmup: int, iters: int, keep_cache: bool,
-                dense: dense_sdpa.DenseChoice | None = None) -> PrefillResult:
+                dense: dense_sdpa.DenseChoice | None = None, record_dense: str | None = None) -> PrefillResult:
     """Time ``iters`` forward passes (after ``warmup``) with attention ``attn`` (dense calls on SDPA backend
-    ``dense``); per-layer stats of the last one."""
+    ``dense``; ``record_dense``: see ``integration.pbs_run``); per-layer stats of the last one."""
     import torch
 
     integration.set_attention(model, attn)
@@ -135,7 +135,7 @@ def run_prefill(model, input_ids, attn: str, config, warmup: int, iters: int, ke
     recorder = integration.Recorder()
     times: list[float] = []
     result = None
-    with torch.inference_mode(), integration.pbs_run(config, recorder, dense):
+    with torch.inference_mode(), integration.pbs_run(config, recorder, dense, record_dense):
         for i in range(warmup + iters):
             recorder.reset()
             _sync(input_ids.device)
@@ -459,10 +459,13 @@ def command(
                       + ", ".join(f"{k} {v:.0f} ms" for k, v in choice.times_ms.items()) + " per forward)",
                       highlight=False, markup=False, soft_wrap=True)
 
+    # a prompt below dense_below runs the dense forward itself (no per-layer dispatch), recorded as dense
+    below = f"seq_len {len(ids)} < dense_below {config.dense_below}" if len(ids) < config.dense_below else None
     with models.progress(f"prefill of {len(ids)} tokens with PBS attention"), \
             out_of_memory_hint("in the PBS prefill", len(ids), str(mdl.device), dtype_name):
-        pbs = run_prefill(mdl, input_ids, integration.NAME, config, warmup, iters, keep_cache=max_new_tokens > 0,
-                          dense=choice)
+        pbs = run_prefill(mdl, input_ids, integration.DENSE_NAME if below else integration.NAME, config, warmup,
+                          iters, keep_cache=max_new_tokens > 0, dense=choice, record_dense=below)
+    integration.set_attention(mdl, integration.NAME)  # decode steps and --trace go through "pbs"
     pbs.times_ms = distributed.reduce_max(pbs.times_ms)  # tensor parallel: each run's slowest rank
     distributed.merge_layer_stats(pbs.layers)  # tensor parallel: densities over the heads of all ranks
     summary = _layer_summary(pbs.layers)
