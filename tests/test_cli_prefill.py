@@ -66,6 +66,22 @@ def test_threshold_one_compare_dense_is_faithful(runner, offline_env, tiny_model
     assert rec["speedup"] == pytest.approx(rec["dense_prefill_ms"] / rec["prefill_ms"])
 
 
+def test_compare_dense_alternates_the_timed_passes(runner, offline_env, tiny_model_dir, doc, monkeypatch):
+    """PBS and dense forwards are timed in alternation (drift in clocks or load reaches both alike)."""
+    from pbs_cli import integration
+
+    seen = []
+    real = integration.set_attention
+    monkeypatch.setattr(integration, "set_attention", lambda model, name: seen.append(name) or real(model, name))
+    res = invoke(runner, doc, "--model", tiny_model_dir, *SMALL, "--compare-dense", "--warmup", "1", "--iters", "2",
+                 "--json")
+    assert res.exit_code == 0, res.stderr
+    rounds = [integration.NAME, integration.DENSE_NAME] * 3  # warm-up round, then the two timed rounds
+    assert any(seen[i : i + 6] == rounds for i in range(len(seen))), seen
+    rec = json.loads(res.stdout)
+    assert len(rec["prefill_ms_all"]) == len(rec["dense_prefill_ms_all"]) == 2
+
+
 def test_sparse_compare_dense_reports_fidelity(runner, offline_env, tiny_model_dir, doc):
     res = invoke(runner, doc, "--model", tiny_model_dir, *SMALL, "--threshold", "0.3", "--compare-dense", "--json")
     rec = json.loads(res.stdout)

@@ -90,7 +90,7 @@ def test_ctrl_c_during_load_or_prefill_exits_130_and_writes_nothing(offline_env,
     if where == "load":
         monkeypatch.setattr(models.ModelSource, "load", _raise(KeyboardInterrupt()))
     else:
-        monkeypatch.setattr(prefill, "run_prefill", _raise(KeyboardInterrupt()))
+        monkeypatch.setattr(prefill, "run_prefills", _raise(KeyboardInterrupt()))
     report = tmp_path / "out" / "report.json"
     report.parent.mkdir()
     result = invoke(["prefill", "-", "--model", str(tiny_model_dir), "-o", str(report)], input=b"Z" * 40)

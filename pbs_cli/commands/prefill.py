@@ -124,33 +124,55 @@ def _logits(model, hidden):
     return logits
 
 
-def run_prefill(model, input_ids, attn: str, config, warmup: int, iters: int, keep_cache: bool,
-                dense: dense_sdpa.DenseChoice | None = None, record_dense: str | None = None) -> PrefillResult:
-    """Time ``iters`` forward passes (after ``warmup``) with attention ``attn`` (dense calls on SDPA backend
-    ``dense``; ``record_dense``: see ``integration.pbs_run``); per-layer stats of the last one."""
+@dataclass
+class PrefillSpec:
+    """One attention setup to time: implementation ``attn`` ("pbs", "pbs_dense", ...), whether to keep
+    the KV cache (for generation after it), and ``record_dense`` (see ``integration.pbs_run``)."""
+
+    attn: str
+    keep_cache: bool = False
+    record_dense: str | None = None
+
+
+def run_prefills(model, input_ids, specs: list[PrefillSpec], config, warmup: int, iters: int,
+                 dense: dense_sdpa.DenseChoice | None = None) -> list[PrefillResult]:
+    """Time ``iters`` forward passes (after ``warmup``) of each spec, alternating the specs in every
+    round, so that drift in clocks, temperature or host load during the runs reaches them alike; dense
+    calls run on SDPA backend ``dense``. One result per spec, with per-layer stats of its last pass."""
     import torch
 
-    integration.set_attention(model, attn)
     backbone = model.base_model
-    recorder = integration.Recorder()
-    times: list[float] = []
-    result = None
-    with torch.inference_mode(), integration.pbs_run(config, recorder, dense, record_dense):
+    times: list[list[float]] = [[] for _ in specs]
+    last: list[tuple | None] = [None for _ in specs]
+    with torch.inference_mode():
         for i in range(warmup + iters):
-            recorder.reset()
-            _sync(input_ids.device)
-            t0 = time.perf_counter()
-            outputs = backbone(input_ids=input_ids, use_cache=keep_cache)
-            hidden = outputs.last_hidden_state
-            last = _logits(model, hidden[:, -1:])[:, -1]
-            _sync(input_ids.device)
-            elapsed = (time.perf_counter() - t0) * 1e3
-            if i >= warmup:
-                times.append(elapsed)
-            result = (hidden, last, _cache_of(outputs) if keep_cache else None)
-            del outputs
-    assert result is not None
-    return PrefillResult(times, result[0], result[1], result[2], recorder.prefill_layers())
+            for j, spec in enumerate(specs):
+                integration.set_attention(model, spec.attn)
+                recorder = integration.Recorder()
+                with integration.pbs_run(config, recorder, dense, spec.record_dense):
+                    _sync(input_ids.device)
+                    t0 = time.perf_counter()
+                    outputs = backbone(input_ids=input_ids, use_cache=spec.keep_cache)
+                    hidden = outputs.last_hidden_state
+                    logits = _logits(model, hidden[:, -1:])[:, -1]
+                    _sync(input_ids.device)
+                    elapsed = (time.perf_counter() - t0) * 1e3
+                if i >= warmup:
+                    times[j].append(elapsed)
+                last[j] = (hidden, logits, _cache_of(outputs) if spec.keep_cache else None, recorder)
+                del outputs
+    results = []
+    for t, res in zip(times, last):
+        assert res is not None
+        results.append(PrefillResult(t, res[0], res[1], res[2], res[3].prefill_layers()))
+    return results
+
+
+def run_prefill(model, input_ids, attn: str, config, warmup: int, iters: int, keep_cache: bool,
+                dense: dense_sdpa.DenseChoice | None = None, record_dense: str | None = None) -> PrefillResult:
+    """``run_prefills`` of one setup: attention ``attn`` (see ``PrefillSpec``)."""
+    return run_prefills(model, input_ids, [PrefillSpec(attn, keep_cache, record_dense)], config, warmup, iters,
+                        dense)[0]
 
 
 def choose_dense_backend(model, input_ids, config) -> dense_sdpa.DenseChoice | None:
@@ -461,10 +483,13 @@ def command(
 
     # a prompt below dense_below runs the dense forward itself (no per-layer dispatch), recorded as dense
     below = f"seq_len {len(ids)} < dense_below {config.dense_below}" if len(ids) < config.dense_below else None
-    with models.progress(f"prefill of {len(ids)} tokens with PBS attention"), \
-            out_of_memory_hint("in the PBS prefill", len(ids), str(mdl.device), dtype_name):
-        pbs = run_prefill(mdl, input_ids, integration.DENSE_NAME if below else integration.NAME, config, warmup,
-                          iters, keep_cache=max_new_tokens > 0, dense=choice, record_dense=below)
+    specs = [PrefillSpec(integration.DENSE_NAME if below else integration.NAME, max_new_tokens > 0, below)]
+    if compare_dense:
+        specs.append(PrefillSpec(integration.DENSE_NAME))  # timed in alternation with the PBS passes
+    with models.progress(f"prefill of {len(ids)} tokens with PBS attention"
+                         + (" and with dense SDPA, alternating" if compare_dense else "")), \
+            out_of_memory_hint("in the prefill", len(ids), str(mdl.device), dtype_name):
+        pbs, *dense_runs = run_prefills(mdl, input_ids, specs, config, warmup, iters, dense=choice)
     integration.set_attention(mdl, integration.NAME)  # decode steps and --trace go through "pbs"
     pbs.times_ms = distributed.reduce_max(pbs.times_ms)  # tensor parallel: each run's slowest rank
     distributed.merge_layer_stats(pbs.layers)  # tensor parallel: densities over the heads of all ranks
@@ -500,10 +525,7 @@ def command(
                 out_of_memory_hint("in the traced PBS prefill", len(ids), str(mdl.device), dtype_name):
             rec["trace"] = write_trace(trace, mdl, input_ids, config, choice)
     if compare_dense:
-        with models.progress(f"prefill of {len(ids)} tokens with dense SDPA"), \
-                out_of_memory_hint("in the dense SDPA prefill (--compare-dense)", len(ids), str(mdl.device), dtype_name):
-            dense = run_prefill(mdl, input_ids, integration.DENSE_NAME, config, warmup, iters, keep_cache=False,
-                                dense=choice)
+        dense = dense_runs[0]
         dense.times_ms = distributed.reduce_max(dense.times_ms)
         with models.progress("comparing next-token distributions"), \
                 out_of_memory_hint("comparing the logits (--compare-dense)", len(ids), str(mdl.device), dtype_name):
