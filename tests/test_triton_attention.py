@@ -248,6 +248,18 @@ def test_plan_rows_chunk_writes_only_its_rows(mode):
         R.block_sparse_attention(q.float(), k.float(), v.float(), bad)
 
 
+@pytest.mark.parametrize("h_kv,h_perm,d", [(2, 2, 64), (1, 4, 128), (3, 3, 64)])
+def test_permuted_copy_equals_the_reference_gather(h_kv, h_perm, d):
+    """The Triton row gather of keys into permuted order, also from a transposed (B, N, H, D) view."""
+    n = 333
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, n, h_kv, d, generator=g).to(DTYPES[0]).to(DEVICE).transpose(1, 2)  # strided, like transformers'
+    perm = torch.stack([torch.randperm(n, generator=g) for _ in range(2 * h_perm)]).reshape(2, h_perm, n).to(DEVICE)
+    got = A.permuted_copy(x, perm.to(torch.int32))
+    assert got.is_contiguous() and got.shape == (2, h_perm, n, d)
+    assert torch.equal(got, R.permute_keys(x, perm))
+
+
 def test_supports():
     dtype = DTYPES[0]
     assert A.supports(torch.empty(1, 2, 8, 64, dtype=dtype, device=DEVICE))

@@ -15,8 +15,10 @@ import os
 import torch
 import triton
 
+from .. import reference
 from ..block_mask import PermutedBlockMask
 from . import attention_kernel as K
+from .permute_kernel import _gather_rows_kernel
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 PERM_MODES = {"tma": 0, "gather": 1, "remap": 2}
@@ -103,6 +105,15 @@ def _autotuned(plan_block: int, head_dim: int, row_bucket: int):
 
 
 @functools.cache
+def _interpreted_gather():
+    """``_gather_rows_kernel`` as an interpreted function (see ``_interpreted``)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    fn = _gather_rows_kernel
+    return fn if isinstance(fn, InterpretedFunction) else InterpretedFunction(fn.fn)
+
+
+@functools.cache
 def _interpreted():
     """The kernel as an interpreted function, also when this module was imported before
     TRITON_INTERPRET was set (``triton.jit`` decides at decoration time)."""
@@ -127,14 +138,24 @@ def _ensure_allocator() -> None:
 
 
 def permuted_copy(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """Gather keys or values into permuted order, one row gather. x (B, H_kv, N, D), perm (B, H_perm, N)
-    -> (B, H_perm, N, D) contiguous."""
+    """Keys or values in permuted order: x (B, H_kv, N, D) (a strided view is fine when its last dim is
+    contiguous), perm (B, H_perm, N) -> (B, H_perm, N, D) contiguous. One Triton row gather
+    (``permute_kernel._gather_rows_kernel``) for head_dim a power of two; twin and fallback:
+    ``reference.permute_keys``."""
     b, h_perm, n = perm.shape
     h_kv, d = x.shape[1], x.shape[-1]
-    heads = torch.arange(h_perm, device=x.device) // (h_perm // h_kv)  # kv head of each perm head
-    base = (torch.arange(b, device=x.device)[:, None] * h_kv + heads[None, :]) * n  # (B, H_perm)
-    rows = (base[:, :, None] + perm.long()).reshape(-1)
-    return x.reshape(-1, d).index_select(0, rows).reshape(b, h_perm, n, d)
+    if d & (d - 1) or not (x.is_cuda or _interpreting()):
+        return reference.permute_keys(x, perm).contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    perm = perm.to(torch.int32).contiguous()
+    out = torch.empty(b, h_perm, n, d, dtype=x.dtype, device=x.device)
+    block = 64 if not _interpreting() else 1024
+    grid = (triton.cdiv(n, block), b * h_perm)
+    kernel = _interpreted_gather() if not x.is_cuda else _gather_rows_kernel
+    kernel[grid](x, perm, out, n, h_kv, h_perm, x.stride(0), x.stride(1), x.stride(2), BLOCK=block, HEAD_DIM=d,
+                 **({"num_warps": 4} if x.is_cuda else {}))
+    return out
 
 
 def choose_perm_mode(plan: PermutedBlockMask) -> str:

@@ -112,3 +112,25 @@ def _importance_kernel(
             acc += tl.sum(tl.where(valid, p, 0.0), 0)
 
     tl.store(OUT + pid_bh.to(tl.int64) * n_keys + offs_n, acc * inv_count, mask=key_ok)
+
+
+@triton.jit
+def _gather_rows_kernel(
+    X, PERM, OUT,
+    n, H_x, H_perm,
+    stride_xb, stride_xh, stride_xn,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    # grid: (cdiv(n, BLOCK), B * H_perm); OUT[b, hp, s] = X[b, hp // (H_perm // H_x), PERM[b, hp, s]]:
+    # keys (or values) copied into permuted order, one tile of BLOCK slots per program. X may be a
+    # strided view (last dim contiguous); PERM and OUT are contiguous.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: (B, H, N, D) tensors pass 2**31 elements at 512K
+    b = pid_bh // H_perm
+    hx = (pid_bh % H_perm) // (H_perm // H_x)
+    offs = pid_n * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    offs_d = tl.arange(0, HEAD_DIM)
+    src = tl.load(PERM + pid_bh * n + offs, mask=ok, other=0).to(tl.int64)
+    rows = tl.load(X + b * stride_xb + hx * stride_xh + src[:, None] * stride_xn + offs_d[None, :], mask=ok[:, None])
+    tl.store(OUT + (pid_bh * n + offs)[:, None] * HEAD_DIM + offs_d[None, :], rows, mask=ok[:, None])
