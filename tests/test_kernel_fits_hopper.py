@@ -29,13 +29,9 @@ from triton.compiler import ASTSource
 from pbs_kernels.triton import attention as A
 from pbs_kernels.triton import attention_kernel as K
 
-import inspect
 ptr = {name: ("*i32" if name in ("PERM", "KV_NUM", "KV_IDX") else "*bf16")
        for name in ("Q", "K", "V", "KP", "VP", "PERM", "O", "KV_NUM", "KV_IDX")}
-params = inspect.signature(K.pbs_attn_fwd.fn).parameters
-# the other runtime arguments: the softmax scale (fp32) and integers (sizes, strides)
-scalars = {n: ("fp32" if n == "qk_scale" else "i32") for n, p in params.items()
-           if n not in ptr and "constexpr" not in str(p.annotation)}
+scalars = {"qk_scale": "fp32", **{n: "i32" for n in ("N_CTX", "H_Q", "H_KV", "H_PERM", "QB0", "N_QB", "N_KB")}}
 out = []
 for d in A.SUPPORTED_HEAD_DIMS:
     for mode, code in A.PERM_MODES.items():

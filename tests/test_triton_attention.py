@@ -248,28 +248,6 @@ def test_plan_rows_chunk_writes_only_its_rows(mode):
         R.block_sparse_attention(q.float(), k.float(), v.float(), bad)
 
 
-@pytest.mark.parametrize("mode", ["remap", "gather", "tma"])
-def test_strided_inputs_as_transformers_passes_them(mode):
-    """q, k, v as (B, N, H, D) tensors seen as (B, H, N, D) (what transformers hands the attention
-    function) give the same output as contiguous copies, and the default output is laid out so that
-    transposing it back to (B, N, H, D) needs no copy."""
-    dtype, n = DTYPES[0], 230
-    q, k, v = qkv(2, 4, 2, n, 64, dtype, seed=11)
-    plan = to_device(random_plan(2, 4, 2, n, 32, 64, p=0.4, seed=11))
-    want = A.pbs_attention(q, k, v, plan, perm_mode=mode)
-    qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
-    assert not qt.is_contiguous()
-    got = A.pbs_attention(qt, kt, vt, plan, perm_mode=mode)
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
-    assert got.transpose(1, 2).is_contiguous()
-    odd = torch.full((2, 4, n, 64 * 2), float("nan"), dtype=dtype, device=DEVICE)[..., ::2]  # a strided out
-    with pytest.raises(ValueError, match="contiguous last dim"):
-        A.pbs_attention(qt, kt, vt, plan, perm_mode=mode, out=odd)
-    out = torch.full((4, 2, n, 64), float("nan"), dtype=dtype, device=DEVICE).transpose(0, 1)
-    A.pbs_attention(qt, kt, vt, plan, perm_mode=mode, out=out)
-    torch.testing.assert_close(out, want, atol=0, rtol=0)
-
-
 @pytest.mark.parametrize("h_kv,h_perm,d", [(2, 2, 64), (1, 4, 128), (3, 3, 64)])
 def test_permuted_copy_equals_the_reference_gather(h_kv, h_perm, d):
     """The Triton row gather of keys into permuted order, also from a transposed (B, N, H, D) view."""

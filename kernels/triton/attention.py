@@ -168,13 +168,6 @@ def _mode_for_length(seq_len: int) -> str:
     return "tma" if seq_len >= TMA_MIN_SEQ_LEN else "remap"
 
 
-def new_output(q: torch.Tensor) -> torch.Tensor:
-    """An empty (B, H_q, N, D) output laid out as (B, N, H_q, D): what transformers' attention
-    interface returns after ``transpose(1, 2)``, so that transposing back needs no copy."""
-    b, h, n, d = q.shape
-    return torch.empty(b, n, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
-
-
 def resolve_perm_mode(seq_len: int, q: torch.Tensor, perm_mode: str | None = None) -> str:
     """The read mode ``pbs_attention`` uses for ``perm_mode`` (None: ``DEFAULT_PERM_MODE``; "auto":
     ``choose_perm_mode``'s rule on CUDA, "remap" in the interpreter)."""
@@ -202,10 +195,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     config: tile config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}; None = the measured
         default (``_default_config``); "autotune" = tune on CUDA over ``_cuda_configs`` (also when
         ``PBS_AUTOTUNE=1``), once per plan block, head_dim and row-length bucket.
-    out: optional (B, H_q, N, D) tensor of q's dtype to write into, any strides with a contiguous
-        last dim (default ``new_output(q)``).
-    q, k, v may be strided views (e.g. transformers' (B, N, H, D) tensors transposed); only their last
-    dim must be contiguous.
+    out: optional contiguous (B, H_q, N, D) tensor of q's dtype to write into.
     permuted: the copies ``(permuted_copy(k, plan.perm), permuted_copy(v, plan.perm))``, when the
         caller already has them (row chunks of one plan share them); used by "gather" and "tma".
     Returns (B, H_q, N, D) in q's dtype.
@@ -231,7 +221,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     mode = PERM_MODES[mode_name]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
 
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     perm = plan.perm.to(torch.int32).contiguous()
     num = plan.kv_num_blocks.to(torch.int32).contiguous()
     idx = plan.kv_indices.to(torch.int32).contiguous()
@@ -242,15 +232,13 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     else:
         kp, vp = permuted_copy(k, perm), permuted_copy(v, perm)
     if out is None:
-        out = new_output(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device} with a contiguous last dim, "
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor on {q.device}, "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
 
     seg_blocks = plan.segment_size // bs
-    strides = [st for x in (q, k, v, out) for st in x.stride()[:3]]
-    args = (q, k, v, kp, vp, perm, out, num, idx, *strides, scale * math.log2(math.e), n, h_q, h_kv, h_perm, qb0,
-            n_rows, n_kb)
+    args = (q, k, v, kp, vp, perm, out, num, idx, scale * math.log2(math.e), n, h_q, h_kv, h_perm, qb0, n_rows, n_kb)
     consts = dict(PLAN_BLOCK=bs, SEG_BLOCKS=seg_blocks, SEG_POW2=triton.next_power_of_2(seg_blocks),
                   HEAD_DIM=d, PERM_MODE=mode, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
 

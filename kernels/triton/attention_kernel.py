@@ -12,7 +12,7 @@ ascending and causal, j <= i, so the blocks of the query's own segment form the 
 
 PERM_MODE says how phase 1 reads permuted keys:
   0  gathered copies KP/VP (keys already in permuted order), contiguous tiles through TMA tensor
-     descriptors (CUDA, Hopper); the own segment's blocks through pointer loads;
+     descriptors (CUDA, Hopper);
   1  gathered copies KP/VP, contiguous tiles through plain pointer loads;
   2  original K/V, rows remapped through ``perm`` inside the kernel (no copy); phases 1 and 2
      then share one loop.
@@ -20,9 +20,7 @@ PERM_MODE says how phase 1 reads permuted keys:
 Softmax runs in base 2: scores are multiplied by ``qk_scale = scale * log2(e)`` and exponentiated
 with exp2, which is what the hardware computes natively.
 
-Shapes: Q, O (B, H_q, N, D); K, V (B, H_kv, N, D), all four strided views with a contiguous last dim
-(e.g. transformers' (B, N, H, D) tensors seen as (B, H, N, D); strides in elements, per batch, head
-and row); KP, VP (B, H_perm, N, D) contiguous; PERM (B, H_perm, N);
+Shapes: Q, O (B, H_q, N, D); K, V (B, H_kv, N, D); KP, VP (B, H_perm, N, D); PERM (B, H_perm, N);
 KV_NUM (B, H_q, R); KV_IDX (B, H_q, R, N_kb): the plan rows of query blocks QB0 .. QB0 + R - 1 (the
 whole plan: QB0 = 0, R = N_qb); the grid covers those query blocks only. All contiguous (last stride 1).
 """
@@ -55,8 +53,6 @@ def _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, MASKED: tl.cons
 @triton.jit
 def pbs_attn_fwd(
     Q, K, V, KP, VP, PERM, O, KV_NUM, KV_IDX,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     qk_scale,
     N_CTX, H_Q, H_KV, H_PERM, QB0, N_QB, N_KB,  # N_QB: plan rows held (R)
     PLAN_BLOCK: tl.constexpr,  # tokens per plan block (selection granularity)
@@ -87,17 +83,13 @@ def pbs_attn_fwd(
     offs_d = tl.arange(0, HEAD_DIM)
 
     # int64 bases: B * H * N * D overflows int32 at 128K tokens
-    b64, h64, h_kv64 = b.to(tl.int64), h.to(tl.int64), h_kv.to(tl.int64)
-    q_ptr = Q + b64 * stride_qb + h64 * stride_qh
-    o_ptr = O + b64 * stride_ob + h64 * stride_oh
-    k_ptr = K + b64 * stride_kb + h_kv64 * stride_kh  # this kv head's rows: k_ptr + n * stride_kn
-    v_ptr = V + b64 * stride_vb + h_kv64 * stride_vh
-    kp_row0 = (b64 * H_PERM + h_perm) * N_CTX  # first row of this perm head in (B*H_perm*N, D) / PERM
+    q_base = (bh.to(tl.int64) * N_CTX) * HEAD_DIM
+    kv_row0 = (b.to(tl.int64) * H_KV + h_kv) * N_CTX  # first row of this kv head in (B*H_kv*N, D)
+    kp_row0 = (b.to(tl.int64) * H_PERM + h_perm) * N_CTX
     row = bh.to(tl.int64) * N_QB + qb - QB0
     idx_row = KV_IDX + row * N_KB
 
-    q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=offs_m[:, None] < N_CTX,
-                other=0.0)
+    q = tl.load(Q + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < N_CTX, other=0.0)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked row stays NaN-free
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -116,14 +108,19 @@ def pbs_attn_fwd(
     # -- phase 0: the diagonal block, original keys, causal mask on positions --
     for s in tl.static_range(0, SUB_N):
         offs_k = qb * PLAN_BLOCK + s * BLOCK_N + offs_n
-        rows = offs_k[:, None].to(tl.int64)
+        kv_off = (kv_row0 + offs_k)[:, None] * HEAD_DIM + offs_d[None, :]
         in_seq = offs_k[:, None] < N_CTX
-        k = tl.load(k_ptr + rows * stride_kn + offs_d[None, :], mask=in_seq, other=0.0)
-        v = tl.load(v_ptr + rows * stride_vn + offs_d[None, :], mask=in_seq, other=0.0)
+        k = tl.load(K + kv_off, mask=in_seq, other=0.0)
+        v = tl.load(V + kv_off, mask=in_seq, other=0.0)
         mask = (offs_k[None, :] <= offs_m[:, None]) & (offs_k[None, :] < N_CTX) & (has_diag > 0)
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, True, DOT_PREC)
 
     if PERM_MODE == 0:
+        total_rows = tl.num_programs(1) * N_CTX  # B * H_kv * N
+        k_desc = tl.make_tensor_descriptor(K, shape=[total_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(V, shape=[total_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
         perm_rows = tl.num_programs(1) // H_KV * H_PERM * N_CTX
         kp_desc = tl.make_tensor_descriptor(KP, shape=[perm_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
                                             block_shape=[BLOCK_N, HEAD_DIM])
@@ -138,9 +135,10 @@ def pbs_attn_fwd(
             j = tl.load(idx_row + t // SUB_N)
             slot = j * PLAN_BLOCK + (t % SUB_N) * BLOCK_N + offs_n
             src = tl.load(PERM + kp_row0 + slot)  # original positions of these slots
-            rows = tl.where(t < n_off * SUB_N, src, slot)[:, None].to(tl.int64)
-            k = tl.load(k_ptr + rows * stride_kn + offs_d[None, :])
-            v = tl.load(v_ptr + rows * stride_vn + offs_d[None, :])
+            src = tl.where(t < n_off * SUB_N, src, slot)
+            kv_off = (kv_row0 + src)[:, None] * HEAD_DIM + offs_d[None, :]
+            k = tl.load(K + kv_off)
+            v = tl.load(V + kv_off)
             acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC)
     else:
         # -- phase 1: earlier segments, permuted copies, no mask --
@@ -155,17 +153,21 @@ def pbs_attn_fwd(
                 k = tl.load(KP + kv_off)
                 v = tl.load(VP + kv_off)
             acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC)
-        # -- phase 2: own segment before the last kept block, original keys (strided: pointer
-        #    loads in every mode; at most segment/block - 1 blocks), no mask --
+        # -- phase 2: own segment before the last kept block, original keys, no mask --
         for t in range(n_off * SUB_N, last * SUB_N):
             j = tl.load(idx_row + t // SUB_N)
-            rows = (j * PLAN_BLOCK + (t % SUB_N) * BLOCK_N + offs_n)[:, None].to(tl.int64)
-            k = tl.load(k_ptr + rows * stride_kn + offs_d[None, :])
-            v = tl.load(v_ptr + rows * stride_vn + offs_d[None, :])
+            start = j * PLAN_BLOCK + (t % SUB_N) * BLOCK_N
+            if PERM_MODE == 0:
+                k = k_desc.load([(kv_row0 + start).to(tl.int32), 0])
+                v = v_desc.load([(kv_row0 + start).to(tl.int32), 0])
+            else:
+                kv_off = (kv_row0 + start + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+                k = tl.load(K + kv_off)
+                v = tl.load(V + kv_off)
             acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC)
 
     # -- epilogue: normalize; rows that saw no key (only rows >= N) write 0 --
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
-    tl.store(o_ptr + offs_m[:, None].to(tl.int64) * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=offs_m[:, None] < N_CTX)
