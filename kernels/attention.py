@@ -88,6 +88,7 @@ def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, con
     from .triton import select as fast_select
 
     _check_shapes(q, k, v)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # once, not in every chunk's launch
     n = q.shape[2]
     bs, seg = config.block_size, config.segment_size
     perm = compute_permutation(q, k, config, scale)
