@@ -95,7 +95,7 @@ def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, con
     copies = None
     if fast.resolve_perm_mode(n, q) != "remap":  # one permuted copy of K/V for every chunk
         copies = fast.permuted_copy(k, perm), fast.permuted_copy(v, perm)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty_like(q)  # contiguous, like q now
     nums = []
     for r0, num, idx in fast_select.select_row_chunks(q, k, perm, config, scale, rows):
         fast.pbs_attention(q, k, v, PermutedBlockMask(perm, num, idx, bs, seg, n, row_offset=r0), scale,

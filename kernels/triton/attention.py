@@ -105,22 +105,12 @@ def _autotuned(plan_block: int, head_dim: int, row_bucket: int):
 
 
 @functools.cache
-def _interpreted_gather():
-    """``_gather_rows_kernel`` as an interpreted function (see ``_interpreted``)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    fn = _gather_rows_kernel
-    return fn if isinstance(fn, InterpretedFunction) else InterpretedFunction(fn.fn)
-
-
-@functools.cache
-def _interpreted():
-    """The kernel as an interpreted function, also when this module was imported before
+def _interpreted(kernel):
+    """``kernel`` as an interpreted function, also when this module was imported before
     TRITON_INTERPRET was set (``triton.jit`` decides at decoration time)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    fn = K.pbs_attn_fwd
-    return fn if isinstance(fn, InterpretedFunction) else InterpretedFunction(fn.fn)
+    return kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
 
 
 _allocator_set = False
@@ -152,7 +142,7 @@ def permuted_copy(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     out = torch.empty(b, h_perm, n, d, dtype=x.dtype, device=x.device)
     block = 64 if not _interpreting() else 1024
     grid = (triton.cdiv(n, block), b * h_perm)
-    kernel = _interpreted_gather() if not x.is_cuda else _gather_rows_kernel
+    kernel = _gather_rows_kernel if x.is_cuda else _interpreted(_gather_rows_kernel)
     kernel[grid](x, perm, out, n, h_kv, h_perm, x.stride(0), x.stride(1), x.stride(2), BLOCK=block, HEAD_DIM=d,
                  **({"num_warps": 4} if x.is_cuda else {}))
     return out
@@ -249,7 +239,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     if not q.is_cuda:
         cfg = config if isinstance(config, dict) else _default_config(bs, d, mode_name)
         grid = (n_rows * (bs // cfg["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
-        _interpreted()[grid](*args, **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+        _interpreted(K.pbs_attn_fwd)[grid](*args, **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
         return out
 
     if mode == 0:
