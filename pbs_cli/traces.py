@@ -15,16 +15,18 @@ from pathlib import Path
 from . import reports
 
 
-def record(fn: Callable[[], object], cuda: bool):
-    """Run ``fn`` once under torch.profiler (CPU, plus CUDA when ``cuda``); returns the profiler."""
+def record(fn: Callable[[], object], device):
+    """Run ``fn`` once under torch.profiler (CPU, plus CUDA when ``device`` is a CUDA device, which
+    is synchronized before the profiler stops); returns the profiler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = torch.device(device).type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         fn()
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
     return prof
 
 
@@ -48,11 +50,16 @@ def save(prof, path: Path) -> None:
 
 
 def top_ops(prof, cuda: bool, limit: int = 12) -> list[dict]:
-    """The ops that took the most self time (device time on CUDA, CPU time elsewhere), most first:
-    [{"name", "calls", "ms", "share"}], share = of all ops' self time."""
+    """What took the most time, most first: on CUDA the GPU kernels by their time, elsewhere the ops
+    by their self CPU time; [{"name", "calls", "ms", "share"}], share = of all of them. (On CUDA only
+    kernel rows count: an op row carries its kernels' time again, which would count it twice.)"""
+    from torch.autograd import DeviceType
+
     events = prof.key_averages()
-    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    rows = [(e.key, e.count, getattr(e, attr, 0.0) or 0.0) for e in events]
+    if cuda:
+        rows = [(e.key, e.count, e.self_device_time_total or 0.0) for e in events if e.device_type == DeviceType.CUDA]
+    else:
+        rows = [(e.key, e.count, e.self_cpu_time_total or 0.0) for e in events]
     total = sum(us for _, _, us in rows) or 1.0
     rows.sort(key=lambda r: -r[2])
     return [{"name": name, "calls": calls, "ms": us / 1e3, "share": us / total} for name, calls, us in rows[:limit]]

@@ -228,18 +228,22 @@ def greedy_generate(model, first_logits, cache, max_new_tokens: int, eos: set[in
     return ids, (time.perf_counter() - t0) * 1e3
 
 
-def write_trace(path: Path, model, input_ids, config, dense: dense_sdpa.DenseChoice | None) -> dict[str, Any]:
-    """One PBS forward (as timed) under torch.profiler: save the Chrome trace at ``path``, print the
-    ops with the most self time (GPU time on CUDA) to stderr; returns {"path", "top_ops"} for the record.
-    The layers' PBS work sits inside "pbs.attention" ranges."""
+def write_trace(path: Path, model, input_ids, spec: PrefillSpec, config,
+                dense: dense_sdpa.DenseChoice | None) -> dict[str, Any]:
+    """One forward of the timed PBS setup ``spec`` under torch.profiler: save the Chrome trace at
+    ``path``, print what took the most time (GPU kernels on CUDA, ops' self CPU time elsewhere) to
+    stderr; returns {"path", "device_time", "top_ops"} for the record. The layers' PBS work sits
+    inside "pbs.attention" ranges."""
     from .. import traces
 
     cuda = input_ids.is_cuda
-    prof = traces.record(lambda: run_prefill(model, input_ids, integration.NAME, config, 0, 1, keep_cache=False,
-                                             dense=dense), cuda)
+    one = PrefillSpec(spec.attn, keep_cache=False, record_dense=spec.record_dense)
+    prof = traces.record(lambda: run_prefills(model, input_ids, [one], config, 0, 1, dense=dense), input_ids.device)
+    integration.set_attention(model, integration.NAME)
     traces.save(prof, path)
     top = traces.top_ops(prof, cuda)
-    err.print(f"saved {path}; the ops with the most {'GPU' if cuda else 'CPU'} self time in that forward:",
+    err.print(f"saved {path}; the {'GPU kernels' if cuda else 'ops'} with the most "
+              f"{'time' if cuda else 'self CPU time'} in that forward:",
               highlight=False, markup=False, soft_wrap=True)
     for op in top:
         err.print(f"  {op['share']:6.1%} {op['ms']:10.2f} ms {op['calls']:6d}x  {op['name'][:90]}",
@@ -523,7 +527,7 @@ def command(
     if trace is not None:
         with models.progress("one PBS forward under torch.profiler (--trace)"), \
                 out_of_memory_hint("in the traced PBS prefill", len(ids), str(mdl.device), dtype_name):
-            rec["trace"] = write_trace(trace, mdl, input_ids, config, choice)
+            rec["trace"] = write_trace(trace, mdl, input_ids, specs[0], config, choice)
     if compare_dense:
         dense = dense_runs[0]
         dense.times_ms = distributed.reduce_max(dense.times_ms)

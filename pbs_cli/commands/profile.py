@@ -167,7 +167,7 @@ def write_trace(path: Path, case: Case, settings: Settings) -> None:
         with record_function("pbs.attend"):
             pbs_attention(q, k, v, PermutedBlockMask(perm, num, idx, cfg.block_size, cfg.segment_size, q.shape[2]), scale)
 
-    traces.save(traces.record(one_pass, q.is_cuda), path)
+    traces.save(traces.record(one_pass, q.device), path)
 
 
 @command_boundary
