@@ -124,15 +124,16 @@ def check(q, k, v, plan, **kw):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("h_q,h_kv", [(2, 2), (4, 1), (8, 1)])
-def test_gqa_ratios_random_sparse_plan(dtype, h_q, h_kv):
+@pytest.mark.parametrize("mode", [None, "ws"])
+def test_gqa_ratios_random_sparse_plan(dtype, h_q, h_kv, mode):
     q, k, v = qkv(1, h_q, h_kv, 192, 64, dtype)
     plan = to_device(random_plan(1, h_q, h_kv, 192, 32, 64, p=0.3))
     assert plan.density() < 0.8
-    check(q, k, v, plan)
+    check(q, k, v, plan, perm_mode=mode)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["remap", "gather", "tma"])
+@pytest.mark.parametrize("mode", ["remap", "gather", "tma", "ws"])
 def test_perm_modes_odd_length_batch2(dtype, mode):
     n = 171  # not a multiple of the block (32) or the segment (64)
     q, k, v = qkv(2, 2, 1, n, 64, dtype, seed=1)
@@ -149,21 +150,23 @@ def test_shorter_than_one_segment(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_head_dim_128_and_per_head_permutation(dtype):
+@pytest.mark.parametrize("mode", [None, "ws"])
+def test_head_dim_128_and_per_head_permutation(dtype, mode):
     q, k, v = qkv(1, 4, 2, 160, 128, dtype, seed=3)
     plan = to_device(random_plan(1, 4, 4, 160, 32, 64, p=0.5, seed=3))  # one perm per query head
-    check(q, k, v, plan)
+    check(q, k, v, plan, perm_mode=mode)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_only_forced_blocks(dtype):
+@pytest.mark.parametrize("mode", [None, "ws"])
+def test_only_forced_blocks(dtype, mode):
     q, k, v = qkv(1, 4, 2, 230, 64, dtype, seed=4)
     plan = build_plan(q.float(), k.float(), SMALL.replace(threshold=1e-6))
     # forced per query block: own-segment causal blocks, plus the sink block outside segment 0
     n_b, per_seg = plan.kv_num_blocks.shape[-1], 2
     forced = torch.tensor([i % per_seg + 1 + (i >= per_seg) for i in range(n_b)], dtype=torch.int32)
     assert torch.equal(plan.kv_num_blocks.cpu(), forced.expand_as(plan.kv_num_blocks.cpu()))
-    check(q, k, v, plan)
+    check(q, k, v, plan, perm_mode=mode)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -190,7 +193,7 @@ def test_tiles_smaller_than_plan_blocks(dtype, block_m, block_n):
     check(q, k, v, plan, config={"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2})
 
 
-@pytest.mark.parametrize("mode", ["remap", "tma"])
+@pytest.mark.parametrize("mode", ["remap", "tma", "ws"])
 def test_plan_without_some_diagonal_blocks(mode):
     """A plan need not keep block i for query block i: then no key of block i is read."""
     dtype = DTYPES[0]
@@ -217,7 +220,7 @@ def test_plan_block_64_and_scale():
     torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["remap", "tma"])
+@pytest.mark.parametrize("mode", ["remap", "tma", "ws"])
 def test_plan_rows_chunk_writes_only_its_rows(mode):
     """A plan of query blocks r0..r1-1 (``row_offset``) computes exactly those rows of the whole plan's
     output; the permuted copies may come from the caller."""
@@ -227,7 +230,7 @@ def test_plan_rows_chunk_writes_only_its_rows(mode):
     plan = to_device(random_plan(1, 4, 2, n, 32, 64, p=0.4, seed=9))
     whole = A.pbs_attention(q, k, v, plan, perm_mode=mode)
     out = torch.full_like(q, float("nan"))
-    copies = (A.permuted_copy(k, plan.perm), A.permuted_copy(v, plan.perm))
+    copies = A.copies_for(mode, k, v, plan.perm)
     for r0, r1 in ((3, 7), (0, 3), (7, 10)):
         part = PermutedBlockMask(plan.perm, plan.kv_num_blocks[:, :, r0:r1].contiguous(),
                                  plan.kv_indices[:, :, r0:r1].contiguous(), 32, 64, n, row_offset=r0)
@@ -258,6 +261,10 @@ def test_permuted_copy_equals_the_reference_gather(h_kv, h_perm, d):
     got = A.permuted_copy(x, perm.to(torch.int32))
     assert got.is_contiguous() and got.shape == (2, h_perm, n, d)
     assert torch.equal(got, R.permute_keys(x, perm))
+    both = A.permuted_copy(x, perm.to(torch.int32), with_original=True)  # the "ws" mode's layout
+    assert both.is_contiguous() and both.shape == (2, h_perm, 2 * n, d)
+    assert torch.equal(both[:, :, :n], got)
+    assert torch.equal(both[:, :, n:], x.repeat_interleave(h_perm // h_kv, 1))
 
 
 def test_supports():

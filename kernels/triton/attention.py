@@ -18,10 +18,11 @@ import triton
 from .. import reference
 from ..block_mask import PermutedBlockMask
 from . import attention_kernel as K
+from . import attention_ws_kernel as KWS
 from .permute_kernel import _gather_rows_kernel
 
 SUPPORTED_HEAD_DIMS = (64, 128)
-PERM_MODES = {"tma": 0, "gather": 1, "remap": 2}
+PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3}  # 0-2: attention_kernel's PERM_MODE; 3: attention_ws_kernel
 # Default way of reading permuted keys: "auto" picks "remap" for short rows and "tma" for long ones
 # (BENCHMARKS.md, "Attention kernel (H100)"); PBS_PERM_MODE=remap|gather|tma overrides it.
 DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "auto")
@@ -127,25 +128,37 @@ def _ensure_allocator() -> None:
 # -- entry point ------------------------------------------------------------------------------
 
 
-def permuted_copy(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+def permuted_copy(x: torch.Tensor, perm: torch.Tensor, with_original: bool = False) -> torch.Tensor:
     """Keys or values in permuted order: x (B, H_kv, N, D) (a strided view is fine when its last dim is
-    contiguous), perm (B, H_perm, N) -> (B, H_perm, N, D) contiguous. One Triton row gather
-    (``permute_kernel._gather_rows_kernel``) for head_dim a power of two; twin and fallback:
-    ``reference.permute_keys``."""
+    contiguous), perm (B, H_perm, N) -> (B, H_perm, N, D) contiguous; with ``with_original``
+    (B, H_perm, 2N, D): rows [0, N) permuted, rows [N, 2N) the same head's keys in original order (what
+    the "ws" mode reads). One Triton row gather (``permute_kernel._gather_rows_kernel``) for head_dim a
+    power of two; twin and fallback: ``reference.permute_keys``."""
     b, h_perm, n = perm.shape
     h_kv, d = x.shape[1], x.shape[-1]
     if d & (d - 1) or not (x.is_cuda or _interpreting()):
-        return reference.permute_keys(x, perm).contiguous()
+        out = reference.permute_keys(x, perm)
+        if with_original:
+            out = torch.cat([out, x.repeat_interleave(h_perm // h_kv, 1)], 2)
+        return out.contiguous()
     if x.stride(-1) != 1:
         x = x.contiguous()
     perm = perm.to(torch.int32).contiguous()
-    out = torch.empty(b, h_perm, n, d, dtype=x.dtype, device=x.device)
+    out = torch.empty(b, h_perm, 2 * n if with_original else n, d, dtype=x.dtype, device=x.device)
     block = 64 if not _interpreting() else 1024
     grid = (triton.cdiv(n, block), b * h_perm)
     kernel = _gather_rows_kernel if x.is_cuda else _interpreted(_gather_rows_kernel)
     kernel[grid](x, perm, out, n, h_kv, h_perm, x.stride(0), x.stride(1), x.stride(2), BLOCK=block, HEAD_DIM=d,
-                 **({"num_warps": 4} if x.is_cuda else {}))
+                 WITH_ORIGINAL=with_original, **({"num_warps": 4} if x.is_cuda else {}))
     return out
+
+
+def copies_for(mode: str, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor):
+    """What ``pbs_attention(..., permuted=)`` takes for read mode ``mode`` (None for "remap"): the
+    permuted copies of k and v, with their original-order halves for "ws"."""
+    if mode == "remap":
+        return None
+    return tuple(permuted_copy(x, perm, with_original=mode == "ws") for x in (k, v))
 
 
 def choose_perm_mode(plan: PermutedBlockMask) -> str:
@@ -220,7 +233,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     elif permuted is not None:
         kp, vp = (x.contiguous() for x in permuted)
     else:
-        kp, vp = permuted_copy(k, perm), permuted_copy(v, perm)
+        kp, vp = copies_for(mode_name, k, v, perm)
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
@@ -228,6 +241,11 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
 
     seg_blocks = plan.segment_size // bs
+    if mode == 3:
+        if kp.shape[2] != 2 * n:
+            raise ValueError("perm_mode 'ws' reads copies with original-order halves: pass "
+                             "permuted=copies_for('ws', k, v, perm)")
+        return _launch_ws(q, kp, vp, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config)
     args = (q, k, v, kp, vp, perm, out, num, idx, scale * math.log2(math.e), n, h_q, h_kv, h_perm, qb0, n_rows, n_kb)
     consts = dict(PLAN_BLOCK=bs, SEG_BLOCKS=seg_blocks, SEG_POW2=triton.next_power_of_2(seg_blocks),
                   HEAD_DIM=d, PERM_MODE=mode, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
@@ -254,4 +272,32 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
             grid = (n_rows * (bs // cfg["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
             K.pbs_attn_fwd[grid](*args, **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    return out
+
+
+def _ws_config(block: int, head_dim: int, on_cuda: bool) -> dict:
+    """Launch options of the warp-specialized kernel: 4 warps per group (Triton adds a producer group
+    and splits the 128 query rows over two consumer groups: 12 warps in all), 2 stages of K/V tiles
+    for head_dim 128 (3 overflow the H100's shared memory), 3 for 64. Warp specialization only for
+    128-token blocks on CUDA (the layout it was built and measured for); otherwise the same loop runs
+    software-pipelined."""
+    return {"num_warps": 4, "num_stages": 2 if head_dim > 64 else 3,
+            "warp_specialize": on_cuda and block == 128}
+
+
+def _launch_ws(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config):
+    """``attention_ws_kernel.pbs_attn_fwd_ws`` over plan rows qb0 .. qb0 + n_rows - 1."""
+    b, h_q, n, d = q.shape
+    h_c = kc.shape[1]
+    cfg = {**_ws_config(bs, d, q.is_cuda), **(config if isinstance(config, dict) else {})}
+    grid = (n_rows * (h_q // h_c), b * h_c)
+    args = (q, kc, vc, out, num, idx, scale * math.log2(math.e), n, h_q, h_c, qb0, n_rows, n_kb)
+    consts = dict(SEG_BLOCKS=seg_blocks, SEG_POW2=triton.next_power_of_2(seg_blocks), BLOCK=bs, HEAD_DIM=d)
+    if not q.is_cuda:
+        _interpreted(KWS.pbs_attn_fwd_ws)[grid](*args, **consts, WARP_SPECIALIZE=False)
+        return out
+    _ensure_allocator()
+    with torch.cuda.device(q.device):
+        KWS.pbs_attn_fwd_ws[grid](*args, **consts, WARP_SPECIALIZE=cfg["warp_specialize"],
+                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

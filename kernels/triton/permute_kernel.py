@@ -119,11 +119,12 @@ def _gather_rows_kernel(
     X, PERM, OUT,
     n, H_x, H_perm,
     stride_xb, stride_xh, stride_xn,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_ORIGINAL: tl.constexpr,
 ):
     # grid: (cdiv(n, BLOCK), B * H_perm); OUT[b, hp, s] = X[b, hp // (H_perm // H_x), PERM[b, hp, s]]:
-    # keys (or values) copied into permuted order, one tile of BLOCK slots per program. X may be a
-    # strided view (last dim contiguous); PERM and OUT are contiguous.
+    # keys (or values) copied into permuted order, one tile of BLOCK slots per program. With
+    # WITH_ORIGINAL, OUT has 2n rows per head and rows n + s also get X[b, hp // (H_perm // H_x), s]
+    # (original order). X may be a strided view (last dim contiguous); PERM and OUT are contiguous.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: (B, H, N, D) tensors pass 2**31 elements at 512K
     b = pid_bh // H_perm
@@ -131,6 +132,11 @@ def _gather_rows_kernel(
     offs = pid_n * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     offs_d = tl.arange(0, HEAD_DIM)
+    x_head = X + b * stride_xb + hx * stride_xh
+    out_row0 = pid_bh * n * (2 if WITH_ORIGINAL else 1)
     src = tl.load(PERM + pid_bh * n + offs, mask=ok, other=0).to(tl.int64)
-    rows = tl.load(X + b * stride_xb + hx * stride_xh + src[:, None] * stride_xn + offs_d[None, :], mask=ok[:, None])
-    tl.store(OUT + (pid_bh * n + offs)[:, None] * HEAD_DIM + offs_d[None, :], rows, mask=ok[:, None])
+    rows = tl.load(x_head + src[:, None] * stride_xn + offs_d[None, :], mask=ok[:, None])
+    tl.store(OUT + (out_row0 + offs)[:, None] * HEAD_DIM + offs_d[None, :], rows, mask=ok[:, None])
+    if WITH_ORIGINAL:
+        rows = tl.load(x_head + offs[:, None].to(tl.int64) * stride_xn + offs_d[None, :], mask=ok[:, None])
+        tl.store(OUT + (out_row0 + n + offs)[:, None] * HEAD_DIM + offs_d[None, :], rows, mask=ok[:, None])
