@@ -34,6 +34,16 @@ SHAPES = {  # name: (H_q, H_kv, head_dim)
     "smollm2": (9, 3, 64),
 }
 BLOCK, SEGMENT = 128, 256
+# Benchmark-only variants of a read mode: name -> (perm_mode, config)
+VARIANTS = {"ws_plain": ("ws", {"warp_specialize": False})}  # the ws loop without warp specialization
+
+
+def attend(q, k, v, plan, mode, cfg):
+    """``pbs_attention`` in read mode (or variant) ``mode`` with tile config ``cfg``."""
+    from pbs_kernels.triton import attention as A
+
+    mode, base = VARIANTS.get(mode, (mode, None))
+    return A.pbs_attention(q, k, v, plan, perm_mode=mode, config={**(base or {}), **(cfg or {})} or None)
 
 
 def set_block(block: int) -> None:
@@ -190,7 +200,7 @@ def main(argv=None) -> int:
             ref = R.block_sparse_attention(q.float(), k.float(), v.float(), plan)
             low = R.block_sparse_attention(q, k, v, plan)  # the same math with bf16 rounding of the output
             for mode in modes:
-                out = A.pbs_attention(q, k, v, plan, perm_mode=mode, config=fixed.get(shape, {}).get(mode))
+                out = attend(q, k, v, plan, mode, fixed.get(shape, {}).get(mode))
                 record(check=shape, n=n, mode=mode, density=round(plan.density(), 4),
                        max_abs_err=(out.float() - ref).abs().max().item(), rel_err=rel_err(out, ref),
                        rel_err_bf16_reference=rel_err(low, ref), nan=bool(out.isnan().any()))
@@ -213,7 +223,7 @@ def main(argv=None) -> int:
                     for c in A._sweep_configs(BLOCK, d):
                         cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
                         try:
-                            ms = bench(lambda: A.pbs_attention(q, k, v, plan, perm_mode=mode, config=cfg))
+                            ms = bench(lambda: attend(q, k, v, plan, mode, cfg))
                         except Exception as e:  # out of resources for this tile shape
                             record(sweep=shape, n=n, density=p, mode=mode, config=cfg,
                                    error=str(e).splitlines()[0][:200])
@@ -258,7 +268,7 @@ def main(argv=None) -> int:
                     del kp, vp, bm
                 for mode in modes:
                     cfg = fixed.get(shape, {}).get(mode)
-                    row[mode] = bench(lambda: A.pbs_attention(q, k, v, plan, perm_mode=mode, config=cfg))
+                    row[mode] = bench(lambda: attend(q, k, v, plan, mode, cfg))
                 if any(m in modes for m in ("gather", "tma")):
                     row["copy"] = bench(lambda: (A.permuted_copy(k, plan.perm), A.permuted_copy(v, plan.perm)))
                 record(**row, tflops={m: dens * flops / row[m] / 1e9 for m in modes + (["flex"] if "flex" in row else [])})
