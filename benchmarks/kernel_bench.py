@@ -11,10 +11,11 @@ kernel against the PyTorch reference in bf16, then times every method with
 
 Methods: cuDNN and FLASH SDPA (dense causal; K/V repeated to H_q heads outside the timing),
 compiled ``flex_attention`` with an equivalent ``BlockMask`` (K/V permuted up front, outside the
-timing, and a mask_mod with the causal rule on original positions), and our kernel in its three
-ways of reading permuted keys: remap (through perm inside the kernel), gather (a permuted copy of
-K/V, timed with the kernel), tma (the copy, read with tensor descriptors), auto (the launcher's
-default: remap or tma by the plan's mean row length). Modes without a --configs entry use the
+timing, and a mask_mod with the causal rule on original positions), and our kernels in their ways of
+reading permuted keys: remap (through perm inside the kernel), gather (a permuted copy of K/V, timed
+with the kernel), tma (the copy, read with tensor descriptors), ws (the warp-specialized kernel
+reading a copy with original-order halves, timed with it), ws_plain (the ws kernel without warp
+specialization), auto (the launcher's default rule). Modes without a --configs entry use the
 launcher's default tile config.
 """
 

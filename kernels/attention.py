@@ -92,7 +92,7 @@ def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, con
     n = q.shape[2]
     bs, seg = config.block_size, config.segment_size
     perm = compute_permutation(q, k, config, scale)
-    copies = fast.copies_for(fast.resolve_perm_mode(n, q), k, v, perm)  # one copy of K/V for every chunk
+    copies = fast.copies_for(fast.resolve_perm_mode(n, bs, q), k, v, perm)  # one copy of K/V for every chunk
     out = torch.empty_like(q)  # contiguous, like q now
     nums = []
     for r0, num, idx in fast_select.select_row_chunks(q, k, perm, config, scale, rows):

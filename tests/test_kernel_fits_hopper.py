@@ -5,7 +5,9 @@ once only a GPU run caught: a change that makes the copy + TMA config (3 stages 
 tiles) ask for more than the H100's 227 KB per block and fail to launch (BENCHMARKS.md, the int16
 attempt). The compile runs in a subprocess without TRITON_INTERPRET (the suite's conftest sets it,
 which turns the kernels into interpreted functions). Shared-memory sizes come from the installed
-Triton, which may differ from the GPU machine's; the bound is the hardware's.
+Triton, which may differ from the GPU machine's; the bound is the hardware's. The warp-specialized
+kernel is also checked to come out warp-specialized (Triton drops the split silently when a loop does
+not fit its rules, which costs that kernel most of its speed).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from pbs_kernels.triton import attention as A
 from pbs_kernels.triton import attention_kernel as K
+from pbs_kernels.triton import attention_ws_kernel as KWS
 
 ptr = {name: ("*i32" if name in ("PERM", "KV_NUM", "KV_IDX") else "*bf16")
        for name in ("Q", "K", "V", "KP", "VP", "PERM", "O", "KV_NUM", "KV_IDX")}
@@ -35,6 +38,8 @@ scalars = {"qk_scale": "fp32", **{n: "i32" for n in ("N_CTX", "H_Q", "H_KV", "H_
 out = []
 for d in A.SUPPORTED_HEAD_DIMS:
     for mode, code in A.PERM_MODES.items():
+        if mode == "ws":  # its own kernel, below
+            continue
         for block in (128, 64):
             cfg = A._default_config(block, d, mode)
             consts = dict(PLAN_BLOCK=block, SEG_BLOCKS=256 // block, SEG_POW2=256 // block, BLOCK_M=cfg["BLOCK_M"],
@@ -44,6 +49,17 @@ for d in A.SUPPORTED_HEAD_DIMS:
                                     target=GPUTarget("cuda", 90, 32),
                                     options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
             out.append({"head_dim": d, "mode": mode, "block": block, **cfg, "shared": kernel.metadata.shared})
+    # the warp-specialized kernel ("ws" mode), 128-token blocks
+    cfg = A._ws_config(128, d, True)
+    consts = dict(SEG_BLOCKS=2, SEG_POW2=2, BLOCK=128, HEAD_DIM=d, WARP_SPECIALIZE=cfg["warp_specialize"])
+    sig = {"Q": "*bf16", "KC": "*bf16", "VC": "*bf16", "O": "*bf16", "KV_NUM": "*i32", "KV_IDX": "*i32",
+           "qk_scale": "fp32", **{n: "i32" for n in ("N_CTX", "H_Q", "H_C", "QB0", "N_QB", "N_KB")},
+           **{c: "constexpr" for c in consts}}
+    kernel = triton.compile(ASTSource(fn=KWS.pbs_attn_fwd_ws, signature=sig, constexprs=consts),
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    out.append({"head_dim": d, "mode": "ws", "block": 128, **cfg, "shared": kernel.metadata.shared,
+                "warps_launched": kernel.metadata.num_warps})
 print(json.dumps(out))
 """
 
@@ -56,7 +72,11 @@ def test_default_configs_fit_hopper_shared_memory(tmp_path):
         pytest.skip("this Triton install has no ptxas to compile for sm_90")
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 3 * 2  # head_dim x read mode x plan block
+    assert len(results) == 2 * 3 * 2 + 2  # head_dim x read mode x plan block, + "ws" per head_dim
+    ws = [r for r in results if r["mode"] == "ws"]
+    # Triton's Hopper warp specialization took the loop: a producer warp group joins the two
+    # consumer groups (4 warps each), so the kernel launches 12 warps; 4 would mean it silently did not
+    assert all(r["warps_launched"] == 3 * r["num_warps"] for r in ws), ws
     too_big = [r for r in results if r["shared"] > H100_SHARED_BYTES]
     assert all(r["shared"] > 0 for r in results)  # every config stages tiles through shared memory
     assert not too_big, f"configs over the H100's {H100_SHARED_BYTES} bytes of shared memory: {too_big}"

@@ -292,15 +292,22 @@ def test_bad_inputs_say_what_to_do():
 
 
 def test_auto_read_mode_needs_no_plan_values():
-    """``auto`` chooses remap vs copy + TMA from the length alone: on a plan whose tensors hold no data
-    (meta device) it still answers, so choosing cannot synchronize with the GPU."""
+    """``auto`` chooses its read mode from shapes and the device alone: on a plan whose tensors hold no
+    data (meta device) it still answers, so choosing cannot synchronize with the GPU. Off Hopper (here:
+    the meta device) "ws" never applies and the length decides between remap and copy + TMA."""
     def meta_plan(n, block=128):
         nb = -(-n // block)
         return PermutedBlockMask(torch.empty(1, 8, n, dtype=torch.int32, device="meta"),
                                  torch.empty(1, 32, nb, dtype=torch.int32, device="meta"),
                                  torch.empty(1, 32, nb, nb, dtype=torch.int32, device="meta"), block, 256, n)
 
-    assert A.choose_perm_mode(meta_plan(32768)) == "remap"
-    assert A.choose_perm_mode(meta_plan(A.TMA_MIN_SEQ_LEN - 1)) == "remap"
-    assert A.choose_perm_mode(meta_plan(A.TMA_MIN_SEQ_LEN)) == "tma"
-    assert A.choose_perm_mode(meta_plan(131072)) == "tma"
+    q = torch.empty(1, 32, 8, 128, device="meta")
+    assert A.choose_perm_mode(meta_plan(32768), q) == "remap"
+    assert A.choose_perm_mode(meta_plan(A.TMA_MIN_SEQ_LEN - 1), q) == "remap"
+    assert A.choose_perm_mode(meta_plan(A.TMA_MIN_SEQ_LEN), q) == "tma"
+    assert A.choose_perm_mode(meta_plan(131072), q) == "tma"
+    if ON_GPU and A._is_hopper(torch.cuda.current_device()):
+        on_gpu = torch.empty(1, 32, 8, 128, device=DEVICE)
+        assert A.choose_perm_mode(meta_plan(32768), on_gpu) == "ws"
+        assert A.choose_perm_mode(meta_plan(32768, block=64), on_gpu) == "remap"
+        assert A.choose_perm_mode(meta_plan(131072), on_gpu[..., :64]) == "tma"

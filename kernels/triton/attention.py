@@ -23,14 +23,15 @@ from .permute_kernel import _gather_rows_kernel
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3}  # 0-2: attention_kernel's PERM_MODE; 3: attention_ws_kernel
-# Default way of reading permuted keys: "auto" picks "remap" for short rows and "tma" for long ones
-# (BENCHMARKS.md, "Attention kernel (H100)"); PBS_PERM_MODE=remap|gather|tma overrides it.
+# Default way of reading permuted keys: "auto" picks "ws" on Hopper for head_dim 128 and 128-token
+# blocks, else "remap" for short sequences and "tma" for long ones (BENCHMARKS.md, "Attention kernel
+# (H100)"); PBS_PERM_MODE=remap|gather|tma|ws overrides it.
 DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "auto")
-# Sequence length from which "auto" reads permuted keys from a copy through TMA instead of remapping.
-# Measured on an H100 (bf16, 128-token blocks): remap wins while rows keep <= ~26 blocks (32K up to
-# 20% density, 128K at 5%), the copy + TMA from ~51 (32K at 40%, 128K from 10%). The rule looks at the
-# length, not at the plan's row lengths, so that choosing costs no host synchronization (reading the
-# plan's mean stalled the CPU once per layer); it loses up to 5% at 32K/40% and ~20% at 128K/5%.
+# Sequence length from which "auto" reads permuted keys from a copy through TMA instead of remapping
+# (when "ws" does not apply). Measured on an H100 (bf16, 128-token blocks): remap wins while rows keep
+# <= ~26 blocks (32K up to 20% density, 128K at 5%), the copy + TMA from ~51 (32K at 40%, 128K from
+# 10%). The rule looks at the length, not at the plan's row lengths, so that choosing costs no host
+# synchronization (reading the plan's mean stalled the CPU once per layer).
 TMA_MIN_SEQ_LEN = 65536
 
 
@@ -161,22 +162,33 @@ def copies_for(mode: str, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor):
     return tuple(permuted_copy(x, perm, with_original=mode == "ws") for x in (k, v))
 
 
-def choose_perm_mode(plan: PermutedBlockMask) -> str:
-    """"tma" (permuted copy, descriptor loads) for long sequences, where rows keep many blocks, else
-    "remap". Reads only the plan's length: no host synchronization."""
-    return _mode_for_length(plan.seq_len)
+def choose_perm_mode(plan: PermutedBlockMask, q: torch.Tensor) -> str:
+    """The "auto" read mode for ``plan`` and queries ``q``: "ws" (warp-specialized kernel) on Hopper
+    for head_dim 128 and 128-token blocks, where it was measured fastest at every length and density
+    but one (BENCHMARKS.md); otherwise "tma" (permuted copy, descriptor loads) for long sequences,
+    where rows keep many blocks, and "remap" for short ones. Reads only shapes and the device: no host
+    synchronization."""
+    return _auto_mode(plan.seq_len, plan.block_size, q)
 
 
-def _mode_for_length(seq_len: int) -> str:
+@functools.cache
+def _is_hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+def _auto_mode(seq_len: int, block_size: int, q: torch.Tensor) -> str:
+    if q.is_cuda and q.shape[-1] == 128 and block_size == 128 and _is_hopper(q.device.index or 0):
+        return "ws"
     return "tma" if seq_len >= TMA_MIN_SEQ_LEN else "remap"
 
 
-def resolve_perm_mode(seq_len: int, q: torch.Tensor, perm_mode: str | None = None) -> str:
+def resolve_perm_mode(seq_len: int, block_size: int, q: torch.Tensor, perm_mode: str | None = None) -> str:
     """The read mode ``pbs_attention`` uses for ``perm_mode`` (None: ``DEFAULT_PERM_MODE``; "auto":
-    ``choose_perm_mode``'s rule on CUDA, "remap" in the interpreter)."""
+    ``choose_perm_mode``'s rule on CUDA, "remap" in the interpreter) on a plan of ``seq_len`` tokens in
+    ``block_size``-token blocks."""
     name = perm_mode or DEFAULT_PERM_MODE
     if name == "auto":
-        name = _mode_for_length(seq_len) if q.is_cuda else "remap"
+        name = _auto_mode(seq_len, block_size, q) if q.is_cuda else "remap"
     if name not in PERM_MODES:
         raise ValueError(f"perm_mode must be one of {sorted(PERM_MODES) + ['auto']}, got {name!r}")
     return name
@@ -194,13 +206,14 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         scale: softmax scale (default 1/sqrt(D)).
     perm_mode: how permuted keys are read: "remap" (through ``plan.perm`` inside the kernel, no
         copy), "gather" (one permuted copy of K/V, contiguous tiles), "tma" (the copy, read with
-        tensor descriptors) or "auto" (``choose_perm_mode``). Default ``DEFAULT_PERM_MODE``.
+        tensor descriptors), "ws" (the warp-specialized kernel ``attention_ws_kernel``, reading a copy
+        with original-order halves) or "auto" (``choose_perm_mode``). Default ``DEFAULT_PERM_MODE``.
     config: tile config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}; None = the measured
         default (``_default_config``); "autotune" = tune on CUDA over ``_cuda_configs`` (also when
         ``PBS_AUTOTUNE=1``), once per plan block, head_dim and row-length bucket.
     out: optional contiguous (B, H_q, N, D) tensor of q's dtype to write into.
-    permuted: the copies ``(permuted_copy(k, plan.perm), permuted_copy(v, plan.perm))``, when the
-        caller already has them (row chunks of one plan share them); used by "gather" and "tma".
+    permuted: the copies ``copies_for(mode, k, v, plan.perm)`` when the caller already has them (row
+        chunks of one plan share them); used by "gather", "tma" and "ws".
     Returns (B, H_q, N, D) in q's dtype.
     """
     if not supports(q):
@@ -220,7 +233,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         raise ValueError(f"plan shape {tuple(plan.kv_indices.shape)} (rows from {qb0}) does not fit q "
                          f"{tuple(q.shape)} with block_size {bs}: expected ({b}, {h_q}, <= {-(-n // bs)} rows, "
                          f"{-(-n // bs)})")
-    mode_name = resolve_perm_mode(plan.seq_len, q, perm_mode)
+    mode_name = resolve_perm_mode(plan.seq_len, bs, q, perm_mode)
     mode = PERM_MODES[mode_name]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
 
