@@ -124,7 +124,7 @@ def check(q, k, v, plan, **kw):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("h_q,h_kv", [(2, 2), (4, 1), (8, 1)])
-@pytest.mark.parametrize("mode", [None, "ws", "wsp"])
+@pytest.mark.parametrize("mode", [None, "ws"])
 def test_gqa_ratios_random_sparse_plan(dtype, h_q, h_kv, mode):
     q, k, v = qkv(1, h_q, h_kv, 192, 64, dtype)
     plan = to_device(random_plan(1, h_q, h_kv, 192, 32, 64, p=0.3))
@@ -133,7 +133,7 @@ def test_gqa_ratios_random_sparse_plan(dtype, h_q, h_kv, mode):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["remap", "gather", "tma", "ws", "wsp"])
+@pytest.mark.parametrize("mode", ["remap", "gather", "tma", "ws"])
 def test_perm_modes_odd_length_batch2(dtype, mode):
     n = 171  # not a multiple of the block (32) or the segment (64)
     q, k, v = qkv(2, 2, 1, n, 64, dtype, seed=1)
@@ -220,7 +220,7 @@ def test_plan_block_64_and_scale():
     torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["remap", "tma", "ws", "wsp"])
+@pytest.mark.parametrize("mode", ["remap", "tma", "ws"])
 def test_plan_rows_chunk_writes_only_its_rows(mode):
     """A plan of query blocks r0..r1-1 (``row_offset``) computes exactly those rows of the whole plan's
     output; the permuted copies may come from the caller."""

@@ -22,7 +22,7 @@ from . import attention_ws_kernel as KWS
 from .permute_kernel import _gather_rows_kernel
 
 SUPPORTED_HEAD_DIMS = (64, 128)
-PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3, "wsp": 4}  # 0-2: attention_kernel's PERM_MODE; 3: attention_ws_kernel
+PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3}  # 0-2: attention_kernel's PERM_MODE; 3: attention_ws_kernel
 # Default way of reading permuted keys: "auto" picks "ws" on Hopper for head_dim 128 and 128-token
 # blocks, else "remap" for short sequences and "tma" for long ones (BENCHMARKS.md, "Attention kernel
 # (H100)"); PBS_PERM_MODE=remap|gather|tma|ws overrides it.
@@ -159,13 +159,13 @@ def copies_for(mode: str, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor):
     permuted copies of k and v, with their original-order halves for "ws"."""
     if mode == "remap":
         return None
-    return tuple(permuted_copy(x, perm, with_original=mode in ("ws", "wsp")) for x in (k, v))
+    return tuple(permuted_copy(x, perm, with_original=mode == "ws") for x in (k, v))
 
 
 def choose_perm_mode(plan: PermutedBlockMask, q: torch.Tensor) -> str:
     """The "auto" read mode for ``plan`` and queries ``q``: "ws" (warp-specialized kernel) on Hopper
-    for head_dim 128 and 128-token blocks, where it was measured fastest at every length and density
-    but one (BENCHMARKS.md); otherwise "tma" (permuted copy, descriptor loads) for long sequences,
+    for head_dim 128 and 128-token blocks, where it measured fastest, or within 3% of the fastest, at
+    every length and density (BENCHMARKS.md; for head_dim 64 it lost to "tma"); otherwise "tma" (permuted copy, descriptor loads) for long sequences,
     where rows keep many blocks, and "remap" for short ones. Reads only shapes and the device: no host
     synchronization."""
     return _auto_mode(plan.seq_len, plan.block_size, q)
@@ -254,11 +254,11 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
 
     seg_blocks = plan.segment_size // bs
-    if mode >= 3:
+    if mode == 3:
         if kp.shape[2] != 2 * n:
             raise ValueError("perm_mode 'ws' reads copies with original-order halves: pass "
                              "permuted=copies_for('ws', k, v, perm)")
-        return _launch_ws(q, kp, vp, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config, mode == 4)
+        return _launch_ws(q, kp, vp, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config)
     args = (q, k, v, kp, vp, perm, out, num, idx, scale * math.log2(math.e), n, h_q, h_kv, h_perm, qb0, n_rows, n_kb)
     consts = dict(PLAN_BLOCK=bs, SEG_BLOCKS=seg_blocks, SEG_POW2=triton.next_power_of_2(seg_blocks),
                   HEAD_DIM=d, PERM_MODE=mode, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
@@ -298,28 +298,19 @@ def _ws_config(block: int, head_dim: int, on_cuda: bool) -> dict:
             "warp_specialize": on_cuda and block == 128}
 
 
-def _launch_ws(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config, persistent=False):
-    """``attention_ws_kernel.pbs_attn_fwd_ws`` over plan rows qb0 .. qb0 + n_rows - 1 (or, persistent,
-    ``pbs_attn_fwd_wsp`` on one program per SM)."""
+def _launch_ws(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config):
+    """``attention_ws_kernel.pbs_attn_fwd_ws`` over plan rows qb0 .. qb0 + n_rows - 1."""
     b, h_q, n, d = q.shape
     h_c = kc.shape[1]
     cfg = {**_ws_config(bs, d, q.is_cuda), **(config if isinstance(config, dict) else {})}
-    if persistent:
-        n_tiles = n_rows * h_q * b
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 3
-        grid = (min(n_tiles, sms),)
-        args = (q, kc, vc, out, num, idx, scale * math.log2(math.e), n, h_q, h_c, b, qb0, n_rows, n_kb)
-        kernel = KWS.pbs_attn_fwd_wsp
-    else:
-        grid = (n_rows * (h_q // h_c), b * h_c)
-        args = (q, kc, vc, out, num, idx, scale * math.log2(math.e), n, h_q, h_c, qb0, n_rows, n_kb)
-        kernel = KWS.pbs_attn_fwd_ws
+    grid = (n_rows * (h_q // h_c), b * h_c)
+    args = (q, kc, vc, out, num, idx, scale * math.log2(math.e), n, h_q, h_c, qb0, n_rows, n_kb)
     consts = dict(SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d)
     if not q.is_cuda:
-        _interpreted(kernel)[grid](*args, **consts, WARP_SPECIALIZE=False)
+        _interpreted(KWS.pbs_attn_fwd_ws)[grid](*args, **consts, WARP_SPECIALIZE=False)
         return out
     _ensure_allocator()
     with torch.cuda.device(q.device):
-        kernel[grid](*args, **consts, WARP_SPECIALIZE=cfg["warp_specialize"],
-                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        KWS.pbs_attn_fwd_ws[grid](*args, **consts, WARP_SPECIALIZE=cfg["warp_specialize"],
+                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

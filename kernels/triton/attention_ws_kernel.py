@@ -8,7 +8,7 @@ issues the TMA loads and two consumer warp groups of 64 query rows each that run
 math and the softmax, overlapping loads with compute (the FlashAttention-3 structure).
 
 To make every kept block one descriptor load, K and V come as one buffer per head holding the keys
-twice (``KC``/``VC``, built by ``attention.permuted_copy_with_original``): rows [0, N) in permuted
+twice (``KC``/``VC``, built by ``attention.copies_for("ws", ...)``): rows [0, N) in permuted
 order (read for blocks of earlier segments), rows [N, 2N) in original order (read inside the query's
 own segment, where the causal rule needs original positions). The diagonal block j == qb, the last
 entry of a row that keeps it, gets the token-level causal mask; no other block needs one.
@@ -92,60 +92,3 @@ def pbs_attn_fwd_ws(
     offs_d = tl.arange(0, HEAD_DIM)
     o_ptrs = O + (bh.to(tl.int64) * N_CTX + offs_m)[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < N_CTX)
-
-
-@triton.jit
-def pbs_attn_fwd_wsp(
-    Q, KC, VC, O, KV_NUM, KV_IDX,
-    qk_scale,
-    N_CTX, H_Q, H_C, B, QB0, N_QB, N_KB,
-    SEG_BLOCKS: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-):
-    GROUP = H_Q // H_C
-    n_tiles = N_QB * GROUP * B * H_C
-    q_rows = B * H_Q * N_CTX
-    c_rows = B * H_C * 2 * N_CTX
-    q_desc = tl.make_tensor_descriptor(Q, shape=[q_rows, HEAD_DIM], strides=[HEAD_DIM, 1], block_shape=[BLOCK, HEAD_DIM])
-    k_desc = tl.make_tensor_descriptor(KC, shape=[c_rows, HEAD_DIM], strides=[HEAD_DIM, 1], block_shape=[BLOCK, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(VC, shape=[c_rows, HEAD_DIM], strides=[HEAD_DIM, 1], block_shape=[BLOCK, HEAD_DIM])
-    offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), warp_specialize=WARP_SPECIALIZE):
-        # tile order: longest rows first, the GROUP query heads of one copy head adjacent
-        per_row = GROUP * B * H_C
-        qb = QB0 + N_QB - 1 - tile // per_row
-        rest = tile % per_row
-        bhc = rest // GROUP
-        b = bhc // H_C
-        h_c = bhc % H_C
-        h = h_c * GROUP + rest % GROUP
-        bh = b * H_Q + h
-        row = bh.to(tl.int64) * N_QB + qb - QB0
-        idx_row = KV_IDX + row * N_KB
-        num = tl.load(KV_NUM + row)
-        diag_start = (qb // SEG_BLOCKS) * SEG_BLOCKS
-        q = q_desc.load([(bh * N_CTX + qb * BLOCK).to(tl.int32), 0])
-        c0 = (bhc * 2 * N_CTX).to(tl.int32)
-        offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-        m_i = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK], dtype=tl.float32)
-        acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
-        for t in range(0, num):
-            j = tl.load(idx_row + t)
-            r = c0 + j * BLOCK + tl.where(j < diag_start, 0, N_CTX)
-            k = k_desc.load([r, 0])
-            v = v_desc.load([r, 0])
-            qk = tl.dot(q, tl.trans(k))
-            keep = ((j * BLOCK + offs_n)[None, :] <= offs_m[:, None]) | (j != qb)
-            qk = tl.where(keep, qk, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-            alpha = tl.math.exp2(m_i - m_ij)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_ij
-        l_i = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_i[:, None]
-        o_ptrs = O + (bh.to(tl.int64) * N_CTX + offs_m)[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < N_CTX)
