@@ -302,12 +302,12 @@ def test_auto_read_mode_needs_no_plan_values():
                                  torch.empty(1, 32, nb, nb, dtype=torch.int32, device="meta"), block, 256, n)
 
     q = torch.empty(1, 32, 8, 128, device="meta")
-    assert A.choose_perm_mode(meta_plan(32768), q) == "remap"
+    assert A.choose_perm_mode(meta_plan(8192), q) == "remap"
     assert A.choose_perm_mode(meta_plan(A.TMA_MIN_SEQ_LEN - 1), q) == "remap"
     assert A.choose_perm_mode(meta_plan(A.TMA_MIN_SEQ_LEN), q) == "tma"
     assert A.choose_perm_mode(meta_plan(131072), q) == "tma"
     if ON_GPU and A._is_hopper(torch.cuda.current_device()):
         on_gpu = torch.empty(1, 32, 8, 128, device=DEVICE)
         assert A.choose_perm_mode(meta_plan(32768), on_gpu) == "ws"
-        assert A.choose_perm_mode(meta_plan(32768, block=64), on_gpu) == "remap"
+        assert A.choose_perm_mode(meta_plan(8192, block=64), on_gpu) == "remap"
         assert A.choose_perm_mode(meta_plan(131072), on_gpu[..., :64]) == "tma"

@@ -28,11 +28,12 @@ PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3}  # 0-2: attention_kern
 # (H100)"); PBS_PERM_MODE=remap|gather|tma|ws overrides it.
 DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "auto")
 # Sequence length from which "auto" reads permuted keys from a copy through TMA instead of remapping
-# (when "ws" does not apply). Measured on an H100 (bf16, 128-token blocks): remap wins while rows keep
-# <= ~26 blocks (32K up to 20% density, 128K at 5%), the copy + TMA from ~51 (32K at 40%, 128K from
-# 10%). The rule looks at the length, not at the plan's row lengths, so that choosing costs no host
+# (when "ws" does not apply). Measured on an H100 (bf16, 128-token blocks, fourth session, with the
+# Triton gather for the copy): for head_dim 64 at 32K the copy + TMA is 6-19% faster than remap from
+# 20% density up and within 1% at 10%, remap 9% faster at 5%; at 128K the copy wins at every density.
+# The rule looks at the length, not at the plan's row lengths, so that choosing costs no host
 # synchronization (reading the plan's mean stalled the CPU once per layer).
-TMA_MIN_SEQ_LEN = 65536
+TMA_MIN_SEQ_LEN = 32768
 
 
 def _interpreting() -> bool:
