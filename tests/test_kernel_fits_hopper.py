@@ -51,7 +51,7 @@ for d in A.SUPPORTED_HEAD_DIMS:
             out.append({"head_dim": d, "mode": mode, "block": block, **cfg, "shared": kernel.metadata.shared})
     # the warp-specialized kernel ("ws" mode), 128-token blocks
     cfg = A._ws_config(128, d, True)
-    consts = dict(SEG_BLOCKS=2, BLOCK=128, HEAD_DIM=d, WARP_SPECIALIZE=cfg["warp_specialize"], DOT_PREC="tf32")
+    consts = dict(SEG_BLOCKS=2, BLOCK=128, HEAD_DIM=d, WARP_SPECIALIZE=cfg["warp_specialize"])
     sig = {"Q": "*bf16", "KC": "*bf16", "VC": "*bf16", "O": "*bf16", "KV_NUM": "*i32", "KV_IDX": "*i32",
            "qk_scale": "fp32", **{n: "i32" for n in ("N_CTX", "H_Q", "H_C", "QB0", "N_QB", "N_KB")},
            **{c: "constexpr" for c in consts}}

@@ -306,7 +306,7 @@ def _launch_ws(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_block
     cfg = {**_ws_config(bs, d, q.is_cuda), **(config if isinstance(config, dict) else {})}
     grid = (n_rows * (h_q // h_c), b * h_c)
     args = (q, kc, vc, out, num, idx, scale * math.log2(math.e), n, h_q, h_c, qb0, n_rows, n_kb)
-    consts = dict(SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    consts = dict(SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d)
     if not q.is_cuda:
         _interpreted(KWS.pbs_attn_fwd_ws)[grid](*args, **consts, WARP_SPECIALIZE=False)
         return out

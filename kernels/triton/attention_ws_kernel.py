@@ -13,7 +13,7 @@ order (read for blocks of earlier segments), rows [N, 2N) in original order (rea
 own segment, where the causal rule needs original positions). The diagonal block j == qb, the last
 entry of a row that keeps it, gets the token-level causal mask; no other block needs one.
 
-Each step is ``attention_kernel._online_softmax_step`` (base 2, log2(e)-folded scale).
+Softmax in base 2 with the log2(e)-folded scale, as in ``attention_kernel``.
 
 Shapes: Q, O (B, H_q, N, D); KC, VC (B, H_c, 2N, D) with H_c a multiple of H_kv, query head h
 reading copy head h // (H_q // H_c); KV_NUM (B, H_q, R); KV_IDX (B, H_q, R, N_kb) (rows QB0 ..
@@ -25,8 +25,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_kernel import _online_softmax_step
-
 
 @triton.jit
 def pbs_attn_fwd_ws(
@@ -37,7 +35,6 @@ def pbs_attn_fwd_ws(
     BLOCK: tl.constexpr,  # tokens per plan block = query rows per program = key rows per tile
     HEAD_DIM: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,  # False in the interpreter and for comparison runs
-    DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs, else "tf32" (ignored for 16-bit)
 ):
     # grid: (R * GROUP, B * H_c), GROUP = H_q // H_c; query heads sharing a copy head are neighbours
     # in launch order (their key tiles come from L2); longest rows (latest query blocks) first.
@@ -77,9 +74,17 @@ def pbs_attn_fwd_ws(
         r = c0 + j * BLOCK + tl.where(j < diag_start, 0, N_CTX)
         k = k_desc.load([r, 0])
         v = v_desc.load([r, 0])
+        qk = tl.dot(q, tl.trans(k))
         # causal mask on the diagonal block only (keys past N are later than every stored row)
         keep = ((j * BLOCK + offs_n)[None, :] <= offs_m[:, None]) | (j != qb)
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, keep, True, DOT_PREC)
+        qk = tl.where(keep, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_ij
 
     # rows that saw no key (an empty plan row) write 0
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
