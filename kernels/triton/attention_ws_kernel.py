@@ -74,6 +74,10 @@ def pbs_attn_fwd_ws(
         r = c0 + j * BLOCK + tl.where(j < diag_start, 0, N_CTX)
         k = k_desc.load([r, 0])
         v = v_desc.load([r, 0])
+        # The online-softmax step is written out here, not taken from attention_kernel's
+        # _online_softmax_step: computing the mask before the dot (as passing it to that helper does)
+        # changed Triton's warp-specialized schedule and made the kernel ~20% slower on the H100
+        # (BENCHMARKS.md, fourth session).
         qk = tl.dot(q, tl.trans(k))
         # causal mask on the diagonal block only (keys past N are later than every stored row)
         keep = ((j * BLOCK + offs_n)[None, :] <= offs_m[:, None]) | (j != qb)
