@@ -36,7 +36,8 @@ SHAPES = {  # name: (H_q, H_kv, head_dim)
 }
 BLOCK, SEGMENT = 128, 256
 # Benchmark-only variants of a read mode: name -> (perm_mode, config)
-VARIANTS = {"ws_plain": ("ws", {"warp_specialize": False})}  # the ws loop without warp specialization
+VARIANTS = {"ws_plain": ("ws", {"warp_specialize": False}),  # the ws loop without warp specialization
+            "ws_v1": ("ws", {"variant": 1})}
 
 
 def attend(q, k, v, plan, mode, cfg):

@@ -308,10 +308,10 @@ def _launch_ws(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_block
     args = (q, kc, vc, out, num, idx, scale * math.log2(math.e), n, h_q, h_c, qb0, n_rows, n_kb)
     consts = dict(SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d)
     if not q.is_cuda:
-        _interpreted(KWS.pbs_attn_fwd_ws)[grid](*args, **consts, WARP_SPECIALIZE=False)
+        _interpreted(KWS.pbs_attn_fwd_ws)[grid](*args, **consts, WARP_SPECIALIZE=False, VARIANT=cfg.get("variant", 0))
         return out
     _ensure_allocator()
     with torch.cuda.device(q.device):
-        KWS.pbs_attn_fwd_ws[grid](*args, **consts, WARP_SPECIALIZE=cfg["warp_specialize"],
+        KWS.pbs_attn_fwd_ws[grid](*args, **consts, WARP_SPECIALIZE=cfg["warp_specialize"], VARIANT=cfg.get("variant", 0),
                                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
