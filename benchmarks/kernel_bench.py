@@ -36,8 +36,7 @@ SHAPES = {  # name: (H_q, H_kv, head_dim)
 }
 BLOCK, SEGMENT = 128, 256
 # Benchmark-only variants of a read mode: name -> (perm_mode, config)
-VARIANTS = {"ws_plain": ("ws", {"warp_specialize": False}),  # the ws loop without warp specialization
-            "ws_v1": ("ws", {"variant": 1})}
+VARIANTS = {"ws_plain": ("ws", {"warp_specialize": False})}  # the ws loop without warp specialization
 
 
 def attend(q, k, v, plan, mode, cfg):

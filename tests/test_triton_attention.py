@@ -193,6 +193,17 @@ def test_tiles_smaller_than_plan_blocks(dtype, block_m, block_n):
     check(q, k, v, plan, config={"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2})
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_ws_with_128_token_blocks(d):
+    """The "ws" mode on the plan shape it is built for (128-token blocks: warp-specialized on a Hopper
+    GPU for head_dim 128; head_dim 64 runs the same loop without it), odd N, GQA 4."""
+    dtype = DTYPES[-1]
+    n = 600
+    q, k, v = qkv(1, 4, 1, n, d, dtype, seed=11)
+    plan = to_device(random_plan(1, 4, 1, n, 128, 256, p=0.5, seed=11))
+    check(q, k, v, plan, perm_mode="ws")
+
+
 @pytest.mark.parametrize("mode", ["remap", "tma", "ws"])
 def test_plan_without_some_diagonal_blocks(mode):
     """A plan need not keep block i for query block i: then no key of block i is read."""

@@ -293,10 +293,11 @@ def _ws_config(block: int, head_dim: int, on_cuda: bool) -> dict:
     """Launch options of the warp-specialized kernel: 4 warps per group (Triton adds a producer group
     and splits the 128 query rows over two consumer groups: 12 warps in all), 2 stages of K/V tiles
     for head_dim 128 (3 overflow the H100's shared memory), 3 for 64. Warp specialization only for
-    128-token blocks on CUDA (the layout it was built and measured for); otherwise the same loop runs
-    software-pipelined."""
+    head_dim 128 and 128-token blocks on CUDA, the case it was built and checked for: with head_dim 64
+    Triton 3.6's warp-specialized build returned NaN on the H100 (BENCHMARKS.md); elsewhere the same
+    loop runs software-pipelined."""
     return {"num_warps": 4, "num_stages": 2 if head_dim > 64 else 3,
-            "warp_specialize": on_cuda and block == 128}
+            "warp_specialize": on_cuda and block == 128 and head_dim == 128}
 
 
 def _launch_ws(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config):
@@ -308,10 +309,10 @@ def _launch_ws(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_block
     args = (q, kc, vc, out, num, idx, scale * math.log2(math.e), n, h_q, h_c, qb0, n_rows, n_kb)
     consts = dict(SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d)
     if not q.is_cuda:
-        _interpreted(KWS.pbs_attn_fwd_ws)[grid](*args, **consts, WARP_SPECIALIZE=False, VARIANT=cfg.get("variant", 0))
+        _interpreted(KWS.pbs_attn_fwd_ws)[grid](*args, **consts, WARP_SPECIALIZE=False)
         return out
     _ensure_allocator()
     with torch.cuda.device(q.device):
-        KWS.pbs_attn_fwd_ws[grid](*args, **consts, WARP_SPECIALIZE=cfg["warp_specialize"], VARIANT=cfg.get("variant", 0),
+        KWS.pbs_attn_fwd_ws[grid](*args, **consts, WARP_SPECIALIZE=cfg["warp_specialize"],
                                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -35,7 +35,6 @@ def pbs_attn_fwd_ws(
     BLOCK: tl.constexpr,  # tokens per plan block = query rows per program = key rows per tile
     HEAD_DIM: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,  # False in the interpreter and for comparison runs
-    VARIANT: tl.constexpr = 0,  # experiment: 1 = diagonal mask from a per-row limit
 ):
     # grid: (R * GROUP, B * H_c), GROUP = H_q // H_c; query heads sharing a copy head are neighbours
     # in launch order (their key tiles come from L2); longest rows (latest query blocks) first.
@@ -80,12 +79,10 @@ def pbs_attn_fwd_ws(
         # changed Triton's warp-specialized schedule and made the kernel ~20% slower on the H100
         # (BENCHMARKS.md, fourth session).
         qk = tl.dot(q, tl.trans(k))
-        # causal mask on the diagonal block only (keys past N are later than every stored row)
-        if VARIANT & 1:
-            lim = tl.where(j == qb, tl.arange(0, BLOCK), BLOCK)  # last visible key of each row
-            keep = offs_n[None, :] <= lim[:, None]
-        else:
-            keep = ((j * BLOCK + offs_n)[None, :] <= offs_m[:, None]) | (j != qb)
+        # causal mask on the diagonal block only (keys past N are later than every stored row):
+        # (key i of the diagonal block is visible to row r when i <= r; other blocks are fully visible)
+        lim = tl.where(j == qb, tl.arange(0, BLOCK), BLOCK)  # last visible key, per row
+        keep = offs_n[None, :] <= lim[:, None]
         qk = tl.where(keep, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
