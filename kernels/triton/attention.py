@@ -166,9 +166,9 @@ def copies_for(mode: str, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor):
 def choose_perm_mode(plan: PermutedBlockMask, q: torch.Tensor) -> str:
     """The "auto" read mode for ``plan`` and queries ``q``: "ws" (warp-specialized kernel) on Hopper
     for head_dim 128 and 128-token blocks, where it measured fastest, or within 3% of the fastest, at
-    every length and density (BENCHMARKS.md; for head_dim 64 it lost to "tma"); otherwise "tma" (permuted copy, descriptor loads) for long sequences,
-    where rows keep many blocks, and "remap" for short ones. Reads only shapes and the device: no host
-    synchronization."""
+    every length and density (BENCHMARKS.md; head_dim 64 runs it without warp specialization, slower
+    than "tma"); otherwise "tma" (permuted copy, descriptor loads) for long sequences, where rows keep
+    many blocks, and "remap" for short ones. Reads only shapes and the device: no host synchronization."""
     return _auto_mode(plan.seq_len, plan.block_size, q)
 
 
