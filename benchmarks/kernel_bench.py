@@ -14,8 +14,8 @@ compiled ``flex_attention`` with an equivalent ``BlockMask`` (K/V permuted up fr
 timing, and a mask_mod with the causal rule on original positions), and our kernels in their ways of
 reading permuted keys: remap (through perm inside the kernel), gather (a permuted copy of K/V, timed
 with the kernel), tma (the copy, read with tensor descriptors), ws (the warp-specialized kernel
-reading a copy with original-order halves, timed with it), ws_plain (the ws kernel without warp
-specialization), auto (the launcher's default rule). Modes without a --configs entry use the
+reading a copy with original-order halves, timed with it), the benchmark-only ws variants of
+``VARIANTS`` (e.g. ws_plain: without warp specialization), auto (the launcher's default rule). Modes without a --configs entry use the
 launcher's default tile config.
 """
 
@@ -36,7 +36,12 @@ SHAPES = {  # name: (H_q, H_kv, head_dim)
 }
 BLOCK, SEGMENT = 128, 256
 # Benchmark-only variants of a read mode: name -> (perm_mode, config)
-VARIANTS = {"ws_plain": ("ws", {"warp_specialize": False})}  # the ws loop without warp specialization
+VARIANTS = {
+    "ws_plain": ("ws", {"warp_specialize": False}),  # the ws loop without warp specialization
+    "ws_n128": ("ws", {"BLOCK_N": 128, "warp_specialize": False}),  # head_dim 64's ws before 64-key tiles
+    "ws_s2": ("ws", {"num_stages": 2}),
+    "ws_s4": ("ws", {"num_stages": 4}),  # (head_dim 64 only: 4 stages of 128-key tiles overflow for 128)
+}
 
 
 def attend(q, k, v, plan, mode, cfg):

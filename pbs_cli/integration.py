@@ -151,6 +151,7 @@ def _dense_reason(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     return None
 
 
+@torch.compiler.disable  # runs eagerly inside a compiled model (`--compile` compiles the rest of each layer)
 def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -186,6 +187,7 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     return out.transpose(1, 2).contiguous(), None
 
 
+@torch.compiler.disable  # as "pbs": the dense and PBS forwards compile the same non-attention graphs
 def dense_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The "pbs_dense" implementation: transformers' SDPA attention on the current run's SDPA backend."""

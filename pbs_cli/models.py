@@ -296,6 +296,24 @@ def resolve_device(device: str) -> str:
     return text
 
 
+ROPE_SCALINGS = ("none", "yarn", "dynamic", "linear")
+
+
+def rope_scaling(config: Any, kind: str, positions: int) -> dict[str, Any] | None:
+    """The ``rope_parameters`` that stretch ``config``'s RoPE (transformers' ``kind``: yarn, dynamic
+    or linear) from its trained positions over ``positions``, or None: ``kind`` "none", or the
+    positions fit. Raises UsageError for an unknown kind or a model without plain RoPE."""
+    if kind not in ROPE_SCALINGS:
+        raise UsageError(f"unknown --rope-scaling {kind!r}; choose one of {', '.join(ROPE_SCALINGS)}")
+    trained = getattr(config, "max_position_embeddings", None)
+    if kind == "none" or not trained or positions <= trained:
+        return None
+    current = dict(getattr(config, "rope_parameters", None) or {})
+    if current.get("rope_type", "default") != "default" or "rope_theta" not in current:
+        raise UsageError(f"--rope-scaling needs a model with plain RoPE; this one has {current or 'none'}")
+    return {**current, "rope_type": kind, "factor": positions / trained, "original_max_position_embeddings": trained}
+
+
 def resolve_dtype(dtype: str, device: str):
     """'auto' -> bfloat16 on CUDA, float32 on CPU; else the named torch dtype."""
     import torch

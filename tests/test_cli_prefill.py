@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fixtures import TINY_CONTEXT, offline_env, tiny_model_dir  # noqa: F401  (pytest fixtures)
@@ -87,6 +88,29 @@ def test_sparse_compare_dense_reports_fidelity(runner, offline_env, tiny_model_d
     rec = json.loads(res.stdout)
     assert 0.0 <= rec["top1_agreement"] <= 1.0 and rec["mean_kl"] > 0.0
     assert rec["density"] < 1.0
+
+
+def test_compile_times_compiled_forwards_with_the_same_plans(runner, offline_env, tiny_model_dir, doc, monkeypatch):
+    """--compile: the layers run compiled (backend swapped for Dynamo's fast "aot_eager" here), the warm-up
+    is forced on, and the plans, fidelity and record match the eager run's."""
+    from pbs_cli import compiling
+
+    calls = []
+    real = compiling.compiled_layers
+    monkeypatch.setattr(compiling, "DEFAULT_BACKEND", "aot_eager")
+    monkeypatch.setattr(compiling, "compiled_layers", lambda m, on, **kw: calls.append(on) or real(m, on, **kw))
+    args = [doc, "--model", tiny_model_dir, *SMALL, "--threshold", "0.5", "--compare-dense", "--json"]
+    eager = json.loads(invoke(runner, *args).stdout)
+    res = invoke(runner, *args, "--compile")
+    assert res.exit_code == 0, res.stderr
+    rec = json.loads(res.stdout)
+    assert calls == [False, True] and rec["compiled"] is True and eager["compiled"] is False
+    assert rec["warmup"] == 1  # the CPU default is 0, but the first forward compiles
+    assert rec["density"] == eager["density"] and [ly["path"] for ly in rec["layers"]] == ["pbs"] * len(rec["layers"])
+    assert rec["top1_agreement"] == pytest.approx(eager["top1_agreement"])
+    assert rec["mean_kl"] == pytest.approx(eager["mean_kl"], rel=1e-3, abs=1e-6)
+    bad = invoke(runner, *args, "--compile", "--warmup", "0")
+    assert bad.exit_code == errors.USAGE and "--warmup" in bad.stderr
 
 
 def test_table_output_and_saved_record(runner, offline_env, tiny_model_dir, doc, tmp_path):
@@ -255,3 +279,31 @@ def test_max_tokens_and_beyond_context_for_length_sweeps(runner, offline_env, ti
     assert f"exceed the model's {TINY_CONTEXT} trained positions" in res.stderr
     res = invoke(runner, long_doc, "--model", tiny_model_dir, *SMALL, "--max-tokens", "12q")
     assert res.exit_code == errors.USAGE and "12q" in res.stderr
+
+
+def test_rope_scaling_stretches_the_loaded_model_past_its_context(runner, offline_env, tiny_model_dir, tmp_path,
+                                                                  monkeypatch):
+    from pbs_cli import models
+
+    long_doc = tmp_path / "long.txt"
+    long_doc.write_text(TEXT * 8, encoding="utf-8")
+    loaded = []
+    real = models.ModelSource.load
+    monkeypatch.setattr(models.ModelSource, "load", lambda self, *a, **kw: loaded.append(real(self, *a, **kw)) or loaded[-1])
+    res = invoke(runner, long_doc, "--model", tiny_model_dir, *SMALL, "--beyond-context", "--rope-scaling", "yarn",
+                 "--json")
+    assert res.exit_code == 0, res.stderr
+    rec = json.loads(res.stdout)
+    rope = rec["rope_scaling"]
+    assert rope["rope_type"] == "yarn" and rope["original_max_position_embeddings"] == TINY_CONTEXT
+    assert rope["factor"] == pytest.approx(rec["prompt_tokens"] / TINY_CONTEXT) and rope["factor"] > 1
+    model = loaded[-1].model
+    assert model.config.rope_parameters["rope_type"] == "yarn"
+    plain = type(model.model.rotary_emb)(models.ModelSource(models.resolve_model(str(tiny_model_dir))).config())
+    assert not torch.allclose(model.model.rotary_emb.inv_freq.cpu(), plain.inv_freq)  # the frequencies moved
+    short = invoke(runner, long_doc, "--model", tiny_model_dir, *SMALL, "--max-tokens", "100", "--beyond-context",
+                   "--rope-scaling", "yarn", "--json")
+    assert short.exit_code == 0 and json.loads(short.stdout)["rope_scaling"] is None  # fits: nothing to stretch
+    for bad in (["--rope-scaling", "yarn"], ["--beyond-context", "--rope-scaling", "ntk"]):
+        res = invoke(runner, long_doc, "--model", tiny_model_dir, *SMALL, *bad)
+        assert res.exit_code == errors.USAGE and "--rope-scaling" in res.stderr, res.stderr

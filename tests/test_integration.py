@@ -164,3 +164,38 @@ def test_dense_layers_run_dense():
     _, rec = forward(model, ids, integration.NAME, PBSConfig(threshold=0.5, dense_layers=(1,), **SMALL))
     assert [(s.layer, s.path) for s in rec.prefill_layers()] == [(0, "pbs"), (1, "dense")]
     assert rec.prefill_layers()[1].reason == "layer 1 in dense_layers"
+
+
+def test_compiled_layers_give_the_eager_outputs_and_keep_attention_eager():
+    """``--compile``'s layer compilation: every layer still calls "pbs" (compiled around, not through),
+    hidden states equal the eager forward's for PBS and dense, and the model gets its own layers back.
+    Backend "aot_eager": Dynamo's graph capture without code generation (inductor is the CLI's default
+    and needs minutes of CPU here)."""
+    from pbs_cli import compiling
+
+    model = tiny_model(4, 2, layers=3)
+    ids = torch.randint(0, 300, (1, 150), generator=torch.Generator().manual_seed(3))
+    cfg = PBSConfig(**SMALL, threshold=0.8)
+    eager = {attn: forward(model, ids, attn, cfg)[0].hidden_states[-1] for attn in (integration.NAME, integration.DENSE_NAME)}
+    originals = list(model.model.layers)
+    torch._dynamo.reset()
+    with compiling.compiled_layers(model, backend="aot_eager"):
+        assert all(type(layer).__name__ == "OptimizedModule" for layer in model.model.layers)
+        for _ in range(2):  # the second pass runs the cached graphs
+            for attn in (integration.NAME, integration.DENSE_NAME):
+                out, rec = forward(model, ids, attn, cfg)
+                torch.testing.assert_close(out.hidden_states[-1], eager[attn], rtol=1e-5, atol=1e-5)
+                if attn == integration.NAME:
+                    assert [s.path for s in rec.prefill_layers()] == ["pbs"] * 3
+    assert list(model.model.layers) == originals
+    with compiling.compiled_layers(model, enabled=False):
+        assert list(model.model.layers) == originals
+
+
+def test_compile_refuses_a_model_without_decoder_layer_classes():
+    from pbs_cli import compiling
+    from pbs_cli.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="run without --compile"):
+        with compiling.compiled_layers(torch.nn.Linear(2, 2), backend="aot_eager"):
+            pass

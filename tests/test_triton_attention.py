@@ -193,15 +193,16 @@ def test_tiles_smaller_than_plan_blocks(dtype, block_m, block_n):
     check(q, k, v, plan, config={"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2})
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_ws_with_128_token_blocks(d):
-    """The "ws" mode on the plan shape it is built for (128-token blocks: warp-specialized on a Hopper
-    GPU for head_dim 128; head_dim 64 runs the same loop without it), odd N, GQA 4."""
+@pytest.mark.parametrize("d,block_n", [(64, None), (128, None), (128, 64)])
+def test_ws_with_128_token_blocks(d, block_n):
+    """The "ws" mode on the plan shape it is built for (128-token blocks, warp-specialized on a Hopper
+    GPU), odd N, GQA 4: head_dim 128 reads 128-key tiles, head_dim 64 two 64-key tiles per block (the
+    causal mask of the diagonal block then spans two tiles); 64-key tiles forced for head_dim 128 too."""
     dtype = DTYPES[-1]
     n = 600
     q, k, v = qkv(1, 4, 1, n, d, dtype, seed=11)
     plan = to_device(random_plan(1, 4, 1, n, 128, 256, p=0.5, seed=11))
-    check(q, k, v, plan, perm_mode="ws")
+    check(q, k, v, plan, perm_mode="ws", config=None if block_n is None else {"BLOCK_N": block_n})
 
 
 @pytest.mark.parametrize("mode", ["remap", "tma", "ws"])

@@ -291,13 +291,15 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
 
 def _ws_config(block: int, head_dim: int, on_cuda: bool) -> dict:
     """Launch options of the warp-specialized kernel: 4 warps per group (Triton adds a producer group
-    and splits the 128 query rows over two consumer groups: 12 warps in all), 2 stages of K/V tiles
-    for head_dim 128 (3 overflow the H100's shared memory), 3 for 64. Warp specialization only for
-    head_dim 128 and 128-token blocks on CUDA, the case it was built and checked for: with head_dim 64
-    Triton 3.6's warp-specialized build returned NaN on the H100 (BENCHMARKS.md); elsewhere the same
-    loop runs software-pipelined."""
+    and splits the query rows over two consumer groups: 12 warps in all). Head_dim 128: 128-key
+    tiles, 2 stages (3 overflow the H100's shared memory). Head_dim 64: 64-key tiles (two per plan
+    block), 3 stages: with 128-key tiles the QKᵀ and PV products got different MMA layouts, and Triton
+    3.6's warp-specialized build of that returned NaN on the H100 (BENCHMARKS.md); with 64-key tiles
+    both products share one layout, as for head_dim 128. Warp specialization on CUDA for 128-token
+    plan blocks; elsewhere the same loop runs software-pipelined."""
     return {"num_warps": 4, "num_stages": 2 if head_dim > 64 else 3,
-            "warp_specialize": on_cuda and block == 128 and head_dim == 128}
+            "BLOCK_N": min(block, 128 if head_dim > 64 else 64),
+            "warp_specialize": on_cuda and block == 128 and head_dim in (64, 128)}
 
 
 def _launch_ws(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config):
@@ -307,7 +309,7 @@ def _launch_ws(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_block
     cfg = {**_ws_config(bs, d, q.is_cuda), **(config if isinstance(config, dict) else {})}
     grid = (n_rows * (h_q // h_c), b * h_c)
     args = (q, kc, vc, out, num, idx, scale * math.log2(math.e), n, h_q, h_c, qb0, n_rows, n_kb)
-    consts = dict(SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d)
+    consts = dict(SEG_BLOCKS=seg_blocks, BLOCK=bs, BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=d)
     if not q.is_cuda:
         _interpreted(KWS.pbs_attn_fwd_ws)[grid](*args, **consts, WARP_SPECIALIZE=False)
         return out

@@ -32,7 +32,8 @@ def pbs_attn_fwd_ws(
     qk_scale,
     N_CTX, H_Q, H_C, QB0, N_QB, N_KB,
     SEG_BLOCKS: tl.constexpr,  # plan blocks per segment
-    BLOCK: tl.constexpr,  # tokens per plan block = query rows per program = key rows per tile
+    BLOCK: tl.constexpr,  # tokens per plan block = query rows per program
+    BLOCK_N: tl.constexpr,  # key rows per tile: BLOCK, or BLOCK // 2 (two tiles per plan block)
     HEAD_DIM: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,  # False in the interpreter and for comparison runs
 ):
@@ -50,9 +51,9 @@ def pbs_attn_fwd_ws(
     q_desc = tl.make_tensor_descriptor(Q, shape=[q_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
                                        block_shape=[BLOCK, HEAD_DIM])
     k_desc = tl.make_tensor_descriptor(KC, shape=[c_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                       block_shape=[BLOCK, HEAD_DIM])
+                                       block_shape=[BLOCK_N, HEAD_DIM])
     v_desc = tl.make_tensor_descriptor(VC, shape=[c_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
-                                       block_shape=[BLOCK, HEAD_DIM])
+                                       block_shape=[BLOCK_N, HEAD_DIM])
 
     row = bh.to(tl.int64) * N_QB + qb - QB0
     idx_row = KV_IDX + row * N_KB
@@ -63,15 +64,17 @@ def pbs_attn_fwd_ws(
     c0 = (tl.program_id(1) * 2 * N_CTX).to(tl.int32)  # first row of this copy head
     q = q_desc.load([q0, 0])
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK_N)
+    TILES: tl.constexpr = BLOCK // BLOCK_N  # key tiles per plan block
 
     m_i = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
-    for t in tl.range(0, num, warp_specialize=WARP_SPECIALIZE):
-        j = tl.load(idx_row + t)
+    for t in tl.range(0, num * TILES, warp_specialize=WARP_SPECIALIZE):
+        j = tl.load(idx_row + t // TILES)
+        part = (t % TILES) * BLOCK_N  # first key of this tile within plan block j
         # permuted half for earlier segments, original half inside the own segment
-        r = c0 + j * BLOCK + tl.where(j < diag_start, 0, N_CTX)
+        r = c0 + j * BLOCK + part + tl.where(j < diag_start, 0, N_CTX)
         k = k_desc.load([r, 0])
         v = v_desc.load([r, 0])
         # The online-softmax step is written out here, not taken from attention_kernel's
@@ -81,7 +84,7 @@ def pbs_attn_fwd_ws(
         qk = tl.dot(q, tl.trans(k))
         # causal mask on the diagonal block only (keys past N are later than every stored row):
         # (key i of the diagonal block is visible to row r when i <= r; other blocks are fully visible)
-        lim = tl.where(j == qb, tl.arange(0, BLOCK), BLOCK)  # last visible key, per row
+        lim = tl.where(j == qb, tl.arange(0, BLOCK) - part, BLOCK_N)  # last visible key of the tile, per row
         keep = offs_n[None, :] <= lim[:, None]
         qk = tl.where(keep, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)

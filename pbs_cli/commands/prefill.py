@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .. import dense_sdpa, distributed, integration, models, presets, reports
+from .. import compiling, dense_sdpa, distributed, integration, models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..sizes import parse_size
 from ..errors import OutOfMemory, UsageError
@@ -335,7 +335,8 @@ def print_summary(rec: dict[str, Any]) -> None:
     table.add_row("prompt tokens", toks)
     t = rec["prefill_ms_all"]
     spread = f"  (min {min(t):.1f}, max {max(t):.1f} over {len(t)} runs)" if len(t) > 1 else ""
-    table.add_row("prefill time", _fmt_ms(rec["prefill_ms"]) + spread)
+    table.add_row("prefill time", _fmt_ms(rec["prefill_ms"]) + spread
+                  + ("  [--compile: norms, RoPE and MLP compiled; attention eager]" if rec.get("compiled") else ""))
     table.add_row("throughput", f"{rec['tokens_per_s']:,.0f} tokens/s")
     c = rec["config"]
     table.add_row("PBS parameters", f"profile {rec['profile']}: block {c['block_size']}, segment {c['segment_size']}, "
@@ -391,10 +392,19 @@ def command(
     beyond_context: Annotated[bool, typer.Option("--beyond-context", help="Benchmarking only: allow prompts longer "
                                                  "than the model's trained positions (quality is meaningless "
                                                  "there; timings are real).")] = False,
+    rope_scaling: Annotated[str, typer.Option("--rope-scaling", help="With --beyond-context: stretch the model's "
+                                              "RoPE over the prompt (none, yarn, dynamic or linear; factor = "
+                                              "prompt length / trained positions), in the PBS and the dense "
+                                              "forward alike. An untrained extension: it changes the outputs.")]
+    = "none",
     warmup: Annotated[int | None, typer.Option("--warmup", min=0, help="Untimed runs first "
                                                "(default: 0 on CPU, 1 on GPU).")] = None,
     iters: Annotated[int | None, typer.Option("--iters", min=1, help="Timed runs; the median is reported "
                                               "(default: 1 on CPU, 3 on GPU).")] = None,
+    compile_layers: Annotated[bool, typer.Option("--compile", help="Fuse the model's non-attention work (norms, "
+                                                 "RoPE, MLP) with torch.compile, in the PBS and the dense forward "
+                                                 "alike; attention stays eager. The warm-up compiles (untimed, "
+                                                 "tens of seconds).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record to this file.")] = None,
@@ -421,6 +431,10 @@ def command(
     presets.resolve_config(profile, **overrides)  # usage errors first, before the device is probed
     if device_map not in (None, "auto"):
         raise UsageError(f"invalid --device-map {device_map!r}; only 'auto' is supported")
+    if rope_scaling not in models.ROPE_SCALINGS:
+        raise UsageError(f"unknown --rope-scaling {rope_scaling!r}; choose one of {', '.join(models.ROPE_SCALINGS)}")
+    if rope_scaling != "none" and not beyond_context:
+        raise UsageError("--rope-scaling stretches RoPE past the model's trained positions: add --beyond-context")
     dev = models.resolve_device(device)
     config, profile_name = presets.resolve_config(profile, device=dev, **overrides)
     torch_dtype = models.resolve_dtype(dtype, dev)
@@ -462,14 +476,21 @@ def command(
                   "timings are real; the outputs, and --compare-dense agreement, are out of distribution",
                   highlight=False, markup=False, soft_wrap=True)
     on_gpu = dev.startswith("cuda") or device_map == "auto"
-    warmup = warmup if warmup is not None else (1 if on_gpu else 0)
+    rope = models.rope_scaling(source.config(), rope_scaling, len(ids) + max_new_tokens)
+    if rope:
+        err.print(f"RoPE: {rope['rope_type']} x{rope['factor']:.3g} over {rope['original_max_position_embeddings']} "
+                  "trained positions (--rope-scaling)", highlight=False, markup=False)
+    if compile_layers and warmup == 0:
+        raise UsageError("--compile needs --warmup 1 or more: the first forward of each kind compiles")
+    warmup = warmup if warmup is not None else (1 if on_gpu or compile_layers else 0)
     iters = iters if iters is not None else (3 if on_gpu else 1)
 
     err.print(f"model: {spec.describe()}", highlight=False, markup=False, soft_wrap=True)
     dtype_name = str(torch_dtype).removeprefix("torch.")
     with out_of_memory_hint("loading the weights for a prefill", len(ids), dev, dtype_name):
         loaded = source.load(torch_dtype, dev, device_map, attn_implementation=integration.NAME,
-                             load_kwargs=distributed.load_kwargs_for_tp(tpi.size))
+                             load_kwargs={**distributed.load_kwargs_for_tp(tpi.size),
+                                          **({"rope_parameters": rope} if rope else {})})
     if loaded.cache == "built":
         err.print(f"cached the dequantized weights in {loaded.weights}", highlight=False, markup=False, soft_wrap=True)
     mdl = loaded.model
@@ -492,7 +513,8 @@ def command(
         specs.append(PrefillSpec(integration.DENSE_NAME))  # timed in alternation with the PBS passes
     with models.progress(f"prefill of {len(ids)} tokens with PBS attention"
                          + (" and with dense SDPA, alternating" if compare_dense else "")), \
-            out_of_memory_hint("in the prefill", len(ids), str(mdl.device), dtype_name):
+            out_of_memory_hint("in the prefill", len(ids), str(mdl.device), dtype_name), \
+            compiling.compiled_layers(mdl, compile_layers):
         pbs, *dense_runs = run_prefills(mdl, input_ids, specs, config, warmup, iters, dense=choice)
     integration.set_attention(mdl, integration.NAME)  # decode steps and --trace go through "pbs"
     pbs.times_ms = distributed.reduce_max(pbs.times_ms)  # tensor parallel: each run's slowest rank
@@ -512,8 +534,10 @@ def command(
         prompt_tokens=len(ids),
         truncated=len(ids) < doc_tokens,
         beyond_context=past_context,
+        rope_scaling=rope,
         warmup=warmup,
         iters=iters,
+        compiled=compile_layers,
         prefill_ms=pbs.median_ms,
         prefill_ms_all=pbs.times_ms,
         tokens_per_s=len(ids) / (pbs.median_ms / 1e3),
@@ -526,7 +550,8 @@ def command(
     )
     if trace is not None:
         with models.progress("one PBS forward under torch.profiler (--trace)"), \
-                out_of_memory_hint("in the traced PBS prefill", len(ids), str(mdl.device), dtype_name):
+                out_of_memory_hint("in the traced PBS prefill", len(ids), str(mdl.device), dtype_name), \
+                compiling.compiled_layers(mdl, compile_layers):
             rec["trace"] = write_trace(trace, mdl, input_ids, specs[0], config, choice)
     if compare_dense:
         dense = dense_runs[0]
