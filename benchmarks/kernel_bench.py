@@ -38,9 +38,10 @@ BLOCK, SEGMENT = 128, 256
 # Benchmark-only variants of a read mode: name -> (perm_mode, config)
 VARIANTS = {
     "ws_plain": ("ws", {"warp_specialize": False}),  # the ws loop without warp specialization
-    "ws_n128": ("ws", {"BLOCK_N": 128, "warp_specialize": False}),  # head_dim 64's ws before 64-key tiles
-    "ws_s2": ("ws", {"num_stages": 2}),
-    "ws_s4": ("ws", {"num_stages": 4}),  # (head_dim 64 only: 4 stages of 128-key tiles overflow for 128)
+    # head_dim 64 warp-specialized on 64-key tiles at 2, 3, 4 stages (only 2 gave correct outputs on triton 3.6)
+    "ws64_s2": ("ws", {"BLOCK_N": 64, "warp_specialize": True, "num_stages": 2}),
+    "ws64_s3": ("ws", {"BLOCK_N": 64, "warp_specialize": True, "num_stages": 3}),
+    "ws64_s4": ("ws", {"BLOCK_N": 64, "warp_specialize": True, "num_stages": 4}),
 }
 
 

@@ -193,11 +193,11 @@ def test_tiles_smaller_than_plan_blocks(dtype, block_m, block_n):
     check(q, k, v, plan, config={"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2})
 
 
-@pytest.mark.parametrize("d,block_n", [(64, None), (128, None), (128, 64)])
+@pytest.mark.parametrize("d,block_n", [(64, None), (128, None), (64, 64), (128, 64)])
 def test_ws_with_128_token_blocks(d, block_n):
     """The "ws" mode on the plan shape it is built for (128-token blocks, warp-specialized on a Hopper
-    GPU), odd N, GQA 4: head_dim 128 reads 128-key tiles, head_dim 64 two 64-key tiles per block (the
-    causal mask of the diagonal block then spans two tiles); 64-key tiles forced for head_dim 128 too."""
+    GPU for head_dim 128), odd N, GQA 4; also with 64-key tiles, two per plan block (the causal mask of the
+    diagonal block then spans two tiles)."""
     dtype = DTYPES[-1]
     n = 600
     q, k, v = qkv(1, 4, 1, n, d, dtype, seed=11)

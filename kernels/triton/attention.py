@@ -291,15 +291,14 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
 
 def _ws_config(block: int, head_dim: int, on_cuda: bool) -> dict:
     """Launch options of the warp-specialized kernel: 4 warps per group (Triton adds a producer group
-    and splits the query rows over two consumer groups: 12 warps in all). Head_dim 128: 128-key
-    tiles, 2 stages (3 overflow the H100's shared memory). Head_dim 64: 64-key tiles (two per plan
-    block), 3 stages: with 128-key tiles the QKᵀ and PV products got different MMA layouts, and Triton
-    3.6's warp-specialized build of that returned NaN on the H100 (BENCHMARKS.md); with 64-key tiles
-    both products share one layout, as for head_dim 128. Warp specialization on CUDA for 128-token
-    plan blocks; elsewhere the same loop runs software-pipelined."""
-    return {"num_warps": 4, "num_stages": 2 if head_dim > 64 else 3,
-            "BLOCK_N": min(block, 128 if head_dim > 64 else 64),
-            "warp_specialize": on_cuda and block == 128 and head_dim in (64, 128)}
+    and splits the query rows over two consumer groups: 12 warps in all), key tiles of one plan block,
+    2 stages for head_dim 128 (3 overflow the H100's shared memory), 3 for 64. Warp specialization only
+    for head_dim 128 and 128-token blocks on CUDA. For head_dim 64, Triton 3.6's warp-specialized builds
+    returned NaN on the H100 with 128-key tiles and with 64-key tiles at 3 or 4 stages; the one correct
+    build (64-key tiles, 2 stages) was slower than the "tma" mode (BENCHMARKS.md). Elsewhere the same
+    loop runs software-pipelined."""
+    return {"num_warps": 4, "num_stages": 2 if head_dim > 64 else 3, "BLOCK_N": block,
+            "warp_specialize": on_cuda and block == 128 and head_dim == 128}
 
 
 def _launch_ws(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config):
