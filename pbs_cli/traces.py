@@ -52,14 +52,47 @@ def save(prof, path: Path) -> None:
 def top_ops(prof, cuda: bool, limit: int = 12) -> list[dict]:
     """What took the most time, most first: on CUDA the GPU kernels by their time, elsewhere the ops
     by their self CPU time; [{"name", "calls", "ms", "share"}], share = of all of them. (On CUDA only
-    kernel rows count: an op row carries its kernels' time again, which would count it twice.)"""
+    kernel rows count: an op row carries its kernels' time again, which would count it twice. Ranges
+    such as "pbs.attention" are listed with the time of the kernels inside them, but not added to the
+    total.)"""
     from torch.autograd import DeviceType
 
     events = prof.key_averages()
     if cuda:
         rows = [(e.key, e.count, e.self_device_time_total or 0.0) for e in events if e.device_type == DeviceType.CUDA]
+        ranges = {e.key for e in events if getattr(e, "is_user_annotation", False)}  # e.g. "pbs.attention"
     else:
         rows = [(e.key, e.count, e.self_cpu_time_total or 0.0) for e in events]
-    total = sum(us for _, _, us in rows) or 1.0
+        ranges = set()
+    total = sum(us for name, _, us in rows if name not in ranges) or 1.0  # a range's time is its kernels' again
     rows.sort(key=lambda r: -r[2])
     return [{"name": name, "calls": calls, "ms": us / 1e3, "share": us / total} for name, calls, us in rows[:limit]]
+
+
+def gpu_busy(prof) -> dict[str, float] | None:
+    """How busy the GPU was in a traced run: {"span_ms": from the first traced CPU op to the last
+    kernel's end, "busy_ms": the union of kernel intervals}; None without kernel events. A busy share
+    well below 1 means the run waited on the host (Python, launches), not on the GPU. The profiler
+    slows the host too, so the share is a lower bound of the untraced run's."""
+    from torch.autograd import DeviceType
+
+    kernels, cpu_start = [], None
+    for e in prof.events():
+        start, end = e.time_range.start, e.time_range.end
+        if e.device_type == DeviceType.CUDA:
+            if not getattr(e, "is_user_annotation", False):  # a range like "pbs.attention", not a kernel
+                kernels.append((start, end))
+        elif cpu_start is None or start < cpu_start:
+            cpu_start = start
+    if not kernels or cpu_start is None:
+        return None
+    kernels.sort()
+    busy, cur_start, cur_end = 0.0, *kernels[0]
+    for start, end in kernels[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    return {"span_ms": (cur_end - cpu_start) / 1e3, "busy_ms": busy / 1e3}

@@ -242,13 +242,18 @@ def write_trace(path: Path, model, input_ids, spec: PrefillSpec, config,
     integration.set_attention(model, integration.NAME)
     traces.save(prof, path)
     top = traces.top_ops(prof, cuda)
+    busy = traces.gpu_busy(prof) if cuda else None
+    if busy:
+        err.print(f"GPU busy {busy['busy_ms']:.1f} ms of the traced forward's {busy['span_ms']:.1f} ms"
+                  + (" (the rest waited on the host: Python, launches)" if busy["busy_ms"] < 0.9 * busy["span_ms"] else ""),
+                  highlight=False, markup=False, soft_wrap=True)
     err.print(f"saved {path}; the {'GPU kernels' if cuda else 'ops'} with the most "
               f"{'time' if cuda else 'self CPU time'} in that forward:",
               highlight=False, markup=False, soft_wrap=True)
     for op in top:
         err.print(f"  {op['share']:6.1%} {op['ms']:10.2f} ms {op['calls']:6d}x  {op['name'][:90]}",
                   highlight=False, markup=False, soft_wrap=True)
-    return {"path": str(path), "device_time": cuda, "top_ops": top}
+    return {"path": str(path), "device_time": cuda, "top_ops": top, "gpu_busy": busy}
 
 
 @contextlib.contextmanager
