@@ -18,6 +18,11 @@ The sparse path runs only for a plain causal prefill: more than one query, as ma
 no dropout, no softcap / sliding window / attention sinks, and N >= ``config.dense_below``.
 Everything else (decode steps, padded batches, chunked prefill over a cache) delegates to
 transformers' own SDPA attention function, unchanged.
+
+On CUDA each ``pbs_run`` replays the layers' PBS work from a CUDA graph captured in the run
+(``pbs_kernels.graphs.LayerGraphs``: the first sparse layer eager, the second captured, the rest
+replayed; ``PBS_CUDA_GRAPHS=0`` turns it off). The graphs are freed when the block ends, so every
+forward pays its own capture, as a one-off prefill of a document does.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from typing import Any, Iterator
 import torch
 
 from pbs_kernels import PBSConfig, pbs_prefill_attention
+from pbs_kernels.graphs import LayerGraphs
+from pbs_kernels.graphs import enabled as graphs_enabled
 
 from . import dense_sdpa
 
@@ -72,6 +79,8 @@ class Recorder:
 
     def __init__(self) -> None:
         self.stats: list[LayerStat] = []
+        self.graph_replays = 0  # sparse calls replayed from a CUDA graph (pbs_kernels.graphs)
+        self.graph_failure: str | None = None  # why capturing stopped, if it did
 
     def add(self, stat: LayerStat) -> None:
         self.stats.append(stat)
@@ -99,6 +108,7 @@ class PBSRun:
     recorder: Recorder
     dense: dense_sdpa.DenseChoice | None = None  # SDPA backend of every dense call (None: PyTorch's choice)
     record_dense: str | None = None  # "pbs_dense" calls are recorded as dense layers with this reason
+    graphs: LayerGraphs | None = None  # CUDA graphs of the sparse layers' work, for this run
 
 
 _current: contextvars.ContextVar[PBSRun | None] = contextvars.ContextVar("pbs_run", default=None)
@@ -112,12 +122,17 @@ def pbs_run(config: PBSConfig, recorder: Recorder | None = None,
     dense calls of "pbs" and "pbs_dense" use SDPA backend ``dense`` first. With ``record_dense``,
     "pbs_dense" calls are recorded too, as dense layers for that reason (a whole prompt below
     ``dense_below`` runs on "pbs_dense": the dense forward itself, with no per-layer dispatch)."""
-    run = PBSRun(config, recorder if recorder is not None else Recorder(), dense, record_dense)
+    run = PBSRun(config, recorder if recorder is not None else Recorder(), dense, record_dense,
+                 LayerGraphs() if graphs_enabled() else None)
     token = _current.set(run)
     try:
         yield run
     finally:
         _current.reset(token)
+        if run.graphs is not None:
+            run.recorder.graph_replays += run.graphs.replays
+            run.recorder.graph_failure = run.recorder.graph_failure or run.graphs.failed
+            run.graphs.close()
 
 
 def current_run() -> PBSRun | None:
@@ -180,7 +195,10 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
                                             **kwargs)
     ctx = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
     with ctx, torch.profiler.record_function("pbs.attention"):  # groups the layer's PBS work in traces
-        out, plan = pbs_prefill_attention(query, key, value, config, scale=scaling)
+        if query.is_cuda and run is not None and run.graphs is not None:
+            out, plan = run.graphs(query, key, value, config, scaling)
+        else:
+            out, plan = pbs_prefill_attention(query, key, value, config, scale=scaling)
     if run is not None:
         run.recorder.add(LayerStat(layer, "pbs", "causal prefill", q_len, key.shape[2], b,
                                    plan.kv_num_blocks.sum(), plan.causal_blocks()))

@@ -99,6 +99,8 @@ class PrefillResult:
     last_logits: Any  # (B, vocab)
     cache: Any = None
     layers: list[integration.LayerStat] = field(default_factory=list)
+    graph_replays: int = 0  # sparse layers of the last pass replayed from a CUDA graph
+    graph_failure: str | None = None
 
     @property
     def median_ms(self) -> float:
@@ -164,7 +166,9 @@ def run_prefills(model, input_ids, specs: list[PrefillSpec], config, warmup: int
     results = []
     for t, res in zip(times, last):
         assert res is not None
-        results.append(PrefillResult(t, res[0], res[1], res[2], res[3].prefill_layers()))
+        rec = res[3]
+        results.append(PrefillResult(t, res[0], res[1], res[2], rec.prefill_layers(), rec.graph_replays,
+                                     rec.graph_failure))
     return results
 
 
@@ -526,6 +530,9 @@ def command(
     distributed.merge_layer_stats(pbs.layers)  # tensor parallel: densities over the heads of all ranks
     summary = _layer_summary(pbs.layers)
     warn_if_not_sparse(pbs.layers, type(mdl).__name__)
+    if pbs.graph_failure:
+        err.print(f"note: the sparse layers ran without CUDA graphs ({pbs.graph_failure})",
+                  highlight=False, markup=False, soft_wrap=True)
     rec = reports.envelope(
         "prefill",
         document=doc_name,
@@ -543,6 +550,7 @@ def command(
         warmup=warmup,
         iters=iters,
         compiled=compile_layers,
+        cuda_graph_layers=pbs.graph_replays,
         prefill_ms=pbs.median_ms,
         prefill_ms_all=pbs.times_ms,
         tokens_per_s=len(ids) / (pbs.median_ms / 1e3),

@@ -1,0 +1,103 @@
+"""CUDA graphs for the per-layer PBS work: one capture, replayed by the layers after it.
+
+At 32K tokens the embedded model's GPU work per layer is about 1.5 ms, and the host needs about as
+long again to issue it: a dozen Triton launches (importance, sort, pooling, block scores, top-p,
+the K/V copy, attention) plus their PyTorch glue, each with its Python cost. A whole-model trace
+showed the GPU busy for half of the forward (BENCHMARKS.md, "host-bound at 32K"). Every layer of a
+forward issues the same launches on tensors of the same shapes, so ``LayerGraphs`` runs the first
+call eagerly (it compiles and warms the kernels), captures the second in a CUDA graph, and replays
+that graph for every later call: per layer the host then copies q, k, v into the graph's input
+buffers and replays.
+
+The input buffers are contiguous (B, H, N, D) tensors, so the copies replace the ``contiguous()``
+copies the launcher makes of transformers' strided tensors anyway. The outputs (attention output,
+plan) live in the graph's memory: valid until the next replay, so callers consume them first.
+Graphs are used only where the plan is built without host synchronization (Triton on CUDA, the
+published selection options); anything else runs eagerly, as does every call after a capture failed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .block_mask import PermutedBlockMask
+from .config import PBSConfig
+
+
+def enabled() -> bool:
+    """CUDA graphs on unless ``PBS_CUDA_GRAPHS=0``."""
+    return os.environ.get("PBS_CUDA_GRAPHS", "1") not in ("", "0")
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # contiguous q, k, v the graph reads
+    out: torch.Tensor
+    plan: PermutedBlockMask
+
+
+class LayerGraphs:
+    """Graphs of ``pbs_prefill_attention`` for one model forward (or any run of same-shape calls).
+
+    ``__call__(q, k, v, config, scale)`` returns what ``pbs_prefill_attention`` returns; ``close()``
+    frees the graphs and their memory. Graphed calls are counted in ``replays``."""
+
+    def __init__(self, max_graphs: int = 2):
+        self.max_graphs = max_graphs
+        self._seen: set[tuple] = set()
+        self._graphs: dict[tuple, _Captured] = {}
+        self.failed: str | None = None  # why capturing stopped, if it did
+        self.replays = 0
+
+    @staticmethod
+    def eligible(q: torch.Tensor, config: PBSConfig) -> bool:
+        from .backend import use_triton
+
+        return (q.is_cuda and use_triton(q) and not config.beyond_published()
+                and os.environ.get("PBS_AUTOTUNE", "0") in ("", "0"))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,
+                 scale: float | None = None) -> tuple[torch.Tensor, PermutedBlockMask]:
+        from .attention import pbs_prefill_attention
+
+        if self.failed is not None or not self.eligible(q, config):
+            return pbs_prefill_attention(q, k, v, config, scale)
+        key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, config, scale)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if key not in self._seen or len(self._graphs) >= self.max_graphs:
+                self._seen.add(key)  # first call of this shape: eager, compiles and warms the kernels
+                return pbs_prefill_attention(q, k, v, config, scale)
+            entry = self._capture(key, q, k, v, config, scale)
+            if entry is None:
+                return pbs_prefill_attention(q, k, v, config, scale)
+        for buf, x in zip(entry.inputs, (q, k, v)):
+            buf.copy_(x)
+        entry.graph.replay()
+        self.replays += 1
+        return entry.out, entry.plan
+
+    def _capture(self, key, q, k, v, config, scale) -> _Captured | None:
+        from .attention import pbs_prefill_attention
+
+        # capturing records the launches without running them: the buffers' contents do not matter yet
+        inputs = tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out, plan = pbs_prefill_attention(*inputs, config, scale)
+        except RuntimeError as exc:  # e.g. a host synchronization inside the capture
+            self.failed = (str(exc).splitlines() or [""])[0][:200]
+            torch.cuda.synchronize(q.device)
+            return None
+        entry = _Captured(graph, inputs, out, plan)
+        self._graphs[key] = entry
+        return entry
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._seen.clear()

@@ -1,0 +1,79 @@
+"""CUDA graphs of the per-layer PBS work (``pbs_kernels.graphs``): replayed layers give exactly the
+eager calls' outputs and plans. The capture needs a GPU; on the CPU the calls pass through."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pbs_kernels import PBSConfig, pbs_prefill_attention  # noqa: E402
+from pbs_kernels.graphs import LayerGraphs  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+CFG = PBSConfig(block_size=64, segment_size=128, threshold=0.8, dense_below=0)
+
+
+def layer_inputs(seed: int, device: str, n: int = 700, dtype=torch.float16):
+    """q, k, v as transformers hands them over: (B, H, N, D) views of (B, N, H, D) tensors."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, n, h, 64, generator=g).to(dtype).to(device).transpose(1, 2) for h in (8, 2, 2)]
+
+
+def same(a, b) -> None:
+    (out_a, plan_a), (out_b, plan_b) = a, b
+    assert torch.equal(out_a, out_b)
+    assert torch.equal(plan_a.perm, plan_b.perm) and torch.equal(plan_a.kv_num_blocks, plan_b.kv_num_blocks)
+    assert torch.equal(plan_a.kv_indices, plan_b.kv_indices)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_replayed_layers_equal_eager_calls():
+    graphs = LayerGraphs()
+    for seed in range(5):  # call 1 eager, call 2 captured then replayed, calls 3-5 replayed
+        q, k, v = layer_inputs(seed, "cuda")
+        got = graphs(q, k, v, CFG)
+        got = (got[0].clone(), got[1])  # the graph's output buffer is reused by the next replay
+        same(got, pbs_prefill_attention(q, k, v, CFG))
+    assert graphs.failed is None and graphs.replays == 4
+    graphs.close()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_graphed_model_forward_matches_the_eager_one(monkeypatch):
+    from pbs_cli import integration
+    from test_integration import tiny_model
+
+    model = tiny_model(4, 2, layers=4).cuda().half()
+    ids = torch.randint(0, 300, (1, 600), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    hidden = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("PBS_CUDA_GRAPHS", flag)
+        integration.set_attention(model, integration.NAME)
+        with torch.inference_mode(), integration.pbs_run(CFG) as run:
+            hidden[flag] = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        replays = run.recorder.graph_replays
+        assert [s.path for s in run.recorder.prefill_layers()] == ["pbs"] * 4
+        assert replays == (3 if flag == "1" else 0) and run.recorder.graph_failure is None
+    assert torch.equal(hidden["1"], hidden["0"])
+
+
+def test_cpu_calls_pass_through(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    graphs = LayerGraphs()
+    for seed in range(3):
+        q, k, v = layer_inputs(seed, "cpu", n=200, dtype=torch.float32)
+        same(graphs(q, k, v, CFG), pbs_prefill_attention(q, k, v, CFG))
+    assert graphs.replays == 0 and graphs.failed is None
+
+
+def test_pbs_cuda_graphs_0_turns_them_off(monkeypatch):
+    from pbs_cli import integration
+
+    monkeypatch.setenv("PBS_CUDA_GRAPHS", "0")
+    with integration.pbs_run(CFG) as run:
+        assert run.graphs is None
+    monkeypatch.setenv("PBS_CUDA_GRAPHS", "1")
+    with integration.pbs_run(CFG) as run:
+        assert isinstance(run.graphs, LayerGraphs)
