@@ -56,8 +56,9 @@ class LayerGraphs:
     @staticmethod
     def eligible(q: torch.Tensor, config: PBSConfig) -> bool:
         from .backend import use_triton
+        from .triton import attention as fast
 
-        return (q.is_cuda and use_triton(q) and not config.beyond_published()
+        return (q.is_cuda and use_triton(q) and fast.supports(q) and not config.beyond_published()
                 and os.environ.get("PBS_AUTOTUNE", "0") in ("", "0"))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,

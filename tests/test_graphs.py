@@ -42,10 +42,14 @@ def test_replayed_layers_equal_eager_calls():
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 def test_graphed_model_forward_matches_the_eager_one(monkeypatch):
-    from pbs_cli import integration
-    from test_integration import tiny_model
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = tiny_model(4, 2, layers=4).cuda().half()
+    from pbs_cli import integration
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
+    model = LlamaForCausalLM(cfg).eval().cuda().half()
     ids = torch.randint(0, 300, (1, 600), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     hidden = {}
     for flag in ("1", "0"):
@@ -55,7 +59,7 @@ def test_graphed_model_forward_matches_the_eager_one(monkeypatch):
             hidden[flag] = model.model(input_ids=ids, use_cache=False).last_hidden_state
         replays = run.recorder.graph_replays
         assert [s.path for s in run.recorder.prefill_layers()] == ["pbs"] * 4
-        assert replays == (3 if flag == "1" else 0) and run.recorder.graph_failure is None
+        assert (replays, run.recorder.graph_failure) == ((3 if flag == "1" else 0), None)
     assert torch.equal(hidden["1"], hidden["0"])
 
 
