@@ -309,6 +309,41 @@ def test_profiler_at_threshold_one_matches_dense():
     assert recs["pbs"]["rel_l2_error"] < 1e-5 and recs["pbs"]["recall_min"] > 1 - 1e-5
 
 
+def test_pbs_total_is_the_graph_replay_where_prefill_uses_one(monkeypatch):
+    """Where pbs prefill replays a CUDA graph per layer (CUDA, stood in for here by a counting fake),
+    the pbs row's total times those calls, keeps the eager pass's peak memory and names the eager
+    time in its notes; the phases stay eager."""
+    from pbs_cli import profiling
+    from pbs_kernels import pbs_prefill_attention
+
+    calls = []
+
+    class FakeGraphs:
+        replays, failed = 0, None
+
+        def eligible(self, q, config):
+            return True
+
+        def __call__(self, q, k, v, config, scale=None):
+            calls.append(q.shape)
+            self.replays += 1
+            return pbs_prefill_attention(q, k, v, config, scale)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(profiling, "LayerGraphs", FakeGraphs)
+    q, k, v = synthetic_qkv(1, 4, 2, 512, 64, seed=2)
+    s = Settings(config=PBSConfig(threshold=0.8, block_size=64, segment_size=128), backends=("pbs",),
+                 iters=2, budget_s=0, recall_rows=8)
+    (rec,) = Profiler(s).run(Case(q, k, v))
+    assert len(calls) >= 2 and rec["notes"].startswith("CUDA graph replay, as in pbs prefill (eager ")
+    monkeypatch.setenv("PBS_CUDA_GRAPHS", "0")
+    calls.clear()
+    (rec,) = Profiler(s).run(Case(q, k, v))
+    assert not calls and rec["notes"] == "CPU: pbs runs the PyTorch reference path"
+
+
 def test_captured_qkv_is_what_the_attention_receives(tiny_model_dir):
     """Layer 0's captured k equals k_proj(norm(embed(x))) with RoPE applied, computed by hand."""
     from transformers import AutoModelForCausalLM
