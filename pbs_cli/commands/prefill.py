@@ -407,7 +407,7 @@ def command(
                                               "forward alike. An untrained extension: it changes the outputs.")]
     = "none",
     warmup: Annotated[int | None, typer.Option("--warmup", min=0, help="Untimed runs first "
-                                               "(default: 0 on CPU, 1 on GPU).")] = None,
+                                               "(default: 0 on CPU, 1 on GPU or with --compile).")] = None,
     iters: Annotated[int | None, typer.Option("--iters", min=1, help="Timed runs; the median is reported "
                                               "(default: 1 on CPU, 3 on GPU).")] = None,
     compile_layers: Annotated[bool, typer.Option("--compile", help="Fuse the model's non-attention work (norms, "
