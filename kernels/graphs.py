@@ -43,8 +43,10 @@ class _Captured:
 class LayerGraphs:
     """Graphs of ``pbs_prefill_attention`` for one model forward (or any run of same-shape calls).
 
-    ``__call__(q, k, v, config, scale)`` returns what ``pbs_prefill_attention`` returns; ``close()``
-    frees the graphs and their memory. Graphed calls are counted in ``replays``."""
+    ``__call__(q, k, v, config, scale)``: q (B, H_q, N, D), k and v (B, H_kv, N, D), any strides;
+    returns what ``pbs_prefill_attention`` returns, (out (B, H_q, N, D), plan), both in the graph's
+    memory once replayed: read them before the next call. ``close()`` frees the graphs and their
+    memory. Graphed calls are counted in ``replays``; at most ``max_graphs`` shapes are kept."""
 
     def __init__(self, max_graphs: int = 2):
         self.max_graphs = max_graphs
@@ -55,6 +57,9 @@ class LayerGraphs:
 
     @staticmethod
     def eligible(q: torch.Tensor, config: PBSConfig) -> bool:
+        """True where a call can be captured: the Triton attention on CUDA, with the published
+        selection options (their GPU path never synchronizes with the host) and no autotuning (which
+        times candidates from the host)."""
         from .backend import use_triton
         from .triton import attention as fast
 
