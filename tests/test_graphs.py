@@ -81,3 +81,31 @@ def test_pbs_cuda_graphs_0_turns_them_off(monkeypatch):
     monkeypatch.setenv("PBS_CUDA_GRAPHS", "1")
     with integration.pbs_run(CFG) as run:
         assert isinstance(run.graphs, LayerGraphs)
+
+
+def test_a_failed_capture_falls_back_to_eager_for_good(monkeypatch):
+    """A capture that raises (as a host synchronization inside it would) leaves the reason in
+    ``failed`` and every call, that one included, runs eagerly with the eager result."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tries = []
+
+    class Refusing:
+        def __init__(self, graph):
+            tries.append(graph)
+
+        def __enter__(self):
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(LayerGraphs, "eligible", staticmethod(lambda q, config: True))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", Refusing)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    graphs = LayerGraphs()
+    for seed in range(4):  # eager, failed capture (eager), then eager without trying again
+        q, k, v = layer_inputs(seed, "cpu", n=200, dtype=torch.float32)
+        same(graphs(q, k, v, CFG), pbs_prefill_attention(q, k, v, CFG))
+    assert len(tries) == 1 and graphs.replays == 0
+    assert graphs.failed == "CUDA error: operation not permitted when stream is capturing"
