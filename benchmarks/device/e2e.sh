@@ -32,3 +32,5 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("prefill_*.json"), key=lambda p: 
           f"{r['prefill_ms']:.1f} | {r['dense_prefill_ms']:.1f} ({d.get('backend')}) | {r['speedup']:.2f} | "
           f"{r['top1_agreement']:.4f} | {r['mean_kl']:.4f} |")
 PY
+# the device returns only a few files per call: one archive of the per-run records and logs
+tar czf "$OUT/e2e_runs.tgz" -C "$OUT" $(cd "$OUT" && ls prefill_*.json prefill_*.log 2>/dev/null) && rm -f "$OUT"/prefill_*
