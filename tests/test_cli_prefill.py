@@ -113,6 +113,19 @@ def test_compile_times_compiled_forwards_with_the_same_plans(runner, offline_env
     assert bad.exit_code == errors.USAGE and "--warmup" in bad.stderr
 
 
+def test_table_names_the_graph_replays_when_there_were_any(runner, offline_env, tiny_model_dir, doc, capsys):
+    """On a CPU nothing is replayed (no row); a record with replays (as on CUDA) gets the row."""
+    from pbs_cli.commands import prefill
+
+    res = invoke(runner, doc, "--model", tiny_model_dir, *SMALL, "--json")
+    rec = json.loads(res.stdout)
+    assert rec["cuda_graph_layers"] == 0
+    prefill.print_summary(rec)
+    assert "CUDA graphs" not in capsys.readouterr().out
+    prefill.print_summary({**rec, "cuda_graph_layers": 29})
+    assert "29 sparse layers replayed" in capsys.readouterr().out
+
+
 def test_table_output_and_saved_record(runner, offline_env, tiny_model_dir, doc, tmp_path):
     target = tmp_path / "run.json"
     res = invoke(runner, doc, "--model", tiny_model_dir, *SMALL, "-o", target)

@@ -355,6 +355,9 @@ def print_summary(rec: dict[str, Any]) -> None:
     if s["density"] is not None:
         table.add_row("density", f"{rec['density']:.1%} overall; per layer {s['density_min']:.1%} - {s['density_max']:.1%}"
                       f" ({s['sparse_layers']} sparse, {s['dense_layers']} dense)")
+    if rec.get("cuda_graph_layers"):
+        table.add_row("CUDA graphs", f"{rec['cuda_graph_layers']} sparse layers replayed from one captured layer "
+                      "(PBS_CUDA_GRAPHS=0 turns this off)")
     dense_reasons = sorted({ly["reason"] for ly in rec["layers"] if ly["path"] == "dense"})
     if dense_reasons:
         table.add_row("dense because", "; ".join(dense_reasons))
