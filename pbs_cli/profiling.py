@@ -392,15 +392,14 @@ class Profiler:
                 note = None if q.is_cuda else "CPU: pbs runs the PyTorch reference path"
                 graphs = LayerGraphs()
                 if graphs_enabled() and graphs.eligible(q, config):  # as a layer runs inside pbs prefill
-                    t_eager = t_tot
-                    t_tot = self._bench(lambda: graphs(q, k, v, config, s.scale), device, memory=False)
-                    # the graph's memory is allocated at capture, outside the measured calls: keep the
-                    # eager pass's peak, which holds the same tensors
-                    t_tot = dataclasses.replace(t_tot, peak_mem_mib=t_eager.peak_mem_mib)
-                    note = (f"CUDA graph replay, as in pbs prefill (eager {t_eager.median_ms:.3f} ms)" if graphs.replays
-                            else f"eager: the CUDA graph capture failed ({graphs.failed})")
-                    if not graphs.replays:
-                        t_tot = t_eager
+                    t_graph = self._bench(lambda: graphs(q, k, v, config, s.scale), device, memory=False)
+                    if graphs.replays:
+                        note = f"CUDA graph replay, as in pbs prefill (eager {t_tot.median_ms:.3f} ms)"
+                        # the graph's memory is allocated at capture, outside the measured calls: keep
+                        # the eager pass's peak, which holds the same tensors
+                        t_tot = dataclasses.replace(t_graph, peak_mem_mib=t_tot.peak_mem_mib)
+                    else:
+                        note = f"eager: the CUDA graph capture failed ({graphs.failed})"
                     graphs.close()
                 out = keep.pop("out")
                 pbs_phases.update(permute=t_perm, select=t_sel, attend=t_att)
