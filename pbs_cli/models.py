@@ -299,12 +299,17 @@ def resolve_device(device: str) -> str:
 ROPE_SCALINGS = ("none", "yarn", "dynamic", "linear")
 
 
+def check_rope_scaling(kind: str) -> None:
+    """UsageError unless ``kind`` is one of ``ROPE_SCALINGS`` (callable before any model is read)."""
+    if kind not in ROPE_SCALINGS:
+        raise UsageError(f"unknown --rope-scaling {kind!r}; choose one of {', '.join(ROPE_SCALINGS)}")
+
+
 def rope_scaling(config: Any, kind: str, positions: int) -> dict[str, Any] | None:
     """The ``rope_parameters`` that stretch ``config``'s RoPE (transformers' ``kind``: yarn, dynamic
     or linear) from its trained positions over ``positions``, or None: ``kind`` "none", or the
     positions fit. Raises UsageError for an unknown kind or a model without plain RoPE."""
-    if kind not in ROPE_SCALINGS:
-        raise UsageError(f"unknown --rope-scaling {kind!r}; choose one of {', '.join(ROPE_SCALINGS)}")
+    check_rope_scaling(kind)
     trained = getattr(config, "max_position_embeddings", None)
     if kind == "none" or not trained or positions <= trained:
         return None

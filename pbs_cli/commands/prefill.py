@@ -443,8 +443,7 @@ def command(
     presets.resolve_config(profile, **overrides)  # usage errors first, before the device is probed
     if device_map not in (None, "auto"):
         raise UsageError(f"invalid --device-map {device_map!r}; only 'auto' is supported")
-    if rope_scaling not in models.ROPE_SCALINGS:
-        raise UsageError(f"unknown --rope-scaling {rope_scaling!r}; choose one of {', '.join(models.ROPE_SCALINGS)}")
+    models.check_rope_scaling(rope_scaling)
     if rope_scaling != "none" and not beyond_context:
         raise UsageError("--rope-scaling stretches RoPE past the model's trained positions: add --beyond-context")
     dev = models.resolve_device(device)
