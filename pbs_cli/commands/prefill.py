@@ -415,8 +415,8 @@ def command(
                                               "(default: 1 on CPU, 3 on GPU).")] = None,
     compile_layers: Annotated[bool, typer.Option("--compile", help="Fuse the model's non-attention work (norms, "
                                                  "RoPE, MLP) with torch.compile, in the PBS and the dense forward "
-                                                 "alike; attention stays eager. The warm-up compiles (untimed, "
-                                                 "tens of seconds).")] = False,
+                                                 "alike; attention stays eager. The warm-up compiles (untimed; "
+                                                 "it takes a while).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record to this file.")] = None,
