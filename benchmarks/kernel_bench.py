@@ -45,12 +45,21 @@ VARIANTS = {
 }
 
 
-def attend(q, k, v, plan, mode, cfg):
-    """``pbs_attention`` in read mode (or variant) ``mode`` with tile config ``cfg``."""
+def attend(q, k, v, plan, mode, cfg, permuted=None):
+    """``pbs_attention`` in read mode (or variant) ``mode`` with tile config ``cfg`` (and the K/V copies
+    ``permuted`` when given: then the copy is not part of the call)."""
     from pbs_kernels.triton import attention as A
 
     mode, base = VARIANTS.get(mode, (mode, None))
-    return A.pbs_attention(q, k, v, plan, perm_mode=mode, config={**(base or {}), **(cfg or {})} or None)
+    return A.pbs_attention(q, k, v, plan, perm_mode=mode, config={**(base or {}), **(cfg or {})} or None,
+                           permuted=permuted)
+
+
+def copies(k, v, plan, mode):
+    """The K/V copies read mode (or variant) ``mode`` makes (None for remap)."""
+    from pbs_kernels.triton import attention as A
+
+    return A.copies_for(VARIANTS.get(mode, (mode, None))[0], k, v, plan.perm)
 
 
 def set_block(block: int) -> None:
@@ -168,6 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-densities", default="0.2", help="densities of the sweep (comma list)")
     ap.add_argument("--sweep-modes", default="", help="modes to sweep (default: --modes)")
     ap.add_argument("--configs", default="", help="JSON {shape: {mode: config}} fixed configs to use")
+    ap.add_argument("--kernel-only", action="store_true",
+                    help="also time every copying mode with its K/V copies made beforehand (column MODE/k)")
     ap.add_argument("--block", type=int, default=BLOCK, help="plan block size (128: the gpu preset; 64: default)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
@@ -276,6 +287,11 @@ def main(argv=None) -> int:
                 for mode in modes:
                     cfg = fixed.get(shape, {}).get(mode)
                     row[mode] = bench(lambda: attend(q, k, v, plan, mode, cfg))
+                    pre = copies(k, v, plan, mode) if args.kernel_only else None
+                    if pre is not None:
+                        row[mode + "/k"] = bench(lambda: attend(q, k, v, plan, mode, cfg, permuted=pre))
+                        row[mode + "/copy"] = bench(lambda: copies(k, v, plan, mode))
+                    del pre
                 if any(m in modes for m in ("gather", "tma")):
                     row["copy"] = bench(lambda: (A.permuted_copy(k, plan.perm), A.permuted_copy(v, plan.perm)))
                 record(**row, tflops={m: dens * flops / row[m] / 1e9 for m in modes + (["flex"] if "flex" in row else [])})
@@ -289,6 +305,7 @@ def main(argv=None) -> int:
     hdr = f"{'shape':8} {'N':>6} {'dens':>6} {'cuDNN':>8} {'flex':>8} " + " ".join(f"{m:>8}" for m in modes) + \
         f" {'best':>6} {'TF/s':>5} {'x':>5} {'ratio':>5} {'vsflex':>6}"
     print(hdr)
+    extra = sorted({key for r in rows for key in r if "/" in key})
     for r in rows:
         best = min(modes, key=lambda m: r[m])
         t = r[best]
@@ -298,6 +315,12 @@ def main(argv=None) -> int:
         print(f"{r['shape']:8} {r['n'] // 1024:>5}K {r['density']:>6.1%} {r['cudnn']:>8.3f} {flex_ms:>8.3f} "
               + " ".join(f"{r[m]:>8.3f}" for m in modes)
               + f" {best:>6} {tf:>5.0f} {r['cudnn'] / t:>5.2f} {t / (r['density'] * r['cudnn']):>5.2f} {flex_ms / t:>6.2f}")
+    if extra:  # kernels without their copies: ms and ratio to density x cuDNN
+        print("\nwithout the copy (--kernel-only): ms / ratio; MODE/copy: the copy alone, ms")
+        for r in rows:
+            cells = [f"{key}={r[key]:.3f}" + ("" if key.endswith("/copy") else f"/{r[key] / (r['density'] * r['cudnn']):.2f}")
+                     for key in extra if key in r]
+            print(f"{r['shape']:8} {r['n'] // 1024:>5}K {r['density']:>6.1%} " + " ".join(cells))
     log.close()
     return 0
 

@@ -22,7 +22,8 @@ from . import attention_ws_kernel as KWS
 from .permute_kernel import _gather_rows_kernel
 
 SUPPORTED_HEAD_DIMS = (64, 128)
-PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3}  # 0-2: attention_kernel's PERM_MODE; 3: attention_ws_kernel
+# 0-2: attention_kernel's PERM_MODE; 3: attention_ws_kernel; 4: attention_gluon_kernel (Hopper only)
+PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3, "persistent": 4}
 # Default way of reading permuted keys: "auto" picks "ws" on Hopper for head_dim 128 and 128-token
 # blocks, else "remap" for short sequences and "tma" for long ones (BENCHMARKS.md, "Attention kernel
 # (H100)"); PBS_PERM_MODE=remap|gather|tma|ws overrides it.
@@ -160,7 +161,7 @@ def copies_for(mode: str, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor):
     permuted copies of k and v, with their original-order halves for "ws"."""
     if mode == "remap":
         return None
-    return tuple(permuted_copy(x, perm, with_original=mode == "ws") for x in (k, v))
+    return tuple(permuted_copy(x, perm, with_original=mode in ("ws", "persistent")) for x in (k, v))
 
 
 def choose_perm_mode(plan: PermutedBlockMask, q: torch.Tensor) -> str:
@@ -255,10 +256,12 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
 
     seg_blocks = plan.segment_size // bs
-    if mode == 3:
+    if mode >= 3:
         if kp.shape[2] != 2 * n:
-            raise ValueError("perm_mode 'ws' reads copies with original-order halves: pass "
-                             "permuted=copies_for('ws', k, v, perm)")
+            raise ValueError(f"perm_mode {mode_name!r} reads copies with original-order halves: pass "
+                             f"permuted=copies_for({mode_name!r}, k, v, perm)")
+        if mode == 4:
+            return _launch_persistent(q, kp, vp, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config)
         return _launch_ws(q, kp, vp, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config)
     args = (q, k, v, kp, vp, perm, out, num, idx, scale * math.log2(math.e), n, h_q, h_kv, h_perm, qb0, n_rows, n_kb)
     consts = dict(PLAN_BLOCK=bs, SEG_BLOCKS=seg_blocks, SEG_POW2=triton.next_power_of_2(seg_blocks),
@@ -316,4 +319,52 @@ def _launch_ws(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_block
     with torch.cuda.device(q.device):
         KWS.pbs_attn_fwd_ws[grid](*args, **consts, WARP_SPECIALIZE=cfg["warp_specialize"],
                                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def persistent_supported(q: torch.Tensor, block_size: int) -> bool:
+    """Whether the persistent Gluon kernel (``attention_gluon_kernel``) runs q (B, H_q, N, D): a Hopper
+    GPU, fp16/bf16, head_dim 64 or 128, 128-token plan blocks."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128)
+            and block_size == 128 and _is_hopper(q.device.index or 0))
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _persistent_stages(head_dim: int) -> int:
+    """K/V ring slots of the persistent kernel: what fits the H100's 227 KB of shared memory beside two
+    q buffers (head_dim 128: 2 x 32 KB q + 2 x 64 KB K/V; head_dim 64: 2 x 16 KB + 4 x 32 KB)."""
+    return 2 if head_dim > 64 else 4
+
+
+def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config):
+    """``attention_gluon_kernel.pbs_attn_fwd_persistent`` over plan rows qb0 .. qb0 + n_rows - 1: one
+    program per SM, descriptors built here once per call."""
+    if not persistent_supported(q, bs):
+        raise ValueError("perm_mode 'persistent' needs a Hopper GPU, fp16/bf16, head_dim 64 or 128 and 128-token "
+                         f"plan blocks; got {q.dtype} head_dim={q.shape[-1]} block={bs} on {q.device}: use "
+                         "perm_mode='auto'")
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from . import attention_gluon_kernel as KG
+
+    b, h_q, n, d = q.shape
+    layout = gl.NVMMASharedLayout.get_default_for([bs, d], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
+
+    def desc(x):  # (..., D) contiguous -> 2-D descriptor over all rows, [bs, D] tiles
+        rows = x.view(-1, d)
+        return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [bs, d], layout)
+
+    cfg = config if isinstance(config, dict) else {}
+    n_tiles = n_rows * b * h_q
+    grid = (max(1, min(n_tiles, cfg.get("programs", _num_sms(q.device.index or 0)))),)
+    with torch.cuda.device(q.device):
+        KG.pbs_attn_fwd_persistent[grid](
+            desc(q), desc(kc), desc(vc), out, num, idx, scale * math.log2(math.e), n, h_q, kc.shape[1], qb0, n_rows,
+            n_kb, n_tiles, SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d,
+            STAGES=cfg.get("num_stages", _persistent_stages(d)), num_warps=8)
     return out

@@ -1,0 +1,193 @@
+"""Persistent, warp-specialized block-sparse causal attention forward for Hopper (Gluon, kernel only).
+
+The computation of ``attention_ws_kernel.pbs_attn_fwd_ws`` (same inputs: q, the K/V copies with
+original-order halves, the compressed plan), written in Triton's Gluon dialect so that the schedule is
+ours rather than the compiler's:
+
+- **persistent**: one program per SM walks the tiles (query block, batch-head) in a fixed order,
+  latest query blocks (the longest rows) first, tile ``pid``, ``pid + programs``, ...; the query heads
+  of a GQA group are neighbours in that order, so their key tiles come from L2;
+- **warp-specialized**: a one-warp loader partition issues every TMA load (q into two buffers, K and
+  V into a ring of ``STAGES`` slots), the default partition (two warp groups, 64 query rows each) runs
+  the tensor-core math and the online softmax;
+- **overlapped tile changes**: the loader fetches the next tile's q and first key blocks while the
+  default partition finishes the current tile and writes its output, which is the fixed cost per tile
+  that weighs on short plan rows (few kept blocks) in the non-persistent kernels.
+
+Synchronisation: mbarriers with phase parity. ``*_ready`` barriers complete when a TMA load lands
+(expect-tx); ``*_empty`` barriers complete when the default partition has finished reading a buffer
+(one arrive after a partition-wide barrier, since an arrive comes from a single thread). The loader
+waits on an ``empty`` barrier with the opposite parity first, so fresh buffers count as free.
+
+Softmax in base 2 with the log2(e)-folded scale; the diagonal block (j == qb, a row's last entry when
+kept) gets the token-level causal mask, as in ``attention_ws_kernel``.
+
+Shapes: q_desc over Q viewed (B * H_q * N, D); k_desc, v_desc over KC, VC viewed (B * H_c * 2N, D);
+all with [BLOCK, D] blocks. O (B, H_q, N, D) contiguous; KV_NUM (B, H_q, R); KV_IDX (B, H_q, R, N_kb)
+for plan rows QB0 .. QB0 + R - 1. N_TILES = R * B * H_q.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+# Names that changed between Triton releases (3.6 on the GPU machine, 3.9 in CI): a barrier over the
+# calling partition's warps, and a TMA load into shared memory.
+_partition_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+@gluon.jit
+def _tile_coords(tile, BH, N_ROWS, QB0):
+    """Query block and batch-head of ``tile``: latest query blocks first, batch-heads in order."""
+    qb = QB0 + N_ROWS - 1 - tile // BH
+    bh = tile % BH
+    return qb, bh
+
+
+@gluon.jit
+def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem,
+                    q_ready, q_empty, k_ready, v_ready, kv_empty,
+                    KV_NUM, KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+                    SEG_BLOCKS: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr):
+    bh_count = N_TILES // N_ROWS
+    group = H_Q // H_C
+    c = 0  # K/V loads issued by this program (ring position)
+    i = 0  # tiles started by this program (q buffer)
+    for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
+        qb, bh = _tile_coords(tile, bh_count, N_ROWS, QB0)
+        row = bh.to(gl.int64) * N_ROWS + (qb - QB0)
+        qbuf = i % 2
+        mbarrier.wait(q_empty.index(qbuf), ((i // 2) & 1) ^ 1)
+        mbarrier.expect(q_ready.index(qbuf), q_desc.block_type.nbytes)
+        _tma_load(q_desc, [bh * N_CTX + qb * BLOCK, 0], q_ready.index(qbuf),
+                                        q_smem.index(qbuf))
+        num = gl.load(KV_NUM + row)
+        diag_start = (qb // SEG_BLOCKS) * SEG_BLOCKS
+        c0 = ((bh // H_Q) * H_C + (bh % H_Q) // group) * 2 * N_CTX  # first row of the copy head
+        for t in range(num):
+            j = gl.load(KV_IDX + row * N_KB + t)
+            # permuted half for earlier segments, original half inside the query's own segment
+            r = c0 + j * BLOCK + (j >= diag_start).to(gl.int32) * N_CTX
+            s = c % STAGES
+            mbarrier.wait(kv_empty.index(s), ((c // STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [r, 0], k_ready.index(s), k_smem.index(s))
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [r, 0], v_ready.index(s), v_smem.index(s))
+            c += 1
+        i += 1
+
+
+@gluon.jit
+def _attend_partition(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty,
+                      O, KV_NUM, KV_IDX, qk_scale, N_CTX, QB0, N_ROWS, N_KB, N_TILES,
+                      BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                      NUM_WARPS: gl.constexpr):
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
+    dtype: gl.constexpr = q_smem.dtype
+
+    bh_count = N_TILES // N_ROWS
+    offs_r = gl.arange(0, BLOCK, s_rows)
+    offs_c = gl.arange(0, BLOCK, s_cols)
+    offs_d = gl.arange(0, HEAD_DIM, o_cols)
+    zero_s = gl.zeros([BLOCK, BLOCK], gl.float32, s_layout)
+    c = 0
+    i = 0
+    for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
+        qb, bh = _tile_coords(tile, bh_count, N_ROWS, QB0)
+        row = bh.to(gl.int64) * N_ROWS + (qb - QB0)
+        num = gl.load(KV_NUM + row)
+        qbuf = i % 2
+        q = q_smem.index(qbuf)
+        mbarrier.wait(q_ready.index(qbuf), (i // 2) & 1)
+
+        m_i = gl.full([BLOCK], -1.0e30, gl.float32, s_rows)
+        l_i = gl.zeros([BLOCK], gl.float32, s_rows)
+        acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_layout)
+        for t in range(num):
+            j = gl.load(KV_IDX + row * N_KB + t)
+            s = c % STAGES
+            phase = (c // STAGES) & 1
+            mbarrier.wait(k_ready.index(s), phase)
+            qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
+            # causal mask on the diagonal block only: key i visible to row r when i <= r
+            lim = gl.where(j == qb, offs_r, BLOCK)
+            qk = gl.where(gl.expand_dims(offs_c, 0) <= gl.expand_dims(lim, 1), qk, float("-inf"))
+            m_ij = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+            p = gl.exp2(qk * qk_scale - gl.expand_dims(m_ij, 1))
+            alpha = gl.exp2(m_i - m_ij)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(v_ready.index(s), phase)
+            acc = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            _partition_barrier()  # both warp groups are done with slot s
+            mbarrier.arrive(kv_empty.index(s), count=1)
+            m_i = m_ij
+            c += 1
+        _partition_barrier()  # ... and with this q buffer
+        mbarrier.arrive(q_empty.index(qbuf), count=1)
+
+        # rows that saw no key (an empty plan row) write 0
+        l_o = gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), o_rows)
+        out = acc / gl.expand_dims(l_o, 1)
+        offs_m = qb * BLOCK + gl.arange(0, BLOCK, o_rows)
+        o_ptrs = O + gl.expand_dims(bh.to(gl.int64) * N_CTX + offs_m, 1) * HEAD_DIM + gl.expand_dims(offs_d, 0)
+        gl.store(o_ptrs, out.to(dtype), mask=gl.expand_dims(offs_m, 1) < N_CTX)
+        i += 1
+
+
+@gluon.jit
+def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX,
+                            qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+                            SEG_BLOCKS: gl.constexpr,  # plan blocks per segment
+                            BLOCK: gl.constexpr,  # tokens per plan block = query rows and keys per tile
+                            HEAD_DIM: gl.constexpr,
+                            STAGES: gl.constexpr,  # K/V ring slots
+                            num_warps: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(2):
+        mbarrier.init(q_ready.index(b), count=1)
+        mbarrier.init(q_empty.index(b), count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(kv_empty.index(s), count=1)
+    fence_async_shared()
+
+    gl.warp_specialize([
+        (_attend_partition, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty,
+                             O, KV_NUM, KV_IDX, qk_scale, N_CTX, QB0, N_ROWS, N_KB, N_TILES,
+                             BLOCK, HEAD_DIM, STAGES, num_warps)),
+        (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem,
+                           q_ready, q_empty, k_ready, v_ready, kv_empty,
+                           KV_NUM, KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+                           SEG_BLOCKS, BLOCK, STAGES)),
+    ], [1], [24])

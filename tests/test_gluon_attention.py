@@ -1,0 +1,98 @@
+"""The persistent Gluon kernel ("persistent" read mode) against the fp64 oracle and the reference.
+
+Gluon kernels do not run in the Triton interpreter, so the numerical tests need a Hopper GPU (they
+reuse ``test_triton_attention``'s oracle, plans and tolerance rule); on other machines only the
+refusal is tested here, and ``test_kernel_fits_hopper`` compiles the kernel for sm_90.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pbs_kernels import PermutedBlockMask  # noqa: E402
+from pbs_kernels.triton import attention as A  # noqa: E402
+
+from test_triton_attention import check, qkv, random_plan, to_device  # noqa: E402
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="the persistent Gluon kernel needs a Hopper GPU")
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("b,h_q,h_kv,n", [(1, 4, 1, 600), (2, 2, 2, 512), (1, 8, 1, 1000), (1, 3, 1, 130)])
+def test_persistent_matches_oracle(dtype, d, b, h_q, h_kv, n):
+    """Odd and whole lengths, batch 2, GQA 1/2/8; 128-token blocks, segments of two blocks."""
+    q, k, v = qkv(b, h_q, h_kv, n, d, dtype, seed=n)
+    plan = to_device(random_plan(b, h_q, h_kv, n, 128, 256, p=0.5, seed=n))
+    check(q, k, v, plan, perm_mode="persistent")
+
+
+@needs_hopper
+def test_persistent_few_programs_many_tiles():
+    """Fewer programs than tiles by far (each walks many tiles, wrapping its q buffers and K/V ring
+    many times): the result does not depend on the number of programs."""
+    q, k, v = qkv(1, 8, 2, 1500, 128, torch.bfloat16, seed=3)
+    plan = to_device(random_plan(1, 8, 2, 1500, 128, 256, p=0.3, seed=3))
+    one = check(q, k, v, plan, perm_mode="persistent", config={"programs": 1})
+    many = A.pbs_attention(q, k, v, plan, perm_mode="persistent")
+    torch.testing.assert_close(one, many, atol=0, rtol=0)
+
+
+@needs_hopper
+def test_persistent_only_forced_blocks_and_dropped_diagonals():
+    """Rows with only forced blocks; rows without their diagonal block (odd rows keep block i-1)."""
+    n = 1024
+    q, k, v = qkv(1, 4, 1, n, 128, torch.bfloat16, seed=5)
+    plan = random_plan(1, 4, 1, n, 128, 256, p=0.0, seed=5)
+    check(q, k, v, to_device(plan), perm_mode="persistent")
+    dense = plan.to_dense()
+    rows = torch.arange(dense.shape[-2])
+    drop = rows % 2 == 1
+    dense[..., rows[drop], rows[drop]] = False
+    cols = torch.arange(dense.shape[-1])
+    num = dense.sum(-1, dtype=torch.int32)
+    idx = torch.where(dense, cols, cols + dense.shape[-1]).sort(-1).indices.to(torch.int32)
+    check(q, k, v, to_device(PermutedBlockMask(plan.perm, num, idx, 128, 256, n)), perm_mode="persistent")
+
+
+@needs_hopper
+def test_persistent_row_chunk_writes_only_its_rows():
+    n = 1100
+    q, k, v = qkv(1, 4, 2, n, 64, torch.bfloat16, seed=9)
+    plan = to_device(random_plan(1, 4, 2, n, 128, 256, p=0.4, seed=9))
+    whole = A.pbs_attention(q, k, v, plan, perm_mode="persistent")
+    copies = A.copies_for("persistent", k, v, plan.perm)
+    out = torch.full_like(q, float("nan"))
+    r0, r1 = 3, 6
+    part = PermutedBlockMask(plan.perm, plan.kv_num_blocks[:, :, r0:r1].contiguous(),
+                             plan.kv_indices[:, :, r0:r1].contiguous(), 128, 256, n, row_offset=r0)
+    A.pbs_attention(q, k, v, part, perm_mode="persistent", out=out, permuted=copies)
+    rows = slice(r0 * 128, r1 * 128)
+    torch.testing.assert_close(out[:, :, rows], whole[:, :, rows], atol=0, rtol=0)
+    assert out[:, :, : r0 * 128].isnan().all() and out[:, :, r1 * 128 :].isnan().all()
+
+
+@needs_hopper
+def test_persistent_bit_identical_to_itself_and_close_to_ws():
+    """Deterministic (same tiles, same order of blocks) and within bf16 rounding of the "ws" kernel."""
+    q, k, v = qkv(1, 4, 1, 2048, 128, torch.bfloat16, seed=4)
+    plan = to_device(random_plan(1, 4, 1, 2048, 128, 256, p=0.2, seed=4))
+    a = A.pbs_attention(q, k, v, plan, perm_mode="persistent")
+    b = A.pbs_attention(q, k, v, plan, perm_mode="persistent")
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a.float(), A.pbs_attention(q, k, v, plan, perm_mode="ws").float(), atol=2e-2, rtol=0)
+
+
+def test_persistent_refuses_what_it_cannot_run(monkeypatch):
+    """Off Hopper (or for fp32, other head_dims, other block sizes) the mode says what to use instead."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors then pass the Triton path's own check
+    q, k, v = (torch.randn(1, 2, 256, 64) for _ in range(3))
+    plan = random_plan(1, 2, 2, 256, 128, 256, p=0.5)
+    assert not A.persistent_supported(q, 128)
+    with pytest.raises(ValueError, match="perm_mode='auto'"):
+        A.pbs_attention(q.half(), k.half(), v.half(), plan, perm_mode="persistent")
