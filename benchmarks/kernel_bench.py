@@ -42,6 +42,8 @@ VARIANTS = {
     "ws64_s2": ("ws", {"BLOCK_N": 64, "warp_specialize": True, "num_stages": 2}),
     "ws64_s3": ("ws", {"BLOCK_N": 64, "warp_specialize": True, "num_stages": 3}),
     "ws64_s4": ("ws", {"BLOCK_N": 64, "warp_specialize": True, "num_stages": 4}),
+    # the persistent Gluon kernel with two K slots instead of three (head_dim 128)
+    "persistent_k2": ("persistent", {"k_stages": 2, "v_stages": 2}),
 }
 
 

@@ -334,10 +334,11 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _persistent_stages(head_dim: int) -> int:
-    """K/V ring slots of the persistent kernel: what fits the H100's 227 KB of shared memory beside two
-    q buffers (head_dim 128: 2 x 32 KB q + 2 x 64 KB K/V; head_dim 64: 2 x 16 KB + 4 x 32 KB)."""
-    return 2 if head_dim > 64 else 4
+def _persistent_stages(head_dim: int) -> tuple[int, int]:
+    """K and V ring slots of the persistent kernel: what fits the H100's 227 KB of shared memory beside
+    two q buffers (head_dim 128: 2 x 32 KB q + 3 x 32 KB K + 2 x 32 KB V = 224 KB; head_dim 64: 16 KB
+    tiles, 4 + 4). K gets the deeper ring: a K tile is read first in a block's step, V last."""
+    return (3, 2) if head_dim > 64 else (4, 4)
 
 
 def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config):
@@ -366,5 +367,6 @@ def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, s
         KG.pbs_attn_fwd_persistent[grid](
             desc(q), desc(kc), desc(vc), out, num, idx, scale * math.log2(math.e), n, h_q, kc.shape[1], qb0, n_rows,
             n_kb, n_tiles, SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d,
-            STAGES=cfg.get("num_stages", _persistent_stages(d)), num_warps=8)
+            K_STAGES=cfg.get("k_stages", _persistent_stages(d)[0]), V_STAGES=cfg.get("v_stages", _persistent_stages(d)[1]),
+            num_warps=4)
     return out

@@ -55,9 +55,10 @@ def _tile_coords(tile, BH, N_ROWS, QB0):
 
 @gluon.jit
 def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem,
-                    q_ready, q_empty, k_ready, v_ready, kv_empty,
+                    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                     KV_NUM, KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
-                    SEG_BLOCKS: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr):
+                    SEG_BLOCKS: gl.constexpr, BLOCK: gl.constexpr, K_STAGES: gl.constexpr,
+                    V_STAGES: gl.constexpr):
     bh_count = N_TILES // N_ROWS
     group = H_Q // H_C
     c = 0  # K/V loads issued by this program (ring position)
@@ -77,24 +78,39 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem,
             j = gl.load(KV_IDX + row * N_KB + t)
             # permuted half for earlier segments, original half inside the query's own segment
             r = c0 + j * BLOCK + (j >= diag_start).to(gl.int32) * N_CTX
-            s = c % STAGES
-            mbarrier.wait(kv_empty.index(s), ((c // STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            _tma_load(k_desc, [r, 0], k_ready.index(s), k_smem.index(s))
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            _tma_load(v_desc, [r, 0], v_ready.index(s), v_smem.index(s))
+            sk = c % K_STAGES
+            mbarrier.wait(k_empty.index(sk), ((c // K_STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(sk), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [r, 0], k_ready.index(sk), k_smem.index(sk))
+            sv = c % V_STAGES
+            mbarrier.wait(v_empty.index(sv), ((c // V_STAGES) & 1) ^ 1)
+            mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [r, 0], v_ready.index(sv), v_smem.index(sv))
             c += 1
         i += 1
 
 
 @gluon.jit
-def _attend_partition(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty,
+def _softmax_step(qk, m_i, l_i, lim, offs_c, qk_scale):
+    """Online-softmax step for one block of scores qk (ROWS, BLOCK); keys past ``lim`` (per row) are
+    masked. Returns the probabilities, the rescale factor of earlier sums, the new max and sum."""
+    qk = gl.where(gl.expand_dims(offs_c, 0) <= gl.expand_dims(lim, 1), qk, float("-inf"))
+    m_ij = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+    p = gl.exp2(qk * qk_scale - gl.expand_dims(m_ij, 1))
+    alpha = gl.exp2(m_i - m_ij)
+    return p, alpha, m_ij, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _attend_partition(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                       O, KV_NUM, KV_IDX, qk_scale, N_CTX, QB0, N_ROWS, N_KB, N_TILES,
-                      BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                      NUM_WARPS: gl.constexpr):
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                      HALF: gl.constexpr,  # which 64 query rows of each tile this warp group computes
+                      BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr,
+                      V_STAGES: gl.constexpr):
+    ROWS: gl.constexpr = BLOCK // 2
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
@@ -104,53 +120,70 @@ def _attend_partition(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready
     dtype: gl.constexpr = q_smem.dtype
 
     bh_count = N_TILES // N_ROWS
-    offs_r = gl.arange(0, BLOCK, s_rows)
+    offs_r = HALF * ROWS + gl.arange(0, ROWS, s_rows)  # query row within the plan block
     offs_c = gl.arange(0, BLOCK, s_cols)
     offs_d = gl.arange(0, HEAD_DIM, o_cols)
-    zero_s = gl.zeros([BLOCK, BLOCK], gl.float32, s_layout)
+    zero_s = gl.zeros([ROWS, BLOCK], gl.float32, s_layout)
     c = 0
     i = 0
     for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
         qb, bh = _tile_coords(tile, bh_count, N_ROWS, QB0)
         row = bh.to(gl.int64) * N_ROWS + (qb - QB0)
         num = gl.load(KV_NUM + row)
+        # a row's entries ascend, so the diagonal block, when kept, is its last one
+        diag_t = gl.where(gl.load(KV_IDX + row * N_KB + gl.maximum(num - 1, 0)) == qb, num - 1, -1)
         qbuf = i % 2
-        q = q_smem.index(qbuf)
+        q = q_smem.index(qbuf).slice(HALF * ROWS, ROWS)
         mbarrier.wait(q_ready.index(qbuf), (i // 2) & 1)
 
-        m_i = gl.full([BLOCK], -1.0e30, gl.float32, s_rows)
-        l_i = gl.zeros([BLOCK], gl.float32, s_rows)
-        acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_layout)
-        for t in range(num):
-            j = gl.load(KV_IDX + row * N_KB + t)
-            s = c % STAGES
-            phase = (c // STAGES) & 1
-            mbarrier.wait(k_ready.index(s), phase)
-            qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        m_i = gl.full([ROWS], -1.0e30, gl.float32, s_rows)
+        l_i = gl.zeros([ROWS], gl.float32, s_rows)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        if num > 0:
+            # Block t's scores are computed while block t-1's P V product runs on the tensor cores
+            # (FlashAttention-3's overlap within a warp group): QK of block 0 first, then per block t
+            # issue QK_t, issue PV_{t-1}, wait for QK_t only, softmax of block t, wait for PV_{t-1}.
+            sk = c % K_STAGES
+            mbarrier.wait(k_ready.index(sk), (c // K_STAGES) & 1)
+            qk = warpgroup_mma(q, k_smem.index(sk).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
-            # causal mask on the diagonal block only: key i visible to row r when i <= r
-            lim = gl.where(j == qb, offs_r, BLOCK)
-            qk = gl.where(gl.expand_dims(offs_c, 0) <= gl.expand_dims(lim, 1), qk, float("-inf"))
-            m_ij = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-            p = gl.exp2(qk * qk_scale - gl.expand_dims(m_ij, 1))
-            alpha = gl.exp2(m_i - m_ij)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+            _partition_barrier()  # every warp of this group is done with K slot sk
+            mbarrier.arrive(k_empty.index(sk), count=1)
+            p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, gl.where(diag_t == 0, offs_r, BLOCK), offs_c,
+                                               qk_scale)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
-            mbarrier.wait(v_ready.index(s), phase)
-            acc = warpgroup_mma(p_op, v_smem.index(s), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            _partition_barrier()  # both warp groups are done with slot s
-            mbarrier.arrive(kv_empty.index(s), count=1)
-            m_i = m_ij
             c += 1
-        _partition_barrier()  # ... and with this q buffer
+            for t in range(1, num):
+                sk = c % K_STAGES
+                sv = (c - 1) % V_STAGES  # V of the previous block
+                mbarrier.wait(k_ready.index(sk), (c // K_STAGES) & 1)
+                qk = warpgroup_mma(q, k_smem.index(sk).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                mbarrier.wait(v_ready.index(sv), ((c - 1) // V_STAGES) & 1)
+                acc = warpgroup_mma(p_op, v_smem.index(sv), acc, is_async=True)
+                qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))
+                _partition_barrier()  # every warp of this group is done with K slot sk
+                mbarrier.arrive(k_empty.index(sk), count=1)
+                p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, gl.where(t == diag_t, offs_r, BLOCK), offs_c,
+                                                   qk_scale)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                _partition_barrier()  # ... and with V slot sv
+                mbarrier.arrive(v_empty.index(sv), count=1)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                c += 1
+            sv = (c - 1) % V_STAGES
+            mbarrier.wait(v_ready.index(sv), ((c - 1) // V_STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_smem.index(sv), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            _partition_barrier()
+            mbarrier.arrive(v_empty.index(sv), count=1)
+        _partition_barrier()  # ... and with its half of this q buffer
         mbarrier.arrive(q_empty.index(qbuf), count=1)
 
         # rows that saw no key (an empty plan row) write 0
         l_o = gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), o_rows)
         out = acc / gl.expand_dims(l_o, 1)
-        offs_m = qb * BLOCK + gl.arange(0, BLOCK, o_rows)
+        offs_m = qb * BLOCK + HALF * ROWS + gl.arange(0, ROWS, o_rows)
         o_ptrs = O + gl.expand_dims(bh.to(gl.int64) * N_CTX + offs_m, 1) * HEAD_DIM + gl.expand_dims(offs_d, 0)
         gl.store(o_ptrs, out.to(dtype), mask=gl.expand_dims(offs_m, 1) < N_CTX)
         i += 1
@@ -162,32 +195,37 @@ def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX,
                             SEG_BLOCKS: gl.constexpr,  # plan blocks per segment
                             BLOCK: gl.constexpr,  # tokens per plan block = query rows and keys per tile
                             HEAD_DIM: gl.constexpr,
-                            STAGES: gl.constexpr,  # K/V ring slots
-                            num_warps: gl.constexpr):
+                            K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):  # K and V ring slots
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], v_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK, HEAD_DIM], v_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
     for b in gl.static_range(2):
         mbarrier.init(q_ready.index(b), count=1)
-        mbarrier.init(q_empty.index(b), count=1)
-    for s in gl.static_range(STAGES):
+        mbarrier.init(q_empty.index(b), count=2)  # one arrive per consumer warp group
+    for s in gl.static_range(K_STAGES):
         mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(k_empty.index(s), count=2)
+    for s in gl.static_range(V_STAGES):
         mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(kv_empty.index(s), count=1)
+        mbarrier.init(v_empty.index(s), count=2)
     fence_async_shared()
 
     gl.warp_specialize([
-        (_attend_partition, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty,
-                             O, KV_NUM, KV_IDX, qk_scale, N_CTX, QB0, N_ROWS, N_KB, N_TILES,
-                             BLOCK, HEAD_DIM, STAGES, num_warps)),
+        (_attend_partition, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,  # default: 4 warps
+                             O, KV_NUM, KV_IDX, qk_scale, N_CTX, QB0, N_ROWS, N_KB, N_TILES, 0, BLOCK, HEAD_DIM, K_STAGES,
+                             V_STAGES)),
+        (_attend_partition, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
+                             O, KV_NUM, KV_IDX, qk_scale, N_CTX, QB0, N_ROWS, N_KB, N_TILES, 1, BLOCK, HEAD_DIM, K_STAGES,
+                             V_STAGES)),
         (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem,
-                           q_ready, q_empty, k_ready, v_ready, kv_empty,
+                           q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                            KV_NUM, KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
-                           SEG_BLOCKS, BLOCK, STAGES)),
-    ], [1], [24])
+                           SEG_BLOCKS, BLOCK, K_STAGES, V_STAGES)),
+    ], [4, 1], [232, 24])
