@@ -44,6 +44,10 @@ VARIANTS = {
     "ws64_s4": ("ws", {"BLOCK_N": 64, "warp_specialize": True, "num_stages": 4}),
     # the persistent Gluon kernel with two K slots instead of three (head_dim 128)
     "persistent_k2": ("persistent", {"k_stages": 2, "v_stages": 2}),
+    # ... taking tiles from an atomic counter instead of a fixed stride
+    "persistent_dyn": ("persistent", {"dynamic": True}),
+    # ... one tile per program (not persistent: the hardware hands out programs in launch order)
+    "persistent_1tile": ("persistent", {"programs": 1 << 30}),
 }
 
 

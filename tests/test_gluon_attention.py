@@ -41,6 +41,9 @@ def test_persistent_few_programs_many_tiles():
     one = check(q, k, v, plan, perm_mode="persistent", config={"programs": 1})
     many = A.pbs_attention(q, k, v, plan, perm_mode="persistent")
     torch.testing.assert_close(one, many, atol=0, rtol=0)
+    for cfg in ({"dynamic": True}, {"dynamic": True, "programs": 3}, {"programs": 1 << 30}):
+        torch.testing.assert_close(A.pbs_attention(q, k, v, plan, perm_mode="persistent", config=cfg), many,
+                                   atol=0, rtol=0)
 
 
 @needs_hopper

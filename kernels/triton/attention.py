@@ -363,10 +363,12 @@ def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, s
     cfg = config if isinstance(config, dict) else {}
     n_tiles = n_rows * b * h_q
     grid = (max(1, min(n_tiles, cfg.get("programs", _num_sms(q.device.index or 0)))),)
+    dynamic = bool(cfg.get("dynamic", False))
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else num  # num: never read
     with torch.cuda.device(q.device):
         KG.pbs_attn_fwd_persistent[grid](
-            desc(q), desc(kc), desc(vc), out, num, idx, scale * math.log2(math.e), n, h_q, kc.shape[1], qb0, n_rows,
-            n_kb, n_tiles, SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d,
+            desc(q), desc(kc), desc(vc), out, num, idx, counter, scale * math.log2(math.e), n, h_q, kc.shape[1], qb0,
+            n_rows, n_kb, n_tiles, SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d, DYNAMIC=dynamic,
             K_STAGES=cfg.get("k_stages", _persistent_stages(d)[0]), V_STAGES=cfg.get("v_stages", _persistent_stages(d)[1]),
             num_warps=4)
     return out

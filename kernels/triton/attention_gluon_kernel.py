@@ -54,20 +54,26 @@ def _tile_coords(tile, BH, N_ROWS, QB0):
 
 
 @gluon.jit
-def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem,
+def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem,
                     q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                    KV_NUM, KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+                    KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
                     SEG_BLOCKS: gl.constexpr, BLOCK: gl.constexpr, K_STAGES: gl.constexpr,
-                    V_STAGES: gl.constexpr):
+                    V_STAGES: gl.constexpr, DYNAMIC: gl.constexpr):
+    one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     bh_count = N_TILES // N_ROWS
     group = H_Q // H_C
     c = 0  # K/V loads issued by this program (ring position)
     i = 0  # tiles started by this program (q buffer)
-    for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
+    tile = gl.program_id(0)
+    if DYNAMIC:
+        tile = gl.atomic_add(COUNTER, 1)
+    while tile < N_TILES:
         qb, bh = _tile_coords(tile, bh_count, N_ROWS, QB0)
         row = bh.to(gl.int64) * N_ROWS + (qb - QB0)
         qbuf = i % 2
         mbarrier.wait(q_empty.index(qbuf), ((i // 2) & 1) ^ 1)
+        if DYNAMIC:  # the consumers learn the tile from the q buffer's slot, with q
+            tile_smem.index(qbuf).store(gl.full([1], tile, gl.int32, one))
         mbarrier.expect(q_ready.index(qbuf), q_desc.block_type.nbytes)
         _tma_load(q_desc, [bh * N_CTX + qb * BLOCK, 0], q_ready.index(qbuf),
                                         q_smem.index(qbuf))
@@ -88,6 +94,15 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem,
             _tma_load(v_desc, [r, 0], v_ready.index(sv), v_smem.index(sv))
             c += 1
         i += 1
+        if DYNAMIC:
+            tile = gl.atomic_add(COUNTER, 1)
+        else:
+            tile += gl.num_programs(0)
+    if DYNAMIC:  # no tile left: hand the consumers N_TILES, with no q
+        qbuf = i % 2
+        mbarrier.wait(q_empty.index(qbuf), ((i // 2) & 1) ^ 1)
+        tile_smem.index(qbuf).store(gl.full([1], N_TILES, gl.int32, one))
+        mbarrier.arrive(q_ready.index(qbuf), count=1)
 
 
 @gluon.jit
@@ -102,11 +117,11 @@ def _softmax_step(qk, m_i, l_i, lim, offs_c, qk_scale):
 
 
 @gluon.jit
-def _attend_partition(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
+def _attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                       O, KV_NUM, KV_IDX, qk_scale, N_CTX, QB0, N_ROWS, N_KB, N_TILES,
                       HALF: gl.constexpr,  # which 64 query rows of each tile this warp group computes
                       BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr,
-                      V_STAGES: gl.constexpr):
+                      V_STAGES: gl.constexpr, DYNAMIC: gl.constexpr):
     ROWS: gl.constexpr = BLOCK // 2
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK, 16])
@@ -124,9 +139,14 @@ def _attend_partition(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready
     offs_c = gl.arange(0, BLOCK, s_cols)
     offs_d = gl.arange(0, HEAD_DIM, o_cols)
     zero_s = gl.zeros([ROWS, BLOCK], gl.float32, s_layout)
+    one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     c = 0
     i = 0
-    for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
+    tile = gl.program_id(0)
+    if DYNAMIC:
+        mbarrier.wait(q_ready.index(0), 0)
+        tile = gl.max(tile_smem.index(0).load(one), 0)
+    while tile < N_TILES:
         qb, bh = _tile_coords(tile, bh_count, N_ROWS, QB0)
         row = bh.to(gl.int64) * N_ROWS + (qb - QB0)
         num = gl.load(KV_NUM + row)
@@ -134,7 +154,8 @@ def _attend_partition(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready
         diag_t = gl.where(gl.load(KV_IDX + row * N_KB + gl.maximum(num - 1, 0)) == qb, num - 1, -1)
         qbuf = i % 2
         q = q_smem.index(qbuf).slice(HALF * ROWS, ROWS)
-        mbarrier.wait(q_ready.index(qbuf), (i // 2) & 1)
+        if not DYNAMIC:
+            mbarrier.wait(q_ready.index(qbuf), (i // 2) & 1)
 
         m_i = gl.full([ROWS], -1.0e30, gl.float32, s_rows)
         l_i = gl.zeros([ROWS], gl.float32, s_rows)
@@ -187,19 +208,26 @@ def _attend_partition(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready
         o_ptrs = O + gl.expand_dims(bh.to(gl.int64) * N_CTX + offs_m, 1) * HEAD_DIM + gl.expand_dims(offs_d, 0)
         gl.store(o_ptrs, out.to(dtype), mask=gl.expand_dims(offs_m, 1) < N_CTX)
         i += 1
+        if DYNAMIC:
+            mbarrier.wait(q_ready.index(i % 2), (i // 2) & 1)
+            tile = gl.max(tile_smem.index(i % 2).load(one), 0)
+        else:
+            tile += gl.num_programs(0)
 
 
 @gluon.jit
-def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX,
+def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX, COUNTER,
                             qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
                             SEG_BLOCKS: gl.constexpr,  # plan blocks per segment
                             BLOCK: gl.constexpr,  # tokens per plan block = query rows and keys per tile
                             HEAD_DIM: gl.constexpr,
-                            K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):  # K and V ring slots
+                            K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,  # K and V ring slots
+                            DYNAMIC: gl.constexpr):  # tiles from an atomic counter (COUNTER, zeroed), else a stride
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK, HEAD_DIM], v_desc.layout)
+    tile_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
@@ -218,14 +246,14 @@ def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX,
     fence_async_shared()
 
     gl.warp_specialize([
-        (_attend_partition, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,  # default: 4 warps
+        (_attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,  # default: 4 warps
                              O, KV_NUM, KV_IDX, qk_scale, N_CTX, QB0, N_ROWS, N_KB, N_TILES, 0, BLOCK, HEAD_DIM, K_STAGES,
-                             V_STAGES)),
-        (_attend_partition, (q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
+                             V_STAGES, DYNAMIC)),
+        (_attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                              O, KV_NUM, KV_IDX, qk_scale, N_CTX, QB0, N_ROWS, N_KB, N_TILES, 1, BLOCK, HEAD_DIM, K_STAGES,
-                             V_STAGES)),
-        (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem,
+                             V_STAGES, DYNAMIC)),
+        (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem,
                            q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                           KV_NUM, KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
-                           SEG_BLOCKS, BLOCK, K_STAGES, V_STAGES)),
+                           KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+                           SEG_BLOCKS, BLOCK, K_STAGES, V_STAGES, DYNAMIC)),
     ], [4, 1], [232, 24])
