@@ -54,55 +54,93 @@ def _tile_coords(tile, BH, N_ROWS, QB0):
 
 
 @gluon.jit
-def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem,
-                    q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                    KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
-                    SEG_BLOCKS: gl.constexpr, BLOCK: gl.constexpr, K_STAGES: gl.constexpr,
-                    V_STAGES: gl.constexpr, DYNAMIC: gl.constexpr):
+def _plan_row(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, SEG_BLOCKS: gl.constexpr):
+    """For a tile: its query block and batch-head, its plan row (index, kept-block count), the first
+    block of the query's own segment and the first K/V copy row of its head."""
+    qb, bh = _tile_coords(tile, N_TILES // N_ROWS, N_ROWS, QB0)
+    row = bh.to(gl.int64) * N_ROWS + (qb - QB0)
+    diag_start = (qb // SEG_BLOCKS) * SEG_BLOCKS
+    c0 = ((bh // H_Q) * H_C + (bh % H_Q) // (H_Q // H_C)) * 2 * N_CTX
+    return qb, bh, row, diag_start, c0
+
+
+@gluon.jit
+def _copy_row(KV_IDX, row, t, N_KB, diag_start, c0, N_CTX, BLOCK: gl.constexpr):
+    """First K/V copy row of the row's t-th kept block: the permuted half for earlier segments, the
+    original half inside the query's own segment."""
+    j = gl.load(KV_IDX + row * N_KB + t)
+    return c0 + j * BLOCK + (j >= diag_start).to(gl.int32) * N_CTX
+
+
+@gluon.jit
+def _load_q_k_partition(q_desc, k_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
+                        KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+                        SEG_BLOCKS: gl.constexpr, BLOCK: gl.constexpr, K_STAGES: gl.constexpr,
+                        DYNAMIC: gl.constexpr):
+    """One warp: picks the tiles (a stride, or an atomic counter whose values it passes on in
+    ``tile_smem``), loads each tile's q and the K tiles of its kept blocks."""
     one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    bh_count = N_TILES // N_ROWS
-    group = H_Q // H_C
-    c = 0  # K/V loads issued by this program (ring position)
+    c = 0  # K tiles loaded by this program (ring position)
     i = 0  # tiles started by this program (q buffer)
     tile = gl.program_id(0)
     if DYNAMIC:
         tile = gl.atomic_add(COUNTER, 1)
     while tile < N_TILES:
-        qb, bh = _tile_coords(tile, bh_count, N_ROWS, QB0)
-        row = bh.to(gl.int64) * N_ROWS + (qb - QB0)
+        qb, bh, row, diag_start, c0 = _plan_row(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, SEG_BLOCKS)
         qbuf = i % 2
         mbarrier.wait(q_empty.index(qbuf), ((i // 2) & 1) ^ 1)
-        if DYNAMIC:  # the consumers learn the tile from the q buffer's slot, with q
+        if DYNAMIC:  # the other partitions learn the tile from the q buffer's slot, with q
             tile_smem.index(qbuf).store(gl.full([1], tile, gl.int32, one))
         mbarrier.expect(q_ready.index(qbuf), q_desc.block_type.nbytes)
-        _tma_load(q_desc, [bh * N_CTX + qb * BLOCK, 0], q_ready.index(qbuf),
-                                        q_smem.index(qbuf))
-        num = gl.load(KV_NUM + row)
-        diag_start = (qb // SEG_BLOCKS) * SEG_BLOCKS
-        c0 = ((bh // H_Q) * H_C + (bh % H_Q) // group) * 2 * N_CTX  # first row of the copy head
-        for t in range(num):
-            j = gl.load(KV_IDX + row * N_KB + t)
-            # permuted half for earlier segments, original half inside the query's own segment
-            r = c0 + j * BLOCK + (j >= diag_start).to(gl.int32) * N_CTX
-            sk = c % K_STAGES
-            mbarrier.wait(k_empty.index(sk), ((c // K_STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(sk), k_desc.block_type.nbytes)
-            _tma_load(k_desc, [r, 0], k_ready.index(sk), k_smem.index(sk))
-            sv = c % V_STAGES
-            mbarrier.wait(v_empty.index(sv), ((c // V_STAGES) & 1) ^ 1)
-            mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
-            _tma_load(v_desc, [r, 0], v_ready.index(sv), v_smem.index(sv))
+        _tma_load(q_desc, [bh * N_CTX + qb * BLOCK, 0], q_ready.index(qbuf), q_smem.index(qbuf))
+        for t in range(gl.load(KV_NUM + row)):
+            r = _copy_row(KV_IDX, row, t, N_KB, diag_start, c0, N_CTX, BLOCK)
+            s = c % K_STAGES
+            mbarrier.wait(k_empty.index(s), ((c // K_STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [r, 0], k_ready.index(s), k_smem.index(s))
             c += 1
         i += 1
         if DYNAMIC:
             tile = gl.atomic_add(COUNTER, 1)
         else:
             tile += gl.num_programs(0)
-    if DYNAMIC:  # no tile left: hand the consumers N_TILES, with no q
+    if DYNAMIC:  # no tile left: hand the other partitions N_TILES, with no q
         qbuf = i % 2
         mbarrier.wait(q_empty.index(qbuf), ((i // 2) & 1) ^ 1)
         tile_smem.index(qbuf).store(gl.full([1], N_TILES, gl.int32, one))
         mbarrier.arrive(q_ready.index(qbuf), count=1)
+
+
+@gluon.jit
+def _load_v_partition(v_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
+                      KV_NUM, KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+                      SEG_BLOCKS: gl.constexpr, BLOCK: gl.constexpr, V_STAGES: gl.constexpr,
+                      DYNAMIC: gl.constexpr):
+    """One warp: loads the V tiles of each tile's kept blocks, in its own ring, so that K loads run
+    ahead of V loads (a V slot frees later than a K slot: after the P V product)."""
+    one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    c = 0
+    i = 0
+    tile = gl.program_id(0)
+    if DYNAMIC:
+        mbarrier.wait(q_ready.index(0), 0)
+        tile = gl.max(tile_smem.index(0).load(one), 0)
+    while tile < N_TILES:
+        qb, bh, row, diag_start, c0 = _plan_row(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, SEG_BLOCKS)
+        for t in range(gl.load(KV_NUM + row)):
+            r = _copy_row(KV_IDX, row, t, N_KB, diag_start, c0, N_CTX, BLOCK)
+            s = c % V_STAGES
+            mbarrier.wait(v_empty.index(s), ((c // V_STAGES) & 1) ^ 1)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [r, 0], v_ready.index(s), v_smem.index(s))
+            c += 1
+        i += 1
+        if DYNAMIC:
+            mbarrier.wait(q_ready.index(i % 2), (i // 2) & 1)
+            tile = gl.max(tile_smem.index(i % 2).load(one), 0)
+        else:
+            tile += gl.num_programs(0)
 
 
 @gluon.jit
@@ -252,8 +290,10 @@ def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX, COUNTER,
         (_attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                              O, KV_NUM, KV_IDX, qk_scale, N_CTX, QB0, N_ROWS, N_KB, N_TILES, 1, BLOCK, HEAD_DIM, K_STAGES,
                              V_STAGES, DYNAMIC)),
-        (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, tile_smem,
-                           q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                           KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
-                           SEG_BLOCKS, BLOCK, K_STAGES, V_STAGES, DYNAMIC)),
-    ], [4, 1], [232, 24])
+        (_load_q_k_partition, (q_desc, k_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
+                               KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+                               SEG_BLOCKS, BLOCK, K_STAGES, DYNAMIC)),
+        (_load_v_partition, (v_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
+                             KV_NUM, KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+                             SEG_BLOCKS, BLOCK, V_STAGES, DYNAMIC)),
+    ], [4, 1, 1], [232, 24, 24])
