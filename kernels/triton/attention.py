@@ -26,7 +26,8 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3, "persistent": 4}
 # Default way of reading permuted keys: "auto" picks "ws" on Hopper for head_dim 128 and 128-token
 # blocks, else "remap" for short sequences and "tma" for long ones (BENCHMARKS.md, "Attention kernel
-# (H100)"); PBS_PERM_MODE=remap|gather|tma|ws overrides it.
+# (H100)"); PBS_PERM_MODE=remap|gather|tma|ws|persistent overrides it. "auto" never picks
+# "persistent" (yet): measured faster at 32K and with every block kept, slower at 128K and 10-40%.
 DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "auto")
 # Sequence length from which "auto" reads permuted keys from a copy through TMA instead of remapping
 # (when "ws" does not apply). Measured on an H100 (bf16, 128-token blocks, fourth session, with the
@@ -158,7 +159,7 @@ def permuted_copy(x: torch.Tensor, perm: torch.Tensor, with_original: bool = Fal
 
 def copies_for(mode: str, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor):
     """What ``pbs_attention(..., permuted=)`` takes for read mode ``mode`` (None for "remap"): the
-    permuted copies of k and v, with their original-order halves for "ws"."""
+    permuted copies of k and v, with their original-order halves for "ws" and "persistent"."""
     if mode == "remap":
         return None
     return tuple(permuted_copy(x, perm, with_original=mode in ("ws", "persistent")) for x in (k, v))
@@ -209,13 +210,15 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     perm_mode: how permuted keys are read: "remap" (through ``plan.perm`` inside the kernel, no
         copy), "gather" (one permuted copy of K/V, contiguous tiles), "tma" (the copy, read with
         tensor descriptors), "ws" (the warp-specialized kernel ``attention_ws_kernel``, reading a copy
-        with original-order halves) or "auto" (``choose_perm_mode``). Default ``DEFAULT_PERM_MODE``.
+        with original-order halves), "persistent" (the same copy read by the persistent Gluon kernel
+        ``attention_gluon_kernel``; Hopper, fp16/bf16, 128-token blocks; opt-in) or "auto"
+        (``choose_perm_mode``). Default ``DEFAULT_PERM_MODE``.
     config: tile config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}; None = the measured
         default (``_default_config``); "autotune" = tune on CUDA over ``_cuda_configs`` (also when
         ``PBS_AUTOTUNE=1``), once per plan block, head_dim and row-length bucket.
     out: optional contiguous (B, H_q, N, D) tensor of q's dtype to write into.
     permuted: the copies ``copies_for(mode, k, v, plan.perm)`` when the caller already has them (row
-        chunks of one plan share them); used by "gather", "tma" and "ws".
+        chunks of one plan share them); used by "gather", "tma", "ws" and "persistent".
     Returns (B, H_q, N, D) in q's dtype.
     """
     if not supports(q):
@@ -343,7 +346,10 @@ def _persistent_stages(head_dim: int) -> tuple[int, int]:
 
 def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config):
     """``attention_gluon_kernel.pbs_attn_fwd_persistent`` over plan rows qb0 .. qb0 + n_rows - 1: one
-    program per SM, descriptors built here once per call."""
+    program per SM, descriptors built here once per call. ``config`` (benchmarks, tests): "programs"
+    (grid size; more than the tiles = one tile per program), "dynamic" (tiles from an atomic counter,
+    default True: it measured faster than a fixed stride on the H100, BENCHMARKS.md), "k_stages",
+    "v_stages"."""
     if not persistent_supported(q, bs):
         raise ValueError("perm_mode 'persistent' needs a Hopper GPU, fp16/bf16, head_dim 64 or 128 and 128-token "
                          f"plan blocks; got {q.dtype} head_dim={q.shape[-1]} block={bs} on {q.device}: use "
@@ -363,7 +369,7 @@ def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, s
     cfg = config if isinstance(config, dict) else {}
     n_tiles = n_rows * b * h_q
     grid = (max(1, min(n_tiles, cfg.get("programs", _num_sms(q.device.index or 0)))),)
-    dynamic = bool(cfg.get("dynamic", False))
+    dynamic = bool(cfg.get("dynamic", True))
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else num  # num: never read
     with torch.cuda.device(q.device):
         KG.pbs_attn_fwd_persistent[grid](

@@ -1,30 +1,34 @@
 """Persistent, warp-specialized block-sparse causal attention forward for Hopper (Gluon, kernel only).
 
 The computation of ``attention_ws_kernel.pbs_attn_fwd_ws`` (same inputs: q, the K/V copies with
-original-order halves, the compressed plan), written in Triton's Gluon dialect so that the schedule is
-ours rather than the compiler's:
+original-order halves, the compressed plan), written in Triton's Gluon dialect, so that the schedule
+is written out here instead of left to the compiler's automatic warp specialization:
 
-- **persistent**: one program per SM walks the tiles (query block, batch-head) in a fixed order,
-  latest query blocks (the longest rows) first, tile ``pid``, ``pid + programs``, ...; the query heads
-  of a GQA group are neighbours in that order, so their key tiles come from L2;
-- **warp-specialized**: a one-warp loader partition issues every TMA load (q into two buffers, K and
-  V into a ring of ``STAGES`` slots), the default partition (two warp groups, 64 query rows each) runs
-  the tensor-core math and the online softmax;
-- **overlapped tile changes**: the loader fetches the next tile's q and first key blocks while the
-  default partition finishes the current tile and writes its output, which is the fixed cost per tile
-  that weighs on short plan rows (few kept blocks) in the non-persistent kernels.
+- **persistent**: one program per SM walks tiles (query block, batch-head), latest query blocks (the
+  longest rows) first. Tiles come either from an atomic counter (``DYNAMIC``, the launcher's default:
+  a program takes the next tile when it is ready for one) or by a fixed stride (pid, pid + programs, ...);
+- **warp-specialized**, four partitions: two consumer warp groups (64 query rows of each tile each:
+  tensor-core products and online softmax), one warp loading q (two buffers) and K (a ring of
+  ``K_STAGES`` slots), one warp loading V (``V_STAGES`` slots), all through TMA;
+- **overlap inside a consumer** (as in FlashAttention-3): block t's QKᵀ is issued before block t-1's PV
+  and the softmax of block t runs while that PV is on the tensor cores;
+- **overlap across tiles**: the loaders fetch the next tile's q and first blocks while the consumers
+  finish a tile and write its output, the fixed per-tile cost that weighs on rows with few kept blocks.
 
 Synchronisation: mbarriers with phase parity. ``*_ready`` barriers complete when a TMA load lands
-(expect-tx); ``*_empty`` barriers complete when the default partition has finished reading a buffer
-(one arrive after a partition-wide barrier, since an arrive comes from a single thread). The loader
-waits on an ``empty`` barrier with the opposite parity first, so fresh buffers count as free.
+(expect-tx); ``*_empty`` barriers complete when both consumer groups have finished reading a buffer
+(one arrive per group, after a barrier over the group's warps, since an arrive comes from one thread).
+Loaders wait on an ``empty`` barrier with the opposite parity first, so fresh buffers count as free.
+With ``DYNAMIC``, the q+K loader writes each tile index into ``tile_smem`` beside the q buffer and
+the other partitions read it once that q buffer is ready; the index N_TILES (with no q) ends them.
 
 Softmax in base 2 with the log2(e)-folded scale; the diagonal block (j == qb, a row's last entry when
 kept) gets the token-level causal mask, as in ``attention_ws_kernel``.
 
 Shapes: q_desc over Q viewed (B * H_q * N, D); k_desc, v_desc over KC, VC viewed (B * H_c * 2N, D);
 all with [BLOCK, D] blocks. O (B, H_q, N, D) contiguous; KV_NUM (B, H_q, R); KV_IDX (B, H_q, R, N_kb)
-for plan rows QB0 .. QB0 + R - 1. N_TILES = R * B * H_q.
+for plan rows QB0 .. QB0 + R - 1; COUNTER one zeroed int32 (read only with DYNAMIC).
+N_TILES = R * B * H_q.
 """
 
 from __future__ import annotations
