@@ -14,9 +14,11 @@ compiled ``flex_attention`` with an equivalent ``BlockMask`` (K/V permuted up fr
 timing, and a mask_mod with the causal rule on original positions), and our kernels in their ways of
 reading permuted keys: remap (through perm inside the kernel), gather (a permuted copy of K/V, timed
 with the kernel), tma (the copy, read with tensor descriptors), ws (the warp-specialized kernel
-reading a copy with original-order halves, timed with it), the benchmark-only ws variants of
-``VARIANTS`` (e.g. ws_plain: without warp specialization), auto (the launcher's default rule). Modes without a --configs entry use the
-launcher's default tile config.
+reading a copy with original-order halves, timed with it), persistent (the persistent Gluon kernel
+reading the same copy), the benchmark-only variants of ``VARIANTS`` (e.g. ws_plain: without warp
+specialization; persistent_1tile: one tile per program), auto (the launcher's default rule). Modes
+without a --configs entry use the launcher's default tile config. ``--kernel-only`` adds, for every
+copying mode, its time with the copies made beforehand (MODE/k) and the copy's own time (MODE/copy).
 """
 
 from __future__ import annotations
