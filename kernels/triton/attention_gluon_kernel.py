@@ -77,6 +77,49 @@ def _copy_row(KV_IDX, row, t, N_KB, diag_start, c0, N_CTX, BLOCK: gl.constexpr):
 
 
 @gluon.jit
+def _load_row_blocks(desc, smem, ready, empty, c, KV_IDX, row, num, N_KB, diag_start, c0, N_CTX,
+                     BLOCK: gl.constexpr, STAGES: gl.constexpr):
+    """TMA-load the ``num`` kept blocks of a plan row through ``desc`` into the ring ``smem`` (slot
+    free: ``empty``; landed: ``ready``), from ring position ``c``; returns the next position."""
+    for t in range(num):
+        r = _copy_row(KV_IDX, row, t, N_KB, diag_start, c0, N_CTX, BLOCK)
+        s = c % STAGES
+        mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(s), desc.block_type.nbytes)
+        _tma_load(desc, [r, 0], ready.index(s), smem.index(s))
+        c += 1
+    return c
+
+
+@gluon.jit
+def _shared_tile(tile_smem, q_ready, i, layout: gl.constexpr):
+    """With the counter order: the tile index the q+K loader wrote for this program's i-th tile, read
+    once that q buffer is ready (N_TILES: no tile left)."""
+    mbarrier.wait(q_ready.index(i % 2), (i // 2) & 1)
+    return gl.max(tile_smem.index(i % 2).load(layout), 0)
+
+
+@gluon.jit
+def _first_tile(tile_smem, q_ready, layout: gl.constexpr, DYNAMIC: gl.constexpr):
+    """This program's first tile, for a partition that follows the q+K loader."""
+    tile = gl.program_id(0)
+    if DYNAMIC:
+        tile = _shared_tile(tile_smem, q_ready, 0, layout)
+    return tile
+
+
+@gluon.jit
+def _next_tile(tile, i, tile_smem, q_ready, layout: gl.constexpr, DYNAMIC: gl.constexpr):
+    """The tile after ``tile`` for a partition that follows the q+K loader; i: the next tile's number
+    in this program."""
+    if DYNAMIC:
+        tile = _shared_tile(tile_smem, q_ready, i, layout)
+    else:
+        tile += gl.num_programs(0)
+    return tile
+
+
+@gluon.jit
 def _load_q_k_partition(q_desc, k_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
                         KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
                         SEG_BLOCKS: gl.constexpr, BLOCK: gl.constexpr, K_STAGES: gl.constexpr,
@@ -97,13 +140,8 @@ def _load_q_k_partition(q_desc, k_desc, q_smem, k_smem, tile_smem, q_ready, q_em
             tile_smem.index(qbuf).store(gl.full([1], tile, gl.int32, one))
         mbarrier.expect(q_ready.index(qbuf), q_desc.block_type.nbytes)
         _tma_load(q_desc, [bh * N_CTX + qb * BLOCK, 0], q_ready.index(qbuf), q_smem.index(qbuf))
-        for t in range(gl.load(KV_NUM + row)):
-            r = _copy_row(KV_IDX, row, t, N_KB, diag_start, c0, N_CTX, BLOCK)
-            s = c % K_STAGES
-            mbarrier.wait(k_empty.index(s), ((c // K_STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            _tma_load(k_desc, [r, 0], k_ready.index(s), k_smem.index(s))
-            c += 1
+        c = _load_row_blocks(k_desc, k_smem, k_ready, k_empty, c, KV_IDX, row, gl.load(KV_NUM + row), N_KB,
+                             diag_start, c0, N_CTX, BLOCK, K_STAGES)
         i += 1
         if DYNAMIC:
             tile = gl.atomic_add(COUNTER, 1)
@@ -126,25 +164,13 @@ def _load_v_partition(v_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
     one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     c = 0
     i = 0
-    tile = gl.program_id(0)
-    if DYNAMIC:
-        mbarrier.wait(q_ready.index(0), 0)
-        tile = gl.max(tile_smem.index(0).load(one), 0)
+    tile = _first_tile(tile_smem, q_ready, one, DYNAMIC)
     while tile < N_TILES:
         qb, bh, row, diag_start, c0 = _plan_row(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, SEG_BLOCKS)
-        for t in range(gl.load(KV_NUM + row)):
-            r = _copy_row(KV_IDX, row, t, N_KB, diag_start, c0, N_CTX, BLOCK)
-            s = c % V_STAGES
-            mbarrier.wait(v_empty.index(s), ((c // V_STAGES) & 1) ^ 1)
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            _tma_load(v_desc, [r, 0], v_ready.index(s), v_smem.index(s))
-            c += 1
+        c = _load_row_blocks(v_desc, v_smem, v_ready, v_empty, c, KV_IDX, row, gl.load(KV_NUM + row), N_KB,
+                             diag_start, c0, N_CTX, BLOCK, V_STAGES)
         i += 1
-        if DYNAMIC:
-            mbarrier.wait(q_ready.index(i % 2), (i // 2) & 1)
-            tile = gl.max(tile_smem.index(i % 2).load(one), 0)
-        else:
-            tile += gl.num_programs(0)
+        tile = _next_tile(tile, i, tile_smem, q_ready, one, DYNAMIC)
 
 
 @gluon.jit
@@ -184,10 +210,7 @@ def _attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_rea
     one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     c = 0
     i = 0
-    tile = gl.program_id(0)
-    if DYNAMIC:
-        mbarrier.wait(q_ready.index(0), 0)
-        tile = gl.max(tile_smem.index(0).load(one), 0)
+    tile = _first_tile(tile_smem, q_ready, one, DYNAMIC)
     while tile < N_TILES:
         qb, bh = _tile_coords(tile, bh_count, N_ROWS, QB0)
         row = bh.to(gl.int64) * N_ROWS + (qb - QB0)
@@ -250,11 +273,7 @@ def _attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_rea
         o_ptrs = O + gl.expand_dims(bh.to(gl.int64) * N_CTX + offs_m, 1) * HEAD_DIM + gl.expand_dims(offs_d, 0)
         gl.store(o_ptrs, out.to(dtype), mask=gl.expand_dims(offs_m, 1) < N_CTX)
         i += 1
-        if DYNAMIC:
-            mbarrier.wait(q_ready.index(i % 2), (i // 2) & 1)
-            tile = gl.max(tile_smem.index(i % 2).load(one), 0)
-        else:
-            tile += gl.num_programs(0)
+        tile = _next_tile(tile, i, tile_smem, q_ready, one, DYNAMIC)
 
 
 @gluon.jit
