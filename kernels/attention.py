@@ -58,6 +58,18 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     return reference.block_sparse_attention(q, k, v, plan, scale)
 
 
+def attention_kernel(q: torch.Tensor, block_size: int) -> str:
+    """The implementation ``pbs_attention`` runs for q (B, H_q, N, D) with ``block_size``-token plans:
+    "reference" (the PyTorch twin) or "triton/MODE", MODE being the Triton read mode (remap, gather,
+    tma, ws, persistent; ``PBS_PERM_MODE`` or the "auto" rule). Reads only shapes and the device."""
+    if use_triton(q):
+        from .triton import attention as fast
+
+        if fast.supports(q):
+            return "triton/" + fast.resolve_perm_mode(q.shape[2], block_size, q)
+    return "reference"
+
+
 def plan_chunk_rows(q: torch.Tensor, config: PBSConfig, budget: int = PLAN_CHUNK_BYTES) -> int | None:
     """Query blocks per row chunk when q's whole plan index table (int32, B x H_q x N_qb x N_kb)
     would exceed ``budget`` bytes and the fused GPU path can plan and attend in row chunks (Triton

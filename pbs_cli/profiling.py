@@ -30,6 +30,8 @@ Numbers per record (all times in ms; spread = quartiles and min/max over the rep
 - ``rel_l2_error``: ``||out - dense||_2 / ||dense||_2`` against one dense output (``error_vs``).
 - ``recall_mean``/``recall_min``: share of the full causal attention mass (softmax over all keys) that
   the kept blocks cover, over sampled query rows and all heads.
+- ``kernel`` (pbs rows): the attention implementation that ran, "reference" or "triton/MODE" with the
+  Triton read mode (``pbs_kernels.attention.attention_kernel``; ``PBS_PERM_MODE`` overrides the rule).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from pbs_kernels import PBSConfig, reference
-from pbs_kernels.attention import pbs_attention
+from pbs_kernels.attention import attention_kernel, pbs_attention
 from pbs_kernels.block_mask import PermutedBlockMask
 from pbs_kernels.graphs import LayerGraphs
 from pbs_kernels.graphs import enabled as graphs_enabled
@@ -61,7 +63,8 @@ SPARSE_BACKENDS = ("pbs", "flex", "reference")
 RESULT_FIELDS = (
     "seq_len", "layer", "backend", "status", "reason", "median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms",
     "repeats", "permute_ms", "select_ms", "attend_ms", "density", "tflops", "tflops_computed", "speedup",
-    "attend_speedup", "best_dense", "rel_l2_error", "error_vs", "recall_mean", "recall_min", "peak_mem_mib", "notes",
+    "attend_speedup", "best_dense", "rel_l2_error", "error_vs", "recall_mean", "recall_min", "peak_mem_mib", "kernel",
+    "notes",
 )
 
 
@@ -409,7 +412,7 @@ class Profiler:
                               select_ms=t_sel.median_ms, attend_ms=t_att.median_ms,
                               tflops=flops / (t_tot.median_ms * 1e9),
                               tflops_computed=fields["density"] * flops / (t_att.median_ms * 1e9), **fields,
-                              notes=note)
+                              kernel=attention_kernel(q, config.block_size), notes=note)
 
             guarded("pbs", pbs_case)
 

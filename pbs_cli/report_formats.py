@@ -193,6 +193,9 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
         at = (s.get("speedup_at_longest") or {}).get(name)
         tail = f"; {at:.2f}x at the longest length" if at is not None else ""
         lines.append(f"{name} break-even: {format_size(n) if n else 'not reached in this sweep'}{tail}")
+    kernels = dict.fromkeys(r["kernel"] for r in doc.get("results", []) if r.get("backend") == "pbs" and r.get("kernel"))
+    if kernels:
+        lines.append("pbs attention kernel: " + ", ".join(kernels))
     below = (doc.get("pbs") or {}).get("dense_below") or 0
     short = sorted({r["seq_len"] for r in doc.get("results", []) if r.get("backend") == "pbs" and r["seq_len"] < below})
     if short:

@@ -72,6 +72,26 @@ def test_cpu_sweep_lists_dense_and_pbs_with_density_speedup_recall(sweep):
         # on CPU pbs already is the reference path: not timed twice unless named
         assert _rec(doc, n, "reference")["status"] == "skipped" and "same" in _rec(doc, n, "reference")["reason"]
     assert "pbs" in doc["summary"]["break_even"]
+    # the attention implementation that ran: the PyTorch reference on CPU, said once under the table
+    assert {_rec(doc, n, "pbs")["kernel"] for n in (1024, 2048)} == {"reference"}
+    assert "pbs attention kernel: reference" in report_formats.summary_lines(doc)
+
+
+def test_kernel_field_names_the_triton_read_mode(monkeypatch):
+    """With the Triton path (here: forced onto CPU tensors in the interpreter) the pbs record names the
+    read mode that ran: the "auto" rule's choice, or PBS_PERM_MODE's."""
+    from pbs_kernels.triton import attention as fast
+
+    monkeypatch.setenv("PBS_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = synthetic_qkv(1, 4, 2, 512, 64, seed=3, dtype=torch.float16)
+    s = Settings(config=PBSConfig(threshold=0.8, block_size=64, segment_size=128), backends=("pbs",),
+                 iters=1, budget_s=0, recall_rows=8)
+    (rec,) = Profiler(s).run(Case(q, k, v))
+    assert rec["status"] == "ok" and rec["kernel"] == "triton/remap"  # the interpreter's "auto"
+    monkeypatch.setattr(fast, "DEFAULT_PERM_MODE", "gather")
+    (rec,) = Profiler(s).run(Case(q, k, v))
+    assert rec["status"] == "ok" and rec["kernel"] == "triton/gather"
 
 
 def test_density_and_recall_match_an_independent_plan(sweep):
