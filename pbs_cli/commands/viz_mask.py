@@ -191,8 +191,6 @@ def _synthetic(config, head_ids: list[int], n: int, pattern: str, seed: int, dev
 
 
 def _from_model(text: str, model_spec: str, profile, overrides, layer, layers, head, heads, n_tokens, device, dtype):
-    import torch
-
     from .. import mask_analysis, models, presets
     from ..workloads import captured_qkv
 
