@@ -37,3 +37,17 @@ def test_env_table(offline_env):
     assert res.exit_code == 0, res.stderr
     for label in ("torch", "transformers", "triton kernels", "cache dir", "profiles"):
         assert label in res.stdout
+
+
+def test_env_names_the_kernel_settings_in_effect(offline_env, monkeypatch):
+    """The variables that pick or change the kernel (PBS_PERM_MODE, ...) appear when set, and only then."""
+    for name in ("PBS_BACKEND", "PBS_PERM_MODE", "PBS_CUDA_GRAPHS", "PBS_AUTOTUNE"):
+        monkeypatch.delenv(name, raising=False)
+    res = CliRunner().invoke(app, ["env", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["kernel_settings"] == {}
+    monkeypatch.setenv("PBS_PERM_MODE", "persistent")
+    monkeypatch.setenv("PBS_CUDA_GRAPHS", "0")
+    res = CliRunner().invoke(app, ["env", "--json"])
+    assert json.loads(res.stdout)["kernel_settings"] == {"PBS_PERM_MODE": "persistent", "PBS_CUDA_GRAPHS": "0"}
+    res = CliRunner().invoke(app, ["env"], terminal_width=200)
+    assert res.exit_code == 0 and "PBS_PERM_MODE=persistent" in res.stdout

@@ -43,6 +43,10 @@ def triton_status() -> dict[str, Any]:
     return {"usable": False, "why": "no CUDA device; the PyTorch reference runs on CPU", "kernels": kernels}
 
 
+# Environment variables that change which kernel runs or how (README, "Development")
+KERNEL_SETTINGS = ("PBS_BACKEND", "PBS_PERM_MODE", "PBS_CUDA_GRAPHS", "PBS_AUTOTUNE")
+
+
 def collect() -> dict[str, Any]:
     import torch
 
@@ -58,6 +62,7 @@ def collect() -> dict[str, Any]:
     env["default_device"] = device
     env["default_dtype"] = str(models.resolve_dtype("auto", device)).removeprefix("torch.")
     env["triton_kernels"] = triton_status()
+    env["kernel_settings"] = {name: os.environ[name] for name in KERNEL_SETTINGS if name in os.environ}
     embedded = {}
     for key, (display, package, requirement) in models.EMBEDDED.items():
         spec = importlib.util.find_spec(package)
@@ -101,6 +106,9 @@ def command(
     table.add_row("default device", f"{info['default_device']} ({info['default_dtype']})")
     tk = info["triton_kernels"]
     table.add_row("triton kernels", ("usable: " if tk["usable"] else "not used: ") + tk["why"])
+    settings = info["kernel_settings"]
+    table.add_row("kernel settings", ", ".join(f"{k}={v}" for k, v in settings.items()) if settings else
+                  "defaults (" + ", ".join(f"${k}" for k in KERNEL_SETTINGS) + " unset)")
     table.add_row("cpu threads", str(info["cpu_threads"]))
     for entry in info["embedded_models"].values():
         if not entry["installed"]:
