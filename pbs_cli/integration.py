@@ -35,6 +35,7 @@ from typing import Any, Iterator
 import torch
 
 from pbs_kernels import PBSConfig, pbs_prefill_attention
+from pbs_kernels.attention import attention_kernel
 from pbs_kernels.graphs import LayerGraphs
 from pbs_kernels.graphs import enabled as graphs_enabled
 
@@ -57,6 +58,7 @@ class LayerStat:
     batch: int
     _kept: torch.Tensor | None = field(default=None, repr=False)  # lazily synced block count
     _total: int = 0
+    kernel: str | None = None  # sparse calls: the attention implementation that ran (attention_kernel)
 
     @property
     def phase(self) -> str:
@@ -70,7 +72,8 @@ class LayerStat:
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "path": self.path, "reason": self.reason, "phase": self.phase,
-                "seq_len": self.kv_len, "q_len": self.q_len, "batch": self.batch, "density": self.density}
+                "seq_len": self.kv_len, "q_len": self.q_len, "batch": self.batch, "density": self.density,
+                "kernel": self.kernel}
 
 
 class Recorder:
@@ -201,7 +204,8 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             out, plan = pbs_prefill_attention(query, key, value, config, scale=scaling)
     if run is not None:
         run.recorder.add(LayerStat(layer, "pbs", "causal prefill", q_len, key.shape[2], b,
-                                   plan.kv_num_blocks.sum(), plan.causal_blocks()))
+                                   plan.kv_num_blocks.sum(), plan.causal_blocks(),
+                                   attention_kernel(query, config.block_size)))
     return out.transpose(1, 2).contiguous(), None
 
 

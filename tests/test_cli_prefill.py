@@ -51,6 +51,7 @@ def test_json_record_has_the_documented_keys(runner, offline_env, tiny_model_dir
     assert rec["device"] == "cpu" and rec["dtype"] == "float32"
     assert [ly["layer"] for ly in rec["layers"]] == [0, 1]
     assert all(ly["path"] == "pbs" and 0 < ly["density"] < 1 for ly in rec["layers"])
+    assert all(ly["kernel"] == "reference" for ly in rec["layers"])  # the PyTorch twin runs on a CPU
     assert rec["density"] == pytest.approx(sum(ly["density"] for ly in rec["layers"]) / 2)
     assert rec["model"]["kind"] == "directory"
     assert "model:" in res.stderr and "local directory" in res.stderr  # what --model resolved to
@@ -132,6 +133,7 @@ def test_table_output_and_saved_record(runner, offline_env, tiny_model_dir, doc,
     assert res.exit_code == 0, res.stderr
     for label in ("prompt tokens", "prefill time", "tokens/s", "density", "block 16, segment 32"):
         assert label in res.stdout
+    assert "attention kernel" in res.stdout and "reference (sparse layers)" in res.stdout
     saved = json.loads(target.read_text())
     assert saved["prompt_tokens"] == token_count(tiny_model_dir, TEXT)
     # refuses to overwrite without --force, keeps the file

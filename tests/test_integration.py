@@ -91,8 +91,18 @@ def test_sparse_threshold_runs_the_plan_and_records_its_density(monkeypatch):
     (stat,) = run.recorder.prefill_layers()
     assert stat.path == "pbs" and stat.density == pytest.approx(plan.density())
     assert stat.density < 1.0
+    assert stat.kernel == "reference" and stat.to_dict()["kernel"] == "reference"  # what ran, on a CPU
     dense, _ = forward(model, ids, "sdpa")
     assert max_err(sparse, dense.logits) > 1e-4  # blocks were really skipped
+
+
+def test_sparse_layers_record_the_kernel_of_their_own_call(monkeypatch):
+    """The kernel named per layer is asked of the layer's own query and the run's block size."""
+    model = tiny_model(4, 2, layers=2)
+    ids = torch.randint(0, 300, (1, 90), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(integration, "attention_kernel", lambda q, bs: f"spy/{tuple(q.shape)}/{bs}")
+    _, rec = forward(model, ids, integration.NAME, PBSConfig(threshold=0.6, **SMALL))
+    assert [s.kernel for s in rec.prefill_layers()] == ["spy/(1, 4, 90, 16)/16"] * 2
 
 
 def test_decode_runs_dense_and_is_recorded():
@@ -104,7 +114,7 @@ def test_decode_runs_dense_and_is_recorded():
         step = model(out.logits[:, -1:].argmax(-1), use_cache=True, **with_cache(model, out))
     decode = run.recorder.decode_calls()
     assert len(decode) == 2 and all(s.path == "dense" and s.reason.startswith("decode") for s in decode)
-    assert all(s.density is None for s in decode)
+    assert all(s.density is None and s.kernel is None for s in decode)
     assert step.logits.shape == (1, 1, 300)
 
 

@@ -355,6 +355,10 @@ def print_summary(rec: dict[str, Any]) -> None:
     if s["density"] is not None:
         table.add_row("density", f"{rec['density']:.1%} overall; per layer {s['density_min']:.1%} - {s['density_max']:.1%}"
                       f" ({s['sparse_layers']} sparse, {s['dense_layers']} dense)")
+    kernels = sorted({ly["kernel"] for ly in rec["layers"] if ly.get("kernel")})
+    if kernels:
+        table.add_row("attention kernel", ", ".join(kernels) + " (sparse layers; PBS_PERM_MODE overrides the read mode)"
+                      if any(k.startswith("triton/") for k in kernels) else ", ".join(kernels) + " (sparse layers)")
     if rec.get("cuda_graph_layers"):
         table.add_row("CUDA graphs", f"{rec['cuda_graph_layers']} sparse layers replayed from one captured layer "
                       "(PBS_CUDA_GRAPHS=0 turns this off)")
