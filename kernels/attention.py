@@ -50,24 +50,30 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     _check_shapes(q, k, v)
     if plan.seq_len != q.shape[2]:
         raise ValueError(f"plan was built for N={plan.seq_len}, got q with N={q.shape[2]}")
+    fast = triton_attention(q)
+    if fast is not None:
+        return fast.pbs_attention(q, k, v, plan, scale)
+    return reference.block_sparse_attention(q, k, v, plan, scale)
+
+
+def triton_attention(q: torch.Tensor):
+    """The Triton attention module (``pbs_kernels.triton.attention``) when it runs q (B, H_q, N, D):
+    ``backend.use_triton`` chose Triton and the kernel supports q's head_dim, dtype and device; else
+    None (the PyTorch reference runs)."""
     if use_triton(q):
         from .triton import attention as fast
 
         if fast.supports(q):
-            return fast.pbs_attention(q, k, v, plan, scale)
-    return reference.block_sparse_attention(q, k, v, plan, scale)
+            return fast
+    return None
 
 
 def attention_kernel(q: torch.Tensor, block_size: int) -> str:
     """The implementation ``pbs_attention`` runs for q (B, H_q, N, D) with ``block_size``-token plans:
     "reference" (the PyTorch twin) or "triton/MODE", MODE being the Triton read mode (remap, gather,
     tma, ws, persistent; ``PBS_PERM_MODE`` or the "auto" rule). Reads only shapes and the device."""
-    if use_triton(q):
-        from .triton import attention as fast
-
-        if fast.supports(q):
-            return "triton/" + fast.resolve_perm_mode(q.shape[2], block_size, q)
-    return "reference"
+    fast = triton_attention(q)
+    return "reference" if fast is None else "triton/" + fast.resolve_perm_mode(q.shape[2], block_size, q)
 
 
 def plan_chunk_rows(q: torch.Tensor, config: PBSConfig, budget: int = PLAN_CHUNK_BYTES) -> int | None:
@@ -76,11 +82,9 @@ def plan_chunk_rows(q: torch.Tensor, config: PBSConfig, budget: int = PLAN_CHUNK
     attention, the published selection options); None = plan the whole sequence at once."""
     b, h_q, n, _ = q.shape
     n_b = -(-n // config.block_size)
-    if 4 * b * h_q * n_b * n_b <= budget or not use_triton(q) or config.beyond_published():
+    if 4 * b * h_q * n_b * n_b <= budget or config.beyond_published() or triton_attention(q) is None:
         return None
-    from .triton import attention as fast
-
-    return max(1, budget // (4 * b * h_q * n_b)) if fast.supports(q) else None
+    return max(1, budget // (4 * b * h_q * n_b))
 
 
 def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,

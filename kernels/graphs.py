@@ -60,11 +60,10 @@ class LayerGraphs:
         """True where a call can be captured: the Triton attention on CUDA, with the published
         selection options (their GPU path never synchronizes with the host) and no autotuning (which
         times candidates from the host)."""
-        from .backend import use_triton
-        from .triton import attention as fast
+        from .attention import triton_attention
 
-        return (q.is_cuda and use_triton(q) and fast.supports(q) and not config.beyond_published()
-                and os.environ.get("PBS_AUTOTUNE", "0") in ("", "0"))
+        fast = triton_attention(q)
+        return q.is_cuda and fast is not None and not config.beyond_published() and not fast.autotune_requested()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,
                  scale: float | None = None) -> tuple[torch.Tensor, PermutedBlockMask]:

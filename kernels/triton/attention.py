@@ -42,6 +42,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotune_requested() -> bool:
+    """``PBS_AUTOTUNE=1``: tile configs autotuned on CUDA instead of the measured defaults."""
+    return os.environ.get("PBS_AUTOTUNE", "0") not in ("", "0")
+
+
 def supports(q: torch.Tensor) -> bool:
     """True when the Triton kernel handles q (B, H_q, N, D): head_dim 64 or 128, and either a CUDA
     tensor in fp16/bf16/fp32 or, under ``TRITON_INTERPRET=1``, a CPU tensor in fp16/fp32 (bf16 is
@@ -240,6 +245,9 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
                          f"{-(-n // bs)})")
     mode_name = resolve_perm_mode(plan.seq_len, bs, q, perm_mode)
     mode = PERM_MODES[mode_name]
+    if mode_name == "persistent" and not persistent_supported(q, bs):
+        raise ValueError("perm_mode 'persistent' needs a Hopper GPU, fp16/bf16, head_dim 64 or 128 and 128-token "
+                         f"plan blocks; got {q.dtype} head_dim={d} block={bs} on {q.device}: use perm_mode='auto'")
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -270,7 +278,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     consts = dict(PLAN_BLOCK=bs, SEG_BLOCKS=seg_blocks, SEG_POW2=triton.next_power_of_2(seg_blocks),
                   HEAD_DIM=d, PERM_MODE=mode, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
-    if config is None and os.environ.get("PBS_AUTOTUNE", "0") not in ("", "0"):
+    if config is None and autotune_requested():
         config = "autotune"
     if config is not None and config != "autotune" and not isinstance(config, dict):
         raise ValueError(f'config must be a dict of tile sizes, "autotune" or None, got {config!r}')
@@ -328,7 +336,7 @@ def _launch_ws(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_block
 def persistent_supported(q: torch.Tensor, block_size: int) -> bool:
     """Whether the persistent Gluon kernel (``attention_gluon_kernel``) runs q (B, H_q, N, D): a Hopper
     GPU, fp16/bf16, head_dim 64 or 128, 128-token plan blocks."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128)
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in SUPPORTED_HEAD_DIMS
             and block_size == 128 and _is_hopper(q.device.index or 0))
 
 
@@ -346,14 +354,11 @@ def _persistent_stages(head_dim: int) -> tuple[int, int]:
 
 def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config):
     """``attention_gluon_kernel.pbs_attn_fwd_persistent`` over plan rows qb0 .. qb0 + n_rows - 1: one
-    program per SM, descriptors built here once per call. ``config`` (benchmarks, tests): "programs"
+    program per SM, descriptors built here once per call; ``pbs_attention`` has checked
+    ``persistent_supported``. ``config`` (benchmarks, tests): "programs"
     (grid size; more than the tiles = one tile per program), "dynamic" (tiles from an atomic counter,
     default True: it measured faster than a fixed stride on the H100, BENCHMARKS.md), "k_stages",
     "v_stages"."""
-    if not persistent_supported(q, bs):
-        raise ValueError("perm_mode 'persistent' needs a Hopper GPU, fp16/bf16, head_dim 64 or 128 and 128-token "
-                         f"plan blocks; got {q.dtype} head_dim={q.shape[-1]} block={bs} on {q.device}: use "
-                         "perm_mode='auto'")
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -370,11 +375,11 @@ def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, s
     n_tiles = n_rows * b * h_q
     grid = (max(1, min(n_tiles, cfg.get("programs", _num_sms(q.device.index or 0)))),)
     dynamic = bool(cfg.get("dynamic", True))
+    k_stages, v_stages = _persistent_stages(d)
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else num  # num: never read
     with torch.cuda.device(q.device):
         KG.pbs_attn_fwd_persistent[grid](
             desc(q), desc(kc), desc(vc), out, num, idx, counter, scale * math.log2(math.e), n, h_q, kc.shape[1], qb0,
             n_rows, n_kb, n_tiles, SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d, DYNAMIC=dynamic,
-            K_STAGES=cfg.get("k_stages", _persistent_stages(d)[0]), V_STAGES=cfg.get("v_stages", _persistent_stages(d)[1]),
-            num_warps=4)
+            K_STAGES=cfg.get("k_stages", k_stages), V_STAGES=cfg.get("v_stages", v_stages), num_warps=4)
     return out

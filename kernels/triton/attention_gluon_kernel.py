@@ -51,18 +51,18 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 @gluon.jit
 def _tile_coords(tile, BH, N_ROWS, QB0):
-    """Query block and batch-head of ``tile``: latest query blocks first, batch-heads in order."""
+    """Query block, batch-head and plan row of ``tile``: latest query blocks first, batch-heads in
+    order."""
     qb = QB0 + N_ROWS - 1 - tile // BH
     bh = tile % BH
-    return qb, bh
+    return qb, bh, bh.to(gl.int64) * N_ROWS + (qb - QB0)
 
 
 @gluon.jit
 def _plan_row(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, SEG_BLOCKS: gl.constexpr):
     """For a tile: its query block and batch-head, its plan row (index, kept-block count), the first
     block of the query's own segment and the first K/V copy row of its head."""
-    qb, bh = _tile_coords(tile, N_TILES // N_ROWS, N_ROWS, QB0)
-    row = bh.to(gl.int64) * N_ROWS + (qb - QB0)
+    qb, bh, row = _tile_coords(tile, N_TILES // N_ROWS, N_ROWS, QB0)
     diag_start = (qb // SEG_BLOCKS) * SEG_BLOCKS
     c0 = ((bh // H_Q) * H_C + (bh % H_Q) // (H_Q // H_C)) * 2 * N_CTX
     return qb, bh, row, diag_start, c0
@@ -212,8 +212,7 @@ def _attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_rea
     i = 0
     tile = _first_tile(tile_smem, q_ready, one, DYNAMIC)
     while tile < N_TILES:
-        qb, bh = _tile_coords(tile, bh_count, N_ROWS, QB0)
-        row = bh.to(gl.int64) * N_ROWS + (qb - QB0)
+        qb, bh, row = _tile_coords(tile, bh_count, N_ROWS, QB0)
         num = gl.load(KV_NUM + row)
         # a row's entries ascend, so the diagonal block, when kept, is its last one
         diag_t = gl.where(gl.load(KV_IDX + row * N_KB + gl.maximum(num - 1, 0)) == qb, num - 1, -1)
