@@ -450,6 +450,8 @@ def command(
     models.check_rope_scaling(rope_scaling)
     if rope_scaling != "none" and not beyond_context:
         raise UsageError("--rope-scaling stretches RoPE past the model's trained positions: add --beyond-context")
+    if compile_layers and warmup == 0:
+        raise UsageError("--compile needs --warmup 1 or more: the first forward of each kind compiles")
     dev = models.resolve_device(device)
     config, profile_name = presets.resolve_config(profile, device=dev, **overrides)
     torch_dtype = models.resolve_dtype(dtype, dev)
@@ -495,8 +497,6 @@ def command(
     if rope:
         err.print(f"RoPE: {rope['rope_type']} x{rope['factor']:.3g} over {rope['original_max_position_embeddings']} "
                   "trained positions (--rope-scaling)", highlight=False, markup=False)
-    if compile_layers and warmup == 0:
-        raise UsageError("--compile needs --warmup 1 or more: the first forward of each kind compiles")
     warmup = warmup if warmup is not None else (1 if on_gpu or compile_layers else 0)
     iters = iters if iters is not None else (3 if on_gpu else 1)
 
