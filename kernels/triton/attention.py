@@ -27,7 +27,9 @@ PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3, "persistent": 4}
 # Default way of reading permuted keys: "auto" picks "ws" on Hopper for head_dim 128 and 128-token
 # blocks, else "remap" for short sequences and "tma" for long ones (BENCHMARKS.md, "Attention kernel
 # (H100)"); PBS_PERM_MODE=remap|gather|tma|ws|persistent overrides it. "auto" never picks
-# "persistent" (yet): measured faster at 32K and with every block kept, slower at 128K and 10-40%.
+# "persistent" (yet): on the H100 it was faster than "tma" at 32K for head_dim 64, and than "ws" for
+# head_dim 128 at 32K with 5% or all blocks kept, but 15-21% slower than "ws" at 128K with 5-40%
+# (BENCHMARKS.md, sixth session).
 DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "auto")
 # Sequence length from which "auto" reads permuted keys from a copy through TMA instead of remapping
 # (when "ws" does not apply). Measured on an H100 (bf16, 128-token blocks, fourth session, with the
