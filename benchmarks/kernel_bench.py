@@ -48,6 +48,8 @@ VARIANTS = {
     "persistent_k2": ("persistent", {"k_stages": 2, "v_stages": 2}),
     # ... taking tiles from an atomic counter instead of a fixed stride
     "persistent_dyn": ("persistent", {"dynamic": True}),
+    # ... tiles ordered by query block first (every batch-head of one query block together)
+    "persistent_qorder": ("persistent", {"head_major": False}),
     # ... one tile per program (not persistent: the hardware hands out programs in launch order)
     "persistent_1tile": ("persistent", {"programs": 1 << 30}),
 }

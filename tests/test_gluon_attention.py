@@ -36,13 +36,14 @@ def test_persistent_matches_oracle(dtype, d, b, h_q, h_kv, n):
 def test_persistent_few_programs_many_tiles():
     """Fewer programs than tiles by far (each walks many tiles, wrapping its q buffers and K/V rings
     many times): the result depends neither on the number of programs nor on the tile order (atomic
-    counter, the default, or a fixed stride)."""
+    counter, the default, or a fixed stride; copy head or query block slowest)."""
     q, k, v = qkv(1, 8, 2, 1500, 128, torch.bfloat16, seed=3)
     plan = to_device(random_plan(1, 8, 2, 1500, 128, 256, p=0.3, seed=3))
     one = check(q, k, v, plan, perm_mode="persistent", config={"programs": 1})
     many = A.pbs_attention(q, k, v, plan, perm_mode="persistent")
     torch.testing.assert_close(one, many, atol=0, rtol=0)
-    for cfg in ({"dynamic": False}, {"dynamic": False, "programs": 3}, {"programs": 3}, {"programs": 1 << 30}):
+    for cfg in ({"dynamic": False}, {"dynamic": False, "programs": 3}, {"programs": 3}, {"programs": 1 << 30},
+                {"head_major": False}, {"head_major": False, "dynamic": False, "programs": 3}):
         torch.testing.assert_close(A.pbs_attention(q, k, v, plan, perm_mode="persistent", config=cfg), many,
                                    atol=0, rtol=0)
 

@@ -19,8 +19,10 @@ Synchronisation: mbarriers with phase parity. ``*_ready`` barriers complete when
 (expect-tx); ``*_empty`` barriers complete when both consumer groups have finished reading a buffer
 (one arrive per group, after a barrier over the group's warps, since an arrive comes from one thread).
 Loaders wait on an ``empty`` barrier with the opposite parity first, so fresh buffers count as free.
-With ``DYNAMIC``, the q+K loader writes each tile index into ``tile_smem`` beside the q buffer and
-the other partitions read it once that q buffer is ready; the index N_TILES (with no q) ends them.
+The q+K loader alone picks tiles and reads the plan's row lengths: it writes each tile's index, kept-
+block count and diagonal position into ``tile_smem`` beside the q buffer, and the other partitions
+read them once that q buffer is ready (no global load on the consumers' path); the index N_TILES
+(with no q) ends them.
 
 Softmax in base 2 with the log2(e)-folded scale; the diagonal block (j == qb, a row's last entry when
 kept) gets the token-level causal mask, as in ``attention_ws_kernel``.
@@ -50,19 +52,29 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @gluon.jit
-def _tile_coords(tile, BH, N_ROWS, QB0):
-    """Query block, batch-head and plan row of ``tile``: latest query blocks first, batch-heads in
-    order."""
-    qb = QB0 + N_ROWS - 1 - tile // BH
-    bh = tile % BH
+def _tile_coords(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HEAD_MAJOR: gl.constexpr):
+    """Query block, batch-head and plan row of ``tile``, latest query blocks (longest rows) first.
+    HEAD_MAJOR: the tiles of one copy head (its H_q / H_c query heads, all query blocks) run together,
+    so the programs working at one time read one copy head's K/V, and scattered kept blocks come from
+    L2 more often; else each query block's tiles of every batch-head run together."""
+    if HEAD_MAJOR:
+        group = H_Q // H_C
+        per_head = N_ROWS * group
+        r = tile % per_head
+        qb = QB0 + N_ROWS - 1 - r // group
+        bh = (tile // per_head) * group + r % group
+    else:
+        bh_count = N_TILES // N_ROWS
+        qb = QB0 + N_ROWS - 1 - tile // bh_count
+        bh = tile % bh_count
     return qb, bh, bh.to(gl.int64) * N_ROWS + (qb - QB0)
 
 
 @gluon.jit
-def _plan_row(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, SEG_BLOCKS: gl.constexpr):
+def _plan_row(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, SEG_BLOCKS: gl.constexpr, HEAD_MAJOR: gl.constexpr):
     """For a tile: its query block and batch-head, its plan row (index, kept-block count), the first
     block of the query's own segment and the first K/V copy row of its head."""
-    qb, bh, row = _tile_coords(tile, N_TILES // N_ROWS, N_ROWS, QB0)
+    qb, bh, row = _tile_coords(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HEAD_MAJOR)
     diag_start = (qb // SEG_BLOCKS) * SEG_BLOCKS
     c0 = ((bh // H_Q) * H_C + (bh % H_Q) // (H_Q // H_C)) * 2 * N_CTX
     return qb, bh, row, diag_start, c0
@@ -92,85 +104,78 @@ def _load_row_blocks(desc, smem, ready, empty, c, KV_IDX, row, num, N_KB, diag_s
 
 
 @gluon.jit
-def _shared_tile(tile_smem, q_ready, i, layout: gl.constexpr):
-    """With the counter order: the tile index the q+K loader wrote for this program's i-th tile, read
-    once that q buffer is ready (N_TILES: no tile left)."""
+def _send_tile(tile_smem, qbuf, tile, num, diag_t, layout: gl.constexpr):
+    """The q+K loader's word to the other partitions about the tile in q buffer ``qbuf``: its index
+    (N_TILES: no tile left), its kept-block count and the position of its diagonal block (-1: none)."""
+    k = gl.arange(0, 4, layout)
+    tile_smem.index(qbuf).store(gl.where(k == 0, tile, gl.where(k == 1, num, diag_t)))
+
+
+@gluon.jit
+def _received_tile(tile_smem, q_ready, i, layout: gl.constexpr):
+    """(tile, num, diag_t) of this program's i-th tile, read once its q buffer is ready."""
     mbarrier.wait(q_ready.index(i % 2), (i // 2) & 1)
-    return gl.max(tile_smem.index(i % 2).load(layout), 0)
-
-
-@gluon.jit
-def _first_tile(tile_smem, q_ready, layout: gl.constexpr, DYNAMIC: gl.constexpr):
-    """This program's first tile, for a partition that follows the q+K loader."""
-    tile = gl.program_id(0)
-    if DYNAMIC:
-        tile = _shared_tile(tile_smem, q_ready, 0, layout)
-    return tile
-
-
-@gluon.jit
-def _next_tile(tile, i, tile_smem, q_ready, layout: gl.constexpr, DYNAMIC: gl.constexpr):
-    """The tile after ``tile`` for a partition that follows the q+K loader; i: the next tile's number
-    in this program."""
-    if DYNAMIC:
-        tile = _shared_tile(tile_smem, q_ready, i, layout)
-    else:
-        tile += gl.num_programs(0)
-    return tile
+    meta = tile_smem.index(i % 2).load(layout)
+    k = gl.arange(0, 4, layout)
+    return (gl.sum(gl.where(k == 0, meta, 0), 0), gl.sum(gl.where(k == 1, meta, 0), 0),
+            gl.sum(gl.where(k == 2, meta, 0), 0))
 
 
 @gluon.jit
 def _load_q_k_partition(q_desc, k_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
                         KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
                         SEG_BLOCKS: gl.constexpr, BLOCK: gl.constexpr, K_STAGES: gl.constexpr,
-                        DYNAMIC: gl.constexpr):
-    """One warp: picks the tiles (a stride, or an atomic counter whose values it passes on in
-    ``tile_smem``), loads each tile's q and the K tiles of its kept blocks."""
-    one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+                        DYNAMIC: gl.constexpr, HEAD_MAJOR: gl.constexpr):
+    """One warp: picks the tiles (a stride, or an atomic counter), reads each tile's plan row length
+    and diagonal position once and hands them with the tile index to the other partitions
+    (``tile_smem``, beside the q buffer), loads the tile's q and the K tiles of its kept blocks."""
+    meta_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     c = 0  # K tiles loaded by this program (ring position)
     i = 0  # tiles started by this program (q buffer)
     tile = gl.program_id(0)
     if DYNAMIC:
         tile = gl.atomic_add(COUNTER, 1)
     while tile < N_TILES:
-        qb, bh, row, diag_start, c0 = _plan_row(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, SEG_BLOCKS)
+        qb, bh, row, diag_start, c0 = _plan_row(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, SEG_BLOCKS, HEAD_MAJOR)
+        num = gl.load(KV_NUM + row)
+        # a row's entries ascend, so the diagonal block, when kept, is its last one
+        diag_t = gl.where(gl.load(KV_IDX + row * N_KB + gl.maximum(num - 1, 0)) == qb, num - 1, -1)
         qbuf = i % 2
         mbarrier.wait(q_empty.index(qbuf), ((i // 2) & 1) ^ 1)
-        if DYNAMIC:  # the other partitions learn the tile from the q buffer's slot, with q
-            tile_smem.index(qbuf).store(gl.full([1], tile, gl.int32, one))
+        _send_tile(tile_smem, qbuf, tile, num, diag_t, meta_layout)
         mbarrier.expect(q_ready.index(qbuf), q_desc.block_type.nbytes)
         _tma_load(q_desc, [bh * N_CTX + qb * BLOCK, 0], q_ready.index(qbuf), q_smem.index(qbuf))
-        c = _load_row_blocks(k_desc, k_smem, k_ready, k_empty, c, KV_IDX, row, gl.load(KV_NUM + row), N_KB,
+        c = _load_row_blocks(k_desc, k_smem, k_ready, k_empty, c, KV_IDX, row, num, N_KB,
                              diag_start, c0, N_CTX, BLOCK, K_STAGES)
         i += 1
         if DYNAMIC:
             tile = gl.atomic_add(COUNTER, 1)
         else:
             tile += gl.num_programs(0)
-    if DYNAMIC:  # no tile left: hand the other partitions N_TILES, with no q
-        qbuf = i % 2
-        mbarrier.wait(q_empty.index(qbuf), ((i // 2) & 1) ^ 1)
-        tile_smem.index(qbuf).store(gl.full([1], N_TILES, gl.int32, one))
-        mbarrier.arrive(q_ready.index(qbuf), count=1)
+    # no tile left: hand the other partitions N_TILES, with no q
+    qbuf = i % 2
+    mbarrier.wait(q_empty.index(qbuf), ((i // 2) & 1) ^ 1)
+    _send_tile(tile_smem, qbuf, N_TILES, 0, -1, meta_layout)
+    mbarrier.arrive(q_ready.index(qbuf), count=1)
 
 
 @gluon.jit
 def _load_v_partition(v_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
-                      KV_NUM, KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+                      KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
                       SEG_BLOCKS: gl.constexpr, BLOCK: gl.constexpr, V_STAGES: gl.constexpr,
-                      DYNAMIC: gl.constexpr):
+                      HEAD_MAJOR: gl.constexpr):
     """One warp: loads the V tiles of each tile's kept blocks, in its own ring, so that K loads run
     ahead of V loads (a V slot frees later than a K slot: after the P V product)."""
-    one: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    meta_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     c = 0
     i = 0
-    tile = _first_tile(tile_smem, q_ready, one, DYNAMIC)
+    tile, num, diag_t = _received_tile(tile_smem, q_ready, 0, meta_layout)
     while tile < N_TILES:
-        qb, bh, row, diag_start, c0 = _plan_row(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, SEG_BLOCKS)
-        c = _load_row_blocks(v_desc, v_smem, v_ready, v_empty, c, KV_IDX, row, gl.load(KV_NUM + row), N_KB,
+        qb, bh, row, diag_start, c0 = _plan_row(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, SEG_BLOCKS, HEAD_MAJOR)
+        c = _load_row_blocks(v_desc, v_smem, v_ready, v_empty, c, KV_IDX, row, num, N_KB,
                              diag_start, c0, N_CTX, BLOCK, V_STAGES)
         i += 1
-        tile = _next_tile(tile, i, tile_smem, q_ready, one, DYNAMIC)
+        tile, num, diag_t = _received_tile(tile_smem, q_ready, i, meta_layout)
 
 
 @gluon.jit
@@ -186,10 +191,10 @@ def _softmax_step(qk, m_i, l_i, lim, offs_c, qk_scale):
 
 @gluon.jit
 def _attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                      O, KV_NUM, KV_IDX, qk_scale, N_CTX, QB0, N_ROWS, N_KB, N_TILES,
+                      O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES,
                       HALF: gl.constexpr,  # which 64 query rows of each tile this warp group computes
                       BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr,
-                      V_STAGES: gl.constexpr, DYNAMIC: gl.constexpr):
+                      V_STAGES: gl.constexpr, HEAD_MAJOR: gl.constexpr):
     ROWS: gl.constexpr = BLOCK // 2
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK, 16])
@@ -202,24 +207,18 @@ def _attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_rea
     o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
     dtype: gl.constexpr = q_smem.dtype
 
-    bh_count = N_TILES // N_ROWS
     offs_r = HALF * ROWS + gl.arange(0, ROWS, s_rows)  # query row within the plan block
     offs_c = gl.arange(0, BLOCK, s_cols)
     offs_d = gl.arange(0, HEAD_DIM, o_cols)
     zero_s = gl.zeros([ROWS, BLOCK], gl.float32, s_layout)
-    one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    meta_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     c = 0
     i = 0
-    tile = _first_tile(tile_smem, q_ready, one, DYNAMIC)
+    tile, num, diag_t = _received_tile(tile_smem, q_ready, 0, meta_layout)  # q of the tile is ready too
     while tile < N_TILES:
-        qb, bh, row = _tile_coords(tile, bh_count, N_ROWS, QB0)
-        num = gl.load(KV_NUM + row)
-        # a row's entries ascend, so the diagonal block, when kept, is its last one
-        diag_t = gl.where(gl.load(KV_IDX + row * N_KB + gl.maximum(num - 1, 0)) == qb, num - 1, -1)
+        qb, bh, row = _tile_coords(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HEAD_MAJOR)
         qbuf = i % 2
         q = q_smem.index(qbuf).slice(HALF * ROWS, ROWS)
-        if not DYNAMIC:
-            mbarrier.wait(q_ready.index(qbuf), (i // 2) & 1)
 
         m_i = gl.full([ROWS], -1.0e30, gl.float32, s_rows)
         l_i = gl.zeros([ROWS], gl.float32, s_rows)
@@ -272,7 +271,7 @@ def _attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_rea
         o_ptrs = O + gl.expand_dims(bh.to(gl.int64) * N_CTX + offs_m, 1) * HEAD_DIM + gl.expand_dims(offs_d, 0)
         gl.store(o_ptrs, out.to(dtype), mask=gl.expand_dims(offs_m, 1) < N_CTX)
         i += 1
-        tile = _next_tile(tile, i, tile_smem, q_ready, one, DYNAMIC)
+        tile, num, diag_t = _received_tile(tile_smem, q_ready, i, meta_layout)
 
 
 @gluon.jit
@@ -282,12 +281,13 @@ def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX, COUNTER,
                             BLOCK: gl.constexpr,  # tokens per plan block = query rows and keys per tile
                             HEAD_DIM: gl.constexpr,
                             K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,  # K and V ring slots
-                            DYNAMIC: gl.constexpr):  # tiles from an atomic counter (COUNTER, zeroed), else a stride
+                            DYNAMIC: gl.constexpr,  # tiles from an atomic counter (COUNTER, zeroed), else a stride
+                            HEAD_MAJOR: gl.constexpr):  # tile order: copy head slowest (see _tile_coords)
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK, HEAD_DIM], v_desc.layout)
-    tile_smem = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    tile_smem = gl.allocate_shared_memory(gl.int32, [2, 4], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
@@ -307,15 +307,15 @@ def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX, COUNTER,
 
     gl.warp_specialize([
         (_attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,  # default: 4 warps
-                             O, KV_NUM, KV_IDX, qk_scale, N_CTX, QB0, N_ROWS, N_KB, N_TILES, 0, BLOCK, HEAD_DIM, K_STAGES,
-                             V_STAGES, DYNAMIC)),
+                             O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 0, BLOCK, HEAD_DIM, K_STAGES,
+                             V_STAGES, HEAD_MAJOR)),
         (_attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                             O, KV_NUM, KV_IDX, qk_scale, N_CTX, QB0, N_ROWS, N_KB, N_TILES, 1, BLOCK, HEAD_DIM, K_STAGES,
-                             V_STAGES, DYNAMIC)),
+                             O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 1, BLOCK, HEAD_DIM, K_STAGES,
+                             V_STAGES, HEAD_MAJOR)),
         (_load_q_k_partition, (q_desc, k_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
                                KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
-                               SEG_BLOCKS, BLOCK, K_STAGES, DYNAMIC)),
+                               SEG_BLOCKS, BLOCK, K_STAGES, DYNAMIC, HEAD_MAJOR)),
         (_load_v_partition, (v_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
-                             KV_NUM, KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
-                             SEG_BLOCKS, BLOCK, V_STAGES, DYNAMIC)),
+                             KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+                             SEG_BLOCKS, BLOCK, V_STAGES, HEAD_MAJOR)),
     ], [4, 1, 1], [232, 24, 24])
