@@ -25,11 +25,13 @@ needs_hopper = pytest.mark.skipif(not HOPPER, reason="the persistent Gluon kerne
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("b,h_q,h_kv,n", [(1, 4, 1, 600), (2, 2, 2, 512), (1, 8, 1, 1000), (1, 3, 1, 130)])
-def test_persistent_matches_oracle(dtype, d, b, h_q, h_kv, n):
-    """Odd and whole lengths, batch 2, GQA 1/2/8; 128-token blocks, segments of two blocks."""
+@pytest.mark.parametrize("flat", [False, True])
+def test_persistent_matches_oracle(dtype, d, b, h_q, h_kv, n, flat):
+    """Odd and whole lengths, batch 2, GQA 1/2/8; 128-token blocks, segments of two blocks; both
+    consumer loops."""
     q, k, v = qkv(b, h_q, h_kv, n, d, dtype, seed=n)
     plan = to_device(random_plan(b, h_q, h_kv, n, 128, 256, p=0.5, seed=n))
-    check(q, k, v, plan, perm_mode="persistent")
+    check(q, k, v, plan, perm_mode="persistent", config={"flat": flat})
 
 
 @needs_hopper
@@ -43,7 +45,8 @@ def test_persistent_few_programs_many_tiles():
     many = A.pbs_attention(q, k, v, plan, perm_mode="persistent")
     torch.testing.assert_close(one, many, atol=0, rtol=0)
     for cfg in ({"dynamic": False}, {"dynamic": False, "programs": 3}, {"programs": 3}, {"programs": 1 << 30},
-                {"head_major": False}, {"head_major": False, "dynamic": False, "programs": 3}):
+                {"head_major": False}, {"head_major": False, "dynamic": False, "programs": 3},
+                {"flat": True}, {"flat": True, "programs": 1}, {"flat": True, "dynamic": False, "programs": 3}):
         torch.testing.assert_close(A.pbs_attention(q, k, v, plan, perm_mode="persistent", config=cfg), many,
                                    atol=0, rtol=0)
 
@@ -63,6 +66,28 @@ def test_persistent_only_forced_blocks_and_dropped_diagonals():
     num = dense.sum(-1, dtype=torch.int32)
     idx = torch.where(dense, cols, cols + dense.shape[-1]).sort(-1).indices.to(torch.int32)
     check(q, k, v, to_device(PermutedBlockMask(plan.perm, num, idx, 128, 256, n)), perm_mode="persistent")
+
+
+@needs_hopper
+@pytest.mark.parametrize("flat", [False, True])
+def test_persistent_empty_rows_write_zeros(flat):
+    """Plan rows without any kept block (a user's plan may have them) write zeros: every third query
+    block, and all of one head (long runs of such tiles, and the last tiles of the programs). The
+    other rows are bit for bit those of the same plan with those rows kept."""
+    n = 1500
+    q, k, v = qkv(1, 4, 1, n, 128, torch.bfloat16, seed=6)
+    plan = to_device(random_plan(1, 4, 1, n, 128, 256, p=0.3, seed=6))
+    empty = torch.zeros(plan.kv_num_blocks.shape, dtype=torch.bool, device=q.device)
+    empty[..., ::3] = True
+    empty[:, 1] = True
+    part = PermutedBlockMask(plan.perm, plan.kv_num_blocks.masked_fill(empty, 0), plan.kv_indices, 128, 256, n)
+    cfg = {"flat": flat, "programs": 3}
+    whole = A.pbs_attention(q, k, v, plan, perm_mode="persistent", config=cfg)
+    out = torch.full_like(q, float("nan"))
+    A.pbs_attention(q, k, v, part, perm_mode="persistent", config=cfg, out=out)
+    rows = empty.repeat_interleave(128, -1)[..., :n]
+    assert (out[rows] == 0).all()
+    torch.testing.assert_close(out[~rows], whole[~rows], atol=0, rtol=0)
 
 
 @needs_hopper

@@ -99,7 +99,7 @@ for d in (64, 128):
     k_stages, v_stages = A._persistent_stages(d)
     for dynamic in (True, False):
         consts = dict(SEG_BLOCKS=2, BLOCK=128, HEAD_DIM=d, K_STAGES=k_stages, V_STAGES=v_stages, DYNAMIC=dynamic,
-                      HEAD_MAJOR=True)
+                      HEAD_MAJOR=True, FLAT=False)
         sig = {"q_desc": desc, "k_desc": desc, "v_desc": desc, "O": "*bf16", "KV_NUM": "*i32", "KV_IDX": "*i32",
                "COUNTER": "*i32", "qk_scale": "fp32",
                **{n: "i32" for n in ("N_CTX", "H_Q", "H_C", "QB0", "N_ROWS", "N_KB", "N_TILES")},

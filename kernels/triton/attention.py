@@ -360,7 +360,8 @@ def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, s
     ``persistent_supported``. ``config`` (benchmarks, tests): "programs"
     (grid size; more than the tiles = one tile per program), "dynamic" (tiles from an atomic counter,
     default True: it measured faster than a fixed stride on the H100, BENCHMARKS.md), "head_major"
-    (tile order with the copy head slowest, default True; False: query block slowest), "k_stages",
+    (tile order with the copy head slowest, default True; False: query block slowest), "flat"
+    (consumers overlap a tile's first block with the previous tile's last, default False), "k_stages",
     "v_stages"."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -384,5 +385,5 @@ def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, s
         KG.pbs_attn_fwd_persistent[grid](
             desc(q), desc(kc), desc(vc), out, num, idx, counter, scale * math.log2(math.e), n, h_q, kc.shape[1], qb0,
             n_rows, n_kb, n_tiles, SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d, DYNAMIC=dynamic,
-            HEAD_MAJOR=bool(cfg.get("head_major", True)), K_STAGES=cfg.get("k_stages", k_stages), V_STAGES=cfg.get("v_stages", v_stages), num_warps=4)
+            HEAD_MAJOR=bool(cfg.get("head_major", True)), FLAT=bool(cfg.get("flat", False)), K_STAGES=cfg.get("k_stages", k_stages), V_STAGES=cfg.get("v_stages", v_stages), num_warps=4)
     return out

@@ -275,6 +275,144 @@ def _attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_rea
 
 
 @gluon.jit
+def _store_tile(O, acc, l_i, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF: gl.constexpr,
+                BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, HEAD_MAJOR: gl.constexpr):
+    """Writes a consumer group's 64 output rows of ``tile``: acc (ROWS, HEAD_DIM) / l_i (ROWS); rows
+    that saw no key (l_i == 0) write 0."""
+    ROWS: gl.constexpr = BLOCK // 2
+    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    o_cols: gl.constexpr = gl.SliceLayout(0, acc.type.layout)
+    qb, bh, row = _tile_coords(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HEAD_MAJOR)
+    l_o = gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), o_rows)
+    out = acc / gl.expand_dims(l_o, 1)
+    offs_m = qb * BLOCK + HALF * ROWS + gl.arange(0, ROWS, o_rows)
+    offs_d = gl.arange(0, HEAD_DIM, o_cols)
+    o_ptrs = O + gl.expand_dims(bh.to(gl.int64) * N_CTX + offs_m, 1) * HEAD_DIM + gl.expand_dims(offs_d, 0)
+    gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=gl.expand_dims(offs_m, 1) < N_CTX)
+
+
+@gluon.jit
+def _release(empty, s):
+    """This consumer group's arrive on ``empty[s]``, once every warp of the group is done with it."""
+    _partition_barrier()
+    mbarrier.arrive(empty.index(s), count=1)
+
+
+@gluon.jit
+def _first_kept(tile, num, diag_t, i, tile_smem, q_ready, q_empty, O, zero_o, zero_l, N_CTX, H_Q, H_C, QB0,
+                N_ROWS, N_TILES, HALF: gl.constexpr, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr,
+                HEAD_MAJOR: gl.constexpr, meta_layout: gl.constexpr):
+    """From this program's i-th tile (already received) on: writes zeros for tiles without kept blocks,
+    releasing their q buffers, and returns (tile, num, diag_t, i) of the first with any (N_TILES: none)."""
+    while (tile < N_TILES) & (num == 0):
+        _release(q_empty, i % 2)
+        _store_tile(O, zero_o, zero_l, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM,
+                    HEAD_MAJOR)
+        i += 1
+        tile, num, diag_t = _received_tile(tile_smem, q_ready, i, meta_layout)
+    return tile, num, diag_t, i
+
+
+@gluon.jit
+def _attend_flat_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
+                           O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES,
+                           HALF: gl.constexpr,  # which 64 query rows of each tile this warp group computes
+                           BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr,
+                           V_STAGES: gl.constexpr, HEAD_MAJOR: gl.constexpr):
+    """The consumer loop over one stream of kept blocks, across tiles: each step issues the next block's
+    QKᵀ (of this tile, or block 0 of the next tile), then the current block's P V, and runs the next
+    block's softmax while that P V is on the tensor cores; at a tile's end the output is written then.
+    So a tile's first QKᵀ and softmax overlap the previous tile's last P V, as within a tile."""
+    ROWS: gl.constexpr = BLOCK // 2
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    dtype: gl.constexpr = q_smem.dtype
+    meta_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+
+    offs_r = HALF * ROWS + gl.arange(0, ROWS, s_rows)  # query row within the plan block
+    offs_c = gl.arange(0, BLOCK, s_cols)
+    zero_s = gl.zeros([ROWS, BLOCK], gl.float32, s_layout)
+    zero_o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    zero_l = gl.zeros([ROWS], gl.float32, s_rows)
+    m_init = gl.full([ROWS], -1.0e30, gl.float32, s_rows)
+
+    i = gl.to_tensor(0)  # tiles of this program so far (a tensor: it changes in _first_kept's loop)
+    tile, num, diag_t = _received_tile(tile_smem, q_ready, i, meta_layout)
+    tile, num, diag_t, i = _first_kept(tile, num, diag_t, i, tile_smem, q_ready, q_empty, O, zero_o, zero_l, N_CTX,
+                                       H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, HEAD_MAJOR, meta_layout)
+    if tile < N_TILES:
+        # block 0 of the first tile, alone
+        mbarrier.wait(k_ready.index(0), 0)
+        qk0 = warpgroup_mma(q_smem.index(i % 2).slice(HALF * ROWS, ROWS), k_smem.index(0).permute((1, 0)), zero_s,
+                            use_acc=False, is_async=True)
+        qk0 = warpgroup_mma_wait(num_outstanding=0, deps=(qk0,))
+        _release(k_empty, 0)
+        p0, alpha0, m_i, l_i = _softmax_step(qk0, m_init, zero_l, gl.where(diag_t == 0, offs_r, BLOCK), offs_c,
+                                             qk_scale)
+        p_op = gl.convert_layout(p0.to(dtype), p_layout)
+        acc = zero_o
+        t = 0  # position in its tile of the block whose P is in p_op
+        c = 1  # ring position of the next block
+        while tile < N_TILES:
+            n_tile = tile
+            n_num = num
+            n_diag = diag_t
+            n_i = i
+            n_t = t + 1
+            if n_t == num:  # the next block is the first of the next tile with any
+                _release(q_empty, i % 2)  # this tile's last QKᵀ is done
+                n_tile, n_num, n_diag = _received_tile(tile_smem, q_ready, i + 1, meta_layout)
+                n_tile, n_num, n_diag, n_i = _first_kept(n_tile, n_num, n_diag, i + 1, tile_smem, q_ready, q_empty,
+                                                         O, zero_o, zero_l, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES,
+                                                         HALF, BLOCK, HEAD_DIM, HEAD_MAJOR, meta_layout)
+                n_t = 0
+            sv = (c - 1) % V_STAGES  # V of the current block
+            if n_tile < N_TILES:
+                sk = c % K_STAGES
+                mbarrier.wait(k_ready.index(sk), (c // K_STAGES) & 1)
+                qk = warpgroup_mma(q_smem.index(n_i % 2).slice(HALF * ROWS, ROWS), k_smem.index(sk).permute((1, 0)),
+                                   zero_s, use_acc=False, is_async=True)
+                mbarrier.wait(v_ready.index(sv), ((c - 1) // V_STAGES) & 1)
+                acc = warpgroup_mma(p_op, v_smem.index(sv), acc, is_async=True)
+                qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))
+                _release(k_empty, sk)
+                l_done = l_i
+                if n_t == 0:  # a new tile: fresh softmax state
+                    m_i = m_init
+                    l_i = zero_l
+                p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, gl.where(n_t == n_diag, offs_r, BLOCK), offs_c,
+                                                   qk_scale)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                _release(v_empty, sv)
+                if n_t == 0:
+                    _store_tile(O, acc, l_done, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM,
+                                HEAD_MAJOR)
+                    acc = zero_o
+                else:
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+            else:  # the last block of the program
+                mbarrier.wait(v_ready.index(sv), ((c - 1) // V_STAGES) & 1)
+                acc = warpgroup_mma(p_op, v_smem.index(sv), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                _release(v_empty, sv)
+                _store_tile(O, acc, l_i, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM,
+                            HEAD_MAJOR)
+            tile = n_tile
+            num = n_num
+            diag_t = n_diag
+            i = n_i
+            t = n_t
+            c += 1
+
+
+@gluon.jit
 def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX, COUNTER,
                             qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
                             SEG_BLOCKS: gl.constexpr,  # plan blocks per segment
@@ -282,7 +420,8 @@ def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX, COUNTER,
                             HEAD_DIM: gl.constexpr,
                             K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,  # K and V ring slots
                             DYNAMIC: gl.constexpr,  # tiles from an atomic counter (COUNTER, zeroed), else a stride
-                            HEAD_MAJOR: gl.constexpr):  # tile order: copy head slowest (see _tile_coords)
+                            HEAD_MAJOR: gl.constexpr,  # tile order: copy head slowest (see _tile_coords)
+                            FLAT: gl.constexpr):  # consumers: one block stream across tiles (_attend_flat_partition)
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK, HEAD_DIM], k_desc.layout)
@@ -305,17 +444,33 @@ def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX, COUNTER,
         mbarrier.init(v_empty.index(s), count=2)
     fence_async_shared()
 
-    gl.warp_specialize([
-        (_attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,  # default: 4 warps
-                             O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 0, BLOCK, HEAD_DIM, K_STAGES,
-                             V_STAGES, HEAD_MAJOR)),
-        (_attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                             O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 1, BLOCK, HEAD_DIM, K_STAGES,
-                             V_STAGES, HEAD_MAJOR)),
-        (_load_q_k_partition, (q_desc, k_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
-                               KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
-                               SEG_BLOCKS, BLOCK, K_STAGES, DYNAMIC, HEAD_MAJOR)),
-        (_load_v_partition, (v_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
-                             KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
-                             SEG_BLOCKS, BLOCK, V_STAGES, HEAD_MAJOR)),
-    ], [4, 1, 1], [232, 24, 24])
+    if FLAT:
+        gl.warp_specialize([
+            (_attend_flat_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,  # default: 4 warps
+                                 O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 0, BLOCK, HEAD_DIM, K_STAGES,
+                                 V_STAGES, HEAD_MAJOR)),
+            (_attend_flat_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
+                                 O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 1, BLOCK, HEAD_DIM, K_STAGES,
+                                 V_STAGES, HEAD_MAJOR)),
+            (_load_q_k_partition, (q_desc, k_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
+                                   KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+                                   SEG_BLOCKS, BLOCK, K_STAGES, DYNAMIC, HEAD_MAJOR)),
+            (_load_v_partition, (v_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
+                                 KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+                                 SEG_BLOCKS, BLOCK, V_STAGES, HEAD_MAJOR)),
+        ], [4, 1, 1], [232, 24, 24])
+    else:
+        gl.warp_specialize([
+            (_attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,  # default: 4 warps
+                                 O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 0, BLOCK, HEAD_DIM, K_STAGES,
+                                 V_STAGES, HEAD_MAJOR)),
+            (_attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
+                                 O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 1, BLOCK, HEAD_DIM, K_STAGES,
+                                 V_STAGES, HEAD_MAJOR)),
+            (_load_q_k_partition, (q_desc, k_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
+                                   KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+                                   SEG_BLOCKS, BLOCK, K_STAGES, DYNAMIC, HEAD_MAJOR)),
+            (_load_v_partition, (v_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
+                                 KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+                                 SEG_BLOCKS, BLOCK, V_STAGES, HEAD_MAJOR)),
+        ], [4, 1, 1], [232, 24, 24])
