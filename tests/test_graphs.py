@@ -15,10 +15,10 @@ ON_GPU = torch.cuda.is_available()
 CFG = PBSConfig(block_size=64, segment_size=128, threshold=0.8, dense_below=0)
 
 
-def layer_inputs(seed: int, device: str, n: int = 700, dtype=torch.float16):
+def layer_inputs(seed: int, device: str, n: int = 700, dtype=torch.float16, d: int = 64):
     """q, k, v as transformers hands them over: (B, H, N, D) views of (B, N, H, D) tensors."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(1, n, h, 64, generator=g).to(dtype).to(device).transpose(1, 2) for h in (8, 2, 2)]
+    return [torch.randn(1, n, h, d, generator=g).to(dtype).to(device).transpose(1, 2) for h in (8, 2, 2)]
 
 
 def same(a, b) -> None:
@@ -37,6 +37,24 @@ def test_replayed_layers_equal_eager_calls():
         got = (got[0].clone(), got[1])  # the graph's output buffer is reused by the next replay
         same(got, pbs_prefill_attention(q, k, v, CFG))
     assert graphs.failed is None and graphs.replays == 4
+    graphs.close()
+
+
+@pytest.mark.skipif(not (ON_GPU and torch.cuda.get_device_capability()[0] == 9), reason="needs a Hopper GPU")
+def test_replayed_layers_equal_eager_calls_persistent_kernel():
+    """The same with the read mode "auto" picks on Hopper for head_dim 128, bf16, 128-token blocks:
+    the persistent Gluon kernel, whose tile counter is zeroed inside the graph at every replay."""
+    from pbs_kernels.attention import attention_kernel
+
+    cfg = PBSConfig(block_size=128, segment_size=256, threshold=0.8, dense_below=0)
+    graphs = LayerGraphs()
+    for seed in range(4):
+        q, k, v = layer_inputs(seed, "cuda", n=1500, dtype=torch.bfloat16, d=128)
+        assert attention_kernel(q, 128, 2) == "triton/persistent"
+        got = graphs(q, k, v, cfg)
+        got = (got[0].clone(), got[1])
+        same(got, pbs_prefill_attention(q, k, v, cfg))
+    assert graphs.failed is None and graphs.replays == 3
     graphs.close()
 
 

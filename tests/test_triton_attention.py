@@ -307,11 +307,11 @@ def test_auto_read_mode_needs_no_plan_values():
     """``auto`` chooses its read mode from shapes and the device alone: on a plan whose tensors hold no
     data (meta device) it still answers, so choosing cannot synchronize with the GPU. Off Hopper (here:
     the meta device) "ws" never applies and the length decides between remap and copy + TMA."""
-    def meta_plan(n, block=128):
+    def meta_plan(n, block=128, h_q=32, h_kv=8):
         nb = -(-n // block)
-        return PermutedBlockMask(torch.empty(1, 8, n, dtype=torch.int32, device="meta"),
-                                 torch.empty(1, 32, nb, dtype=torch.int32, device="meta"),
-                                 torch.empty(1, 32, nb, nb, dtype=torch.int32, device="meta"), block, 256, n)
+        return PermutedBlockMask(torch.empty(1, h_kv, n, dtype=torch.int32, device="meta"),
+                                 torch.empty(1, h_q, nb, dtype=torch.int32, device="meta"),
+                                 torch.empty(1, h_q, nb, nb, dtype=torch.int32, device="meta"), block, 256, n)
 
     q = torch.empty(1, 32, 8, 128, device="meta")
     assert A.choose_perm_mode(meta_plan(8192), q) == "remap"
@@ -320,6 +320,12 @@ def test_auto_read_mode_needs_no_plan_values():
     assert A.choose_perm_mode(meta_plan(131072), q) == "tma"
     if ON_GPU and A._is_hopper(torch.cuda.current_device()):
         on_gpu = torch.empty(1, 32, 8, 128, device=DEVICE)
-        assert A.choose_perm_mode(meta_plan(32768), on_gpu) == "ws"
-        assert A.choose_perm_mode(meta_plan(8192, block=64), on_gpu) == "remap"
+        assert A.choose_perm_mode(meta_plan(32768), on_gpu) == "ws"  # fp32: not the Gluon kernel
+        assert A.choose_perm_mode(meta_plan(32768), on_gpu.bfloat16()) == "persistent"
+        assert A.choose_perm_mode(meta_plan(8192, block=64), on_gpu.bfloat16()) == "remap"
         assert A.choose_perm_mode(meta_plan(131072), on_gpu[..., :64]) == "tma"
+        smol = torch.empty(1, 9, 8, 64, device=DEVICE, dtype=torch.bfloat16)  # SmolLM2: copies of 24 MiB at 32K
+        assert A.copies_fit_l2(smol, 3, 32768) and not A.copies_fit_l2(smol, 3, 131072)
+        assert A.choose_perm_mode(meta_plan(32768, h_q=9, h_kv=3), smol) == "persistent"
+        assert A.choose_perm_mode(meta_plan(131072, h_q=9, h_kv=3), smol) == "tma"
+        assert A.choose_perm_mode(meta_plan(16384, h_q=9, h_kv=3), smol) == "remap"

@@ -24,12 +24,11 @@ from .permute_kernel import _gather_rows_kernel
 SUPPORTED_HEAD_DIMS = (64, 128)
 # 0-2: attention_kernel's PERM_MODE; 3: attention_ws_kernel; 4: attention_gluon_kernel (Hopper only)
 PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3, "persistent": 4}
-# Default way of reading permuted keys: "auto" picks "ws" on Hopper for head_dim 128 and 128-token
-# blocks, else "remap" for short sequences and "tma" for long ones (BENCHMARKS.md, "Attention kernel
-# (H100)"); PBS_PERM_MODE=remap|gather|tma|ws|persistent overrides it. "auto" never picks
-# "persistent" (yet): on the H100 it was faster than "tma" at 32K for head_dim 64, and than "ws" for
-# head_dim 128 at 32K with 5% or all blocks kept, but 15-21% slower than "ws" at 128K with 5-40%
-# (BENCHMARKS.md, sixth session).
+# Default way of reading permuted keys: "auto" picks "persistent" on Hopper (fp16/bf16, 128-token
+# blocks) for head_dim 128, and for head_dim 64 from TMA_MIN_SEQ_LEN on while the K/V copies fit in
+# L2; "ws" for other head_dim-128 Hopper cases (fp32); else "remap" for short sequences and "tma"
+# for long ones (BENCHMARKS.md, "Attention kernel (H100)", seventh session); PBS_PERM_MODE=
+# remap|gather|tma|ws|persistent overrides it.
 DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "auto")
 # Sequence length from which "auto" reads permuted keys from a copy through TMA instead of remapping
 # (when "ws" does not apply). Measured on an H100 (bf16, 128-token blocks, fourth session, with the
@@ -173,12 +172,13 @@ def copies_for(mode: str, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor):
 
 
 def choose_perm_mode(plan: PermutedBlockMask, q: torch.Tensor) -> str:
-    """The "auto" read mode for ``plan`` and queries ``q``: "ws" (warp-specialized kernel) on Hopper
-    for head_dim 128 and 128-token blocks, where it measured fastest, or within 3% of the fastest, at
-    every length and density (BENCHMARKS.md; head_dim 64 runs it without warp specialization, slower
-    than "tma"); otherwise "tma" (permuted copy, descriptor loads) for long sequences, where rows keep
-    many blocks, and "remap" for short ones. Reads only shapes and the device: no host synchronization."""
-    return _auto_mode(plan.seq_len, plan.block_size, q)
+    """The "auto" read mode for ``plan`` and queries ``q``. On Hopper with 128-token blocks:
+    "persistent" (the persistent Gluon kernel; fp16/bf16) for head_dim 128, and for head_dim 64 from
+    ``TMA_MIN_SEQ_LEN`` tokens while the K/V copies fit in L2 (``copies_fit_l2``), where it measured
+    fastest; "ws" (warp-specialized Triton kernel) for head_dim 128 in fp32. Otherwise "tma"
+    (permuted copy, descriptor loads) for long sequences, where rows keep many blocks, and "remap"
+    for short ones (BENCHMARKS.md). Reads only shapes and the device: no host synchronization."""
+    return _auto_mode(plan.seq_len, plan.block_size, q, plan.perm.shape[1])
 
 
 @functools.cache
@@ -186,19 +186,39 @@ def _is_hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9
 
 
-def _auto_mode(seq_len: int, block_size: int, q: torch.Tensor) -> str:
-    if q.is_cuda and q.shape[-1] == 128 and block_size == 128 and _is_hopper(q.device.index or 0):
-        return "ws"
+@functools.cache
+def _l2_bytes(index: int) -> int:
+    return torch.cuda.get_device_properties(index).L2_cache_size
+
+
+def copies_fit_l2(q: torch.Tensor, kv_heads: int, seq_len: int) -> bool:
+    """Whether the permuted K and V copies of all heads (2 x B x kv_heads x seq_len x D elements of
+    q's dtype) fit in the L2 cache of q's GPU. When they do not, the persistent kernel runs the tiles
+    of one K/V head together (``_launch_persistent``'s "head_major"), so that the blocks its programs
+    read at one time come from L2 more often."""
+    copy = 2 * q.shape[0] * kv_heads * seq_len * q.shape[-1] * q.element_size()
+    return copy <= _l2_bytes(q.device.index or 0)
+
+
+def _auto_mode(seq_len: int, block_size: int, q: torch.Tensor, kv_heads: int | None = None) -> str:
+    d = q.shape[-1]
+    if q.is_cuda and block_size == 128 and _is_hopper(q.device.index or 0):
+        if persistent_supported(q, block_size) and (d == 128 or seq_len >= TMA_MIN_SEQ_LEN
+                                                    and copies_fit_l2(q, kv_heads or q.shape[1], seq_len)):
+            return "persistent"
+        if d == 128:
+            return "ws"
     return "tma" if seq_len >= TMA_MIN_SEQ_LEN else "remap"
 
 
-def resolve_perm_mode(seq_len: int, block_size: int, q: torch.Tensor, perm_mode: str | None = None) -> str:
+def resolve_perm_mode(seq_len: int, block_size: int, q: torch.Tensor, perm_mode: str | None = None,
+                      kv_heads: int | None = None) -> str:
     """The read mode ``pbs_attention`` uses for ``perm_mode`` (None: ``DEFAULT_PERM_MODE``; "auto":
     ``choose_perm_mode``'s rule on CUDA, "remap" in the interpreter) on a plan of ``seq_len`` tokens in
     ``block_size``-token blocks."""
     name = perm_mode or DEFAULT_PERM_MODE
     if name == "auto":
-        name = _auto_mode(seq_len, block_size, q) if q.is_cuda else "remap"
+        name = _auto_mode(seq_len, block_size, q, kv_heads) if q.is_cuda else "remap"
     if name not in PERM_MODES:
         raise ValueError(f"perm_mode must be one of {sorted(PERM_MODES) + ['auto']}, got {name!r}")
     return name
@@ -245,7 +265,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         raise ValueError(f"plan shape {tuple(plan.kv_indices.shape)} (rows from {qb0}) does not fit q "
                          f"{tuple(q.shape)} with block_size {bs}: expected ({b}, {h_q}, <= {-(-n // bs)} rows, "
                          f"{-(-n // bs)})")
-    mode_name = resolve_perm_mode(plan.seq_len, bs, q, perm_mode)
+    mode_name = resolve_perm_mode(plan.seq_len, bs, q, perm_mode, h_perm)
     mode = PERM_MODES[mode_name]
     if mode_name == "persistent" and not persistent_supported(q, bs):
         raise ValueError("perm_mode 'persistent' needs a Hopper GPU, fp16/bf16, head_dim 64 or 128 and 128-token "
@@ -360,7 +380,8 @@ def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, s
     ``persistent_supported``. ``config`` (benchmarks, tests): "programs"
     (grid size; more than the tiles = one tile per program), "dynamic" (tiles from an atomic counter,
     default True: it measured faster than a fixed stride on the H100, BENCHMARKS.md), "head_major"
-    (tile order with the copy head slowest, default True; False: query block slowest), "flat"
+    (tile order with the copy head slowest; default: when the copies do not fit in L2,
+    ``copies_fit_l2``; False: query block slowest), "flat"
     (consumers overlap a tile's first block with the previous tile's last, default False), "k_stages",
     "v_stages"."""
     from triton.experimental.gluon import language as gl
@@ -385,5 +406,5 @@ def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, s
         KG.pbs_attn_fwd_persistent[grid](
             desc(q), desc(kc), desc(vc), out, num, idx, counter, scale * math.log2(math.e), n, h_q, kc.shape[1], qb0,
             n_rows, n_kb, n_tiles, SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d, DYNAMIC=dynamic,
-            HEAD_MAJOR=bool(cfg.get("head_major", True)), FLAT=bool(cfg.get("flat", False)), K_STAGES=cfg.get("k_stages", k_stages), V_STAGES=cfg.get("v_stages", v_stages), num_warps=4)
+            HEAD_MAJOR=bool(cfg.get("head_major", not copies_fit_l2(q, kc.shape[1], n))), FLAT=bool(cfg.get("flat", False)), K_STAGES=cfg.get("k_stages", k_stages), V_STAGES=cfg.get("v_stages", v_stages), num_warps=4)
     return out

@@ -299,14 +299,15 @@ def _release(empty, s):
 
 
 @gluon.jit
-def _first_kept(tile, num, diag_t, i, tile_smem, q_ready, q_empty, O, zero_o, zero_l, N_CTX, H_Q, H_C, QB0,
+def _first_kept(tile, num, diag_t, i, tile_smem, q_ready, q_empty, O, N_CTX, H_Q, H_C, QB0,
                 N_ROWS, N_TILES, HALF: gl.constexpr, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr,
-                HEAD_MAJOR: gl.constexpr, meta_layout: gl.constexpr):
+                HEAD_MAJOR: gl.constexpr, meta_layout: gl.constexpr, o_layout: gl.constexpr):
     """From this program's i-th tile (already received) on: writes zeros for tiles without kept blocks,
     releasing their q buffers, and returns (tile, num, diag_t, i) of the first with any (N_TILES: none)."""
     while (tile < N_TILES) & (num == 0):
         _release(q_empty, i % 2)
-        _store_tile(O, zero_o, zero_l, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM,
+        _store_tile(O, gl.zeros([BLOCK // 2, HEAD_DIM], gl.float32, o_layout),
+                    gl.zeros([BLOCK // 2], gl.float32, gl.SliceLayout(1, o_layout)), tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM,
                     HEAD_MAJOR)
         i += 1
         tile, num, diag_t = _received_tile(tile_smem, q_ready, i, meta_layout)
@@ -338,14 +339,11 @@ def _attend_flat_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, 
     offs_r = HALF * ROWS + gl.arange(0, ROWS, s_rows)  # query row within the plan block
     offs_c = gl.arange(0, BLOCK, s_cols)
     zero_s = gl.zeros([ROWS, BLOCK], gl.float32, s_layout)
-    zero_o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-    zero_l = gl.zeros([ROWS], gl.float32, s_rows)
-    m_init = gl.full([ROWS], -1.0e30, gl.float32, s_rows)
 
     i = gl.to_tensor(0)  # tiles of this program so far (a tensor: it changes in _first_kept's loop)
     tile, num, diag_t = _received_tile(tile_smem, q_ready, i, meta_layout)
-    tile, num, diag_t, i = _first_kept(tile, num, diag_t, i, tile_smem, q_ready, q_empty, O, zero_o, zero_l, N_CTX,
-                                       H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, HEAD_MAJOR, meta_layout)
+    tile, num, diag_t, i = _first_kept(tile, num, diag_t, i, tile_smem, q_ready, q_empty, O, N_CTX,
+                                       H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, HEAD_MAJOR, meta_layout, o_layout)
     if tile < N_TILES:
         # block 0 of the first tile, alone
         mbarrier.wait(k_ready.index(0), 0)
@@ -353,26 +351,37 @@ def _attend_flat_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, 
                             use_acc=False, is_async=True)
         qk0 = warpgroup_mma_wait(num_outstanding=0, deps=(qk0,))
         _release(k_empty, 0)
-        p0, alpha0, m_i, l_i = _softmax_step(qk0, m_init, zero_l, gl.where(diag_t == 0, offs_r, BLOCK), offs_c,
+        p0, alpha0, m_i, l_i = _softmax_step(qk0, gl.full([ROWS], -1.0e30, gl.float32, s_rows), gl.zeros([ROWS], gl.float32, s_rows), gl.where(diag_t == 0, offs_r, BLOCK), offs_c,
                                              qk_scale)
         p_op = gl.convert_layout(p0.to(dtype), p_layout)
-        acc = zero_o
-        t = 0  # position in its tile of the block whose P is in p_op
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
         c = 1  # ring position of the next block
         while tile < N_TILES:
-            n_tile = tile
-            n_num = num
-            n_diag = diag_t
-            n_i = i
-            n_t = t + 1
-            if n_t == num:  # the next block is the first of the next tile with any
-                _release(q_empty, i % 2)  # this tile's last QKᵀ is done
-                n_tile, n_num, n_diag = _received_tile(tile_smem, q_ready, i + 1, meta_layout)
-                n_tile, n_num, n_diag, n_i = _first_kept(n_tile, n_num, n_diag, i + 1, tile_smem, q_ready, q_empty,
-                                                         O, zero_o, zero_l, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES,
-                                                         HALF, BLOCK, HEAD_DIM, HEAD_MAJOR, meta_layout)
-                n_t = 0
-            sv = (c - 1) % V_STAGES  # V of the current block
+            # blocks 1 .. num - 1 of this tile: the loop of _attend_partition
+            q = q_smem.index(i % 2).slice(HALF * ROWS, ROWS)
+            for t in range(1, num):
+                sk = c % K_STAGES
+                sv = (c - 1) % V_STAGES
+                mbarrier.wait(k_ready.index(sk), (c // K_STAGES) & 1)
+                qk = warpgroup_mma(q, k_smem.index(sk).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                mbarrier.wait(v_ready.index(sv), ((c - 1) // V_STAGES) & 1)
+                acc = warpgroup_mma(p_op, v_smem.index(sv), acc, is_async=True)
+                qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))
+                _release(k_empty, sk)
+                p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, gl.where(t == diag_t, offs_r, BLOCK), offs_c,
+                                                   qk_scale)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                _release(v_empty, sv)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                c += 1
+            # the tile's last P V, overlapped with the next tile's first QKᵀ and softmax
+            _release(q_empty, i % 2)  # the tile's last QKᵀ is done
+            n_tile, n_num, n_diag = _received_tile(tile_smem, q_ready, i + 1, meta_layout)
+            n_tile, n_num, n_diag, n_i = _first_kept(n_tile, n_num, n_diag, i + 1, tile_smem, q_ready, q_empty, O,
+                                                     N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF,
+                                                     BLOCK, HEAD_DIM, HEAD_MAJOR, meta_layout, o_layout)
+            sv = (c - 1) % V_STAGES
             if n_tile < N_TILES:
                 sk = c % K_STAGES
                 mbarrier.wait(k_ready.index(sk), (c // K_STAGES) & 1)
@@ -383,21 +392,16 @@ def _attend_flat_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, 
                 qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))
                 _release(k_empty, sk)
                 l_done = l_i
-                if n_t == 0:  # a new tile: fresh softmax state
-                    m_i = m_init
-                    l_i = zero_l
-                p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, gl.where(n_t == n_diag, offs_r, BLOCK), offs_c,
+                p, alpha, m_i, l_i = _softmax_step(qk, gl.full([ROWS], -1.0e30, gl.float32, s_rows), gl.zeros([ROWS], gl.float32, s_rows), gl.where(n_diag == 0, offs_r, BLOCK), offs_c,
                                                    qk_scale)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                 _release(v_empty, sv)
-                if n_t == 0:
-                    _store_tile(O, acc, l_done, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM,
-                                HEAD_MAJOR)
-                    acc = zero_o
-                else:
-                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+                _store_tile(O, acc, l_done, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM,
+                            HEAD_MAJOR)
+                acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
-            else:  # the last block of the program
+                c += 1
+            else:  # the program's last tile
                 mbarrier.wait(v_ready.index(sv), ((c - 1) // V_STAGES) & 1)
                 acc = warpgroup_mma(p_op, v_smem.index(sv), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
@@ -408,8 +412,6 @@ def _attend_flat_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, 
             num = n_num
             diag_t = n_diag
             i = n_i
-            t = n_t
-            c += 1
 
 
 @gluon.jit
