@@ -50,9 +50,6 @@ VARIANTS = {
     "persistent_dyn": ("persistent", {"dynamic": True}),
     # ... tiles ordered by query block first (every batch-head of one query block together)
     "persistent_qorder": ("persistent", {"head_major": False}),
-    # ... consumers on one block stream across tiles (a tile's first QK and softmax overlap the last PV)
-    "persistent_flat": ("persistent", {"flat": True}),
-    "persistent_plain": ("persistent", {"flat": False}),  # ... not (a fresh start at every tile)
     # ... one tile per program (not persistent: the hardware hands out programs in launch order)
     "persistent_1tile": ("persistent", {"programs": 1 << 30}),
 }

@@ -68,15 +68,12 @@ def triton_attention(q: torch.Tensor):
     return None
 
 
-def attention_kernel(q: torch.Tensor, block_size: int, kv_heads: int | None = None) -> str:
-    """The implementation ``pbs_attention`` runs for q (B, H_q, N, D) and ``kv_heads`` K/V heads with
-    ``block_size``-token plans: "reference" (the PyTorch twin) or "triton/MODE", MODE being the Triton
-    read mode (remap, gather, tma, ws, persistent; ``PBS_PERM_MODE`` or the "auto" rule). Reads only
-    shapes and the device."""
+def attention_kernel(q: torch.Tensor, block_size: int) -> str:
+    """The implementation ``pbs_attention`` runs for q (B, H_q, N, D) with ``block_size``-token plans:
+    "reference" (the PyTorch twin) or "triton/MODE", MODE being the Triton read mode (remap, gather,
+    tma, ws, persistent; ``PBS_PERM_MODE`` or the "auto" rule). Reads only shapes and the device."""
     fast = triton_attention(q)
-    if fast is None:
-        return "reference"
-    return "triton/" + fast.resolve_perm_mode(q.shape[2], block_size, q, kv_heads=kv_heads)
+    return "reference" if fast is None else "triton/" + fast.resolve_perm_mode(q.shape[2], block_size, q)
 
 
 def plan_chunk_rows(q: torch.Tensor, config: PBSConfig, budget: int = PLAN_CHUNK_BYTES) -> int | None:
@@ -111,7 +108,7 @@ def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, con
     n = q.shape[2]
     bs, seg = config.block_size, config.segment_size
     perm = compute_permutation(q, k, config, scale)
-    copies = fast.copies_for(fast.resolve_perm_mode(n, bs, q, kv_heads=perm.shape[1]), k, v, perm)  # one copy of K/V for every chunk
+    copies = fast.copies_for(fast.resolve_perm_mode(n, bs, q), k, v, perm)  # one copy of K/V for every chunk
     out = torch.empty_like(q)  # contiguous, like q now
     nums = []
     for r0, num, idx in fast_select.select_row_chunks(q, k, perm, config, scale, rows):

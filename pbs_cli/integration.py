@@ -205,7 +205,7 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     if run is not None:
         run.recorder.add(LayerStat(layer, "pbs", "causal prefill", q_len, key.shape[2], b,
                                    plan.kv_num_blocks.sum(), plan.causal_blocks(),
-                                   attention_kernel(query, config.block_size, key.shape[1])))
+                                   attention_kernel(query, config.block_size)))
     return out.transpose(1, 2).contiguous(), None
 
 

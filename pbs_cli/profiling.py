@@ -412,7 +412,7 @@ class Profiler:
                               select_ms=t_sel.median_ms, attend_ms=t_att.median_ms,
                               tflops=flops / (t_tot.median_ms * 1e9),
                               tflops_computed=fields["density"] * flops / (t_att.median_ms * 1e9), **fields,
-                              kernel=attention_kernel(q, config.block_size, k.shape[1]), notes=note)
+                              kernel=attention_kernel(q, config.block_size), notes=note)
 
             guarded("pbs", pbs_case)
 

@@ -25,13 +25,11 @@ needs_hopper = pytest.mark.skipif(not HOPPER, reason="the persistent Gluon kerne
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("b,h_q,h_kv,n", [(1, 4, 1, 600), (2, 2, 2, 512), (1, 8, 1, 1000), (1, 3, 1, 130)])
-@pytest.mark.parametrize("flat", [False, True])
-def test_persistent_matches_oracle(dtype, d, b, h_q, h_kv, n, flat):
-    """Odd and whole lengths, batch 2, GQA 1/2/8; 128-token blocks, segments of two blocks; both
-    consumer loops."""
+def test_persistent_matches_oracle(dtype, d, b, h_q, h_kv, n):
+    """Odd and whole lengths, batch 2, GQA 1/2/8; 128-token blocks, segments of two blocks."""
     q, k, v = qkv(b, h_q, h_kv, n, d, dtype, seed=n)
     plan = to_device(random_plan(b, h_q, h_kv, n, 128, 256, p=0.5, seed=n))
-    check(q, k, v, plan, perm_mode="persistent", config={"flat": flat})
+    check(q, k, v, plan, perm_mode="persistent")
 
 
 @needs_hopper
@@ -45,8 +43,7 @@ def test_persistent_few_programs_many_tiles():
     many = A.pbs_attention(q, k, v, plan, perm_mode="persistent")
     torch.testing.assert_close(one, many, atol=0, rtol=0)
     for cfg in ({"dynamic": False}, {"dynamic": False, "programs": 3}, {"programs": 3}, {"programs": 1 << 30},
-                {"head_major": False}, {"head_major": False, "dynamic": False, "programs": 3},
-                {"flat": True}, {"flat": True, "programs": 1}, {"flat": True, "dynamic": False, "programs": 3}):
+                {"head_major": False}, {"head_major": False, "dynamic": False, "programs": 3},):
         torch.testing.assert_close(A.pbs_attention(q, k, v, plan, perm_mode="persistent", config=cfg), many,
                                    atol=0, rtol=0)
 
@@ -69,8 +66,8 @@ def test_persistent_only_forced_blocks_and_dropped_diagonals():
 
 
 @needs_hopper
-@pytest.mark.parametrize("flat", [False, True])
-def test_persistent_empty_rows_write_zeros(flat):
+@pytest.mark.parametrize("head_major", [False, True])
+def test_persistent_empty_rows_write_zeros(head_major):
     """Plan rows without any kept block (a user's plan may have them) write zeros: every third query
     block, and all of one head (long runs of such tiles, and the last tiles of the programs). The
     other rows are bit for bit those of the same plan with those rows kept."""
@@ -81,7 +78,7 @@ def test_persistent_empty_rows_write_zeros(flat):
     empty[..., ::3] = True
     empty[:, 1] = True
     part = PermutedBlockMask(plan.perm, plan.kv_num_blocks.masked_fill(empty, 0), plan.kv_indices, 128, 256, n)
-    cfg = {"flat": flat, "programs": 3}
+    cfg = {"head_major": head_major, "programs": 3}
     whole = A.pbs_attention(q, k, v, plan, perm_mode="persistent", config=cfg)
     out = torch.full_like(q, float("nan"))
     A.pbs_attention(q, k, v, part, perm_mode="persistent", config=cfg, out=out)

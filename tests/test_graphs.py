@@ -50,7 +50,7 @@ def test_replayed_layers_equal_eager_calls_persistent_kernel():
     graphs = LayerGraphs()
     for seed in range(4):
         q, k, v = layer_inputs(seed, "cuda", n=1500, dtype=torch.bfloat16, d=128)
-        assert attention_kernel(q, 128, 2) == "triton/persistent"
+        assert attention_kernel(q, 128) == "triton/persistent"
         got = graphs(q, k, v, cfg)
         got = (got[0].clone(), got[1])
         same(got, pbs_prefill_attention(q, k, v, cfg))

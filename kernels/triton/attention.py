@@ -24,11 +24,11 @@ from .permute_kernel import _gather_rows_kernel
 SUPPORTED_HEAD_DIMS = (64, 128)
 # 0-2: attention_kernel's PERM_MODE; 3: attention_ws_kernel; 4: attention_gluon_kernel (Hopper only)
 PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3, "persistent": 4}
-# Default way of reading permuted keys: "auto" picks "persistent" on Hopper (fp16/bf16, 128-token
-# blocks) for head_dim 128, and for head_dim 64 from TMA_MIN_SEQ_LEN on while the K/V copies fit in
-# L2; "ws" for other head_dim-128 Hopper cases (fp32); else "remap" for short sequences and "tma"
-# for long ones (BENCHMARKS.md, "Attention kernel (H100)", seventh session); PBS_PERM_MODE=
-# remap|gather|tma|ws|persistent overrides it.
+# Default way of reading permuted keys: "auto" picks "persistent" on Hopper for head_dim 128 (fp16/
+# bf16, 128-token blocks), "ws" for head_dim 128 in fp32 there; else "remap" for short sequences and
+# "tma" for long ones (BENCHMARKS.md, "Attention kernel (H100)", seventh session). For head_dim 64 the
+# persistent kernel measured faster than "tma" at 32K with 10-100% of the blocks kept in one version
+# and slower in the final one: not picked. PBS_PERM_MODE=remap|gather|tma|ws|persistent overrides it.
 DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "auto")
 # Sequence length from which "auto" reads permuted keys from a copy through TMA instead of remapping
 # (when "ws" does not apply). Measured on an H100 (bf16, 128-token blocks, fourth session, with the
@@ -172,13 +172,13 @@ def copies_for(mode: str, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor):
 
 
 def choose_perm_mode(plan: PermutedBlockMask, q: torch.Tensor) -> str:
-    """The "auto" read mode for ``plan`` and queries ``q``. On Hopper with 128-token blocks:
-    "persistent" (the persistent Gluon kernel; fp16/bf16) for head_dim 128, and for head_dim 64 from
-    ``TMA_MIN_SEQ_LEN`` tokens while the K/V copies fit in L2 (``copies_fit_l2``), where it measured
-    fastest; "ws" (warp-specialized Triton kernel) for head_dim 128 in fp32. Otherwise "tma"
-    (permuted copy, descriptor loads) for long sequences, where rows keep many blocks, and "remap"
-    for short ones (BENCHMARKS.md). Reads only shapes and the device: no host synchronization."""
-    return _auto_mode(plan.seq_len, plan.block_size, q, plan.perm.shape[1])
+    """The "auto" read mode for ``plan`` and queries ``q``. On Hopper, for head_dim 128 and 128-token
+    blocks: "persistent" (the persistent Gluon kernel) in fp16/bf16, where it measured fastest at 32K
+    and 128K with 5-100% of the blocks kept, else "ws" (the warp-specialized Triton kernel). Otherwise
+    "tma" (permuted copy, descriptor loads) for long sequences, where rows keep many blocks, and
+    "remap" for short ones (BENCHMARKS.md). Reads only shapes and the device: no host
+    synchronization."""
+    return _auto_mode(plan.seq_len, plan.block_size, q)
 
 
 @functools.cache
@@ -200,25 +200,19 @@ def copies_fit_l2(q: torch.Tensor, kv_heads: int, seq_len: int) -> bool:
     return copy <= _l2_bytes(q.device.index or 0)
 
 
-def _auto_mode(seq_len: int, block_size: int, q: torch.Tensor, kv_heads: int | None = None) -> str:
-    d = q.shape[-1]
-    if q.is_cuda and block_size == 128 and _is_hopper(q.device.index or 0):
-        if persistent_supported(q, block_size) and (d == 128 or seq_len >= TMA_MIN_SEQ_LEN
-                                                    and copies_fit_l2(q, kv_heads or q.shape[1], seq_len)):
-            return "persistent"
-        if d == 128:
-            return "ws"
+def _auto_mode(seq_len: int, block_size: int, q: torch.Tensor) -> str:
+    if q.is_cuda and q.shape[-1] == 128 and block_size == 128 and _is_hopper(q.device.index or 0):
+        return "persistent" if persistent_supported(q, block_size) else "ws"
     return "tma" if seq_len >= TMA_MIN_SEQ_LEN else "remap"
 
 
-def resolve_perm_mode(seq_len: int, block_size: int, q: torch.Tensor, perm_mode: str | None = None,
-                      kv_heads: int | None = None) -> str:
+def resolve_perm_mode(seq_len: int, block_size: int, q: torch.Tensor, perm_mode: str | None = None) -> str:
     """The read mode ``pbs_attention`` uses for ``perm_mode`` (None: ``DEFAULT_PERM_MODE``; "auto":
     ``choose_perm_mode``'s rule on CUDA, "remap" in the interpreter) on a plan of ``seq_len`` tokens in
     ``block_size``-token blocks."""
     name = perm_mode or DEFAULT_PERM_MODE
     if name == "auto":
-        name = _auto_mode(seq_len, block_size, q, kv_heads) if q.is_cuda else "remap"
+        name = _auto_mode(seq_len, block_size, q) if q.is_cuda else "remap"
     if name not in PERM_MODES:
         raise ValueError(f"perm_mode must be one of {sorted(PERM_MODES) + ['auto']}, got {name!r}")
     return name
@@ -265,7 +259,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         raise ValueError(f"plan shape {tuple(plan.kv_indices.shape)} (rows from {qb0}) does not fit q "
                          f"{tuple(q.shape)} with block_size {bs}: expected ({b}, {h_q}, <= {-(-n // bs)} rows, "
                          f"{-(-n // bs)})")
-    mode_name = resolve_perm_mode(plan.seq_len, bs, q, perm_mode, h_perm)
+    mode_name = resolve_perm_mode(plan.seq_len, bs, q, perm_mode)
     mode = PERM_MODES[mode_name]
     if mode_name == "persistent" and not persistent_supported(q, bs):
         raise ValueError("perm_mode 'persistent' needs a Hopper GPU, fp16/bf16, head_dim 64 or 128 and 128-token "
@@ -381,10 +375,7 @@ def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, s
     (grid size; more than the tiles = one tile per program), "dynamic" (tiles from an atomic counter,
     default True: it measured faster than a fixed stride on the H100, BENCHMARKS.md), "head_major"
     (tile order with the copy head slowest; default: when the copies do not fit in L2,
-    ``copies_fit_l2``; False: query block slowest), "flat"
-    (consumers overlap a tile's first block with the previous tile's last; default: for head_dim 128,
-    where it measured faster up to 20% of the blocks kept and 4-7% slower from 40%; for head_dim 64 it
-    was 1-2% slower at 32K), "k_stages",
+    ``copies_fit_l2``; False: query block slowest), "k_stages",
     "v_stages"."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -408,5 +399,5 @@ def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, s
         KG.pbs_attn_fwd_persistent[grid](
             desc(q), desc(kc), desc(vc), out, num, idx, counter, scale * math.log2(math.e), n, h_q, kc.shape[1], qb0,
             n_rows, n_kb, n_tiles, SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d, DYNAMIC=dynamic,
-            HEAD_MAJOR=bool(cfg.get("head_major", not copies_fit_l2(q, kc.shape[1], n))), FLAT=bool(cfg.get("flat", d == 128)), K_STAGES=cfg.get("k_stages", k_stages), V_STAGES=cfg.get("v_stages", v_stages), num_warps=4)
+            HEAD_MAJOR=bool(cfg.get("head_major", not copies_fit_l2(q, kc.shape[1], n))), K_STAGES=cfg.get("k_stages", k_stages), V_STAGES=cfg.get("v_stages", v_stages), num_warps=4)
     return out

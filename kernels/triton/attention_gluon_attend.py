@@ -5,14 +5,10 @@ cores (wgmma, asynchronous), the online softmax in registers (base 2, log2(e)-fo
 diagonal block (a row's last entry when kept) with the token-level causal mask.
 
 Within a tile, block t's QKᵀ is issued before block t-1's P V and block t's softmax runs while that
-P V is on the tensor cores (FlashAttention-3's overlap within a warp group, ``_overlapped_block``).
-Two loops over a program's tiles:
-
-- ``attend_partition``: each tile starts afresh (its first QKᵀ and softmax alone, ``_first_block``)
-  and ends with a P V alone (``_last_pv``);
-- ``attend_flat_partition``: one stream of blocks across tiles. A tile's last P V overlaps the next
-  tile's first QKᵀ and softmax like any other step, and the output is written after it. Measured
-  faster for head_dim 128 with few blocks per row (BENCHMARKS.md), where the per-tile cost weighs.
+P V is on the tensor cores (FlashAttention-3's overlap within a warp group, ``_overlapped_block``);
+a tile's first block runs alone (``_first_block``), and so does its last P V (``_last_pv``). (A loop
+that also overlapped a tile's last P V with the next tile's first QKᵀ and softmax measured no faster
+on the H100 in its final form: BENCHMARKS.md, seventh session.)
 
 A group releases a K or V slot, or its half of a q buffer, once every warp of the group is done with
 it (``tiles.release``). Tiles without kept blocks write zeros (``_first_kept``).
@@ -123,7 +119,7 @@ def attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_read
                      HALF: gl.constexpr,  # which 64 query rows of each tile this warp group computes
                      BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr,
                      V_STAGES: gl.constexpr, HEAD_MAJOR: gl.constexpr):
-    """A consumer group, each tile started afresh."""
+    """A consumer group: the tiles of this program, as the q+K loader hands them over."""
     ROWS: gl.constexpr = BLOCK // 2
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK, 16])
@@ -166,88 +162,3 @@ def attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_read
         tile, num, diag_t, i = _first_kept(tile, num, diag_t, i, tile_smem, q_ready, q_empty, O, N_CTX, H_Q, H_C,
                                            QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, HEAD_MAJOR, meta_layout,
                                            o_layout)
-
-
-@gluon.jit
-def attend_flat_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                          O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES,
-                          HALF: gl.constexpr, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr,
-                          V_STAGES: gl.constexpr, HEAD_MAJOR: gl.constexpr):
-    """A consumer group on one stream of blocks across tiles (arguments as ``attend_partition``)."""
-    ROWS: gl.constexpr = BLOCK // 2
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-    meta_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    dtype: gl.constexpr = q_smem.dtype
-
-    offs_r = HALF * ROWS + gl.arange(0, ROWS, s_rows)
-    offs_c = gl.arange(0, BLOCK, gl.SliceLayout(0, s_layout))
-    zero_s = gl.zeros([ROWS, BLOCK], gl.float32, s_layout)
-    i = gl.to_tensor(0)
-    tile, num, diag_t = received_tile(tile_smem, q_ready, i, meta_layout)
-    tile, num, diag_t, i = _first_kept(tile, num, diag_t, i, tile_smem, q_ready, q_empty, O, N_CTX, H_Q, H_C, QB0,
-                                       N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, HEAD_MAJOR, meta_layout, o_layout)
-    if tile < N_TILES:
-        p, m_i, l_i = _first_block(q_smem.index(i % 2).slice(HALF * ROWS, ROWS), k_smem, k_ready, k_empty, 0,
-                                   gl.full([ROWS], -1.0e30, gl.float32, s_rows), gl.zeros([ROWS], gl.float32, s_rows),
-                                   gl.where(diag_t == 0, offs_r, BLOCK), offs_c, qk_scale, zero_s, K_STAGES)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-        c = 1
-        while tile < N_TILES:
-            q = q_smem.index(i % 2).slice(HALF * ROWS, ROWS)
-            for t in range(1, num):
-                acc, p, alpha, m_i, l_i = _overlapped_block(q, p_op, acc, m_i, l_i, c,
-                                                            gl.where(t == diag_t, offs_r, BLOCK), k_smem, v_smem,
-                                                            k_ready, v_ready, k_empty, v_empty, offs_c, qk_scale,
-                                                            zero_s, K_STAGES, V_STAGES)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
-                c += 1
-            release(q_empty, i % 2)  # the tile's last QKᵀ is done
-            n_tile, n_num, n_diag = received_tile(tile_smem, q_ready, i + 1, meta_layout)
-            n_tile, n_num, n_diag, n_i = _first_kept(n_tile, n_num, n_diag, i + 1, tile_smem, q_ready, q_empty, O,
-                                                     N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM,
-                                                     HEAD_MAJOR, meta_layout, o_layout)
-            if n_tile < N_TILES:  # the tile's last P V beside the next tile's first QKᵀ and softmax
-                acc, p, alpha, m_n, l_n = _overlapped_block(
-                    q_smem.index(n_i % 2).slice(HALF * ROWS, ROWS), p_op, acc,
-                    gl.full([ROWS], -1.0e30, gl.float32, s_rows), gl.zeros([ROWS], gl.float32, s_rows), c,
-                    gl.where(n_diag == 0, offs_r, BLOCK), k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, offs_c,
-                    qk_scale, zero_s, K_STAGES, V_STAGES)
-                _store_tile(O, acc, l_i, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM,
-                            HEAD_MAJOR)
-                acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-                m_i = m_n
-                l_i = l_n
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
-                c += 1
-            else:  # the program's last tile
-                acc = _last_pv(p_op, acc, c, v_smem, v_ready, v_empty, V_STAGES)
-                _store_tile(O, acc, l_i, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM,
-                            HEAD_MAJOR)
-            tile = n_tile
-            num = n_num
-            diag_t = n_diag
-            i = n_i
-
-
-@gluon.jit
-def consumer_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                       O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF: gl.constexpr, BLOCK: gl.constexpr,
-                       HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                       HEAD_MAJOR: gl.constexpr, FLAT: gl.constexpr):
-    """A consumer group: ``attend_flat_partition`` with FLAT, else ``attend_partition``."""
-    if FLAT:
-        attend_flat_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                              O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, K_STAGES,
-                              V_STAGES, HEAD_MAJOR)
-    else:
-        attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                         O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, K_STAGES,
-                         V_STAGES, HEAD_MAJOR)

@@ -37,7 +37,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
-from .attention_gluon_attend import consumer_partition
+from .attention_gluon_attend import attend_partition
 from .attention_gluon_tiles import received_tile, send_tile, tile_coords, tma_load
 
 
@@ -139,8 +139,7 @@ def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX, COUNTER,
                             HEAD_DIM: gl.constexpr,
                             K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,  # K and V ring slots
                             DYNAMIC: gl.constexpr,  # tiles from an atomic counter (COUNTER, zeroed), else a stride
-                            HEAD_MAJOR: gl.constexpr,  # tile order: copy head slowest (tiles.tile_coords)
-                            FLAT: gl.constexpr):  # consumers: one block stream across tiles (attend_flat_partition)
+                            HEAD_MAJOR: gl.constexpr):  # tile order: copy head slowest (tiles.tile_coords)
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK, HEAD_DIM], k_desc.layout)
@@ -164,12 +163,12 @@ def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX, COUNTER,
     fence_async_shared()
 
     gl.warp_specialize([
-        (consumer_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
+        (attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                               O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 0, BLOCK, HEAD_DIM, K_STAGES, V_STAGES,
-                              HEAD_MAJOR, FLAT)),  # default partition: 4 warps
-        (consumer_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
+                              HEAD_MAJOR)),  # default partition: 4 warps
+        (attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                               O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 1, BLOCK, HEAD_DIM, K_STAGES, V_STAGES,
-                              HEAD_MAJOR, FLAT)),
+                              HEAD_MAJOR)),
         (_load_q_k_partition, (q_desc, k_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
                                KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
                                SEG_BLOCKS, BLOCK, K_STAGES, DYNAMIC, HEAD_MAJOR)),
