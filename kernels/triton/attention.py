@@ -232,7 +232,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         copy), "gather" (one permuted copy of K/V, contiguous tiles), "tma" (the copy, read with
         tensor descriptors), "ws" (the warp-specialized kernel ``attention_ws_kernel``, reading a copy
         with original-order halves), "persistent" (the same copy read by the persistent Gluon kernel
-        ``attention_gluon_kernel``; Hopper, fp16/bf16, 128-token blocks; opt-in) or "auto"
+        ``attention_gluon_kernel``; Hopper, fp16/bf16, 128-token blocks) or "auto"
         (``choose_perm_mode``). Default ``DEFAULT_PERM_MODE``.
     config: tile config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}; None = the measured
         default (``_default_config``); "autotune" = tune on CUDA over ``_cuda_configs`` (also when
