@@ -100,9 +100,9 @@ for d in (64, 128):
     for dynamic in (True, False):  # both tile pickings, both tile orders
         consts = dict(SEG_BLOCKS=2, BLOCK=128, HEAD_DIM=d, K_STAGES=k_stages, V_STAGES=v_stages, DYNAMIC=dynamic,
                       HEAD_MAJOR=dynamic)
-        sig = {"q_desc": desc, "k_desc": desc, "v_desc": desc, "O": "*bf16", "KV_NUM": "*i32", "KV_IDX": "*i32",
-               "COUNTER": "*i32", "qk_scale": "fp32",
-               **{n: "i32" for n in ("N_CTX", "H_Q", "H_C", "QB0", "N_ROWS", "N_KB", "N_TILES")},
+        sig = {**{n: desc for n in ("q_desc", "k_desc", "v_desc", "ko_desc", "vo_desc")}, "O": "*bf16",
+               "KV_NUM": "*i32", "KV_IDX": "*i32", "COUNTER": "*i32", "qk_scale": "fp32",
+               **{n: "i32" for n in ("N_CTX", "H_Q", "H_C", "H_KV", "QB0", "N_ROWS", "N_KB", "N_TILES")},
                **{c: "constexpr" for c in consts}}
         kernel = triton.compile(GluonASTSource(fn=KG.pbs_attn_fwd_persistent, signature=sig, constexprs=consts),
                                 target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -165,10 +165,11 @@ def permuted_copy(x: torch.Tensor, perm: torch.Tensor, with_original: bool = Fal
 
 def copies_for(mode: str, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor):
     """What ``pbs_attention(..., permuted=)`` takes for read mode ``mode`` (None for "remap"): the
-    permuted copies of k and v, with their original-order halves for "ws" and "persistent"."""
+    permuted copies of k and v, with their original-order halves for "ws" ("persistent" reads the
+    original k and v for those blocks)."""
     if mode == "remap":
         return None
-    return tuple(permuted_copy(x, perm, with_original=mode in ("ws", "persistent")) for x in (k, v))
+    return tuple(permuted_copy(x, perm, with_original=mode == "ws") for x in (k, v))
 
 
 def choose_perm_mode(plan: PermutedBlockMask, q: torch.Tensor) -> str:
@@ -284,11 +285,12 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
 
     seg_blocks = plan.segment_size // bs
     if mode >= 3:
-        if kp.shape[2] != 2 * n:
-            raise ValueError(f"perm_mode {mode_name!r} reads copies with original-order halves: pass "
+        if kp.shape[2] != (2 * n if mode == 3 else n):
+            raise ValueError(f"perm_mode {mode_name!r} reads the copies of copies_for({mode_name!r}, ...): pass "
                              f"permuted=copies_for({mode_name!r}, k, v, perm)")
         if mode == 4:
-            return _launch_persistent(q, kp, vp, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config)
+            return _launch_persistent(q, k, v, kp, vp, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks,
+                                      config)
         return _launch_ws(q, kp, vp, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config)
     args = (q, k, v, kp, vp, perm, out, num, idx, scale * math.log2(math.e), n, h_q, h_kv, h_perm, qb0, n_rows, n_kb)
     consts = dict(PLAN_BLOCK=bs, SEG_BLOCKS=seg_blocks, SEG_POW2=triton.next_power_of_2(seg_blocks),
@@ -368,7 +370,7 @@ def _persistent_stages(head_dim: int) -> tuple[int, int]:
     return (3, 2) if head_dim > 64 else (4, 4)
 
 
-def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config):
+def _launch_persistent(q, k, v, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config):
     """``attention_gluon_kernel.pbs_attn_fwd_persistent`` over plan rows qb0 .. qb0 + n_rows - 1: one
     program per SM, descriptors built here once per call; ``pbs_attention`` has checked
     ``persistent_supported``. ``config`` (benchmarks, tests): "programs"
@@ -397,7 +399,8 @@ def _launch_persistent(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, s
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else num  # num: never read
     with torch.cuda.device(q.device):
         KG.pbs_attn_fwd_persistent[grid](
-            desc(q), desc(kc), desc(vc), out, num, idx, counter, scale * math.log2(math.e), n, h_q, kc.shape[1], qb0,
+            desc(q), desc(kc), desc(vc), desc(k), desc(v), out, num, idx, counter, scale * math.log2(math.e), n, h_q,
+            kc.shape[1], k.shape[1], qb0,
             n_rows, n_kb, n_tiles, SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d, DYNAMIC=dynamic,
             HEAD_MAJOR=bool(cfg.get("head_major", not copies_fit_l2(q, kc.shape[1], n))), K_STAGES=cfg.get("k_stages", k_stages), V_STAGES=cfg.get("v_stages", v_stages), num_warps=4)
     return out

@@ -1,8 +1,9 @@
 """Persistent, warp-specialized block-sparse causal attention forward for Hopper (Gluon): the entry
 point and the loaders.
 
-The computation of ``attention_ws_kernel.pbs_attn_fwd_ws`` (same inputs: q, the K/V copies with
-original-order halves, the compressed plan), written in Triton's Gluon dialect, so that the schedule
+The computation of ``attention_ws_kernel.pbs_attn_fwd_ws`` (q, the compressed plan, K/V: permuted
+copies for the blocks of earlier segments, the original K/V for the query's own segment, which ``ws``
+reads from original-order halves of its copies instead), written in Triton's Gluon dialect, so that the schedule
 is written out here instead of left to the compiler's automatic warp specialization:
 
 - **persistent**: one program per SM walks tiles (query block, batch-head) in the order of
@@ -25,8 +26,9 @@ block count and diagonal position into ``tile_smem`` beside the q buffer, and th
 read them once that q buffer is ready (no global load on the consumers' path); the index N_TILES
 (with no q) ends them.
 
-Shapes: q_desc over Q viewed (B * H_q * N, D); k_desc, v_desc over KC, VC viewed (B * H_c * 2N, D);
-all with [BLOCK, D] blocks. O (B, H_q, N, D) contiguous; KV_NUM (B, H_q, R); KV_IDX (B, H_q, R, N_kb)
+Shapes: q_desc over Q viewed (B * H_q * N, D); k_desc, v_desc over the permuted copies viewed
+(B * H_c * N, D); ko_desc, vo_desc over the original K, V viewed (B * H_kv * N, D); all with
+[BLOCK, D] blocks. O (B, H_q, N, D) contiguous; KV_NUM (B, H_q, R); KV_IDX (B, H_q, R, N_kb)
 for plan rows QB0 .. QB0 + R - 1; COUNTER one zeroed int32 (read only with DYNAMIC).
 N_TILES = R * B * H_q.
 """
@@ -42,41 +44,40 @@ from .attention_gluon_tiles import received_tile, send_tile, tile_coords, tma_lo
 
 
 @gluon.jit
-def _plan_row(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, SEG_BLOCKS: gl.constexpr, HEAD_MAJOR: gl.constexpr):
-    """For a tile: its query block and batch-head, its plan row (index, kept-block count), the first
-    block of the query's own segment and the first K/V copy row of its head."""
+def _plan_row(tile, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_TILES, SEG_BLOCKS: gl.constexpr,
+              HEAD_MAJOR: gl.constexpr):
+    """For a tile: its query block and batch-head, its plan row, the first block of the query's own
+    segment, and the first row of its head in the permuted copy and in the original K/V."""
     qb, bh, row = tile_coords(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HEAD_MAJOR)
     diag_start = (qb // SEG_BLOCKS) * SEG_BLOCKS
-    c0 = ((bh // H_Q) * H_C + (bh % H_Q) // (H_Q // H_C)) * 2 * N_CTX
-    return qb, bh, row, diag_start, c0
+    c0 = ((bh // H_Q) * H_C + (bh % H_Q) // (H_Q // H_C)) * N_CTX
+    o0 = ((bh // H_Q) * H_KV + (bh % H_Q) // (H_Q // H_KV)) * N_CTX
+    return qb, bh, row, diag_start, c0, o0
 
 
 @gluon.jit
-def _copy_row(KV_IDX, row, t, N_KB, diag_start, c0, N_CTX, BLOCK: gl.constexpr):
-    """First K/V copy row of the row's t-th kept block: the permuted half for earlier segments, the
-    original half inside the query's own segment."""
-    j = gl.load(KV_IDX + row * N_KB + t)
-    return c0 + j * BLOCK + (j >= diag_start).to(gl.int32) * N_CTX
-
-
-@gluon.jit
-def _load_row_blocks(desc, smem, ready, empty, c, KV_IDX, row, num, N_KB, diag_start, c0, N_CTX,
+def _load_row_blocks(desc, orig_desc, smem, ready, empty, c, KV_IDX, row, num, N_KB, diag_start, c0, o0,
                      BLOCK: gl.constexpr, STAGES: gl.constexpr):
-    """TMA-load the ``num`` kept blocks of a plan row through ``desc`` into the ring ``smem`` (slot
-    free: ``empty``; landed: ``ready``), from ring position ``c``; returns the next position."""
+    """TMA-load the ``num`` kept blocks of a plan row into the ring ``smem`` (slot free: ``empty``;
+    landed: ``ready``), from ring position ``c``: blocks of earlier segments from the permuted copy
+    (``desc``, head rows from c0), blocks of the query's own segment in original order (``orig_desc``,
+    head rows from o0). Returns the next ring position."""
     for t in range(num):
-        r = _copy_row(KV_IDX, row, t, N_KB, diag_start, c0, N_CTX, BLOCK)
+        j = gl.load(KV_IDX + row * N_KB + t)
         s = c % STAGES
         mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(s), desc.block_type.nbytes)
-        tma_load(desc, [r, 0], ready.index(s), smem.index(s))
+        if j >= diag_start:
+            tma_load(orig_desc, [o0 + j * BLOCK, 0], ready.index(s), smem.index(s))
+        else:
+            tma_load(desc, [c0 + j * BLOCK, 0], ready.index(s), smem.index(s))
         c += 1
     return c
 
 
 @gluon.jit
-def _load_q_k_partition(q_desc, k_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
-                        KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+def _load_q_k_partition(q_desc, k_desc, ko_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
+                        KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_KB, N_TILES,
                         SEG_BLOCKS: gl.constexpr, BLOCK: gl.constexpr, K_STAGES: gl.constexpr,
                         DYNAMIC: gl.constexpr, HEAD_MAJOR: gl.constexpr):
     """One warp: picks the tiles (a stride, or an atomic counter), reads each tile's plan row length
@@ -89,7 +90,8 @@ def _load_q_k_partition(q_desc, k_desc, q_smem, k_smem, tile_smem, q_ready, q_em
     if DYNAMIC:
         tile = gl.atomic_add(COUNTER, 1)
     while tile < N_TILES:
-        qb, bh, row, diag_start, c0 = _plan_row(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, SEG_BLOCKS, HEAD_MAJOR)
+        qb, bh, row, diag_start, c0, o0 = _plan_row(tile, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_TILES, SEG_BLOCKS,
+                                                    HEAD_MAJOR)
         num = gl.load(KV_NUM + row)
         # a row's entries ascend, so the diagonal block, when kept, is its last one
         diag_t = gl.where(gl.load(KV_IDX + row * N_KB + gl.maximum(num - 1, 0)) == qb, num - 1, -1)
@@ -98,8 +100,8 @@ def _load_q_k_partition(q_desc, k_desc, q_smem, k_smem, tile_smem, q_ready, q_em
         send_tile(tile_smem, qbuf, tile, num, diag_t, meta_layout)
         mbarrier.expect(q_ready.index(qbuf), q_desc.block_type.nbytes)
         tma_load(q_desc, [bh * N_CTX + qb * BLOCK, 0], q_ready.index(qbuf), q_smem.index(qbuf))
-        c = _load_row_blocks(k_desc, k_smem, k_ready, k_empty, c, KV_IDX, row, num, N_KB,
-                             diag_start, c0, N_CTX, BLOCK, K_STAGES)
+        c = _load_row_blocks(k_desc, ko_desc, k_smem, k_ready, k_empty, c, KV_IDX, row, num, N_KB, diag_start, c0, o0,
+                             BLOCK, K_STAGES)
         i += 1
         if DYNAMIC:
             tile = gl.atomic_add(COUNTER, 1)
@@ -113,8 +115,8 @@ def _load_q_k_partition(q_desc, k_desc, q_smem, k_smem, tile_smem, q_ready, q_em
 
 
 @gluon.jit
-def _load_v_partition(v_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
-                      KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+def _load_v_partition(v_desc, vo_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
+                      KV_IDX, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_KB, N_TILES,
                       SEG_BLOCKS: gl.constexpr, BLOCK: gl.constexpr, V_STAGES: gl.constexpr,
                       HEAD_MAJOR: gl.constexpr):
     """One warp: loads the V tiles of each tile's kept blocks, in its own ring, so that K loads run
@@ -124,16 +126,17 @@ def _load_v_partition(v_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
     i = 0
     tile, num, diag_t = received_tile(tile_smem, q_ready, 0, meta_layout)
     while tile < N_TILES:
-        qb, bh, row, diag_start, c0 = _plan_row(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, SEG_BLOCKS, HEAD_MAJOR)
-        c = _load_row_blocks(v_desc, v_smem, v_ready, v_empty, c, KV_IDX, row, num, N_KB,
-                             diag_start, c0, N_CTX, BLOCK, V_STAGES)
+        qb, bh, row, diag_start, c0, o0 = _plan_row(tile, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_TILES, SEG_BLOCKS,
+                                                    HEAD_MAJOR)
+        c = _load_row_blocks(v_desc, vo_desc, v_smem, v_ready, v_empty, c, KV_IDX, row, num, N_KB, diag_start, c0, o0,
+                             BLOCK, V_STAGES)
         i += 1
         tile, num, diag_t = received_tile(tile_smem, q_ready, i, meta_layout)
 
 
 @gluon.jit
-def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX, COUNTER,
-                            qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, ko_desc, vo_desc, O, KV_NUM, KV_IDX, COUNTER,
+                            qk_scale, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_KB, N_TILES,
                             SEG_BLOCKS: gl.constexpr,  # plan blocks per segment
                             BLOCK: gl.constexpr,  # tokens per plan block = query rows and keys per tile
                             HEAD_DIM: gl.constexpr,
@@ -169,10 +172,10 @@ def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, O, KV_NUM, KV_IDX, COUNTER,
         (attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                               O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 1, BLOCK, HEAD_DIM, K_STAGES, V_STAGES,
                               HEAD_MAJOR)),
-        (_load_q_k_partition, (q_desc, k_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
-                               KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+        (_load_q_k_partition, (q_desc, k_desc, ko_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
+                               KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_KB, N_TILES,
                                SEG_BLOCKS, BLOCK, K_STAGES, DYNAMIC, HEAD_MAJOR)),
-        (_load_v_partition, (v_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
-                             KV_IDX, N_CTX, H_Q, H_C, QB0, N_ROWS, N_KB, N_TILES,
+        (_load_v_partition, (v_desc, vo_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
+                             KV_IDX, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_KB, N_TILES,
                              SEG_BLOCKS, BLOCK, V_STAGES, HEAD_MAJOR)),
     ], [4, 1, 1], [232, 24, 24])
