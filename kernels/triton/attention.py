@@ -232,8 +232,9 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     perm_mode: how permuted keys are read: "remap" (through ``plan.perm`` inside the kernel, no
         copy), "gather" (one permuted copy of K/V, contiguous tiles), "tma" (the copy, read with
         tensor descriptors), "ws" (the warp-specialized kernel ``attention_ws_kernel``, reading a copy
-        with original-order halves), "persistent" (the same copy read by the persistent Gluon kernel
-        ``attention_gluon_kernel``; Hopper, fp16/bf16, 128-token blocks) or "auto"
+        with original-order halves), "persistent" (the persistent Gluon kernel
+        ``attention_gluon_kernel``: a permuted copy for earlier segments, k and v themselves for the
+        query's own segment; Hopper, fp16/bf16, 128-token blocks) or "auto"
         (``choose_perm_mode``). Default ``DEFAULT_PERM_MODE``.
     config: tile config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}; None = the measured
         default (``_default_config``); "autotune" = tune on CUDA over ``_cuda_configs`` (also when
@@ -402,5 +403,6 @@ def _launch_persistent(q, k, v, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb,
             desc(q), desc(kc), desc(vc), desc(k), desc(v), out, num, idx, counter, scale * math.log2(math.e), n, h_q,
             kc.shape[1], k.shape[1], qb0,
             n_rows, n_kb, n_tiles, SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d, DYNAMIC=dynamic,
-            HEAD_MAJOR=bool(cfg.get("head_major", not copies_fit_l2(q, kc.shape[1], n))), K_STAGES=cfg.get("k_stages", k_stages), V_STAGES=cfg.get("v_stages", v_stages), num_warps=4)
+            HEAD_MAJOR=bool(cfg.get("head_major", not copies_fit_l2(q, kc.shape[1], n))),
+            K_STAGES=cfg.get("k_stages", k_stages), V_STAGES=cfg.get("v_stages", v_stages), num_warps=4)
     return out
