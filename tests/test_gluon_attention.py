@@ -43,7 +43,7 @@ def test_persistent_few_programs_many_tiles():
     many = A.pbs_attention(q, k, v, plan, perm_mode="persistent")
     torch.testing.assert_close(one, many, atol=0, rtol=0)
     for cfg in ({"dynamic": False}, {"dynamic": False, "programs": 3}, {"programs": 3}, {"programs": 1 << 30},
-                {"head_major": False}, {"head_major": False, "dynamic": False, "programs": 3},):
+                {"head_major": False}, {"head_major": False, "dynamic": False, "programs": 3}):
         torch.testing.assert_close(A.pbs_attention(q, k, v, plan, perm_mode="persistent", config=cfg), many,
                                    atol=0, rtol=0)
 
