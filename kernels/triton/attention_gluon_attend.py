@@ -87,7 +87,7 @@ def _store_tile(O, acc, l_i, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF: 
     ROWS: gl.constexpr = BLOCK // 2
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     o_cols: gl.constexpr = gl.SliceLayout(0, acc.type.layout)
-    qb, bh, row = tile_coords(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HEAD_MAJOR)
+    qb, bh, row = tile_coords(tile, H_Q, H_C, QB0, N_ROWS, N_TILES, HEAD_MAJOR)
     l_o = gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), o_rows)
     out = acc / gl.expand_dims(l_o, 1)
     offs_m = qb * BLOCK + HALF * ROWS + gl.arange(0, ROWS, o_rows)

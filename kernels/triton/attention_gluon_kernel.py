@@ -3,8 +3,8 @@ point and the loaders.
 
 The computation of ``attention_ws_kernel.pbs_attn_fwd_ws`` (q, the compressed plan, K/V: permuted
 copies for the blocks of earlier segments, the original K/V for the query's own segment, which ``ws``
-reads from original-order halves of its copies instead), written in Triton's Gluon dialect, so that the schedule
-is written out here instead of left to the compiler's automatic warp specialization:
+reads from original-order halves of its copies instead), written in Triton's Gluon dialect, so that
+the schedule is written out here instead of left to the compiler's automatic warp specialization:
 
 - **persistent**: one program per SM walks tiles (query block, batch-head) in the order of
   ``attention_gluon_tiles.tile_coords``, latest query blocks (the longest rows) first. Tiles come
@@ -48,7 +48,7 @@ def _plan_row(tile, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_TILES, SEG_BLOCKS: gl.
               HEAD_MAJOR: gl.constexpr):
     """For a tile: its query block and batch-head, its plan row, the first block of the query's own
     segment, and the first row of its head in the permuted copy and in the original K/V."""
-    qb, bh, row = tile_coords(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HEAD_MAJOR)
+    qb, bh, row = tile_coords(tile, H_Q, H_C, QB0, N_ROWS, N_TILES, HEAD_MAJOR)
     diag_start = (qb // SEG_BLOCKS) * SEG_BLOCKS
     c0 = ((bh // H_Q) * H_C + (bh % H_Q) // (H_Q // H_C)) * N_CTX
     o0 = ((bh // H_Q) * H_KV + (bh % H_Q) // (H_Q // H_KV)) * N_CTX

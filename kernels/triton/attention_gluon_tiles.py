@@ -17,7 +17,7 @@ tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @gluon.jit
-def tile_coords(tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HEAD_MAJOR: gl.constexpr):
+def tile_coords(tile, H_Q, H_C, QB0, N_ROWS, N_TILES, HEAD_MAJOR: gl.constexpr):
     """Query block, batch-head and plan row of ``tile``, latest query blocks (longest rows) first.
     HEAD_MAJOR: the tiles of one copy head (its H_q / H_c query heads, all query blocks) run together,
     so the programs working at one time read one copy head's K/V, and scattered kept blocks come from
