@@ -46,6 +46,8 @@ VARIANTS = {
     "ws64_s4": ("ws", {"BLOCK_N": 64, "warp_specialize": True, "num_stages": 4}),
     # the persistent Gluon kernel with two K slots instead of three (head_dim 128)
     "persistent_k2": ("persistent", {"k_stages": 2, "v_stages": 2}),
+    # ... with two K slots and three V slots (a V slot frees a step later than a K slot)
+    "persistent_v3": ("persistent", {"k_stages": 2, "v_stages": 3}),
     # ... taking tiles from an atomic counter instead of a fixed stride
     "persistent_dyn": ("persistent", {"dynamic": True}),
     # ... tiles ordered by query block first (every batch-head of one query block together)
@@ -155,10 +157,32 @@ def flex_block_mask(plan, h_q: int, h_kv: int):
 # -- timing -----------------------------------------------------------------------------------
 
 
+GRAPH = False  # --graph: time CUDA-graph replays of each call
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph after two warm-up calls on a side stream (compiling, autotuning,
+    allocating): its replay runs the same GPU work without the host's launch work."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def bench(fn) -> float:
-    """Median ms of fn() with do_bench; warm-up and repeat windows scale with one call's time."""
+    """Median ms of fn() with do_bench (L2 flushed before every call); warm-up and repeat windows
+    scale with one call's time. With ``GRAPH``, fn's CUDA-graph replay is timed instead: GPU time
+    alone, as in ``pbs prefill`` and ``pbs profile``, which replay graphs too."""
     import triton.testing
 
+    if GRAPH:
+        fn = graphed(fn)
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -190,9 +214,13 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel-only", action="store_true",
                     help="also time every copying mode with its K/V copies made beforehand (column MODE/k)")
     ap.add_argument("--block", type=int, default=BLOCK, help="plan block size (128: the gpu preset; 64: default)")
+    ap.add_argument("--graph", action="store_true",
+                    help="time CUDA-graph replays (GPU time without the host's launch work)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     set_block(args.block)
+    global GRAPH
+    GRAPH = args.graph
 
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -203,7 +231,7 @@ def main(argv=None) -> int:
 
     dev = torch.device("cuda")
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": sys.argv}
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": sys.argv, "graph": args.graph}
     print(json.dumps(env), flush=True)
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "kernel_bench.jsonl"), "a")
@@ -311,7 +339,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
 
     # -- table last --
-    print("\nms (median); x = cuDNN dense / time; ideal = density x cuDNN; ratio = time / ideal; TF/s on kept blocks")
+    print("\n" + ("CUDA-graph replays, " if GRAPH else "") + "ms (median); x = cuDNN dense / time; ideal = density x cuDNN; ratio = time / ideal; TF/s on kept blocks")
     hdr = f"{'shape':8} {'N':>6} {'dens':>6} {'cuDNN':>8} {'flex':>8} " + " ".join(f"{m:>8}" for m in modes) + \
         f" {'best':>6} {'TF/s':>5} {'x':>5} {'ratio':>5} {'vsflex':>6}"
     print(hdr)

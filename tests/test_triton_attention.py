@@ -306,7 +306,8 @@ def test_bad_inputs_say_what_to_do():
 def test_auto_read_mode_needs_no_plan_values():
     """``auto`` chooses its read mode from shapes and the device alone: on a plan whose tensors hold no
     data (meta device) it still answers, so choosing cannot synchronize with the GPU. Off Hopper (here:
-    the meta device) "ws" never applies and the length decides between remap and copy + TMA."""
+    the meta device) the Gluon and "ws" kernels never apply and the length decides between remap and
+    copy + TMA."""
     def meta_plan(n, block=128, h_q=32, h_kv=8):
         nb = -(-n // block)
         return PermutedBlockMask(torch.empty(1, h_kv, n, dtype=torch.int32, device="meta"),
@@ -326,4 +327,5 @@ def test_auto_read_mode_needs_no_plan_values():
         assert A.choose_perm_mode(meta_plan(131072), on_gpu[..., :64]) == "tma"
         smol = torch.empty(1, 9, 8, 64, device=DEVICE, dtype=torch.bfloat16)  # SmolLM2: copies of 24 MiB at 32K
         assert A.copies_fit_l2(smol, 3, 32768) and not A.copies_fit_l2(smol, 3, 131072)
-        assert A.choose_perm_mode(meta_plan(32768, h_q=9, h_kv=3), smol) == "tma"
+        assert A.choose_perm_mode(meta_plan(32768, h_q=9, h_kv=3), smol) == "persistent"
+        assert A.choose_perm_mode(meta_plan(32768, block=64, h_q=9, h_kv=3), smol) == "tma"

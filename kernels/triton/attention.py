@@ -24,11 +24,12 @@ from .permute_kernel import _gather_rows_kernel
 SUPPORTED_HEAD_DIMS = (64, 128)
 # 0-2: attention_kernel's PERM_MODE; 3: attention_ws_kernel; 4: attention_gluon_kernel (Hopper only)
 PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3, "persistent": 4}
-# Default way of reading permuted keys: "auto" picks "persistent" on Hopper for head_dim 128 (fp16/
-# bf16, 128-token blocks), "ws" for head_dim 128 in fp32 there; else "remap" for short sequences and
-# "tma" for long ones (BENCHMARKS.md, "Attention kernel (H100)", seventh session). For head_dim 64 the
-# persistent kernel measured faster than "tma" at 32K with 10-100% of the blocks kept in one version
-# and slower in the final one: not picked. PBS_PERM_MODE=remap|gather|tma|ws|persistent overrides it.
+# Default way of reading permuted keys: "auto" picks "persistent" on Hopper in fp16/bf16 with 128-token
+# blocks (head_dim 64 and 128), "ws" for head_dim 128 in fp32 there; else "remap" for short sequences
+# and "tma" for long ones (BENCHMARKS.md, "Attention kernel (H100)", eighth session: for head_dim 64
+# the persistent kernel measured faster than "tma" at 32K and 128K with 5-100% of the blocks kept once
+# its softmax masked the diagonal block alone). PBS_PERM_MODE=remap|gather|tma|ws|persistent overrides
+# it.
 DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "auto")
 # Sequence length from which "auto" reads permuted keys from a copy through TMA instead of remapping
 # (when "ws" does not apply). Measured on an H100 (bf16, 128-token blocks, fourth session, with the
@@ -173,12 +174,12 @@ def copies_for(mode: str, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor):
 
 
 def choose_perm_mode(plan: PermutedBlockMask, q: torch.Tensor) -> str:
-    """The "auto" read mode for ``plan`` and queries ``q``. On Hopper, for head_dim 128 and 128-token
-    blocks: "persistent" (the persistent Gluon kernel) in fp16/bf16, where it measured fastest at 32K
-    and 128K with 5-100% of the blocks kept, else "ws" (the warp-specialized Triton kernel). Otherwise
-    "tma" (permuted copy, descriptor loads) for long sequences, where rows keep many blocks, and
-    "remap" for short ones (BENCHMARKS.md). Reads only shapes and the device: no host
-    synchronization."""
+    """The "auto" read mode for ``plan`` and queries ``q``. On Hopper with 128-token blocks:
+    "persistent" (the persistent Gluon kernel) in fp16/bf16, where it measured fastest for head_dim 64
+    and 128 at 32K and 128K with 5-100% of the blocks kept; in fp32, "ws" (the warp-specialized Triton
+    kernel) for head_dim 128. Otherwise "tma" (permuted copy, descriptor loads) for long sequences,
+    where rows keep many blocks, and "remap" for short ones (BENCHMARKS.md). Reads only shapes and the
+    device: no host synchronization."""
     return _auto_mode(plan.seq_len, plan.block_size, q)
 
 
@@ -202,8 +203,10 @@ def copies_fit_l2(q: torch.Tensor, kv_heads: int, seq_len: int) -> bool:
 
 
 def _auto_mode(seq_len: int, block_size: int, q: torch.Tensor) -> str:
+    if persistent_supported(q, block_size):
+        return "persistent"
     if q.is_cuda and q.shape[-1] == 128 and block_size == 128 and _is_hopper(q.device.index or 0):
-        return "persistent" if persistent_supported(q, block_size) else "ws"
+        return "ws"
     return "tma" if seq_len >= TMA_MIN_SEQ_LEN else "remap"
 
 

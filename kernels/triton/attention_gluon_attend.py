@@ -24,10 +24,13 @@ from .attention_gluon_tiles import received_tile, release, tile_coords
 
 
 @gluon.jit
-def _softmax_step(qk, m_i, l_i, lim, offs_c, qk_scale):
-    """Online-softmax step for one block of scores qk (ROWS, BLOCK); keys past ``lim`` (per row) are
-    masked. Returns the probabilities, the rescale factor of earlier sums, the new max and sum."""
-    qk = gl.where(gl.expand_dims(offs_c, 0) <= gl.expand_dims(lim, 1), qk, float("-inf"))
+def _softmax_step(qk, m_i, l_i, diag, offs_r, offs_c, qk_scale):
+    """Online-softmax step for one block of scores qk (ROWS, BLOCK); on the diagonal block (``diag``)
+    key c is masked for query row r when c > r (only there: the compare and select cost a quarter of
+    the step's instructions). Returns the probabilities, the rescale factor of earlier sums, the new
+    max and sum."""
+    if diag:
+        qk = gl.where(gl.expand_dims(offs_c, 0) <= gl.expand_dims(offs_r, 1), qk, float("-inf"))
     m_ij = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
     p = gl.exp2(qk * qk_scale - gl.expand_dims(m_ij, 1))
     alpha = gl.exp2(m_i - m_ij)
@@ -35,7 +38,7 @@ def _softmax_step(qk, m_i, l_i, lim, offs_c, qk_scale):
 
 
 @gluon.jit
-def _first_block(q, k_smem, k_ready, k_empty, c, m_i, l_i, lim, offs_c, qk_scale, zero_s,
+def _first_block(q, k_smem, k_ready, k_empty, c, m_i, l_i, diag, offs_r, offs_c, qk_scale, zero_s,
                  K_STAGES: gl.constexpr):
     """The block at ring position c with no P V to overlap: its QKᵀ, then its softmax from state
     (m_i, l_i). Returns (p, m_i, l_i)."""
@@ -44,12 +47,12 @@ def _first_block(q, k_smem, k_ready, k_empty, c, m_i, l_i, lim, offs_c, qk_scale
     qk = warpgroup_mma(q, k_smem.index(sk).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
     release(k_empty, sk)
-    p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lim, offs_c, qk_scale)
+    p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, diag, offs_r, offs_c, qk_scale)
     return p, m_i, l_i
 
 
 @gluon.jit
-def _overlapped_block(q, p_op, acc, m_i, l_i, c, lim, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+def _overlapped_block(q, p_op, acc, m_i, l_i, c, diag, offs_r, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                       offs_c, qk_scale, zero_s, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
     """The QKᵀ of the block at ring position c (q: its tile's rows), issued before the P V of the
     block before it (p_op, into acc); block c's softmax from state (m_i, l_i) runs while that P V is
@@ -62,7 +65,7 @@ def _overlapped_block(q, p_op, acc, m_i, l_i, c, lim, k_smem, v_smem, k_ready, v
     acc = warpgroup_mma(p_op, v_smem.index(sv), acc, is_async=True)
     qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))
     release(k_empty, sk)
-    p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lim, offs_c, qk_scale)
+    p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, diag, offs_r, offs_c, qk_scale)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     release(v_empty, sv)
     return acc, p, alpha, m_i, l_i
@@ -128,7 +131,7 @@ def attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_read
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-    meta_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    meta_layout: gl.constexpr = gl.BlockedLayout([4], [32], [4], [0])  # each thread holds all 4 words
     dtype: gl.constexpr = q_smem.dtype
 
     offs_r = HALF * ROWS + gl.arange(0, ROWS, s_rows)  # query row within the plan block
@@ -142,20 +145,20 @@ def attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_read
     while tile < N_TILES:
         q = q_smem.index(i % 2).slice(HALF * ROWS, ROWS)
         p, m_i, l_i = _first_block(q, k_smem, k_ready, k_empty, c, gl.full([ROWS], -1.0e30, gl.float32, s_rows),
-                                   gl.zeros([ROWS], gl.float32, s_rows), gl.where(diag_t == 0, offs_r, BLOCK),
-                                   offs_c, qk_scale, zero_s, K_STAGES)
+                                   gl.zeros([ROWS], gl.float32, s_rows), diag_t == 0, offs_r, offs_c, qk_scale,
+                                   zero_s, K_STAGES)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
         c += 1
         for t in range(1, num):
-            acc, p, alpha, m_i, l_i = _overlapped_block(q, p_op, acc, m_i, l_i, c, gl.where(t == diag_t, offs_r, BLOCK),
-                                                        k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, offs_c,
+            acc, p, alpha, m_i, l_i = _overlapped_block(q, p_op, acc, m_i, l_i, c, t == diag_t, offs_r, k_smem,
+                                                        v_smem, k_ready, v_ready, k_empty, v_empty, offs_c,
                                                         qk_scale, zero_s, K_STAGES, V_STAGES)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             c += 1
+        release(q_empty, i % 2)  # the tile's last QKᵀ is done: the loader may refill this q buffer
         acc = _last_pv(p_op, acc, c, v_smem, v_ready, v_empty, V_STAGES)
-        release(q_empty, i % 2)
         _store_tile(O, acc, l_i, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, HEAD_MAJOR)
         i += 1
         tile, num, diag_t = received_tile(tile_smem, q_ready, i, meta_layout)

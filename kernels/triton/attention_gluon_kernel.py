@@ -83,7 +83,7 @@ def _load_q_k_partition(q_desc, k_desc, ko_desc, q_smem, k_smem, tile_smem, q_re
     """One warp: picks the tiles (a stride, or an atomic counter), reads each tile's plan row length
     and diagonal position once and hands them with the tile index to the other partitions
     (``tile_smem``, beside the q buffer), loads the tile's q and the K tiles of its kept blocks."""
-    meta_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    meta_layout: gl.constexpr = gl.BlockedLayout([4], [32], [1], [0])
     c = 0  # K tiles loaded by this program (ring position)
     i = 0  # tiles started by this program (q buffer)
     tile = gl.program_id(0)
@@ -121,7 +121,7 @@ def _load_v_partition(v_desc, vo_desc, v_smem, tile_smem, q_ready, v_ready, v_em
                       HEAD_MAJOR: gl.constexpr):
     """One warp: loads the V tiles of each tile's kept blocks, in its own ring, so that K loads run
     ahead of V loads (a V slot frees later than a K slot: after the P V product)."""
-    meta_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    meta_layout: gl.constexpr = gl.BlockedLayout([4], [32], [1], [0])
     c = 0
     i = 0
     tile, num, diag_t = received_tile(tile_smem, q_ready, 0, meta_layout)
