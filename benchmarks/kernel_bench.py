@@ -182,7 +182,12 @@ def bench(fn) -> float:
     import triton.testing
 
     if GRAPH:
-        fn = graphed(fn)
+        try:
+            fn = graphed(fn)
+        except Exception as e:  # noqa: BLE001 - say so, time it eagerly
+            print(f"graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); timed eagerly",
+                  flush=True)
+            torch.cuda.synchronize()
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
