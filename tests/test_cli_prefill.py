@@ -69,7 +69,8 @@ def test_threshold_one_compare_dense_is_faithful(runner, offline_env, tiny_model
 
 
 def test_compare_dense_alternates_the_timed_passes(runner, offline_env, tiny_model_dir, doc, monkeypatch):
-    """PBS and dense forwards are timed in alternation (drift in clocks or load reaches both alike)."""
+    """PBS and dense forwards are timed in alternation, the order reversed every other round (drift in
+    clocks or load, and what a pass leaves behind for the next, reach both alike)."""
     from pbs_cli import integration
 
     seen = []
@@ -78,7 +79,8 @@ def test_compare_dense_alternates_the_timed_passes(runner, offline_env, tiny_mod
     res = invoke(runner, doc, "--model", tiny_model_dir, *SMALL, "--compare-dense", "--warmup", "1", "--iters", "2",
                  "--json")
     assert res.exit_code == 0, res.stderr
-    rounds = [integration.NAME, integration.DENSE_NAME] * 3  # warm-up round, then the two timed rounds
+    pbs, dense = integration.NAME, integration.DENSE_NAME
+    rounds = [pbs, dense, dense, pbs, pbs, dense]  # warm-up round, then the two timed rounds
     assert any(seen[i : i + 6] == rounds for i in range(len(seen))), seen
     rec = json.loads(res.stdout)
     assert len(rec["prefill_ms_all"]) == len(rec["dense_prefill_ms_all"]) == 2

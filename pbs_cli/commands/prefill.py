@@ -139,7 +139,8 @@ class PrefillSpec:
 def run_prefills(model, input_ids, specs: list[PrefillSpec], config, warmup: int, iters: int,
                  dense: dense_sdpa.DenseChoice | None = None) -> list[PrefillResult]:
     """Time ``iters`` forward passes (after ``warmup``) of each spec, alternating the specs in every
-    round, so that drift in clocks, temperature or host load during the runs reaches them alike; dense
+    round and reversing their order every other round (A B, B A, ...), so that drift in clocks,
+    temperature or host load, and whatever the previous pass leaves behind, reach them alike; dense
     calls run on SDPA backend ``dense``. One result per spec, with per-layer stats of its last pass."""
     import torch
 
@@ -148,7 +149,8 @@ def run_prefills(model, input_ids, specs: list[PrefillSpec], config, warmup: int
     last: list[tuple | None] = [None for _ in specs]
     with torch.inference_mode():
         for i in range(warmup + iters):
-            for j, spec in enumerate(specs):
+            order = list(enumerate(specs))
+            for j, spec in (order if i % 2 == 0 else order[::-1]):
                 integration.set_attention(model, spec.attn)
                 recorder = integration.Recorder()
                 with integration.pbs_run(config, recorder, dense, spec.record_dense):
