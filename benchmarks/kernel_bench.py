@@ -8,6 +8,7 @@ kernel against the PyTorch reference in bf16, then times every method with
     python benchmarks/kernel_bench.py --out $OUT              # everything (Llama + SmolLM2, 32K, 128K)
     python benchmarks/kernel_bench.py --lens 32k --sweep      # also sweep tile configs at 32K
     python benchmarks/kernel_bench.py --block 64              # 64-token plans (the default preset's)
+    python benchmarks/kernel_bench.py --graph --kernel-only   # CUDA-graph replays: GPU time, no host launch work
 
 Methods: cuDNN and FLASH SDPA (dense causal; K/V repeated to H_q heads outside the timing),
 compiled ``flex_attention`` with an equivalent ``BlockMask`` (K/V permuted up front, outside the
