@@ -265,7 +265,9 @@ def test_plan_rows_chunk_writes_only_its_rows(mode):
 
 @pytest.mark.parametrize("h_kv,h_perm,d", [(2, 2, 64), (1, 4, 128), (3, 3, 64)])
 def test_permuted_copy_equals_the_reference_gather(h_kv, h_perm, d):
-    """The Triton row gather of keys into permuted order, also from a transposed (B, N, H, D) view."""
+    """The Triton row gather of keys into permuted order, also from a transposed (B, N, H, D) view; keys
+    and values in one launch give what two launches give (and tensors of different shapes fall back to
+    one launch each)."""
     n = 333
     g = torch.Generator().manual_seed(10)
     x = torch.randn(2, n, h_kv, d, generator=g).to(DTYPES[0]).to(DEVICE).transpose(1, 2)  # strided, like transformers'
@@ -277,6 +279,12 @@ def test_permuted_copy_equals_the_reference_gather(h_kv, h_perm, d):
     assert both.is_contiguous() and both.shape == (2, h_perm, 2 * n, d)
     assert torch.equal(both[:, :, :n], got)
     assert torch.equal(both[:, :, n:], x.repeat_interleave(h_perm // h_kv, 1))
+    y = torch.randn(2, h_kv, n, d, generator=g).to(DTYPES[0]).to(DEVICE)  # values: another layout, one launch
+    for orig in (False, True):
+        kp, vp = A.permuted_copies((x, y), perm.to(torch.int32), with_original=orig)
+        assert torch.equal(kp, A.permuted_copy(x, perm.to(torch.int32), with_original=orig))
+        assert torch.equal(vp, A.permuted_copy(y, perm.to(torch.int32), with_original=orig))
+    assert torch.equal(A.permuted_copies((x, y[..., :32].contiguous()), perm)[1], R.permute_keys(y[..., :32], perm))
 
 
 def test_supports():

@@ -145,23 +145,32 @@ def permuted_copy(x: torch.Tensor, perm: torch.Tensor, with_original: bool = Fal
     (B, H_perm, 2N, D): rows [0, N) permuted, rows [N, 2N) the same head's keys in original order (what
     the "ws" mode reads). One Triton row gather (``permute_kernel._gather_rows_kernel``) for head_dim a
     power of two; twin and fallback: ``reference.permute_keys``."""
+    return permuted_copies((x,), perm, with_original)[0]
+
+
+def permuted_copies(xs: tuple[torch.Tensor, ...], perm: torch.Tensor, with_original: bool = False) -> tuple:
+    """``permuted_copy`` of each tensor of ``xs`` (keys and values), one Triton launch per pair of
+    tensors of the same shape and dtype: the pair shares its permutation-index loads, and a launch
+    less matters where copies take microseconds (CUDA-graph replays at 32K)."""
     b, h_perm, n = perm.shape
-    h_kv, d = x.shape[1], x.shape[-1]
-    if d & (d - 1) or not (x.is_cuda or _interpreting()):
-        out = reference.permute_keys(x, perm)
+    h_kv, d = xs[0].shape[1], xs[0].shape[-1]
+    if d & (d - 1) or not (xs[0].is_cuda or _interpreting()):
+        outs = tuple(reference.permute_keys(x, perm) for x in xs)
         if with_original:
-            out = torch.cat([out, x.repeat_interleave(h_perm // h_kv, 1)], 2)
-        return out.contiguous()
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+            outs = tuple(torch.cat([o, x.repeat_interleave(h_perm // h_kv, 1)], 2) for o, x in zip(outs, xs))
+        return tuple(o.contiguous() for o in outs)
+    if len(xs) > 2 or len(xs) == 2 and (xs[0].shape != xs[1].shape or xs[0].dtype != xs[1].dtype):
+        return tuple(out for x in xs for out in permuted_copies((x,), perm, with_original))
+    xs = tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
     perm = perm.to(torch.int32).contiguous()
-    out = torch.empty(b, h_perm, 2 * n if with_original else n, d, dtype=x.dtype, device=x.device)
+    outs = tuple(torch.empty(b, h_perm, 2 * n if with_original else n, d, dtype=x.dtype, device=x.device) for x in xs)
+    x, y = xs[0], xs[-1]
     block = 64 if not _interpreting() else 1024
     grid = (triton.cdiv(n, block), b * h_perm)
     kernel = _gather_rows_kernel if x.is_cuda else _interpreted(_gather_rows_kernel)
-    kernel[grid](x, perm, out, n, h_kv, h_perm, x.stride(0), x.stride(1), x.stride(2), BLOCK=block, HEAD_DIM=d,
-                 WITH_ORIGINAL=with_original, **({"num_warps": 4} if x.is_cuda else {}))
-    return out
+    kernel[grid](x, y, perm, outs[0], outs[-1], n, h_kv, h_perm, *x.stride()[:3], *y.stride()[:3], BLOCK=block,
+                 HEAD_DIM=d, WITH_ORIGINAL=with_original, PAIR=len(xs) == 2, **({"num_warps": 4} if x.is_cuda else {}))
+    return outs
 
 
 def copies_for(mode: str, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor):
@@ -170,7 +179,7 @@ def copies_for(mode: str, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor):
     original k and v for those blocks)."""
     if mode == "remap":
         return None
-    return tuple(permuted_copy(x, perm, with_original=mode == "ws") for x in (k, v))
+    return permuted_copies((k, v), perm, with_original=mode == "ws")
 
 
 def choose_perm_mode(plan: PermutedBlockMask, q: torch.Tensor) -> str:
