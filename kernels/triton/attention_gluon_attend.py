@@ -1,17 +1,20 @@
 """Consumer side of the persistent Gluon attention kernel (``attention_gluon_kernel``).
 
 Two warp groups per program, each computing 64 of a tile's 128 query rows: QKᵀ and P V on the tensor
-cores (wgmma, asynchronous), the online softmax in registers (base 2, log2(e)-folded scale), the
-diagonal block (a row's last entry when kept) with the token-level causal mask.
+cores (wgmma, asynchronous), the online softmax in registers (base 2, log2(e)-folded scale). Only the
+diagonal block (a row's last entry when kept) takes the token-level causal mask; the other blocks
+skip it.
 
 Within a tile, block t's QKᵀ is issued before block t-1's P V and block t's softmax runs while that
 P V is on the tensor cores (FlashAttention-3's overlap within a warp group, ``_overlapped_block``);
 a tile's first block runs alone (``_first_block``), and so does its last P V (``_last_pv``). (A loop
 that also overlapped a tile's last P V with the next tile's first QKᵀ and softmax measured no faster
-on the H100 in its final form: BENCHMARKS.md, seventh session.)
+on the H100 in its final form: BENCHMARKS.md, seventh session. Nor did FlashAttention-3's ping-pong,
+the two groups issuing their products in turn: eighth session.)
 
 A group releases a K or V slot, or its half of a q buffer, once every warp of the group is done with
-it (``tiles.release``). Tiles without kept blocks write zeros (``_first_kept``).
+it (``tiles.release``): a q buffer after the tile's last QKᵀ. Tiles without kept blocks write zeros
+(``_first_kept``).
 """
 
 from __future__ import annotations
