@@ -324,3 +324,18 @@ def test_rope_scaling_stretches_the_loaded_model_past_its_context(runner, offlin
     for bad in (["--rope-scaling", "yarn"], ["--beyond-context", "--rope-scaling", "ntk"]):
         res = invoke(runner, long_doc, "--model", tiny_model_dir, *SMALL, *bad)
         assert res.exit_code == errors.USAGE and "--rope-scaling" in res.stderr, res.stderr
+
+
+def test_speedup_caveat_names_identical_forwards_and_overlapping_spreads():
+    """The speedup row says when both passes ran the same dense forward, or when the two sets of
+    times overlap (the speedup is then within their run-to-run spread), and nothing otherwise."""
+    from pbs_cli.commands.prefill import speedup_caveat
+
+    def rec(sparse, pbs, dense):
+        return {"layer_summary": {"sparse_layers": sparse, "dense_layers": 30 - sparse},
+                "prefill_ms_all": pbs, "dense_prefill_ms_all": dense}
+
+    assert "same dense forward" in speedup_caveat(rec(0, [23.0, 22.0, 22.7], [22.1, 21.3, 21.6]))
+    assert "spread" in speedup_caveat(rec(30, [50.0, 53.0], [52.0, 55.0]))
+    assert speedup_caveat(rec(30, [484.0, 483.6, 483.5], [1416.5, 1410.0, 1420.0])) == ""
+    assert speedup_caveat(rec(30, [50.0], [52.0])) == ""  # one run each: no spread to compare

@@ -136,6 +136,19 @@ class PrefillSpec:
     record_dense: str | None = None
 
 
+def speedup_caveat(rec: dict) -> str:
+    """What the speedup of a ``--compare-dense`` record does not show by itself: that both passes ran
+    the same dense forward (every layer dense), or that the PBS and dense times overlap over the runs
+    (the difference is within their run-to-run spread). Empty otherwise."""
+    summary = rec["layer_summary"]
+    if summary["sparse_layers"] == 0 and summary["dense_layers"] > 0:
+        return " (both passes ran the same dense forward: the difference is run-to-run spread)"
+    t, d = rec["prefill_ms_all"], rec["dense_prefill_ms_all"]
+    if len(t) > 1 and len(d) > 1 and min(t) <= max(d) and min(d) <= max(t):
+        return " (within the run-to-run spread of the two: their min-max ranges overlap)"
+    return ""
+
+
 def run_prefills(model, input_ids, specs: list[PrefillSpec], config, warmup: int, iters: int,
                  dense: dense_sdpa.DenseChoice | None = None) -> list[PrefillResult]:
     """Time ``iters`` forward passes (after ``warmup``) of each spec, alternating the specs in every
@@ -369,8 +382,10 @@ def print_summary(rec: dict[str, Any]) -> None:
         table.add_row("dense because", "; ".join(dense_reasons))
     if "dense_prefill_ms" in rec:
         backend = (rec.get("dense_sdpa") or {}).get("backend", "PyTorch's choice")
-        table.add_row("dense SDPA prefill", f"{_fmt_ms(rec['dense_prefill_ms'])} ({backend})")
-        table.add_row("speedup", f"{rec['speedup']:.2f}x vs dense SDPA")
+        d = rec["dense_prefill_ms_all"]
+        d_spread = f"  (min {min(d):.1f}, max {max(d):.1f})" if len(d) > 1 else ""
+        table.add_row("dense SDPA prefill", f"{_fmt_ms(rec['dense_prefill_ms'])} ({backend}){d_spread}")
+        table.add_row("speedup", f"{rec['speedup']:.2f}x vs dense SDPA" + speedup_caveat(rec))
         table.add_row("top-1 agreement", f"{rec['top1_agreement']:.2%} of {rec['prompt_tokens']} positions")
         table.add_row("mean KL(dense||pbs)", f"{rec['mean_kl']:.4f} nats")
     g = rec.get("generation")
