@@ -329,6 +329,11 @@ def _layer_summary(layers: list[integration.LayerStat]) -> dict[str, Any]:
     }
 
 
+def _spread(times: list[float]) -> str:
+    """'  (min a, max b over n runs)' for a list of pass times in ms; empty for a single run."""
+    return f"  (min {min(times):.1f}, max {max(times):.1f} over {len(times)} runs)" if len(times) > 1 else ""
+
+
 def _other_params(config: dict[str, Any]) -> str:
     """', name value' for every further PBS parameter that differs from its default."""
     from pbs_kernels import PBSConfig
@@ -357,9 +362,7 @@ def print_summary(rec: dict[str, Any]) -> None:
     if rec["truncated"]:
         toks += f" (truncated from {rec['document_tokens']})"
     table.add_row("prompt tokens", toks)
-    t = rec["prefill_ms_all"]
-    spread = f"  (min {min(t):.1f}, max {max(t):.1f} over {len(t)} runs)" if len(t) > 1 else ""
-    table.add_row("prefill time", _fmt_ms(rec["prefill_ms"]) + spread
+    table.add_row("prefill time", _fmt_ms(rec["prefill_ms"]) + _spread(rec["prefill_ms_all"])
                   + ("  [--compile: norms, RoPE and MLP compiled; attention eager]" if rec.get("compiled") else ""))
     table.add_row("throughput", f"{rec['tokens_per_s']:,.0f} tokens/s")
     c = rec["config"]
@@ -382,9 +385,8 @@ def print_summary(rec: dict[str, Any]) -> None:
         table.add_row("dense because", "; ".join(dense_reasons))
     if "dense_prefill_ms" in rec:
         backend = (rec.get("dense_sdpa") or {}).get("backend", "PyTorch's choice")
-        d = rec["dense_prefill_ms_all"]
-        d_spread = f"  (min {min(d):.1f}, max {max(d):.1f})" if len(d) > 1 else ""
-        table.add_row("dense SDPA prefill", f"{_fmt_ms(rec['dense_prefill_ms'])} ({backend}){d_spread}")
+        table.add_row("dense SDPA prefill",
+                      f"{_fmt_ms(rec['dense_prefill_ms'])} ({backend})" + _spread(rec["dense_prefill_ms_all"]))
         table.add_row("speedup", f"{rec['speedup']:.2f}x vs dense SDPA" + speedup_caveat(rec))
         table.add_row("top-1 agreement", f"{rec['top1_agreement']:.2%} of {rec['prompt_tokens']} positions")
         table.add_row("mean KL(dense||pbs)", f"{rec['mean_kl']:.4f} nats")
