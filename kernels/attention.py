@@ -104,12 +104,14 @@ def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, con
     from .triton import select as fast_select
 
     _check_shapes(q, k, v)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # once, not in every chunk's launch
     n = q.shape[2]
     bs, seg = config.block_size, config.segment_size
+    mode = fast.resolve_perm_mode(n, bs, q)
+    if not fast.keeps_layout(mode, q, k, v):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # once, not in every chunk's launch
     perm = compute_permutation(q, k, config, scale)
-    copies = fast.copies_for(fast.resolve_perm_mode(n, bs, q), k, v, perm)  # one copy of K/V for every chunk
-    out = torch.empty_like(q)  # contiguous, like q now
+    copies = fast.copies_for(mode, k, v, perm)  # one copy of K/V for every chunk
+    out = torch.empty_like(q)  # laid out like q now
     nums = []
     for r0, num, idx in fast_select.select_row_chunks(q, k, perm, config, scale, rows):
         fast.pbs_attention(q, k, v, PermutedBlockMask(perm, num, idx, bs, seg, n, row_offset=r0), scale,

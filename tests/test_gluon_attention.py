@@ -88,6 +88,28 @@ def test_persistent_empty_rows_write_zeros(head_major):
 
 
 @needs_hopper
+@pytest.mark.parametrize("d", [64, 128])
+def test_persistent_reads_token_major_views_in_place(d):
+    """q, k, v as transformers passes them, (B, H, N, D) views of (B, N, H, D)-contiguous tensors: the
+    persistent kernel reads them without copies and writes its output in that layout, bit-identical
+    to the same call on contiguous copies; batch 2, GQA 3, an odd length, whole plans and a row chunk."""
+    n, h_q, h_kv = 1100, 6, 2
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in qkv(2, h_q, h_kv, n, d, torch.bfloat16, seed=5))
+    assert all(A.token_major(x) for x in (q, k, v)) and A.keeps_layout("persistent", q, k, v)
+    plan = to_device(random_plan(2, h_q, h_kv, n, 128, 256, p=0.4, seed=5))
+    want = A.pbs_attention(q.contiguous(), k.contiguous(), v.contiguous(), plan, perm_mode="persistent")
+    got = A.pbs_attention(q, k, v, plan, perm_mode="persistent")
+    assert A.token_major(got)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    out = torch.full_like(q, float("nan"))  # token-major too, and a chunk of rows
+    part = PermutedBlockMask(plan.perm, plan.kv_num_blocks[:, :, 2:5].contiguous(),
+                             plan.kv_indices[:, :, 2:5].contiguous(), 128, 256, n, row_offset=2)
+    A.pbs_attention(q, k, v, part, perm_mode="persistent", out=out, permuted=A.copies_for("persistent", k, v, plan.perm))
+    torch.testing.assert_close(out[:, :, 256:640], want[:, :, 256:640], atol=0, rtol=0)
+    assert out[:, :, :256].isnan().all() and out[:, :, 640:].isnan().all()
+
+
+@needs_hopper
 def test_persistent_row_chunk_writes_only_its_rows():
     n = 1100
     q, k, v = qkv(1, 4, 2, n, 64, torch.bfloat16, seed=9)

@@ -99,7 +99,7 @@ for d in (64, 128):
     k_stages, v_stages = A._persistent_stages(d)
     for dynamic in (True, False):  # both tile pickings, both tile orders
         consts = dict(SEG_BLOCKS=2, BLOCK=128, HEAD_DIM=d, K_STAGES=k_stages, V_STAGES=v_stages, DYNAMIC=dynamic,
-                      HEAD_MAJOR=dynamic)
+                      HEAD_MAJOR=dynamic, TOKEN_MAJOR=not dynamic)
         sig = {**{n: desc for n in ("q_desc", "k_desc", "v_desc", "ko_desc", "vo_desc")}, "O": "*bf16",
                "KV_NUM": "*i32", "KV_IDX": "*i32", "COUNTER": "*i32", "qk_scale": "fp32",
                **{n: "i32" for n in ("N_CTX", "H_Q", "H_C", "H_KV", "QB0", "N_ROWS", "N_KB", "N_TILES")},

@@ -287,6 +287,20 @@ def test_permuted_copy_equals_the_reference_gather(h_kv, h_perm, d):
     assert torch.equal(A.permuted_copies((x, y[..., :32].contiguous()), perm)[1], R.permute_keys(y[..., :32], perm))
 
 
+def test_only_the_persistent_mode_keeps_token_major_layouts():
+    """transformers' q, k, v are (B, H, N, D) views of (B, N, H, D)-contiguous tensors: the persistent
+    kernel reads them as they are, every other read mode (and any other layout) gets contiguous copies."""
+    x = torch.empty(2, 5, 3, 16, device=DEVICE)  # (B, N, H, D)
+    tm, hm = x.transpose(1, 2), x.transpose(1, 2).contiguous()
+    assert A.token_major(tm) and not A.token_major(hm) and not A.token_major(tm[:, :, ::2])
+    assert A.keeps_layout("persistent", tm, tm, tm)
+    assert not A.keeps_layout("persistent", tm, hm, tm) and not A.keeps_layout("tma", tm, tm, tm)
+    q, k, v = (torch.randn(1, 5, h, 64, device=DEVICE).to(DTYPES[0]).transpose(1, 2) for h in (4, 2, 2))
+    plan = to_device(random_plan(1, 4, 2, 5, 16, 32, p=1.0))
+    out = A.pbs_attention(q, k, v, plan)  # a copying mode here: contiguous output
+    assert out.is_contiguous()
+
+
 def test_supports():
     dtype = DTYPES[0]
     assert A.supports(torch.empty(1, 2, 8, 64, dtype=dtype, device=DEVICE))

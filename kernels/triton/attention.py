@@ -219,6 +219,19 @@ def _auto_mode(seq_len: int, block_size: int, q: torch.Tensor) -> str:
     return "tma" if seq_len >= TMA_MIN_SEQ_LEN else "remap"
 
 
+def token_major(x: torch.Tensor) -> bool:
+    """Whether x (B, H, N, D) is a view of a (B, N, H, D)-contiguous tensor, as transformers' q, k and
+    v are (its projections give (B, N, H·D), viewed and transposed)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+
+
+def keeps_layout(mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether read mode ``mode`` reads q, k, v as they are, without contiguous copies: the persistent
+    kernel reads (B, N, H, D)-contiguous views directly (and writes its output in that layout), when
+    all three are such views; every other case copies them to (B, H, N, D) first."""
+    return mode == "persistent" and all(token_major(x) for x in (q, k, v))
+
+
 def resolve_perm_mode(seq_len: int, block_size: int, q: torch.Tensor, perm_mode: str | None = None) -> str:
     """The read mode ``pbs_attention`` uses for ``perm_mode`` (None: ``DEFAULT_PERM_MODE``; "auto":
     ``choose_perm_mode``'s rule on CUDA, "remap" in the interpreter) on a plan of ``seq_len`` tokens in
@@ -251,10 +264,11 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     config: tile config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}; None = the measured
         default (``_default_config``); "autotune" = tune on CUDA over ``_cuda_configs`` (also when
         ``PBS_AUTOTUNE=1``), once per plan block, head_dim and row-length bucket.
-    out: optional contiguous (B, H_q, N, D) tensor of q's dtype to write into.
+    out: optional contiguous (B, H_q, N, D) tensor of q's dtype to write into (with
+        ``keeps_layout``: a view of a (B, N, H_q, D)-contiguous one, like q).
     permuted: the copies ``copies_for(mode, k, v, plan.perm)`` when the caller already has them (row
         chunks of one plan share them); used by "gather", "tma", "ws" and "persistent".
-    Returns (B, H_q, N, D) in q's dtype.
+    Returns (B, H_q, N, D) in q's dtype: contiguous, or laid out like q when ``keeps_layout``.
     """
     if not supports(q):
         raise ValueError(
@@ -280,7 +294,9 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
                          f"plan blocks; got {q.dtype} head_dim={d} block={bs} on {q.device}: use perm_mode='auto'")
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
 
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    strided = keeps_layout(mode_name, q, k, v) and (out is None or token_major(out))
+    if not strided:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     perm = plan.perm.to(torch.int32).contiguous()
     num = plan.kv_num_blocks.to(torch.int32).contiguous()
     idx = plan.kv_indices.to(torch.int32).contiguous()
@@ -291,8 +307,9 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     else:
         kp, vp = copies_for(mode_name, k, v, perm)
     if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
+        out = torch.empty_like(q)  # q's layout: (B, H, N, D)- or, when strided, (B, N, H, D)-contiguous
+    elif (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+          or not (out.is_contiguous() or strided)):
         raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor on {q.device}, "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
 
@@ -303,7 +320,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
                              f"permuted=copies_for({mode_name!r}, k, v, perm)")
         if mode == 4:
             return _launch_persistent(q, k, v, kp, vp, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks,
-                                      config)
+                                      config, strided)
         return _launch_ws(q, kp, vp, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config)
     args = (q, k, v, kp, vp, perm, out, num, idx, scale * math.log2(math.e), n, h_q, h_kv, h_perm, qb0, n_rows, n_kb)
     consts = dict(PLAN_BLOCK=bs, SEG_BLOCKS=seg_blocks, SEG_POW2=triton.next_power_of_2(seg_blocks),
@@ -383,10 +400,12 @@ def _persistent_stages(head_dim: int) -> tuple[int, int]:
     return (3, 2) if head_dim > 64 else (4, 4)
 
 
-def _launch_persistent(q, k, v, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config):
+def _launch_persistent(q, k, v, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config,
+                       strided=False):
     """``attention_gluon_kernel.pbs_attn_fwd_persistent`` over plan rows qb0 .. qb0 + n_rows - 1: one
     program per SM, descriptors built here once per call; ``pbs_attention`` has checked
-    ``persistent_supported``. ``config`` (benchmarks, tests): "programs"
+    ``persistent_supported``. q, k, v and out are (B, H, N, D)-contiguous, or with ``strided`` views
+    of (B, N, H, D)-contiguous tensors (``keeps_layout``); the copies kc, vc are contiguous. ``config`` (benchmarks, tests): "programs"
     (grid size; more than the tiles = one tile per program), "dynamic" (tiles from an atomic counter,
     default True: it measured faster than a fixed stride on the H100, BENCHMARKS.md), "head_major"
     (tile order with the copy head slowest; default: when the copies do not fit in L2,
@@ -400,8 +419,8 @@ def _launch_persistent(q, k, v, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb,
     b, h_q, n, d = q.shape
     layout = gl.NVMMASharedLayout.get_default_for([bs, d], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
 
-    def desc(x):  # (..., D) contiguous -> 2-D descriptor over all rows, [bs, D] tiles
-        rows = x.view(-1, d)
+    def desc(x, token_major=False):  # 2-D descriptor, [bs, D] tiles: rows (B·H·N, D), or (B·N, H·D)
+        rows = x.transpose(1, 2).reshape(-1, x.shape[1] * d) if token_major else x.view(-1, d)
         return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [bs, d], layout)
 
     cfg = config if isinstance(config, dict) else {}
@@ -412,9 +431,10 @@ def _launch_persistent(q, k, v, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb,
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else num  # num: never read
     with torch.cuda.device(q.device):
         KG.pbs_attn_fwd_persistent[grid](
-            desc(q), desc(kc), desc(vc), desc(k), desc(v), out, num, idx, counter, scale * math.log2(math.e), n, h_q,
+            desc(q, strided), desc(kc), desc(vc), desc(k, strided), desc(v, strided), out, num, idx, counter,
+            scale * math.log2(math.e), n, h_q,
             kc.shape[1], k.shape[1], qb0,
             n_rows, n_kb, n_tiles, SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d, DYNAMIC=dynamic,
-            HEAD_MAJOR=bool(cfg.get("head_major", not copies_fit_l2(q, kc.shape[1], n))),
+            HEAD_MAJOR=bool(cfg.get("head_major", not copies_fit_l2(q, kc.shape[1], n))), TOKEN_MAJOR=strided,
             K_STAGES=cfg.get("k_stages", k_stages), V_STAGES=cfg.get("v_stages", v_stages), num_warps=4)
     return out

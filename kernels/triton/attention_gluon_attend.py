@@ -23,7 +23,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-from .attention_gluon_tiles import received_tile, release, tile_coords
+from .attention_gluon_tiles import head_origin, received_tile, release, tile_coords
 
 
 @gluon.jit
@@ -87,9 +87,9 @@ def _last_pv(p_op, acc, c, v_smem, v_ready, v_empty, V_STAGES: gl.constexpr):
 
 @gluon.jit
 def _store_tile(O, acc, l_i, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF: gl.constexpr,
-                BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, HEAD_MAJOR: gl.constexpr):
+                BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, HEAD_MAJOR: gl.constexpr, TOKEN_MAJOR: gl.constexpr):
     """Writes a consumer group's 64 output rows of ``tile``: acc (ROWS, HEAD_DIM) / l_i (ROWS); rows
-    that saw no key (l_i == 0) write 0."""
+    that saw no key (l_i == 0) write 0. O is laid out as q (``head_origin``)."""
     ROWS: gl.constexpr = BLOCK // 2
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     o_cols: gl.constexpr = gl.SliceLayout(0, acc.type.layout)
@@ -98,14 +98,18 @@ def _store_tile(O, acc, l_i, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF: 
     out = acc / gl.expand_dims(l_o, 1)
     offs_m = qb * BLOCK + HALF * ROWS + gl.arange(0, ROWS, o_rows)
     offs_d = gl.arange(0, HEAD_DIM, o_cols)
-    o_ptrs = O + gl.expand_dims(bh.to(gl.int64) * N_CTX + offs_m, 1) * HEAD_DIM + gl.expand_dims(offs_d, 0)
+    o_row, o_col = head_origin(bh.to(gl.int64), H_Q, N_CTX, HEAD_DIM, TOKEN_MAJOR)
+    width = HEAD_DIM  # elements per row of O's 2-D view
+    if TOKEN_MAJOR:
+        width = HEAD_DIM * H_Q
+    o_ptrs = O + gl.expand_dims(o_row + offs_m, 1) * width + o_col + gl.expand_dims(offs_d, 0)
     gl.store(o_ptrs, out.to(O.dtype.element_ty), mask=gl.expand_dims(offs_m, 1) < N_CTX)
 
 
 @gluon.jit
 def _first_kept(tile, num, diag_t, i, tile_smem, q_ready, q_empty, O, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES,
                 HALF: gl.constexpr, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, HEAD_MAJOR: gl.constexpr,
-                meta_layout: gl.constexpr, o_layout: gl.constexpr):
+                TOKEN_MAJOR: gl.constexpr, meta_layout: gl.constexpr, o_layout: gl.constexpr):
     """From this program's i-th tile (already received) on: writes zeros for tiles without kept
     blocks, releasing their q buffers; returns (tile, num, diag_t, i) of the first with any (tile =
     N_TILES: none left)."""
@@ -113,7 +117,7 @@ def _first_kept(tile, num, diag_t, i, tile_smem, q_ready, q_empty, O, N_CTX, H_Q
         release(q_empty, i % 2)
         _store_tile(O, gl.zeros([BLOCK // 2, HEAD_DIM], gl.float32, o_layout),
                     gl.zeros([BLOCK // 2], gl.float32, gl.SliceLayout(1, o_layout)), tile, N_CTX, H_Q, H_C, QB0,
-                    N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, HEAD_MAJOR)
+                    N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, HEAD_MAJOR, TOKEN_MAJOR)
         i += 1
         tile, num, diag_t = received_tile(tile_smem, q_ready, i, meta_layout)
     return tile, num, diag_t, i
@@ -124,7 +128,7 @@ def attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_read
                      O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES,
                      HALF: gl.constexpr,  # which 64 query rows of each tile this warp group computes
                      BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr,
-                     V_STAGES: gl.constexpr, HEAD_MAJOR: gl.constexpr):
+                     V_STAGES: gl.constexpr, HEAD_MAJOR: gl.constexpr, TOKEN_MAJOR: gl.constexpr):
     """A consumer group: the tiles of this program, as the q+K loader hands them over."""
     ROWS: gl.constexpr = BLOCK // 2
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -144,7 +148,8 @@ def attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_read
     i = gl.to_tensor(0)  # this program's tiles so far (a tensor: it changes in _first_kept's loop)
     tile, num, diag_t = received_tile(tile_smem, q_ready, i, meta_layout)
     tile, num, diag_t, i = _first_kept(tile, num, diag_t, i, tile_smem, q_ready, q_empty, O, N_CTX, H_Q, H_C, QB0,
-                                       N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, HEAD_MAJOR, meta_layout, o_layout)
+                                       N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, HEAD_MAJOR, TOKEN_MAJOR, meta_layout,
+                                       o_layout)
     while tile < N_TILES:
         q = q_smem.index(i % 2).slice(HALF * ROWS, ROWS)
         p, m_i, l_i = _first_block(q, k_smem, k_ready, k_empty, c, gl.full([ROWS], -1.0e30, gl.float32, s_rows),
@@ -162,9 +167,10 @@ def attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_read
             c += 1
         release(q_empty, i % 2)  # the tile's last QKᵀ is done: the loader may refill this q buffer
         acc = _last_pv(p_op, acc, c, v_smem, v_ready, v_empty, V_STAGES)
-        _store_tile(O, acc, l_i, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, HEAD_MAJOR)
+        _store_tile(O, acc, l_i, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, HEAD_MAJOR,
+                    TOKEN_MAJOR)
         i += 1
         tile, num, diag_t = received_tile(tile_smem, q_ready, i, meta_layout)
         tile, num, diag_t, i = _first_kept(tile, num, diag_t, i, tile_smem, q_ready, q_empty, O, N_CTX, H_Q, H_C,
-                                           QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, HEAD_MAJOR, meta_layout,
-                                           o_layout)
+                                           QB0, N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, HEAD_MAJOR, TOKEN_MAJOR,
+                                           meta_layout, o_layout)

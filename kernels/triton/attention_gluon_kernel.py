@@ -28,9 +28,11 @@ read them once that q buffer is ready (no global load on the consumers' path); t
 
 Shapes: q_desc over Q viewed (B * H_q * N, D); k_desc, v_desc over the permuted copies viewed
 (B * H_c * N, D); ko_desc, vo_desc over the original K, V viewed (B * H_kv * N, D); all with
-[BLOCK, D] blocks. O (B, H_q, N, D) contiguous; KV_NUM (B, H_q, R); KV_IDX (B, H_q, R, N_kb)
-for plan rows QB0 .. QB0 + R - 1; COUNTER one zeroed int32 (read only with DYNAMIC).
-N_TILES = R * B * H_q.
+[BLOCK, D] blocks. O (B, H_q, N, D) contiguous. With TOKEN_MAJOR, Q, the original K, V and O are
+(B, N, H, D)-contiguous instead (transformers' layout, read and written in place), Q viewed
+(B * N, H_q * D) and K, V (B * N, H_kv * D) (``tiles.head_origin``). KV_NUM (B, H_q, R); KV_IDX
+(B, H_q, R, N_kb) for plan rows QB0 .. QB0 + R - 1; COUNTER one zeroed int32 (read only with
+DYNAMIC). N_TILES = R * B * H_q.
 """
 
 from __future__ import annotations
@@ -40,35 +42,36 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
 from .attention_gluon_attend import attend_partition
-from .attention_gluon_tiles import received_tile, send_tile, tile_coords, tma_load
+from .attention_gluon_tiles import head_origin, received_tile, send_tile, tile_coords, tma_load
 
 
 @gluon.jit
 def _plan_row(tile, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_TILES, SEG_BLOCKS: gl.constexpr,
-              HEAD_MAJOR: gl.constexpr):
+              HEAD_MAJOR: gl.constexpr, HEAD_DIM: gl.constexpr, TOKEN_MAJOR: gl.constexpr):
     """For a tile: its query block and batch-head, its plan row, the first block of the query's own
-    segment, and the first row of its head in the permuted copy and in the original K/V."""
+    segment, the first row of its head in the permuted copy, and the row and column of its head's
+    token 0 in the original K/V (``head_origin``)."""
     qb, bh, row = tile_coords(tile, H_Q, H_C, QB0, N_ROWS, N_TILES, HEAD_MAJOR)
     diag_start = (qb // SEG_BLOCKS) * SEG_BLOCKS
     c0 = ((bh // H_Q) * H_C + (bh % H_Q) // (H_Q // H_C)) * N_CTX
-    o0 = ((bh // H_Q) * H_KV + (bh % H_Q) // (H_Q // H_KV)) * N_CTX
-    return qb, bh, row, diag_start, c0, o0
+    o0, o_col = head_origin((bh // H_Q) * H_KV + (bh % H_Q) // (H_Q // H_KV), H_KV, N_CTX, HEAD_DIM, TOKEN_MAJOR)
+    return qb, bh, row, diag_start, c0, o0, o_col
 
 
 @gluon.jit
-def _load_row_blocks(desc, orig_desc, smem, ready, empty, c, KV_IDX, row, num, N_KB, diag_start, c0, o0,
+def _load_row_blocks(desc, orig_desc, smem, ready, empty, c, KV_IDX, row, num, N_KB, diag_start, c0, o0, o_col,
                      BLOCK: gl.constexpr, STAGES: gl.constexpr):
     """TMA-load the ``num`` kept blocks of a plan row into the ring ``smem`` (slot free: ``empty``;
     landed: ``ready``), from ring position ``c``: blocks of earlier segments from the permuted copy
     (``desc``, head rows from c0), blocks of the query's own segment in original order (``orig_desc``,
-    head rows from o0). Returns the next ring position."""
+    head rows from o0, columns from o_col). Returns the next ring position."""
     for t in range(num):
         j = gl.load(KV_IDX + row * N_KB + t)
         s = c % STAGES
         mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)
         mbarrier.expect(ready.index(s), desc.block_type.nbytes)
         if j >= diag_start:
-            tma_load(orig_desc, [o0 + j * BLOCK, 0], ready.index(s), smem.index(s))
+            tma_load(orig_desc, [o0 + j * BLOCK, o_col], ready.index(s), smem.index(s))
         else:
             tma_load(desc, [c0 + j * BLOCK, 0], ready.index(s), smem.index(s))
         c += 1
@@ -79,7 +82,8 @@ def _load_row_blocks(desc, orig_desc, smem, ready, empty, c, KV_IDX, row, num, N
 def _load_q_k_partition(q_desc, k_desc, ko_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
                         KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_KB, N_TILES,
                         SEG_BLOCKS: gl.constexpr, BLOCK: gl.constexpr, K_STAGES: gl.constexpr,
-                        DYNAMIC: gl.constexpr, HEAD_MAJOR: gl.constexpr):
+                        DYNAMIC: gl.constexpr, HEAD_MAJOR: gl.constexpr, HEAD_DIM: gl.constexpr,
+                        TOKEN_MAJOR: gl.constexpr):
     """One warp: picks the tiles (a stride, or an atomic counter), reads each tile's plan row length
     and diagonal position once and hands them with the tile index to the other partitions
     (``tile_smem``, beside the q buffer), loads the tile's q and the K tiles of its kept blocks."""
@@ -90,8 +94,8 @@ def _load_q_k_partition(q_desc, k_desc, ko_desc, q_smem, k_smem, tile_smem, q_re
     if DYNAMIC:
         tile = gl.atomic_add(COUNTER, 1)
     while tile < N_TILES:
-        qb, bh, row, diag_start, c0, o0 = _plan_row(tile, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_TILES, SEG_BLOCKS,
-                                                    HEAD_MAJOR)
+        qb, bh, row, diag_start, c0, o0, o_col = _plan_row(tile, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_TILES,
+                                                           SEG_BLOCKS, HEAD_MAJOR, HEAD_DIM, TOKEN_MAJOR)
         num = gl.load(KV_NUM + row)
         # a row's entries ascend, so the diagonal block, when kept, is its last one
         diag_t = gl.where(gl.load(KV_IDX + row * N_KB + gl.maximum(num - 1, 0)) == qb, num - 1, -1)
@@ -99,9 +103,10 @@ def _load_q_k_partition(q_desc, k_desc, ko_desc, q_smem, k_smem, tile_smem, q_re
         mbarrier.wait(q_empty.index(qbuf), ((i // 2) & 1) ^ 1)
         send_tile(tile_smem, qbuf, tile, num, diag_t, meta_layout)
         mbarrier.expect(q_ready.index(qbuf), q_desc.block_type.nbytes)
-        tma_load(q_desc, [bh * N_CTX + qb * BLOCK, 0], q_ready.index(qbuf), q_smem.index(qbuf))
+        q_row, q_col = head_origin(bh, H_Q, N_CTX, HEAD_DIM, TOKEN_MAJOR)
+        tma_load(q_desc, [q_row + qb * BLOCK, q_col], q_ready.index(qbuf), q_smem.index(qbuf))
         c = _load_row_blocks(k_desc, ko_desc, k_smem, k_ready, k_empty, c, KV_IDX, row, num, N_KB, diag_start, c0, o0,
-                             BLOCK, K_STAGES)
+                             o_col, BLOCK, K_STAGES)
         i += 1
         if DYNAMIC:
             tile = gl.atomic_add(COUNTER, 1)
@@ -118,7 +123,7 @@ def _load_q_k_partition(q_desc, k_desc, ko_desc, q_smem, k_smem, tile_smem, q_re
 def _load_v_partition(v_desc, vo_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
                       KV_IDX, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_KB, N_TILES,
                       SEG_BLOCKS: gl.constexpr, BLOCK: gl.constexpr, V_STAGES: gl.constexpr,
-                      HEAD_MAJOR: gl.constexpr):
+                      HEAD_MAJOR: gl.constexpr, HEAD_DIM: gl.constexpr, TOKEN_MAJOR: gl.constexpr):
     """One warp: loads the V tiles of each tile's kept blocks, in its own ring, so that K loads run
     ahead of V loads (a V slot frees later than a K slot: after the P V product)."""
     meta_layout: gl.constexpr = gl.BlockedLayout([4], [32], [1], [0])
@@ -126,10 +131,10 @@ def _load_v_partition(v_desc, vo_desc, v_smem, tile_smem, q_ready, v_ready, v_em
     i = 0
     tile, num, diag_t = received_tile(tile_smem, q_ready, 0, meta_layout)
     while tile < N_TILES:
-        qb, bh, row, diag_start, c0, o0 = _plan_row(tile, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_TILES, SEG_BLOCKS,
-                                                    HEAD_MAJOR)
+        qb, bh, row, diag_start, c0, o0, o_col = _plan_row(tile, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_TILES,
+                                                           SEG_BLOCKS, HEAD_MAJOR, HEAD_DIM, TOKEN_MAJOR)
         c = _load_row_blocks(v_desc, vo_desc, v_smem, v_ready, v_empty, c, KV_IDX, row, num, N_KB, diag_start, c0, o0,
-                             BLOCK, V_STAGES)
+                             o_col, BLOCK, V_STAGES)
         i += 1
         tile, num, diag_t = received_tile(tile_smem, q_ready, i, meta_layout)
 
@@ -142,7 +147,8 @@ def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, ko_desc, vo_desc, O, KV_NUM,
                             HEAD_DIM: gl.constexpr,
                             K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,  # K and V ring slots
                             DYNAMIC: gl.constexpr,  # tiles from an atomic counter (COUNTER, zeroed), else a stride
-                            HEAD_MAJOR: gl.constexpr):  # tile order: copy head slowest (tiles.tile_coords)
+                            HEAD_MAJOR: gl.constexpr,  # tile order: copy head slowest (tiles.tile_coords)
+                            TOKEN_MAJOR: gl.constexpr):  # q, original k/v and O laid out (B, N, H, D), else (B, H, N, D)
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK, HEAD_DIM], k_desc.layout)
@@ -168,14 +174,14 @@ def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, ko_desc, vo_desc, O, KV_NUM,
     gl.warp_specialize([
         (attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                               O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 0, BLOCK, HEAD_DIM, K_STAGES, V_STAGES,
-                              HEAD_MAJOR)),  # default partition: 4 warps
+                              HEAD_MAJOR, TOKEN_MAJOR)),  # default partition: 4 warps
         (attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
                               O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 1, BLOCK, HEAD_DIM, K_STAGES, V_STAGES,
-                              HEAD_MAJOR)),
+                              HEAD_MAJOR, TOKEN_MAJOR)),
         (_load_q_k_partition, (q_desc, k_desc, ko_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
                                KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_KB, N_TILES,
-                               SEG_BLOCKS, BLOCK, K_STAGES, DYNAMIC, HEAD_MAJOR)),
+                               SEG_BLOCKS, BLOCK, K_STAGES, DYNAMIC, HEAD_MAJOR, HEAD_DIM, TOKEN_MAJOR)),
         (_load_v_partition, (v_desc, vo_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
                              KV_IDX, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_KB, N_TILES,
-                             SEG_BLOCKS, BLOCK, V_STAGES, HEAD_MAJOR)),
+                             SEG_BLOCKS, BLOCK, V_STAGES, HEAD_MAJOR, HEAD_DIM, TOKEN_MAJOR)),
     ], [4, 1, 1], [232, 24, 24])

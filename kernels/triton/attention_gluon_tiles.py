@@ -36,6 +36,19 @@ def tile_coords(tile, H_Q, H_C, QB0, N_ROWS, N_TILES, HEAD_MAJOR: gl.constexpr):
 
 
 @gluon.jit
+def head_origin(bh, H, N_CTX, HEAD_DIM: gl.constexpr, TOKEN_MAJOR: gl.constexpr):
+    """Row and column of token 0 of batch-head ``bh`` (of H heads) in a tensor's 2-D view: rows of
+    (B·H·N, D) for a (B, H, N, D)-contiguous tensor; with TOKEN_MAJOR, rows of (B·N, H·D) for a
+    (B, N, H, D)-contiguous one, the layout transformers' projections leave q, k and v in."""
+    row = bh * N_CTX
+    col = bh * 0
+    if TOKEN_MAJOR:
+        row = (bh // H) * N_CTX
+        col = (bh % H) * HEAD_DIM
+    return row, col
+
+
+@gluon.jit
 def send_tile(tile_smem, qbuf, tile, num, diag_t, layout: gl.constexpr):
     """The q+K loader's word to the other partitions about the tile in q buffer ``qbuf``: its index
     (N_TILES: no tile left), its kept-block count and the position of its diagonal block (-1: none)."""
