@@ -405,7 +405,8 @@ def _launch_persistent(q, k, v, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb,
     """``attention_gluon_kernel.pbs_attn_fwd_persistent`` over plan rows qb0 .. qb0 + n_rows - 1: one
     program per SM, descriptors built here once per call; ``pbs_attention`` has checked
     ``persistent_supported``. q, k, v and out are (B, H, N, D)-contiguous, or with ``strided`` views
-    of (B, N, H, D)-contiguous tensors (``keeps_layout``); the copies kc, vc are contiguous. ``config`` (benchmarks, tests): "programs"
+    of (B, N, H, D)-contiguous tensors (``keeps_layout``); the copies kc, vc are contiguous.
+    ``config`` (benchmarks, tests): "programs"
     (grid size; more than the tiles = one tile per program), "dynamic" (tiles from an atomic counter,
     default True: it measured faster than a fixed stride on the H100, BENCHMARKS.md), "head_major"
     (tile order with the copy head slowest; default: when the copies do not fit in L2,

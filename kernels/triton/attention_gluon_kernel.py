@@ -148,7 +148,7 @@ def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, ko_desc, vo_desc, O, KV_NUM,
                             K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,  # K and V ring slots
                             DYNAMIC: gl.constexpr,  # tiles from an atomic counter (COUNTER, zeroed), else a stride
                             HEAD_MAJOR: gl.constexpr,  # tile order: copy head slowest (tiles.tile_coords)
-                            TOKEN_MAJOR: gl.constexpr):  # q, original k/v and O laid out (B, N, H, D), else (B, H, N, D)
+                            TOKEN_MAJOR: gl.constexpr):  # q, k, v, O laid out (B, N, H, D), else (B, H, N, D)
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK, HEAD_DIM], k_desc.layout)
