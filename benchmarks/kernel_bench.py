@@ -17,7 +17,8 @@ reading permuted keys: remap (through perm inside the kernel), gather (a permute
 with the kernel), tma (the copy, read with tensor descriptors), ws (the warp-specialized kernel
 reading a copy with original-order halves, timed with it), persistent (the persistent Gluon kernel
 reading the same copy), the benchmark-only variants of ``VARIANTS`` (e.g. ws_plain: without warp
-specialization; persistent_1tile: one tile per program), auto (the launcher's default rule). Modes
+specialization; persistent_1tile: one tile per program; persistent_tm: q, k, v in transformers' (B, N, H, D)
+layout, read in place), auto (the launcher's default rule). Modes
 without a --configs entry use the launcher's default tile config. ``--kernel-only`` adds, for every
 copying mode, its time with the copies made beforehand (MODE/k) and the copy's own time (MODE/copy).
 """
@@ -55,7 +56,15 @@ VARIANTS = {
     "persistent_qorder": ("persistent", {"head_major": False}),
     # ... one tile per program (not persistent: the hardware hands out programs in launch order)
     "persistent_1tile": ("persistent", {"programs": 1 << 30}),
+    # ... reading q, k, v as transformers hands them over, (B, H, N, D) views of (B, N, H, D) tensors, in place
+    "persistent_tm": ("persistent", None),
 }
+TOKEN_MAJOR_VARIANTS = {"persistent_tm"}  # fed token-major views of the same q, k, v
+
+
+def token_major(*xs):
+    """(B, H, N, D) views of (B, N, H, D)-contiguous copies of xs, as transformers' projections leave them."""
+    return tuple(x.transpose(1, 2).contiguous().transpose(1, 2) for x in xs)
 
 
 def attend(q, k, v, plan, mode, cfg, permuted=None):
@@ -261,8 +270,10 @@ def main(argv=None) -> int:
             plan = random_plan(1, h_q, h_kv, n, 0.3, dev, seed=1)
             ref = R.block_sparse_attention(q.float(), k.float(), v.float(), plan)
             low = R.block_sparse_attention(q, k, v, plan)  # the same math with bf16 rounding of the output
+            tm = token_major(q, k, v) if TOKEN_MAJOR_VARIANTS & set(modes) else None
             for mode in modes:
-                out = attend(q, k, v, plan, mode, fixed.get(shape, {}).get(mode))
+                qq, kk, vv = tm if mode in TOKEN_MAJOR_VARIANTS else (q, k, v)
+                out = attend(qq, kk, vv, plan, mode, fixed.get(shape, {}).get(mode))
                 record(check=shape, n=n, mode=mode, density=round(plan.density(), 4),
                        max_abs_err=(out.float() - ref).abs().max().item(), rel_err=rel_err(out, ref),
                        rel_err_bf16_reference=rel_err(low, ref), nan=bool(out.isnan().any()))
@@ -309,6 +320,7 @@ def main(argv=None) -> int:
             q, k, v = (torch.randn(1, h, n, d, device=dev, dtype=torch.bfloat16) for h in (h_q, h_kv, h_kv))
             g = h_q // h_kv
             k_rep, v_rep = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+            tm = token_major(q, k, v) if TOKEN_MAJOR_VARIANTS & set(modes) else None
             flops = 2.0 * n * n * d * h_q  # causal work, as in REFERENCE.md
             dense = {}
             backends = [("cudnn", SDPBackend.CUDNN_ATTENTION)] + ([] if args.no_flash else [("flash", SDPBackend.FLASH_ATTENTION)])
@@ -330,18 +342,19 @@ def main(argv=None) -> int:
                     del kp, vp, bm
                 for mode in modes:
                     cfg = fixed.get(shape, {}).get(mode)
-                    row[mode] = bench(lambda: attend(q, k, v, plan, mode, cfg))
-                    pre = copies(k, v, plan, mode) if args.kernel_only else None
+                    qq, kk, vv = tm if mode in TOKEN_MAJOR_VARIANTS else (q, k, v)
+                    row[mode] = bench(lambda: attend(qq, kk, vv, plan, mode, cfg))
+                    pre = copies(kk, vv, plan, mode) if args.kernel_only else None
                     if pre is not None:
-                        row[mode + "/k"] = bench(lambda: attend(q, k, v, plan, mode, cfg, permuted=pre))
-                        row[mode + "/copy"] = bench(lambda: copies(k, v, plan, mode))
+                        row[mode + "/k"] = bench(lambda: attend(qq, kk, vv, plan, mode, cfg, permuted=pre))
+                        row[mode + "/copy"] = bench(lambda: copies(kk, vv, plan, mode))
                     del pre
                 if any(m in modes for m in ("gather", "tma")):
                     row["copy"] = bench(lambda: (A.permuted_copy(k, plan.perm), A.permuted_copy(v, plan.perm)))
                 record(**row, tflops={m: dens * flops / row[m] / 1e9 for m in modes + (["flex"] if "flex" in row else [])})
                 rows.append(row)
                 del plan
-            del q, k, v
+            del q, k, v, tm
             torch.cuda.empty_cache()
 
     # -- table last --

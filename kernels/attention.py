@@ -68,12 +68,19 @@ def triton_attention(q: torch.Tensor):
     return None
 
 
-def attention_kernel(q: torch.Tensor, block_size: int) -> str:
+def attention_kernel(q: torch.Tensor, block_size: int, k: torch.Tensor | None = None,
+                     v: torch.Tensor | None = None) -> str:
     """The implementation ``pbs_attention`` runs for q (B, H_q, N, D) with ``block_size``-token plans:
     "reference" (the PyTorch twin) or "triton/MODE", MODE being the Triton read mode (remap, gather,
-    tma, ws, persistent; ``PBS_PERM_MODE`` or the "auto" rule). Reads only shapes and the device."""
+    tma, ws, persistent; ``PBS_PERM_MODE`` or the "auto" rule), with " in place" when k and v are
+    given and the kernel reads all three without layout copies (``keeps_layout``). Reads only shapes,
+    strides and the device."""
     fast = triton_attention(q)
-    return "reference" if fast is None else "triton/" + fast.resolve_perm_mode(q.shape[2], block_size, q)
+    if fast is None:
+        return "reference"
+    mode = fast.resolve_perm_mode(q.shape[2], block_size, q)
+    in_place = k is not None and v is not None and fast.keeps_layout(mode, q, k, v)
+    return f"triton/{mode}" + (" in place" if in_place else "")
 
 
 def plan_chunk_rows(q: torch.Tensor, config: PBSConfig, budget: int = PLAN_CHUNK_BYTES) -> int | None:

@@ -9,8 +9,10 @@ call eagerly (it compiles and warms the kernels), captures the second in a CUDA 
 that graph for every later call: per layer the host then copies q, k, v into the graph's input
 buffers and replays.
 
-The input buffers are contiguous (B, H, N, D) tensors, so the copies replace the ``contiguous()``
-copies the launcher makes of transformers' strided tensors anyway. The outputs (attention output,
+The input buffers keep the layout of the first inputs they are captured for (``torch.empty_like``):
+with transformers' (B, N, H, D)-contiguous q, k, v the per-layer copies are plain, and the persistent
+kernel reads the buffers in place (``triton.attention.keeps_layout``) and writes its output in that
+layout, which the integration then hands on without a transpose copy. The outputs (attention output,
 plan) live in the graph's memory: valid until the next replay, so callers consume them first.
 Graphs are used only where the plan is built without host synchronization (Triton on CUDA, the
 published selection options); anything else runs eagerly, as does every call after a capture failed.
@@ -35,7 +37,7 @@ def enabled() -> bool:
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # contiguous q, k, v the graph reads
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q, k, v the graph reads (the inputs' strides)
     out: torch.Tensor
     plan: PermutedBlockMask
 
@@ -71,7 +73,7 @@ class LayerGraphs:
 
         if self.failed is not None or not self.eligible(q, config):
             return pbs_prefill_attention(q, k, v, config, scale)
-        key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, config, scale)
+        key = (*((tuple(x.shape), x.stride()) for x in (q, k, v)), q.dtype, q.device, config, scale)
         entry = self._graphs.get(key)
         if entry is None:
             if key not in self._seen or len(self._graphs) >= self.max_graphs:
@@ -90,7 +92,8 @@ class LayerGraphs:
         from .attention import pbs_prefill_attention
 
         # capturing records the launches without running them: the buffers' contents do not matter yet
-        inputs = tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+        # the inputs' strides (dense layouts, as transformers' are), so the kernel reads what it would have read eagerly
+        inputs = tuple(torch.empty_like(x) for x in (q, k, v))
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):

@@ -205,9 +205,9 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     if run is not None:
         run.recorder.add(LayerStat(layer, "pbs", "causal prefill", q_len, key.shape[2], b,
                                    plan.kv_num_blocks.sum(), plan.causal_blocks(),
-                                   attention_kernel(query, config.block_size)))
-    # a no-op where the kernel wrote transformers' (B, N, H, D) layout itself (triton.attention.keeps_layout);
-    # a copy of a graph replay's output, which the next replay overwrites
+                                   attention_kernel(query, config.block_size, key, value)))
+    # a no-op where the kernel wrote transformers' (B, N, H, D) layout itself (triton.attention.keeps_layout),
+    # replays included: the caller's o_proj reads the graph's output before the next layer's replay rewrites it
     return out.transpose(1, 2).contiguous(), None
 
 

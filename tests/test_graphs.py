@@ -51,7 +51,9 @@ def test_replayed_layers_equal_eager_calls_persistent_kernel():
     for seed in range(4):
         q, k, v = layer_inputs(seed, "cuda", n=1500, dtype=torch.bfloat16, d=128)
         assert attention_kernel(q, 128) == "triton/persistent"
+        assert attention_kernel(q, 128, k, v) == "triton/persistent in place"  # transformers' layout, no copies
         got = graphs(q, k, v, cfg)
+        assert got[0].transpose(1, 2).is_contiguous()  # written in the inputs' (B, N, H, D) layout
         got = (got[0].clone(), got[1])
         same(got, pbs_prefill_attention(q, k, v, cfg))
     assert graphs.failed is None and graphs.replays == 3

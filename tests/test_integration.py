@@ -100,7 +100,7 @@ def test_sparse_layers_record_the_kernel_of_their_own_call(monkeypatch):
     """The kernel named per layer is asked of the layer's own query and the run's block size."""
     model = tiny_model(4, 2, layers=2)
     ids = torch.randint(0, 300, (1, 90), generator=torch.Generator().manual_seed(3))
-    monkeypatch.setattr(integration, "attention_kernel", lambda q, bs: f"spy/{tuple(q.shape)}/{bs}")
+    monkeypatch.setattr(integration, "attention_kernel", lambda q, bs, *kv: f"spy/{tuple(q.shape)}/{bs}")
     _, rec = forward(model, ids, integration.NAME, PBSConfig(threshold=0.6, **SMALL))
     assert [s.kernel for s in rec.prefill_layers()] == ["spy/(1, 4, 90, 16)/16"] * 2
 
