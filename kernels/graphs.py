@@ -15,7 +15,9 @@ kernel reads the buffers in place (``triton.attention.keeps_layout``) and writes
 layout, which the integration then hands on without a transpose copy. The outputs (attention output,
 plan) live in the graph's memory: valid until the next replay, so callers consume them first.
 Graphs are used only where the plan is built without host synchronization (Triton on CUDA, the
-published selection options); anything else runs eagerly, as does every call after a capture failed.
+published selection options); anything else runs eagerly, as does every call after a capture failed,
+and so do layers of ``GRAPHS_BELOW`` tokens or more, which keep the GPU busy for longer than the host
+takes to issue their launches (``PBS_CUDA_GRAPHS=1`` captures them too).
 """
 
 from __future__ import annotations
@@ -29,9 +31,21 @@ from .block_mask import PermutedBlockMask
 from .config import PBSConfig
 
 
+# Layers this long (tokens) run eagerly unless PBS_CUDA_GRAPHS=1: their GPU work (about 16 ms per layer
+# for the embedded model at 128K) hides the host's launch work anyway, and a graph adds a copy of q, k, v
+# into its buffers per layer (BENCHMARKS.md, "End-to-end prefill", ninth session).
+GRAPHS_BELOW = 65536
+
+
 def enabled() -> bool:
     """CUDA graphs on unless ``PBS_CUDA_GRAPHS=0``."""
     return os.environ.get("PBS_CUDA_GRAPHS", "1") not in ("", "0")
+
+
+def worth_capturing(seq_len: int) -> bool:
+    """Whether layers of ``seq_len`` tokens are replayed from a graph: below ``GRAPHS_BELOW`` tokens,
+    or at any length with ``PBS_CUDA_GRAPHS=1``."""
+    return seq_len < GRAPHS_BELOW or os.environ.get("PBS_CUDA_GRAPHS") == "1"
 
 
 @dataclass
@@ -59,13 +73,14 @@ class LayerGraphs:
 
     @staticmethod
     def eligible(q: torch.Tensor, config: PBSConfig) -> bool:
-        """True where a call can be captured: the Triton attention on CUDA, with the published
-        selection options (their GPU path never synchronizes with the host) and no autotuning (which
-        times candidates from the host)."""
+        """True where a call can be captured and a graph pays: the Triton attention on CUDA, with the
+        published selection options (their GPU path never synchronizes with the host), no autotuning
+        (which times candidates from the host), and a length ``worth_capturing``."""
         from .attention import triton_attention
 
         fast = triton_attention(q)
-        return q.is_cuda and fast is not None and not config.beyond_published() and not fast.autotune_requested()
+        return (q.is_cuda and fast is not None and not config.beyond_published() and not fast.autotune_requested()
+                and worth_capturing(q.shape[2]))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,
                  scale: float | None = None) -> tuple[torch.Tensor, PermutedBlockMask]:

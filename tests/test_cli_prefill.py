@@ -127,6 +127,11 @@ def test_table_names_the_graph_replays_when_there_were_any(runner, offline_env, 
     assert "CUDA graphs" not in capsys.readouterr().out
     prefill.print_summary({**rec, "cuda_graph_layers": 29})
     assert "29 sparse layers replayed" in capsys.readouterr().out
+    # a long prompt on the Triton kernel replays nothing by design: the row says why
+    triton_layers = [{**ly, "kernel": "triton/persistent in place"} if ly.get("kernel") else ly for ly in rec["layers"]]
+    prefill.print_summary({**rec, "layers": triton_layers, "prompt_tokens": 131072})
+    words = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the table wraps long cells
+    assert "CUDA graphs none: layers of 65,536 tokens or more" in words and "PBS_CUDA_GRAPHS=1 captures" in words
 
 
 def test_table_output_and_saved_record(runner, offline_env, tiny_model_dir, doc, tmp_path):

@@ -83,6 +83,16 @@ def test_graphed_model_forward_matches_the_eager_one(monkeypatch):
     assert torch.equal(hidden["1"], hidden["0"])
 
 
+def test_long_layers_run_eagerly_unless_graphs_are_forced(monkeypatch):
+    from pbs_kernels import graphs
+
+    monkeypatch.delenv("PBS_CUDA_GRAPHS", raising=False)
+    assert graphs.worth_capturing(32768) and graphs.worth_capturing(graphs.GRAPHS_BELOW - 1)
+    assert not graphs.worth_capturing(graphs.GRAPHS_BELOW) and not graphs.worth_capturing(131072)
+    monkeypatch.setenv("PBS_CUDA_GRAPHS", "1")
+    assert graphs.worth_capturing(131072)
+
+
 def test_cpu_calls_pass_through(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     graphs = LayerGraphs()

@@ -373,6 +373,8 @@ def print_summary(rec: dict[str, Any]) -> None:
     if s["density"] is not None:
         table.add_row("density", f"{rec['density']:.1%} overall; per layer {s['density_min']:.1%} - {s['density_max']:.1%}"
                       f" ({s['sparse_layers']} sparse, {s['dense_layers']} dense)")
+    from pbs_kernels.graphs import GRAPHS_BELOW
+
     kernels = sorted({ly["kernel"] for ly in rec["layers"] if ly.get("kernel")})
     if kernels:
         table.add_row("attention kernel", ", ".join(kernels) + " (sparse layers; PBS_PERM_MODE overrides the read mode)"
@@ -380,6 +382,9 @@ def print_summary(rec: dict[str, Any]) -> None:
     if rec.get("cuda_graph_layers"):
         table.add_row("CUDA graphs", f"{rec['cuda_graph_layers']} sparse layers replayed from one captured layer "
                       "(PBS_CUDA_GRAPHS=0 turns this off)")
+    elif any(k.startswith("triton/") for k in kernels) and rec["prompt_tokens"] >= GRAPHS_BELOW:
+        table.add_row("CUDA graphs", f"none: layers of {GRAPHS_BELOW:,} tokens or more keep the GPU busy "
+                      "longer than their launches take (PBS_CUDA_GRAPHS=1 captures them anyway)")
     dense_reasons = sorted({ly["reason"] for ly in rec["layers"] if ly["path"] == "dense"})
     if dense_reasons:
         table.add_row("dense because", "; ".join(dense_reasons))
