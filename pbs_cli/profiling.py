@@ -7,9 +7,9 @@ select, attend) and end to end; each sparse result is compared against a dense o
 Backends (``BACKENDS``):
 
 - ``pbs``            ``pbs_kernels``' dispatch: Triton on CUDA, the PyTorch reference on CPU. On CUDA its
-  end-to-end time is that of a layer inside ``pbs prefill``: the input copies and the replay of a CUDA
-  graph of permute + select + attend (``pbs_kernels.graphs``; the eager time is in ``notes``, the
-  phase times are eager).
+  end-to-end time is that of a layer inside ``pbs prefill``: below 64K tokens the input copies and the
+  replay of a CUDA graph of permute + select + attend (``pbs_kernels.graphs``; the eager time is in
+  ``notes``), from ``GRAPHS_BELOW`` tokens on the eager calls, as there; the phase times are eager.
 - ``sdpa-cudnn``, ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-math``: ``F.scaled_dot_product_attention``
   (causal) restricted to one SDPA backend each. GQA runs with ``enable_gqa=True`` where the backend
   accepts it, else on K/V expanded to H_q heads beforehand (outside the timed region; noted).
@@ -48,7 +48,7 @@ import torch
 from pbs_kernels import PBSConfig, reference
 from pbs_kernels.attention import attention_kernel, pbs_attention
 from pbs_kernels.block_mask import PermutedBlockMask
-from pbs_kernels.graphs import LayerGraphs
+from pbs_kernels.graphs import GRAPHS_BELOW, LayerGraphs, worth_capturing
 from pbs_kernels.graphs import enabled as graphs_enabled
 from pbs_kernels.permute import compute_permutation
 from pbs_kernels.select import select_blocks
@@ -404,6 +404,9 @@ class Profiler:
                     else:
                         note = f"eager: the CUDA graph capture failed ({graphs.failed})"
                     graphs.close()
+                elif q.is_cuda and graphs_enabled() and not worth_capturing(n):
+                    note = (f"eager, as pbs prefill runs layers of {GRAPHS_BELOW:,} tokens or more "
+                            "(PBS_CUDA_GRAPHS=1: graph replays)")
                 out = keep.pop("out")
                 pbs_phases.update(permute=t_perm, select=t_sel, attend=t_att)
                 pbs_plan = plan
