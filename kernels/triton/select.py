@@ -152,7 +152,7 @@ class _Pooled:
         keep_all = config.threshold >= 1.0
         for row0 in range(r_begin, r_end, chunk):  # fixed host-side chunking: no data-dependent branching
             live = min(chunk, r_end - row0)
-            _block_scores_kernel[(triton.cdiv(live, block_m), b * h_q)](
+            _block_scores_kernel[(triton.cdiv(live, block_m), triton.cdiv(n_b, block_n), b * h_q)](
                 self.q_bar, self.k_bar, scores,
                 row0, chunk, n_b, h_q, h_perm, h_q // h_perm, per_seg, self.scale,
                 HEAD_DIM=d, D_POW2=d_pow2, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,

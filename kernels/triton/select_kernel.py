@@ -2,7 +2,7 @@
 
 1. ``_pool_kernel``: mean of each block of rows, optionally gathering the rows through the
    permutation first (pooled permuted keys without a permuted copy of K).
-2. ``_block_scores_kernel``: pooled scores q_bar . k_bar^T * scale for a chunk of query blocks,
+2. ``_block_scores_kernel``: pooled scores q_bar . k_bar^T * scale for a chunk of query blocks, one tile per program,
    only the key tiles left of the tile's last diagonal segment (the candidates).
 3. ``_top_p_kernel``: per (batch, head) and tile of query blocks, per row: softmax over the candidate
    blocks, rank (forced blocks first, then descending probability, ties by block index), keep
@@ -58,29 +58,31 @@ def _block_scores_kernel(
     row0, rows, n_blocks, H_q, H_k, Q_PER_K, blocks_per_seg, scale,
     HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # grid: (cdiv(rows, BLOCK_M), B * H_q); S is (B * H_q, rows, n_blocks) for query blocks row0 ..
+    # grid: (cdiv(rows, BLOCK_M), cdiv(n_blocks, BLOCK_N), B * H_q): one BLOCK_M x BLOCK_N tile of S, which
+    # is (B * H_q, rows, n_blocks) for query blocks row0 ..; one tile per program spreads the work over
+    # the whole GPU (a loop over the key tiles left the long rows' programs running alone)
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H_q
-    h = pid_bh % H_q
-    hk = h // Q_PER_K
-
-    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row of the chunk
-    offs_d = tl.arange(0, D_POW2)
-    row_ok = (offs_r < rows) & (row0 + offs_r < n_blocks)
-    qbar = tl.load(QBAR + (pid_bh * n_blocks + row0 + offs_r[:, None]) * HEAD_DIM + offs_d[None, :],
-                   mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     # candidates of query block i are the key blocks before its segment: j < (i // per_seg) * per_seg
     last = tl.minimum(row0 + (pid_m + 1) * BLOCK_M, tl.minimum(row0 + rows, n_blocks)) - 1
     hi = (last // blocks_per_seg) * blocks_per_seg
-    k_base = KBAR + (b * H_k + hk) * n_blocks * HEAD_DIM
-    s_base = S + (pid_bh * rows + offs_r[:, None]).to(tl.int64) * n_blocks
-    for start_n in range(0, hi, BLOCK_N):
+    start_n = pid_n * BLOCK_N
+    if start_n < hi:  # key tiles right of every row's candidates: nothing to score
+        b = pid_bh // H_q
+        h = pid_bh % H_q
+        hk = h // Q_PER_K
+        offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row of the chunk
+        offs_d = tl.arange(0, D_POW2)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kbar = tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
+        row_ok = (offs_r < rows) & (row0 + offs_r < n_blocks)
+        qbar = tl.load(QBAR + (pid_bh * n_blocks + row0 + offs_r[:, None]) * HEAD_DIM + offs_d[None, :],
+                       mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        kbar = tl.load(KBAR + ((b * H_k + hk) * n_blocks + offs_n[:, None]) * HEAD_DIM + offs_d[None, :],
                        mask=(offs_n[:, None] < hi) & (offs_d[None, :] < HEAD_DIM), other=0.0)
         s = tl.dot(qbar, tl.trans(kbar), input_precision="ieee") * scale
-        tl.store(s_base + offs_n[None, :], s, mask=row_ok[:, None] & (offs_n[None, :] < hi))
+        tl.store(S + (pid_bh * rows + offs_r[:, None]).to(tl.int64) * n_blocks + offs_n[None, :], s,
+                 mask=row_ok[:, None] & (offs_n[None, :] < hi))
 
 
 @triton.jit
