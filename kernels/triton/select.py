@@ -21,11 +21,13 @@ from .select_kernel import _block_scores_kernel, _pool_kernel, _top_p_kernel
 # Upper bound of the per-chunk fp32 score buffer: 256 MiB (the whole matrix up to 128K tokens with
 # 32 heads; 16 chunks at 512K).
 _SCORE_BYTES = 256 << 20
-# GPU tiles: elements per program of the pooling / top-p tiles, top-p warps per row length (None:
+# GPU tiles: elements per program of the pooling tiles, top-p warps per row length (None:
 # by length), score tile (the benchmark's --sweep measures alternatives)
 # score tile None: by head_dim (select_bench --sweep on an H100: 64 for head_dim 64, 0.34 vs 0.45 ms at
 # 32K with the SmolLM2 shape; 32 for head_dim 128, where 64 took 2-4x longer)
 TUNING = {"tile_elements": 4096, "top_p_warps": None, "score_block": None}
+# elements of the top-p tile per warp (plan_kernels.py on an H100, SmolLM2 shape, BENCHMARKS.md ninth session)
+_TOP_P_WARP_ELEMENTS = 1024
 
 
 def _interpreting() -> bool:
@@ -137,10 +139,13 @@ class _Pooled:
         idx = torch.empty(b, h_q, out_rows, n_b, dtype=torch.int32, device=self.device)
         per_seg = config.segment_size // config.block_size
         nb_pow2 = max(16, triton.next_power_of_2(n_b))
-        top_p_warps = TUNING["top_p_warps"] or (4 if nb_pow2 <= 1024 else (8 if nb_pow2 <= 4096 else 16))
-        # rows of the top-p tile: a few thousand elements per program on a GPU; the interpreter's cost
-        # is per operation, not per element, so there one program takes many rows
-        block_r = max(1, min(_tile_elements() // nb_pow2, triton.next_power_of_2(n_b)))
+        # top-p tile: a warp per 1024 blocks of a row, rows packed into 1024 elements per warp, so that up to
+        # 128K tokens (1024 blocks of 128) a warp holds whole rows: its sums never cross warps (no barriers in
+        # the 31-step search). The interpreter's cost is per operation, not per element: there one program
+        # takes many rows.
+        top_p_warps = TUNING["top_p_warps"] or max(1, min(16, nb_pow2 // _TOP_P_WARP_ELEMENTS))
+        tile = _tile_elements() if _interpreting() else _TOP_P_WARP_ELEMENTS * top_p_warps
+        block_r = max(1, min(tile // nb_pow2, triton.next_power_of_2(n_b)))
         d_pow2 = max(16, triton.next_power_of_2(d))
         block_m = block_n = 64 if _interpreting() else (TUNING["score_block"] or (64 if d <= 64 else 32))
         # query blocks per chunk: as many as the score buffer holds within score_bytes (a multiple of

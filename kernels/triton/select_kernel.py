@@ -132,20 +132,27 @@ def _top_p_kernel(
         keep = candidate | forced
     else:
         mass_forced = tl.sum(tl.where(forced, p, 0.0), 1)
+        # the loop's operands, masked once: other blocks get bits -1, below every probe (mid >= -1)
+        p_free = tl.where(free, p, 0.0)
+        bits_free = tl.where(free, bits, -1)
         lo = tl.full([BLOCK_R], -1, tl.int32)  # G(lo) >= threshold (or never evaluated)
         hi = tl.full([BLOCK_R], _BITS_END, tl.int32)  # G(hi) = F: below the threshold, or keep none
         for _ in range(_VALUE_BITS + 1):
             mid = (lo + hi) // 2
-            g_mid = mass_forced + tl.sum(tl.where(free & (bits > mid[:, None]), p, 0.0), 1)
+            g_mid = mass_forced + tl.sum(tl.where(bits_free > mid[:, None], p_free, 0.0), 1)
             ok = g_mid < threshold
             hi = tl.where(ok, mid, hi)
             lo = tl.where(ok, lo, mid)
-        g_hi = mass_forced + tl.sum(tl.where(free & (bits > hi[:, None]), p, 0.0), 1)
+        above = bits_free > hi[:, None]
+        g_hi = mass_forced + tl.sum(tl.where(above, p_free, 0.0), 1)
         tie = free & (bits == hi[:, None])
         tie_i = tie.to(tl.int32)
-        ties_before = (tl.cumsum(tie_i, 1) - tie_i).to(tl.float32)
-        keep_tie = tie & (g_hi[:, None] + ties_before * p < threshold)
-        keep = (free & (bits > hi[:, None])) | keep_tie | forced
+        if tl.max(tl.sum(tie_i, 1), 0) > 1:  # several blocks at the boundary value: they go in index order
+            ties_before = (tl.cumsum(tie_i, 1) - tie_i).to(tl.float32)
+            keep_tie = tie & (g_hi[:, None] + ties_before * p < threshold)
+        else:  # the usual case, the boundary block alone: no scan over the row
+            keep_tie = tie & (g_hi[:, None] < threshold)
+        keep = above | keep_tie | forced
 
     # -- pack: kept blocks ascending, then the others ascending (padding, never read) --
     keep_i = keep.to(tl.int32)
