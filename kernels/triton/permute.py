@@ -54,6 +54,8 @@ def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: 
     if _interpreting():  # the interpreter's cost is per operation: fewer, larger tiles
         block_m, block_n = 128, 512
 
+    qk_scale = scale * math.log2(math.e)  # both passes work in base 2 (exp2)
+
     # -- pass 1: per row, max and sum of exponentials over spans of keys; merged into a log-sum-exp --
     span = max(block_n, TUNING["span"] // block_n * block_n)
     n_spans = triton.cdiv(n, span)
@@ -63,11 +65,11 @@ def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: 
         q, k, m_part, l_part,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
-        n, rows, span, n_spans, h_q, g, scale,
+        n, rows, span, n_spans, h_q, g, qk_scale,
         HEAD_DIM=d, D_POW2=d_pow2, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=num_warps,
     )
     m_max = m_part.amax(1, keepdim=True)  # finite: key 0 is visible to every row
-    lse = (m_max + torch.log((l_part * torch.exp(m_part - m_max)).sum(1, keepdim=True))).reshape(b * h_q, rows)
+    lse = (m_max + torch.log2((l_part * torch.exp2(m_part - m_max)).sum(1, keepdim=True))).reshape(b * h_q, rows)
 
     # -- pass 2: probabilities of every row, summed per key --
     out = torch.empty(b, h_perm, n, dtype=torch.float32, device=q.device)
@@ -75,7 +77,7 @@ def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: 
         q, k, lse, out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
-        n, rows, h_q, h_perm, gp, h_perm // h_kv, scale, 1.0 / (gp * rows),
+        n, rows, h_q, h_perm, gp, h_perm // h_kv, qk_scale, 1.0 / (gp * rows),
         HEAD_DIM=d, D_POW2=d_pow2, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=num_warps,
     )
     return out

@@ -9,6 +9,10 @@ permutation head hp) of softmax_n(q_r . k_n * scale) under the causal mask. Two 
 2. ``_importance_kernel``: per tile of keys, recompute the scores of every row, turn them into
    probabilities with the row's log-sum-exp and sum them over the rows.
 
+Both work in base 2 (scores times scale · log2 e, ``exp2``: one fused multiply-add and one ``ex2``
+per score), and only the key tiles that reach past the first of the last rows (or past the end)
+apply the causal mask.
+
 Launchers and shapes: ``pbs_kernels.triton.permute``.
 """
 
@@ -17,15 +21,39 @@ import triton.language as tl
 
 
 @triton.jit
+def _stats_step(q, k_base, stride_kn, start_n, hi, q_pos, m_i, l_i, qk_scale,
+                HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                MASKED: tl.constexpr):
+    """Online-softmax update of (m_i, l_i) (base 2) with the key tile at start_n. Only a tile that
+    reaches past the span's end or past the first row's position (``MASKED``) needs the causal mask
+    and the bounds check: for every other tile every key is visible to every row."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_POW2)
+    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                mask=(offs_n[:, None] < hi) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale
+    if MASKED:  # key n is visible to the query at q_pos when n <= q_pos
+        s = tl.where((offs_n[None, :] < hi) & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+    return m_new, l_i
+
+
+@triton.jit
 def _row_stats_kernel(
     Q, K, M_OUT, L_OUT,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
-    n_keys, rows, span, n_spans, H_q, G, scale,
+    n_keys, rows, span, n_spans, H_q, G, qk_scale,
     HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # grid: (cdiv(rows, BLOCK_M), n_spans, B * H_q)
+    # grid: (cdiv(rows, BLOCK_M), n_spans, B * H_q); qk_scale = softmax scale * log2(e): M_OUT in base 2
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -45,23 +73,14 @@ def _row_stats_kernel(
     k_base = K + b * stride_kb + hk * stride_kh
     lo = pid_s * span
     hi = tl.minimum(lo + span, n_keys)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
-                    mask=(offs_n[:, None] < hi) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        # -- causal mask: key n is visible to the query at q_pos when n <= q_pos --
-        valid = (offs_n[None, :] < hi) & (offs_n[None, :] <= q_pos[:, None])
-        s = tl.where(valid, s, float("-inf"))
-        # -- online softmax update --
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
-        m_i = m_new
+    # whole tiles of keys every row sees (keys 0 .. n_keys - rows), then the rest of the span, masked
+    clear = tl.maximum(lo, lo + (tl.minimum(hi, n_keys - rows + 1) - lo) // BLOCK_N * BLOCK_N)
+    for start_n in range(lo, clear, BLOCK_N):
+        m_i, l_i = _stats_step(q, k_base, stride_kn, start_n, hi, q_pos, m_i, l_i, qk_scale,
+                               HEAD_DIM, D_POW2, BLOCK_N, IEEE, False)
+    for start_n in range(clear, hi, BLOCK_N):
+        m_i, l_i = _stats_step(q, k_base, stride_kn, start_n, hi, q_pos, m_i, l_i, qk_scale,
+                               HEAD_DIM, D_POW2, BLOCK_N, IEEE, True)
 
     out = (pid_bh.to(tl.int64) * n_spans + pid_s) * rows + offs_m
     tl.store(M_OUT + out, m_i, mask=row_ok)
@@ -69,15 +88,45 @@ def _row_stats_kernel(
 
 
 @triton.jit
+def _importance_rows(acc, k, Q, LSE, b, hp, stride_qb, stride_qh, stride_qn, offs_n, n_keys, rows, H_q, GP,
+                     qk_scale, HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+                     IEEE: tl.constexpr, MASKED: tl.constexpr):
+    """acc (BLOCK_N) plus the probabilities the last ``rows`` queries of query heads hp*GP .. hp*GP+GP-1
+    give the key tile k; ``MASKED``: the tile reaches past the first row's position or past n_keys."""
+    offs_d = tl.arange(0, D_POW2)
+    for g in range(0, GP):
+        h = hp * GP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        lse_base = LSE + (b * H_q + h) * rows
+        for start_m in range(0, rows, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < rows
+            q_pos = n_keys - rows + offs_m
+            q = tl.load(q_base + q_pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
+                        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))  # rows past `rows`: p = 0
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            p = tl.exp2(s * qk_scale - lse[:, None])  # base 2: lse is too
+            if MASKED:
+                p = tl.where((offs_n[None, :] < n_keys) & (offs_n[None, :] <= q_pos[:, None]), p, 0.0)
+            acc += tl.sum(p, 0)
+    return acc
+
+
+@triton.jit
 def _importance_kernel(
     Q, K, LSE, OUT,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
-    n_keys, rows, H_q, H_perm, GP, PERM_PER_KV, scale, inv_count,
+    n_keys, rows, H_q, H_perm, GP, PERM_PER_KV, qk_scale, inv_count,
     HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # grid: (cdiv(n_keys, BLOCK_N), B * H_perm); permutation head hp serves query heads hp*GP .. hp*GP+GP-1
+    # grid: (cdiv(n_keys, BLOCK_N), B * H_perm); permutation head hp serves query heads hp*GP .. hp*GP+GP-1;
+    # qk_scale = softmax scale * log2(e), LSE in base 2 (as _row_stats_kernel's)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_perm).to(tl.int64)  # 64-bit offsets, as above
@@ -91,25 +140,12 @@ def _importance_kernel(
                 mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
     acc = tl.zeros([BLOCK_N], tl.float32)
-    for g in range(0, GP):
-        h = hp * GP + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        lse_base = LSE + (b * H_q + h) * rows
-        for start_m in range(0, rows, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < rows
-            q_pos = n_keys - rows + offs_m
-            q = tl.load(q_base + q_pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
-                        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            # -- probabilities of this row tile, summed over the rows --
-            p = tl.exp(s * scale - lse[:, None])
-            valid = row_ok[:, None] & key_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-            acc += tl.sum(tl.where(valid, p, 0.0), 0)
+    if (pid_n + 1) * BLOCK_N > n_keys - rows + 1:  # keys some row does not see, or past the end
+        acc = _importance_rows(acc, k, Q, LSE, b, hp, stride_qb, stride_qh, stride_qn, offs_n, n_keys, rows, H_q,
+                               GP, qk_scale, HEAD_DIM, D_POW2, BLOCK_M, IEEE, True)
+    else:
+        acc = _importance_rows(acc, k, Q, LSE, b, hp, stride_qb, stride_qh, stride_qn, offs_n, n_keys, rows, H_q,
+                               GP, qk_scale, HEAD_DIM, D_POW2, BLOCK_M, IEEE, False)
 
     tl.store(OUT + pid_bh.to(tl.int64) * n_keys + offs_n, acc * inv_count, mask=key_ok)
 
