@@ -26,7 +26,8 @@ _SCORE_BYTES = 256 << 20
 # score tile None: by head_dim (select_bench --sweep on an H100: 64 for head_dim 64, 0.34 vs 0.45 ms at
 # 32K with the SmolLM2 shape; 32 for head_dim 128, where 64 took 2-4x longer)
 TUNING = {"tile_elements": 4096, "top_p_warps": None, "score_block": None}
-# elements of the top-p tile per warp (plan_kernels.py on an H100, SmolLM2 shape, BENCHMARKS.md ninth session)
+# elements of the top-p tile per warp: whole rows per warp up to 1024 blocks (benchmarks/plan_kernels.py on an
+# H100: 172 -> 116 us per layer at 128K with the SmolLM2 shape, against 4 warps on 4096; BENCHMARKS.md)
 _TOP_P_WARP_ELEMENTS = 1024
 
 
