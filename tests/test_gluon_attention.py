@@ -104,7 +104,8 @@ def test_persistent_reads_token_major_views_in_place(d):
     out = torch.full_like(q, float("nan"))  # token-major too, and a chunk of rows
     part = PermutedBlockMask(plan.perm, plan.kv_num_blocks[:, :, 2:5].contiguous(),
                              plan.kv_indices[:, :, 2:5].contiguous(), 128, 256, n, row_offset=2)
-    A.pbs_attention(q, k, v, part, perm_mode="persistent", out=out, permuted=A.copies_for("persistent", k, v, plan.perm))
+    A.pbs_attention(q, k, v, part, perm_mode="persistent", out=out,
+                    permuted=A.copies_for("persistent", k, v, plan.perm))
     torch.testing.assert_close(out[:, :, 256:640], want[:, :, 256:640], atol=0, rtol=0)
     assert out[:, :, :256].isnan().all() and out[:, :, 640:].isnan().all()
 
