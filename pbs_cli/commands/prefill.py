@@ -376,13 +376,14 @@ def print_summary(rec: dict[str, Any]) -> None:
     from pbs_kernels.graphs import GRAPHS_BELOW
 
     kernels = sorted({ly["kernel"] for ly in rec["layers"] if ly.get("kernel")})
+    on_triton = any(k.startswith("triton/") for k in kernels)
     if kernels:
-        table.add_row("attention kernel", ", ".join(kernels) + " (sparse layers; PBS_PERM_MODE overrides the read mode)"
-                      if any(k.startswith("triton/") for k in kernels) else ", ".join(kernels) + " (sparse layers)")
+        note = " (sparse layers; PBS_PERM_MODE overrides the read mode)" if on_triton else " (sparse layers)"
+        table.add_row("attention kernel", ", ".join(kernels) + note)
     if rec.get("cuda_graph_layers"):
         table.add_row("CUDA graphs", f"{rec['cuda_graph_layers']} sparse layers replayed from one captured layer "
                       "(PBS_CUDA_GRAPHS=0 turns this off)")
-    elif any(k.startswith("triton/") for k in kernels) and rec["prompt_tokens"] >= GRAPHS_BELOW:
+    elif on_triton and rec["prompt_tokens"] >= GRAPHS_BELOW:
         table.add_row("CUDA graphs", f"none: layers of {GRAPHS_BELOW:,} tokens or more keep the GPU busy "
                       "longer than their launches take (PBS_CUDA_GRAPHS=1 captures them anyway)")
     dense_reasons = sorted({ly["reason"] for ly in rec["layers"] if ly["path"] == "dense"})
