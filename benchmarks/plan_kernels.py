@@ -4,7 +4,9 @@ Structured inputs as in ``select_bench.py`` (shared heavy-hitter directions, a s
 as transformers passes them: (B, H, N, D) views of (B, N, H, D)-contiguous tensors. For each length,
 ``--iters`` plans (``compute_permutation`` + ``select_blocks``) after a warm-up, traced with
 ``torch.profiler``; prints µs per plan for each kernel, then the plan's total, and the same total timed
-with CUDA events (no profiler).
+with CUDA events (no profiler). ``--with-copies`` adds the permuted K/V copies of the persistent kernel as
+``pbs prefill`` makes them (in the selection's pooling pass; a kernels/ tree without ``BlockSelection``:
+``permuted_copies`` after the selection).
 
     python benchmarks/plan_kernels.py --heads 9 --kv-heads 3 --head-dim 64 --seq-lens 32k,128k
 """
@@ -39,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--with-copies", action="store_true",
+                    help="include the permuted K/V copies the attention kernel reads (v random, like k)")
     ap.add_argument("--tag", default="", help="a label printed with every line (e.g. the tree measured)")
     args = ap.parse_args(argv)
 
@@ -51,8 +55,17 @@ def main(argv=None) -> int:
         q, k = structured_qkv(1, args.heads, args.kv_heads, n, args.head_dim, torch.bfloat16)
         q, k = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k))  # transformers' layout
 
-        def plan(q=q, k=k):
-            return tsel.select_blocks(q, k, tperm.compute_permutation(q, k, cfg), cfg)
+        v = torch.randn_like(k) if args.with_copies else None
+
+        def plan(q=q, k=k, v=v):
+            perm = tperm.compute_permutation(q, k, cfg)
+            if v is None:
+                return tsel.select_blocks(q, k, perm, cfg)
+            if hasattr(tsel, "BlockSelection"):  # the copies made by the pooling pass, as pbs prefill plans
+                return tsel.BlockSelection(q, k, perm, cfg, None, values=v).select(0, -(-n // 128))
+            from pbs_kernels.triton import attention as tatt  # an earlier tree: a copy launch of its own
+
+            return tsel.select_blocks(q, k, perm, cfg), tatt.permuted_copies((k, v), perm)
 
         per_kernel = kernel_times(plan, args.iters)
         events = cuda_time(plan, 3, args.iters)

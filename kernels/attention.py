@@ -99,28 +99,38 @@ def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, con
                           ) -> tuple[torch.Tensor, PermutedBlockMask]:
     """Plan and attend in one call. Shapes as in ``pbs_attention``; returns (out, plan).
 
-    Long sequences (``plan_chunk_rows``: index table over ``plan_bytes``) are planned and attended
-    one chunk of query blocks at a time, after one permutation for all: the same result, with at
-    most ``plan_bytes`` of indices alive. The returned plan is then a summary (``kv_indices`` None).
+    On the Triton path the pooling pass of the selection also makes the permuted K/V copies the
+    attention kernel reads (``select.pool_and_copy``: one read of K for both). Long sequences
+    (``plan_chunk_rows``: index table over ``plan_bytes``) are planned and attended one chunk of
+    query blocks at a time, after one permutation for all: the same result, with at most
+    ``plan_bytes`` of indices alive. The returned plan is then a summary (``kv_indices`` None).
     """
-    rows = plan_chunk_rows(q, config, plan_bytes)
-    if rows is None:
+    fast = triton_attention(q)
+    if fast is None or config.beyond_published():
         plan = build_plan(q, k, config, scale)
         return pbs_attention(q, k, v, plan, scale), plan
-    from .triton import attention as fast
     from .triton import select as fast_select
 
     _check_shapes(q, k, v)
     n = q.shape[2]
     bs, seg = config.block_size, config.segment_size
+    n_b = -(-n // bs)
+    rows = plan_chunk_rows(q, config, plan_bytes) or n_b
     mode = fast.resolve_perm_mode(n, bs, q)
     if not fast.keeps_layout(mode, q, k, v):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # once, not in every chunk's launch
     perm = compute_permutation(q, k, config, scale)
-    copies = fast.copies_for(mode, k, v, perm)  # one copy of K/V for every chunk
+    fused = mode in fast.PLAIN_COPY_MODES and fast.copies_supported(k)
+    selection = fast_select.BlockSelection(q, k, perm, config, scale, values=v if fused else None)
+    copies = selection.copies if fused else fast.copies_for(mode, k, v, perm)  # one copy for every chunk
+    if rows >= n_b:
+        num, idx = selection.select(0, n_b)
+        plan = PermutedBlockMask(perm, num, idx, bs, seg, n)
+        return fast.pbs_attention(q, k, v, plan, scale, permuted=copies), plan
     out = torch.empty_like(q)  # laid out like q now
     nums = []
-    for r0, num, idx in fast_select.select_row_chunks(q, k, perm, config, scale, rows):
+    for r0 in range(0, n_b, rows):
+        num, idx = selection.select(r0, min(n_b, r0 + rows))
         fast.pbs_attention(q, k, v, PermutedBlockMask(perm, num, idx, bs, seg, n, row_offset=r0), scale,
                            out=out, permuted=copies)
         nums.append(num)

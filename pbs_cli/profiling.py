@@ -10,6 +10,8 @@ Backends (``BACKENDS``):
   end-to-end time is that of a layer inside ``pbs prefill``: below 64K tokens the input copies and the
   replay of a CUDA graph of permute + select + attend (``pbs_kernels.graphs``; the eager time is in
   ``notes``), from ``GRAPHS_BELOW`` tokens on the eager calls, as there; the phase times are eager.
+  End to end (``pbs_prefill_attention``) the selection's pooling pass also makes the permuted K/V
+  copies; as phases, the attend phase makes them itself (``pbs_attention`` given a plan).
 - ``sdpa-cudnn``, ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-math``: ``F.scaled_dot_product_attention``
   (causal) restricted to one SDPA backend each. GQA runs with ``enable_gqa=True`` where the backend
   accepts it, else on K/V expanded to H_q heads beforehand (outside the timed region; noted).
@@ -46,7 +48,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from pbs_kernels import PBSConfig, reference
-from pbs_kernels.attention import attention_kernel, pbs_attention
+from pbs_kernels.attention import attention_kernel, pbs_attention, pbs_prefill_attention
 from pbs_kernels.block_mask import PermutedBlockMask
 from pbs_kernels.graphs import GRAPHS_BELOW, LayerGraphs, worth_capturing
 from pbs_kernels.graphs import enabled as graphs_enabled
@@ -385,13 +387,7 @@ class Profiler:
                 t_att = self._bench(lambda: keep.__setitem__("out", pbs_attention(q, k, v, plan, s.scale)), device,
                                     memory=False)
 
-                def total():
-                    p = compute_permutation(q, k, config, s.scale)
-                    nm, ix = select_blocks(q, k, p, config, s.scale)
-                    return pbs_attention(q, k, v, PermutedBlockMask(p, nm, ix, config.block_size,
-                                                                    config.segment_size, n), s.scale)
-
-                t_tot = self._bench(total, device)
+                t_tot = self._bench(lambda: pbs_prefill_attention(q, k, v, config, s.scale), device)
                 note = None if q.is_cuda else "CPU: pbs runs the PyTorch reference path"
                 graphs = LayerGraphs()
                 if graphs_enabled() and graphs.eligible(q, config):  # as a layer runs inside pbs prefill

@@ -46,6 +46,24 @@ def test_chunked_prefill_equals_one_plan():
         summary.to_dense()
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_prefill_makes_the_kv_copies_in_the_pooling_pass(monkeypatch, chunked):
+    """In a copying read mode, ``pbs_prefill_attention`` takes K/V in permuted order from the
+    selection's pooling pass (no separate copy launch) and returns what the separate copy gives."""
+    from pbs_kernels.triton import attention as fast
+
+    q, k, v = inputs(n=300, seed=2)
+    monkeypatch.setattr(fast, "DEFAULT_PERM_MODE", "gather")  # a copying mode that runs everywhere
+    plan = build_plan(q, k, CFG)
+    want = pbs_attention(q, k, v, plan)  # copies K/V apart
+    monkeypatch.setattr(fast, "permuted_copies", lambda *a, **kw: pytest.fail("copied K/V apart from the pooling"))
+    budget = 4 * 4 * 19 * 5 if chunked else api.PLAN_CHUNK_BYTES  # 19 query blocks, 5 per chunk
+    out, got_plan = api.pbs_prefill_attention(q, k, v, CFG, plan_bytes=budget)
+    assert (got_plan.kv_indices is None) == chunked
+    assert torch.equal(got_plan.kv_num_blocks, plan.kv_num_blocks)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
 def test_whole_plan_below_the_budget_and_off_the_fused_path(monkeypatch):
     q, k, v = inputs(n=200)
     assert api.plan_chunk_rows(q, CFG) is None  # 13 x 13 blocks: far below 256 MiB

@@ -106,6 +106,35 @@ def test_permutation_short_or_off_is_identity():
         assert torch.equal(perm.cpu(), torch.arange(50, dtype=torch.int32).expand(1, 1, 50))
 
 
+@pytest.mark.parametrize("seg", [64, 256])
+def test_segment_sort_equals_the_stable_reference_sort(seg):
+    """The fused per-segment sort is torch.sort(descending, stable) exactly, ties included: scores rounded
+    to a few values (many exact ties), +0.0 / -0.0 (equal to torch.sort), NaNs (first, in order), +-inf,
+    and a trailing partial segment (identity)."""
+    gen = torch.Generator().manual_seed(seg)
+    n = 2 * seg + 17  # two full segments and a partial one (the interpreter sorts slowly: few segments)
+    scores = (torch.randn(2, 3, n, generator=gen) * 2).round() / 2  # ~15 distinct values per segment
+    scores[0, 0, 3:12:2], scores[0, 0, 4:12:2] = 0.0, -0.0  # interleaved zeros of both signs
+    scores[1, 2, seg:2 * seg:3] = -0.0
+    scores[0, 1, [5, 9, seg + 1]] = float("nan")
+    if DEVICE == "cpu":  # NaNs with the sign bit set (0xffc00000, x86's default NaN) or another payload
+        # (0x7f800001): torch.sort on the CPU puts every NaN first, as the kernel does; CUDA's radix sort
+        # orders NaNs by their bits (sign-set ones last), but CUDA's own arithmetic only makes 0x7fffffff
+        scores[0, 1, [2, seg + 4]] = torch.tensor([-4194304, 0x7F800001], dtype=torch.int32).view(torch.float32)
+    scores[1, 0, [0, 7]], scores[1, 0, [2, 8]] = float("inf"), float("-inf")
+    scores[0, 2, :seg] = 1.0  # one segment all tied: stays in order
+    scores = scores.to(DEVICE)
+    want = reference.segment_permutation(scores, seg)
+    got = tperm.segment_permutation(scores, seg, fused=True)
+    assert got.dtype == torch.int32 and got.shape == want.shape
+    assert torch.equal(got, want)
+    # fp16 scores widen exactly to the kernel's fp32 (two heads will do)
+    half = scores[:1, :2].half()
+    assert torch.equal(tperm.segment_permutation(half, seg, fused=True), reference.segment_permutation(half, seg))
+    with pytest.raises(ValueError, match="power-of-two"):
+        tperm.segment_permutation(scores, seg - 16, fused=True)
+
+
 # -- selection -----------------------------------------------------------------------------------
 
 
@@ -276,6 +305,24 @@ def test_pooling_gathers_through_the_permutation():
     torch.testing.assert_close(tsel.pool_blocks(q, 16), reference.pool_blocks(q, 16), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+def test_pooling_pass_copies_keys_and_values_in_permuted_order(per_head):
+    """``pool_and_copy``: the pooled keys of ``pool_blocks`` and, from the same gather, K and V in
+    permuted order exactly as the reference gathers them; inputs in transformers' strided layout."""
+    q, k = structured_qkv(2, 4, 2, 201, 32, DTYPES[-1], seed=5)
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(6)).to(k.device, k.dtype)
+    kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
+    cfg = PBSConfig(block_size=16, segment_size=32, per_head_permutation=per_head)
+    perm = tperm.compute_permutation(q, k, cfg)  # (2, 4 or 2, 201)
+    k_bar, k_perm, v_perm = tsel.pool_and_copy(kt, vt, 16, perm)
+    assert torch.equal(k_bar, tsel.pool_blocks(k, 16, perm))
+    assert k_perm.is_contiguous() and v_perm.is_contiguous()
+    assert torch.equal(k_perm, reference.permute_keys(k, perm))
+    assert torch.equal(v_perm, reference.permute_keys(v, perm))
+    with pytest.raises(ValueError, match="power-of-two"):
+        tsel.pool_and_copy(k[..., :24], v[..., :24], 16, perm)
+
+
 def test_strided_inputs_from_transformers_layout():
     """q, k as (B, N, H, D) tensors viewed as (B, H, N, D), as attention hooks receive them."""
     cfg = PBSConfig(block_size=16, segment_size=32)
@@ -318,9 +365,11 @@ def test_rejects_mismatched_heads():
 @pytest.mark.parametrize("threshold", [0.3, 0.6, 0.85])
 def test_exact_ties_rank_by_block_index(threshold):
     """Keys repeating with the segment period give key blocks with bit-identical pooled keys, so
-    block probabilities tie exactly; the reference's stable sort keeps the lower block index first."""
+    block probabilities tie exactly; the reference's stable sort keeps the lower block index first.
+    q and k lie on a grid of halves, so that every pooled dot product is exact in fp32 whatever the
+    summation order: a CPU BLAS (the interpreter's tl.dot) may sum identical columns differently."""
     cfg = PBSConfig(block_size=16, segment_size=64, threshold=threshold)
-    q, k = structured_qkv(1, 2, 1, 512, 32, DTYPES[0], seed=3)
+    q, k = (torch.round(2 * x) / 2 for x in structured_qkv(1, 2, 1, 512, 32, DTYPES[0], seed=3))
     k = k[:, :, :64].repeat(1, 1, 8, 1)
     perm = tperm.compute_permutation(q, k, cfg)
     num, idx = tsel.select_blocks(q, k, perm, cfg)

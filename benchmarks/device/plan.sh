@@ -1,14 +1,15 @@
 # One call (no model): GPU time of each kernel of one layer's plan (benchmarks/plan_kernels.py), SmolLM2 and
 # Llama shapes at $LENS (default 32k,128k). With OLD=DIR (a folder holding a copy of an earlier kernels/ as
 # pbs_kernels/, untracked in the repository), the earlier kernels run too, alternating with these: old, new,
-# old, new for SmolLM2, then old, new for Llama. The tests of the selection on the GPU first.
+# old, new for SmolLM2, then old, new for Llama. PLAN_ARGS: more arguments (e.g. --with-copies). The tests of the
+# selection on the GPU first.
 source benchmarks/device/setup.sh
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_select.py tests/test_row_chunks.py 2>&1 | tail -3 \
   | tee "$OUT/tests.log"
 run() {  # TAG ARGS...: TAG starting with "old" runs the kernels in $OLD
   local tag=$1 pp=$PYTHONPATH; shift
   [ "${tag#old}" != "$tag" ] && pp=$PWD/$OLD:$PYTHONPATH
-  PYTHONPATH=$pp timeout 60 python3 benchmarks/plan_kernels.py --tag "$tag" --seq-lens "${LENS:-32k,128k}" "$@" \
+  PYTHONPATH=$pp timeout 60 python3 benchmarks/plan_kernels.py --tag "$tag" --seq-lens "${LENS:-32k,128k}" ${PLAN_ARGS:-} "$@" \
     2> "$OUT/plan_$tag.log" >> "$OUT/plan.jsonl"
 }
 llama=(--heads 32 --kv-heads 8 --head-dim 128)

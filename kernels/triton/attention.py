@@ -154,7 +154,7 @@ def permuted_copies(xs: tuple[torch.Tensor, ...], perm: torch.Tensor, with_origi
     less matters where copies take microseconds (CUDA-graph replays at 32K)."""
     b, h_perm, n = perm.shape
     h_kv, d = xs[0].shape[1], xs[0].shape[-1]
-    if d & (d - 1) or not (xs[0].is_cuda or _interpreting()):
+    if not copies_supported(xs[0]):
         outs = tuple(reference.permute_keys(x, perm) for x in xs)
         if with_original:
             outs = tuple(torch.cat([o, x.repeat_interleave(h_perm // h_kv, 1)], 2) for o, x in zip(outs, xs))
@@ -171,6 +171,18 @@ def permuted_copies(xs: tuple[torch.Tensor, ...], perm: torch.Tensor, with_origi
     kernel[grid](x, y, perm, outs[0], outs[-1], n, h_kv, h_perm, *x.stride()[:3], *y.stride()[:3], BLOCK=block,
                  HEAD_DIM=d, WITH_ORIGINAL=with_original, PAIR=len(xs) == 2, **({"num_warps": 4} if x.is_cuda else {}))
     return outs
+
+
+# read modes whose copies are K and V in permuted order and nothing else (what the selection's pooling
+# pass can make on the way: ``select.pool_and_copy``)
+PLAIN_COPY_MODES = ("gather", "tma", "persistent")
+
+
+def copies_supported(x: torch.Tensor) -> bool:
+    """Whether the Triton row gather copies x (B, H, N, D): head_dim a power of two, on CUDA (or in the
+    interpreter); otherwise ``permuted_copies`` falls back to the reference gather."""
+    d = x.shape[-1]
+    return not d & (d - 1) and (x.is_cuda or _interpreting())
 
 
 def copies_for(mode: str, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor):

@@ -1,8 +1,10 @@
-"""GPU segmented key permutation: key importance in Triton, per-segment sort with ``torch.sort``.
+"""GPU segmented key permutation: key importance and the per-segment sort, both in Triton.
 
 Twin of ``reference.key_importance`` + ``reference.segment_permutation``. No host syncs; memory is
 O(B * H * N) (no (rows x N) score matrix): the importance is computed in two passes over the keys
-(row log-sum-exp first, then probabilities summed over the rows), see ``permute_kernel``.
+(row log-sum-exp first, then probabilities summed over the rows), and each segment is sorted by one
+program of a single launch (``torch.sort`` is the fallback for segments the kernel does not take), see
+``permute_kernel``.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import triton
 
 from .. import reference
 from ..config import PBSConfig
-from .permute_kernel import _importance_kernel, _row_stats_kernel
+from .permute_kernel import _importance_kernel, _row_stats_kernel, _segment_sort_kernel
 
 # GPU tile of both passes, and keys per program of the row-statistics pass ("span": enough programs
 # to fill a GPU at long N while each one still streams many key tiles; the spans are merged with a
 # log-sum-exp on the host stream). benchmarks/select_bench.py --sweep measures alternatives.
 TUNING = {"block_m": 64, "block_n": 128, "num_warps": 8, "span": 4096}  # best of 5 tiles on an H100 at 32K and 128K
+
+# Largest segment the fused sort takes by default: the whole segment (an int64 per key) sorts in registers
+SORT_MAX_SEGMENT = 2048
 
 
 def _interpreting() -> bool:
@@ -83,7 +88,45 @@ def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: 
     return out
 
 
-def compute_permutation(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float | None = None) -> torch.Tensor:
+def _fused_sort_fits(segment_size: int) -> bool:
+    return 2 <= segment_size <= SORT_MAX_SEGMENT and segment_size & (segment_size - 1) == 0
+
+
+def _sort_warps(segment_size: int) -> int:
+    # one warp keeps every compare-and-swap in registers and warp shuffles (more warps exchange through
+    # shared memory, with barriers): on an H100 at 128K keys, 8 and 32 heads, one warp was fastest up to
+    # 1024-key segments, two at 2048 (where the kernel only draws level with torch.sort; 6-10x faster
+    # than it from 64 to 512 keys)
+    return 1 if segment_size <= 1024 else 2
+
+
+def segment_permutation(scores: torch.Tensor, segment_size: int, fused: bool | None = None) -> torch.Tensor:
+    """int32 (B, H, N): ``reference.segment_permutation`` (stable descending sort of scores (B, H, N)
+    inside each complete segment of ``segment_size`` keys, identity over the trailing partial one).
+
+    ``fused``: True runs the Triton kernel (one launch; the interpreter too), False ``torch.sort``; None
+    picks the kernel for CUDA tensors when ``segment_size`` is a power of two <= ``SORT_MAX_SEGMENT``.
+    The kernel sorts fp32: fp16/bf16 scores widen exactly, other dtypes go to ``torch.sort``.
+    """
+    exact_fp32 = scores.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if fused is None:
+        fused = scores.is_cuda and exact_fp32 and _fused_sort_fits(segment_size)
+    elif fused and not (exact_fp32 and _fused_sort_fits(segment_size)):
+        raise ValueError(f"the fused sort takes fp32/fp16/bf16 scores and a power-of-two segment in "
+                         f"2..{SORT_MAX_SEGMENT}, got {scores.dtype} and {segment_size}")
+    if not fused:
+        return reference.segment_permutation(scores, segment_size)
+    b, h, n = scores.shape
+    scores = scores.float().contiguous()
+    out = torch.empty(b, h, n, dtype=torch.int32, device=scores.device)
+    if out.numel():
+        _segment_sort_kernel[(triton.cdiv(n, segment_size), b * h)](
+            scores, out, n, SEG=segment_size, num_warps=_sort_warps(segment_size))
+    return out
+
+
+def compute_permutation(q: torch.Tensor, k: torch.Tensor, config: PBSConfig,
+                        scale: float | None = None) -> torch.Tensor:
     """int32 (B, H_perm, N): original key position at each permuted slot (see ``pbs_kernels.permute``).
 
     q (B, H_q, N, D), k (B, H_kv, N, D) on the GPU (or CPU under ``TRITON_INTERPRET=1``).
@@ -96,5 +139,6 @@ def compute_permutation(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, sca
     if not config.permute or n < config.segment_size:
         return reference.identity_permutation(b, h_perm, n, q.device)
     imp = key_importance(q, k, config.block_size, config.per_head_permutation, scale)
-    # stable descending sort per segment, exactly as the reference (torch.sort runs on the GPU, no sync)
-    return reference.segment_permutation(imp, config.segment_size)
+    # stable descending sort per segment, exactly as the reference (one Triton launch; torch.sort for
+    # segments the kernel does not take; no sync either way)
+    return segment_permutation(imp, config.segment_size)

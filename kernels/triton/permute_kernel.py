@@ -13,6 +13,9 @@ Both work in base 2 (scores times scale · log2 e, ``exp2``: one fused multiply-
 per score), and only the key tiles that reach past the first of the last rows (or past the end)
 apply the causal mask.
 
+3. ``_segment_sort_kernel``: the permutation itself, a stable descending sort of the importance inside
+   each segment of keys (the order ``torch.sort(descending=True, stable=True)`` gives), in one launch.
+
 Launchers and shapes: ``pbs_kernels.triton.permute``.
 """
 
@@ -188,3 +191,35 @@ def _gather_rows_kernel(
     if PAIR:
         _gather_head_rows(Y + b * stride_yb + hx * stride_yh, stride_yn, OUT_Y, out_row0, src, offs, ok, n,
                           HEAD_DIM, WITH_ORIGINAL)
+
+
+@triton.jit
+def _segment_sort_kernel(SCORES, OUT, n_keys, SEG: tl.constexpr):
+    # grid: (cdiv(n_keys, SEG), B * H); SCORES fp32 (B, H, n_keys) and OUT int32 (B, H, n_keys), contiguous.
+    # OUT[.., s0 + i] = s0 + (position inside the segment of the key with the i-th highest score), ties in
+    # original order: torch.sort(descending=True, stable=True) of each segment of SEG keys, s0 = its start.
+    # A trailing partial segment (its program is the last along axis 0) gets the identity.
+    #
+    # Why one int64 sort: every key gets a distinct composite (~ordered score) << 32 | index, so one
+    # ascending tl.sort (a bitonic network in registers, O(SEG log^2 SEG) compare-and-swaps) orders by
+    # descending score, then ascending index -- the stable order, exact, with no tie left to the network.
+    # Counting ranks would be exact too, but takes SEG^2 compares to the network's ~SEG/4 * log2(SEG)^2.
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B * H * N passes 2**31 at 512K keys, 64 heads
+    start = pid_s * SEG
+    offs = tl.arange(0, SEG)
+    row = pid_bh * n_keys + start
+    if start + SEG <= n_keys:
+        bits = tl.load(SCORES + row + offs).to(tl.int32, bitcast=True)
+        # torch.sort's order in integers: -0.0 ties with +0.0 (both 0); every NaN ties (0x7fffffff) above
+        # +inf (0x7f800000), as descending sorts put NaN first; flipping the 31 low bits of negative
+        # floats makes signed-integer order equal float order (more negative = larger magnitude bits)
+        bits = tl.where(bits == -2147483648, 0, bits)
+        bits = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FFFFFFF, bits)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # arithmetic shift: all ones for negatives, else 0
+        # ~key reverses the order (descending score); index in the low 32 bits breaks ties ascending
+        comp = ((~key).to(tl.int64) << 32) | offs.to(tl.int64)
+        comp = tl.sort(comp, 0)
+        tl.store(OUT + row + offs, start + (comp & (SEG - 1)).to(tl.int32))
+    else:
+        tl.store(OUT + row + offs, start + offs, mask=start + offs < n_keys)

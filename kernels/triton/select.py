@@ -52,6 +52,27 @@ def pool_blocks(x: torch.Tensor, block_size: int, perm: torch.Tensor | None = No
     ``perm[b, h, s]`` of input head ``h // (H_out // H_x)`` (pooled permuted keys, no permuted copy).
     Twin of ``reference.pool_blocks`` (on ``reference.permute_keys(x, perm)``).
     """
+    return _pool(x, block_size, perm, heads)[0]
+
+
+def pool_and_copy(k: torch.Tensor, v: torch.Tensor, block_size: int, perm: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pool_blocks(k, block_size, perm)`` and the permuted copies of k and v, from one pass over k.
+
+    k, v (B, H_kv, N, D) of one dtype, D a power of two; perm int32 (B, H_perm, N). Returns (k_bar fp32
+    (B, H_perm, N_b, D), k_perm, v_perm (B, H_perm, N, D) contiguous in k's dtype): the copies equal
+    ``attention.permuted_copies((k, v), perm)`` (twin: ``reference.permute_keys``), made while the
+    pooling gathers the keys anyway, so the copy reads K once less and launches no kernel of its own.
+    """
+    if v.shape != k.shape or v.dtype != k.dtype or k.shape[-1] & (k.shape[-1] - 1):
+        raise ValueError(f"pool_and_copy needs k and v of one shape and dtype with a power-of-two head_dim, got "
+                         f"{tuple(k.shape)} {k.dtype} and {tuple(v.shape)} {v.dtype}")
+    return _pool(k, block_size, perm, values=v)
+
+
+def _pool(x: torch.Tensor, block_size: int, perm: torch.Tensor | None, heads: int | None = None,
+          values: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The pooling launch: (pooled,), or (pooled, x_perm, values_perm) when ``values`` is given (with ``perm``)."""
     b, h_x, n, d = x.shape
     x = _last_dim_contiguous(x)
     h_out = perm.shape[1] if perm is not None else (heads or h_x)
@@ -60,17 +81,21 @@ def pool_blocks(x: torch.Tensor, block_size: int, perm: torch.Tensor | None = No
     n_b = triton.cdiv(n, block_size)
     out = torch.empty(b, h_out, n_b, d, dtype=torch.float32, device=x.device)
     p = perm if perm is not None else out  # unused pointer when not gathering
+    copy = values is not None and perm is not None
+    y = _last_dim_contiguous(values) if copy else x
+    x_copy, y_copy = (torch.empty(b, h_out, n, d, dtype=x.dtype, device=x.device) for _ in range(2)) if copy else (out, out)
     d_pow2 = triton.next_power_of_2(d)
     nblk = triton.next_power_of_2(max(1, min(n_b, _tile_elements() // (block_size * d_pow2))))
     _pool_kernel[(triton.cdiv(n_b, nblk), b * h_out)](
-        x, p, out,
+        x, p, out, x_copy, y, y_copy,
         x.stride(0), x.stride(1), x.stride(2),
+        y.stride(0), y.stride(1), y.stride(2),
         p.stride(0) if perm is not None else 0, p.stride(1) if perm is not None else 0,
         n, n_b, h_out, h_out // h_x,
-        GATHER=perm is not None, NBLK=nblk, BLOCK=block_size, HEAD_DIM=d, D_POW2=d_pow2,
+        GATHER=perm is not None, COPY=copy, NBLK=nblk, BLOCK=block_size, HEAD_DIM=d, D_POW2=d_pow2,
         num_warps=4,
     )
-    return out
+    return (out, x_copy, y_copy) if copy else (out,)
 
 
 def sink_block(perm: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -89,7 +114,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     rows: (r0, r1) plans only query blocks [r0, r1): the outputs then have R = r1 - r0 rows
     ((B, H_q, R) and (B, H_q, R, N_kb)), equal to those rows of the whole plan.
     """
-    pooled = _Pooled(q, k, perm, config, scale)
+    pooled = BlockSelection(q, k, perm, config, scale)
     return pooled.select(*(rows if rows is not None else (0, pooled.n_b)), score_bytes)
 
 
@@ -99,16 +124,21 @@ def select_row_chunks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, conf
     """``select_blocks`` one chunk of query blocks at a time, pooling q and k once: yields (r0,
     kv_num_blocks (B, H_q, R), kv_indices (B, H_q, R, N_kb)) for r0 = 0, rows_per_chunk, ...
     (R = rows_per_chunk, the last chunk shorter). Shapes otherwise as in ``select_blocks``."""
-    pooled = _Pooled(q, k, perm, config, scale)
+    pooled = BlockSelection(q, k, perm, config, scale)
     for r0 in range(0, pooled.n_b, rows_per_chunk):
         yield (r0, *pooled.select(r0, min(pooled.n_b, r0 + rows_per_chunk), score_bytes))
 
 
-class _Pooled:
-    """Validated inputs and the pooled q / k of one selection; ``select`` plans a range of rows."""
+class BlockSelection:
+    """Validated inputs and the pooled q / k of one selection; ``select`` plans a range of rows.
+
+    With ``values`` (v, shaped like k, head_dim a power of two), the pooling pass also makes the
+    permuted copies of k and v (``pool_and_copy``) and keeps them in ``copies`` for the attention
+    kernel; otherwise ``copies`` is None.
+    """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
-                 scale: float | None) -> None:
+                 scale: float | None, values: torch.Tensor | None = None) -> None:
         b, h_q, n, d = q.shape
         h_kv = k.shape[1]
         h_perm = perm.shape[1]
@@ -127,10 +157,15 @@ class _Pooled:
         self.n_b = triton.cdiv(n, bs)
         perm = perm.to(torch.int32).contiguous()
         self.q_bar = pool_blocks(q, bs)  # (B, H_q, N_b, D)
-        self.k_bar = pool_blocks(k, bs, perm)  # (B, H_perm, N_b, D), permuted order
+        self.copies: tuple[torch.Tensor, torch.Tensor] | None = None
+        if values is None:
+            self.k_bar = pool_blocks(k, bs, perm)  # (B, H_perm, N_b, D), permuted order
+        else:
+            self.k_bar, *copies = pool_and_copy(k, values, bs, perm)
+            self.copies = tuple(copies)  # k, v (B, H_perm, N, D) in permuted order
         self.sink = sink_block(perm, bs).contiguous()  # (B, H_perm)
 
-    def select(self, r_begin: int, r_end: int, score_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, r_begin: int, r_end: int, score_bytes: int = _SCORE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
         """The plan rows of query blocks [r_begin, r_end)."""
         b, h_q, h_perm, d, n_b, config = self.b, self.h_q, self.h_perm, self.d, self.n_b, self.config
         if not 0 <= r_begin < r_end <= n_b:

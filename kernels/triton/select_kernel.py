@@ -1,7 +1,8 @@
 """@triton.jit kernels of block selection (launchers and shapes: ``pbs_kernels.triton.select``).
 
 1. ``_pool_kernel``: mean of each block of rows, optionally gathering the rows through the
-   permutation first (pooled permuted keys without a permuted copy of K).
+   permutation first (pooled permuted keys), and then optionally storing the gathered keys and the
+   values gathered alike (the permuted K/V copies the attention kernel reads, in the same pass).
 2. ``_block_scores_kernel``: pooled scores q_bar . k_bar^T * scale for a chunk of query blocks, one tile per program,
    only the key tiles left of the tile's last diagonal segment (the candidates).
 3. ``_top_p_kernel``: per (batch, head) and tile of query blocks, per row: softmax over the candidate
@@ -22,14 +23,19 @@ _BITS_END = tl.constexpr(1 << 30)
 
 @triton.jit
 def _pool_kernel(
-    X, PERM, OUT,
+    X, PERM, OUT, X_COPY, Y, Y_COPY,
     stride_xb, stride_xh, stride_xn,
+    stride_yb, stride_yh, stride_yn,
     stride_pb, stride_ph,
     n, n_blocks, H_out, OUT_PER_X,
-    GATHER: tl.constexpr, NBLK: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr,
+    GATHER: tl.constexpr, COPY: tl.constexpr, NBLK: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    D_POW2: tl.constexpr,
 ):
     # grid: (cdiv(n_blocks, NBLK), B * H_out); NBLK blocks of BLOCK rows per program;
-    # output head h reads input head h // OUT_PER_X
+    # output head h reads input head h // OUT_PER_X. With COPY (GATHER, HEAD_DIM a power of two), the
+    # gathered rows are also stored in permuted order into X_COPY, and the rows of Y (values) gathered
+    # with the same indices into Y_COPY: both (B, H_out, n, HEAD_DIM) contiguous, what the attention
+    # kernel reads, made by this pass over X instead of a second one.
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_out).to(tl.int64)  # 64-bit offsets: (B, H, N, D) tensors pass 2**31 elements at 512K
@@ -45,6 +51,12 @@ def _pool_kernel(
         src = slots
     x = tl.load(X + b * stride_xb + hx * stride_xh + src[:, None].to(tl.int64) * stride_xn + offs_d[None, :],
                 mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if COPY:
+        dst = (pid_bh.to(tl.int64) * n + slots[:, None]) * HEAD_DIM + offs_d[None, :]
+        tl.store(X_COPY + dst, x, mask=ok[:, None])
+        y = tl.load(Y + b * stride_yb + hx * stride_yh + src[:, None].to(tl.int64) * stride_yn + offs_d[None, :],
+                    mask=ok[:, None])
+        tl.store(Y_COPY + dst, y, mask=ok[:, None])
     sums = tl.sum(tl.reshape(x.to(tl.float32), [NBLK, BLOCK, D_POW2]), 1)  # (NBLK, D_POW2)
     blk = pid * NBLK + tl.arange(0, NBLK)
     count = tl.minimum(BLOCK, n - blk * BLOCK).to(tl.float32)  # the partial last block: its real rows
