@@ -3,7 +3,8 @@
 Twin of ``reference.select_blocks(q, reference.permute_keys(k, perm), perm, config)``. No host
 syncs. Memory: pooled q and k (fp32, N/B rows each), the plan itself, and one fp32 score buffer
 for a chunk of query blocks, at most ``_SCORE_BYTES`` (the (B, H, N_qb, N_qb) score matrix never
-exists at once). The permuted keys are never materialized: pooling gathers rows through ``perm``.
+exists at once). Pooling gathers key rows through ``perm``; the permuted keys exist only when the
+caller asks the same pass for them (``pool_and_copy``: the K/V copies the attention kernel reads).
 """
 
 from __future__ import annotations
