@@ -62,7 +62,8 @@ def main(argv=None) -> int:
             if v is None:
                 return tsel.select_blocks(q, k, perm, cfg)
             if hasattr(tsel, "BlockSelection"):  # the copies made by the pooling pass, as pbs prefill plans
-                return tsel.BlockSelection(q, k, perm, cfg, None, values=v).select(0, -(-n // 128))
+                selection = tsel.BlockSelection(q, k, perm, cfg, None, values=v)
+                return selection.select(0, selection.n_b)
             from pbs_kernels.triton import attention as tatt  # an earlier tree: a copy launch of its own
 
             return tsel.select_blocks(q, k, perm, cfg), tatt.permuted_copies((k, v), perm)

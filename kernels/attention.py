@@ -129,8 +129,7 @@ def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, con
         return fast.pbs_attention(q, k, v, plan, scale, permuted=copies), plan
     out = torch.empty_like(q)  # laid out like q now
     nums = []
-    for r0 in range(0, n_b, rows):
-        num, idx = selection.select(r0, min(n_b, r0 + rows))
+    for r0, num, idx in selection.row_chunks(rows):
         fast.pbs_attention(q, k, v, PermutedBlockMask(perm, num, idx, bs, seg, n, row_offset=r0), scale,
                            out=out, permuted=copies)
         nums.append(num)

@@ -84,7 +84,9 @@ def _pool(x: torch.Tensor, block_size: int, perm: torch.Tensor | None, heads: in
     p = perm if perm is not None else out  # unused pointer when not gathering
     copy = values is not None and perm is not None
     y = _last_dim_contiguous(values) if copy else x
-    x_copy, y_copy = (torch.empty(b, h_out, n, d, dtype=x.dtype, device=x.device) for _ in range(2)) if copy else (out, out)
+    x_copy, y_copy = (out, out)  # unused pointers when not copying
+    if copy:
+        x_copy, y_copy = (torch.empty(b, h_out, n, d, dtype=x.dtype, device=x.device) for _ in range(2))
     d_pow2 = triton.next_power_of_2(d)
     nblk = triton.next_power_of_2(max(1, min(n_b, _tile_elements() // (block_size * d_pow2))))
     _pool_kernel[(triton.cdiv(n_b, nblk), b * h_out)](
@@ -125,9 +127,7 @@ def select_row_chunks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, conf
     """``select_blocks`` one chunk of query blocks at a time, pooling q and k once: yields (r0,
     kv_num_blocks (B, H_q, R), kv_indices (B, H_q, R, N_kb)) for r0 = 0, rows_per_chunk, ...
     (R = rows_per_chunk, the last chunk shorter). Shapes otherwise as in ``select_blocks``."""
-    pooled = BlockSelection(q, k, perm, config, scale)
-    for r0 in range(0, pooled.n_b, rows_per_chunk):
-        yield (r0, *pooled.select(r0, min(pooled.n_b, r0 + rows_per_chunk), score_bytes))
+    return BlockSelection(q, k, perm, config, scale).row_chunks(rows_per_chunk, score_bytes)
 
 
 class BlockSelection:
@@ -165,6 +165,13 @@ class BlockSelection:
             self.k_bar, *copies = pool_and_copy(k, values, bs, perm)
             self.copies = tuple(copies)  # k, v (B, H_perm, N, D) in permuted order
         self.sink = sink_block(perm, bs).contiguous()  # (B, H_perm)
+
+    def row_chunks(self, rows_per_chunk: int, score_bytes: int = _SCORE_BYTES
+                   ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(r0, kv_num_blocks, kv_indices) of query blocks [r0, r0 + rows_per_chunk) for r0 = 0,
+        rows_per_chunk, ... (the last chunk shorter): ``select`` over the whole plan, a chunk at a time."""
+        for r0 in range(0, self.n_b, rows_per_chunk):
+            yield (r0, *self.select(r0, min(self.n_b, r0 + rows_per_chunk), score_bytes))
 
     def select(self, r_begin: int, r_end: int, score_bytes: int = _SCORE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
         """The plan rows of query blocks [r_begin, r_end)."""
