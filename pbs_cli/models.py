@@ -2,7 +2,7 @@
 
 ``--model`` accepts, in this order:
 
-1. an alias from ``profiles/models.toml`` (``llama``, ``smollm2``) or the user's ``models.toml``;
+1. an alias from ``profiles/pbs_profiles/models.toml`` (``llama``, ``smollm2``) or the user's ``models.toml``;
 2. an existing local directory with ``config.json`` and safetensors weights;
 3. an existing ``.gguf`` file;
 4. a Hugging Face id ``org/name`` already in the local Hugging Face cache (nothing is downloaded).

@@ -2,7 +2,7 @@
 
 Two places, later ones win:
 
-1. the presets shipped in the package ``pbs_profiles`` (the ``profiles/`` folder of the source tree),
+1. the presets shipped in the package ``pbs_profiles`` (``profiles/pbs_profiles/`` in the source tree),
    read through ``importlib.resources`` so editable and wheel installs behave the same;
 2. the user's profiles folder, ``$PBS_CONFIG_DIR`` if set, else ``~/.config/pbs/profiles``
    (``pbs calibrate`` writes its presets there).
