@@ -319,30 +319,40 @@ _COMPILE = """
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pbs_kernels.triton.sampled_kernel import _sampled_lse_kernel as kernel
-for dtype, head_dim in (("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp32", 64)):
-    consts = dict(M=16, M_POW2=16, STEP=4, QB=4, BLOCK_R=64, BLOCK_N=64, HEAD_DIM=head_dim, D_POW2=head_dim,
-                  IEEE=dtype == "fp32")
-    sig = {"Q": "*" + dtype, "K": "*" + dtype, "PERM": "*i32", "OUT": "*fp32", "LSE": "*fp32", "scale": "fp32"}
-    for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn", "stride_pb",
-                 "stride_ph", "n_keys", "n_b", "r0", "r1", "g_first", "H_q", "G_KV", "G_PERM", "per_seg"):
-        sig[name] = "i32"
-    sig.update({name: "constexpr" for name in consts})
+from pbs_kernels.triton.sampled_kernel import _sampled_lse_kernel as kernel, _sampled_top_p_kernel as top_p
+
+def compile(fn, sig, consts, warps):
+    sig = {**sig, **{name: "constexpr" for name in consts}}
     try:
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     except Exception as exc:
         if "ptxas" in str(exc) and "not found" in str(exc).lower():
             print("SKIP", exc); sys.exit(0)
         raise
-    assert compiled.asm["cubin"], (dtype, head_dim)
+
+for dtype, head_dim in (("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp32", 64)):
+    consts = dict(M=4, M_POW2=4, STEP=32, QB=16, BLOCK_R=64, BLOCK_N=128, HEAD_DIM=head_dim, D_POW2=head_dim,
+                  IEEE=dtype == "fp32")
+    sig = {"Q": "*" + dtype, "K": "*" + dtype, "PERM": "*i32", "OUT": "*fp32", "LSE": "*fp32", "scale": "fp32"}
+    for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn", "stride_pb",
+                 "stride_ph", "n_keys", "n_b", "r0", "r1", "H_q", "G_KV", "G_PERM", "per_seg"):
+        sig[name] = "i32"
+    assert compile(kernel, sig, consts, 4).asm["cubin"], (dtype, head_dim)
     print("compiled", dtype, head_dim)
+sig = {"OUT": "*fp32", "LSE": "*fp32", "SINK": "*i32", "NUM": "*i32", "IDX": "*i32", "threshold": "fp32"}
+sig.update({name: "i32" for name in ("r0", "rows", "n_blocks", "H_q", "Q_PER_PERM", "blocks_per_seg",
+                                      "local_blocks")})
+consts = dict(M=4, ROW_TOP=2, TOTAL=True, KEEP_ALL=False, USE_SINK=True, BLOCK_R=1, NB_POW2=1024)
+assert compile(top_p, sig, consts, 1).asm["cubin"]
+print("compiled top-p")
 """
 
 
 def test_kernel_compiles_for_h100():
-    """The kernel lowers to sm_90 cubins (Triton's compiler and ptxas, no GPU needed) in bf16/fp16/fp32
-    with the default preset's tile: what the interpreter runs is also valid GPU code. Runs in a
+    """The kernels lower to sm_90 cubins (Triton's compiler and ptxas, no GPU needed): the scoring in
+    bf16/fp16/fp32 with the default preset's tile, and the top-p at 128K tokens (1024 blocks of 128):
+    what the interpreter runs is also valid GPU code. Runs in a
     subprocess without TRITON_INTERPRET (the interpreter replaces @triton.jit functions)."""
     import subprocess
     import sys
@@ -352,4 +362,20 @@ def test_kernel_compiles_for_h100():
     assert res.returncode == 0, res.stderr[-3000:]
     if res.stdout.startswith("SKIP"):
         pytest.skip(res.stdout.strip())
-    assert res.stdout.count("compiled") == 4, res.stdout
+    assert res.stdout.count("compiled") == 5, res.stdout
+
+
+@pytest.mark.parametrize("rows", [16, 128])
+def test_program_groups_of_any_size_give_the_reference_plan(monkeypatch, rows):
+    """Sampled rows per program (``TUNING['rows']``): 16 rows keep a program inside one segment, 128
+    rows (32 query blocks of 4 rows) span many segments and start mid-segment (3 blocks per segment),
+    so tiles inside a group's span are read permuted by some rows and in original order by others."""
+    monkeypatch.setitem(sampled.TUNING, "rows", rows)
+    cfg = PBSConfig(block_size=16, segment_size=48, **{**DEFAULT, "sample_rows": 4})
+    q, k = structured_qkv(1, 4, 2, 701, 32, seed=rows)
+    perm = permutation(q, k, cfg)
+    n_b = -(-701 // 16)
+    got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b).cpu()
+    torch.testing.assert_close(got.double(), layout_masses(q, k, perm, cfg, 0, n_b), rtol=1e-5, atol=2e-6)
+    plan = sampled.select_blocks(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg)
+    assert_plans_equal(q, k, perm, cfg, plan, ref_select(q, k, perm, cfg))

@@ -1,11 +1,12 @@
 """GPU block selection with sampled-row scoring (score="sampled", the ``default`` preset) and the
 ranking options beyond the published method (threshold_scope "total", row_top, local blocks).
 
-Twin of ``reference.select_blocks(q, reference.permute_keys(k, perm), perm, config, k=k)``: the
-per-row block masses come from ``sampled_kernel`` (no permuted copy of K, no (rows x N) score
-matrix), the ranking is the reference's own ``reference.rank_blocks`` (plain torch on the GPU, no
-host syncs). Memory: one fp32 per-row buffer (B, H_q, C, m, N_b) for a chunk of C query blocks, at
-most ``_BUFFER_BYTES``, plus the ranking's temporaries of about the same size.
+Twin of ``reference.select_blocks(q, reference.permute_keys(k, perm), perm, config, k=k)``. Two
+launches per chunk of query blocks, no host syncs: ``_sampled_lse_kernel`` scores the sampled rows
+against every key tile once (no permuted copy of K, no (rows x N) score matrix) and stores per row and
+tile a log-sum-exp; ``_sampled_top_p_kernel`` averages the rows' block masses, forces each row's
+``row_top`` best blocks and ranks top-p (the pooled selection's bisection, no sort). Memory: one fp32
+buffer (B, H_q, C, m, N_b) for a chunk of C query blocks, at most ``_BUFFER_BYTES``.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import triton
 from .. import reference
 from ..config import PBSConfig
 from . import select as pooled
-from .sampled_kernel import _sampled_lse_kernel
+from .sampled_kernel import _sampled_lse_kernel, _sampled_top_p_kernel
 
 # Upper bound of the per-chunk per-row mass buffer: 256 MiB (SmolLM2 at 32K in one chunk; 64 query
 # blocks of 64 tokens per chunk for 32 heads at 128K).
 _BUFFER_BYTES = 256 << 20
-# GPU tile: sampled rows per program (query blocks of one segment x sample_rows; the default preset
-# allows at most 4 x 16 = 64), warps, software-pipelining stages (None: Triton's default);
-# benchmarks/sampled_bench.py --sweep times alternatives
+# GPU tile: sampled rows per program (query blocks x sample_rows, consecutive blocks of any segments),
+# warps, software-pipelining stages (None: Triton's default); benchmarks/sampled_bench.py --sweep times
+# alternatives
 TUNING = {"rows": 64, "num_warps": 4, "num_stages": None}
 
 
@@ -36,12 +37,6 @@ def _interpreting() -> bool:
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _group_blocks(per_seg: int, m_pow2: int, rows: int) -> int:
-    """Query blocks per program: the largest divisor of ``per_seg`` whose sampled rows fit ``rows``
-    (so a program's blocks always share one diagonal segment); at least 1."""
-    return max([qb for qb in range(1, per_seg + 1) if per_seg % qb == 0 and qb * m_pow2 <= rows] or [1])
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig) -> None:
@@ -65,16 +60,14 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
     bs = config.block_size
     m = config.sample_rows
     m_pow2 = triton.next_power_of_2(m)
-    per_seg = config.segment_size // bs
-    qb = _group_blocks(per_seg, m_pow2, max(TUNING["rows"], m_pow2))
+    qb = max(1, TUNING["rows"] // m_pow2)  # query blocks per program
     block_r = max(16, triton.next_power_of_2(qb * m_pow2))
-    g_first = r0 // qb * qb
-    _sampled_lse_kernel[(triton.cdiv(r1 - g_first, qb), b * h_q)](
+    _sampled_lse_kernel[(triton.cdiv(r1 - r0, qb), b * h_q)](
         q, k, perm, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         perm.stride(0), perm.stride(1),
-        n, triton.cdiv(n, bs), r0, r1, g_first, h_q, h_q // k.shape[1], h_q // perm.shape[1], per_seg, scale,
+        n, triton.cdiv(n, bs), r0, r1, h_q, h_q // k.shape[1], h_q // perm.shape[1], config.segment_size // bs, scale,
         M=m, M_POW2=m_pow2, STEP=bs // m, QB=qb, BLOCK_R=block_r, BLOCK_N=bs,
         HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
         num_warps=TUNING["num_warps"], **({"num_stages": TUNING["num_stages"]} if TUNING["num_stages"] else {}),
@@ -121,11 +114,11 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     perm = perm.to(torch.int32).contiguous()
     g = h_q // perm.shape[1]
-    sink = reference.sink_block(perm, bs).repeat_interleave(g, dim=1)  # (B, H_q)
     num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
     idx = torch.empty(b, h_q, n_b, n_b, dtype=torch.int32, device=q.device)
 
     if config.score == "pooled":  # pooled means (Triton), scores and ranking in torch
+        sink = reference.sink_block(perm, bs).repeat_interleave(g, dim=1)  # (B, H_q)
         q_bar = pooled.pool_blocks(q, bs)  # (B, H_q, N_b, D)
         k_bar = pooled.pool_blocks(k, bs, perm).repeat_interleave(g, dim=1)  # (B, H_q, N_b, D), permuted
         rows = max(1, min(n_b, buffer_bytes // (4 * b * h_q * n_b)))
@@ -138,13 +131,10 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
             num[:, :, r0:r1], idx[:, :, r0:r1] = reference.rank_blocks(probs, candidate, forced, config)
         return num, idx
 
+    sink = pooled.sink_block(perm, bs).contiguous()  # (B, H_perm) int32
     m = config.sample_rows
-    per_seg = config.segment_size // bs
-    qb = _group_blocks(per_seg, triton.next_power_of_2(m), max(TUNING["rows"], triton.next_power_of_2(m)))
-    # query blocks per chunk: as many as the buffer holds (a multiple of the program's group)
+    # query blocks per chunk: as many as the buffer holds
     rows = max(1, min(n_b, buffer_bytes // (4 * b * h_q * m * n_b)))
-    if qb < rows < n_b:
-        rows = rows // qb * qb
     buf = torch.empty(b * h_q * rows * m * n_b, dtype=torch.float32, device=q.device)
     lse_buf = torch.empty(b * h_q * rows * m, dtype=torch.float32, device=q.device)
     for r0 in range(0, n_b, rows):  # fixed host-side chunking: no data-dependent branching
@@ -153,7 +143,24 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
         out = buf[: b * h_q * c * m * n_b].view(b * h_q, c, m, n_b)
         lse = lse_buf[: b * h_q * c * m].view(b * h_q, c, m)
         _block_lse(q, k, perm, config, r0, r1, scale, out, lse)
-        per_row = out.sub_(lse[..., None]).exp_().view(b, h_q, c, m, n_b)
-        candidate, _, forced = reference.chunk_blocks(n_b, r0, r1, config, sink, q.device)
-        num[:, :, r0:r1], idx[:, :, r0:r1] = reference.rank_blocks(None, candidate, forced, config, per_row=per_row)
+        _top_p(out, lse, sink, num, idx, config, r0, r1, h_q, g)
     return num, idx
+
+
+def _top_p(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor, num: torch.Tensor, idx: torch.Tensor,
+           config: PBSConfig, r0: int, r1: int, h_q: int, g: int) -> None:
+    """Plan rows [r0, r1) into ``num`` / ``idx`` from the per-row tile log-sum-exps of ``_block_lse``.
+    sink int32 (B, H_perm) (H_q = g * H_perm)."""
+    n_b = out.shape[-1]
+    nb_pow2 = max(16, triton.next_power_of_2(n_b))
+    # as the pooled top-p (select.py): a warp per 1024 blocks of a row; the interpreter takes many rows
+    warps = max(1, min(16, nb_pow2 // 1024))
+    tile = 1 << 16 if _interpreting() else 1024 * warps
+    block_r = max(1, min(tile // nb_pow2, triton.next_power_of_2(r1 - r0)))
+    _sampled_top_p_kernel[(triton.cdiv(r1 - r0, block_r), out.shape[0])](
+        out, lse, sink, num, idx,
+        r0, r1 - r0, n_b, h_q, g, config.segment_size // config.block_size, config.local_blocks,
+        config.threshold - 1e-6,  # the reference compares fp32 masses against fp32(threshold - 1e-6)
+        M=config.sample_rows, ROW_TOP=config.row_top, TOTAL=config.threshold_scope == "total",
+        KEEP_ALL=config.threshold >= 1.0, USE_SINK=config.sink, BLOCK_R=block_r, NB_POW2=nb_pow2, num_warps=warps,
+    )

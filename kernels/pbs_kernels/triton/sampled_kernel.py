@@ -7,18 +7,27 @@ copy); key blocks ds(i) <= j <= i hold ORIGINAL keys, masked causally on origina
 and at N (partial last block). Rows are ``reference.sample_rows``: m strided rows per block, the last
 row first, clipped to N-1.
 
-One program = the sampled rows of QB consecutive query blocks that share one diagonal segment
-(QB divides segment_size / block_size) x one query head; it streams key tiles of BLOCK_N = block_size
+One program = the sampled rows of QB consecutive query blocks x one query head (QB * m rows fill
+one MMA tile, so each key tile read serves many rows); it streams key tiles of BLOCK_N = block_size
 keys once: per tile and row it stores the tile's log-sum-exp ``lse_j = log sum_{keys in j} exp(s)``
 (-inf for a tile the row cannot see) and keeps an online log-sum-exp over all tiles, stored per row at
-the end. The launcher turns the tile values into masses in place: ``mass_j = exp(lse_j - lse)``.
+the end. The group may span several segments: a tile inside the group's span is scored in both layouts
+and each row keeps the one its query block reads. ``mass_j = exp(lse_j - lse)`` is taken by the
+consumer: ``_sampled_top_p_kernel`` (the plan) or the launcher (the masses themselves).
 
 Output layout: OUT fp32 (B * H_q, C, m, N_b) with C = r1 - r0 query blocks of the chunk [r0, r1);
-LSE fp32 (B * H_q, C, m). Launcher and shapes: ``pbs_kernels.triton.sampled``.
+LSE fp32 (B * H_q, C, m).
+
+``_sampled_top_p_kernel`` turns them into plan rows: per query block, the block masses of its sampled
+rows averaged, each row's ``row_top`` best off-diagonal blocks forced, then the top-p ranking of the
+pooled selection (``select_kernel._keep_top_p``), without a sort and without the (C, m, N_b) masses
+ever existing. Launchers and shapes: ``pbs_kernels.triton.sampled``.
 """
 
 import triton
 import triton.language as tl
+
+from .select_kernel import _forced_blocks, _keep_top_p, _store_plan
 
 
 @triton.jit
@@ -52,12 +61,14 @@ def _sampled_lse_kernel(
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_pb, stride_ph,
-    n_keys, n_b, r0, r1, g_first, H_q, G_KV, G_PERM, per_seg, scale,
+    n_keys, n_b, r0, r1, H_q, G_KV, G_PERM, per_seg, scale,
     M: tl.constexpr, M_POW2: tl.constexpr, STEP: tl.constexpr, QB: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # grid: (cdiv(r1 - g_first, QB), B * H_q); each program covers query blocks g0 .. g0+QB-1
+    # grid: (cdiv(r1 - r0, QB), B * H_q); each program covers query blocks g0 .. g0+QB-1, which may
+    # span several segments: each row reads key tile j permuted while j is before its own diagonal
+    # segment, and in original order (causal) from there on
     pid_g = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_q).to(tl.int64)  # 64-bit offsets: (B, H, N, D) tensors pass 2**31 elements at 512K
@@ -65,16 +76,18 @@ def _sampled_lse_kernel(
     hk = h // G_KV
     hp = h // G_PERM
     # the last query blocks (the longest rows) start first: less tail at the end of the grid
-    g0 = g_first + (tl.num_programs(0) - 1 - pid_g) * QB
-    ds = (g0 // per_seg) * per_seg  # first key block of the group's (shared) diagonal segment
+    g0 = r0 + (tl.num_programs(0) - 1 - pid_g) * QB
+    ds_first = (g0 // per_seg) * per_seg  # every row of the group reads tiles before it permuted
     hi = tl.minimum(g0 + QB, r1)  # key blocks past the group's last live query block are never causal
+    ds_last = ((hi - 1) // per_seg) * per_seg  # tiles from here on are read in original order by every row
 
     # -- the group's sampled rows: r = local block * M_POW2 + t, t-th sampled row of that block --
     offs_r = tl.arange(0, BLOCK_R)
     qb = g0 + offs_r // M_POW2
     t = offs_r % M_POW2
-    row_ok = (t < M) & (offs_r // M_POW2 < QB) & (qb >= r0) & (qb < r1)
+    row_ok = (t < M) & (offs_r // M_POW2 < QB) & (qb < r1)
     pos = tl.minimum(qb * BLOCK_N + (BLOCK_N - 1) - STEP * t, n_keys - 1)  # in bounds for every lane
+    ds_row = (qb // per_seg) * per_seg  # first key block of each row's own diagonal segment
     offs_d = tl.arange(0, D_POW2)
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + h * stride_qh + pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
@@ -86,21 +99,24 @@ def _sampled_lse_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
-    # -- earlier segments: permuted order (slot -> original key through perm); every slot is before
-    #    ds * BLOCK_N <= every row of the group, so nothing is masked --
-    for j in range(0, ds):
-        src = tl.load(p_base + j * BLOCK_N + offs_n).to(tl.int64)
-        k = tl.load(k_base + src[:, None] * stride_kn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        s = _scores(q, k, scale, IEEE)
+    # -- before every row's diagonal segment: permuted order (slot -> original key through perm);
+    #    every slot is before every row of the group, so nothing is masked --
+    for j in range(0, ds_first):
+        s = _scores(q, _permuted_tile(k_base, p_base, j, offs_n, offs_d, d_ok, stride_kn, BLOCK_N), scale, IEEE)
         lse_t, m_i, l_i = _online_update(s, m_i, l_i)
         tl.store(OUT + out_row + j, lse_t, mask=row_ok)
-    # -- own segment: original order, causal on original positions, keys >= N masked --
-    for j in range(ds, hi):
+    # -- the group's own segments: permuted for rows whose segment starts later, else original
+    #    order, causal on original positions, keys >= N masked --
+    for j in range(ds_first, hi):
         key = j * BLOCK_N + offs_n
         k = tl.load(k_base + key[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                     mask=(key[:, None] < n_keys) & d_ok[None, :], other=0.0)
         s = _scores(q, k, scale, IEEE)
         s = tl.where((key[None, :] <= pos[:, None]) & (key[None, :] < n_keys), s, float("-inf"))
+        if j < ds_last:  # some row of the group still reads this tile permuted
+            s_perm = _scores(q, _permuted_tile(k_base, p_base, j, offs_n, offs_d, d_ok, stride_kn, BLOCK_N),
+                             scale, IEEE)
+            s = tl.where((j < ds_row)[:, None], s_perm, s)
         lse_t, m_i, l_i = _online_update(s, m_i, l_i)
         tl.store(OUT + out_row + j, lse_t, mask=row_ok)
     none = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -108,3 +124,62 @@ def _sampled_lse_kernel(
         tl.store(OUT + out_row + j, none, mask=row_ok)
     # key 0 is visible to every row, so l_i >= 1 and m_i is finite
     tl.store(LSE + ((pid_bh.to(tl.int64) * (r1 - r0) + (qb - r0)) * M + t), m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def _permuted_tile(k_base, p_base, j, offs_n, offs_d, d_ok, stride_kn, BLOCK_N: tl.constexpr):
+    """Key tile j of the permuted layout: slot s holds original key perm[s] (gathered, no copy)."""
+    src = tl.load(p_base + j * BLOCK_N + offs_n).to(tl.int64)
+    return tl.load(k_base + src[:, None] * stride_kn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _sampled_top_p_kernel(
+    OUT, LSE, SINK, NUM, IDX,
+    r0, rows, n_blocks, H_q, Q_PER_PERM, blocks_per_seg, local_blocks, threshold,
+    M: tl.constexpr, ROW_TOP: tl.constexpr, TOTAL: tl.constexpr, KEEP_ALL: tl.constexpr, USE_SINK: tl.constexpr,
+    BLOCK_R: tl.constexpr, NB_POW2: tl.constexpr,
+):
+    # grid: (cdiv(rows, BLOCK_R), B * H_q); BLOCK_R query blocks i = r0 + r of one (batch, head), each a
+    # full row of key blocks j. OUT / LSE as ``_sampled_lse_kernel`` wrote them for query blocks
+    # [r0, r0 + rows); NUM (B * H_q, n_blocks) and IDX (B * H_q, n_blocks, n_blocks): the whole plan.
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_q
+    h = pid_bh % H_q
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = r < rows
+    i = (r0 + r)[:, None]  # (BLOCK_R, 1)
+    j = tl.arange(0, NB_POW2)[None, :]  # (1, NB_POW2)
+    start = (i // blocks_per_seg) * blocks_per_seg  # first block of i's own (diagonal) segment
+    candidate = (j < start) & row_ok[:, None]
+    causal = (j <= i) & row_ok[:, None]
+
+    # -- block mass averaged over the sampled rows; each row also nominates its best candidates --
+    row_base = (pid_bh.to(tl.int64) * rows + r[:, None]) * M  # (BLOCK_R, 1): OUT / LSE row of t = 0
+    mass = tl.zeros([BLOCK_R, NB_POW2], tl.float32)
+    row_forced = j < 0  # all False, (1, NB_POW2)
+    for t in tl.static_range(M):
+        lse = tl.load(LSE + row_base + t, mask=row_ok[:, None], other=0.0)
+        m_t = tl.exp(tl.load(OUT + (row_base + t) * n_blocks + j, mask=causal, other=float("-inf")) - lse)
+        mass += m_t
+        best = tl.where(candidate, m_t, -1.0)
+        for _ in tl.static_range(ROW_TOP):
+            top = j == tl.argmax(best, 1)[:, None]
+            row_forced = row_forced | (top & (tl.max(best, 1)[:, None] > 0.0))
+            best = tl.where(top, -1.0, best)
+    p = mass / M
+    if TOTAL:  # tau is a share of all causal mass: the diagonal segment's counts as forced mass
+        p = tl.where(causal, p, 0.0)
+    else:  # tau is a share of the off-diagonal mass
+        p = tl.where(candidate, p, 0.0)
+        p = p / tl.maximum(tl.sum(p, 1)[:, None], 1e-30)
+
+    forced = _forced_blocks(SINK, b, h, H_q, Q_PER_PERM, i, j, start, candidate, local_blocks, USE_SINK)
+    forced = forced | (row_forced & candidate)
+    free = candidate & ~forced
+    if KEEP_ALL:
+        keep = candidate | forced
+    else:
+        keep = _keep_top_p(p, forced, free, threshold, BLOCK_R)
+    _store_plan(NUM, IDX, keep, j, pid_bh * n_blocks + r0 + r, row_ok, n_blocks)

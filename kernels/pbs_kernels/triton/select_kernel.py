@@ -9,7 +9,8 @@
    blocks, rank (forced blocks first, then descending probability, ties by block index), keep
    blocks while the mass before them is below the threshold, write the packed plan row. The
    kept prefix of the ranking is found by bisection over the probability bits (31 masked sums of
-   a row), not by sorting: no sort network, the same result as a stable sort + cumsum.
+   a row), not by sorting: no sort network, the same result as a stable sort + cumsum
+   (``_keep_top_p`` and ``_store_plan``, shared with the sampled selection's top-p kernel).
 """
 
 import triton
@@ -124,54 +125,72 @@ def _top_p_kernel(
     total = tl.sum(e, 1)[:, None]
     p = tl.where(candidate, e / tl.where(total == 0.0, 1.0, total), 0.0)
 
-    # -- forced blocks: the diagonal segment up to i, local blocks before it, the sink --
+    forced = _forced_blocks(SINK, b, h, H_q, Q_PER_PERM, i, j, start, candidate, local_blocks, USE_SINK)
+    free = candidate & ~forced
+    if KEEP_ALL:
+        keep = candidate | forced
+    else:
+        keep = _keep_top_p(p, forced, free, threshold, BLOCK_R)
+    _store_plan(NUM, IDX, keep, j, pid_bh * out_rows + row0 - out_row0 + r, row_ok, n_blocks)
+
+
+@triton.jit
+def _forced_blocks(SINK, b, h, H_q, Q_PER_PERM, i, j, start, candidate, local_blocks, USE_SINK: tl.constexpr):
+    """Bool (BLOCK_R, NB): the blocks every plan row keeps: the diagonal segment up to i, the
+    ``local_blocks`` before it and, with USE_SINK, the block holding original token 0 (SINK
+    (B, H_perm) int32, read for query head h of batch b)."""
     forced = (j >= start) & (j <= i)
     forced = forced | (candidate & (j >= start - local_blocks))
     if USE_SINK:
         sink = tl.load(SINK + b * (H_q // Q_PER_PERM) + h // Q_PER_PERM)
         forced = forced | (candidate & (j == sink))
+    return forced
 
-    # -- rank: forced first, then descending probability, ties by ascending block index --
-    # Top-p keeps a prefix of that ranking: a non-forced candidate is kept while the mass ranked
-    # before it is below the threshold. With G(t) = F + sum(p_k : bits(p_k) > t) (F = mass of the
-    # forced blocks; fp32 bits of p >= 0 order like the values), the boundary value is the
-    # smallest t with G(t) < threshold, found by bisection per row (no sort): blocks above it are
-    # kept, blocks below it are not, and blocks exactly at it (ties) are kept in index order while
-    # G(t) + (earlier ties) * p stays below the threshold.
+
+@triton.jit
+def _keep_top_p(p, forced, free, threshold, BLOCK_R: tl.constexpr):
+    """Bool (BLOCK_R, NB): the kept blocks of top-p over rows of block probabilities ``p`` (fp32 in
+    [0, 1], 0 outside the scope). Ranking: forced blocks first (their mass counts), then the ``free``
+    blocks by descending probability, ties by ascending block index; a free block is kept while the
+    mass ranked before it is below ``threshold``.
+
+    With G(t) = F + sum(p_k : bits(p_k) > t) (F = mass of the forced blocks; fp32 bits of p >= 0 order
+    like the values), the boundary value is the smallest t with G(t) < threshold, found by bisection
+    per row (no sort): blocks above it are kept, blocks below it are not, and blocks exactly at it
+    (ties) are kept in index order while G(t) + (earlier ties) * p stays below the threshold."""
     bits = p.to(tl.int32, bitcast=True)
-    free = candidate & ~forced
-    if KEEP_ALL:
-        keep = candidate | forced
-    else:
-        mass_forced = tl.sum(tl.where(forced, p, 0.0), 1)
-        # the loop's operands, masked once: other blocks get bits -1, below every probe (mid >= -1)
-        p_free = tl.where(free, p, 0.0)
-        bits_free = tl.where(free, bits, -1)
-        lo = tl.full([BLOCK_R], -1, tl.int32)  # G(lo) >= threshold (or never evaluated)
-        hi = tl.full([BLOCK_R], _BITS_END, tl.int32)  # G(hi) = F: below the threshold, or keep none
-        for _ in range(_VALUE_BITS + 1):
-            mid = (lo + hi) // 2
-            g_mid = mass_forced + tl.sum(tl.where(bits_free > mid[:, None], p_free, 0.0), 1)
-            ok = g_mid < threshold
-            hi = tl.where(ok, mid, hi)
-            lo = tl.where(ok, lo, mid)
-        above = bits_free > hi[:, None]
-        g_hi = mass_forced + tl.sum(tl.where(above, p_free, 0.0), 1)
-        tie = free & (bits == hi[:, None])
-        tie_i = tie.to(tl.int32)
-        if tl.max(tl.sum(tie_i, 1), 0) > 1:  # several blocks at the boundary value: they go in index order
-            ties_before = (tl.cumsum(tie_i, 1) - tie_i).to(tl.float32)
-            keep_tie = tie & (g_hi[:, None] + ties_before * p < threshold)
-        else:  # the usual case, the boundary block alone: no scan over the row
-            keep_tie = tie & (g_hi[:, None] < threshold)
-        keep = above | keep_tie | forced
+    mass_forced = tl.sum(tl.where(forced, p, 0.0), 1)
+    # the loop's operands, masked once: other blocks get bits -1, below every probe (mid >= -1)
+    p_free = tl.where(free, p, 0.0)
+    bits_free = tl.where(free, bits, -1)
+    lo = tl.full([BLOCK_R], -1, tl.int32)  # G(lo) >= threshold (or never evaluated)
+    hi = tl.full([BLOCK_R], _BITS_END, tl.int32)  # G(hi) = F: below the threshold, or keep none
+    for _ in range(_VALUE_BITS + 1):
+        mid = (lo + hi) // 2
+        g_mid = mass_forced + tl.sum(tl.where(bits_free > mid[:, None], p_free, 0.0), 1)
+        ok = g_mid < threshold
+        hi = tl.where(ok, mid, hi)
+        lo = tl.where(ok, lo, mid)
+    above = bits_free > hi[:, None]
+    g_hi = mass_forced + tl.sum(tl.where(above, p_free, 0.0), 1)
+    tie = free & (bits == hi[:, None])
+    tie_i = tie.to(tl.int32)
+    if tl.max(tl.sum(tie_i, 1), 0) > 1:  # several blocks at the boundary value: they go in index order
+        ties_before = (tl.cumsum(tie_i, 1) - tie_i).to(tl.float32)
+        keep_tie = tie & (g_hi[:, None] + ties_before * p < threshold)
+    else:  # the usual case, the boundary block alone: no scan over the row
+        keep_tie = tie & (g_hi[:, None] < threshold)
+    return above | keep_tie | forced
 
-    # -- pack: kept blocks ascending, then the others ascending (padding, never read) --
+
+@triton.jit
+def _store_plan(NUM, IDX, keep, j, plan_row, row_ok, n_blocks):
+    """Pack rows of the plan: kept blocks ascending, then the others ascending (padding, never read).
+    keep bool (BLOCK_R, NB), j (1, NB) block indices, plan_row (BLOCK_R,) rows of NUM / IDX."""
     keep_i = keep.to(tl.int32)
     kept_upto = tl.cumsum(keep_i, 1)  # kept blocks <= j
     n_kept = tl.sum(keep_i, 1)
     pos = tl.where(keep, kept_upto - 1, n_kept[:, None] + j - kept_upto)
-    out_i = pid_bh * out_rows + i - out_row0
-    tl.store(IDX + out_i.to(tl.int64) * n_blocks + pos, j.to(tl.int32) + 0 * pos,
+    tl.store(IDX + plan_row[:, None].to(tl.int64) * n_blocks + pos, j.to(tl.int32) + 0 * pos,
              mask=row_ok[:, None] & (j < n_blocks))
-    tl.store(NUM + pid_bh * out_rows + row0 - out_row0 + r, n_kept, mask=row_ok)
+    tl.store(NUM + plan_row, n_kept, mask=row_ok)
