@@ -1,9 +1,9 @@
 """The attention kernel's default tile configs compile for Hopper (sm_90) and fit its shared memory.
 
-Triton compiles for a GPU target without a GPU, so this runs on the CPU CI machine and catches what
-once only a GPU run caught: a change that makes the copy + TMA config (3 stages of 128x128 K and V
-tiles) ask for more than the H100's 227 KB per block and fail to launch (BENCHMARKS.md, the int16
-attempt). The compile runs in a subprocess without TRITON_INTERPRET (the suite's conftest sets it,
+Triton compiles for a GPU target without a GPU, so this runs on the CPU CI machine and catches without
+a GPU a change that makes the copy + TMA config (3 stages of 128x128 K and V tiles) ask for more than
+the H100's 227 KB per block and fail to launch (BENCHMARKS.md, "Design choices": int16 plan indices).
+The compile runs in a subprocess without TRITON_INTERPRET (the suite's conftest sets it,
 which turns the kernels into interpreted functions). Shared-memory sizes come from the installed
 Triton, which may differ from the GPU machine's; the bound is the hardware's. The warp-specialized
 kernel is also checked to come out warp-specialized (Triton drops the split silently when a loop does

@@ -3,7 +3,7 @@
 At 32K tokens the embedded model's GPU work per layer is about 1.5 ms, and the host needs about as
 long again to issue it: a dozen Triton launches (importance, sort, pooling, block scores, top-p,
 the K/V copy, attention) plus their PyTorch glue, each with its Python cost. A whole-model trace
-showed the GPU busy for half of the forward (BENCHMARKS.md, "host-bound at 32K"). Every layer of a
+showed the GPU busy for half of the forward (BENCHMARKS.md, "CUDA graphs"). Every layer of a
 forward issues the same launches on tensors of the same shapes, so ``LayerGraphs`` runs the first
 call eagerly (it compiles and warms the kernels), captures the second in a CUDA graph, and replays
 that graph for every later call: per layer the host then copies q, k, v into the graph's input
@@ -33,7 +33,7 @@ from .config import PBSConfig
 
 # Layers this long (tokens) run eagerly unless PBS_CUDA_GRAPHS=1: their GPU work (about 16 ms per layer
 # for the embedded model at 128K) hides the host's launch work anyway, and a graph adds a copy of q, k, v
-# into its buffers per layer (BENCHMARKS.md, "End-to-end prefill", ninth session).
+# into its buffers per layer (BENCHMARKS.md, "CUDA graphs").
 GRAPHS_BELOW = 65536
 
 

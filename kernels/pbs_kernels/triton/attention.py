@@ -26,14 +26,13 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3, "persistent": 4}
 # Default way of reading permuted keys: "auto" picks "persistent" on Hopper in fp16/bf16 with 128-token
 # blocks (head_dim 64 and 128), "ws" for head_dim 128 in fp32 there; else "remap" for short sequences
-# and "tma" for long ones (BENCHMARKS.md, "Attention kernel (H100)", eighth session: for head_dim 64
-# the persistent kernel measured faster than "tma" at 32K and 128K with 5-100% of the blocks kept once
-# its softmax masked the diagonal block alone). PBS_PERM_MODE=remap|gather|tma|ws|persistent overrides
-# it.
+# and "tma" for long ones (BENCHMARKS.md, "Read modes of the attention kernel": the persistent kernel
+# measured faster than "ws" for head_dim 128 and than "tma" for head_dim 64 at 32K and 128K with 5-100%
+# of the blocks kept). PBS_PERM_MODE=remap|gather|tma|ws|persistent overrides it.
 DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "auto")
 # Sequence length from which "auto" reads permuted keys from a copy through TMA instead of remapping
-# (when "ws" does not apply). Measured on an H100 (bf16, 128-token blocks, fourth session, with the
-# Triton gather for the copy): for head_dim 64 at 32K the copy + TMA is 6-19% faster than remap from
+# (when "ws" does not apply). Measured on an H100 (bf16, 128-token blocks, BENCHMARKS.md, "Read modes of
+# the attention kernel"): for head_dim 64 at 32K the copy + TMA is 6-19% faster than remap from
 # 20% density up and within 1% at 10%, remap 9% faster at 5%; at 128K the copy wins at every density.
 # The rule looks at the length, not at the plan's row lengths, so that choosing costs no host
 # synchronization (reading the plan's mean stalled the CPU once per layer).
@@ -64,7 +63,7 @@ def supports(q: torch.Tensor) -> bool:
 
 
 def _default_config(plan_block: int, head_dim: int, mode: str) -> dict:
-    """Fixed tile config: the measured H100 winners (BENCHMARKS.md, "Attention kernel (H100)"),
+    """Fixed tile config: the measured H100 winners (BENCHMARKS.md, "Design choices"),
     the interpreter's config, and the default on CUDA (autotuning is opt-in, see ``pbs_attention``).
 
     128-token plans: head_dim 128 -> 128x128 tiles, 8 warps, 3 stages (all modes); head_dim 64 ->

@@ -8,9 +8,9 @@ skip it.
 Within a tile, block t's QKᵀ is issued before block t-1's P V and block t's softmax runs while that
 P V is on the tensor cores (FlashAttention-3's overlap within a warp group, ``_overlapped_block``);
 a tile's first block runs alone (``_first_block``), and so does its last P V (``_last_pv``). (A loop
-that also overlapped a tile's last P V with the next tile's first QKᵀ and softmax measured no faster
-on the H100 in its final form: BENCHMARKS.md, seventh session. Nor did FlashAttention-3's ping-pong,
-the two groups issuing their products in turn: eighth session.)
+that also overlapped a tile's last P V with the next tile's first QKᵀ and softmax measured slower on
+the H100, and FlashAttention-3's ping-pong, the two groups issuing their products in turn, no faster:
+BENCHMARKS.md, "Design choices".)
 
 A group releases a K or V slot, or its half of a q buffer, once every warp of the group is done with
 it (``tiles.release``): a q buffer after the tile's last QKᵀ. Tiles without kept blocks write zeros

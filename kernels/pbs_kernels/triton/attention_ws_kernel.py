@@ -80,7 +80,7 @@ def pbs_attn_fwd_ws(
         # The online-softmax step is written out here, not taken from attention_kernel's
         # _online_softmax_step: computing the mask before the dot (as passing it to that helper does)
         # changed Triton's warp-specialized schedule and made the kernel ~20% slower on the H100
-        # (BENCHMARKS.md, fourth session).
+        # (BENCHMARKS.md, "Design choices").
         qk = tl.dot(q, tl.trans(k))
         # causal mask on the diagonal block only (keys past N are later than every stored row):
         # (key i of the diagonal block is visible to row r when i <= r; other blocks are fully visible)
