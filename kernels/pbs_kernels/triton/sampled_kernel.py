@@ -27,7 +27,7 @@ ever existing. Launchers and shapes: ``pbs_kernels.triton.sampled``.
 import triton
 import triton.language as tl
 
-from .select_kernel import _forced_blocks, _keep_top_p, _store_plan
+from .select_kernel import _forced_blocks, _keep_top_p, _plan_tile, _store_plan
 
 
 @triton.jit
@@ -143,16 +143,7 @@ def _sampled_top_p_kernel(
     # grid: (cdiv(rows, BLOCK_R), B * H_q); BLOCK_R query blocks i = r0 + r of one (batch, head), each a
     # full row of key blocks j. OUT / LSE as ``_sampled_lse_kernel`` wrote them for query blocks
     # [r0, r0 + rows); NUM (B * H_q, n_blocks) and IDX (B * H_q, n_blocks, n_blocks): the whole plan.
-    pid_r = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H_q
-    h = pid_bh % H_q
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = r < rows
-    i = (r0 + r)[:, None]  # (BLOCK_R, 1)
-    j = tl.arange(0, NB_POW2)[None, :]  # (1, NB_POW2)
-    start = (i // blocks_per_seg) * blocks_per_seg  # first block of i's own (diagonal) segment
-    candidate = (j < start) & row_ok[:, None]
+    pid_bh, b, h, r, row_ok, i, j, start, candidate = _plan_tile(r0, rows, H_q, blocks_per_seg, BLOCK_R, NB_POW2)
     causal = (j <= i) & row_ok[:, None]
 
     # -- block mass averaged over the sampled rows; each row also nominates its best candidates --

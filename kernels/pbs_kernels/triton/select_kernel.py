@@ -10,7 +10,8 @@
    blocks while the mass before them is below the threshold, write the packed plan row. The
    kept prefix of the ranking is found by bisection over the probability bits (31 masked sums of
    a row), not by sorting: no sort network, the same result as a stable sort + cumsum
-   (``_keep_top_p`` and ``_store_plan``, shared with the sampled selection's top-p kernel).
+   (``_plan_tile``, ``_forced_blocks``, ``_keep_top_p`` and ``_store_plan``, shared with the sampled
+   selection's top-p kernel).
 """
 
 import triton
@@ -107,16 +108,7 @@ def _top_p_kernel(
     # grid: (cdiv(live, BLOCK_R), B * H_q); BLOCK_R query blocks i = row0 + r of one (batch, head),
     # each row of the tile a full row of key blocks j. NUM / IDX hold out_rows query blocks per
     # (batch, head), from query block out_row0 on (the whole plan: 0 and n_blocks).
-    pid_r = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H_q
-    h = pid_bh % H_q
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = r < live
-    i = (row0 + r)[:, None]  # (BLOCK_R, 1)
-    j = tl.arange(0, NB_POW2)[None, :]  # (1, NB_POW2)
-    start = (i // blocks_per_seg) * blocks_per_seg  # first block of i's own (diagonal) segment
-    candidate = (j < start) & row_ok[:, None]
+    pid_bh, b, h, r, row_ok, i, j, start, candidate = _plan_tile(row0, live, H_q, blocks_per_seg, BLOCK_R, NB_POW2)
 
     # -- softmax over the candidate (off-diagonal causal) blocks --
     s = tl.load(S + (pid_bh * rows + r[:, None]).to(tl.int64) * n_blocks + j, mask=candidate, other=float("-inf"))
@@ -132,6 +124,22 @@ def _top_p_kernel(
     else:
         keep = _keep_top_p(p, forced, free, threshold, BLOCK_R)
     _store_plan(NUM, IDX, keep, j, pid_bh * out_rows + row0 - out_row0 + r, row_ok, n_blocks)
+
+
+@triton.jit
+def _plan_tile(row0, live, H_q, blocks_per_seg, BLOCK_R: tl.constexpr, NB_POW2: tl.constexpr):
+    """This program's plan rows, for a grid (cdiv(live, BLOCK_R), B * H_q): (pid_bh, b, h, r (BLOCK_R,)
+    rows of the tile, row_ok, i (BLOCK_R, 1) query blocks row0 + r, j (1, NB_POW2) key blocks, start
+    (BLOCK_R, 1) first block of i's own (diagonal) segment, candidate: the off-diagonal causal blocks)."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = r < live
+    i = (row0 + r)[:, None]
+    j = tl.arange(0, NB_POW2)[None, :]
+    start = (i // blocks_per_seg) * blocks_per_seg
+    candidate = (j < start) & row_ok[:, None]
+    return pid_bh, pid_bh // H_q, pid_bh % H_q, r, row_ok, i, j, start, candidate
 
 
 @triton.jit
