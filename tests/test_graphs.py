@@ -40,6 +40,21 @@ def test_replayed_layers_equal_eager_calls():
     graphs.close()
 
 
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_replayed_layers_equal_eager_calls_sampled_selection():
+    """The sampled-row selection (the default preset's scoring) has a GPU path without host syncs: it
+    is captured and replayed like the pooled one, with the same outputs and plans as eager calls."""
+    cfg = CFG.replace(score="sampled", sample_rows=4, threshold=0.95, threshold_scope="total", row_top=1)
+    graphs = LayerGraphs()
+    for seed in range(4):
+        q, k, v = layer_inputs(seed, "cuda")
+        got = graphs(q, k, v, cfg)
+        got = (got[0].clone(), got[1])
+        same(got, pbs_prefill_attention(q, k, v, cfg))
+    assert graphs.failed is None and graphs.replays == 3
+    graphs.close()
+
+
 @pytest.mark.skipif(not (ON_GPU and torch.cuda.get_device_capability()[0] == 9), reason="needs a Hopper GPU")
 def test_replayed_layers_equal_eager_calls_persistent_kernel():
     """The same with the read mode "auto" picks on Hopper for head_dim 128, bf16, 128-token blocks:

@@ -14,8 +14,8 @@ with transformers' (B, N, H, D)-contiguous q, k, v the per-layer copies are plai
 kernel reads the buffers in place (``triton.attention.keeps_layout``) and writes its output in that
 layout, which the integration then hands on without a transpose copy. The outputs (attention output,
 plan) live in the graph's memory: valid until the next replay, so callers consume them first.
-Graphs are used only where the plan is built without host synchronization (Triton on CUDA, the
-published selection options); anything else runs eagerly, as does every call after a capture failed,
+Graphs are used only where the plan is built without host synchronization (Triton on CUDA, a
+selection with a GPU path: ``PBSConfig.needs_reference_selection`` False); anything else runs eagerly, as does every call after a capture failed,
 and so do layers of ``GRAPHS_BELOW`` tokens or more, which keep the GPU busy for longer than the host
 takes to issue their launches (``PBS_CUDA_GRAPHS=1`` captures them too).
 """
@@ -73,13 +73,14 @@ class LayerGraphs:
 
     @staticmethod
     def eligible(q: torch.Tensor, config: PBSConfig) -> bool:
-        """True where a call can be captured and a graph pays: the Triton attention on CUDA, with the
-        published selection options (their GPU path never synchronizes with the host), no autotuning
-        (which times candidates from the host), and a length ``worth_capturing``."""
+        """True where a call can be captured and a graph pays: the Triton attention on CUDA, with
+        selection options that have a GPU path (pooled or sampled; it never synchronizes with the
+        host), no autotuning (which times candidates from the host), and a length ``worth_capturing``."""
         from .attention import triton_attention
 
         fast = triton_attention(q)
-        return (q.is_cuda and fast is not None and not config.beyond_published() and not fast.autotune_requested()
+        return (q.is_cuda and fast is not None and not config.needs_reference_selection()
+                and not fast.autotune_requested()
                 and worth_capturing(q.shape[2]))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,
