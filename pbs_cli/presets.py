@@ -238,19 +238,29 @@ def render_profile(config: PBSConfig, description: str = "", extra: dict[str, di
     return "\n".join(lines) + "\n"
 
 
-def save_user_profile(name: str, config: PBSConfig, description: str = "",
-                      extra: dict[str, dict[str, Any]] | None = None, force: bool = False) -> Path:
-    """Write ``<user profiles dir>/<name>.toml`` atomically; refuses to overwrite unless ``force``."""
-    from .reports import atomic_write_text
-
+def check_new_profile(name: str, force: bool = False) -> Path:
+    """The file that preset ``name`` would be written to, checked before any work: a valid name (no path),
+    not a built-in preset's or the model aliases' (a user file of that name would silently replace the
+    built-in for every later command), and not an existing file unless ``force``."""
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise UsageError(f"invalid profile name {name!r}: use letters, digits, '-', '_' and '.'")
+        raise UsageError(f"invalid profile name {name!r}: use letters, digits, '-', '_' and '.' (a name, not a path)")
     if name == ALIASES_FILE[: -len(".toml")]:
         raise UsageError(f"{name!r} is reserved for model aliases; choose another profile name")
-    folder = user_profiles_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.toml"
+    if f"{name}.toml" in _builtin_files():
+        raise UsageError(f"{name!r} is a built-in preset; saving a user preset under that name would replace it "
+                         f"for every command: choose another name, e.g. {name}-calibrated")
+    path = user_profiles_dir() / f"{name}.toml"
     if path.exists() and not force:
         raise UsageError(f"profile {str(path)!r} exists; pass --force to overwrite it")
+    return path
+
+
+def save_user_profile(name: str, config: PBSConfig, description: str = "",
+                      extra: dict[str, dict[str, Any]] | None = None, force: bool = False) -> Path:
+    """Write ``<user profiles dir>/<name>.toml`` atomically (``check_new_profile`` first)."""
+    from .reports import atomic_write_text
+
+    path = check_new_profile(name, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, render_profile(config, description, extra))
     return path

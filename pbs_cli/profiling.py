@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -57,6 +56,7 @@ from pbs_kernels.select import select_blocks
 
 from .console import debug_enabled
 from .dense_sdpa import DENSE_BACKENDS, probe_sdpa, sdpa_call
+from .memory import free_memory_bytes
 from .timing import Timing, bench
 
 BACKENDS = ("pbs", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flex", "reference")
@@ -114,21 +114,6 @@ def is_oom(exc: BaseException) -> bool:
     from .errors import is_out_of_memory
 
     return is_out_of_memory(exc)
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """Free memory where tensors of ``device`` live: CUDA free memory, else MemAvailable."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
 def input_bytes(batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -192,6 +177,16 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
         num += float(((a - r) ** 2).sum())
         den += float((r**2).sum())
     return math.sqrt(num / den) if den > 0 else float("nan")
+
+
+def unavailable_here(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` at all, known before any work (None: it may run;
+    the SDPA backends' shape and dtype limits are probed per length, ``probe_sdpa``)."""
+    if name in ("sdpa-cudnn", "sdpa-efficient") and device.type != "cuda":  # as probe_sdpa says
+        return "needs a CUDA GPU"
+    if name == "flex":
+        return flex_available(device)
+    return None
 
 
 # -- FlexAttention --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pbs_kernels import PBSConfig
 from .. import fidelity, models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import UsageError
+from ..options import check_outputs
 from ..sizes import parse_size, parse_sizes
 from .prefill import DEFAULT_MODEL, greedy_generate, read_document, run_prefill, tokenize
 
@@ -244,10 +245,7 @@ def command(
 
     Every position's next-token prediction is compared with dense attention on the same tokens;
     --thresholds sweeps the density-fidelity trade-off, --passkey tests retrieval."""
-    if output is not None:
-        reports.check_output_path(output, force)
-    if png is not None:
-        reports.check_output_path(png, force)
+    check_outputs({"--output": output, "--png": png}, force)
     sweep = parse_thresholds(thresholds)
     dev = models.resolve_device(device)
     # the profile `pbs prefill` would run on this device (on CUDA an unchosen default may become `gpu`)

@@ -6,7 +6,6 @@ import inspect
 import contextlib
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,48 +18,14 @@ from .. import compiling, dense_sdpa, distributed, integration, models, presets,
 from ..console import command_boundary, debug_enabled, err, out
 from ..sizes import parse_size
 from ..errors import OutOfMemory, UsageError
+from ..documents import read_document  # eval, calibrate and profile import it from here too
+from ..options import check_outputs
 
 DEFAULT_MODEL = "llama"
 _FIDELITY_CHUNK = 512  # positions per chunk of full-vocabulary logits (bounded memory)
 
 
 # -- input ----------------------------------------------------------------------------------
-
-
-def read_document(doc: str) -> tuple[str, str]:
-    """Read DOC ('-' = stdin) as UTF-8 text. Returns (text, display name). Raises UsageError on bad input."""
-    if doc == "-":
-        stream = getattr(sys.stdin, "buffer", None)
-        data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8")
-        name = "<stdin>"
-    else:
-        path = Path(doc).expanduser()
-        try:
-            path.exists()
-        except OSError as exc:  # e.g. a name longer than the file system allows
-            raise UsageError(f"document {doc[:80]!r} cannot be used: {exc.strerror or exc}") from None
-        if not path.exists():
-            raise UsageError(f"document {doc!r} does not exist; pass a text file, or - to read stdin")
-        if path.is_dir():
-            raise UsageError(f"document {doc!r} is a directory; pass a text file")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read document {doc!r}: {exc.strerror or exc}") from None
-        name = str(path)
-    if not data:
-        raise UsageError(f"document {name!r} is empty; pass a text file with content")
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        raise UsageError(f"document {name!r} looks binary (NUL byte at offset {nul}); pass a UTF-8 text file")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"document {name!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
-    if not text.strip():
-        raise UsageError(f"document {name!r} holds only whitespace; pass a text file with content")
-    return text, name
 
 
 def tokenize(tokenizer, text: str, limit: int | None, truncate: bool, reserve: int, name: str) -> tuple[list[int], int]:
@@ -461,12 +426,9 @@ def command(
 ) -> None:
     """Prefill DOC with PBS attention: time, tokens/s, density per layer; --compare-dense adds speedup and fidelity."""
     # -- validate everything before loading the model --
-    if output is not None:
-        reports.check_output_path(output, force)
-    if trace is not None:
-        if tp and tp > 1:
-            raise UsageError("--trace profiles one process; run it without --tp")
-        reports.check_output_path(trace, force)
+    if trace is not None and tp and tp > 1:
+        raise UsageError("--trace profiles one process; run it without --tp")
+    check_outputs({"--output": output, "--trace": trace}, force)
     overrides = dict(threshold=threshold, block_size=block_size, segment_size=segment_size)
     cap = parse_size(max_tokens) if max_tokens is not None else None
     presets.resolve_config(profile, **overrides)  # usage errors first, before the device is probed

@@ -11,7 +11,8 @@ import typer
 
 from .. import distributed, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
-from ..errors import OutOfMemory, UsageError
+from ..errors import OutOfMemory, UnsupportedError, UsageError
+from ..options import check_outputs
 from ..profiling import BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped, summarize
 from ..report_formats import format_for_path, header_line, render, result_line, rich_table
 from ..sizes import format_size, parse_sizes
@@ -75,13 +76,8 @@ class _Outputs:
         self.stdout_fmt = stdout_fmt
         self.output, self.html = output, html
         self.file_fmt = format_for_path(output) if output is not None else None
-        for path in (output, html):
-            if path is not None:
-                reports.check_output_path(path, force)
         if html is not None and format_for_path(html) != "html":
             raise UsageError(f"--html {str(html)!r} must end in .html")
-        if output is not None and html is not None and Path(output).resolve() == Path(html).resolve():
-            raise UsageError("--output and --html name the same file; give two different files")
         self._jsonl: TextIO | None = None
         self.run_id = ""
 
@@ -248,12 +244,13 @@ def command(
     if min(sizes) < 2:
         raise UsageError(f"--seq-len must be at least 2 tokens, got {min(sizes)}")
     names = parse_backends(backends)
+    if backends is not None:
+        _check_backends_here(names, dev)
     if pattern not in PATTERNS:
         raise UsageError(f"unknown --pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
     config, profile_name = presets.resolve_config(profile, device=str(dev), threshold=threshold,
                                                   block_size=block_size, segment_size=segment_size)
-    if trace is not None:
-        reports.check_output_path(trace, force)
+    check_outputs({"--output": output, "--html": html, "--trace": trace}, force)
     outputs = (_Outputs(chosen[0] if chosen else None, output, html, force) if tpi.is_main
                else _Outputs(None, None, None, force))  # tensor parallel: rank 0 alone writes
     if from_model is not None:
@@ -388,6 +385,20 @@ def command(
     if nothing_fit:
         raise OutOfMemory(f"no length fit in memory (tried {', '.join(map(format_size, sizes))}); try a shorter "
                           "--seq-len, fewer heads or --dtype bfloat16")
+
+
+def _check_backends_here(names: tuple[str, ...], dev) -> None:
+    """Named backends that cannot run on this device: all of them is exit 3 (nothing would be measured),
+    some of them a warning (they are reported as skipped)."""
+    from ..profiling import unavailable_here
+
+    missing = {name: why for name in names if (why := unavailable_here(name, dev))}
+    if not missing:
+        return
+    listed = "; ".join(f"{name} {why}" for name, why in missing.items())
+    if len(missing) == len(names):
+        raise UnsupportedError(f"no --backends can run on {dev.type}: {listed}; name others (e.g. pbs,sdpa-math)")
+    err.print(f"warning: {listed}: reported as skipped", highlight=False, markup=False)
 
 
 def _check_tp_shape(tp: int, model: str | None, heads: int | None, kv_heads: int | None,
