@@ -315,6 +315,30 @@ def render(doc: dict[str, Any], fmt: str) -> str:
 # -- compare ----------------------------------------------------------------------------------------
 
 
+# what two runs must share for their times to be compared: the attention shape, the dtype, the PBS parameters
+# and the workload (the machine and the versions may differ: that is what a comparison looks at)
+_SAME_SETUP = (("shape", ("batch", "heads", "kv_heads", "head_dim")), ("dtype", None), ("pbs", None),
+               ("workload", ("source", "pattern", "seed", "model", "document", "layers")))
+
+
+def setup_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """'field: A vs B' for each setting of ``_SAME_SETUP`` in which runs ``a`` and ``b`` differ (empty when
+    they measured the same thing)."""
+    found = []
+    for name, keys in _SAME_SETUP:
+        va, vb = a.get(name), b.get(name)
+        if keys is None and isinstance(va, dict) and isinstance(vb, dict):
+            keys = tuple(dict.fromkeys([*va, *vb]))
+        if keys is None or not isinstance(va, dict) or not isinstance(vb, dict):
+            if va != vb:
+                found.append(f"{name} {va!r} vs {vb!r}")
+            continue
+        for key in keys:
+            if va.get(key) != vb.get(key):
+                found.append(f"{name}.{key} {va.get(key)!r} vs {vb.get(key)!r}")
+    return found
+
+
 def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows for every (seq_len, layer, backend) measured (status ok) in both documents.
 
