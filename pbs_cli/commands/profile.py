@@ -11,10 +11,10 @@ import typer
 
 from .. import distributed, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
-from ..errors import OutOfMemory, UnsupportedError, UsageError
+from ..errors import INTERRUPTED, OutOfMemory, PBSError, UnsupportedError, UsageError
 from ..options import check_outputs
 from ..profiling import BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped, summarize
-from ..report_formats import format_for_path, header_line, render, result_line, rich_table
+from ..report_formats import format_for_path, header_line, incomplete_line, render, result_line, rich_table
 from ..sizes import format_size, parse_sizes
 
 # Llama-3.1-8B attention: 32 query heads, 8 KV heads, head_dim 128
@@ -105,6 +105,16 @@ class _Outputs:
             sys.stdout.flush()
         if self._jsonl is not None:
             self._jsonl.write(lines)
+            self._flush()
+
+    def mark_incomplete(self, incomplete: dict[str, Any]) -> None:
+        """The JSONL streams end in an ``"incomplete"`` record (the other formats carry it in the document)."""
+        line = incomplete_line(incomplete, self.run_id)
+        if self.stdout_fmt == "jsonl":
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(line)
             self._flush()
 
     def finish(self, doc: dict[str, Any]) -> None:
@@ -368,6 +378,8 @@ def command(
                 results.extend(recs)
                 outputs.records(recs)
                 progress.advance(task)
+    except KeyboardInterrupt:  # Ctrl-C: every finished length goes to every output, marked incomplete
+        _interrupted(outputs, doc_rec, sizes)
     except BaseException:
         outputs.close()  # finished JSONL lines stay on disk
         raise
@@ -385,6 +397,23 @@ def command(
     if nothing_fit:
         raise OutOfMemory(f"no length fit in memory (tried {', '.join(map(format_size, sizes))}); try a shorter "
                           "--seq-len, fewer heads or --dtype bfloat16")
+
+
+def _interrupted(outputs: _Outputs, doc: dict[str, Any], sizes: list[int]) -> None:
+    """After Ctrl-C: write what finished to every requested output, marked ``incomplete`` (nothing when no
+    length finished), then exit 130 with one line that says where it went."""
+    done = list(dict.fromkeys(r["seq_len"] for r in doc["results"]))
+    missing = [n for n in sizes if n not in done]
+    if not done:
+        outputs.discard_files()
+        raise PBSError("interrupted before any length finished; nothing was written", INTERRUPTED)
+    doc["incomplete"] = {"reason": "interrupted", "finished_seq_lens": done, "missing_seq_lens": missing}
+    doc["summary"] = summarize(doc["results"])
+    outputs.mark_incomplete(doc["incomplete"])
+    outputs.finish(doc)
+    kept = ", ".join(str(p) for p in (outputs.output, outputs.html) if p is not None) or "the output above"
+    raise PBSError(f"interrupted after {len(done)} of {len(sizes)} lengths ({', '.join(map(format_size, done))}); "
+                   f"they are in {kept}, marked incomplete", INTERRUPTED)
 
 
 def _check_backends_here(names: tuple[str, ...], dev) -> None:
