@@ -103,6 +103,14 @@ def _check_weights_dir(path: Path, spec: str) -> None:
         hint = (" (it holds pickled .bin/.pt weights, which pbs never loads; convert them to safetensors)"
                 if pickles else "")
         raise UsageError(f"model {spec!r}: no *.safetensors weights in {str(path)!r}{hint}")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"model directory {str(path)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, "
+                         "...); save the tokenizer into it with tokenizer.save_pretrained")
+
+
+# any one of these makes a folder's tokenizer loadable by AutoTokenizer (fast, SentencePiece, BPE, WordPiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
 
 
 def hf_hub_cache() -> Path:

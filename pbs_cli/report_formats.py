@@ -261,8 +261,7 @@ def rich_table(doc: dict[str, Any]) -> Table:
     for col in COLUMNS:
         if col == "layer" and not layers:
             continue
-        table.add_column(col, justify="left" if col in ("N", "backend", "layer") else "right",
-                         overflow="fold")
+        table.add_column(col, justify="left" if col in ("N", "backend", "layer") else "right")
     for rec, cells in _ok_rows(doc, layers):
         style = "bold" if rec["backend"] == "pbs" else None
         table.add_row(*[Text(c) for c in cells], style=style)

@@ -39,14 +39,17 @@ def strategies(config: PBSConfig, profile: str) -> list[tuple[str, PBSConfig]]:
 
 
 def parse_thresholds(text: str | None) -> list[float | None]:
-    if not text:
+    """--thresholds: None (the option not given) = the profile's threshold alone; else the sweep."""
+    if text is None:
         return [None]
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"invalid --thresholds {text!r}; use comma-separated numbers in (0, 1], e.g. 0.8,0.9,0.95") from None
-    bad = [v for v in values if not 0.0 < v <= 1.0]
-    if bad or not values:
+    if not values:
+        raise UsageError(f"no thresholds in --thresholds {text!r}; pass numbers in (0, 1] such as 0.8,0.9,0.95, "
+                         "or leave the option out for the profile's threshold")
+    if any(not 0.0 < v <= 1.0 for v in values):
         raise UsageError(f"--thresholds must be numbers in (0, 1], got {text!r}")
     return values
 
@@ -92,7 +95,7 @@ def print_table(rec: dict) -> None:
                   title_justify="left", caption="top-1: next-token agreement with dense; recall: attention mass "
                   "kept on sampled rows; pareto *: no sparser row has lower KL", caption_justify="left")
     table.add_column("strategy", no_wrap=True)
-    for col in ("tau", "density", "perplexity", "top-1", "mean KL", "recall", "pareto"):
+    for col in ("tau", "density", "perplexity", "top-1", "mean KL (nats)", "recall", "pareto"):
         table.add_column(col, justify="right")
     d = rec["dense"]
     table.add_row(d["strategy"], "-", "100.0%", f"{d['ppl']:.3f}" if d["ppl"] else "-", "100.00%", "0", "1", "")

@@ -294,9 +294,11 @@ def _layer_summary(layers: list[integration.LayerStat]) -> dict[str, Any]:
     }
 
 
-def _spread(times: list[float]) -> str:
-    """'  (min a, max b over n runs)' for a list of pass times in ms; empty for a single run."""
-    return f"  (min {min(times):.1f}, max {max(times):.1f} over {len(times)} runs)" if len(times) > 1 else ""
+def _spread(times: list[float], unit: str) -> str:
+    """'  (min a, max b over n runs)' for a list of pass times in ms, in ``unit``; empty for a single run."""
+    if len(times) < 2:
+        return ""
+    return f"  (min {_fmt_ms(min(times), unit)}, max {_fmt_ms(max(times), unit)} over {len(times)} runs)"
 
 
 def _other_params(config: dict[str, Any]) -> str:
@@ -309,8 +311,13 @@ def _other_params(config: dict[str, Any]) -> str:
     return "".join(f", {e}" for e in extra)
 
 
-def _fmt_ms(ms: float) -> str:
-    return f"{ms / 1e3:.2f} s" if ms >= 1e4 else f"{ms:.1f} ms"
+def _unit(*ms: float) -> str:
+    """One unit for times shown together: seconds once any of them reaches 10 s, else milliseconds."""
+    return "s" if max(ms) >= 1e4 else "ms"
+
+
+def _fmt_ms(ms: float, unit: str | None = None) -> str:
+    return f"{ms / 1e3:.2f} s" if (unit or _unit(ms)) == "s" else f"{ms:.1f} ms"
 
 
 def print_summary(rec: dict[str, Any]) -> None:
@@ -327,7 +334,8 @@ def print_summary(rec: dict[str, Any]) -> None:
     if rec["truncated"]:
         toks += f" (truncated from {rec['document_tokens']})"
     table.add_row("prompt tokens", toks)
-    table.add_row("prefill time", _fmt_ms(rec["prefill_ms"]) + _spread(rec["prefill_ms_all"])
+    unit = _unit(rec["prefill_ms"], rec.get("dense_prefill_ms") or 0.0)  # the PBS and dense rows alike
+    table.add_row("prefill time", _fmt_ms(rec["prefill_ms"], unit) + _spread(rec["prefill_ms_all"], unit)
                   + ("  [--compile: norms, RoPE and MLP compiled; attention eager]" if rec.get("compiled") else ""))
     table.add_row("throughput", f"{rec['tokens_per_s']:,.0f} tokens/s")
     c = rec["config"]
@@ -357,7 +365,7 @@ def print_summary(rec: dict[str, Any]) -> None:
     if "dense_prefill_ms" in rec:
         backend = (rec.get("dense_sdpa") or {}).get("backend", "PyTorch's choice")
         table.add_row("dense SDPA prefill",
-                      f"{_fmt_ms(rec['dense_prefill_ms'])} ({backend})" + _spread(rec["dense_prefill_ms_all"]))
+                      f"{_fmt_ms(rec['dense_prefill_ms'], unit)} ({backend})" + _spread(rec["dense_prefill_ms_all"], unit))
         table.add_row("speedup", f"{rec['speedup']:.2f}x vs dense SDPA" + speedup_caveat(rec))
         table.add_row("top-1 agreement", f"{rec['top1_agreement']:.2%} of {rec['prompt_tokens']} positions")
         table.add_row("mean KL(dense||pbs)", f"{rec['mean_kl']:.4f} nats")
@@ -484,6 +492,9 @@ def command(
     if rope:
         err.print(f"RoPE: {rope['rope_type']} x{rope['factor']:.3g} over {rope['original_max_position_embeddings']} "
                   "trained positions (--rope-scaling)", highlight=False, markup=False)
+    elif rope_scaling != "none":
+        err.print(f"note: --rope-scaling {rope_scaling} does nothing here: the {len(ids) + max_new_tokens} positions "
+                  f"fit the model's {trained} trained positions", highlight=False, markup=False)
     warmup = warmup if warmup is not None else (1 if on_gpu or compile_layers else 0)
     iters = iters if iters is not None else (3 if on_gpu else 1)
 
