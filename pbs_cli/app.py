@@ -130,10 +130,9 @@ class LazyGroup(TyperGroup):
         (``console.fail``), instead of Typer's boxed panel."""
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except NoArgsIsHelpError as exc:  # `pbs` or `pbs report` alone: the help, exit 2
+        except NoArgsIsHelpError as exc:  # `pbs` or `pbs report` alone: exit 2 after the help (Typer printed it)
             if not standalone_mode:
                 raise
-            exc.show()
             code = exc.exit_code
         except ClickException as exc:
             if not standalone_mode:
