@@ -26,7 +26,8 @@ def _line(result) -> str:
 
 @pytest.mark.parametrize("name", ["t.txt", "t.gz", "t.jsonl", "trace"])
 def test_trace_must_be_named_json_or_json_gz(offline_env, tiny_model_dir, tmp_path, name):
-    for args, stdin in ((["prefill", "-", "--model", str(tiny_model_dir)], b"Z" * 40), (["profile", *TINY_PROFILE], None)):
+    runs = ((["prefill", "-", "--model", str(tiny_model_dir)], b"Z" * 40), (["profile", *TINY_PROFILE], None))
+    for args, stdin in runs:
         result = invoke([*args, "--trace", str(tmp_path / name)], input=stdin)
         assert_clean_outcome(result, {errors.USAGE})
         assert "*.json or *.json.gz" in _line(result)

@@ -457,9 +457,10 @@ def _expected_output_code(output, html, trace, existing, force) -> int:
 
 
 @CLI
-@given(output=st.one_of(st.none(), st.sampled_from(OUTPUT_NAMES)), html=st.one_of(st.none(), st.sampled_from(OUTPUT_NAMES)),
-       trace=st.one_of(st.none(), st.sampled_from(OUTPUT_NAMES)), existing=st.sets(st.sampled_from(["r.json", "t.json"])),
-       force=st.booleans())
+@given(output=st.one_of(st.none(), st.sampled_from(OUTPUT_NAMES)),
+       html=st.one_of(st.none(), st.sampled_from(OUTPUT_NAMES)),
+       trace=st.one_of(st.none(), st.sampled_from(OUTPUT_NAMES)),
+       existing=st.sets(st.sampled_from(["r.json", "t.json"])), force=st.booleans())
 @example(output="r.json", html=None, trace="r.json", existing=set(), force=False)  # -o s.json --trace s.json
 @example(output="r.json", html=None, trace="./r.json", existing=set(), force=True)
 @example(output="r.html", html="r.html", trace=None, existing=set(), force=False)
@@ -552,7 +553,8 @@ def test_profile_integer_options_end_in_a_result_or_one_line(cli_env, iters, war
 # -- presets: any single [pbs] value --------------------------------------------------------------------------
 
 toml_values = st.one_of(st.booleans(), st.integers(-300, 600), st.floats(allow_nan=False, allow_infinity=False),
-                        st.text(alphabet="abcdefghijklmnopqrstuvwxyz", max_size=6), st.lists(st.integers(-2, 40), max_size=3))
+                        st.text(alphabet="abcdefghijklmnopqrstuvwxyz", max_size=6),
+                        st.lists(st.integers(-2, 40), max_size=3))
 
 
 @given(key=st.sampled_from([f.name for f in dataclasses.fields(PBSConfig)] + ["bogus"]), value=toml_values)

@@ -78,8 +78,8 @@ def summary_table(rec: dict) -> Table:
 @command_boundary
 def command(
     doc: Annotated[str, typer.Option("--doc", help="Real text to calibrate on (UTF-8 file).", show_default=False)],
-    name: Annotated[str, typer.Option("--name", help="Preset name to write (letters, digits, -, _, .).",
-                                      show_default=False)],
+    name: Annotated[str, typer.Option("--name", help="Preset name to write (letters, digits, -, _, .; not a "
+                                      "built-in preset's name).", show_default=False)],
     model: Annotated[str, typer.Option("--model", "-m", help="Alias, local directory, .gguf file, or Hugging "
                                        "Face id in the local cache.")] = DEFAULT_MODEL,
     target_recall: Annotated[float | None, typer.Option("--target-recall", help="Mean attention-mass recall "

@@ -365,7 +365,8 @@ def print_summary(rec: dict[str, Any]) -> None:
     if "dense_prefill_ms" in rec:
         backend = (rec.get("dense_sdpa") or {}).get("backend", "PyTorch's choice")
         table.add_row("dense SDPA prefill",
-                      f"{_fmt_ms(rec['dense_prefill_ms'], unit)} ({backend})" + _spread(rec["dense_prefill_ms_all"], unit))
+                      f"{_fmt_ms(rec['dense_prefill_ms'], unit)} ({backend})"
+                      + _spread(rec["dense_prefill_ms_all"], unit))
         table.add_row("speedup", f"{rec['speedup']:.2f}x vs dense SDPA" + speedup_caveat(rec))
         table.add_row("top-1 agreement", f"{rec['top1_agreement']:.2%} of {rec['prompt_tokens']} positions")
         table.add_row("mean KL(dense||pbs)", f"{rec['mean_kl']:.4f} nats")

@@ -210,7 +210,9 @@ def command(
     segment_size: Annotated[int | None, typer.Option("--segment-size", help="Permutation segment, a multiple "
                                                      "of the block size.")] = None,
     backends: Annotated[str | None, typer.Option("--backends", "-b", help=f"Comma list of {', '.join(BACKENDS)} "
-                                                 "(default: all; unavailable ones are reported as skipped).")] = None,
+                                                 "(default: all; unavailable ones are reported as skipped; "
+                                                 "naming only ones that cannot run on this device is exit 3).")]
+    = None,
     pattern: Annotated[str, typer.Option("--pattern", help="Synthetic workload: mixed, sink, local, vertical, "
                                          "slash, topic, uniform.")] = "mixed",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic workload and the recall rows.")] = 0,
