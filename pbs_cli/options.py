@@ -1,6 +1,7 @@
 """Options and checks that several commands share, defined once so that the commands cannot drift apart.
 
-The ``Annotated`` aliases are the options whose meaning is the same everywhere (``--force``); the
+The ``Annotated`` aliases are the options whose meaning is the same everywhere (``--force``,
+``--device``, ``--dtype``; ``models.resolve_device`` and ``resolve_dtype`` read their values); the
 ``check_*`` functions run before any work starts (no model load, no file written) and raise
 ``UsageError`` (exit 2) or ``UnsupportedError`` (exit 3) with one line that says what to do:
 
@@ -23,6 +24,9 @@ import typer
 from .errors import UnsupportedError, UsageError
 
 Force = Annotated[bool, typer.Option("--force", help="Overwrite output files that exist.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or "
+                                    "float32.")]
 
 # name -> the values it accepts (README, "Development"); "" counts as unset
 KERNEL_SETTINGS: dict[str, tuple[str, ...]] = {

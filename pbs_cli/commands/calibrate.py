@@ -15,7 +15,7 @@ from pbs_kernels import PBSConfig
 from .. import fidelity, models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import UsageError
-from ..options import check_outputs
+from ..options import Device, Dtype, check_outputs
 from ..sizes import parse_size
 from .prefill import DEFAULT_MODEL, read_document, tokenize
 
@@ -93,8 +93,8 @@ def command(
                                                    "(default: the model's context).")] = None,
     recall_rows: Annotated[int, typer.Option("--recall-rows", min=1, help="Query rows per layer sampled "
                                              "for recall.")] = 64,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")] = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing preset / --output.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record here.")] = None,

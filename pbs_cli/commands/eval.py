@@ -16,7 +16,7 @@ from pbs_kernels import PBSConfig
 from .. import fidelity, models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import UsageError
-from ..options import check_outputs
+from ..options import Device, Dtype, Force, check_outputs
 from ..sizes import parse_size, parse_sizes
 from .prefill import DEFAULT_MODEL, greedy_generate, read_document, run_prefill, tokenize
 
@@ -235,14 +235,13 @@ def command(
                                          "model's context, doubling).")] = "",
     depths: Annotated[str, typer.Option("--depths", help="Passkey depths as fractions.")] = "0.1,0.5,0.9",
     trials: Annotated[int, typer.Option("--trials", min=1, help="Random keys per length and depth.")] = 2,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32 (auto: float32 "
-                                       "on CPU, bfloat16 on CUDA).")] = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed (passkeys).")] = 0,
     png: Annotated[Path | None, typer.Option("--png", help="Save a density-fidelity Pareto plot here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record here.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite --output / --png if they exist.")] = False,
+    force: Force = False,
 ) -> None:
     """Dense vs PBS vs plain block selection vs published PBS-Attn on DOC: perplexity, top-1 agreement, KL, recall.
 

@@ -19,7 +19,7 @@ from ..console import command_boundary, debug_enabled, err, out
 from ..sizes import parse_size
 from ..errors import OutOfMemory, UsageError
 from ..documents import read_document  # eval, calibrate and profile import it from here too
-from ..options import check_outputs
+from ..options import Device, Dtype, Force, check_outputs
 
 DEFAULT_MODEL = "llama"
 _FIDELITY_CHUNK = 512  # positions per chunk of full-vocabulary logits (bounded memory)
@@ -391,9 +391,8 @@ def command(
     block_size: Annotated[int | None, typer.Option("--block-size", help="Tokens per block (power of two >= 16).")] = None,
     segment_size: Annotated[int | None, typer.Option("--segment-size", help="Permutation segment, a multiple "
                                                      "of the block size.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, "
-                                       "float16 or float32.")] = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     device_map: Annotated[str | None, typer.Option("--device-map", help="'auto' spreads layers over the GPUs "
                                                    "(accelerate).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=0, help="Greedy tokens to generate after "
@@ -423,7 +422,7 @@ def command(
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record to this file.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite --output if it exists.")] = False,
+    force: Force = False,
     trace: Annotated[Path | None, typer.Option("--trace", help="Also run one PBS forward under torch.profiler: "
                                                "save its Chrome trace (.json or .json.gz; open in chrome://tracing "
                                                "or Perfetto) and print the ops that took the most time.")] = None,

@@ -12,7 +12,7 @@ import typer
 from .. import distributed, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import INTERRUPTED, OutOfMemory, PBSError, UnsupportedError, UsageError
-from ..options import check_outputs
+from ..options import Device, Dtype, Force, check_outputs
 from ..profiling import BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped, summarize
 from ..report_formats import format_for_path, header_line, incomplete_line, render, result_line, rich_table
 from ..sizes import format_size, parse_sizes
@@ -200,9 +200,8 @@ def command(
     kv_heads: Annotated[int | None, typer.Option("--kv-heads", min=1, help="KV heads (default 8).")] = None,
     head_dim: Annotated[int | None, typer.Option("--head-dim", min=8, help="Head dimension (default 128).")] = None,
     batch: Annotated[int | None, typer.Option("--batch", min=1, help="Batch size (default 1).")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, "
-                                       "float16 or float32.")] = "auto",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Dtype = "auto",
+    device: Device = "auto",
     profile: Annotated[str | None, typer.Option("--profile", "-p", help="PBS preset name (see `pbs env`).")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", "-t", help="Top-p share of block attention "
                                                     "to keep, in (0, 1]; 1.0 = dense.")] = None,
@@ -238,7 +237,7 @@ def command(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save to this file; format from the "
                                                 "extension: .json .jsonl .csv .md .html.")] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Also save an HTML report with plots.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite output files that exist.")] = False,
+    force: Force = False,
     tp: Annotated[int | None, typer.Option("--tp", min=1, help="Tensor-parallel size: each of N ranks (one GPU "
                                            "each, re-launched through torch.distributed) times its H/N heads; "
                                            "times are the slowest rank's.")] = None,

@@ -18,7 +18,7 @@ import typer
 
 from .. import console
 from ..console import command_boundary
-from ..options import Force
+from ..options import Device, Dtype, Force
 from ..errors import OutOfMemory, UsageError
 
 SYNTHETIC_HEADS = 4
@@ -101,8 +101,8 @@ def command(
     block_size: Annotated[Optional[int], typer.Option("--block-size", help="Tokens per block (power of two >= 16).", show_default=False)] = None,
     segment_size: Annotated[Optional[int], typer.Option("--segment-size", help="Permutation segment (multiple of the block size).", show_default=False)] = None,
     permute: Annotated[Optional[bool], typer.Option("--permute/--no-permute", help="Permute keys inside segments (default: the profile's).", show_default=False)] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32.")] = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     png: Annotated[Optional[Path], typer.Option("--png", help="Also write the panels as a PNG.", show_default=False)] = None,
     svg: Annotated[Optional[Path], typer.Option("--svg", help="Also write the panels as an SVG.", show_default=False)] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Also write the terminal picture as HTML.", show_default=False)] = None,
