@@ -284,14 +284,17 @@ def attention_shape(config: Any) -> tuple[int, int, int]:
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'. Checks 'cuda'/'cuda:N' against the machine."""
+    """'auto' -> 'cuda' when available, else 'cpu'. Checks 'cuda'/'cuda:N' against the machine, and a CPU
+    device against ``PBS_BACKEND=triton`` (``options.check_triton_device``)."""
     import torch
 
+    from .options import check_triton_device
+
     text = device.strip().lower()
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return "cpu"
+    if text in ("auto", "cpu"):
+        resolved = "cuda" if text == "auto" and torch.cuda.is_available() else "cpu"
+        check_triton_device(resolved)
+        return resolved
     m = re.fullmatch(r"cuda(?::(\d+))?", text)
     if not m:
         raise UsageError(f"invalid --device {device!r}; use auto, cpu, cuda or cuda:N")

@@ -98,3 +98,13 @@ def check_kernel_settings(environ: Mapping[str, str] | None = None) -> None:
     if not torch.cuda.is_available() and environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise UnsupportedError("PBS_BACKEND=triton needs a CUDA GPU and there is none; unset PBS_BACKEND, or set "
                                "TRITON_INTERPRET=1 for Triton's (slow) CPU interpreter")
+
+
+def check_triton_device(device: str, environ: Mapping[str, str] | None = None) -> None:
+    """``PBS_BACKEND=triton`` runs the Triton kernels on the tensors of ``device``: on a CPU only through
+    ``TRITON_INTERPRET=1`` (else Triton finds no driver, deep inside the first kernel launch): exit 3."""
+    environ = os.environ if environ is None else environ
+    if (environ.get("PBS_BACKEND", "").lower() == "triton" and not str(device).startswith("cuda")
+            and environ.get("TRITON_INTERPRET", "0") in ("", "0")):
+        raise UnsupportedError(f"PBS_BACKEND=triton runs the Triton kernels on {device} tensors only through "
+                               "TRITON_INTERPRET=1 (slow); set it, use a CUDA --device, or unset PBS_BACKEND")

@@ -220,6 +220,17 @@ def test_triton_backend_without_a_gpu_is_exit_3(offline_env):
     assert "needs a CUDA GPU" in _error_line(result) and "TRITON_INTERPRET=1" in _error_line(result)
 
 
+def test_triton_backend_on_a_cpu_device_is_exit_3_also_where_a_gpu_exists(monkeypatch):
+    from pbs_cli import models
+
+    monkeypatch.setenv("PBS_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(errors.UnsupportedError, match="TRITON_INTERPRET=1"):
+        models.resolve_device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert models.resolve_device("cpu") == "cpu"
+
+
 # -- 6: option parser errors are one line ------------------------------------------------------------------
 
 
