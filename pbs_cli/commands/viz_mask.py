@@ -18,8 +18,8 @@ import typer
 
 from .. import console
 from ..console import command_boundary
-from ..options import Device, Dtype, Force
 from ..errors import OutOfMemory, UsageError
+from ..options import Device, Dtype, Force
 
 SYNTHETIC_HEADS = 4
 SYNTHETIC_KV_HEADS = 1
@@ -150,7 +150,7 @@ def command(
         check_memory(n, config.block_size, len(head_ids), 1,
                      (SYNTHETIC_HEADS + 2 * SYNTHETIC_KV_HEADS) * n * SYNTHETIC_HEAD_DIM * 4, _device(device))
         source = f"synthetic {pattern} (seed {seed})"
-        views, meta = _synthetic(config, head_ids, n_tokens or SYNTHETIC_SEQ_LEN, pattern, seed, device, dtype)
+        views, meta = _synthetic(config, head_ids, n, pattern, seed, device, dtype)
     else:
         from ..documents import read_document
 
@@ -225,9 +225,11 @@ def _from_model(text: str, model_spec: str, profile, overrides, layer, layers, h
     tokens = source.tokenizer()(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
     limit = n_tokens or source.max_positions() or tokens.shape[1]
     tokens = tokens[:, :limit]
-    hidden = int(getattr(cfg, "hidden_size", n_heads * 64))
-    check_memory(int(tokens.shape[1]), config.block_size, len(head_ids), len(layer_ids),
-                 int(tokens.shape[1]) * hidden * 4 * 8, dev)  # activations of the forward, a few hidden-size copies
+    n, hidden = int(tokens.shape[1]), int(getattr(cfg, "hidden_size", n_heads * 64))
+    kv_heads, head_dim = int(getattr(cfg, "num_key_value_heads", n_heads)), hidden // n_heads
+    # the forward's activations (a few hidden-size copies, fp32 at most) and the captured q/k/v of each layer
+    inputs = n * (8 * hidden + len(layer_ids) * (n_heads + 2 * kv_heads) * head_dim) * 4
+    check_memory(n, config.block_size, len(head_ids), len(layer_ids), inputs, dev)
     console.err.print(f"model: {spec.describe()} · {tokens.shape[1]} tokens · layers {_ranges(layer_ids)} · "
                       f"heads {_ranges(head_ids)}", highlight=False)
     loaded = source.load(torch_dtype, dev, attn_implementation="sdpa")
