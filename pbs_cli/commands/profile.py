@@ -72,7 +72,8 @@ def shape_from_model(spec_text: str) -> tuple[dict[str, int], str]:
 class _Outputs:
     """Where results go: stdout format, -o file, --html file; JSONL lines are flushed per length."""
 
-    def __init__(self, stdout_fmt: str | None, output: Path | None, html: Path | None, force: bool):
+    def __init__(self, stdout_fmt: str | None, output: Path | None, html: Path | None):
+        """The paths were checked (``options.check_outputs``); here: the formats they name."""
         self.stdout_fmt = stdout_fmt
         self.output, self.html = output, html
         self.file_fmt = format_for_path(output) if output is not None else None
@@ -271,8 +272,8 @@ def command(
     config, profile_name = presets.resolve_config(profile, device=str(dev), threshold=threshold,
                                                   block_size=block_size, segment_size=segment_size)
     check_outputs({"--output": output, "--html": html, "--trace": trace}, force)
-    outputs = (_Outputs(chosen[0] if chosen else None, output, html, force) if tpi.is_main
-               else _Outputs(None, None, None, force))  # tensor parallel: rank 0 alone writes
+    outputs = (_Outputs(chosen[0] if chosen else None, output, html) if tpi.is_main
+               else _Outputs(None, None, None))  # tensor parallel: rank 0 alone writes
     if from_model is not None:
         if doc is None:
             raise UsageError("--from-model needs --doc FILE (the text to run the model on)")
