@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from ..console import command_boundary, err, out
-from ..errors import UsageError
+from ..errors import UnsupportedError, UsageError
 from ..options import KERNEL_SETTINGS, kernel_setting_problems
 
 
@@ -56,12 +56,16 @@ def collect() -> dict[str, Any]:
     env["gguf"] = _version("gguf")
     env["typer"] = _version("typer")
     env["rich"] = _version("rich")
-    device = models.resolve_device("auto")
+    env["kernel_settings"] = {name: os.environ[name] for name in KERNEL_SETTINGS if name in os.environ}
+    env["kernel_setting_problems"] = kernel_setting_problems()
+    try:
+        device = models.resolve_device("auto")
+    except UnsupportedError as exc:  # PBS_BACKEND=triton where Triton cannot run: listed here, refused elsewhere
+        device = "cpu"
+        env["kernel_setting_problems"]["PBS_BACKEND"] = str(exc)
     env["default_device"] = device
     env["default_dtype"] = str(models.resolve_dtype("auto", device)).removeprefix("torch.")
     env["triton_kernels"] = triton_status()
-    env["kernel_settings"] = {name: os.environ[name] for name in KERNEL_SETTINGS if name in os.environ}
-    env["kernel_setting_problems"] = kernel_setting_problems()
     embedded = {}
     for key, (display, package, requirement) in models.EMBEDDED.items():
         spec = importlib.util.find_spec(package)
