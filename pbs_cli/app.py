@@ -20,15 +20,19 @@ from typing import Annotated
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import typer
-try:
-    from typer._click.exceptions import UsageError as ClickUsageError  # newer typer vendors click
+try:  # newer typer vendors click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer.exceptions import Abort as ClickAbort
+    from typer._click.exceptions import UsageError as ClickUsageError
 except ImportError:
+    from click.exceptions import Abort as ClickAbort
+    from click.exceptions import ClickException, NoArgsIsHelpError
     from click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperCommand, TyperGroup
 from typer.main import get_command_from_info, get_group_from_info
 from typer.models import CommandInfo, TyperInfo
 
-from . import __version__, console
+from . import __version__, console, errors
 
 # name -> (module under pbs_cli.commands, attribute): a function ``command`` or a Typer ``app``
 # (a command group). The order is that of `pbs --help`: single commands first, then groups.
@@ -120,12 +124,43 @@ class LazyGroup(TyperGroup):
                     exc.message = f"{exc.message.rstrip('.')}. Did you mean {', '.join(repr(m) for m in matches)}?"
             raise
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra):
+        """Click's main, with the option parser's errors (unknown option or command, a value out of range,
+        a missing argument) as one ``error:`` line on stderr and exit 2, like the commands' own usage errors
+        (``console.fail``), instead of Typer's boxed panel."""
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as exc:  # `pbs` or `pbs report` alone: exit 2 after the help (Typer printed it)
+            if not standalone_mode:
+                raise
+            code = exc.exit_code
+        except ClickException as exc:
+            if not standalone_mode:
+                raise
+            code = console.fail(usage_line(exc), exc.exit_code).exit_code
+        except ClickAbort:
+            if not standalone_mode:
+                raise
+            code = console.fail("aborted", errors.RUNTIME).exit_code
+        if not standalone_mode:
+            return code
+        raise SystemExit(code if isinstance(code, int) else errors.OK)
+
     def format_help(self, ctx, formatter) -> None:
         self._listing = True
         try:
             return super().format_help(ctx, formatter)
         finally:
             self._listing = False
+
+
+def usage_line(exc: ClickException) -> str:
+    """One line for an option parser error: its message and where the valid choices are listed."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return message
+    return f"{message.rstrip('.')} (see '{ctx.command_path} --help')"
 
 
 app = typer.Typer(

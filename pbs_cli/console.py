@@ -66,12 +66,20 @@ def _is_oom(exc: BaseException) -> bool:
     return errors.is_out_of_memory(exc)
 
 
-def command_boundary(fn):
-    """Turn exceptions into one clear stderr line and a documented exit code (see ``errors``)."""
+def command_boundary(fn=None, *, check_settings: bool = True):
+    """Turn exceptions into one clear stderr line and a documented exit code (see ``errors``). First,
+    unless ``check_settings`` is False (``pbs env``, which reports them), refuse ``PBS_*`` kernel
+    settings the kernels do not know (``options.check_kernel_settings``)."""
+    if fn is None:
+        return functools.partial(command_boundary, check_settings=check_settings)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            if check_settings:
+                from .options import check_kernel_settings
+
+                check_kernel_settings()
             return fn(*args, **kwargs)
         except typer.Exit:
             raise

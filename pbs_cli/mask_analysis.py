@@ -168,6 +168,17 @@ def _density(num: torch.Tensor) -> float:
     return float(num.sum().item()) / (num.numel() / n_b * n_b * (n_b + 1) / 2)
 
 
+def analysis_bytes(seq_len: int, block_size: int, heads: int, layers: int = 1) -> int:
+    """Host memory ``analyze`` needs for ``heads`` heads of each of ``layers`` layers (an estimate from above):
+    the (N_b, N_b) block matrices kept per head (mass in two layouts, fp32; kept and forced blocks, bool),
+    and the working set of one layer (the plan layout's temporaries per head; the no-permutation
+    comparison's fp32 and bool matrices)."""
+    n_b = _cdiv(seq_len, block_size)
+    kept = layers * heads * n_b * n_b * (4 + 4 + 1 + 1)
+    working = n_b * n_b * (12 * heads + 24)
+    return kept + working
+
+
 def plain_selection_order(q1: torch.Tensor, k1: torch.Tensor, config: PBSConfig,
                           scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The threshold-independent part of plain block selection (no permutation) of one head.

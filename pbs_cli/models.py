@@ -103,6 +103,14 @@ def _check_weights_dir(path: Path, spec: str) -> None:
         hint = (" (it holds pickled .bin/.pt weights, which pbs never loads; convert them to safetensors)"
                 if pickles else "")
         raise UsageError(f"model {spec!r}: no *.safetensors weights in {str(path)!r}{hint}")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"model directory {str(path)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, "
+                         "...); save the tokenizer into it with tokenizer.save_pretrained")
+
+
+# any one of these makes a folder's tokenizer loadable by AutoTokenizer (fast, SentencePiece, BPE, WordPiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
 
 
 def hf_hub_cache() -> Path:
@@ -276,14 +284,17 @@ def attention_shape(config: Any) -> tuple[int, int, int]:
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'. Checks 'cuda'/'cuda:N' against the machine."""
+    """'auto' -> 'cuda' when available, else 'cpu'. Checks 'cuda'/'cuda:N' against the machine, and a CPU
+    device against ``PBS_BACKEND=triton`` (``options.check_triton_device``)."""
     import torch
 
+    from .options import check_triton_device
+
     text = device.strip().lower()
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return "cpu"
+    if text in ("auto", "cpu"):
+        resolved = "cuda" if text == "auto" and torch.cuda.is_available() else "cpu"
+        check_triton_device(resolved)
+        return resolved
     m = re.fullmatch(r"cuda(?::(\d+))?", text)
     if not m:
         raise UsageError(f"invalid --device {device!r}; use auto, cpu, cuda or cuda:N")

@@ -15,6 +15,7 @@ Model aliases live in ``models.toml`` under ``[aliases.<name>]`` with ``source``
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -63,7 +64,9 @@ def user_profiles_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".config" / "pbs" / "profiles"
 
 
-def _parse(text: str, origin: str) -> dict[str, Any]:
+def _parse(text: str | UsageError, origin: str) -> dict[str, Any]:
+    if isinstance(text, UsageError):  # the file could not be read (``_user_files``)
+        raise text
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -76,17 +79,17 @@ def _builtin_files() -> dict[str, str]:
     return {p.name: p.read_text(encoding="utf-8") for p in root.iterdir() if p.name.endswith(".toml")}
 
 
-def _user_files() -> dict[str, tuple[str, str]]:
-    """file name -> (path, text) of the TOML files in the user profiles folder."""
+def _user_files() -> dict[str, tuple[str, str | UsageError]]:
+    """file name -> (path, its text or the error reading it) of the TOML files in the user profiles folder."""
     folder = user_profiles_dir()
     if not folder.is_dir():
         return {}
-    found = {}
+    found: dict[str, tuple[str, str | UsageError]] = {}
     for p in sorted(folder.glob("*.toml")):
         try:
             found[p.name] = (str(p), p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read profile {str(p)!r}: {exc}") from None
+            found[p.name] = (str(p), UsageError(f"cannot read profile {str(p)!r}: {exc}; fix or remove the file"))
     return found
 
 
@@ -94,28 +97,74 @@ def _profile_from(name: str, data: dict[str, Any], origin: str) -> Profile:
     params = data.get("pbs", {})
     if not isinstance(params, dict):
         raise UsageError(f"profile {name!r} ({origin}): [pbs] must be a table of PBS parameters")
+    for key, value in params.items():
+        _check_type(key, value, origin)
     extra = {k: v for k, v in data.items() if k not in ("pbs", "description")}
     return Profile(name, origin, str(data.get("description", "")), dict(params), extra)
 
 
-def profiles() -> dict[str, Profile]:
-    """Every known preset by name; user presets replace built-in ones of the same name."""
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list of integers"}
+
+
+def _check_type(key: str, value: Any, origin: str) -> None:
+    """A [pbs] value of the type its PBSConfig field needs (what ``threshold = "high"`` gets: a UsageError
+    naming the file and the key, not a comparison error from inside the config)."""
+    fields = {f.name: f for f in dataclasses.fields(PBSConfig)}
+    if key not in fields:
+        raise UsageError(f"{origin}: [pbs] {key} is not a PBS parameter; known: {', '.join(fields)}")
+    kind = type(fields[key].default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is tuple:
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise UsageError(f"{origin}: [pbs] {key} = {value!r} must be {_KINDS.get(kind, kind.__name__)} (default "
+                         f"{fields[key].default!r}); fix or remove the file")
+
+
+def _load_profiles() -> tuple[dict[str, Profile], dict[str, str]]:
+    """(presets by name, {name: why it cannot be read}): user presets replace built-in ones of the same
+    name; a user file that does not parse, or has a value of the wrong type, is set aside with the reason
+    (``get_profile`` of that name raises it; ``pbs env`` lists it) instead of breaking every command."""
     found: dict[str, Profile] = {}
     for fname, text in sorted(_builtin_files().items()):
         if fname == ALIASES_FILE:
             continue
         name = fname[: -len(".toml")]
         found[name] = _profile_from(name, _parse(text, f"built-in {fname}"), "builtin")
+    broken: dict[str, str] = {}
     for fname, (path, text) in _user_files().items():
         if fname == ALIASES_FILE:
             continue
         name = fname[: -len(".toml")]
-        found[name] = _profile_from(name, _parse(text, path), path)
-    return found
+        try:
+            found[name] = _profile_from(name, _parse(text, path), path)
+        except UsageError as exc:
+            broken[name] = str(exc)
+            found.pop(name, None)  # a broken user file does not fall back to the built-in of its name
+    return found, broken
+
+
+def profiles() -> dict[str, Profile]:
+    """Every usable preset by name; user presets replace built-in ones of the same name."""
+    return _load_profiles()[0]
+
+
+def profile_problems() -> dict[str, str]:
+    """{name: why its file cannot be used} for the user presets that are set aside."""
+    return _load_profiles()[1]
 
 
 def get_profile(name: str) -> Profile:
-    known = profiles()
+    known, broken = _load_profiles()
+    if name in broken:
+        raise UsageError(broken[name])
     if name not in known:
         raise UsageError(f"unknown profile {name!r}; known profiles: {', '.join(sorted(known))} "
                          f"(user presets go in {user_profiles_dir()})")
@@ -132,6 +181,7 @@ def resolve_config(profile: str | None = None, *, device: str | None = None, exp
     (GPU_PROFILE): on an H100 the sampled-row selection costs more than it saves (BENCHMARKS.md)."""
     name = profile or DEFAULT_PROFILE
     base = get_profile(name)
+    base.config()  # a preset with an invalid value: the error names its file
     params = dict(base.params)
     params.update({k: v for k, v in overrides.items() if v is not None})
     try:
@@ -188,19 +238,29 @@ def render_profile(config: PBSConfig, description: str = "", extra: dict[str, di
     return "\n".join(lines) + "\n"
 
 
-def save_user_profile(name: str, config: PBSConfig, description: str = "",
-                      extra: dict[str, dict[str, Any]] | None = None, force: bool = False) -> Path:
-    """Write ``<user profiles dir>/<name>.toml`` atomically; refuses to overwrite unless ``force``."""
-    from .reports import atomic_write_text
-
+def check_new_profile(name: str, force: bool = False) -> Path:
+    """The file that preset ``name`` would be written to, checked before any work: a valid name (no path),
+    not a built-in preset's or the model aliases' (a user file of that name would silently replace the
+    built-in for every later command), and not an existing file unless ``force``."""
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise UsageError(f"invalid profile name {name!r}: use letters, digits, '-', '_' and '.'")
+        raise UsageError(f"invalid profile name {name!r}: use letters, digits, '-', '_' and '.' (a name, not a path)")
     if name == ALIASES_FILE[: -len(".toml")]:
         raise UsageError(f"{name!r} is reserved for model aliases; choose another profile name")
-    folder = user_profiles_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.toml"
+    if f"{name}.toml" in _builtin_files():
+        raise UsageError(f"{name!r} is a built-in preset; saving a user preset under that name would replace it "
+                         f"for every command: choose another name, e.g. {name}-calibrated")
+    path = user_profiles_dir() / f"{name}.toml"
     if path.exists() and not force:
         raise UsageError(f"profile {str(path)!r} exists; pass --force to overwrite it")
+    return path
+
+
+def save_user_profile(name: str, config: PBSConfig, description: str = "",
+                      extra: dict[str, dict[str, Any]] | None = None, force: bool = False) -> Path:
+    """Write ``<user profiles dir>/<name>.toml`` atomically (``check_new_profile`` first)."""
+    from .reports import atomic_write_text
+
+    path = check_new_profile(name, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, render_profile(config, description, extra))
     return path

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -57,6 +56,7 @@ from pbs_kernels.select import select_blocks
 
 from .console import debug_enabled
 from .dense_sdpa import DENSE_BACKENDS, probe_sdpa, sdpa_call
+from .memory import free_memory_bytes
 from .timing import Timing, bench
 
 BACKENDS = ("pbs", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flex", "reference")
@@ -114,21 +114,6 @@ def is_oom(exc: BaseException) -> bool:
     from .errors import is_out_of_memory
 
     return is_out_of_memory(exc)
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """Free memory where tensors of ``device`` live: CUDA free memory, else MemAvailable."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
 def input_bytes(batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -192,6 +177,16 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
         num += float(((a - r) ** 2).sum())
         den += float((r**2).sum())
     return math.sqrt(num / den) if den > 0 else float("nan")
+
+
+def unavailable_here(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` at all, known before any work (None: it may run;
+    the SDPA backends' shape and dtype limits are probed per length, ``probe_sdpa``)."""
+    if name in ("sdpa-cudnn", "sdpa-efficient") and device.type != "cuda":  # as probe_sdpa says
+        return "needs a CUDA GPU"
+    if name == "flex":
+        return flex_available(device)
+    return None
 
 
 # -- FlexAttention --------------------------------------------------------------------------------
@@ -502,26 +497,58 @@ def _dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Per length: the best dense backend; per sparse backend: the break-even length (smallest tested N
-    where it beats the best dense backend, None if never) and the speedup at the longest length."""
+    """Per length: the best dense backend; per sparse backend: the break-even length and the speedup at the
+    longest length.
+
+    Break-even is the smallest tested N from which the backend beats the best dense backend at that and
+    every longer tested length by more than the runs' spread (its 75th-percentile time below the dense
+    backend's 25th); None if never. Lengths where the median is faster but within the spread are listed
+    in ``within_spread`` instead of being claimed."""
     recs = [r for r in records if r["status"] == "ok"]
     lengths = sorted({r["seq_len"] for r in recs})
     best_dense: dict[str, str] = {}
+    dense_of: dict[tuple, dict[str, Any]] = {}  # (seq_len, layer) -> the fastest dense record
+    for r in recs:
+        if r["backend"] in DENSE_BACKENDS:
+            key = (r["seq_len"], r.get("layer"))
+            if key not in dense_of or r["median_ms"] < dense_of[key]["median_ms"]:
+                dense_of[key] = r
     for n in lengths:
         dense = [r for r in recs if r["seq_len"] == n and r["backend"] in DENSE_BACKENDS]
         if dense:
             best_dense[str(n)] = min(dense, key=lambda r: r["median_ms"])["backend"]
     break_even: dict[str, int | None] = {}
     longest: dict[str, float | None] = {}
+    within: dict[str, list[int]] = {}
     for name in SPARSE_BACKENDS:
         mine = [r for r in recs if r["backend"] == name and r["speedup"] is not None]
         if not mine:
             continue
-        per_len: dict[int, list[float]] = {}
+        per_len: dict[int, list[dict[str, Any]]] = {}
         for r in mine:
-            per_len.setdefault(r["seq_len"], []).append(r["speedup"])
-        wins = [n for n in sorted(per_len) if sum(per_len[n]) / len(per_len[n]) > 1.0]
-        break_even[name] = wins[0] if wins else None
+            per_len.setdefault(r["seq_len"], []).append(r)
+        faster = {n: sum(r["speedup"] for r in rs) / len(rs) > 1.0 for n, rs in per_len.items()}
+        clear = {n: faster[n] and all(_beyond_spread(r, dense_of.get((n, r.get("layer")))) for r in rs)
+                 for n, rs in per_len.items()}
+        found = None
+        for n in sorted(per_len, reverse=True):  # the longest run of clear wins that reaches the longest length
+            if not clear[n]:
+                break
+            found = n
+        break_even[name] = found
+        unclear = [n for n in sorted(per_len) if faster[n] and not clear[n]]
+        if unclear:
+            within[name] = unclear
         top = max(per_len)
-        longest[name] = sum(per_len[top]) / len(per_len[top])
-    return {"best_dense": best_dense, "break_even": break_even, "speedup_at_longest": longest}
+        longest[name] = sum(r["speedup"] for r in per_len[top]) / len(per_len[top])
+    return {"best_dense": best_dense, "break_even": break_even, "speedup_at_longest": longest,
+            "within_spread": within}
+
+
+def _beyond_spread(rec: dict[str, Any], dense: dict[str, Any] | None) -> bool:
+    """Whether ``rec`` is faster than ``dense`` beyond both runs' spread (interquartile ranges)."""
+    if dense is None:
+        return False
+    slow = rec.get("q75_ms") if rec.get("q75_ms") is not None else rec["median_ms"]
+    fast = dense.get("q25_ms") if dense.get("q25_ms") is not None else dense["median_ms"]
+    return slow < fast

@@ -52,9 +52,16 @@ def result_line(rec: dict[str, Any], run_id: str) -> str:
     return json.dumps({"record": "result", "run": run_id, **rec}, default=str) + "\n"
 
 
+def incomplete_line(incomplete: dict[str, Any], run_id: str) -> str:
+    """The last line of a sweep cut short: why, and which lengths finished and which did not."""
+    return json.dumps({"record": "incomplete", "run": run_id, **incomplete}, default=str) + "\n"
+
+
 def to_jsonl(doc: dict[str, Any]) -> str:
     run = str(doc.get("timestamp", ""))
-    return header_line(doc) + "".join(result_line(r, run) for r in doc.get("results", []))
+    head = {k: v for k, v in doc.items() if k != "incomplete"}
+    tail = incomplete_line(doc["incomplete"], run) if doc.get("incomplete") else ""
+    return header_line(head) + "".join(result_line(r, run) for r in doc.get("results", [])) + tail
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -80,6 +87,7 @@ def load(path: Path) -> dict[str, Any]:
 def _from_jsonl(text: str, path: Path) -> dict[str, Any]:
     header: dict[str, Any] | None = None
     results: list[dict[str, Any]] = []
+    incomplete: dict[str, Any] | None = None
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -93,11 +101,22 @@ def _from_jsonl(text: str, path: Path) -> dict[str, Any]:
         elif kind == "result":
             item.pop("run", None)
             results.append(item)
+        elif kind == "incomplete":
+            item.pop("run", None)
+            incomplete = item
         else:
-            raise UsageError(f"{str(path)!r} line {i}: expected a header or result record, got {str(kind)!r}")
+            raise UsageError(f"{str(path)!r} line {i}: expected a header, result or incomplete record, "
+                             f"got {str(kind)!r}")
     if header is None:
         raise UsageError(f"{str(path)!r} has no header line; is it a `pbs profile --jsonl` file?")
     header["results"] = results
+    done = list(dict.fromkeys(r.get("seq_len") for r in results if isinstance(r, dict)))
+    planned = header.get("seq_lens") if isinstance(header.get("seq_lens"), list) else done
+    if incomplete is None and any(n not in done for n in planned):  # a run killed before its end: lengths missing
+        incomplete = {"reason": "cut short", "finished_seq_lens": done,
+                      "missing_seq_lens": [n for n in planned if n not in done]}
+    if incomplete is not None:
+        header["incomplete"] = incomplete
     if not header.get("summary"):
         header["summary"] = summarize(results)
     return header
@@ -126,12 +145,24 @@ def validate(doc: Any, where: str) -> dict[str, Any]:
 
 
 def to_csv(doc: dict[str, Any]) -> str:
+    """One row per result; a sweep cut short ends in a ``# incomplete: ...`` comment line."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(RESULT_FIELDS), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for rec in doc.get("results", []):
         writer.writerow({k: ("" if rec.get(k) is None else rec.get(k)) for k in RESULT_FIELDS})
-    return buf.getvalue()
+    note = incomplete_note(doc)
+    return buf.getvalue() + (f"# {note}\n" if note else "")
+
+
+def incomplete_note(doc: dict[str, Any]) -> str:
+    """'incomplete: interrupted; no results for 4K, 8K' for a sweep cut short, else ''."""
+    inc = doc.get("incomplete")
+    if not inc:
+        return ""
+    missing = inc.get("missing_seq_lens") or []
+    shown = ", ".join(format_size(int(n)) for n in missing) if missing else "none"
+    return f"incomplete: {inc.get('reason') or 'cut short'}; no results for {shown}"
 
 
 # -- human formats ----------------------------------------------------------------------------------
@@ -186,13 +217,17 @@ def _has_layers(doc: dict[str, Any]) -> bool:
 
 def summary_lines(doc: dict[str, Any]) -> list[str]:
     s = doc.get("summary") or summarize(doc.get("results", []))
-    lines = []
+    lines = [incomplete_note(doc)] if doc.get("incomplete") else []
     if s.get("best_dense"):
         lines.append("best dense (speedup baseline): " + ", ".join(f"{format_size(int(n))} {b}" for n, b in s["best_dense"].items()))
     for name, n in (s.get("break_even") or {}).items():
         at = (s.get("speedup_at_longest") or {}).get(name)
         tail = f"; {at:.2f}x at the longest length" if at is not None else ""
         lines.append(f"{name} break-even: {format_size(n) if n else 'not reached in this sweep'}{tail}")
+        unclear = (s.get("within_spread") or {}).get(name)
+        if unclear:
+            lines.append(f"{name} median faster at {', '.join(format_size(int(x)) for x in unclear)}, but within "
+                         "the runs' spread: not counted (more --iters or --budget narrows it)")
     kernels = dict.fromkeys(r["kernel"] for r in doc.get("results", []) if r.get("backend") == "pbs" and r.get("kernel"))
     if kernels:
         lines.append("pbs attention kernel: " + ", ".join(kernels))
@@ -226,8 +261,7 @@ def rich_table(doc: dict[str, Any]) -> Table:
     for col in COLUMNS:
         if col == "layer" and not layers:
             continue
-        table.add_column(col, justify="left" if col in ("N", "backend", "layer") else "right",
-                         overflow="fold")
+        table.add_column(col, justify="left" if col in ("N", "backend", "layer") else "right")
     for rec, cells in _ok_rows(doc, layers):
         style = "bold" if rec["backend"] == "pbs" else None
         table.add_row(*[Text(c) for c in cells], style=style)
@@ -313,6 +347,30 @@ def render(doc: dict[str, Any], fmt: str) -> str:
 
 
 # -- compare ----------------------------------------------------------------------------------------
+
+
+# what two runs must share for their times to be compared: the attention shape, the dtype, the PBS parameters
+# and the workload (the machine and the versions may differ: that is what a comparison looks at)
+_SAME_SETUP = (("shape", ("batch", "heads", "kv_heads", "head_dim")), ("dtype", None), ("pbs", None),
+               ("workload", ("source", "pattern", "seed", "model", "document", "layers")))
+
+
+def setup_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """'field: A vs B' for each setting of ``_SAME_SETUP`` in which runs ``a`` and ``b`` differ (empty when
+    they measured the same thing)."""
+    found = []
+    for name, keys in _SAME_SETUP:
+        va, vb = a.get(name), b.get(name)
+        if keys is None and isinstance(va, dict) and isinstance(vb, dict):
+            keys = tuple(dict.fromkeys([*va, *vb]))
+        if keys is None or not isinstance(va, dict) or not isinstance(vb, dict):
+            if va != vb:
+                found.append(f"{name} {va!r} vs {vb!r}")
+            continue
+        for key in keys:
+            if va.get(key) != vb.get(key):
+                found.append(f"{name}.{key} {va.get(key)!r} vs {vb.get(key)!r}")
+    return found
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:

@@ -5,9 +5,12 @@ Used by ``pbs profile --trace`` (one attention pass) and ``pbs prefill --trace``
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,11 +26,41 @@ def record(fn: Callable[[], object], device):
 
     cuda = torch.device(device).type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    prof = profile(activities=acts)
+    with _native_chatter_dropped():
+        prof.start()
+    try:
         fn()
         if cuda:
             torch.cuda.synchronize(device)
+    finally:
+        with _native_chatter_dropped():
+            prof.stop()
     return prof
+
+
+# what the profiler's C++ side (Kineto) writes straight to file descriptor 2 when it starts and stops
+_CHATTER = re.compile(rb"^(USDT|STAGE):\S+ \S+ \S+ \S+\] ")
+
+
+@contextlib.contextmanager
+def _native_chatter_dropped():
+    """Keep the profiler's start/stop log lines off stderr (one line per diagnostic, README): file
+    descriptor 2 goes to a temporary file meanwhile; any other line written there is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept = [line for line in sink.read().splitlines(keepends=True) if not _CHATTER.match(line)]
+            if kept:
+                sys.stderr.write(b"".join(kept).decode(errors="replace"))
+                sys.stderr.flush()
 
 
 def save(prof, path: Path) -> None:

@@ -223,8 +223,8 @@ def invoke(args: list[str], input: bytes | str | None = None, env: dict[str, str
 
 def assert_clean_outcome(result, allowed: set[int] | None = None) -> None:
     """The run ended in a result or one clear error: a documented exit code, no escaped exception, no
-    traceback; on failure the last stderr line is the ``error:`` line (or Typer's own usage panel,
-    exit 2, for options it could not parse)."""
+    traceback; on failure the last stderr line is the one ``error:`` line (options the parser refused
+    included: no boxed usage panel)."""
     allowed = DOCUMENTED_EXIT_CODES if allowed is None else allowed
     exc = result.exception
     assert exc is None or isinstance(exc, SystemExit), f"exception escaped the command boundary: {exc!r}"
@@ -233,12 +233,11 @@ def assert_clean_outcome(result, allowed: set[int] | None = None) -> None:
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr[-2000:]
     if result.exit_code != 0:
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-        if lines and lines[-1].startswith("error: "):
-            assert sum(ln.startswith("error: ") for ln in lines) == 1, result.stderr
-            assert len(lines[-1]) < 2000, f"error line too long ({len(lines[-1])} chars)"
-        else:
-            assert result.exit_code == 2 and "Usage:" in result.stderr, (
-                f"exit {result.exit_code} without an 'error:' line; stderr: {result.stderr[-800:]}")
+        assert lines and lines[-1].startswith("error: "), (
+            f"exit {result.exit_code} without an 'error:' line; stderr: {result.stderr[-800:]}")
+        assert sum(ln.startswith("error: ") for ln in lines) == 1, result.stderr
+        assert len(lines[-1]) < 2000, f"error line too long ({len(lines[-1])} chars)"
+        assert "Usage:" not in result.stderr and "╭" not in result.stderr, f"a usage panel: {result.stderr[-800:]}"
 
 
 # -- a tiny GGUF (for the dequantization cache) ---------------------------------------------------

@@ -57,10 +57,13 @@ def test_sigint_during_a_sweep_keeps_finished_records_and_exits_130(tmp_path):
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted"), stderr[-500:]
 
     lines = parse_jsonl(jsonl)  # every line is whole and parses
-    header, records = lines[0], lines[1:]
+    header, records, marker = lines[0], lines[1:-1], lines[-1]
     assert header["record"] == "header" and header["command"] == "profile"
     assert header["seq_lens"] == [1024, 2048, 4096, 8192]
     assert 1 <= len(records) < 4, f"expected an interrupted sweep, got {len(records)} records"
+    assert marker["record"] == "incomplete" and marker["reason"] == "interrupted"
+    assert marker["finished_seq_lens"] == header["seq_lens"][: len(records)]
+    assert marker["missing_seq_lens"] == header["seq_lens"][len(records):]
     for i, rec in enumerate(records):
         assert rec["record"] == "result" and rec["run"] == header["timestamp"]
         assert rec["seq_len"] == header["seq_lens"][i] and rec["backend"] == "pbs"

@@ -196,9 +196,11 @@ def test_user_profiles_override_and_round_trip(offline_env):
         presets.save_user_profile("mine", PBSConfig())
     (saved.parent / "default.toml").write_text("[pbs]\nthreshold = 0.6\n")
     assert presets.resolve_config(None)[0].threshold == 0.6  # the user's default wins
-    (saved.parent / "broken.toml").write_text("[pbs\n")
+    (saved.parent / "broken.toml").write_text("[pbs\n")  # set aside: the other presets still work
+    assert "broken" not in presets.profiles() and "mine" in presets.profiles()
+    assert "broken.toml" in presets.profile_problems()["broken"]
     with pytest.raises(errors.UsageError, match="broken.toml"):
-        presets.profiles()
+        presets.get_profile("broken")
 
 
 def test_profiles_ship_in_the_package():

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, assume, example, given, settings
@@ -426,3 +427,154 @@ def test_report_show_and_compare_survive_damaged_records(saved_profile, cli_env,
     assert_clean_outcome(gate, {0, 1, 2})
     if gate.exit_code == 1:  # the gate's own verdict, not a crash
         assert "got slower" in gate.stderr, gate.stderr[-300:]
+
+
+# -- the CLI: output options together (pbs_cli/options.py: check_outputs) -----------------------------------
+
+OUTPUT_NAMES = ["r.json", "r.jsonl", "r.csv", "r.md", "r.html", "t.json", "t.json.gz", "t.txt", "./r.json",
+                "sub/../r.json", "r.json.gz"]
+
+
+def _expected_output_code(output, html, trace, existing, force) -> int:
+    """Oracle for `pbs profile -o OUTPUT --html HTML --trace TRACE`: 2 when -o's extension names no format,
+    --html does not end in .html, --trace in neither .json nor .json.gz, two options name one file, or one
+    exists without --force; else 0."""
+    import posixpath
+
+    named = {"-o": output, "--html": html, "--trace": trace}
+    named = {k: posixpath.normpath(v) for k, v in named.items() if v is not None}
+    if "-o" in named and posixpath.splitext(named["-o"])[1] not in (".json", ".jsonl", ".csv", ".md", ".html"):
+        return 2
+    if "--html" in named and not named["--html"].endswith(".html"):
+        return 2
+    if "--trace" in named and not named["--trace"].endswith((".json", ".json.gz")):
+        return 2
+    if len(set(named.values())) < len(named):
+        return 2
+    if not force and any(v in existing for v in named.values()):
+        return 2
+    return 0
+
+
+@CLI
+@given(output=st.one_of(st.none(), st.sampled_from(OUTPUT_NAMES)),
+       html=st.one_of(st.none(), st.sampled_from(OUTPUT_NAMES)),
+       trace=st.one_of(st.none(), st.sampled_from(OUTPUT_NAMES)),
+       existing=st.sets(st.sampled_from(["r.json", "t.json"])), force=st.booleans())
+@example(output="r.json", html=None, trace="r.json", existing=set(), force=False)  # -o s.json --trace s.json
+@example(output="r.json", html=None, trace="./r.json", existing=set(), force=True)
+@example(output="r.html", html="r.html", trace=None, existing=set(), force=False)
+def test_profile_output_options_together_end_cleanly(cli_env, tmp_path_factory, output, html, trace, existing, force):
+    folder = tmp_path_factory.mktemp("outputs")
+    (folder / "sub").mkdir()
+    for name in existing:
+        (folder / name).write_text("keep")
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    args = ["profile", "--seq-len", "32", "--heads", "1", "--kv-heads", "1", "--head-dim", "16", "--device", "cpu",
+            "--backends", "pbs", "--budget", "0", "--iters", "1", "--warmup", "0", "--block-size", "16",
+            "--segment-size", "32", "--recall-rows", "2", "--json"]
+    for option, name in (("-o", output), ("--html", html), ("--trace", trace)):
+        if name is not None:
+            args += [option, str(folder / name)]
+    if force:
+        args.append("--force")
+    result = invoke(args, env=cli_env)
+    assert_clean_outcome(result, {0, 2})
+    expected = _expected_output_code(output, html, trace, existing, force)
+    assert result.exit_code == expected, f"exit {result.exit_code}, expected {expected}: {result.stderr[-300:]}"
+    after = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    if expected == 2:
+        assert after == before, "a refused command wrote or changed a file"
+    else:
+        written = {Path(os.path.normpath(n)).name for n in (output, html, trace) if n is not None}
+        assert set(after) == set(before) | written
+        assert all(after[n] != b"keep" for n in written)
+
+
+# -- the CLI: PBS_* kernel settings (pbs_cli/options.py: check_kernel_settings) ------------------------------
+
+_SETTING_VALUES = {"PBS_BACKEND": ["auto", "reference", "triton", "TRITON", "Reference"],
+                   "PBS_PERM_MODE": ["auto", "remap", "gather", "tma", "ws", "persistent", "TMA"],
+                   "PBS_CUDA_GRAPHS": ["0", "1", "yes", "true", "2"], "PBS_AUTOTUNE": ["0", "1", "on"]}
+_ACCEPTED = {"PBS_BACKEND": {"auto", "reference", "triton"}, "PBS_PERM_MODE": {"auto", "remap", "gather", "tma", "ws",
+             "persistent"}, "PBS_CUDA_GRAPHS": {"0", "1"}, "PBS_AUTOTUNE": {"0", "1"}}
+env_text = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), max_size=8)
+
+
+@CLI
+@given(values=st.fixed_dictionaries({}, optional={name: st.one_of(st.sampled_from(choices), st.just(""), env_text)
+                                                  for name, choices in _SETTING_VALUES.items()}))
+@example(values={"PBS_BACKEND": "bogus"})
+@example(values={"PBS_BACKEND": "triton"})
+@example(values={"PBS_PERM_MODE": "bogus", "PBS_CUDA_GRAPHS": "maybe"})
+def test_kernel_settings_are_checked_before_every_command(saved_profile, cli_env, tmp_path_factory, values):
+    """Unknown values: exit 2 naming the variable; PBS_BACKEND=triton without a GPU or the interpreter: exit 3;
+    `pbs env` runs whatever they are and lists both kinds of problem."""
+    import torch
+
+    path = tmp_path_factory.mktemp("settings") / "run.json"
+    path.write_text(json.dumps(saved_profile), encoding="utf-8")
+    env = {**cli_env, **{name: None for name in _SETTING_VALUES}, **values, "TRITON_INTERPRET": None}
+    bad = [n for n, v in values.items() if v != "" and (v.lower() if n == "PBS_BACKEND" else v) not in _ACCEPTED[n]]
+    triton_nowhere = values.get("PBS_BACKEND", "").lower() == "triton" and not torch.cuda.is_available()
+    expected = 2 if bad else (3 if triton_nowhere else 0)
+    result = invoke(["report", "show", str(path), "--format", "json"], env=env)
+    assert_clean_outcome(result)
+    assert result.exit_code == expected, f"exit {result.exit_code}, expected {expected}: {result.stderr[-300:]}"
+    if bad:
+        assert any(n in result.stderr for n in bad), result.stderr
+    shown = invoke(["env", "--json"], env=env)
+    assert_clean_outcome(shown, {0})
+    assert set(json.loads(shown.stdout)["kernel_setting_problems"]) == set(bad) | ({"PBS_BACKEND"} if triton_nowhere
+                                                                                   else set())
+
+
+# -- the CLI: values the option parser refuses ---------------------------------------------------------------
+
+int_text = st.one_of(st.integers(-3, 3).map(str), st.sampled_from(["", "x", "1.5", "one", "3x", "--", "1e3"]))
+
+
+@CLI
+@given(iters=int_text, warmup=int_text, recall=int_text)
+@example(iters="0", warmup="0", recall="1")  # --iters 0
+def test_profile_integer_options_end_in_a_result_or_one_line(cli_env, iters, warmup, recall):
+    def ok(text: str, low: int) -> bool:
+        return re.fullmatch(r"-?[0-9]+", text) is not None and int(text) >= low
+
+    result = invoke(["profile", "--seq-len", "32", "--heads", "1", "--kv-heads", "1", "--head-dim", "16", "--device",
+                     "cpu", "--backends", "pbs", "--budget", "0", "--block-size", "16", "--segment-size", "32",
+                     f"--iters={iters}", f"--warmup={warmup}", f"--recall-rows={recall}", "--json"], env=cli_env)
+    assert_clean_outcome(result, {0, 2})
+    valid = ok(iters, 1) and ok(warmup, 0) and ok(recall, 1)
+    assert result.exit_code == (0 if valid else 2), result.stderr[-300:]
+    if not valid:
+        assert len(result.stderr.strip().splitlines()) == 1, "one line, no usage panel"
+
+
+# -- presets: any single [pbs] value --------------------------------------------------------------------------
+
+toml_values = st.one_of(st.booleans(), st.integers(-300, 600), st.floats(allow_nan=False, allow_infinity=False),
+                        st.text(alphabet="abcdefghijklmnopqrstuvwxyz", max_size=6),
+                        st.lists(st.integers(-2, 40), max_size=3))
+
+
+@given(key=st.sampled_from([f.name for f in dataclasses.fields(PBSConfig)] + ["bogus"]), value=toml_values)
+@example(key="threshold", value="high")
+def test_a_preset_value_of_any_type_gives_a_config_or_names_file_and_key(tmp_path_factory, key, value):
+    from pbs_cli import presets
+
+    folder = tmp_path_factory.mktemp("presets")
+    path = folder / "mine.toml"
+    lines = [ln for ln in presets.render_profile(PBSConfig()).splitlines() if not ln.startswith(f"{key} =")]
+    path.write_text("\n".join([*lines, f"{key} = {presets._toml_value(value)}"]) + "\n", encoding="utf-8")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PBS_CONFIG_DIR", str(folder))
+            config, _ = presets.resolve_config("mine")
+    except UsageError as exc:
+        message = str(exc)
+        assert str(path) in message and key in message, message
+        assert "\n" not in message
+    else:
+        expected = tuple(value) if isinstance(value, list) else value
+        assert getattr(config, key) == expected

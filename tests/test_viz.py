@@ -355,7 +355,7 @@ def test_cli_heads_all_shows_overview_and_writes_outputs(offline_env, tmp_path):
     (["--layer", "1"], "synthetic example has no layers"),
     (["--threshold", "1.5"], "threshold must be in (0, 1]"),
     (["--segment-size", "100", "--block-size", "64"], "segment_size must be a positive multiple"),
-    (["/nonexistent/doc.txt"], "not found"),
+    (["/nonexistent/doc.txt"], "does not exist"),
 ])
 def test_cli_usage_errors(offline_env, args, message):
     result = invoke(["viz-mask", "--seq-len", "512", *args], env=NO_COLOR)

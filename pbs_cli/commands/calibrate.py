@@ -3,6 +3,7 @@ and text, and save them as a named preset (`--profile NAME` then uses it)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
@@ -14,6 +15,7 @@ from pbs_kernels import PBSConfig
 from .. import fidelity, models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import UsageError
+from ..options import Device, Dtype, check_outputs
 from ..sizes import parse_size
 from .prefill import DEFAULT_MODEL, read_document, tokenize
 
@@ -76,8 +78,8 @@ def summary_table(rec: dict) -> Table:
 @command_boundary
 def command(
     doc: Annotated[str, typer.Option("--doc", help="Real text to calibrate on (UTF-8 file).", show_default=False)],
-    name: Annotated[str, typer.Option("--name", help="Preset name to write (letters, digits, -, _, .).",
-                                      show_default=False)],
+    name: Annotated[str, typer.Option("--name", help="Preset name to write (letters, digits, -, _, .; not a "
+                                      "built-in preset's name).", show_default=False)],
     model: Annotated[str, typer.Option("--model", "-m", help="Alias, local directory, .gguf file, or Hugging "
                                        "Face id in the local cache.")] = DEFAULT_MODEL,
     target_recall: Annotated[float | None, typer.Option("--target-recall", help="Mean attention-mass recall "
@@ -91,8 +93,8 @@ def command(
                                                    "(default: the model's context).")] = None,
     recall_rows: Annotated[int, typer.Option("--recall-rows", min=1, help="Query rows per layer sampled "
                                              "for recall.")] = 64,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")] = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing preset / --output.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record here.")] = None,
@@ -104,10 +106,10 @@ def command(
         raise UsageError("pass exactly one of --target-recall R (e.g. 0.95) or --target-kl K (e.g. 0.01)")
     if target_recall is not None and not 0.0 < target_recall <= 1.0:
         raise UsageError(f"--target-recall must be in (0, 1], got {target_recall}")
-    if target_kl is not None and not target_kl > 0.0:
-        raise UsageError(f"--target-kl must be > 0 nats, got {target_kl}")
-    if output is not None:
-        reports.check_output_path(output, force)
+    if target_kl is not None and not 0.0 < target_kl < math.inf:
+        raise UsageError(f"--target-kl must be a finite number of nats > 0 (e.g. 0.01), got {target_kl}")
+    presets.check_new_profile(name, force)  # a bad or built-in --name: refused before the model loads
+    check_outputs({"--output": output}, force)
     try:
         sizes = [int(x) for x in block_sizes.split(",") if x.strip()]
     except ValueError:
@@ -122,9 +124,6 @@ def command(
                                            sample_rows=min(base.sample_rows, bs)))
         except ValueError as exc:
             raise UsageError(f"--block-sizes: {exc}") from None
-    existing = presets.user_profiles_dir() / f"{name}.toml"
-    if existing.exists() and not force:
-        raise UsageError(f"profile {str(existing)!r} exists; pass --force to overwrite it")
     torch_dtype = models.resolve_dtype(dtype, dev)
     limit = parse_size(max_tokens) if max_tokens else None
     text, doc_name = read_document(doc)

@@ -11,7 +11,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..console import command_boundary, out
+from ..console import command_boundary, err, out
+from ..errors import UnsupportedError, UsageError
+from ..options import KERNEL_SETTINGS, kernel_setting_problems
 
 
 def _version(dist: str) -> str | None:
@@ -43,10 +45,6 @@ def triton_status() -> dict[str, Any]:
     return {"usable": False, "why": "no CUDA device; the PyTorch reference runs on CPU", "kernels": kernels}
 
 
-# Environment variables that change which kernel runs or how (README, "Development")
-KERNEL_SETTINGS = ("PBS_BACKEND", "PBS_PERM_MODE", "PBS_CUDA_GRAPHS", "PBS_AUTOTUNE")
-
-
 def collect() -> dict[str, Any]:
     import torch
 
@@ -58,11 +56,16 @@ def collect() -> dict[str, Any]:
     env["gguf"] = _version("gguf")
     env["typer"] = _version("typer")
     env["rich"] = _version("rich")
-    device = models.resolve_device("auto")
+    env["kernel_settings"] = {name: os.environ[name] for name in KERNEL_SETTINGS if name in os.environ}
+    env["kernel_setting_problems"] = kernel_setting_problems()
+    try:
+        device = models.resolve_device("auto")
+    except UnsupportedError as exc:  # PBS_BACKEND=triton where Triton cannot run: listed here, refused elsewhere
+        device = "cpu"
+        env["kernel_setting_problems"]["PBS_BACKEND"] = str(exc)
     env["default_device"] = device
     env["default_dtype"] = str(models.resolve_dtype("auto", device)).removeprefix("torch.")
     env["triton_kernels"] = triton_status()
-    env["kernel_settings"] = {name: os.environ[name] for name in KERNEL_SETTINGS if name in os.environ}
     embedded = {}
     for key, (display, package, requirement) in models.EMBEDDED.items():
         spec = importlib.util.find_spec(package)
@@ -81,17 +84,23 @@ def collect() -> dict[str, Any]:
     env["cache_dir"] = str(models.cache_root())
     env["profiles_dir"] = str(presets.user_profiles_dir())
     env["profiles"] = sorted(presets.profiles())
-    env["model_aliases"] = {name: a.source for name, a in sorted(presets.model_aliases().items())}
+    env["profile_problems"] = presets.profile_problems()
+    try:
+        env["model_aliases"] = {name: a.source for name, a in sorted(presets.model_aliases().items())}
+    except UsageError as exc:  # a broken models.toml in the profiles folder: say so, show the rest
+        env["model_aliases"], env["profile_problems"]["models"] = {}, str(exc)
     env["cuda_devices"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return env
 
 
-@command_boundary
+@command_boundary(check_settings=False)  # lists the kernel settings that other commands refuse
 def command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Show versions, device and GPU, whether the Triton kernels are usable, and where caches and presets live."""
     info = collect()
+    for problem in [*info["kernel_setting_problems"].values(), *info["profile_problems"].values()]:
+        err.print(f"warning: {problem}", highlight=False, markup=False)  # other commands refuse these (exit 2)
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
@@ -106,8 +115,9 @@ def command(
     table.add_row("default device", f"{info['default_device']} ({info['default_dtype']})")
     tk = info["triton_kernels"]
     table.add_row("triton kernels", ("usable: " if tk["usable"] else "not used: ") + tk["why"])
-    settings = info["kernel_settings"]
-    table.add_row("kernel settings", ", ".join(f"{k}={v}" for k, v in settings.items()) if settings else
+    settings, problems = info["kernel_settings"], info["kernel_setting_problems"]
+    table.add_row("kernel settings", ", ".join(f"{k}={v}" + (" (invalid)" if k in problems else "")
+                                               for k, v in settings.items()) if settings else
                   "defaults (" + ", ".join(f"${k}" for k in KERNEL_SETTINGS) + " unset)")
     table.add_row("cpu threads", str(info["cpu_threads"]))
     for entry in info["embedded_models"].values():
@@ -118,6 +128,8 @@ def command(
         table.add_row(f"model {entry['name']}", state)
     table.add_row("cache dir", info["cache_dir"] + "  ($PBS_CACHE_DIR)")
     table.add_row("profiles", ", ".join(info["profiles"]))
+    if info["profile_problems"]:
+        table.add_row("unusable presets", ", ".join(sorted(info["profile_problems"])) + " (see the warnings)")
     table.add_row("user profiles dir", info["profiles_dir"] + "  ($PBS_CONFIG_DIR)")
     table.add_row("model aliases", ", ".join(f"{k} -> {v}" for k, v in info["model_aliases"].items()))
     out.print(table)

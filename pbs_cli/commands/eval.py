@@ -16,6 +16,7 @@ from pbs_kernels import PBSConfig
 from .. import fidelity, models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import UsageError
+from ..options import Device, Dtype, Force, check_outputs
 from ..sizes import parse_size, parse_sizes
 from .prefill import DEFAULT_MODEL, greedy_generate, read_document, run_prefill, tokenize
 
@@ -38,14 +39,17 @@ def strategies(config: PBSConfig, profile: str) -> list[tuple[str, PBSConfig]]:
 
 
 def parse_thresholds(text: str | None) -> list[float | None]:
-    if not text:
+    """--thresholds: None (the option not given) = the profile's threshold alone; else the sweep."""
+    if text is None:
         return [None]
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"invalid --thresholds {text!r}; use comma-separated numbers in (0, 1], e.g. 0.8,0.9,0.95") from None
-    bad = [v for v in values if not 0.0 < v <= 1.0]
-    if bad or not values:
+    if not values:
+        raise UsageError(f"no thresholds in --thresholds {text!r}; pass numbers in (0, 1] such as 0.8,0.9,0.95, "
+                         "or leave the option out for the profile's threshold")
+    if any(not 0.0 < v <= 1.0 for v in values):
         raise UsageError(f"--thresholds must be numbers in (0, 1], got {text!r}")
     return values
 
@@ -91,7 +95,7 @@ def print_table(rec: dict) -> None:
                   title_justify="left", caption="top-1: next-token agreement with dense; recall: attention mass "
                   "kept on sampled rows; pareto *: no sparser row has lower KL", caption_justify="left")
     table.add_column("strategy", no_wrap=True)
-    for col in ("tau", "density", "perplexity", "top-1", "mean KL", "recall", "pareto"):
+    for col in ("tau", "density", "perplexity", "top-1", "mean KL (nats)", "recall", "pareto"):
         table.add_column(col, justify="right")
     d = rec["dense"]
     table.add_row(d["strategy"], "-", "100.0%", f"{d['ppl']:.3f}" if d["ppl"] else "-", "100.00%", "0", "1", "")
@@ -231,23 +235,19 @@ def command(
                                          "model's context, doubling).")] = "",
     depths: Annotated[str, typer.Option("--depths", help="Passkey depths as fractions.")] = "0.1,0.5,0.9",
     trials: Annotated[int, typer.Option("--trials", min=1, help="Random keys per length and depth.")] = 2,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32 (auto: float32 "
-                                       "on CPU, bfloat16 on CUDA).")] = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed (passkeys).")] = 0,
     png: Annotated[Path | None, typer.Option("--png", help="Save a density-fidelity Pareto plot here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record here.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite --output / --png if they exist.")] = False,
+    force: Force = False,
 ) -> None:
     """Dense vs PBS vs plain block selection vs published PBS-Attn on DOC: perplexity, top-1 agreement, KL, recall.
 
     Every position's next-token prediction is compared with dense attention on the same tokens;
     --thresholds sweeps the density-fidelity trade-off, --passkey tests retrieval."""
-    if output is not None:
-        reports.check_output_path(output, force)
-    if png is not None:
-        reports.check_output_path(png, force)
+    check_outputs({"--output": output, "--png": png}, force)
     sweep = parse_thresholds(thresholds)
     dev = models.resolve_device(device)
     # the profile `pbs prefill` would run on this device (on CUDA an unchosen default may become `gpu`)

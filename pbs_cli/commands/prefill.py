@@ -6,7 +6,6 @@ import inspect
 import contextlib
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,48 +18,14 @@ from .. import compiling, dense_sdpa, distributed, integration, models, presets,
 from ..console import command_boundary, debug_enabled, err, out
 from ..sizes import parse_size
 from ..errors import OutOfMemory, UsageError
+from ..documents import read_document  # eval, calibrate and profile import it from here too
+from ..options import Device, Dtype, Force, check_outputs
 
 DEFAULT_MODEL = "llama"
 _FIDELITY_CHUNK = 512  # positions per chunk of full-vocabulary logits (bounded memory)
 
 
 # -- input ----------------------------------------------------------------------------------
-
-
-def read_document(doc: str) -> tuple[str, str]:
-    """Read DOC ('-' = stdin) as UTF-8 text. Returns (text, display name). Raises UsageError on bad input."""
-    if doc == "-":
-        stream = getattr(sys.stdin, "buffer", None)
-        data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8")
-        name = "<stdin>"
-    else:
-        path = Path(doc).expanduser()
-        try:
-            path.exists()
-        except OSError as exc:  # e.g. a name longer than the file system allows
-            raise UsageError(f"document {doc[:80]!r} cannot be used: {exc.strerror or exc}") from None
-        if not path.exists():
-            raise UsageError(f"document {doc!r} does not exist; pass a text file, or - to read stdin")
-        if path.is_dir():
-            raise UsageError(f"document {doc!r} is a directory; pass a text file")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read document {doc!r}: {exc.strerror or exc}") from None
-        name = str(path)
-    if not data:
-        raise UsageError(f"document {name!r} is empty; pass a text file with content")
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        raise UsageError(f"document {name!r} looks binary (NUL byte at offset {nul}); pass a UTF-8 text file")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"document {name!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
-    if not text.strip():
-        raise UsageError(f"document {name!r} holds only whitespace; pass a text file with content")
-    return text, name
 
 
 def tokenize(tokenizer, text: str, limit: int | None, truncate: bool, reserve: int, name: str) -> tuple[list[int], int]:
@@ -329,9 +294,11 @@ def _layer_summary(layers: list[integration.LayerStat]) -> dict[str, Any]:
     }
 
 
-def _spread(times: list[float]) -> str:
-    """'  (min a, max b over n runs)' for a list of pass times in ms; empty for a single run."""
-    return f"  (min {min(times):.1f}, max {max(times):.1f} over {len(times)} runs)" if len(times) > 1 else ""
+def _spread(times: list[float], unit: str) -> str:
+    """'  (min a, max b over n runs)' for a list of pass times in ms, in ``unit``; empty for a single run."""
+    if len(times) < 2:
+        return ""
+    return f"  (min {_fmt_ms(min(times), unit)}, max {_fmt_ms(max(times), unit)} over {len(times)} runs)"
 
 
 def _other_params(config: dict[str, Any]) -> str:
@@ -344,8 +311,13 @@ def _other_params(config: dict[str, Any]) -> str:
     return "".join(f", {e}" for e in extra)
 
 
-def _fmt_ms(ms: float) -> str:
-    return f"{ms / 1e3:.2f} s" if ms >= 1e4 else f"{ms:.1f} ms"
+def _unit(*ms: float) -> str:
+    """One unit for times shown together: seconds once any of them reaches 10 s, else milliseconds."""
+    return "s" if max(ms) >= 1e4 else "ms"
+
+
+def _fmt_ms(ms: float, unit: str | None = None) -> str:
+    return f"{ms / 1e3:.2f} s" if (unit or _unit(ms)) == "s" else f"{ms:.1f} ms"
 
 
 def print_summary(rec: dict[str, Any]) -> None:
@@ -362,7 +334,8 @@ def print_summary(rec: dict[str, Any]) -> None:
     if rec["truncated"]:
         toks += f" (truncated from {rec['document_tokens']})"
     table.add_row("prompt tokens", toks)
-    table.add_row("prefill time", _fmt_ms(rec["prefill_ms"]) + _spread(rec["prefill_ms_all"])
+    unit = _unit(rec["prefill_ms"], rec.get("dense_prefill_ms") or 0.0)  # the PBS and dense rows alike
+    table.add_row("prefill time", _fmt_ms(rec["prefill_ms"], unit) + _spread(rec["prefill_ms_all"], unit)
                   + ("  [--compile: norms, RoPE and MLP compiled; attention eager]" if rec.get("compiled") else ""))
     table.add_row("throughput", f"{rec['tokens_per_s']:,.0f} tokens/s")
     c = rec["config"]
@@ -392,7 +365,8 @@ def print_summary(rec: dict[str, Any]) -> None:
     if "dense_prefill_ms" in rec:
         backend = (rec.get("dense_sdpa") or {}).get("backend", "PyTorch's choice")
         table.add_row("dense SDPA prefill",
-                      f"{_fmt_ms(rec['dense_prefill_ms'])} ({backend})" + _spread(rec["dense_prefill_ms_all"]))
+                      f"{_fmt_ms(rec['dense_prefill_ms'], unit)} ({backend})"
+                      + _spread(rec["dense_prefill_ms_all"], unit))
         table.add_row("speedup", f"{rec['speedup']:.2f}x vs dense SDPA" + speedup_caveat(rec))
         table.add_row("top-1 agreement", f"{rec['top1_agreement']:.2%} of {rec['prompt_tokens']} positions")
         table.add_row("mean KL(dense||pbs)", f"{rec['mean_kl']:.4f} nats")
@@ -417,9 +391,8 @@ def command(
     block_size: Annotated[int | None, typer.Option("--block-size", help="Tokens per block (power of two >= 16).")] = None,
     segment_size: Annotated[int | None, typer.Option("--segment-size", help="Permutation segment, a multiple "
                                                      "of the block size.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, "
-                                       "float16 or float32.")] = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     device_map: Annotated[str | None, typer.Option("--device-map", help="'auto' spreads layers over the GPUs "
                                                    "(accelerate).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=0, help="Greedy tokens to generate after "
@@ -449,7 +422,7 @@ def command(
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record to this file.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite --output if it exists.")] = False,
+    force: Force = False,
     trace: Annotated[Path | None, typer.Option("--trace", help="Also run one PBS forward under torch.profiler: "
                                                "save its Chrome trace (.json or .json.gz; open in chrome://tracing "
                                                "or Perfetto) and print the ops that took the most time.")] = None,
@@ -461,12 +434,9 @@ def command(
 ) -> None:
     """Prefill DOC with PBS attention: time, tokens/s, density per layer; --compare-dense adds speedup and fidelity."""
     # -- validate everything before loading the model --
-    if output is not None:
-        reports.check_output_path(output, force)
-    if trace is not None:
-        if tp and tp > 1:
-            raise UsageError("--trace profiles one process; run it without --tp")
-        reports.check_output_path(trace, force)
+    if trace is not None and tp and tp > 1:
+        raise UsageError("--trace profiles one process; run it without --tp")
+    check_outputs({"--output": output, "--trace": trace}, force)
     overrides = dict(threshold=threshold, block_size=block_size, segment_size=segment_size)
     cap = parse_size(max_tokens) if max_tokens is not None else None
     presets.resolve_config(profile, **overrides)  # usage errors first, before the device is probed
@@ -522,6 +492,9 @@ def command(
     if rope:
         err.print(f"RoPE: {rope['rope_type']} x{rope['factor']:.3g} over {rope['original_max_position_embeddings']} "
                   "trained positions (--rope-scaling)", highlight=False, markup=False)
+    elif rope_scaling != "none":
+        err.print(f"note: --rope-scaling {rope_scaling} does nothing here: the {len(ids) + max_new_tokens} positions "
+                  f"fit the model's {trained} trained positions", highlight=False, markup=False)
     warmup = warmup if warmup is not None else (1 if on_gpu or compile_layers else 0)
     iters = iters if iters is not None else (3 if on_gpu else 1)
 

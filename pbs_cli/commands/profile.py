@@ -11,9 +11,10 @@ import typer
 
 from .. import distributed, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
-from ..errors import OutOfMemory, UsageError
+from ..errors import INTERRUPTED, OutOfMemory, PBSError, UnsupportedError, UsageError
+from ..options import Device, Dtype, Force, check_outputs
 from ..profiling import BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped, summarize
-from ..report_formats import format_for_path, header_line, render, result_line, rich_table
+from ..report_formats import format_for_path, header_line, incomplete_line, render, result_line, rich_table
 from ..sizes import format_size, parse_sizes
 
 # Llama-3.1-8B attention: 32 query heads, 8 KV heads, head_dim 128
@@ -71,17 +72,13 @@ def shape_from_model(spec_text: str) -> tuple[dict[str, int], str]:
 class _Outputs:
     """Where results go: stdout format, -o file, --html file; JSONL lines are flushed per length."""
 
-    def __init__(self, stdout_fmt: str | None, output: Path | None, html: Path | None, force: bool):
+    def __init__(self, stdout_fmt: str | None, output: Path | None, html: Path | None):
+        """The paths were checked (``options.check_outputs``); here: the formats they name."""
         self.stdout_fmt = stdout_fmt
         self.output, self.html = output, html
         self.file_fmt = format_for_path(output) if output is not None else None
-        for path in (output, html):
-            if path is not None:
-                reports.check_output_path(path, force)
         if html is not None and format_for_path(html) != "html":
             raise UsageError(f"--html {str(html)!r} must end in .html")
-        if output is not None and html is not None and Path(output).resolve() == Path(html).resolve():
-            raise UsageError("--output and --html name the same file; give two different files")
         self._jsonl: TextIO | None = None
         self.run_id = ""
 
@@ -109,6 +106,16 @@ class _Outputs:
             sys.stdout.flush()
         if self._jsonl is not None:
             self._jsonl.write(lines)
+            self._flush()
+
+    def mark_incomplete(self, incomplete: dict[str, Any]) -> None:
+        """The JSONL streams end in an ``"incomplete"`` record (the other formats carry it in the document)."""
+        line = incomplete_line(incomplete, self.run_id)
+        if self.stdout_fmt == "jsonl":
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(line)
             self._flush()
 
     def finish(self, doc: dict[str, Any]) -> None:
@@ -140,9 +147,18 @@ class _Outputs:
 
 
 def print_table(table) -> None:
-    """Tables are wide: when stdout is not a terminal, do not wrap them at Rich's default 80 columns."""
+    """Tables are wide: when stdout is not a terminal, do not wrap them at Rich's default 80 columns; in a
+    terminal narrower than the table's narrowest layout that splits no number or word, render at that
+    layout's width (the terminal wraps the lines) rather than break numbers across lines."""
     if out.is_terminal:
-        out.print(table)
+        from rich.console import Console
+        from rich.measure import Measurement
+
+        needed = Measurement.get(out, out.options.update_width(10**4), table).minimum
+        if needed <= out.width:
+            out.print(table)
+        else:
+            Console(file=out.file, width=needed, force_terminal=True, no_color=out.no_color).print(table)
     else:
         from rich.console import Console
 
@@ -185,9 +201,8 @@ def command(
     kv_heads: Annotated[int | None, typer.Option("--kv-heads", min=1, help="KV heads (default 8).")] = None,
     head_dim: Annotated[int | None, typer.Option("--head-dim", min=8, help="Head dimension (default 128).")] = None,
     batch: Annotated[int | None, typer.Option("--batch", min=1, help="Batch size (default 1).")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, "
-                                       "float16 or float32.")] = "auto",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Dtype = "auto",
+    device: Device = "auto",
     profile: Annotated[str | None, typer.Option("--profile", "-p", help="PBS preset name (see `pbs env`).")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", "-t", help="Top-p share of block attention "
                                                     "to keep, in (0, 1]; 1.0 = dense.")] = None,
@@ -195,7 +210,9 @@ def command(
     segment_size: Annotated[int | None, typer.Option("--segment-size", help="Permutation segment, a multiple "
                                                      "of the block size.")] = None,
     backends: Annotated[str | None, typer.Option("--backends", "-b", help=f"Comma list of {', '.join(BACKENDS)} "
-                                                 "(default: all; unavailable ones are reported as skipped).")] = None,
+                                                 "(default: all; unavailable ones are reported as skipped; "
+                                                 "naming only ones that cannot run on this device is exit 3).")]
+    = None,
     pattern: Annotated[str, typer.Option("--pattern", help="Synthetic workload: mixed, sink, local, vertical, "
                                          "slash, topic, uniform.")] = "mixed",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic workload and the recall rows.")] = 0,
@@ -221,7 +238,7 @@ def command(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save to this file; format from the "
                                                 "extension: .json .jsonl .csv .md .html.")] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Also save an HTML report with plots.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite output files that exist.")] = False,
+    force: Force = False,
     tp: Annotated[int | None, typer.Option("--tp", min=1, help="Tensor-parallel size: each of N ranks (one GPU "
                                            "each, re-launched through torch.distributed) times its H/N heads; "
                                            "times are the slowest rank's.")] = None,
@@ -248,14 +265,15 @@ def command(
     if min(sizes) < 2:
         raise UsageError(f"--seq-len must be at least 2 tokens, got {min(sizes)}")
     names = parse_backends(backends)
+    if backends is not None:
+        _check_backends_here(names, dev)
     if pattern not in PATTERNS:
         raise UsageError(f"unknown --pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
     config, profile_name = presets.resolve_config(profile, device=str(dev), threshold=threshold,
                                                   block_size=block_size, segment_size=segment_size)
-    if trace is not None:
-        reports.check_output_path(trace, force)
-    outputs = (_Outputs(chosen[0] if chosen else None, output, html, force) if tpi.is_main
-               else _Outputs(None, None, None, force))  # tensor parallel: rank 0 alone writes
+    check_outputs({"--output": output, "--html": html, "--trace": trace}, force)
+    outputs = (_Outputs(chosen[0] if chosen else None, output, html) if tpi.is_main
+               else _Outputs(None, None, None))  # tensor parallel: rank 0 alone writes
     if from_model is not None:
         if doc is None:
             raise UsageError("--from-model needs --doc FILE (the text to run the model on)")
@@ -371,6 +389,8 @@ def command(
                 results.extend(recs)
                 outputs.records(recs)
                 progress.advance(task)
+    except KeyboardInterrupt:  # Ctrl-C: every finished length goes to every output, marked incomplete
+        _interrupted(outputs, doc_rec, sizes)
     except BaseException:
         outputs.close()  # finished JSONL lines stay on disk
         raise
@@ -388,6 +408,37 @@ def command(
     if nothing_fit:
         raise OutOfMemory(f"no length fit in memory (tried {', '.join(map(format_size, sizes))}); try a shorter "
                           "--seq-len, fewer heads or --dtype bfloat16")
+
+
+def _interrupted(outputs: _Outputs, doc: dict[str, Any], sizes: list[int]) -> None:
+    """After Ctrl-C: write what finished to every requested output, marked ``incomplete`` (nothing when no
+    length finished), then exit 130 with one line that says where it went."""
+    done = list(dict.fromkeys(r["seq_len"] for r in doc["results"]))
+    missing = [n for n in sizes if n not in done]
+    if not done:
+        outputs.discard_files()
+        raise PBSError("interrupted before any length finished; nothing was written", INTERRUPTED)
+    doc["incomplete"] = {"reason": "interrupted", "finished_seq_lens": done, "missing_seq_lens": missing}
+    doc["summary"] = summarize(doc["results"])
+    outputs.mark_incomplete(doc["incomplete"])
+    outputs.finish(doc)
+    kept = ", ".join(str(p) for p in (outputs.output, outputs.html) if p is not None) or "the output above"
+    raise PBSError(f"interrupted after {len(done)} of {len(sizes)} lengths ({', '.join(map(format_size, done))}); "
+                   f"they are in {kept}, marked incomplete", INTERRUPTED)
+
+
+def _check_backends_here(names: tuple[str, ...], dev) -> None:
+    """Named backends that cannot run on this device: all of them is exit 3 (nothing would be measured),
+    some of them a warning (they are reported as skipped)."""
+    from ..profiling import unavailable_here
+
+    missing = {name: why for name in names if (why := unavailable_here(name, dev))}
+    if not missing:
+        return
+    listed = "; ".join(f"{name} {why}" for name, why in missing.items())
+    if len(missing) == len(names):
+        raise UnsupportedError(f"no --backends can run on {dev.type}: {listed}; name others (e.g. pbs,sdpa-math)")
+    err.print(f"warning: {listed}: reported as skipped", highlight=False, markup=False)
 
 
 def _check_tp_shape(tp: int, model: str | None, heads: int | None, kv_heads: int | None,

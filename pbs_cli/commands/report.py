@@ -11,7 +11,7 @@ import typer
 from ..console import command_boundary, fail
 from ..errors import RUNTIME, UsageError
 from .profile import print_table
-from ..report_formats import compare, compare_table, describe, load, render, rich_table
+from ..report_formats import compare, compare_table, describe, load, render, rich_table, setup_differences
 
 @contextlib.contextmanager
 def _readable(*paths: Path) -> Iterator[None]:
@@ -57,12 +57,22 @@ def compare_cmd(
                                                          "slower than A by more than this percent at any length.")] = None,
     backend: Annotated[str, typer.Option("--backend", help="Backend that --fail-if-slower checks.")] = "pbs",
     as_json: Annotated[bool, typer.Option("--json", help="Print the comparison rows as JSON.")] = False,
+    allow_different: Annotated[bool, typer.Option("--allow-different", help="Compare runs of different shapes, "
+                                                  "dtypes, PBS parameters or workloads anyway (not with "
+                                                  "--fail-if-slower).")] = False,
 ) -> None:
     """Per matching length/backend(/layer): medians of A and B, the difference, and whether it is within the
-    spread (the larger interquartile range of the two runs)."""
+    spread (the larger interquartile range of the two runs). A and B must have measured the same setup
+    (shape, dtype, PBS parameters, workload); the machine and versions may differ."""
     import json
 
     doc_a, doc_b = load(a), load(b)
+    with _readable(a, b):
+        different = setup_differences(doc_a, doc_b)
+    if different and (not allow_different or fail_if_slower is not None):
+        fix = ("--fail-if-slower needs runs of the same setup" if allow_different
+               else "compare runs of one setup, or pass --allow-different to see the table anyway")
+        raise UsageError(f"{str(a)!r} and {str(b)!r} measured different setups ({'; '.join(different)[:300]}); {fix}")
     with _readable(a, b):
         rows = compare(doc_a, doc_b)
         table = None if as_json else compare_table(rows, f"A: {a} ({describe(doc_a)})\nB: {b} ({describe(doc_b)})")

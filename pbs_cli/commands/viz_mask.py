@@ -18,7 +18,8 @@ import typer
 
 from .. import console
 from ..console import command_boundary
-from ..errors import UsageError
+from ..errors import OutOfMemory, UsageError
+from ..options import Device, Dtype, Force
 
 SYNTHETIC_HEADS = 4
 SYNTHETIC_KV_HEADS = 1
@@ -61,27 +62,32 @@ def _selection(single: int | None, multi: str | None, count: int, what: str, def
     return [index]
 
 
-def _read_document(path: Path) -> str:
-    if not path.exists():
-        raise UsageError(f"document {str(path)!r} not found")
-    if path.is_dir():
-        raise UsageError(f"document {str(path)!r} is a directory; pass a text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"document {str(path)!r} is not UTF-8 text (byte {exc.start}); pass a text file") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read document {str(path)!r}: {exc.strerror}") from None
-    if not text.strip():
-        raise UsageError(f"document {str(path)!r} is empty")
-    return text
+def check_memory(n_tokens: int, block_size: int, heads: int, layers: int, input_bytes: int, device: str) -> None:
+    """Refuse (exit 4) an analysis that cannot fit before it starts: its (N/B)^2 block matrices live in host
+    memory, the inputs (q/k, or the model forward) on ``device``."""
+    import torch
+
+    from ..mask_analysis import analysis_bytes
+    from ..memory import free_memory_bytes, gib
+
+    host = analysis_bytes(n_tokens, block_size, heads, layers)
+    dev = torch.device(device)
+    needs = [(host + (0 if dev.type == "cuda" else input_bytes), torch.device("cpu"))]
+    if dev.type == "cuda":
+        needs.append((input_bytes, dev))
+    for need, where in needs:
+        free = free_memory_bytes(where)
+        if need > 0.9 * free:
+            raise OutOfMemory(f"{n_tokens} tokens in {block_size}-token blocks need ~{gib(need)} for the mask "
+                              f"analysis, {gib(free)} free on {where.type}; try a shorter --seq-len, fewer "
+                              "--heads/--layers or a larger --block-size")
 
 
 @command_boundary
 def command(
-    document: Annotated[Optional[Path], typer.Argument(
-        help="Text file to run through the model. Omit it for a synthetic example (no model load).",
-        show_default=False)] = None,
+    document: Annotated[Optional[str], typer.Argument(
+        help="UTF-8 text file to run through the model (- reads stdin). Omit it for a synthetic example "
+             "(no model load).", show_default=False)] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Model for DOC: alias, local dir, .gguf file or HF id.")] = "llama",
     layer: Annotated[Optional[int], typer.Option("--layer", help="Layer to show (default: the middle layer).", show_default=False)] = None,
     head: Annotated[Optional[int], typer.Option("--head", help="Query head to show (default 0).", show_default=False)] = None,
@@ -95,13 +101,13 @@ def command(
     block_size: Annotated[Optional[int], typer.Option("--block-size", help="Tokens per block (power of two >= 16).", show_default=False)] = None,
     segment_size: Annotated[Optional[int], typer.Option("--segment-size", help="Permutation segment (multiple of the block size).", show_default=False)] = None,
     permute: Annotated[Optional[bool], typer.Option("--permute/--no-permute", help="Permute keys inside segments (default: the profile's).", show_default=False)] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32.")] = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     png: Annotated[Optional[Path], typer.Option("--png", help="Also write the panels as a PNG.", show_default=False)] = None,
     svg: Annotated[Optional[Path], typer.Option("--svg", help="Also write the panels as an SVG.", show_default=False)] = None,
     html: Annotated[Optional[Path], typer.Option("--html", help="Also write the terminal picture as HTML.", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON instead of the picture.")] = False,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing output files.")] = False,
+    force: Force = False,
     plain: Annotated[bool, typer.Option("--plain", help="Plain █░ characters, no colour (also with NO_COLOR or a non-terminal).")] = False,
 ) -> None:
     """Show block attention mass before and after the segment permutation, and the blocks PBS keeps.
@@ -123,11 +129,11 @@ def command(
         import torch  # noqa: F401 - imported here, under heavy_imports, by whichever module needs it first
 
         from .. import presets, reports, viz
+        from ..options import check_outputs
         from ..sizes import parse_size
 
-    outputs = {fmt: reports.check_output_path(p, force) for fmt, p in (("png", png), ("svg", svg), ("html", html)) if p}
-    if len({str(p.resolve()) for p in outputs.values()}) < len(outputs):
-        raise UsageError("--png, --svg and --html must name different files")
+    outputs = {option[2:]: path for option, path in
+               check_outputs({"--png": png, "--svg": svg, "--html": html}, force).items()}
     n_tokens = parse_size(seq_len) if seq_len is not None else None
     pbs_overrides = dict(threshold=threshold, block_size=block_size, segment_size=segment_size, permute=permute)
 
@@ -140,13 +146,18 @@ def command(
             raise UsageError(f"unknown --pattern {pattern!r}; use one of {', '.join(PATTERNS)}")
         config, profile_name = presets.resolve_config(profile, **pbs_overrides)
         head_ids = _selection(head, heads, SYNTHETIC_HEADS, "head", 0)
+        n = n_tokens or SYNTHETIC_SEQ_LEN
+        check_memory(n, config.block_size, len(head_ids), 1,
+                     (SYNTHETIC_HEADS + 2 * SYNTHETIC_KV_HEADS) * n * SYNTHETIC_HEAD_DIM * 4, _device(device))
         source = f"synthetic {pattern} (seed {seed})"
-        views, meta = _synthetic(config, head_ids, n_tokens or SYNTHETIC_SEQ_LEN, pattern, seed, device, dtype)
+        views, meta = _synthetic(config, head_ids, n, pattern, seed, device, dtype)
     else:
-        text = _read_document(document)
+        from ..documents import read_document
+
+        text, doc_name = read_document(document)
         views, meta, config, profile_name = _from_model(text, model, profile, pbs_overrides, layer, layers, head,
                                                         heads, n_tokens, device, dtype)
-        source = f"{document.name} · {meta['model']['name']}"
+        source = f"{Path(doc_name).name} · {meta['model']['name']}"
 
     stats = [v.stats for v in views]
     record = dict(source=source, profile=profile_name, pbs=config.to_dict(), **meta,
@@ -173,6 +184,12 @@ def command(
             fig = viz.head_figure(views[0], source) if single else viz.overview_figure(stats, viz.overview_caption(title, meta, config))
             viz.save_figure(fig, path, fmt)
         console.err.print(f"wrote {path}", highlight=False)
+
+
+def _device(device: str) -> str:
+    from ..models import resolve_device
+
+    return resolve_device(device)
 
 
 def _synthetic(config, head_ids: list[int], n: int, pattern: str, seed: int, device: str, dtype: str):
@@ -208,6 +225,11 @@ def _from_model(text: str, model_spec: str, profile, overrides, layer, layers, h
     tokens = source.tokenizer()(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
     limit = n_tokens or source.max_positions() or tokens.shape[1]
     tokens = tokens[:, :limit]
+    n, hidden = int(tokens.shape[1]), int(getattr(cfg, "hidden_size", n_heads * 64))
+    kv_heads, head_dim = int(getattr(cfg, "num_key_value_heads", n_heads)), hidden // n_heads
+    # the forward's activations (a few hidden-size copies, fp32 at most) and the captured q/k/v of each layer
+    inputs = n * (8 * hidden + len(layer_ids) * (n_heads + 2 * kv_heads) * head_dim) * 4
+    check_memory(n, config.block_size, len(head_ids), len(layer_ids), inputs, dev)
     console.err.print(f"model: {spec.describe()} · {tokens.shape[1]} tokens · layers {_ranges(layer_ids)} · "
                       f"heads {_ranges(head_ids)}", highlight=False)
     loaded = source.load(torch_dtype, dev, attn_implementation="sdpa")
