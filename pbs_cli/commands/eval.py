@@ -27,8 +27,11 @@ def emit(renderable) -> None:
     (out if out.is_terminal else Console(width=160, soft_wrap=True)).print(renderable)
 
 
-# The published method: tau 0.9, mean-pooled last-block permutation scoring, no forced local blocks.
-PUBLISHED = PBSConfig(block_size=128, segment_size=256, threshold=0.9, permute=True, sink=True, local_blocks=0)
+# The published method (the `published` preset; a test keeps the two equal): one key permutation per
+# query head scored by the last query block, top-p 0.9 over mean-pooled off-diagonal block scores, then
+# the sink block added; no local block.
+PUBLISHED = PBSConfig(block_size=128, segment_size=256, threshold=0.9, permute=True, per_head_permutation=True,
+                      sink=True, forced_in_top_p=False, local_blocks=0)
 
 
 def strategies(config: PBSConfig, profile: str) -> list[tuple[str, PBSConfig]]:

@@ -6,7 +6,8 @@
 2. ``_block_scores_kernel``: pooled scores q_bar . k_bar^T * scale for a chunk of query blocks, one tile per program,
    only the key tiles left of the tile's last diagonal segment (the candidates).
 3. ``_top_p_kernel``: per (batch, head) and tile of query blocks, per row: softmax over the candidate
-   blocks, rank (forced blocks first, then descending probability, ties by block index), keep
+   blocks, rank (forced blocks first unless forced_in_top_p is off, then descending probability, ties
+   by block index), keep
    blocks while the mass before them is below the threshold, write the packed plan row. The
    kept prefix of the ranking is found by bisection over the probability bits (31 masked sums of
    a row), not by sorting: no sort network, the same result as a stable sort + cumsum.
@@ -101,7 +102,8 @@ def _block_scores_kernel(
 def _top_p_kernel(
     S, SINK, NUM, IDX,
     row0, rows, live, n_blocks, out_row0, out_rows, H_q, Q_PER_PERM, blocks_per_seg, local_blocks, threshold,
-    KEEP_ALL: tl.constexpr, USE_SINK: tl.constexpr, BLOCK_R: tl.constexpr, NB_POW2: tl.constexpr,
+    KEEP_ALL: tl.constexpr, USE_SINK: tl.constexpr, FORCED_COUNT: tl.constexpr, BLOCK_R: tl.constexpr,
+    NB_POW2: tl.constexpr,
 ):
     # grid: (cdiv(live, BLOCK_R), B * H_q); BLOCK_R query blocks i = row0 + r of one (batch, head),
     # each row of the tile a full row of key blocks j. NUM / IDX hold out_rows query blocks per
@@ -131,19 +133,26 @@ def _top_p_kernel(
         sink = tl.load(SINK + b * (H_q // Q_PER_PERM) + h // Q_PER_PERM)
         forced = forced | (candidate & (j == sink))
 
-    # -- rank: forced first, then descending probability, ties by ascending block index --
+    # -- rank: forced first (FORCED_COUNT; else forced blocks rank like the others and are added
+    # after), then descending probability, ties by ascending block index --
     # Top-p keeps a prefix of that ranking: a non-forced candidate is kept while the mass ranked
     # before it is below the threshold. With G(t) = F + sum(p_k : bits(p_k) > t) (F = mass of the
-    # forced blocks; fp32 bits of p >= 0 order like the values), the boundary value is the
-    # smallest t with G(t) < threshold, found by bisection per row (no sort): blocks above it are
-    # kept, blocks below it are not, and blocks exactly at it (ties) are kept in index order while
-    # G(t) + (earlier ties) * p stays below the threshold.
+    # forced blocks, 0 without FORCED_COUNT; fp32 bits of p >= 0 order like the values), the boundary
+    # value is the smallest t with G(t) < threshold, found by bisection per row (no sort): blocks above
+    # it are kept, blocks below it are not, and blocks exactly at it (ties) are kept in index order
+    # while G(t) + (earlier ties) * p stays below the threshold.
     bits = p.to(tl.int32, bitcast=True)
-    free = candidate & ~forced
+    if FORCED_COUNT:
+        free = candidate & ~forced
+    else:
+        free = candidate
     if KEEP_ALL:
         keep = candidate | forced
     else:
-        mass_forced = tl.sum(tl.where(forced, p, 0.0), 1)
+        if FORCED_COUNT:
+            mass_forced = tl.sum(tl.where(forced, p, 0.0), 1)
+        else:
+            mass_forced = tl.zeros([BLOCK_R], tl.float32)
         # the loop's operands, masked once: other blocks get bits -1, below every probe (mid >= -1)
         p_free = tl.where(free, p, 0.0)
         bits_free = tl.where(free, bits, -1)
