@@ -132,15 +132,16 @@ def continue_after_prefill(model, ids: torch.Tensor, config: PBSConfig | None, p
     """Final hidden states (1, N - prefix, hidden) of positions prefix-1 .. N-2, which predict tokens
     prefix .. N-1 of ids (1, N).
 
-    ids[:, :prefix] is prefilled with the "pbs" attention under ``config`` (dense SDPA when None),
-    keeping its KV cache; then ids[:, prefix:N-1] runs over that cache with transformers' own SDPA
+    ids[:, :prefix] is prefilled with the "pbs" attention under ``config`` (dense SDPA when None, or
+    when ``prefix`` is below ``config.dense_below``, where a PBS prefill is the dense one), keeping
+    its KV cache; then ids[:, prefix:N-1] runs over that cache with transformers' own SDPA
     attention (dense by construction, whatever the integration would route). The last prefix
     position comes from the prefill itself: its block has no later rows to see.
     """
     backbone = model.base_model
     n = ids.shape[1]
     try:
-        if config is None:
+        if config is None or prefix < config.dense_below:
             integration.set_attention(model, "sdpa")
             first = backbone(input_ids=ids[:, :prefix], use_cache=True)
         else:
