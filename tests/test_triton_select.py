@@ -341,20 +341,23 @@ def test_strided_inputs_from_transformers_layout():
         assert torch.equal(a, b_)
 
 
-def test_dispatch_runs_triton_path(monkeypatch):
+@pytest.mark.parametrize("published", [False, True])
+def test_dispatch_runs_triton_path(monkeypatch, published):
     """pbs_kernels.attention.build_plan with PBS_BACKEND=triton goes through these launchers and
-    matches the reference plan."""
+    matches the reference plan, the published options (per-query-head permutation, forced blocks
+    added after top-p) included."""
     from pbs_kernels import attention
 
     monkeypatch.setenv("PBS_BACKEND", "triton")
-    cfg = PBSConfig(block_size=16, segment_size=32)
+    cfg = PBSConfig(block_size=16, segment_size=32, per_head_permutation=published, forced_in_top_p=not published)
     q, k = structured_qkv(1, 3, 1, 180, 32, DTYPES[0])
     calls = []
     real = tsel.select_blocks
     monkeypatch.setattr(tsel, "select_blocks", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     plan = attention.build_plan(q, k, cfg)
     assert calls, "the Triton selection did not run"
-    perm = reference.segment_permutation(reference.key_importance(q, k, 16), 32)
+    perm = reference.segment_permutation(reference.key_importance(q, k, 16, published), 32)
+    assert plan.perm.shape == perm.shape == (1, 3 if published else 1, 180)
     want = reference.select_blocks(q, reference.permute_keys(k, plan.perm), plan.perm, cfg)
     segment_perm_check(plan.perm, 180, 32)
     assert (plan.perm == perm).float().mean() > 0.9
