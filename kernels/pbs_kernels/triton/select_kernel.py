@@ -6,11 +6,11 @@
 2. ``_block_scores_kernel``: pooled scores q_bar . k_bar^T * scale for a chunk of query blocks, one tile per program,
    only the key tiles left of the tile's last diagonal segment (the candidates).
 3. ``_top_p_kernel``: per (batch, head) and tile of query blocks, per row: softmax over the candidate
-   blocks, rank (forced blocks first unless forced_in_top_p is off, then descending probability, ties
-   by block index), keep
-   blocks while the mass before them is below the threshold, write the packed plan row. The
-   kept prefix of the ranking is found by bisection over the probability bits (31 masked sums of
-   a row), not by sorting: no sort network, the same result as a stable sort + cumsum.
+   blocks, rank (forced blocks first unless forced_in_top_p is off, then descending probability,
+   ties by block index), keep blocks while the mass before them is below the threshold, write the
+   packed plan row. The kept prefix of the ranking is found by bisection over the probability bits
+   (31 masked sums of a row), not by sorting: no sort network, the same result as a stable sort +
+   cumsum.
 """
 
 import triton
