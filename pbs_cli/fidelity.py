@@ -148,7 +148,7 @@ def continue_after_prefill(model, ids: torch.Tensor, config: PBSConfig | None, p
             integration.set_attention(model, integration.NAME)
             with integration.pbs_run(config):
                 first = backbone(input_ids=ids[:, :prefix], use_cache=True)
-        hidden = [first.last_hidden_state[:, -1:]]
+        hidden = [first.last_hidden_state[:, -1:].clone()]  # a copy: the prefix's states can go
         cache = cache_of(first)
         del first
         if prefix < n - 1:
