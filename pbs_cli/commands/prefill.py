@@ -401,7 +401,7 @@ def command(
                                                      "the timed passes, prefill all but the last N prompt tokens "
                                                      "again (untimed) with PBS and with dense SDPA, then score those "
                                                      "N tokens with dense attention over each KV cache: top-1, KL "
-                                                     "and perplexity that the selection never saw (default: the "
+                                                     "and perplexity on tokens the selection never saw (default: the "
                                                      "last eighth, at most 1024 tokens; 0 skips it).")] = None,
     truncate: Annotated[bool, typer.Option("--truncate", help="Keep the first tokens of a document longer than "
                                            "the model's context instead of failing.")] = False,
