@@ -314,6 +314,28 @@ def test_pooled_total_scope_scores_the_diagonal_segment_in_original_order(thresh
         R.select_blocks(q, R.permute_keys(k, perm), perm, cfg)
 
 
+@pytest.mark.parametrize("threshold", [0.3, 0.7])
+def test_forced_blocks_added_after_top_p_match_a_loop_oracle(threshold):
+    """forced_in_top_p off: top-p over the off-diagonal pooled probabilities in descending order, the
+    sink block competing like any other, then the sink, the local block and the diagonal segment
+    added. With forced blocks counted (the default) the same input keeps fewer blocks."""
+    q, k, _ = qkv(1, 2, 1, 160, 16, seed=14)
+    cfg = SMALL.replace(threshold=threshold, permute=False, local_blocks=1, forced_in_top_p=False)
+    dense = build_plan(q, k, cfg).to_dense()
+    qb = q.reshape(1, 2, 10, 16, 16).mean(3).double()
+    kb = k.reshape(1, 1, 10, 16, 16).mean(3).double()
+    for h in range(2):
+        for i in range(10):
+            start = i // 2 * 2
+            s = (qb[0, h, i] @ kb[0, 0, :start].T / 4.0).softmax(-1).tolist() if start else []
+            expect = topp_keep(s, [False] * start, [True] * start, threshold)
+            expect |= {0, start - 1} if start else set()  # the sink (block 0) and the local block
+            expect |= set(range(start, i + 1))
+            assert set(torch.nonzero(dense[0, h, i]).flatten().tolist()) == expect, (h, i)
+    counted = build_plan(q, k, cfg.replace(forced_in_top_p=True)).to_dense()
+    assert counted.sum() < dense.sum() and bool((dense | ~counted).all())
+
+
 def test_forced_in_top_p_is_validated():
     assert PBSConfig().forced_in_top_p and not PBSConfig(forced_in_top_p=False).beyond_published()
     with pytest.raises(ValueError, match="threshold_scope"):
