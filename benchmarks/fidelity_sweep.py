@@ -14,7 +14,8 @@ Usage (see BENCHMARKS.md "Fidelity (CPU)" for the runs we report)::
     python benchmarks/fidelity_sweep.py --model /tmp/smol-cache --doc inspect --mode full --config published
 
 ``--doc`` is a standard-library module name (its source file is the text) or a path.
-A config is ``NAME`` from ``NAMED`` below or ``NAME:key=value,...`` on top of the published one.
+A config is ``NAME`` from ``NAMED`` below or ``NAME:key=value,...`` on top of ``POOLED`` (the published
+blocks and tau with the default ranking: one permutation per KV head, forced blocks counted in tau).
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ import torch
 from pbs_kernels import PBSConfig
 from pbs_kernels import reference as R
 
-PUBLISHED = PBSConfig(block_size=128, segment_size=256, threshold=0.9, local_blocks=0)
+# the base of NAME:key=value configs: the published blocks and tau with the config defaults' ranking
+POOLED = PBSConfig(block_size=128, segment_size=256, threshold=0.9, local_blocks=0)
+# the published method exactly (the `published` preset)
+PUBLISHED = POOLED.replace(per_head_permutation=True, forced_in_top_p=False)
 NAMED = {
     "published": PUBLISHED,
-    "noperm": PUBLISHED.replace(permute=False),
+    "noperm": POOLED.replace(permute=False),
 }
 
 STATE: dict = {"mode": "dense", "config": None, "captured": {}, "density": {}}
@@ -49,14 +53,14 @@ def parse_config(text: str) -> tuple[str, PBSConfig]:
     changes = {}
     for item in spec.split(","):
         key, _, value = item.partition("=")
-        field_type = type(getattr(PUBLISHED, key))
+        field_type = type(getattr(POOLED, key))
         if key == "dense_layers":
             changes[key] = tuple(int(v) for v in value.split("/") if v)
         elif field_type is bool:
             changes[key] = value.lower() in ("1", "true", "yes")
         else:
             changes[key] = field_type(value)
-    return name, PUBLISHED.replace(**changes)
+    return name, POOLED.replace(**changes)
 
 
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):

@@ -1,7 +1,12 @@
 """Fidelity of a sparse prefill against dense attention, on a real model and real text.
 
 * next-token metrics over every position: perplexity of the text, top-1 agreement with dense, mean
-  KL(dense || sparse) (``compare_hidden`` / ``next_token_metrics``);
+  KL(dense || sparse) (``compare_hidden`` / ``next_token_metrics``). Teacher-forced over one sparse
+  forward, so the selection of a position's block has seen later tokens of the same text (the
+  permutation is scored by the last query block, block scores pool or sample later rows);
+* prefill-then-continue (``continuation_metrics``): the first part of the text prefilled sparse, the
+  rest scored with dense attention over the KV cache that prefill made. The selection never sees
+  the scored tokens: what a user gets when generating or appending after a sparse prefill;
 * per-layer density and per-layer/head attention-mass recall on sampled query rows, through a probe
   attention ("pbs-probe") that wraps the "pbs" attention of ``integration`` (``run_forward``);
 * passkey retrieval: a random key hidden at a depth of a real filler document (``passkey_prompt``).
@@ -92,6 +97,84 @@ def compare_hidden(model, hidden_ref: torch.Tensor, hidden: torch.Tensor, ids: t
         e = min(n, s + chunk)
         sums.add(output_logits(model, hidden_ref[0, s:e]), output_logits(model, hidden[0, s:e]), ids[s + 1 : e + 1])
     return sums.result()
+
+
+# -- prefill-then-continue ----------------------------------------------------------------------
+
+CONTINUATION_MAX = 1024  # default cap of the scored continuation, in tokens
+
+
+def continuation_tokens(n: int, requested: int | None = None) -> int:
+    """Tokens of an ``n``-token text scored after the prefix: ``requested``, else the last eighth of
+    the text, at most ``CONTINUATION_MAX`` (at least 1). Raises ValueError unless 1 <= tokens < n."""
+    tokens = requested if requested is not None else max(1, min(CONTINUATION_MAX, n // 8))
+    if not 1 <= tokens < n:
+        raise ValueError(f"a continuation of {tokens} tokens needs a text of more tokens (got {n}); "
+                         f"choose 1 to {n - 1}")
+    return tokens
+
+
+def cache_of(outputs):
+    """The KV cache of a model output (``cache`` in newer transformers, ``past_key_values`` before)."""
+    cache = getattr(outputs, "cache", None)
+    return cache if cache is not None else getattr(outputs, "past_key_values", None)
+
+
+def cache_kwarg(model) -> str:
+    """The name of the cache argument of ``model.forward`` (``cache`` or ``past_key_values``)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def continue_after_prefill(model, ids: torch.Tensor, config: PBSConfig | None, prefix: int) -> torch.Tensor:
+    """Final hidden states (1, N - prefix, hidden) of positions prefix-1 .. N-2, which predict tokens
+    prefix .. N-1 of ids (1, N).
+
+    ids[:, :prefix] is prefilled with the "pbs" attention under ``config`` (dense SDPA when None, or
+    when ``prefix`` is below ``config.dense_below``, where a PBS prefill is the dense one), keeping
+    its KV cache; then ids[:, prefix:N-1] runs over that cache with transformers' own SDPA
+    attention (dense by construction, whatever the integration would route). The last prefix
+    position comes from the prefill itself: its block has no later rows to see.
+    """
+    backbone = model.base_model
+    n = ids.shape[1]
+    try:
+        if config is None or prefix < config.dense_below:
+            integration.set_attention(model, "sdpa")
+            first = backbone(input_ids=ids[:, :prefix], use_cache=True)
+        else:
+            integration.set_attention(model, integration.NAME)
+            with integration.pbs_run(config):
+                first = backbone(input_ids=ids[:, :prefix], use_cache=True)
+        hidden = [first.last_hidden_state[:, -1:].clone()]  # a copy: the prefix's states can go
+        cache = cache_of(first)
+        del first
+        if prefix < n - 1:
+            integration.set_attention(model, "sdpa")
+            rest = backbone(input_ids=ids[:, prefix : n - 1], use_cache=True, **{cache_kwarg(backbone): cache})
+            hidden.append(rest.last_hidden_state)
+    finally:
+        integration.set_attention(model, integration.NAME)
+    return torch.cat(hidden, 1)
+
+
+def continuation_metrics(model, ids: torch.Tensor, config: PBSConfig, prefix: int,
+                         dense_hidden: torch.Tensor | None = None, chunk: int = CHUNK) -> dict[str, float]:
+    """Prefill-then-continue: the next-token metrics of tokens prefix .. N-1 of ids (1, N) after a
+    prefill of the first ``prefix`` tokens with ``config``, against the same with a dense prefill
+    (``dense_hidden``: ``continue_after_prefill(model, ids, None, prefix)``, computed when None).
+
+    Returns prefix_tokens, tokens (N - prefix: every scored token is a target), ppl, ppl_dense,
+    ppl_increase, top1_agreement and mean_kl over those tokens."""
+    if dense_hidden is None:
+        dense_hidden = continue_after_prefill(model, ids, None, prefix)
+    hidden = continue_after_prefill(model, ids, config, prefix)
+    # hidden position t predicts token prefix + t: the ids that compare_hidden shifts by one
+    m = compare_hidden(model, dense_hidden, hidden, ids[:, prefix - 1 :], chunk)
+    return {"prefix_tokens": prefix, "tokens": ids.shape[1] - prefix, "ppl": m["ppl"], "ppl_dense": m["ppl_dense"],
+            "ppl_increase": m["ppl_increase"], "top1_agreement": m["top1_agreement"], "mean_kl": m["mean_kl"]}
 
 
 # -- the probe attention: per-layer recall and dense layers -------------------------------------

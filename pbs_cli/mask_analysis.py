@@ -184,10 +184,11 @@ def plain_selection_order(q1: torch.Tensor, k1: torch.Tensor, config: PBSConfig,
     """The threshold-independent part of plain block selection (no permutation) of one head.
 
     q1, k1: (1, 1, N, D). Top-p selection ranks each query block's candidate blocks once (forced
-    blocks first, then by score) and keeps a candidate iff the score mass ranked before it is below
-    ``threshold - 1e-6`` (everything at threshold 1.0), so one scoring pass describes the plans of
-    every threshold. The ranking is ``pbs_kernels.reference.rank_order``, the one that
-    ``reference.select_blocks`` uses (tests check that re-thresholding reproduces its plans exactly).
+    blocks first unless ``forced_in_top_p`` is off, then by score) and keeps a candidate iff the
+    score mass ranked before it is below ``threshold - 1e-6`` (everything at threshold 1.0), so one
+    scoring pass describes the plans of every threshold. The ranking is
+    ``pbs_kernels.reference.rank_order``, the one that ``reference.select_blocks`` uses (tests check
+    that re-thresholding reproduces its plans exactly).
 
     Returns (forced bool (N_b, N_b), before fp32 (N_b, N_b)): ``before[i, j]`` is the mass ranked
     before candidate block j of query block i, +inf where j is forced or not a candidate.
@@ -214,9 +215,8 @@ def plain_selection_order(q1: torch.Tensor, k1: torch.Tensor, config: PBSConfig,
             per_row = ref.sampled_block_mass(q1, kf, kf, config, r0, r1, scale, per_row=True)  # (1, 1, C, m, N_b)
             _, forced, order, mass_before = ref.rank_order(None, candidate, forced, config, per_row)
         else:
-            scores = torch.matmul(q_bar[:, :, r0:r1], k_bar.transpose(-1, -2)) * scale
-            scope = candidate if config.threshold_scope == "offdiag" else causal
-            probs = scores.masked_fill(~scope, float("-inf")).softmax(-1).nan_to_num(0.0)
+            # no permutation: the keys pooled in original order serve both layouts
+            probs = ref.pooled_block_probs(q_bar[:, :, r0:r1], k_bar, k_bar, candidate, causal, config, scale)
             _, forced, order, mass_before = ref.rank_order(probs, candidate, forced, config)
         forced, order, mass_before = forced[0, 0], order[0, 0], mass_before[0, 0]
         before = torch.empty_like(mass_before).scatter_(-1, order, mass_before)

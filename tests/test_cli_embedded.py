@@ -29,6 +29,9 @@ def test_prefill_embedded_model_on_real_text(offline_env, tmp_path):
     assert len(rec["layers"]) == 30 and all(ly["path"] == "pbs" for ly in rec["layers"])
     assert 0.0 < rec["density"] < 1.0
     assert rec["top1_agreement"] > 0.85 and 0.0 <= rec["mean_kl"] < 0.2
+    cont = rec["continuation"]  # the last eighth, over the KV cache of a PBS prefill of the rest
+    assert cont["tokens"] == rec["prompt_tokens"] // 8 and cont["prefix_tokens"] + cont["tokens"] == rec["prompt_tokens"]
+    assert cont["top1_agreement"] > 0.85 and 0.0 <= cont["mean_kl"] < 0.2 and cont["ppl_dense"] > 1.0
     assert 1 <= len(rec["generation"]["token_ids"]) <= 3
     # the dequantized weights are now cached, with a valid marker
     source = models.ModelSource(models.resolve_model("llama"))

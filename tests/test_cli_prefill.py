@@ -68,6 +68,40 @@ def test_threshold_one_compare_dense_is_faithful(runner, offline_env, tiny_model
     assert rec["speedup"] == pytest.approx(rec["dense_prefill_ms"] / rec["prefill_ms"])
 
 
+def test_compare_dense_continuation_after_a_dense_equivalent_prefill(runner, offline_env, tiny_model_dir, doc):
+    """Threshold 1.0: the continuation (default: the last eighth) equals dense; its dense perplexity is
+    the one of a plain transformers forward over those targets."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    res = invoke(runner, doc, "--model", tiny_model_dir, *SMALL, "--threshold", "1.0", "--compare-dense", "--json")
+    assert res.exit_code == 0, res.stderr
+    rec = json.loads(res.stdout)
+    c, n = rec["continuation"], rec["prompt_tokens"]
+    assert (c["prefix_tokens"], c["tokens"]) == (n - n // 8, n // 8)
+    assert c["top1_agreement"] == 1.0 and c["mean_kl"] < 1e-6 and c["ppl"] == pytest.approx(c["ppl_dense"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    ids = torch.tensor([AutoTokenizer.from_pretrained(tiny_model_dir)(TEXT)["input_ids"]])
+    labels = ids.clone()
+    labels[:, : n - n // 8] = -100
+    with torch.no_grad():
+        ppl = torch.exp(model(ids, labels=labels).loss).item()
+    assert c["ppl_dense"] == pytest.approx(ppl, rel=1e-4)
+
+
+def test_continuation_option_is_checked_and_shown(runner, offline_env, tiny_model_dir, doc):
+    res = invoke(runner, doc, "--model", tiny_model_dir, *SMALL, "--threshold", "0.3", "--compare-dense",
+                 "--continuation", "20")
+    assert res.exit_code == 0, res.stderr
+    assert "continued" in res.stdout and "last 20 tokens" in res.stdout
+    off = invoke(runner, doc, "--model", tiny_model_dir, *SMALL, "--compare-dense", "--continuation", "0", "--json")
+    assert off.exit_code == 0 and "continuation" not in json.loads(off.stdout)
+    alone = invoke(runner, doc, "--model", tiny_model_dir, *SMALL, "--continuation", "20")
+    assert alone.exit_code == 2 and "--compare-dense" in alone.stderr
+    n = token_count(tiny_model_dir, TEXT)
+    long = invoke(runner, doc, "--model", tiny_model_dir, *SMALL, "--compare-dense", "--continuation", n)
+    assert long.exit_code == 2 and "--continuation" in long.stderr and f"choose 1 to {n - 1}" in long.stderr
+
+
 def test_compare_dense_alternates_the_timed_passes(runner, offline_env, tiny_model_dir, doc, monkeypatch):
     """PBS and dense forwards are timed in alternation, the order reversed every other round (drift in
     clocks or load, and what a pass leaves behind for the next, reach both alike)."""

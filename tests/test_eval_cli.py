@@ -36,15 +36,19 @@ def env(tmp_path, monkeypatch):
     return tmp_path, doc
 
 
-def dense_perplexity(model_dir: Path, doc: Path) -> float:
-    """Independent: plain transformers SDPA forward and cross-entropy over the first 256 tokens."""
+def dense_perplexity(model_dir: Path, doc: Path, last: int | None = None) -> float:
+    """Independent: plain transformers SDPA forward and cross-entropy over the first 256 tokens (or
+    of the ``last`` of them only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     ids = torch.tensor([tok(doc.read_text())["input_ids"][:256]])
+    labels = ids.clone()
+    if last is not None:
+        labels[:, : 256 - last] = -100  # ignored: only the last tokens are targets
     with torch.no_grad():
-        loss = model(ids, labels=ids).loss
+        loss = model(ids, labels=labels).loss
     return math.exp(loss.item())
 
 
@@ -64,6 +68,13 @@ def test_eval_sweep_json_png_and_dense_reference(env, tiny_model_dir):  # noqa: 
         assert len(r["layers"]) == 2 and 0 < r["density"] <= 1 and 0 <= r["recall"] <= 1 + 1e-6
         if r["threshold"] == 1.0:  # dense plan: the same model output
             assert r["density"] == 1.0 and r["top1_agreement"] == 1.0 and r["mean_kl"] < 1e-6
+        # prefill-then-continue over the last eighth: a dense prefill and its continuation give the
+        # perplexity of a plain forward over those 32 targets
+        c = r["continuation"]
+        assert (c["prefix_tokens"], c["tokens"], rec["continuation_tokens"]) == (224, 32, 32)
+        assert c["ppl_dense"] == pytest.approx(dense_perplexity(tiny_model_dir, doc, last=32), rel=1e-4)
+        if r["threshold"] == 1.0:
+            assert c["top1_agreement"] == 1.0 and c["mean_kl"] < 1e-6 and c["ppl"] == pytest.approx(c["ppl_dense"])
     sparse = [r for r in rows if r["threshold"] == 0.6 and r["strategy"].startswith("pbs")][0]
     assert sparse["density"] < 1.0 and sparse["mean_kl"] > 0 and sparse["config"]["score"] == "sampled"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -79,6 +90,7 @@ def test_eval_table_and_output_file(env, tiny_model_dir):  # noqa: F811
     assert "pbs eval" in res.stdout and "published PBS-Attn" in res.stdout and "dense SDPA" in res.stdout
     rec = json.loads(out.read_text())
     assert rec["prompt_tokens"] == 200 and len(rec["results"]) == 3
+    assert rec["results"][0]["continuation"]["tokens"] == 25 and "continued top-1" in res.stdout
     assert res.stdout.count(": per layer") == 3  # one per-layer table per strategy
     first = rec["results"][0]["layers"][0]
     assert f"{first['density']:.1%}" in res.stdout and f"{first['recall']:.4f}" in res.stdout
@@ -92,6 +104,7 @@ def test_eval_table_and_output_file(env, tiny_model_dir):  # noqa: F811
     (["--thresholds", "1.5"], "--thresholds"),
     (["--passkey", "--lengths", "4k"], "exceed"),
     (["--passkey", "--depths", "2"], "--depths"),
+    (["--max-tokens", "200", "--continuation", "200"], "--continuation"),
 ])
 def test_eval_usage_errors(env, tiny_model_dir, args, needle):  # noqa: F811
     _, doc = env

@@ -178,3 +178,72 @@ def test_dense_layers_run_dense_and_count_as_density_one(tiny):
     assert res.layers[1]["path"] == "pbs" and res.layers[1]["density"] < 1.0
     stats = F.plan_stats(F.capture_qk(model, ids)[1], cfg, rows=16)
     assert stats["layers"][0]["density"] == 1.0 and stats["layers"][1]["density"] < 1.0
+
+
+# -- prefill-then-continue -------------------------------------------------------------------------
+
+
+def test_continuation_length_defaults_to_the_last_eighth_capped():
+    assert F.continuation_tokens(200) == 25 and F.continuation_tokens(9000) == 1024 and F.continuation_tokens(5) == 1
+    assert F.continuation_tokens(200, 60) == 60
+    for bad in (0, 200):
+        with pytest.raises(ValueError, match="choose 1 to 199"):
+            F.continuation_tokens(200, bad)
+
+
+def test_continuation_at_threshold_one_equals_dense(tiny):
+    model, ids = tiny
+    m = F.continuation_metrics(model, ids, SMALL.replace(threshold=1.0), 150)
+    assert (m["prefix_tokens"], m["tokens"]) == (150, 50)
+    assert m["top1_agreement"] == 1.0 and m["mean_kl"] < 1e-6
+    assert m["ppl"] == pytest.approx(m["ppl_dense"], rel=1e-5)
+
+
+def eager_continuation(model, ids, prefix: int, allowed: torch.Tensor) -> torch.Tensor:
+    """Oracle: final hidden states of positions prefix-1 .. N-2 from two explicit eager forwards with
+    hand-built additive masks: the prefix with ``allowed`` (bool (P, P)), then the rest over its
+    cache, seeing every cached key and the causal part of its own chunk."""
+    n = ids.shape[1]
+    rest = n - 1 - prefix
+    first_mask = torch.zeros(1, 1, prefix, prefix).masked_fill(~allowed, float("-inf"))
+    seen = torch.cat([torch.ones(rest, prefix, dtype=torch.bool), torch.ones(rest, rest, dtype=torch.bool).tril()], 1)
+    rest_mask = torch.zeros(1, 1, rest, prefix + rest).masked_fill(~seen, float("-inf"))
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            first = model.model(input_ids=ids[:, :prefix], attention_mask=first_mask, use_cache=True)
+            after = model.model(input_ids=ids[:, prefix : n - 1], attention_mask=rest_mask, use_cache=True,
+                                **{F.cache_kwarg(model.model): F.cache_of(first)})
+    finally:
+        model.set_attn_implementation("sdpa")
+    return torch.cat([first.last_hidden_state[:, -1:], after.last_hidden_state], 1)
+
+
+def test_continuation_matches_two_eager_forwards_with_hand_built_masks(tiny):
+    """A selection whose plan is known in advance: threshold 1e-6 without permutation, sink or local
+    blocks keeps each query's own 32-token segment only (the diagonal blocks, causal). The oracle
+    builds that mask by hand for an eager prefill of 150 tokens, continues densely over its cache,
+    and computes the metrics from the definitions."""
+    model, ids = tiny
+    prefix, n = 150, ids.shape[1]
+    cfg = SMALL.replace(threshold=1e-6, permute=False, sink=False)
+    pos = torch.arange(prefix)
+    causal = pos[None, :] <= pos[:, None]
+    own_segment = causal & (pos[None, :] // 32 == pos[:, None] // 32)
+    sparse = eager_continuation(model, ids, prefix, own_segment)
+    dense = eager_continuation(model, ids, prefix, causal)
+    torch.testing.assert_close(F.continue_after_prefill(model, ids, cfg, prefix), sparse, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(F.continue_after_prefill(model, ids, None, prefix), dense, atol=1e-4, rtol=1e-4)
+
+    assert (sparse - dense).abs().max() > 1e-2  # the sparse prefill's cache really differs
+    with torch.no_grad():
+        ld = torch.log_softmax(model.lm_head(dense[0]).double(), -1)
+        ls = torch.log_softmax(model.lm_head(sparse[0]).double(), -1)
+    targets = ids[0, prefix:]
+    want_kl = float((ld.exp() * (ld - ls)).sum(-1).mean())
+    m = F.continuation_metrics(model, ids, cfg, prefix)
+    assert (m["prefix_tokens"], m["tokens"]) == (prefix, n - prefix)
+    assert m["mean_kl"] == pytest.approx(want_kl, rel=1e-3) and want_kl > 1e-5
+    assert m["top1_agreement"] == pytest.approx(float((ld.argmax(-1) == ls.argmax(-1)).double().mean()))
+    assert m["ppl"] == pytest.approx(math.exp(-float(ls.gather(-1, targets[:, None]).mean())), rel=1e-4)
+    assert m["ppl_dense"] == pytest.approx(math.exp(-float(ld.gather(-1, targets[:, None]).mean())), rel=1e-4)

@@ -9,6 +9,7 @@ import torch
 
 from pbs_kernels import PBSConfig, build_plan, pbs_attention
 from pbs_kernels import reference as R
+from pbs_kernels.block_mask import PermutedBlockMask
 from pbs_kernels import select as select_dispatch
 
 SMALL = PBSConfig(block_size=16, segment_size=32, threshold=0.9)
@@ -50,7 +51,7 @@ def oracle_block_mass(q, k, perm, cfg, rows):
 # -- config -------------------------------------------------------------------------------------
 
 
-def test_config_defaults_are_the_published_method():
+def test_config_defaults_run_the_fused_selection():
     cfg = PBSConfig()
     assert (cfg.score, cfg.importance_rows, cfg.permute_heads, cfg.dense_layers) == ("pooled", "last", "all", ())
     assert not cfg.beyond_published()
@@ -292,6 +293,68 @@ def test_pooled_total_scope_is_top_p_over_every_causal_block():
             forced = [j >= diag for j in range(i + 1)]
             expect = topp_keep(s, forced, [True] * (i + 1), 0.6)
             assert set(torch.nonzero(dense[0, h, i]).flatten().tolist()) == expect, (h, i)
+
+
+@pytest.mark.parametrize("threshold,sink", [(0.7, True), (0.5, False)])
+def test_pooled_total_scope_scores_the_diagonal_segment_in_original_order(threshold, sink):
+    """With a permutation, the blocks of the diagonal segment are scored with keys pooled in the
+    order attention reads them (original), not through the permutation (loop oracle)."""
+    from selection_oracle import planted_total_case, pooled_total_plan
+
+    q, k, perm = planted_total_case(seed=1)
+    cfg = SMALL.replace(threshold=threshold, threshold_scope="total", sink=sink)
+    num, idx = R.select_blocks(q, R.permute_keys(k, perm), perm, cfg, k=k)
+    got = PermutedBlockMask(perm, num, idx, 16, 32, 96).to_dense()
+    want = pooled_total_plan(q, k, perm, 16, 32, threshold, sink=sink)
+    assert torch.equal(got, want)
+    # the planted keys make the layouts differ: scoring the diagonal through the permutation fails
+    wrong = pooled_total_plan(q, k, perm, 16, 32, threshold, sink=sink, diagonal_layout="permuted")
+    assert not torch.equal(want, wrong)
+    with pytest.raises(ValueError, match="original keys"):
+        R.select_blocks(q, R.permute_keys(k, perm), perm, cfg)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.7])
+def test_forced_blocks_added_after_top_p_match_a_loop_oracle(threshold):
+    """forced_in_top_p off: top-p over the off-diagonal pooled probabilities in descending order, the
+    sink block competing like any other, then the sink, the local block and the diagonal segment
+    added. With forced blocks counted (the default) the same input keeps fewer blocks."""
+    q, k, _ = qkv(1, 2, 1, 160, 16, seed=14)
+    cfg = SMALL.replace(threshold=threshold, permute=False, local_blocks=1, forced_in_top_p=False)
+    dense = build_plan(q, k, cfg).to_dense()
+    qb = q.reshape(1, 2, 10, 16, 16).mean(3).double()
+    kb = k.reshape(1, 1, 10, 16, 16).mean(3).double()
+    for h in range(2):
+        for i in range(10):
+            start = i // 2 * 2
+            s = (qb[0, h, i] @ kb[0, 0, :start].T / 4.0).softmax(-1).tolist() if start else []
+            expect = topp_keep(s, [False] * start, [True] * start, threshold)
+            expect |= {0, start - 1} if start else set()  # the sink (block 0) and the local block
+            expect |= set(range(start, i + 1))
+            assert set(torch.nonzero(dense[0, h, i]).flatten().tolist()) == expect, (h, i)
+    counted = build_plan(q, k, cfg.replace(forced_in_top_p=True)).to_dense()
+    assert counted.sum() < dense.sum() and bool((dense | ~counted).all())
+
+
+def test_forced_in_top_p_is_validated():
+    assert PBSConfig().forced_in_top_p and not PBSConfig(forced_in_top_p=False).beyond_published()
+    with pytest.raises(ValueError, match="threshold_scope"):
+        PBSConfig(forced_in_top_p=False, threshold_scope="total")
+    with pytest.raises(ValueError, match="true or false"):
+        PBSConfig.from_dict({"forced_in_top_p": "no"})
+
+
+def test_published_preset_is_the_papers_method():
+    """One permutation per query head, pooled scores, top-p before the sink is added, no local block."""
+    from pbs_cli import presets
+
+    cfg, _ = presets.resolve_config("published")
+    assert (cfg.block_size, cfg.segment_size, cfg.threshold) == (128, 256, 0.9)
+    assert cfg.per_head_permutation and not cfg.forced_in_top_p and cfg.local_blocks == 0 and cfg.sink
+    assert cfg.score == "pooled" and cfg.threshold_scope == "offdiag" and not cfg.beyond_published()
+    from pbs_cli.commands.eval import PUBLISHED
+
+    assert PUBLISHED == cfg  # what `pbs eval` compares against
 
 
 def test_row_top_keeps_each_sampled_rows_best_off_diagonal_blocks():

@@ -215,6 +215,28 @@ def test_plan_matches_reference(case):
     assert_plans_equal(q, k, perm, cfg, got, ref_select(q, k, perm, cfg))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, LOW])
+@pytest.mark.parametrize("threshold,sink", [(0.7, True), (0.5, False)])
+def test_pooled_total_scope_scores_the_diagonal_segment_in_original_order(dtype, threshold, sink):
+    """score="pooled", threshold_scope="total" on this path: the diagonal segment's blocks are scored
+    with keys pooled in original order, the order attention reads them (loop oracle of
+    ``selection_oracle``; its inputs make the permuted layout give another plan). GQA 2."""
+    from selection_oracle import planted_total_case, pooled_total_plan
+
+    from pbs_kernels.block_mask import PermutedBlockMask
+
+    q, k, perm = planted_total_case(seed=1, h_q=4, h_kv=2)
+    q, k = q.to(dtype).float(), k.to(dtype).float()  # the oracle sees the values the kernel reads
+    cfg = PBSConfig(block_size=16, segment_size=32, score="pooled", threshold_scope="total", threshold=threshold,
+                    sink=sink)
+    num, idx = (t.cpu() for t in sampled.select_blocks(q.to(DEVICE, dtype), k.to(DEVICE, dtype), perm.to(DEVICE),
+                                                       cfg))
+    want = pooled_total_plan(q, k, perm, 16, 32, threshold, sink=sink)
+    assert torch.equal(PermutedBlockMask(perm, num, idx, 16, 32, 96).to_dense(), want)
+    assert not torch.equal(want, pooled_total_plan(q, k, perm, 16, 32, threshold, sink=sink,
+                                                   diagonal_layout="permuted"))
+
+
 def test_plan_comparison_rejects_a_wrong_row():
     """The tie-tolerant comparison above still fails a plan that drops a block the reference keeps."""
     cfg = PBSConfig(block_size=32, segment_size=64, **DEFAULT)
@@ -343,7 +365,8 @@ for dtype, head_dim in (("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp32", 64))
 sig = {"OUT": "*fp32", "LSE": "*fp32", "SINK": "*i32", "NUM": "*i32", "IDX": "*i32", "threshold": "fp32"}
 sig.update({name: "i32" for name in ("r0", "rows", "n_blocks", "H_q", "Q_PER_PERM", "blocks_per_seg",
                                       "local_blocks")})
-consts = dict(M=4, ROW_TOP=2, TOTAL=True, KEEP_ALL=False, USE_SINK=True, BLOCK_R=1, NB_POW2=1024)
+consts = dict(M=4, ROW_TOP=2, TOTAL=True, KEEP_ALL=False, USE_SINK=True, FORCED_COUNT=True, BLOCK_R=1,
+              NB_POW2=1024)
 assert compile(top_p, sig, consts, 1).asm["cubin"]
 print("compiled top-p")
 """

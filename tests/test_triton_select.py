@@ -153,7 +153,8 @@ def forced_blocks(n_b: int, per_seg: int, local: int, sink_blocks: torch.Tensor 
 
 def ranking(q, k_perm, perm, cfg):
     """fp64 twin of the reference ranking: (probs, forced, mass_before) per (B, H_q, N_b, N_b);
-    mass_before[j] = mass ranked before block j (forced first, then descending probability)."""
+    mass_before[j] = mass ranked before block j (forced first unless ``cfg.forced_in_top_p`` is off,
+    then descending probability)."""
     b, h_q, n, d = q.shape
     g = h_q // k_perm.shape[1]
     bs = cfg.block_size
@@ -166,7 +167,8 @@ def ranking(q, k_perm, perm, cfg):
     probs = (qb @ kb.transpose(-1, -2) / math.sqrt(d)).masked_fill(~cand, float("-inf")).softmax(-1).nan_to_num(0.0)
     sink = reference.sink_block(perm, bs).repeat_interleave(g, 1).cpu() if cfg.sink else None
     forced = forced_blocks(n_b, cfg.segment_size // bs, cfg.local_blocks, sink).expand_as(probs)
-    order = torch.sort(torch.where(forced, probs + 2.0, probs), dim=-1, descending=True, stable=True).indices
+    ranked = torch.where(forced, probs + 2.0, probs) if cfg.forced_in_top_p else probs
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     p_sorted = probs.gather(-1, order)
     mass_before = torch.zeros_like(probs).scatter(-1, order, p_sorted.cumsum(-1) - p_sorted)
     return probs, forced, mass_before, cand
@@ -214,6 +216,11 @@ CASES = [
     (1, 4, 1, 333, 16, 48, {"sink": False, "threshold": 0.5}),
     (1, 3, 3, 40, 16, 64, {}),  # N < one segment: identity permutation, diagonal only
     (1, 2, 1, 10, 16, 32, {}),  # N < one block
+    # the published method: one permutation per query head, top-p before the sink is added (GQA 1-8)
+    (1, 2, 2, 999, 16, 32, {"per_head_permutation": True, "forced_in_top_p": False}),
+    (2, 4, 2, 517, 16, 64, {"per_head_permutation": True, "forced_in_top_p": False}),
+    (1, 8, 1, 333, 16, 32, {"per_head_permutation": True, "forced_in_top_p": False, "threshold": 0.5}),
+    (1, 6, 2, 401, 32, 64, {"forced_in_top_p": False, "local_blocks": 1}),
 ]
 
 
@@ -334,20 +341,23 @@ def test_strided_inputs_from_transformers_layout():
         assert torch.equal(a, b_)
 
 
-def test_dispatch_runs_triton_path(monkeypatch):
+@pytest.mark.parametrize("published", [False, True])
+def test_dispatch_runs_triton_path(monkeypatch, published):
     """pbs_kernels.attention.build_plan with PBS_BACKEND=triton goes through these launchers and
-    matches the reference plan."""
+    matches the reference plan, the published options (per-query-head permutation, forced blocks
+    added after top-p) included."""
     from pbs_kernels import attention
 
     monkeypatch.setenv("PBS_BACKEND", "triton")
-    cfg = PBSConfig(block_size=16, segment_size=32)
+    cfg = PBSConfig(block_size=16, segment_size=32, per_head_permutation=published, forced_in_top_p=not published)
     q, k = structured_qkv(1, 3, 1, 180, 32, DTYPES[0])
     calls = []
     real = tsel.select_blocks
     monkeypatch.setattr(tsel, "select_blocks", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     plan = attention.build_plan(q, k, cfg)
     assert calls, "the Triton selection did not run"
-    perm = reference.segment_permutation(reference.key_importance(q, k, 16), 32)
+    perm = reference.segment_permutation(reference.key_importance(q, k, 16, published), 32)
+    assert plan.perm.shape == perm.shape == (1, 3 if published else 1, 180)
     want = reference.select_blocks(q, reference.permute_keys(k, plan.perm), plan.perm, cfg)
     segment_perm_check(plan.perm, 180, 32)
     assert (plan.perm == perm).float().mean() > 0.9
@@ -377,3 +387,43 @@ def test_exact_ties_rank_by_block_index(threshold):
     k_bar = reference.pool_blocks(reference.permute_keys(k, perm), 16)
     assert torch.equal(k_bar[:, :, 4:8], k_bar[:, :, 8:12])  # the ties are real
     assert torch.equal(num.cpu(), r_num.cpu()) and torch.equal(idx.cpu(), r_idx.cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("h_q,h_kv", [(3, 3), (8, 1)])
+def test_forced_blocks_outside_top_p_match_a_loop_oracle(dtype, h_q, h_kv):
+    """forced_in_top_p off (published): per row, top-p over the off-diagonal pooled probabilities in
+    descending order (the sink block competes like any other), then the forced blocks are added. The
+    oracle is a Python loop over rows, in fp64 from the pooled q and k; rows whose boundary is within
+    TIE may differ as in ``assert_selection_matches``."""
+    cfg = PBSConfig(block_size=16, segment_size=32, threshold=0.7, per_head_permutation=True, forced_in_top_p=False,
+                    local_blocks=1)
+    n = 301
+    q, k = structured_qkv(1, h_q, h_kv, n, 32, dtype, seed=11)
+    perm = tperm.compute_permutation(q, k, cfg)
+    num, idx = (t.cpu() for t in tsel.select_blocks(q, k, perm, cfg))
+    dense = PermutedBlockMask(perm.cpu(), num, idx, 16, 32, n).to_dense()
+    qb = reference.pool_blocks(q.cpu().float(), 16).double()
+    kb = reference.pool_blocks(reference.permute_keys(k.cpu().float(), perm.cpu()), 16).double()
+    sink = reference.sink_block(perm.cpu(), 16)
+    n_b, rows_checked = -(-n // 16), 0
+    for h in range(h_q):
+        for i in range(n_b):
+            start = i // 2 * 2
+            if start == 0:
+                continue
+            s = (qb[0, h, i] @ kb[0, h, :start].T / math.sqrt(32)).softmax(-1).tolist()
+            order = sorted(range(start), key=lambda j: (-s[j], j))
+            keep, acc, boundary = set(), 0.0, []
+            for j in order:
+                if acc < cfg.threshold - 1e-6:
+                    keep.add(j)
+                boundary.append(abs(acc - cfg.threshold))
+                acc += s[j]
+            keep |= {start - 1, int(sink[0, h])} | set(range(start, i + 1))
+            got = set(torch.nonzero(dense[0, h, i]).flatten().tolist())
+            if got != keep:
+                assert min(boundary) <= TIE and len(got ^ keep) == 1, (h, i, sorted(got), sorted(keep))
+            rows_checked += got == keep
+    assert rows_checked > 0.9 * h_q * (n_b - 2)
+

@@ -197,7 +197,8 @@ def test_equal_density_comparison_reproduces_a_plain_plan():
     PBSConfig(block_size=32, segment_size=128, score="sampled", sample_rows=8, threshold_scope="total", row_top=2),
     PBSConfig(block_size=32, segment_size=64, score="sampled", sample_rows=4),
     PBSConfig(block_size=32, segment_size=64, score="mean_query", threshold_scope="total"),
-], ids=["pooled", "pooled-total-local", "sampled-rowtop", "sampled-offdiag", "mean-query"])
+    PBSConfig(block_size=32, segment_size=64, forced_in_top_p=False, local_blocks=1),
+], ids=["pooled", "pooled-total-local", "sampled-rowtop", "sampled-offdiag", "mean-query", "forced-after-top-p"])
 def test_rethresholding_one_ranking_reproduces_every_plain_plan(config):
     """One scoring pass + re-thresholding gives exactly the plans of reference.select_blocks, and the
     curve lists each of them with its density and recall."""

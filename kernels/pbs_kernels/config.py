@@ -20,6 +20,10 @@ class PBSConfig:
     sink:          always keep the key block that holds original token 0 (the attention sink).
     local_blocks:  key blocks just before the diagonal segment that are always kept.
     dense_below:   sequences shorter than this run dense attention (the measured break-even length).
+    forced_in_top_p: True: the forced blocks (diagonal segment, local blocks, sink) rank first and their
+                   mass counts towards tau. False (published): top-p runs over the scored blocks alone,
+                   the sink block among them, and the forced blocks are added after. False needs
+                   threshold_scope "offdiag" (under "total", tau is a share of a mass that includes them).
 
     Selection options beyond the published method (``beyond_published``). On a GPU the fused
     selection kernel implements the published options; "sampled", threshold_scope "total" and row_top
@@ -56,6 +60,7 @@ class PBSConfig:
     sink: bool = True
     local_blocks: int = 0
     dense_below: int = 0
+    forced_in_top_p: bool = True
     score: str = "pooled"
     sample_rows: int = 4
     importance_rows: str = "last"
@@ -89,6 +94,12 @@ class PBSConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.threshold_scope not in ("offdiag", "total"):
             raise ValueError(f"threshold_scope must be offdiag or total, got {self.threshold_scope!r}")
+        if not isinstance(self.forced_in_top_p, bool):
+            raise ValueError(f"forced_in_top_p must be true or false, got {self.forced_in_top_p!r}")
+        if not self.forced_in_top_p and self.threshold_scope != "offdiag":
+            raise ValueError("forced_in_top_p = false needs threshold_scope = \"offdiag\" (with \"total\", tau "
+                             "counts the forced diagonal blocks); set forced_in_top_p = true or threshold_scope "
+                             "= \"offdiag\"")
         if self.row_top < 0:
             raise ValueError(f"row_top must be >= 0, got {self.row_top}")
         if not (1 <= self.sample_rows <= self.block_size):

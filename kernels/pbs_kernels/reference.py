@@ -266,7 +266,8 @@ def rank_order(probs: torch.Tensor | None, candidate: torch.Tensor, forced: torc
     blocks; threshold_scope "offdiag" renormalizes over the off-diagonal blocks.
     candidate (C, N_b), forced (broadcastable to (B, H_q, C, N_b)): from ``chunk_blocks``.
 
-    Forced blocks rank first, then blocks by descending probability (stable sort). Returns (probs,
+    With ``config.forced_in_top_p`` forced blocks rank first, then blocks by descending probability
+    (stable sort); without it (published) the ranking ignores which blocks are forced. Returns (probs,
     forced, order, mass_before), each (B, H_q, C, N_b): the block probabilities, the forced blocks
     (row_top included), the ranking (block indices) and the mass ranked before each ranked position.
     """
@@ -283,8 +284,9 @@ def rank_order(probs: torch.Tensor | None, candidate: torch.Tensor, forced: torc
     forced = forced.expand_as(probs)
     if per_row is not None and config.row_top:
         forced = forced | (row_forced & candidate)
-    # forced blocks come first in the ranking and count towards the kept mass
-    ranked = torch.where(forced, probs + 2.0, probs)
+    # forced_in_top_p: forced blocks come first in the ranking and count towards the kept mass; else
+    # top-p ranks every block by its probability and the forced blocks join the kept set afterwards
+    ranked = torch.where(forced, probs + 2.0, probs) if config.forced_in_top_p else probs
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     p_sorted = torch.gather(probs, -1, order)
     return probs, forced, order, torch.cumsum(p_sorted, -1) - p_sorted
@@ -295,8 +297,8 @@ def rank_blocks(probs: torch.Tensor | None, candidate: torch.Tensor, forced: tor
     """Top-p ranking of one chunk of query blocks: the kept set, packed. Shared by the reference and
     the GPU paths (plain torch: runs on CUDA without host syncs). Arguments as for ``rank_order``.
 
-    Forced blocks rank first and count towards the kept mass; then blocks by descending probability
-    until the mass before them reaches tau. Returns (kv_num_blocks int32 (B, H_q, C),
+    Blocks are kept in ranking order (``rank_order``) while the mass ranked before them is below tau;
+    forced blocks are kept in any case. Returns (kv_num_blocks int32 (B, H_q, C),
     kv_indices int32 (B, H_q, C, N_b): kept blocks first, ascending, then the rest ascending).
     """
     probs, forced, order, mass_before = rank_order(probs, candidate, forced, config, per_row)
@@ -311,12 +313,31 @@ def rank_blocks(probs: torch.Tensor | None, candidate: torch.Tensor, forced: tor
     return num, torch.sort(key, dim=-1).indices.to(torch.int32)
 
 
+def pooled_block_probs(q_bar: torch.Tensor, k_bar: torch.Tensor, k_bar_orig: torch.Tensor | None,
+                       candidate: torch.Tensor, causal: torch.Tensor, config: PBSConfig, scale: float) -> torch.Tensor:
+    """score="pooled": fp32 (B, H_q, C, N_b) block probabilities of one chunk of C query blocks.
+
+    q_bar (B, H_q, C, D) pooled queries of the chunk; k_bar (B, H_q, N_b, D) keys pooled in permuted
+    order; candidate, causal (C, N_b) from ``chunk_blocks``. threshold_scope "offdiag": softmax of
+    q_bar . k_bar over the candidate (off-diagonal) blocks. "total": softmax over every causal block,
+    where the blocks of the query block's own (diagonal) segment, which attention reads in original
+    order, are scored with ``k_bar_orig`` (B, H_q, N_b, D), the keys pooled in original order.
+    """
+    scores = torch.matmul(q_bar, k_bar.transpose(-1, -2)) * scale
+    if config.threshold_scope == "offdiag":
+        return scores.masked_fill(~candidate, float("-inf")).softmax(-1).nan_to_num(0.0)
+    own = torch.matmul(q_bar, k_bar_orig.transpose(-1, -2)) * scale
+    scores = torch.where(candidate, scores, own)
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1).nan_to_num(0.0)
+
+
 def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
                   scale: float | None = None, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-p block selection over permuted keys (scores per ``config.score``).
 
     q (B, H_q, N, D); k_perm (B, H_k, N, D) and perm (B, H_k, N) with H_k = H_kv or H_q;
-    k (B, H_kv, N, D): the original keys, needed only for score="sampled" / "mean_query".
+    k (B, H_kv, N, D): the original keys, needed for score="sampled" / "mean_query" and for
+    threshold_scope="total" (the diagonal segment is scored in original order).
     Returns (kv_num_blocks int32 (B, H_q, N_qb), kv_indices int32 (B, H_q, N_qb, N_kb)).
     """
     b, h_q, n, d = q.shape
@@ -336,6 +357,11 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, con
     else:
         q_bar = pool_blocks(q, bs)  # (B, H_q, N_b, D)
         k_bar = pool_blocks(k_perm, bs).repeat_interleave(g, dim=1)  # (B, H_q, N_b, D)
+        k_bar_orig = None
+        if config.threshold_scope == "total":  # the diagonal segment is read in original order
+            if k is None:
+                raise ValueError("score='pooled' with threshold_scope='total' needs the original keys: pass k=")
+            k_bar_orig = pool_blocks(k, bs).repeat_interleave(h_q // k.shape[1], dim=1)
         rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h_q * n_b))
 
     num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
@@ -346,10 +372,8 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, con
         if sampled:
             per_row = sampled_block_mass(q, k_all, kp_all, config, r0, r1, scale, per_row=True)
             num[:, :, r0:r1], idx[:, :, r0:r1] = rank_blocks(None, candidate, forced, config, per_row=per_row)
-        else:  # pooled attention over the off-diagonal blocks (or all causal blocks, scope "total")
-            scores = torch.matmul(q_bar[:, :, r0:r1], k_bar.transpose(-1, -2)) * scale
-            scope = candidate if config.threshold_scope == "offdiag" else causal
-            probs = scores.masked_fill(~scope, float("-inf")).softmax(-1).nan_to_num(0.0)
+        else:
+            probs = pooled_block_probs(q_bar[:, :, r0:r1], k_bar, k_bar_orig, candidate, causal, config, scale)
             num[:, :, r0:r1], idx[:, :, r0:r1] = rank_blocks(probs, candidate, forced, config)
     return num, idx
 

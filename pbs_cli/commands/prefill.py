@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import contextlib
 import math
 import statistics
@@ -15,6 +14,7 @@ import typer
 from rich.table import Table
 
 from .. import compiling, dense_sdpa, distributed, integration, models, presets, reports
+from .. import fidelity as fidelity_metrics
 from ..console import command_boundary, debug_enabled, err, out
 from ..sizes import parse_size
 from ..errors import OutOfMemory, UsageError
@@ -22,7 +22,6 @@ from ..documents import read_document  # eval, calibrate and profile import it f
 from ..options import Device, Dtype, Force, check_outputs
 
 DEFAULT_MODEL = "llama"
-_FIDELITY_CHUNK = 512  # positions per chunk of full-vocabulary logits (bounded memory)
 
 
 # -- input ----------------------------------------------------------------------------------
@@ -72,25 +71,6 @@ class PrefillResult:
         return statistics.median(self.times_ms)
 
 
-def _cache_of(outputs):
-    """The KV cache of a model output (``cache`` in newer transformers, ``past_key_values`` before)."""
-    cache = getattr(outputs, "cache", None)
-    return cache if cache is not None else getattr(outputs, "past_key_values", None)
-
-
-def _cache_kwarg(model) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _logits(model, hidden):
-    """Full-vocabulary logits from final hidden states (B, n, hidden) -> fp32 (B, n, vocab)."""
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = cap * (logits / cap).tanh()
-    return logits
-
-
 @dataclass
 class PrefillSpec:
     """One attention setup to time: implementation ``attn`` ("pbs", "pbs_dense", ...), whether to keep
@@ -136,12 +116,12 @@ def run_prefills(model, input_ids, specs: list[PrefillSpec], config, warmup: int
                     t0 = time.perf_counter()
                     outputs = backbone(input_ids=input_ids, use_cache=spec.keep_cache)
                     hidden = outputs.last_hidden_state
-                    logits = _logits(model, hidden[:, -1:])[:, -1]
+                    logits = fidelity_metrics.output_logits(model, hidden[:, -1:])[:, -1]
                     _sync(input_ids.device)
                     elapsed = (time.perf_counter() - t0) * 1e3
                 if i >= warmup:
                     times[j].append(elapsed)
-                last[j] = (hidden, logits, _cache_of(outputs) if spec.keep_cache else None, recorder)
+                last[j] = (hidden, logits, fidelity_metrics.cache_of(outputs) if spec.keep_cache else None, recorder)
                 del outputs
     results = []
     for t, res in zip(times, last):
@@ -173,29 +153,12 @@ def choose_dense_backend(model, input_ids, config) -> dense_sdpa.DenseChoice | N
     return dense_sdpa.pick_fastest(forward, input_ids.device, model.dtype, heads, kv_heads, head_dim)
 
 
-def fidelity(model, hidden_dense, hidden_pbs) -> tuple[float, float]:
-    """(top-1 agreement, mean KL(dense || pbs)) of the next-token distributions over every position."""
-    import torch
-
-    n = hidden_dense.shape[1]
-    agree = 0.0
-    kl = 0.0
-    with torch.inference_mode():
-        for s in range(0, n, _FIDELITY_CHUNK):
-            ld = torch.log_softmax(_logits(model, hidden_dense[:, s : s + _FIDELITY_CHUNK]), -1)
-            lp = torch.log_softmax(_logits(model, hidden_pbs[:, s : s + _FIDELITY_CHUNK]), -1)
-            agree += (ld.argmax(-1) == lp.argmax(-1)).float().sum().item()
-            kl += (ld.exp() * (ld - lp)).sum(-1).clamp_min(0).sum().item()
-    count = n * hidden_dense.shape[0]
-    return agree / count, kl / count
-
-
 def greedy_generate(model, first_logits, cache, max_new_tokens: int, eos: set[int]) -> tuple[list[int], float]:
     """Greedy decoding from a prefilled cache (decode steps run dense via the integration). Returns (ids, ms)."""
     import torch
 
     ids: list[int] = []
-    kwarg = _cache_kwarg(model)
+    kwarg = fidelity_metrics.cache_kwarg(model)
     nxt = first_logits.argmax(-1, keepdim=True)  # (B, 1)
     _sync(first_logits.device)
     t0 = time.perf_counter()
@@ -206,7 +169,7 @@ def greedy_generate(model, first_logits, cache, max_new_tokens: int, eos: set[in
             if tok in eos or len(ids) == max_new_tokens:
                 break
             step = model(input_ids=nxt, use_cache=True, **{kwarg: cache})
-            cache = _cache_of(step)
+            cache = fidelity_metrics.cache_of(step)
             nxt = step.logits[:, -1].argmax(-1, keepdim=True)
     _sync(first_logits.device)
     return ids, (time.perf_counter() - t0) * 1e3
@@ -370,6 +333,12 @@ def print_summary(rec: dict[str, Any]) -> None:
         table.add_row("speedup", f"{rec['speedup']:.2f}x vs dense SDPA" + speedup_caveat(rec))
         table.add_row("top-1 agreement", f"{rec['top1_agreement']:.2%} of {rec['prompt_tokens']} positions")
         table.add_row("mean KL(dense||pbs)", f"{rec['mean_kl']:.4f} nats")
+    c = rec.get("continuation")
+    if c:
+        table.add_row("continued", f"last {c['tokens']} tokens over the KV cache of a PBS prefill of "
+                      f"{c['prefix_tokens']}, dense attention: top-1 {c['top1_agreement']:.2%}, mean KL "
+                      f"{c['mean_kl']:.4f} nats, perplexity {c['ppl']:.3f} vs {c['ppl_dense']:.3f} dense "
+                      f"({c['ppl_increase']:+.1%})")
     g = rec.get("generation")
     if g:
         table.add_row("generated", f"{len(g['token_ids'])} tokens in {_fmt_ms(g['decode_ms'])}: {g['text']!r}")
@@ -398,7 +367,15 @@ def command(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=0, help="Greedy tokens to generate after "
                                                  "the prefill (decode runs dense).")] = 0,
     compare_dense: Annotated[bool, typer.Option("--compare-dense", help="Also run dense SDPA on the same input: "
-                                                "its time, the speedup, top-1 agreement and mean KL.")] = False,
+                                                "its time, the speedup, top-1 agreement and mean KL over every "
+                                                "prompt position, teacher-forced (a position's selection has seen "
+                                                "later tokens of its block), and the --continuation check.")] = False,
+    continuation: Annotated[int | None, typer.Option("--continuation", min=0, help="With --compare-dense: after "
+                                                     "the timed passes, prefill all but the last N prompt tokens "
+                                                     "again (untimed) with PBS and with dense SDPA, then score those "
+                                                     "N tokens with dense attention over each KV cache: top-1, KL "
+                                                     "and perplexity on tokens the selection never saw (default: the "
+                                                     "last eighth, at most 1024 tokens; 0 skips it).")] = None,
     truncate: Annotated[bool, typer.Option("--truncate", help="Keep the first tokens of a document longer than "
                                            "the model's context instead of failing.")] = False,
     max_tokens: Annotated[str | None, typer.Option("--max-tokens", help="Use at most this many tokens of the "
@@ -432,7 +409,12 @@ def command(
                                            "(re-runs this command on N ranks through torch.distributed; query and "
                                            "KV heads must divide by N). Under torchrun: the world size.")] = None,
 ) -> None:
-    """Prefill DOC with PBS attention: time, tokens/s, density per layer; --compare-dense adds speedup and fidelity."""
+    """Prefill DOC with PBS attention: time, tokens/s, density per layer; --compare-dense adds speedup and fidelity.
+
+    Fidelity comes two ways: top-1 and KL over every prompt position (teacher-forced over the timed
+    forward: a position's selection has seen later tokens of its block), and the continuation (the
+    last tokens scored with dense attention over the KV cache of a PBS prefill of the rest, tokens
+    the selection never saw)."""
     # -- validate everything before loading the model --
     if trace is not None and tp and tp > 1:
         raise UsageError("--trace profiles one process; run it without --tp")
@@ -447,6 +429,8 @@ def command(
         raise UsageError("--rope-scaling stretches RoPE past the model's trained positions: add --beyond-context")
     if compile_layers and warmup == 0:
         raise UsageError("--compile needs --warmup 1 or more: the first forward of each kind compiles")
+    if continuation and not compare_dense:
+        raise UsageError("--continuation compares against a dense prefill: add --compare-dense")
     dev = models.resolve_device(device)
     config, profile_name = presets.resolve_config(profile, device=dev, **overrides)
     torch_dtype = models.resolve_dtype(dtype, dev)
@@ -482,6 +466,12 @@ def command(
     if cap is not None:
         limit, truncate = (cap + max_new_tokens if limit is None else min(limit, cap + max_new_tokens)), True
     ids, doc_tokens = tokenize(source.tokenizer(), text, limit, truncate, max_new_tokens, doc_name)
+    cont = 0
+    if compare_dense and continuation != 0:
+        try:
+            cont = fidelity_metrics.continuation_tokens(len(ids), continuation)
+        except ValueError as exc:
+            raise UsageError(f"--continuation: {exc} (0 skips it)") from None
     past_context = trained is not None and len(ids) + max_new_tokens > trained
     if past_context:
         err.print(f"note: {len(ids)} prompt tokens exceed the model's {trained} trained positions (--beyond-context): "
@@ -575,12 +565,19 @@ def command(
         dense.times_ms = distributed.reduce_max(dense.times_ms)
         with models.progress("comparing next-token distributions"), \
                 out_of_memory_hint("comparing the logits (--compare-dense)", len(ids), str(mdl.device), dtype_name):
-            top1, kl = fidelity(mdl, dense.hidden, pbs.hidden)
+            agreement = fidelity_metrics.compare_hidden(mdl, dense.hidden, pbs.hidden, input_ids)
+        kl = agreement["mean_kl"]
         rec.update(dense_prefill_ms=dense.median_ms, dense_prefill_ms_all=dense.times_ms,
-                   speedup=dense.median_ms / pbs.median_ms, top1_agreement=top1, mean_kl=kl)
+                   speedup=dense.median_ms / pbs.median_ms, top1_agreement=agreement["top1_agreement"], mean_kl=kl)
         if not (math.isfinite(kl)):
             err.print("warning: KL is not finite (the PBS output has NaN/inf)", highlight=False, markup=False, soft_wrap=True)
         integration.set_attention(mdl, integration.NAME)
+        if cont:
+            prefix = len(ids) - cont
+            with models.progress(f"prefill of {prefix} tokens with PBS and with dense SDPA, then {cont} tokens "
+                                 "over each KV cache (--continuation)"), \
+                    out_of_memory_hint("in the continuation (--continuation)", len(ids), str(mdl.device), dtype_name):
+                rec["continuation"] = fidelity_metrics.continuation_metrics(mdl, input_ids, config, prefix)
     if max_new_tokens > 0:
         eos = loaded.tokenizer.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}

@@ -121,13 +121,13 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
         sink = reference.sink_block(perm, bs).repeat_interleave(g, dim=1)  # (B, H_q)
         q_bar = pooled.pool_blocks(q, bs)  # (B, H_q, N_b, D)
         k_bar = pooled.pool_blocks(k, bs, perm).repeat_interleave(g, dim=1)  # (B, H_q, N_b, D), permuted
+        # scope "total" also scores the diagonal segment, which attention reads in original order
+        k_orig = pooled.pool_blocks(k, bs, heads=h_q) if config.threshold_scope == "total" else None
         rows = max(1, min(n_b, buffer_bytes // (4 * b * h_q * n_b)))
         for r0 in range(0, n_b, rows):
             r1 = min(n_b, r0 + rows)
             candidate, causal, forced = reference.chunk_blocks(n_b, r0, r1, config, sink, q.device)
-            scores = torch.matmul(q_bar[:, :, r0:r1], k_bar.transpose(-1, -2)) * scale
-            scope = candidate if config.threshold_scope == "offdiag" else causal
-            probs = scores.masked_fill(~scope, float("-inf")).softmax(-1).nan_to_num(0.0)
+            probs = reference.pooled_block_probs(q_bar[:, :, r0:r1], k_bar, k_orig, candidate, causal, config, scale)
             num[:, :, r0:r1], idx[:, :, r0:r1] = reference.rank_blocks(probs, candidate, forced, config)
         return num, idx
 
@@ -162,5 +162,6 @@ def _top_p(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor, num: torch.
         r0, r1 - r0, n_b, h_q, g, config.segment_size // config.block_size, config.local_blocks,
         config.threshold - 1e-6,  # the reference compares fp32 masses against fp32(threshold - 1e-6)
         M=config.sample_rows, ROW_TOP=config.row_top, TOTAL=config.threshold_scope == "total",
-        KEEP_ALL=config.threshold >= 1.0, USE_SINK=config.sink, BLOCK_R=block_r, NB_POW2=nb_pow2, num_warps=warps,
+        KEEP_ALL=config.threshold >= 1.0, USE_SINK=config.sink, FORCED_COUNT=config.forced_in_top_p,
+        BLOCK_R=block_r, NB_POW2=nb_pow2, num_warps=warps,
     )

@@ -138,7 +138,7 @@ def _sampled_top_p_kernel(
     OUT, LSE, SINK, NUM, IDX,
     r0, rows, n_blocks, H_q, Q_PER_PERM, blocks_per_seg, local_blocks, threshold,
     M: tl.constexpr, ROW_TOP: tl.constexpr, TOTAL: tl.constexpr, KEEP_ALL: tl.constexpr, USE_SINK: tl.constexpr,
-    BLOCK_R: tl.constexpr, NB_POW2: tl.constexpr,
+    FORCED_COUNT: tl.constexpr, BLOCK_R: tl.constexpr, NB_POW2: tl.constexpr,
 ):
     # grid: (cdiv(rows, BLOCK_R), B * H_q); BLOCK_R query blocks i = r0 + r of one (batch, head), each a
     # full row of key blocks j. OUT / LSE as ``_sampled_lse_kernel`` wrote them for query blocks
@@ -168,9 +168,8 @@ def _sampled_top_p_kernel(
 
     forced = _forced_blocks(SINK, b, h, H_q, Q_PER_PERM, i, j, start, candidate, local_blocks, USE_SINK)
     forced = forced | (row_forced & candidate)
-    free = candidate & ~forced
     if KEEP_ALL:
         keep = candidate | forced
     else:
-        keep = _keep_top_p(p, forced, free, threshold, BLOCK_R)
+        keep = _keep_top_p(p, forced, candidate, threshold, BLOCK_R, FORCED_COUNT)
     _store_plan(NUM, IDX, keep, j, pid_bh * n_blocks + r0 + r, row_ok, n_blocks)

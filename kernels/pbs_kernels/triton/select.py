@@ -211,6 +211,7 @@ class BlockSelection:
                 row0, chunk, live, n_b, r_begin, out_rows, h_q, h_q // h_perm, per_seg, config.local_blocks,
                 # the reference compares fp32 masses against fp32(threshold - 1e-6)
                 config.threshold - 1e-6,
-                KEEP_ALL=keep_all, USE_SINK=config.sink, BLOCK_R=block_r, NB_POW2=nb_pow2, num_warps=top_p_warps,
+                KEEP_ALL=keep_all, USE_SINK=config.sink, FORCED_COUNT=config.forced_in_top_p, BLOCK_R=block_r,
+                NB_POW2=nb_pow2, num_warps=top_p_warps,
             )
         return num, idx

@@ -6,12 +6,12 @@
 2. ``_block_scores_kernel``: pooled scores q_bar . k_bar^T * scale for a chunk of query blocks, one tile per program,
    only the key tiles left of the tile's last diagonal segment (the candidates).
 3. ``_top_p_kernel``: per (batch, head) and tile of query blocks, per row: softmax over the candidate
-   blocks, rank (forced blocks first, then descending probability, ties by block index), keep
-   blocks while the mass before them is below the threshold, write the packed plan row. The
-   kept prefix of the ranking is found by bisection over the probability bits (31 masked sums of
-   a row), not by sorting: no sort network, the same result as a stable sort + cumsum
-   (``_plan_tile``, ``_forced_blocks``, ``_keep_top_p`` and ``_store_plan``, shared with the sampled
-   selection's top-p kernel).
+   blocks, rank (forced blocks first unless forced_in_top_p is off, then descending probability,
+   ties by block index), keep blocks while the mass before them is below the threshold, write the
+   packed plan row. The kept prefix of the ranking is found by bisection over the probability bits
+   (31 masked sums of a row), not by sorting: no sort network, the same result as a stable sort +
+   cumsum (``_plan_tile``, ``_forced_blocks``, ``_keep_top_p`` and ``_store_plan``, shared with the
+   sampled selection's top-p kernel).
 """
 
 import triton
@@ -103,7 +103,8 @@ def _block_scores_kernel(
 def _top_p_kernel(
     S, SINK, NUM, IDX,
     row0, rows, live, n_blocks, out_row0, out_rows, H_q, Q_PER_PERM, blocks_per_seg, local_blocks, threshold,
-    KEEP_ALL: tl.constexpr, USE_SINK: tl.constexpr, BLOCK_R: tl.constexpr, NB_POW2: tl.constexpr,
+    KEEP_ALL: tl.constexpr, USE_SINK: tl.constexpr, FORCED_COUNT: tl.constexpr, BLOCK_R: tl.constexpr,
+    NB_POW2: tl.constexpr,
 ):
     # grid: (cdiv(live, BLOCK_R), B * H_q); BLOCK_R query blocks i = row0 + r of one (batch, head),
     # each row of the tile a full row of key blocks j. NUM / IDX hold out_rows query blocks per
@@ -118,11 +119,10 @@ def _top_p_kernel(
     p = tl.where(candidate, e / tl.where(total == 0.0, 1.0, total), 0.0)
 
     forced = _forced_blocks(SINK, b, h, H_q, Q_PER_PERM, i, j, start, candidate, local_blocks, USE_SINK)
-    free = candidate & ~forced
     if KEEP_ALL:
         keep = candidate | forced
     else:
-        keep = _keep_top_p(p, forced, free, threshold, BLOCK_R)
+        keep = _keep_top_p(p, forced, candidate, threshold, BLOCK_R, FORCED_COUNT)
     _store_plan(NUM, IDX, keep, j, pid_bh * out_rows + row0 - out_row0 + r, row_ok, n_blocks)
 
 
@@ -156,18 +156,25 @@ def _forced_blocks(SINK, b, h, H_q, Q_PER_PERM, i, j, start, candidate, local_bl
 
 
 @triton.jit
-def _keep_top_p(p, forced, free, threshold, BLOCK_R: tl.constexpr):
+def _keep_top_p(p, forced, candidate, threshold, BLOCK_R: tl.constexpr, FORCED_COUNT: tl.constexpr):
     """Bool (BLOCK_R, NB): the kept blocks of top-p over rows of block probabilities ``p`` (fp32 in
-    [0, 1], 0 outside the scope). Ranking: forced blocks first (their mass counts), then the ``free``
-    blocks by descending probability, ties by ascending block index; a free block is kept while the
-    mass ranked before it is below ``threshold``.
+    [0, 1], 0 outside the scope), the ``forced`` blocks always among them. With FORCED_COUNT the
+    forced blocks rank first and their mass counts, then the other candidates by descending
+    probability; without it every candidate ranks by probability and the forced blocks are added
+    after. Ties by ascending block index; a ranked block is kept while the mass before it is below
+    ``threshold``.
 
     With G(t) = F + sum(p_k : bits(p_k) > t) (F = mass of the forced blocks; fp32 bits of p >= 0 order
     like the values), the boundary value is the smallest t with G(t) < threshold, found by bisection
     per row (no sort): blocks above it are kept, blocks below it are not, and blocks exactly at it
     (ties) are kept in index order while G(t) + (earlier ties) * p stays below the threshold."""
     bits = p.to(tl.int32, bitcast=True)
-    mass_forced = tl.sum(tl.where(forced, p, 0.0), 1)
+    if FORCED_COUNT:
+        free = candidate & ~forced
+        mass_forced = tl.sum(tl.where(forced, p, 0.0), 1)
+    else:
+        free = candidate
+        mass_forced = tl.zeros([BLOCK_R], tl.float32)
     # the loop's operands, masked once: other blocks get bits -1, below every probe (mid >= -1)
     p_free = tl.where(free, p, 0.0)
     bits_free = tl.where(free, bits, -1)
