@@ -84,6 +84,15 @@ def test_sample_rows_are_strided_and_start_at_each_blocks_last_row():
     assert rows.tolist() == [[15, 11, 7, 3], [31, 27, 23, 19], [39, 39, 39, 35]]
 
 
+def test_geometric_sample_rows_start_at_the_last_row_then_hug_the_blocks_start():
+    rows = R.sample_rows(40, 16, 5, spacing="geometric")
+    assert rows.tolist() == [[15, 7, 3, 1, 0], [31, 23, 19, 17, 16], [39, 39, 35, 33, 32]]
+    with pytest.raises(ValueError, match="at most 5 rows in a block of 16"):
+        PBSConfig(block_size=16, segment_size=32, score="sampled", sample_rows=6, sample_spacing="geometric")
+    with pytest.raises(ValueError, match="sample_spacing must be one of strided, geometric"):
+        PBSConfig(sample_spacing="random")
+
+
 @pytest.mark.parametrize("permute", [True, False])
 def test_sampled_block_mass_matches_loop_oracle(permute):
     q, k, _ = qkv(1, 4, 2, 80, 8, seed=1)

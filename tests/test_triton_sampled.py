@@ -63,7 +63,11 @@ def layout_masses(q, k, perm, cfg, r0, r1, dtype=torch.float64, layout="pbs"):
     slots = torch.arange(n)
     out = torch.zeros(b, h_q, r1 - r0, m, n_b, dtype=torch.float64)
     for i in range(r0, r1):
-        rows = [min(i * bs + bs - 1 - (bs // m) * t, n - 1) for t in range(m)]
+        if cfg.sample_spacing == "geometric":  # the last row, then rows 2**k - 1 from the block's start
+            offsets = [bs - 1] + [2 ** (m - 1 - t) - 1 for t in range(1, m)]
+        else:
+            offsets = [bs - 1 - (bs // m) * t for t in range(m)]
+        rows = [min(i * bs + o, n - 1) for o in offsets]
         ds = i // per_seg * per_seg * bs
         if layout == "original":
             src = slots.expand(b, h_q, n)
@@ -125,13 +129,18 @@ SHAPES = [
     (1, 4, 1, 257, 16, 64, 16, True),   # GQA 4, per-head permutation, one-row last block
     (1, 2, 2, 50, 16, 64, 3, False),    # N shorter than one segment; 3 rows (not a power of two)
     (1, 8, 1, 150, 16, 32, 2, False),   # GQA 8, one block per segment
+    (1, 4, 2, 333, 32, 64, "geometric", False),  # geometric rows 31, 15, 7, 3, 1, 0
 ]
 
 
 @pytest.mark.parametrize("case", SHAPES, ids=lambda c: "B{}-Hq{}-Hkv{}-N{}-bs{}-S{}-m{}-ph{}".format(*c))
 def test_masses_match_definition_fp32(case):
     b, h_q, h_kv, n, bs, s, m, ph = case
-    cfg = PBSConfig(block_size=bs, segment_size=s, score="sampled", sample_rows=m, per_head_permutation=ph)
+    spacing = "strided"
+    if m == "geometric":
+        spacing, m = m, bs.bit_length()
+    cfg = PBSConfig(block_size=bs, segment_size=s, score="sampled", sample_rows=m, per_head_permutation=ph,
+                    sample_spacing=spacing)
     q, k = structured_qkv(b, h_q, h_kv, n, 32, seed=n)
     perm = permutation(q, k, cfg)
     n_b = -(-n // bs)
@@ -201,6 +210,7 @@ PLANS = [
     (1, 3, 1, 45, 16, 64, DEFAULT),  # N shorter than one segment
     (1, 3, 1, 300, 32, 64, {**DEFAULT, "threshold": 0.05, "row_top": 0}),  # forced blocks only
     (1, 3, 1, 300, 32, 64, {"score": "pooled", "threshold_scope": "total", "threshold": 0.9}),
+    (1, 4, 2, 555, 32, 64, {**DEFAULT, "sample_spacing": "geometric", "sample_rows": 5, "local_blocks": 2}),
 ]
 
 
@@ -354,7 +364,7 @@ def compile(fn, sig, consts, warps):
         raise
 
 for dtype, head_dim in (("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp32", 64)):
-    consts = dict(M=4, M_POW2=4, STEP=32, QB=16, BLOCK_R=64, BLOCK_N=128, HEAD_DIM=head_dim, D_POW2=head_dim,
+    consts = dict(M=4, M_POW2=4, STEP=32, GEOMETRIC=head_dim == 128, QB=16, BLOCK_R=64, BLOCK_N=128, HEAD_DIM=head_dim, D_POW2=head_dim,
                   IEEE=dtype == "fp32")
     sig = {"Q": "*" + dtype, "K": "*" + dtype, "PERM": "*i32", "OUT": "*fp32", "LSE": "*fp32", "scale": "fp32"}
     for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn", "stride_pb",

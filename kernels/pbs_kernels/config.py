@@ -41,6 +41,10 @@ class PBSConfig:
                    off-diagonal blocks) or "total" (all causal blocks, diagonal segment included; with
                    score="sampled" tau is then an estimate of the attention recall).
     sample_rows:   query rows per block for score="sampled".
+    sample_spacing: where those rows sit in the block: "strided" (evenly, the block's last row
+                   first) or "geometric" (the last row, then rows 2**k - 1 from the block's start:
+                   ..., 7, 3, 1, 0). Geometric rows see what the first queries of a segment need: the
+                   recent keys of the previous segment, which the permutation scatters over its blocks.
     row_top:       with score="sampled", each sampled row also keeps its ``row_top`` highest-mass
                    off-diagonal blocks (protects needles that one row needs and the mean dilutes).
     importance_rows: which queries score keys for the permutation: "last" (published: the last
@@ -63,6 +67,7 @@ class PBSConfig:
     forced_in_top_p: bool = True
     score: str = "pooled"
     sample_rows: int = 4
+    sample_spacing: str = "strided"
     importance_rows: str = "last"
     permute_heads: str = "all"
     dense_layers: tuple[int, ...] = ()
@@ -71,6 +76,7 @@ class PBSConfig:
 
     SCORES = ("pooled", "sampled", "mean_query")
     IMPORTANCE_ROWS = ("last", "strided")
+    SAMPLE_SPACINGS = ("strided", "geometric")
     PERMUTE_HEADS = ("all", "auto")
 
     def __post_init__(self) -> None:
@@ -89,7 +95,7 @@ class PBSConfig:
             )
 
         for name, allowed in (("score", self.SCORES), ("importance_rows", self.IMPORTANCE_ROWS),
-                              ("permute_heads", self.PERMUTE_HEADS)):
+                              ("permute_heads", self.PERMUTE_HEADS), ("sample_spacing", self.SAMPLE_SPACINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.threshold_scope not in ("offdiag", "total"):
@@ -104,6 +110,10 @@ class PBSConfig:
             raise ValueError(f"row_top must be >= 0, got {self.row_top}")
         if not (1 <= self.sample_rows <= self.block_size):
             raise ValueError(f"sample_rows must be in [1, block_size={self.block_size}], got {self.sample_rows}")
+        most = self.block_size.bit_length()  # geometric rows 2**k - 1 stay distinct and inside the block
+        if self.sample_spacing == "geometric" and self.sample_rows > most:
+            raise ValueError(f"sample_spacing geometric places at most {most} rows in a block of {self.block_size}, "
+                             f"got sample_rows = {self.sample_rows}; use sample_rows <= {most} or spacing strided")
         if not isinstance(self.dense_layers, tuple):  # lists from TOML / JSON
             object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
         if any(i < 0 for i in self.dense_layers):

@@ -183,12 +183,16 @@ def sink_block(perm: torch.Tensor, block_size: int) -> torch.Tensor:
     return torch.div((perm == 0).int().argmax(-1), block_size, rounding_mode="floor")
 
 
-def sample_rows(n: int, block_size: int, rows: int, device=None) -> torch.Tensor:
-    """int64 (N_b, rows): ``rows`` query positions per block, strided, each block's last row first
-    (clipped to N-1 in a partial last block, so rows may repeat there)."""
+def sample_rows(n: int, block_size: int, rows: int, device=None, spacing: str = "strided") -> torch.Tensor:
+    """int64 (N_b, rows): ``rows`` query positions per block, each block's last row first (clipped to
+    N-1 in a partial last block, so rows may repeat there). Offsets inside the block: "strided"
+    B-1, B-1-s, B-1-2s, ... with s = B // rows; "geometric" B-1, then 2**(rows-2) - 1, ..., 3, 1, 0."""
     n_b = _cdiv(n, block_size)
-    step = block_size // rows
-    offs = block_size - 1 - step * torch.arange(rows, device=device)
+    t = torch.arange(rows, device=device)
+    if spacing == "geometric":
+        offs = torch.where(t == 0, block_size - 1, (1 << (rows - 1 - t).clamp_min(0)) - 1)
+    else:
+        offs = block_size - 1 - (block_size // rows) * t
     pos = torch.arange(n_b, device=device)[:, None] * block_size + offs[None, :]
     return pos.clamp_max(n - 1)
 
@@ -214,7 +218,7 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor, c
         pos = (torch.arange(r0, r1, device=q.device) * bs + bs - 1).clamp_max(n - 1)[:, None]  # (C, 1)
     else:
         m = config.sample_rows
-        pos = sample_rows(n, bs, m, q.device)[r0:r1]  # (C, m)
+        pos = sample_rows(n, bs, m, q.device, config.sample_spacing)[r0:r1]  # (C, m)
         qs = q[:, :, pos.reshape(-1)].float()
     qs = qs.reshape(b, h_q, c * m, d) * scale
     pos = pos.reshape(-1)  # (C*m,)

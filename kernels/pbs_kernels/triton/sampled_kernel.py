@@ -4,8 +4,8 @@ log of its softmax mass on every key block, in the layout that the row's query b
 Layout read by query block i (diagonal segment starting at key block ds(i)): key blocks j < ds(i) are
 read in PERMUTED order (slot s holds original key perm[b, hp, s], gathered through perm, no permuted
 copy); key blocks ds(i) <= j <= i hold ORIGINAL keys, masked causally on original positions (key <= row)
-and at N (partial last block). Rows are ``reference.sample_rows``: m strided rows per block, the last
-row first, clipped to N-1.
+and at N (partial last block). Rows are ``reference.sample_rows``: m rows per block, strided or
+geometric (``PBSConfig.sample_spacing``), the last row first, clipped to N-1.
 
 One program = the sampled rows of QB consecutive query blocks x one query head (QB * m rows fill
 one MMA tile, so each key tile read serves many rows); it streams key tiles of BLOCK_N = block_size
@@ -62,7 +62,7 @@ def _sampled_lse_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_pb, stride_ph,
     n_keys, n_b, r0, r1, H_q, G_KV, G_PERM, per_seg, scale,
-    M: tl.constexpr, M_POW2: tl.constexpr, STEP: tl.constexpr, QB: tl.constexpr,
+    M: tl.constexpr, M_POW2: tl.constexpr, STEP: tl.constexpr, GEOMETRIC: tl.constexpr, QB: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -86,7 +86,11 @@ def _sampled_lse_kernel(
     qb = g0 + offs_r // M_POW2
     t = offs_r % M_POW2
     row_ok = (t < M) & (offs_r // M_POW2 < QB) & (qb < r1)
-    pos = tl.minimum(qb * BLOCK_N + (BLOCK_N - 1) - STEP * t, n_keys - 1)  # in bounds for every lane
+    if GEOMETRIC:  # the block's last row, then rows 2**k - 1 from its start
+        offs = tl.where(t == 0, BLOCK_N - 1, (1 << tl.maximum(M - 1 - t, 0)) - 1)
+    else:  # evenly strided, the last row first
+        offs = (BLOCK_N - 1) - STEP * t
+    pos = tl.minimum(qb * BLOCK_N + offs, n_keys - 1)  # in bounds for every lane
     ds_row = (qb // per_seg) * per_seg  # first key block of each row's own diagonal segment
     offs_d = tl.arange(0, D_POW2)
     d_ok = offs_d < HEAD_DIM
