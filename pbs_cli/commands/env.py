@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from ..console import command_boundary, out
+from ..families import FAMILIES
 
 
 def _version(dist: str) -> str | None:
@@ -83,6 +84,7 @@ def collect() -> dict[str, Any]:
     env["profiles"] = sorted(presets.profiles())
     env["model_aliases"] = {name: a.source for name, a in sorted(presets.model_aliases().items())}
     env["cuda_devices"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    env["model_families"] = [family.to_dict() for family in FAMILIES]
     return env
 
 
@@ -120,4 +122,6 @@ def command(
     table.add_row("profiles", ", ".join(info["profiles"]))
     table.add_row("user profiles dir", info["profiles_dir"] + "  ($PBS_CONFIG_DIR)")
     table.add_row("model aliases", ", ".join(f"{k} -> {v}" for k, v in info["model_aliases"].items()))
+    for family in info["model_families"]:
+        table.add_row(f"family {family['name']}", f"{family['sparse']} ({', '.join(family['model_types'])})")
     out.print(table)

@@ -112,8 +112,8 @@ def _sweep_configs(plan_block: int, head_dim: int) -> list[triton.Config]:
 def _autotuned(plan_block: int, head_dim: int, row_bucket: int):
     """One autotuner per (plan block, head_dim, power-of-two bucket of mean kept blocks per row):
     each bucket is tuned on its first call, so a tune at a short length does not serve long ones."""
-    return triton.autotune(configs=_cuda_configs(plan_block, head_dim),
-                           key=["HEAD_DIM", "PLAN_BLOCK", "PERM_MODE", "SEG_BLOCKS", "WINDOWED", "SOFTCAP"])(K.pbs_attn_fwd)
+    keys = ["HEAD_DIM", "PLAN_BLOCK", "PERM_MODE", "SEG_BLOCKS", "WINDOWED", "SOFTCAP"]
+    return triton.autotune(configs=_cuda_configs(plan_block, head_dim), key=keys)(K.pbs_attn_fwd)
 
 
 @functools.cache
