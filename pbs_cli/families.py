@@ -49,5 +49,8 @@ FAMILIES: tuple[Family, ...] = (
            "kernel"),
     Family("Gemma-3", ("gemma3_text",), "Gemma3ForCausalLM",
            "global layers: PBS selection; local (sliding-window) layers: band plans"),
+    Family("gpt-oss", ("gpt_oss",), "GptOssForCausalLM",
+           "global layers: PBS selection; sliding-window layers: band plans; learned attention sinks applied in "
+           "the kernel"),
 )
 

@@ -15,7 +15,7 @@ Outside any ``pbs_run`` block the attention uses ``PBSConfig()`` defaults and re
 
 The sparse path runs only for a plain causal prefill: more than one query, as many queries as keys
 (empty cache), no attention mask (transformers passes ``None`` when there is no padding), causal,
-no dropout, no attention sinks (``s_aux``) or position bias, and N >= ``config.dense_below``.
+no dropout, no position bias, and N >= ``config.dense_below``.
 Everything else (decode steps, padded batches, chunked prefill over a cache) delegates to
 transformers' own SDPA attention function, unchanged, or, for layers that soft-cap their logits or
 carry sinks (which SDPA cannot apply), to the model family's own eager attention function.
@@ -25,8 +25,9 @@ plan (``pbs_kernels.band``: exact, no selection) with the window masked in the k
 PBS selection. So that such a layer's prefill reaches the attention function without an N x N mask,
 the "pbs" mask builder (``pbs_mask``) returns None for a sliding-window mask of an unpadded prefill
 from position 0 once it has checked that the mask is exactly the window the layer then passes as
-``sliding_window``; every other mask is SDPA's. Soft-capped layers (Gemma-2) run either plan with
-the cap applied in the kernel.
+``sliding_window``; every other mask is SDPA's. Soft-capped layers (Gemma-2) and layers with learned
+attention sinks (gpt-oss's ``s_aux``) run either plan with the cap or the sinks applied in the kernel
+(without CUDA graphs for sinks: a graph would keep the first layer's sink tensor).
 
 On CUDA each ``pbs_run`` replays the layers' PBS work from a CUDA graph captured in the run
 (``pbs_kernels.graphs.LayerGraphs``: the first sparse layer eager, the second captured, the rest
@@ -166,8 +167,6 @@ def _dense_reason(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         return "not causal"
     if dropout and module.training:
         return "dropout"
-    if kwargs.get("s_aux") is not None:
-        return "attention sinks (s_aux) not supported"
     if kwargs.get("position_bias") is not None:
         return "position_bias not supported"
     if q_len < config.dense_below:
@@ -198,21 +197,22 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             run.recorder.add(LayerStat(layer, "dense", reason, q_len, key.shape[2], b))
         return _dense_forward(run, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               is_causal=is_causal, **kwargs)
-    window, softcap = layer_window(kwargs), kwargs.get("softcap")
+    window, softcap, sinks = layer_window(kwargs), kwargs.get("softcap"), kwargs.get("s_aux")
     ctx = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
     with ctx, torch.profiler.record_function("pbs.attention"):  # groups the layer's PBS work in traces
         if window is not None:
-            out, plan = band_attention(query, key, value, config, window, scaling, softcap)
-        elif query.is_cuda and run is not None and run.graphs is not None:
+            out, plan = band_attention(query, key, value, config, window, scaling, softcap, sinks)
+        elif query.is_cuda and run is not None and run.graphs is not None and sinks is None:
             out, plan = run.graphs(query, key, value, config, scaling, softcap)
         else:
-            out, plan = pbs_prefill_attention(query, key, value, config, scale=scaling, softcap=softcap)
+            out, plan = pbs_prefill_attention(query, key, value, config, scale=scaling, softcap=softcap, sinks=sinks)
     if run is not None:
         why = f"sliding window {window}" if window is not None else "causal prefill"
-        run.recorder.add(LayerStat(layer, "pbs", why + (f", softcap {softcap:g}" if softcap is not None else ""),
-                                   q_len, key.shape[2], b, plan.kv_num_blocks.sum(), plan.causal_blocks(),
-                                   attention_kernel(query, config.block_size, key, value,
-                                                    masked=window is not None or softcap is not None)))
+        why += (f", softcap {softcap:g}" if softcap is not None else "") + (", sinks" if sinks is not None else "")
+        masked = window is not None or softcap is not None or sinks is not None
+        run.recorder.add(LayerStat(layer, "pbs", why, q_len, key.shape[2], b, plan.kv_num_blocks.sum(),
+                                   plan.causal_blocks(), attention_kernel(query, config.block_size, key, value,
+                                                                          masked=masked)))
     # a no-op where the kernel wrote transformers' (B, N, H, D) layout itself (triton.attention.keeps_layout),
     # replays included: the caller's o_proj reads the graph's output before the next layer's replay rewrites it
     return out.transpose(1, 2).contiguous(), None

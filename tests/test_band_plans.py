@@ -1,5 +1,5 @@
-"""Sliding windows and soft-capping: band plans, the PyTorch reference and the Triton kernel against a
-token-level oracle of windowed (soft-capped) causal attention written here in fp64.
+"""Sliding windows, soft-capping and attention sinks: band plans, the PyTorch reference and the Triton kernel
+against a token-level oracle of windowed (soft-capped, sink) causal attention written here in fp64.
 
 The oracle knows nothing of blocks: query q sees original keys q - W < k <= q. Band plans are checked
 twice: their kept blocks against the blocks that window touches (computed from the token mask), and
@@ -37,21 +37,25 @@ def window_mask(n: int, window: int | None) -> torch.Tensor:
     return mask if window is None else mask & (j > i - window)
 
 
-def oracle(q, k, v, mask, dtype=torch.float64, softcap=None, scale=None):
-    """Dense attention under a token mask (broadcast to (B, H_q, N, N)), every op in ``dtype``."""
+def oracle(q, k, v, mask, dtype=torch.float64, softcap=None, scale=None, sinks=None):
+    """Dense attention under a token mask (broadcast to (B, H_q, N, N)), every op in ``dtype``; ``sinks``
+    (H_q,): one more logit per head in each softmax, whose weight is dropped."""
     g = q.shape[1] // k.shape[1]
     q, k, v = (x.cpu().to(dtype) for x in (q, k, v))
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
-    return s.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.cpu().to(dtype)[None, :, None, None].expand(*s.shape[:-1], 1)], -1)
+    return s.softmax(-1)[..., : k.shape[2]] @ v
 
 
-def assert_rule(out, q, k, v, mask, softcap=None, scale=None):
+def assert_rule(out, q, k, v, mask, softcap=None, scale=None, sinks=None):
     """err(out vs fp64 oracle) <= 2 * err(the same math in q's dtype vs fp64) + floor."""
-    exact = oracle(q, k, v, mask, softcap=softcap, scale=scale)
-    low = oracle(q, k, v, mask, q.dtype, softcap=softcap, scale=scale)
+    exact = oracle(q, k, v, mask, softcap=softcap, scale=scale, sinks=sinks)
+    low = oracle(q, k, v, mask, q.dtype, softcap=softcap, scale=scale, sinks=sinks)
     err = (out.cpu().double() - exact).abs().max().item()
     err_pt = (low.double() - exact).abs().max().item()
     assert err <= 2 * err_pt + FLOOR[q.dtype], f"error {err:.3g} > 2 x PyTorch error {err_pt:.3g} + floor"
@@ -109,6 +113,18 @@ def test_reference_softcap_on_a_permuted_sparse_plan(softcap, window):
     assert (out - uncapped).abs().max() > 1e-3  # the cap changed the result
 
 
+@pytest.mark.parametrize("window", [None, 45])
+def test_reference_sinks_on_a_permuted_sparse_plan(window):
+    """gpt-oss's learned sinks: a per-head logit in every softmax denominator that carries no value."""
+    n = 170
+    q, k, v = (x.cpu() for x in qkv(2, 4, 1, n, 16, torch.float32, seed=8))
+    sinks = torch.tensor([-1.0, 0.0, 2.0, 5.0])  # from a small share of the mass to most of it
+    plan = random_plan(2, 4, 1, n, 32, 64, p=0.5, seed=8)
+    out = R.block_sparse_attention(q, k, v, plan, window=window, sinks=sinks)
+    assert_rule(out, q, k, v, token_mask(plan) & window_mask(n, window), sinks=sinks)
+    assert (out - R.block_sparse_attention(q, k, v, plan, window=window)).abs().max() > 1e-2  # sinks took mass
+
+
 def test_bad_softcap_is_refused():
     q, k, v = qkv(1, 2, 1, 40, 16, torch.float32)
     with pytest.raises(ValueError, match="softcap must be a positive"):
@@ -122,7 +138,7 @@ def check_kernel(q, k, v, plan, mask, **kw):
     out = torch.full_like(q, float("nan"))
     A.pbs_attention(q, k, v, plan, out=out, **kw)
     assert not out.isnan().any(), "kernel left NaN (unwritten tile or 0/0)"
-    assert_rule(out, q, k, v, mask, softcap=kw.get("softcap"), scale=kw.get("scale"))
+    assert_rule(out, q, k, v, mask, softcap=kw.get("softcap"), scale=kw.get("scale"), sinks=kw.get("sinks"))
     return out
 
 
@@ -162,6 +178,19 @@ def test_kernel_softcap(dtype, window, d):
     low = oracle(q, k, v, token_mask(plan) & window_mask(n, window), dtype, softcap=5.0, scale=0.2)
     err_pt = (low.double() - exact).abs().max().item()
     torch.testing.assert_close(out.float().cpu(), ref, atol=2 * err_pt + FLOOR[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["remap", "tma"])
+def test_kernel_sinks(dtype, mode):
+    """Sinks on a band plan and on a permuted sparse plan (GQA 4, odd length)."""
+    n, window = 181, 60
+    q, k, v = qkv(1, 4, 1, n, 64, dtype, seed=9)
+    sinks = torch.tensor([-1.0, 0.0, 2.0, 5.0], device=DEVICE)
+    band = band_plan(1, 4, 1, n, window, 32, 64, DEVICE)
+    check_kernel(q, k, v, band, window_mask(n, window), window=window, sinks=sinks, perm_mode=mode)
+    plan = to_device(random_plan(1, 4, 1, n, 32, 64, p=0.5, seed=9))
+    check_kernel(q, k, v, plan, token_mask(plan) & window_mask(n, None), sinks=sinks, perm_mode=mode)
 
 
 def test_band_attention_in_row_chunks_equals_the_whole_plan(monkeypatch):

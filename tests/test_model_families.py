@@ -41,6 +41,10 @@ CASES = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
                dict(head_dim=16, sliding_window=W, attn_logit_softcapping=2.0, query_pre_attn_scalar=16),
                [W, None]),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(head_dim=16, sliding_window=W, num_local_experts=4, num_experts_per_tok=2,
+                     layer_types=["sliding_attention", "full_attention"], experts_implementation="eager"),
+                [W, None]),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                     dict(head_dim=16, sliding_window=W, layer_types=["sliding_attention", "full_attention"]),
                     [W, None]),
@@ -108,6 +112,7 @@ def test_family_equals_its_eager_attention_and_runs_sparse(model_type):
             assert stat.reason.startswith(f"sliding window {window}")
             assert stat.density == pytest.approx(band_density(N, window, SMALL["block_size"]))
         assert ("softcap" in stat.reason) == (model_type == "gemma2")
+        assert stat.reason.endswith(", sinks") == (model_type == "gpt_oss")
 
     _, rec = run(model, ids, integration.NAME, PBSConfig(threshold=0.5, **SMALL))
     layers = rec.prefill_layers()
@@ -115,10 +120,10 @@ def test_family_equals_its_eager_attention_and_runs_sparse(model_type):
     assert [s.reason.startswith("sliding window") for s in layers] == [w is not None for w in windows]
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "gemma2"])
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2", "gpt_oss"])
 def test_padded_batch_runs_dense_with_the_window(model_type):
     """A padding mask is not the plain window: the mask builder gives SDPA's mask and the layer runs dense
-    (the family's eager function where logits are soft-capped), equal to eager attention."""
+    (the family's eager function where logits are soft-capped or sinks are learned), equal to eager attention."""
     model, windows = build(model_type)
     ids = torch.randint(0, 300, (2, 120), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
@@ -128,10 +133,10 @@ def test_padded_batch_runs_dense_with_the_window(model_type):
     assert_matches_eager(model, ids, out, attention_mask=mask)
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2", "gemma3_text", "gpt_oss"])
 def test_decode_after_a_band_prefill_equals_eager(model_type):
-    """Prefill with band plans, then decode steps (dense, with the cache's window mask, soft-capped in the
-    family's eager function): the steps' logits equal an eager forward over the whole sequence."""
+    """Prefill with band plans, then decode steps (dense, with the cache's window mask; soft-capped or with
+    sinks in the family's eager function): the steps' logits equal an eager forward over the whole sequence."""
     model, _ = build(model_type)
     ids = torch.randint(0, 300, (1, 120), generator=torch.Generator().manual_seed(3))
     integration.set_attention(model, integration.NAME)

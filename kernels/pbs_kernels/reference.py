@@ -378,11 +378,13 @@ def check_softcap(softcap: float | None) -> float | None:
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PermutedBlockMask,
                            scale: float | None = None, window: int | None = None,
-                           softcap: float | None = None) -> torch.Tensor:
+                           softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention over the kept key blocks of ``plan`` only. Returns (B, H_q, N, D) in q's dtype.
 
     window: sliding window W: query q sees only original keys q - W < k <= q (inside the kept blocks).
     softcap: scores (scaled q . k) become ``softcap * tanh(scores / softcap)`` before masking and softmax.
+    sinks: (H_q,) learned per-head attention sinks (gpt-oss): one extra logit per head in every row's
+    softmax denominator, with no value (the row's weights then sum to less than 1).
 
     Each chunk of query blocks gathers its kept key blocks from a virtual key array
     [permuted keys ; original keys], right-aligned so that query block i's own block comes last:
@@ -395,7 +397,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
     from torch.nn.attention.bias import causal_lower_right
 
     check_softcap(softcap)
-    explicit = window is not None or softcap is not None
+    explicit = window is not None or softcap is not None or sinks is not None
+    if sinks is not None and tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"sinks must hold one logit per query head, shape ({q.shape[1]},), got {tuple(sinks.shape)}")
 
     b, h_q, n, d = q.shape
     bs = plan.block_size
@@ -458,7 +462,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
         if explicit:
             key_pos = pos_virt.index_select(0, flat).reshape(b * h_q * c, 1, 1, m * bs)
             q_pos = torch.arange(r0 * bs, r1 * bs, device=dev).reshape(1, 1, c, bs).expand(b, h_q, c, bs)
-            o = _masked_chunk(qc, keys, vals, key_pos, q_pos.reshape(b * h_q * c, 1, bs, 1), window, softcap)
+            sink = None if sinks is None else sinks.float().reshape(1, h_q, 1).expand(b, h_q, c).reshape(-1, 1, 1, 1)
+            o = _masked_chunk(qc, keys, vals, key_pos, q_pos.reshape(b * h_q * c, 1, bs, 1), window, softcap, sink)
         else:
             o = torch.nn.functional.scaled_dot_product_attention(
                 qc, keys, vals, attn_mask=causal_lower_right(bs, m * bs), scale=1.0)
@@ -467,18 +472,23 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
 
 
 def _masked_chunk(qc: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, key_pos: torch.Tensor,
-                  q_pos: torch.Tensor, window: int | None, softcap: float | None) -> torch.Tensor:
+                  q_pos: torch.Tensor, window: int | None, softcap: float | None,
+                  sink: torch.Tensor | None = None) -> torch.Tensor:
     """One chunk of ``block_sparse_attention`` with explicit scores: qc (X, 1, bs, D+1) scaled queries and a
     column of ones; keys, vals (X, 1, M, D+1), the keys' last column their bias (0, or -inf for padding);
-    key_pos (X, 1, 1, M) and q_pos (X, 1, bs, 1) original positions. Returns (X, 1, bs, D+1)."""
+    key_pos (X, 1, 1, M) and q_pos (X, 1, bs, 1) original positions; sink (X, 1, 1, 1) each row's sink
+    logit, or None. Returns (X, 1, bs, D+1)."""
     d = qc.shape[-1] - 1
     s = soft_cap(torch.matmul(qc[..., :d], keys[..., :d].transpose(-1, -2)), softcap)
     s = s + keys[..., d].unsqueeze(-2)  # after the cap: tanh would turn a -inf bias into -softcap
     visible = key_pos <= q_pos
     if window is not None:
         visible = visible & (key_pos > q_pos - window)
-    p = s.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)  # a row that sees nothing: 0
-    return torch.matmul(p, vals)
+    s = s.masked_fill(~visible, float("-inf"))
+    if sink is not None:  # a column that takes softmax mass and gives no value
+        s = torch.cat([s, sink.expand(*s.shape[:-1], 1)], -1)
+    p = s.softmax(-1).nan_to_num(0.0)  # a row that sees nothing: 0
+    return torch.matmul(p[..., : keys.shape[-2]], vals)
 
 
 def attention_recall(q: torch.Tensor, k: torch.Tensor, plan: PermutedBlockMask, rows: torch.Tensor,

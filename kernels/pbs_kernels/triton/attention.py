@@ -112,7 +112,7 @@ def _sweep_configs(plan_block: int, head_dim: int) -> list[triton.Config]:
 def _autotuned(plan_block: int, head_dim: int, row_bucket: int):
     """One autotuner per (plan block, head_dim, power-of-two bucket of mean kept blocks per row):
     each bucket is tuned on its first call, so a tune at a short length does not serve long ones."""
-    keys = ["HEAD_DIM", "PLAN_BLOCK", "PERM_MODE", "SEG_BLOCKS", "WINDOWED", "SOFTCAP"]
+    keys = ["HEAD_DIM", "PLAN_BLOCK", "PERM_MODE", "SEG_BLOCKS", "WINDOWED", "SOFTCAP", "SINKS"]
     return triton.autotune(configs=_cuda_configs(plan_block, head_dim), key=keys)(K.pbs_attn_fwd)
 
 
@@ -244,7 +244,7 @@ def keeps_layout(mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     return mode == "persistent" and all(token_major(x) for x in (q, k, v))
 
 
-# Read modes whose kernel (``attention_kernel.pbs_attn_fwd``) applies a sliding window and soft-capping;
+# Read modes whose kernel (``attention_kernel.pbs_attn_fwd``) applies a sliding window, soft-capping and sinks;
 # "ws" and "persistent" (their own kernels) do not: ``resolve_perm_mode`` routes such calls here.
 MASKING_MODES = ("tma", "gather", "remap")
 
@@ -253,7 +253,7 @@ def resolve_perm_mode(seq_len: int, block_size: int, q: torch.Tensor, perm_mode:
                       masked: bool = False) -> str:
     """The read mode ``pbs_attention`` uses for ``perm_mode`` (None: ``DEFAULT_PERM_MODE``; "auto":
     ``choose_perm_mode``'s rule on CUDA, "remap" in the interpreter) on a plan of ``seq_len`` tokens in
-    ``block_size``-token blocks. ``masked`` (a window or a softcap): "ws" and "persistent" become "tma"
+    ``block_size``-token blocks. ``masked`` (a window, a softcap or sinks): "ws" and "persistent" become "tma"
     from ``TMA_MIN_SEQ_LEN`` tokens on, "remap" below, the modes of the kernel that masks."""
     name = perm_mode or DEFAULT_PERM_MODE
     if name == "auto":
@@ -269,7 +269,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
                   scale: float | None = None, *, perm_mode: str | None = None,
                   config: dict | str | None = None, out: torch.Tensor | None = None,
                   permuted: tuple[torch.Tensor, torch.Tensor] | None = None, window: int | None = None,
-                  softcap: float | None = None) -> torch.Tensor:
+                  softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention over the kept key blocks of ``plan`` (Triton).
 
     q: (B, H_q, N, D); k, v: (B, H_kv, N, D) in original order; H_q a multiple of H_kv.
@@ -291,9 +291,10 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     permuted: the copies ``copies_for(mode, k, v, plan.perm)`` when the caller already has them (row
         chunks of one plan share them); used by "gather", "tma", "ws" and "persistent".
     window: sliding window W (query q sees original keys q - W < k <= q), masked per token in every kept
-        block; softcap: scores become ``softcap * tanh(scores / softcap)``. Both are applied by
+        block; softcap: scores become ``softcap * tanh(scores / softcap)``; sinks: (H_q,) per-head sink
+        logits (gpt-oss), one extra term in each row's softmax denominator. All three are applied by
         ``attention_kernel.pbs_attn_fwd`` only (the "tma", "gather" and "remap" modes, tested in the
-        interpreter): a call with either that would run "ws" or "persistent" (the warp-specialized and
+        interpreter): a call with any of them that would run "ws" or "persistent" (the warp-specialized and
         the Hopper-only persistent Gluon kernels, which implement plain causal attention) runs "tma" or
         "remap" instead (``resolve_perm_mode(masked=True)``).
     Returns (B, H_q, N, D) in q's dtype: contiguous, or laid out like q when ``keeps_layout``.
@@ -315,7 +316,9 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         raise ValueError(f"plan shape {tuple(plan.kv_indices.shape)} (rows from {qb0}) does not fit q "
                          f"{tuple(q.shape)} with block_size {bs}: expected ({b}, {h_q}, <= {-(-n // bs)} rows, "
                          f"{-(-n // bs)})")
-    masked = window is not None or softcap is not None
+    masked = window is not None or softcap is not None or sinks is not None
+    if sinks is not None and tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"sinks must hold one logit per query head, shape ({q.shape[1]},), got {tuple(sinks.shape)}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive number of tokens or None, got {window!r}")
     if softcap is not None and not softcap > 0:
@@ -358,11 +361,12 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     # with a softcap, scores are capped in natural units first: tanh(qk * scale / cap), then scaled by cap * log2(e)
     qk_scale = (softcap if softcap is not None else scale) * math.log2(math.e)
     cap_in = scale / softcap if softcap is not None else 1.0
-    args = (q, k, v, kp, vp, perm, out, num, idx, qk_scale, cap_in, window or 0, n, h_q, h_kv, h_perm, qb0, n_rows,
-            n_kb)
+    sink = num if sinks is None else sinks.to(device=q.device, dtype=torch.float32).contiguous()  # num: never read
+    args = (q, k, v, kp, vp, perm, out, num, idx, sink, qk_scale, cap_in, window or 0, n, h_q, h_kv, h_perm, qb0,
+            n_rows, n_kb)
     consts = dict(PLAN_BLOCK=bs, SEG_BLOCKS=seg_blocks, SEG_POW2=triton.next_power_of_2(seg_blocks),
                   HEAD_DIM=d, PERM_MODE=mode, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                  WINDOWED=window is not None, SOFTCAP=softcap is not None)
+                  WINDOWED=window is not None, SOFTCAP=softcap is not None, SINKS=sinks is not None)
 
     if config is None and autotune_requested():
         config = "autotune"

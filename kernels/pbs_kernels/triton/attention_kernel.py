@@ -26,6 +26,8 @@ Two options of some model families, each a constexpr switch (off: the code above
             is exact under the window; band plans (``pbs_kernels.band``) keep only the blocks it touches.
   SOFTCAP   Gemma-2's soft-capping, cap * tanh(scale * q.k / cap), before the mask: the launcher passes
             CAP_IN = scale / cap and qk_scale = cap * log2(e).
+  SINKS     gpt-oss's per-head attention sinks: SINK[h], a logit with no value, in every row's softmax
+            denominator: the running max starts at it and the running sum at 1.
 
 Shapes: Q, O (B, H_q, N, D); K, V (B, H_kv, N, D); KP, VP (B, H_perm, N, D); PERM (B, H_perm, N);
 KV_NUM (B, H_q, R); KV_IDX (B, H_q, R, N_kb): the plan rows of query blocks QB0 .. QB0 + R - 1 (the
@@ -75,7 +77,7 @@ def _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, MASKED: tl.cons
 
 @triton.jit
 def pbs_attn_fwd(
-    Q, K, V, KP, VP, PERM, O, KV_NUM, KV_IDX,
+    Q, K, V, KP, VP, PERM, O, KV_NUM, KV_IDX, SINK,  # SINK (H_q,) fp32 (SINKS)
     qk_scale, CAP_IN, WINDOW,  # CAP_IN: scale / softcap (SOFTCAP); WINDOW: tokens (WINDOWED)
     N_CTX, H_Q, H_KV, H_PERM, QB0, N_QB, N_KB,  # N_QB: plan rows held (R)
     PLAN_BLOCK: tl.constexpr,  # tokens per plan block (selection granularity)
@@ -88,6 +90,7 @@ def pbs_attn_fwd(
     DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs, else the default "tf32" (ignored for 16-bit)
     WINDOWED: tl.constexpr = False,  # mask keys outside a sliding window of WINDOW tokens
     SOFTCAP: tl.constexpr = False,  # soft-cap the scores
+    SINKS: tl.constexpr = False,  # add SINK[h] to every row's softmax denominator
 ):
     SUB_M: tl.constexpr = PLAN_BLOCK // BLOCK_M
     SUB_N: tl.constexpr = PLAN_BLOCK // BLOCK_N
@@ -118,6 +121,9 @@ def pbs_attn_fwd(
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked row stays NaN-free
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if SINKS:  # the sink's term exp2(m - m) = 1, in log2 units
+        m_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32) * (tl.load(SINK + h) * 1.4426950408889634)
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     # -- split the row: count kept blocks inside the own segment (they are the tail) --
@@ -202,7 +208,7 @@ def pbs_attn_fwd(
             acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, WINDOWED, DOT_PREC,
                                                  SOFTCAP, CAP_IN)
 
-    # -- epilogue: normalize; rows that saw no key (only rows >= N) write 0 --
+    # -- epilogue: normalize; rows that saw no key (only rows >= N) write 0 (with sinks acc is 0 there) --
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     tl.store(O + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
