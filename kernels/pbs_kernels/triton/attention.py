@@ -63,16 +63,18 @@ def supports(q: torch.Tensor) -> bool:
 # -- configurations ---------------------------------------------------------------------------
 
 
-def _default_config(plan_block: int, head_dim: int, mode: str) -> dict:
+def _default_config(plan_block: int, head_dim: int, mode: str, masked: bool = False) -> dict:
     """Fixed tile config: the measured H100 winners (BENCHMARKS.md, "Attention kernel (H100)"),
     the interpreter's config, and the default on CUDA (autotuning is opt-in, see ``pbs_attention``).
 
     128-token plans: head_dim 128 -> 128x128 tiles, 8 warps, 3 stages (all modes); head_dim 64 ->
     64x128, 4 warps, 3 stages for remap, 128x128, 4 warps, 4 stages for the copy modes. 64-token
-    plans (not measured yet): 64x64, 4 warps, 3 stages. Smaller plan blocks: one tile per block."""
+    plans (not measured yet): 64x64, 4 warps, 3 stages. Smaller plan blocks: one tile per block.
+    ``masked`` (a window, softcap or sinks): "tma" at head_dim 128 with 2 stages, as 3 need more than the
+    H100's 227 KB of shared memory there (tests/test_kernel_fits_hopper.py; not timed yet)."""
     if plan_block >= 128:
         if head_dim > 64:
-            return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+            return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2 if masked and mode == "tma" else 3}
         if mode == "remap":
             return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
         return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4}
@@ -373,7 +375,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     if config is not None and config != "autotune" and not isinstance(config, dict):
         raise ValueError(f'config must be a dict of tile sizes, "autotune" or None, got {config!r}')
     if not q.is_cuda:
-        cfg = config if isinstance(config, dict) else _default_config(bs, d, mode_name)
+        cfg = config if isinstance(config, dict) else _default_config(bs, d, mode_name, masked)
         grid = (n_rows * (bs // cfg["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
         _interpreted(K.pbs_attn_fwd)[grid](*args, **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
         return out
@@ -386,7 +388,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
             grid = lambda meta: (n_rows * (bs // meta["BLOCK_M"]) * (h_q // h_kv), b * h_kv)  # noqa: E731
             _autotuned(bs, d, bucket)[grid](*args, **consts)
         else:
-            cfg = config or _default_config(bs, d, mode_name)
+            cfg = config or _default_config(bs, d, mode_name, masked)
             grid = (n_rows * (bs // cfg["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
             K.pbs_attn_fwd[grid](*args, **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))

@@ -55,6 +55,19 @@ def _window_mask(offs_m, key_pos, WINDOW):
 
 
 @triton.jit
+def _unmasked_step(acc, l_i, m_i, q, k, v, qk_scale, offs_m, key_pos, WINDOW, WINDOWED: tl.constexpr,
+                   DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, CAP_IN):
+    # a tile of a kept block before the diagonal (phases 1 and 2): fully causal, so masked only by a window
+    if WINDOWED:
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, _window_mask(offs_m, key_pos, WINDOW),
+                                             True, DOT_PREC, SOFTCAP, CAP_IN)
+    else:
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PREC, SOFTCAP,
+                                             CAP_IN)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, MASKED: tl.constexpr,
                          DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr = False, CAP_IN=1.0):
     # q (BLOCK_M, D), k/v (BLOCK_N, D); acc (BLOCK_M, D) fp32; l_i, m_i (BLOCK_M,) fp32, m_i in log2 units
@@ -173,9 +186,8 @@ def pbs_attn_fwd(
             kv_off = (kv_row0 + src)[:, None] * HEAD_DIM + offs_d[None, :]
             k = tl.load(K + kv_off)
             v = tl.load(V + kv_off)
-            mask = _window_mask(offs_m, src, WINDOW) if WINDOWED else None
-            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, WINDOWED, DOT_PREC,
-                                                 SOFTCAP, CAP_IN)
+            acc, l_i, m_i = _unmasked_step(acc, l_i, m_i, q, k, v, qk_scale, offs_m, src, WINDOW, WINDOWED, DOT_PREC,
+                                           SOFTCAP, CAP_IN)
     else:
         # -- phase 1: earlier segments, permuted copies, no mask --
         for t in range(0, n_off * SUB_N):
@@ -188,11 +200,12 @@ def pbs_attn_fwd(
                 kv_off = (kp_row0 + start + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
                 k = tl.load(KP + kv_off)
                 v = tl.load(VP + kv_off)
-            mask = None
             if WINDOWED:  # the original positions of these permuted slots
-                mask = _window_mask(offs_m, tl.load(PERM + kp_row0 + start + offs_n), WINDOW)
-            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, WINDOWED, DOT_PREC,
-                                                 SOFTCAP, CAP_IN)
+                pos = tl.load(PERM + kp_row0 + start + offs_n)
+            else:
+                pos = offs_n  # not read
+            acc, l_i, m_i = _unmasked_step(acc, l_i, m_i, q, k, v, qk_scale, offs_m, pos, WINDOW, WINDOWED, DOT_PREC,
+                                           SOFTCAP, CAP_IN)
         # -- phase 2: own segment before the last kept block, original keys, no mask --
         for t in range(n_off * SUB_N, last * SUB_N):
             j = tl.load(idx_row + t // SUB_N)
@@ -204,9 +217,8 @@ def pbs_attn_fwd(
                 kv_off = (kv_row0 + start + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
                 k = tl.load(K + kv_off)
                 v = tl.load(V + kv_off)
-            mask = _window_mask(offs_m, start + offs_n, WINDOW) if WINDOWED else None
-            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask, WINDOWED, DOT_PREC,
-                                                 SOFTCAP, CAP_IN)
+            acc, l_i, m_i = _unmasked_step(acc, l_i, m_i, q, k, v, qk_scale, offs_m, start + offs_n, WINDOW,
+                                           WINDOWED, DOT_PREC, SOFTCAP, CAP_IN)
 
     # -- epilogue: normalize; rows that saw no key (only rows >= N) write 0 (with sinks acc is 0 there) --
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
