@@ -193,6 +193,31 @@ def test_kernel_sinks(dtype, mode):
     check_kernel(q, k, v, plan, token_mask(plan) & window_mask(n, None), sinks=sinks, perm_mode=mode)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["remap", "gather"])
+def test_kernel_head_dim_256(dtype, mode):
+    """Gemma's head_dim 256 with the tiles the launcher picks on a GPU (64x64 for 64-token plan blocks):
+    a band plan with window, soft-cap and sinks, and a plain permuted sparse plan."""
+    n, window = 203, 90
+    q, k, v = qkv(1, 4, 2, n, 256, dtype, seed=12)
+    assert A._default_config(64, 256, mode) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    sinks = torch.tensor([0.0, 1.0, -2.0, 3.0], device=DEVICE)
+    band = band_plan(1, 4, 2, n, window, 64, 128, DEVICE)
+    check_kernel(q, k, v, band, window_mask(n, window), window=window, softcap=3.0, sinks=sinks, perm_mode=mode)
+    plan = to_device(random_plan(1, 4, 2, n, 64, 128, p=0.5, seed=12))
+    check_kernel(q, k, v, plan, token_mask(plan) & window_mask(n, None), perm_mode=mode)
+
+
+def test_head_dim_256_runs_the_modes_that_fit():
+    """With head_dim 256 every read mode but gather runs remap (tma's descriptors, ws and the persistent
+    kernel do not fit or do not take it); 64 and 128 keep theirs."""
+    wide, narrow = torch.empty(1, 4, 8, 256, device="meta"), torch.empty(1, 4, 8, 128, device="meta")
+    for mode in A.PERM_MODES:
+        assert A.resolve_perm_mode(A.TMA_MIN_SEQ_LEN, 128, wide, mode) == ("gather" if mode == "gather" else "remap")
+        assert A.resolve_perm_mode(A.TMA_MIN_SEQ_LEN, 128, narrow, mode) == mode
+    assert A.supports(torch.empty(1, 4, 8, 256, device=DEVICE, dtype=DTYPES[0]))
+
+
 def test_band_attention_in_row_chunks_equals_the_whole_plan(monkeypatch):
     """Long band plans are built and attended in row chunks on the Triton path (index table over
     ``plan_bytes``): the same output as the whole plan."""

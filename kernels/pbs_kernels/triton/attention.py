@@ -21,7 +21,12 @@ from . import attention_kernel as K
 from . import attention_ws_kernel as KWS
 from .permute_kernel import _gather_rows_kernel
 
-SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# head_dim 256 (Gemma): the remap and gather modes only, 64x64 tiles; with TMA descriptors even those need
+# more than the H100's shared memory (tests/test_kernel_fits_hopper.py); the ws and persistent kernels take 64
+# and 128. Compiled for sm_90 and tested in the interpreter, not timed on a GPU yet.
+WIDE_HEAD_MODES = ("remap", "gather")
+PERSISTENT_HEAD_DIMS = (64, 128)
 # 0-2: attention_kernel's PERM_MODE; 3: attention_ws_kernel; 4: attention_gluon_kernel (Hopper only)
 PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3, "persistent": 4}
 # Default way of reading permuted keys: "auto" picks "persistent" on Hopper in fp16/bf16 with 128-token
@@ -72,6 +77,8 @@ def _default_config(plan_block: int, head_dim: int, mode: str, masked: bool = Fa
     plans (not measured yet): 64x64, 4 warps, 3 stages. Smaller plan blocks: one tile per block.
     ``masked`` (a window, softcap or sinks): "tma" at head_dim 128 with 2 stages, as 3 need more than the
     H100's 227 KB of shared memory there (tests/test_kernel_fits_hopper.py; not timed yet)."""
+    if head_dim > 128 and plan_block >= 64:  # 256: the 64x256 fp32 accumulator over 8 warps
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     if plan_block >= 128:
         if head_dim > 64:
             return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2 if masked and mode == "tma" else 3}
@@ -88,7 +95,9 @@ def _cuda_configs(plan_block: int, head_dim: int) -> list[triton.Config]:
     all 2x2x5 shapes on an H100 (BENCHMARKS.md) plus the 64-token tiles that 64-token plans need.
     8 warps hold a 128x128 fp32 accumulator for head_dim 128; 3 stages overlap the next tile's
     loads with this tile's math."""
-    if head_dim > 64:
+    if head_dim > 128:
+        shapes = [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)]
+    elif head_dim > 64:
         shapes = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 8, 3)]
     else:
         shapes = [(128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4)]
@@ -256,7 +265,8 @@ def resolve_perm_mode(seq_len: int, block_size: int, q: torch.Tensor, perm_mode:
     """The read mode ``pbs_attention`` uses for ``perm_mode`` (None: ``DEFAULT_PERM_MODE``; "auto":
     ``choose_perm_mode``'s rule on CUDA, "remap" in the interpreter) on a plan of ``seq_len`` tokens in
     ``block_size``-token blocks. ``masked`` (a window, a softcap or sinks): "ws" and "persistent" become "tma"
-    from ``TMA_MIN_SEQ_LEN`` tokens on, "remap" below, the modes of the kernel that masks."""
+    from ``TMA_MIN_SEQ_LEN`` tokens on, "remap" below, the modes of the kernel that masks. A head_dim over
+    128 runs "remap" unless "gather" is asked for (``WIDE_HEAD_MODES``)."""
     name = perm_mode or DEFAULT_PERM_MODE
     if name == "auto":
         name = _auto_mode(seq_len, block_size, q) if q.is_cuda else "remap"
@@ -264,6 +274,8 @@ def resolve_perm_mode(seq_len: int, block_size: int, q: torch.Tensor, perm_mode:
         raise ValueError(f"perm_mode must be one of {sorted(PERM_MODES) + ['auto']}, got {name!r}")
     if masked and name not in MASKING_MODES:
         name = "tma" if seq_len >= TMA_MIN_SEQ_LEN else "remap"
+    if q.shape[-1] > 128 and name not in WIDE_HEAD_MODES:
+        name = "remap"
     return name
 
 
@@ -428,7 +440,7 @@ def _launch_ws(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_block
 def persistent_supported(q: torch.Tensor, block_size: int) -> bool:
     """Whether the persistent Gluon kernel (``attention_gluon_kernel``) runs q (B, H_q, N, D): a Hopper
     GPU, fp16/bf16, head_dim 64 or 128, 128-token plan blocks."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in SUPPORTED_HEAD_DIMS
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in PERSISTENT_HEAD_DIMS
             and block_size == 128 and _is_hopper(q.device.index or 0))
 
 
