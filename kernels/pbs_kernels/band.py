@@ -53,9 +53,3 @@ def band_plan(batch: int, heads: int, kv_heads: int, seq_len: int, window: int, 
                              num.expand(batch, heads, rows), idx.expand(batch, heads, rows, idx.shape[-1]),
                              block_size, segment_size, seq_len, row_offset=r0)
 
-
-def band_density(seq_len: int, window: int, block_size: int) -> float:
-    """Kept causal blocks / all causal blocks of a band plan."""
-    num, _ = band_rows(seq_len, window, block_size)
-    n_b = num.shape[0]
-    return float(num.sum()) / (n_b * (n_b + 1) // 2)
