@@ -120,6 +120,25 @@ def test_family_equals_its_eager_attention_and_runs_sparse(model_type):
     assert [s.reason.startswith("sliding window") for s in layers] == [w is not None for w in windows]
 
 
+@pytest.mark.parametrize("model_type,head_dim", [("mistral", 64), ("gemma2", 64), ("gpt_oss", 64),
+                                                 ("gemma3_text", 256)])
+def test_family_through_the_triton_kernel(model_type, head_dim, monkeypatch):
+    """The same equality with the Triton attention kernel (the interpreter on a CPU, fp32) at head_dims it
+    takes: band plans with the window, soft-capped and sink layers through the launcher."""
+    monkeypatch.setenv("PBS_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    config_cls, model_cls, fields, windows = CASES[model_type]
+    torch.manual_seed(0)
+    sizes = {**TINY, "num_attention_heads": 2, "num_key_value_heads": 1, "hidden_size": 128}
+    config = getattr(transformers, config_cls)(**sizes, **{**fields, "head_dim": head_dim})
+    model = getattr(transformers, model_cls)(config).eval()
+    ids = torch.randint(0, 300, (1, N), generator=torch.Generator().manual_seed(5))
+    out, rec = run(model, ids, integration.NAME, PBSConfig(threshold=1.0, block_size=32, segment_size=64))
+    assert [s.kernel.startswith("triton/") for s in rec.prefill_layers()] == [True] * len(windows)
+    assert [s.reason.startswith("sliding window") for s in rec.prefill_layers()] == [w is not None for w in windows]
+    assert_matches_eager(model, ids, out)
+
+
 @pytest.mark.parametrize("model_type", ["mistral", "gemma2", "gpt_oss"])
 def test_padded_batch_runs_dense_with_the_window(model_type):
     """A padding mask is not the plain window: the mask builder gives SDPA's mask and the layer runs dense
