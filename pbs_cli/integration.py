@@ -21,8 +21,8 @@ transformers' own SDPA attention function, unchanged, or, for layers that soft-c
 carry sinks (which SDPA cannot apply), to the model family's own eager attention function.
 
 Sliding-window layers (Mistral, Gemma-2/3 local layers, Qwen with ``use_sliding_window``) run a band
-plan (``pbs_kernels.band``: exact, no selection) with the window masked in the kernel; the others run
-PBS selection. So that such a layer's prefill reaches the attention function without an N x N mask,
+plan (``pbs_kernels.band``: exact, no selection) with the window masked in the kernel; the others, and
+sliding-window layers whose window covers the whole prompt, run PBS selection. So that such a layer's prefill reaches the attention function without an N x N mask,
 the "pbs" mask builder (``pbs_mask``) returns None for a sliding-window mask of an unpadded prefill
 from position 0 once it has checked that the mask is exactly the window the layer then passes as
 ``sliding_window``; every other mask is SDPA's. Soft-capped layers (Gemma-2) and layers with learned
@@ -198,6 +198,8 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         return _dense_forward(run, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               is_causal=is_causal, **kwargs)
     window, softcap, sinks = layer_window(kwargs), kwargs.get("softcap"), kwargs.get("s_aux")
+    covered = window is not None and window >= q_len  # the window sees the whole prompt: a global layer here
+    window = None if covered else window
     ctx = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
     with ctx, torch.profiler.record_function("pbs.attention"):  # groups the layer's PBS work in traces
         if window is not None:
@@ -208,6 +210,7 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             out, plan = pbs_prefill_attention(query, key, value, config, scale=scaling, softcap=softcap, sinks=sinks)
     if run is not None:
         why = f"sliding window {window}" if window is not None else "causal prefill"
+        why += f" (window {layer_window(kwargs)} covers the prompt)" if covered else ""
         why += (f", softcap {softcap:g}" if softcap is not None else "") + (", sinks" if sinks is not None else "")
         masked = window is not None or softcap is not None or sinks is not None
         run.recorder.add(LayerStat(layer, "pbs", why, q_len, key.shape[2], b, plan.kv_num_blocks.sum(),

@@ -120,6 +120,19 @@ def test_family_equals_its_eager_attention_and_runs_sparse(model_type):
     assert [s.reason.startswith("sliding window") for s in layers] == [w is not None for w in windows]
 
 
+def test_a_window_that_covers_the_prompt_runs_pbs_selection():
+    """A window of at least N tokens masks nothing: the layer runs PBS selection like a global one (a band
+    would keep every block) and says why; at threshold 1.0 still the eager output."""
+    model, _ = build("mistral")
+    model.config.sliding_window = N
+    ids = torch.randint(0, 300, (1, N), generator=torch.Generator().manual_seed(6))
+    exact, rec = run(model, ids, integration.NAME, PBSConfig(threshold=1.0, **SMALL))
+    assert [s.reason for s in rec.prefill_layers()] == [f"causal prefill (window {N} covers the prompt)"] * 2
+    assert_matches_eager(model, ids, exact)
+    _, rec = run(model, ids, integration.NAME, PBSConfig(threshold=0.3, **SMALL))
+    assert all(s.path == "pbs" and s.density < 1.0 for s in rec.prefill_layers())
+
+
 @pytest.mark.parametrize("model_type,head_dim", [("mistral", 64), ("gemma2", 64), ("gpt_oss", 64),
                                                  ("gemma3_text", 256)])
 def test_family_through_the_triton_kernel(model_type, head_dim, monkeypatch):
