@@ -195,8 +195,8 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     if reason is not None:
         if run is not None:
             run.recorder.add(LayerStat(layer, "dense", reason, q_len, key.shape[2], b))
-        return _dense_forward(run, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                              is_causal=is_causal, **kwargs)
+        return dense_forward(run, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                             is_causal=is_causal, **kwargs)
     window, softcap, sinks = layer_window(kwargs), kwargs.get("softcap"), kwargs.get("s_aux")
     covered = window is not None and window >= q_len  # the window sees the whole prompt: a global layer here
     window = None if covered else window
@@ -229,7 +229,7 @@ def dense_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if run is not None and run.record_dense is not None:
         b, _, q_len, _ = query.shape
         run.recorder.add(LayerStat(getattr(module, "layer_idx", None), "dense", run.record_dense, q_len, key.shape[2], b))
-    return _dense_forward(run, module, query, key, value, attention_mask, **kwargs)
+    return dense_forward(run, module, query, key, value, attention_mask, **kwargs)
 
 
 def layer_window(kwargs: dict[str, Any]) -> int | None:
@@ -261,8 +261,8 @@ def family_eager(module: torch.nn.Module):
     return fn
 
 
-def _dense_forward(run: PBSRun | None, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                   value: torch.Tensor, attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def dense_forward(run: PBSRun | None, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Dense attention of one layer: SDPA on the run's backend, or the family's eager function for layers
     that soft-cap or carry sinks. A sliding-window prefill whose mask ``pbs_mask`` left out gets it back."""
     q_len, kv_len = query.shape[2], key.shape[2]

@@ -199,6 +199,24 @@ def test_short_prompt_runs_dense_with_the_window_rebuilt(model_type):
     assert_matches_eager(model, ids, out)
 
 
+def test_eval_forwards_run_windows_and_soft_caps():
+    """``pbs eval``'s forwards (pbs_cli.fidelity.run_forward): the dense one runs the family's eager attention
+    where SDPA cannot soft-cap, the probed one runs band plans (recall 1: the band keeps what the window sees)."""
+    from pbs_cli import fidelity
+
+    model, windows = build("gemma2")
+    ids = torch.randint(0, 300, (1, N), generator=torch.Generator().manual_seed(7))
+    dense = fidelity.run_forward(model, ids, None)
+    integration.set_attention(model, "eager")
+    with torch.no_grad():
+        eager = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    torch.testing.assert_close(dense.hidden, eager, atol=1e-5, rtol=1e-5)
+    sparse = fidelity.run_forward(model, ids, PBSConfig(threshold=0.5, **SMALL), recall_rows=16)
+    assert [ly["path"] for ly in sparse.layers] == ["pbs"] * len(windows)
+    band = [ly for ly, w in zip(sparse.layers, windows) if w is not None]
+    assert band and all(ly["reason"].startswith(f"sliding window {W}") and ly["recall"] == 1.0 for ly in band)
+
+
 def test_mask_builder_leaves_out_only_the_plain_sliding_window():
     from transformers.masking_utils import (chunked_causal_mask_function, sdpa_mask,
                                             sliding_window_causal_mask_function)
