@@ -23,9 +23,10 @@ carry sinks (which SDPA cannot apply), to the model family's own eager attention
 Sliding-window layers (Mistral, Gemma-2/3 local layers, Qwen with ``use_sliding_window``) run a band
 plan (``pbs_kernels.band``: exact, no selection) with the window masked in the kernel; the others, and
 sliding-window layers whose window covers the whole prompt, run PBS selection. So that a sliding-window
-layer's prefill reaches the attention function without an N x N mask, the "pbs" mask builder (``pbs_mask``) returns None for a sliding-window mask of an unpadded prefill
-from position 0 once it has checked that the mask is exactly the window the layer then passes as
-``sliding_window``; every other mask is SDPA's. Soft-capped layers (Gemma-2) and layers with learned
+layer's prefill reaches the attention function without an N x N mask, the "pbs" mask builder
+(``pbs_mask``) returns None for a sliding-window mask of an unpadded prefill from position 0 once it has
+checked that the mask is exactly the window the layer then passes as ``sliding_window``; every other
+mask is SDPA's. Soft-capped layers (Gemma-2) and layers with learned
 attention sinks (gpt-oss's ``s_aux``) run either plan with the cap or the sinks applied in the kernel
 (without CUDA graphs for sinks: a graph would keep the first layer's sink tensor).
 
