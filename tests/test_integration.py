@@ -76,9 +76,9 @@ def test_sparse_threshold_runs_the_plan_and_records_its_density(monkeypatch):
     config = PBSConfig(threshold=0.5, **SMALL)
     seen = {}
 
-    def spy(q, k, v, cfg, scale=None, softcap=None):
+    def spy(q, k, v, cfg, scale=None, softcap=None, sinks=None):
         seen["args"] = (q.clone(), k.clone(), v.clone(), cfg, scale)
-        assert softcap is None  # Llama does not soft-cap
+        assert softcap is None and sinks is None  # Llama has neither
         return pbs_prefill_attention(q, k, v, cfg, scale)
 
     monkeypatch.setattr(integration, "pbs_prefill_attention", spy)
