@@ -11,7 +11,9 @@ runs it: the PBS parameters of ``--profile``, CUDA graphs as configured), then t
 attention on every SDPA backend that can run it ("pbs_dense": transformers' SDPA attention restricted to one
 backend; sliding-window layers get transformers' N x N window mask there). Times are medians of CUDA
 events (wall clock on CPU) after ``--warmup`` untimed forwards. The table names the fastest dense backend,
-the speed-up over it, and the density of the global and the sliding-window layers.
+the speed-up over it, and the density of the global and the sliding-window layers. For models with
+sliding windows a last column times plain causal SDPA with the windows dropped: not the model's output,
+but what the fastest SDPA kernels (which take no window; flash takes no mask at all) cost on that shape.
 
     python benchmarks/models_bench.py                          # H100: 32K and 128K, bf16
     python benchmarks/models_bench.py --models mistral-7b --lengths 32k --json out.json
@@ -107,15 +109,39 @@ def timed(forward, device: torch.device, warmup: int, iters: int) -> float:
     return bench(forward, device, warmup=warmup, min_repeats=iters, max_repeats=iters, memory=False).median_ms
 
 
-def dense_times(model, ids, config, device, dtype, warmup: int, iters: int) -> tuple[dict[str, float], dict[str, str]]:
-    """Median ms of the dense forward on every SDPA backend that runs it; why the others did not."""
+WINDOW_IGNORED = "bench-causal-sdpa"  # every layer plain causal SDPA, sliding windows dropped: not the model
+
+
+def window_ignored_attention(module, query, key, value, attention_mask, **kwargs):
+    """Plain causal SDPA on the run's backend with any sliding window dropped: what dense attention would cost
+    with the fastest SDPA kernels, which take no window (a reference for the windowed models, not their output)."""
+    from pbs_cli import dense_sdpa, integration
+
+    kwargs.pop("sliding_window", None)
+    run = integration.current_run()
+    return dense_sdpa.attention_forward(run.dense if run is not None else None, module, query, key, value, None,
+                                        **kwargs)
+
+
+def register_window_ignored() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(WINDOW_IGNORED, window_ignored_attention)
+    AttentionMaskInterface.register(WINDOW_IGNORED, lambda *args, **kwargs: None)  # plain causal, unpadded
+
+
+def dense_times(model, ids, config, device, dtype, warmup: int, iters: int,
+                attention: str | None = None) -> tuple[dict[str, float], dict[str, str]]:
+    """Median ms of the dense forward (``attention``: "pbs_dense" by default) on every SDPA backend that runs
+    it; why the others did not."""
     from pbs_cli import dense_sdpa, integration
 
     attn = model.config
     heads, kv_heads = attn.num_attention_heads, attn.num_key_value_heads
     head_dim = getattr(attn, "head_dim", None) or attn.hidden_size // heads
     candidates = dense_sdpa.GPU_CANDIDATES if device.type == "cuda" else ("sdpa-flash", "sdpa-math")
-    integration.set_attention(model, integration.DENSE_NAME)
+    integration.set_attention(model, attention or integration.DENSE_NAME)
     times, skipped = {}, {}
     for name in candidates:
         mode, reason = dense_sdpa.probe_sdpa(name, device, dtype, heads, kv_heads, head_dim)
@@ -170,12 +196,15 @@ def measure(key: str, n: int, args, device: torch.device, dtype: torch.dtype) ->
     pbs_ms, per_layer = pbs_time(model, ids, config, device, args.warmup, args.iters)
     times, skipped = dense_times(model, ids, config, device, dtype, args.warmup, args.iters)
     best = min(times, key=times.__getitem__) if times else None
+    windowed = any(layer["reason"].startswith("sliding window") for layer in per_layer)
+    causal = dense_times(model, ids, config, device, dtype, args.warmup, args.iters, WINDOW_IGNORED)[0] if windowed \
+        else {}
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"model": shape.name, "key": key, "seq_len": n, "layers": per_layer, "profile": profile,
             "config": config.to_dict(), "pbs_ms": pbs_ms, "dense_ms": times, "dense_skipped": skipped,
-            "best_dense": best, "speedup": times[best] / pbs_ms if best else None,
+            "best_dense": best, "speedup": times[best] / pbs_ms if best else None, "window_ignored_ms": causal,
             "density_global": mean_density(per_layer, False), "density_sliding": mean_density(per_layer, True)}
 
 
@@ -185,6 +214,13 @@ def commit() -> str:
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def fastest(times: dict[str, float]) -> str:
+    if not times:
+        return "-"
+    name = min(times, key=times.__getitem__)
+    return f"{times[name]:.1f} ({name})"
 
 
 def fmt(value: float | None, pattern: str) -> str:
@@ -198,7 +234,8 @@ def markdown(records: list[dict[str, Any]], env: dict[str, Any], argv: list[str]
              f"{str(dtype).removeprefix('torch.')}; commit {commit()}; "
              f"command: python benchmarks/models_bench.py {' '.join(argv)}", "",
              "| model | N | PBS layers: global / sliding (dense) | PBS ms | density global / sliding "
-             "| best dense SDPA ms | speed-up | other dense backends |", "|---|---|---|---|---|---|---|---|"]
+             "| best dense SDPA ms | speed-up | other dense backends | causal SDPA, window ignored ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         sparse = [layer for layer in r["layers"] if layer["path"] == "pbs"]
         n_sliding = sum(layer["reason"].startswith("sliding window") for layer in sparse)
@@ -211,7 +248,7 @@ def markdown(records: list[dict[str, Any]], env: dict[str, Any], argv: list[str]
             f"| {r['pbs_ms']:.1f} "
             f"| {fmt(r['density_global'], '{:.1%}')} / {fmt(r['density_sliding'], '{:.1%}')} "
             f"| {fmt(r['dense_ms'].get(best), '{:.1f}')} ({best or 'none'}) | {fmt(r['speedup'], '{:.2f}x')} "
-            f"| {others} |")
+            f"| {others} | {fastest(r['window_ignored_ms'])} |")
     return "\n".join(lines)
 
 
@@ -236,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     integration.register()
+    register_window_ignored()
     lengths = [parse_len(x) for x in (args.lengths or (TINY_LENGTHS if args.tiny else LENGTHS))]
     records = []
     for key in args.models:

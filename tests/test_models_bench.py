@@ -49,6 +49,8 @@ def test_tiny_cpu_run_reports_every_model_with_its_layer_paths(tmp_path, capsys,
         assert record["pbs_ms"] > 0 and record["dense_ms"] and all(t > 0 for t in record["dense_ms"].values())
         assert record["best_dense"] == min(record["dense_ms"], key=record["dense_ms"].get)
         assert record["speedup"] == record["dense_ms"][record["best_dense"]] / record["pbs_ms"]
+        # the windowless reference column: for the models with sliding windows only
+        assert bool(record["window_ignored_ms"]) == any(w is not None for w in expected[key]), key
     assert f"torch {torch.__version__}" in table and saved["env"]["torch"] == torch.__version__
     rows = [line for line in table.splitlines() if line.startswith("| ") and "| 256 |" in line]
     assert sorted(row.split(" | ")[0][2:] for row in rows) == sorted(s.name for s in bench.MODELS.values())
