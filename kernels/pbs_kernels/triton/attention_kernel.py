@@ -20,7 +20,7 @@ PERM_MODE says how phase 1 reads permuted keys:
 Softmax runs in base 2: scores are multiplied by ``qk_scale = scale * log2(e)`` and exponentiated
 with exp2, which is what the hardware computes natively.
 
-Two options of some model families, each a constexpr switch (off: the code above, unchanged):
+Three options of some model families, each a constexpr switch (off: the code above, unchanged):
   WINDOWED  a sliding window of WINDOW tokens: query q sees original keys q - WINDOW < k <= q. Every
             tile is masked by its keys' original positions (in phase 1 read from PERM), so any plan
             is exact under the window; band plans (``pbs_kernels.band``) keep only the blocks it touches.
@@ -189,7 +189,7 @@ def pbs_attn_fwd(
             acc, l_i, m_i = _unmasked_step(acc, l_i, m_i, q, k, v, qk_scale, offs_m, src, WINDOW, WINDOWED, DOT_PREC,
                                            SOFTCAP, CAP_IN)
     else:
-        # -- phase 1: earlier segments, permuted copies, no mask --
+        # -- phase 1: earlier segments, permuted copies, no causal mask --
         for t in range(0, n_off * SUB_N):
             j = tl.load(idx_row + t // SUB_N)
             start = j * PLAN_BLOCK + (t % SUB_N) * BLOCK_N
@@ -206,7 +206,7 @@ def pbs_attn_fwd(
                 pos = offs_n  # not read
             acc, l_i, m_i = _unmasked_step(acc, l_i, m_i, q, k, v, qk_scale, offs_m, pos, WINDOW, WINDOWED, DOT_PREC,
                                            SOFTCAP, CAP_IN)
-        # -- phase 2: own segment before the last kept block, original keys, no mask --
+        # -- phase 2: own segment before the last kept block, original keys, no causal mask --
         for t in range(n_off * SUB_N, last * SUB_N):
             j = tl.load(idx_row + t // SUB_N)
             start = j * PLAN_BLOCK + (t % SUB_N) * BLOCK_N
