@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from fixtures import assert_clean_outcome, invoke, offline_env, parse_jsonl, tiny_model_dir  # noqa: F401
-from pbs_cli import errors, report_formats, reports
+from pbs_cli import errors, reports
+from pbs_cli.render import report_formats
 
 TINY_PROFILE = ["--heads", "1", "--kv-heads", "1", "--head-dim", "16", "--device", "cpu", "--budget", "0",
                 "--iters", "1", "--warmup", "0", "--block-size", "16", "--segment-size", "32", "--recall-rows", "4"]

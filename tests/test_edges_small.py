@@ -134,7 +134,7 @@ def test_tables_in_80_columns_keep_every_number_whole(monkeypatch):
 
     from pbs_cli.commands import profile
     from pbs_cli.profiling import result, summarize
-    from pbs_cli.report_formats import rich_table, row_cells
+    from pbs_cli.render.report_formats import rich_table, row_cells
     from pbs_cli import reports
 
     recs = [result(131072, "pbs", median_ms=12345.678, q25_ms=12000.0, q75_ms=12500.0, min_ms=1, max_ms=2,

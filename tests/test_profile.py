@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fixtures import assert_clean_outcome, invoke, offline_env, parse_jsonl, tiny_model_dir  # noqa: F401
-from pbs_cli import report_formats
+from pbs_cli.render import report_formats
 from pbs_cli.profiling import (BACKENDS, DENSE_BACKENDS, RESULT_FIELDS, Case, Profiler, Settings, causal_flops,
                                flex_block_mask, recall_stats, rel_l2, sample_rows)
 from pbs_cli.workloads import captured_qkv, synthetic_qkv

@@ -400,7 +400,7 @@ def test_report_show_and_compare_survive_damaged_records(saved_profile, cli_env,
     refused with exit 2 -- never a crash."""
     import copy
 
-    from pbs_cli.report_formats import to_jsonl
+    from pbs_cli.render.report_formats import to_jsonl
 
     doc = copy.deepcopy(saved_profile)
     target = data.draw(st.sampled_from(["top"] + list(range(len(doc["results"])))), label="where")

@@ -181,7 +181,7 @@ def save_png(rec: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{rec['model']['name']}, {rec['prompt_tokens']} tokens of {Path(rec['document']).name}")
     fig.tight_layout()
-    from ..viz import save_figure
+    from ..render.viz import save_figure
 
     save_figure(fig, path, "png")  # temp file + rename in the same folder; closes the figure
 

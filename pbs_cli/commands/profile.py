@@ -14,7 +14,7 @@ from ..console import command_boundary, debug_enabled, err, out
 from ..errors import INTERRUPTED, OutOfMemory, PBSError, UnsupportedError, UsageError
 from ..options import Device, Dtype, Force, check_outputs
 from ..profiling import BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped, summarize
-from ..report_formats import format_for_path, header_line, incomplete_line, render, result_line, rich_table
+from ..render.report_formats import format_for_path, header_line, incomplete_line, render, result_line, rich_table
 from ..sizes import format_size, parse_sizes
 
 # Llama-3.1-8B attention: 32 query heads, 8 KV heads, head_dim 128

@@ -128,7 +128,8 @@ def command(
     with console.heavy_imports():
         import torch  # noqa: F401 - imported here, under heavy_imports, by whichever module needs it first
 
-        from .. import presets, reports, viz
+        from .. import presets, reports
+        from ..render import viz
         from ..options import check_outputs
         from ..sizes import parse_size
 
