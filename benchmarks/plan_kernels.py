@@ -23,9 +23,9 @@ from select_bench import cuda_time, parse_len, structured_qkv
 
 
 def kernel_times(fn, iters: int) -> dict[str, float]:
-    """µs per call of ``fn`` for each GPU kernel it launches (``pbs_cli.traces.top_ops``: all launches
+    """µs per call of ``fn`` for each GPU kernel it launches (``pbs_cli.engine.traces.top_ops``: all launches
     of one kernel name together)."""
-    from pbs_cli import traces
+    from pbs_cli.engine import traces
 
     fn()
     torch.cuda.synchronize()

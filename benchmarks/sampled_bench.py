@@ -70,7 +70,7 @@ def structured_qkv(h_q, h_kv, n, d, dtype, device, seed=0):
 
 def timeit(fn, warmup: int, iters: int) -> float:
     """Median milliseconds of ``fn`` over ``iters`` calls after ``warmup`` (CUDA events on a GPU)."""
-    from pbs_cli.timing import bench
+    from pbs_cli.engine.timing import bench
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n = max(1, iters)

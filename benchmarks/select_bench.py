@@ -58,7 +58,7 @@ def structured_qkv(b, h_q, h_kv, n, d, dtype, seed=0):
 
 def cuda_time(fn, warmup: int, iters: int) -> dict:
     """Median / min / max milliseconds of ``fn`` over ``iters`` CUDA-event-timed calls after ``warmup``."""
-    from pbs_cli.timing import bench
+    from pbs_cli.engine.timing import bench
 
     t = bench(fn, "cuda", warmup=warmup, min_repeats=iters, max_repeats=iters, memory=False)
     return {"median_ms": t.median_ms, "min_ms": t.min_ms, "max_ms": t.max_ms, "iters": t.repeats}

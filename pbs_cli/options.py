@@ -42,7 +42,7 @@ def check_outputs(paths: Mapping[str, Path | None], force: bool) -> dict[str, Pa
     """The output files a command was asked for, ``{option: path}`` (None: not asked), checked before any
     work: two options naming the same file, a directory, a missing or read-only folder, or a file that
     exists without ``--force`` is a usage error. Returns the named ones."""
-    from .reports import check_output_path
+    from .engine.reports import check_output_path
 
     named = {option: Path(path) for option, path in paths.items() if path is not None}
     seen: dict[str, str] = {}

@@ -130,7 +130,7 @@ def test_sparse_compare_dense_reports_fidelity(runner, offline_env, tiny_model_d
 def test_compile_times_compiled_forwards_with_the_same_plans(runner, offline_env, tiny_model_dir, doc, monkeypatch):
     """--compile: the layers run compiled (backend swapped for Dynamo's fast "aot_eager" here), the warm-up
     is forced on, and the plans, fidelity and record match the eager run's."""
-    from pbs_cli import compiling
+    from pbs_cli.engine import compiling
 
     calls = []
     real = compiling.compiled_layers
@@ -339,7 +339,7 @@ def test_max_tokens_and_beyond_context_for_length_sweeps(runner, offline_env, ti
 
 def test_rope_scaling_stretches_the_loaded_model_past_its_context(runner, offline_env, tiny_model_dir, tmp_path,
                                                                   monkeypatch):
-    from pbs_cli import models
+    from pbs_cli.engine import models
 
     long_doc = tmp_path / "long.txt"
     long_doc.write_text(TEXT * 8, encoding="utf-8")

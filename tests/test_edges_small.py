@@ -45,7 +45,7 @@ def test_profiler_start_and_stop_lines_stay_off_stderr(offline_env, tmp_path, ca
 
 @pytest.mark.parametrize("value", ["inf", "nan", "0", "-1"])
 def test_target_kl_must_be_finite_and_positive(offline_env, tmp_path, monkeypatch, value):
-    from pbs_cli import models
+    from pbs_cli.engine import models
 
     monkeypatch.setattr(models, "resolve_model", lambda *a, **k: pytest.fail("resolved the model"))
     doc = tmp_path / "d.txt"
@@ -57,7 +57,7 @@ def test_target_kl_must_be_finite_and_positive(offline_env, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("text", ["", " ", ",", " , "])
 def test_eval_thresholds_that_hold_no_number_are_refused(offline_env, tmp_path, monkeypatch, text):
-    from pbs_cli import models
+    from pbs_cli.engine import models
 
     monkeypatch.setattr(models, "resolve_model", lambda *a, **k: pytest.fail("resolved the model"))
     doc = tmp_path / "d.txt"
@@ -133,9 +133,9 @@ def test_tables_in_80_columns_keep_every_number_whole(monkeypatch):
     from rich.console import Console
 
     from pbs_cli.commands import profile
-    from pbs_cli.profiling import result, summarize
+    from pbs_cli.engine.profiling import result, summarize
     from pbs_cli.render.report_formats import rich_table, row_cells
-    from pbs_cli import reports
+    from pbs_cli.engine import reports
 
     recs = [result(131072, "pbs", median_ms=12345.678, q25_ms=12000.0, q75_ms=12500.0, min_ms=1, max_ms=2,
                    repeats=3, permute_ms=123.456, select_ms=2345.67, attend_ms=9876.54, density=0.123456,
@@ -154,7 +154,7 @@ def test_tables_in_80_columns_keep_every_number_whole(monkeypatch):
 
 
 def test_break_even_needs_a_win_beyond_the_spread_at_every_longer_length():
-    from pbs_cli.profiling import result, summarize
+    from pbs_cli.engine.profiling import result, summarize
 
     def pair(n, pbs, dense):
         (lo, med, hi), (dlo, dmed, dhi) = pbs, dense

@@ -9,10 +9,10 @@ import statistics
 import pytest
 
 from fixtures import assert_clean_outcome, invoke
-from pbs_cli import reports
-from pbs_cli.profiling import result, skipped, summarize
+from pbs_cli.engine import reports
+from pbs_cli.engine.profiling import result, skipped, summarize
 from pbs_cli.render.report_formats import compare, load, parse_markdown_table, to_jsonl
-from pbs_cli.timing import bench, quantile
+from pbs_cli.engine.timing import bench, quantile
 
 
 def _doc(pbs_ms: dict[int, tuple[float, float, float]], dense_ms: dict[int, float]) -> dict:

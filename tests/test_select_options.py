@@ -355,7 +355,7 @@ def test_forced_in_top_p_is_validated():
 
 def test_published_preset_is_the_papers_method():
     """One permutation per query head, pooled scores, top-p before the sink is added, no local block."""
-    from pbs_cli import presets
+    from pbs_cli.engine import presets
 
     cfg, _ = presets.resolve_config("published")
     assert (cfg.block_size, cfg.segment_size, cfg.threshold) == (128, 256, 0.9)

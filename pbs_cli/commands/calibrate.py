@@ -12,11 +12,12 @@ from rich.table import Table
 
 from pbs_kernels import PBSConfig
 
-from .. import fidelity, models, presets, reports
+from .. import fidelity
+from ..engine import models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import UsageError
 from ..options import Device, Dtype, check_outputs
-from ..sizes import parse_size
+from ..engine.sizes import parse_size
 from .prefill import DEFAULT_MODEL, read_document, tokenize
 
 

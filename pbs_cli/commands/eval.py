@@ -13,11 +13,12 @@ from rich.table import Table
 
 from pbs_kernels import PBSConfig
 
-from .. import fidelity, models, presets, reports
+from .. import fidelity
+from ..engine import models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import UsageError
 from ..options import Device, Dtype, Force, check_outputs
-from ..sizes import parse_size, parse_sizes
+from ..engine.sizes import parse_size, parse_sizes
 from .prefill import DEFAULT_MODEL, greedy_generate, read_document, run_prefill, tokenize
 
 
@@ -129,9 +130,9 @@ def print_table(rec: dict) -> None:
     table.add_row(d["strategy"], "-", "100.0%", f"{d['ppl']:.3f}" if d["ppl"] else "-", "100.00%", "0",
                   *dense_cont, "1", "")
     for r, best in zip(rec["results"], rec["pareto"]):
-        c = r["continuation"]
+        c = r["continuation"] if cont else None
         continued = [f"{c['ppl']:.3f} ({c['ppl_increase']:+.1%})", f"{c['top1_agreement']:.2%}",
-                     f"{c['mean_kl']:.4f}"] if cont else []
+                     f"{c['mean_kl']:.4f}"] if c else []
         table.add_row(r["strategy"], f"{r['threshold']:g}", f"{r['density']:.1%}",
                       f"{r['ppl']:.3f} ({r['ppl_increase']:+.1%})", f"{r['top1_agreement']:.2%}",
                       f"{r['mean_kl']:.4f}", *continued, f"{r['recall']:.4f}" if r["recall"] is not None else "-",

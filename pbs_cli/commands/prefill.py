@@ -13,12 +13,13 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .. import compiling, dense_sdpa, distributed, integration, models, presets, reports
+from ..engine import compiling, distributed, models, presets, reports
+from .. import dense_sdpa, integration
 from .. import fidelity as fidelity_metrics
 from ..console import command_boundary, debug_enabled, err, out
-from ..sizes import parse_size
+from ..engine.sizes import parse_size
 from ..errors import OutOfMemory, UsageError
-from ..documents import read_document  # eval, calibrate and profile import it from here too
+from ..engine.documents import read_document  # eval, calibrate and profile import it from here too
 from ..options import Device, Dtype, Force, check_outputs
 
 DEFAULT_MODEL = "llama"
@@ -181,7 +182,7 @@ def write_trace(path: Path, model, input_ids, spec: PrefillSpec, config,
     ``path``, print what took the most time (GPU kernels on CUDA, ops' self CPU time elsewhere) to
     stderr; returns {"path", "device_time", "top_ops"} for the record. The layers' PBS work sits
     inside "pbs.attention" ranges."""
-    from .. import traces
+    from ..engine import traces
 
     cuda = input_ids.is_cuda
     one = PrefillSpec(spec.attn, keep_cache=False, record_dense=spec.record_dense)
@@ -438,7 +439,7 @@ def command(
         raise UsageError("--tp runs the command on several ranks, which cannot share stdin; pass a file, not -")
     text, doc_name = read_document(doc)
     spec = models.resolve_model(model)
-    # -- tensor parallel (pbs_cli.distributed): refuse what cannot shard, re-run on N ranks, join the group --
+    # -- tensor parallel (pbs_cli.engine.distributed): refuse what cannot shard, re-run on N ranks, join the group --
     distributed.check_launch_environment(tp or distributed.env_world_size(), device, device_map)
     if distributed.needs_launch(tp):
         distributed.check_model_config(tp, models.ModelSource(spec).config(), spec.name)

@@ -9,13 +9,13 @@ from typing import Annotated, Any, TextIO
 
 import typer
 
-from .. import distributed, presets, reports
+from ..engine import distributed, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import INTERRUPTED, OutOfMemory, PBSError, UnsupportedError, UsageError
 from ..options import Device, Dtype, Force, check_outputs
-from ..profiling import BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped, summarize
+from ..engine.profiling import BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped, summarize
 from ..render.report_formats import format_for_path, header_line, incomplete_line, render, result_line, rich_table
-from ..sizes import format_size, parse_sizes
+from ..engine.sizes import format_size, parse_sizes
 
 # Llama-3.1-8B attention: 32 query heads, 8 KV heads, head_dim 128
 DEFAULT_SHAPE = {"batch": 1, "heads": 32, "kv_heads": 8, "head_dim": 128}
@@ -62,7 +62,7 @@ def parse_layers(text: str) -> list[int]:
 
 def shape_from_model(spec_text: str) -> tuple[dict[str, int], str]:
     """Attention shape from a model's config (no weights read). Returns (shape, description)."""
-    from .. import models
+    from ..engine import models
 
     spec = models.resolve_model(spec_text)
     heads, kv, head_dim = models.attention_shape(models.ModelSource(spec).config())
@@ -175,7 +175,7 @@ def write_trace(path: Path, case: Case, settings: Settings) -> None:
     from pbs_kernels.permute import compute_permutation
     from pbs_kernels.select import select_blocks
 
-    from .. import traces
+    from ..engine import traces
 
     q, k, v = case.q, case.k, case.v
     cfg, scale = settings.config, settings.scale
@@ -245,14 +245,14 @@ def command(
 ) -> None:
     import torch
 
-    from .. import models
-    from ..workloads import PATTERNS
+    from ..engine import models
+    from ..engine.workloads import PATTERNS
 
     # -- validate everything before any work --
     chosen = [name for name, on in (("json", as_json), ("jsonl", as_jsonl), ("csv", as_csv), ("markdown", as_markdown)) if on]
     if len(chosen) > 1:
         raise UsageError(f"choose one stdout format, got --{' --'.join(chosen)}")
-    # -- tensor parallel (pbs_cli.distributed): re-run on N ranks, each timing its own heads --
+    # -- tensor parallel (pbs_cli.engine.distributed): re-run on N ranks, each timing its own heads --
     distributed.check_launch_environment(tp or distributed.env_world_size(), device)
     tp_size = tp or distributed.env_world_size()
     if distributed.needs_launch(tp):
@@ -307,7 +307,7 @@ def command(
     workload: dict[str, Any] = {"source": "synthetic", "pattern": pattern, "seed": seed}
     if from_model is not None:
         from .prefill import read_document
-        from ..workloads import captured_qkv
+        from ..engine.workloads import captured_qkv
 
         text, doc_name = read_document(str(doc))
         spec = models.resolve_model(from_model)
@@ -430,7 +430,7 @@ def _interrupted(outputs: _Outputs, doc: dict[str, Any], sizes: list[int]) -> No
 def _check_backends_here(names: tuple[str, ...], dev) -> None:
     """Named backends that cannot run on this device: all of them is exit 3 (nothing would be measured),
     some of them a warning (they are reported as skipped)."""
-    from ..profiling import unavailable_here
+    from ..engine.profiling import unavailable_here
 
     missing = {name: why for name in names if (why := unavailable_here(name, dev))}
     if not missing:
@@ -444,7 +444,7 @@ def _check_backends_here(names: tuple[str, ...], dev) -> None:
 def _check_tp_shape(tp: int, model: str | None, heads: int | None, kv_heads: int | None,
                     from_model: str | None) -> None:
     """Before launching ranks: refuse a --tp that does not divide the heads of the profiled shape."""
-    from .. import models
+    from ..engine import models
 
     if from_model is not None:
         spec = models.resolve_model(from_model)
@@ -465,7 +465,7 @@ def _run_length(n: int, captured, profiler: Profiler, settings: Settings, shape:
     """All cases of one length: generate (or slice) Q/K/V, run the profiler, optionally trace."""
     import torch
 
-    from ..workloads import synthetic_qkv
+    from ..engine.workloads import synthetic_qkv
 
     cases: list[Case] = []
     try:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..profiling import summarize
-from ..sizes import format_size
+from ..engine.profiling import summarize
+from ..engine.sizes import format_size
 
 
 def incomplete_note(doc: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from .cells import COLUMNS, describe, has_layers, row_cells, skipped_lines, summary_lines
-from ..sizes import format_size
+from ..engine.sizes import format_size
 
 
 def _png(fig) -> str:

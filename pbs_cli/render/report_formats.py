@@ -20,8 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import UsageError
-from ..profiling import RESULT_FIELDS, summarize
-from ..sizes import format_size
+from ..engine.profiling import RESULT_FIELDS, summarize
+from ..engine.sizes import format_size
 from .cells import (COLUMNS, describe, format_ms, has_layers, incomplete_note, row_cells, skipped_lines,
                     summary_lines)
 
@@ -129,7 +129,7 @@ def validate(doc: Any, where: str) -> dict[str, Any]:
         cmd = doc.get("command") if isinstance(doc, dict) else type(doc).__name__
         raise UsageError(f"{where} is not a `pbs profile` result (command: {cmd!r})")
     version = doc.get("schema_version")
-    from ..reports import SCHEMA_VERSION
+    from ..engine.reports import SCHEMA_VERSION
 
     if version != SCHEMA_VERSION:
         raise UsageError(f"{where} has schema_version {version!r}; this pbs reads version {SCHEMA_VERSION}")
