@@ -81,7 +81,7 @@ def test_model_folder_without_tokenizer_files_is_named(offline_env, tiny_model_d
 def test_prefill_summary_shows_pbs_and_dense_times_in_one_unit(offline_env, tiny_model_dir, monkeypatch):
     from rich.console import Console
 
-    from pbs_cli.commands import prefill
+    from pbs_cli.render import prefill
 
     result = invoke(["prefill", "-", "--model", str(tiny_model_dir), "--compare-dense", "--iters", "2", "--json"],
                     input=b"Z" * 64)
@@ -132,8 +132,8 @@ def test_rope_scaling_that_changes_nothing_says_so(offline_env, tiny_model_dir):
 def test_tables_in_80_columns_keep_every_number_whole(monkeypatch):
     from rich.console import Console
 
-    from pbs_cli.commands import profile
     from pbs_cli.engine.profiling import result, summarize
+    from pbs_cli.render import tables
     from pbs_cli.render.report_formats import rich_table, row_cells
     from pbs_cli.engine import reports
 
@@ -145,8 +145,8 @@ def test_tables_in_80_columns_keep_every_number_whole(monkeypatch):
                            "head_dim": 128}, pbs={"block_size": 128}, workload={"source": "synthetic"},
                            seq_lens=[131072], backends=["pbs"], results=recs, summary=summarize(recs))
     buf = io.StringIO()
-    monkeypatch.setattr(profile, "out", Console(file=buf, width=80, force_terminal=True, no_color=True))
-    profile.print_table(rich_table(doc))
+    monkeypatch.setattr(tables, "out", Console(file=buf, width=80, force_terminal=True, no_color=True))
+    tables.print_table(rich_table(doc))
     shown = re.sub(r"\x1b\[[0-9;]*m", "", buf.getvalue())
     for cell in row_cells(recs[0]):
         for number in re.findall(r"[0-9][0-9.,e%x+-]*", cell):

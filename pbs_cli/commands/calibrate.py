@@ -18,7 +18,8 @@ from ..console import command_boundary, debug_enabled, err, out
 from ..errors import UsageError
 from ..options import Device, Dtype, check_outputs
 from ..engine.sizes import parse_size
-from .prefill import DEFAULT_MODEL, read_document, tokenize
+from ..engine.documents import read_document
+from ..engine.prefill import DEFAULT_MODEL, tokenize
 
 
 

@@ -19,7 +19,8 @@ from ..console import command_boundary, debug_enabled, err, out
 from ..errors import UsageError
 from ..options import Device, Dtype, Force, check_outputs
 from ..engine.sizes import parse_size, parse_sizes
-from .prefill import DEFAULT_MODEL, greedy_generate, read_document, run_prefill, tokenize
+from ..engine.documents import read_document
+from ..engine.prefill import DEFAULT_MODEL, greedy_generate, run_prefill, tokenize
 
 
 def emit(renderable) -> None:

@@ -10,12 +10,14 @@ from typing import Annotated, Any, TextIO
 import typer
 
 from ..engine import distributed, presets, reports
-from ..console import command_boundary, debug_enabled, err, out
+from ..console import command_boundary, debug_enabled, err
 from ..errors import INTERRUPTED, OutOfMemory, PBSError, UnsupportedError, UsageError
 from ..options import Device, Dtype, Force, check_outputs
-from ..engine.profiling import BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped, summarize
+from ..engine.profiling import (BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped,
+                                summarize)
 from ..render.report_formats import format_for_path, header_line, incomplete_line, render, result_line, rich_table
 from ..engine.sizes import format_size, parse_sizes
+from ..render.tables import print_table
 
 # Llama-3.1-8B attention: 32 query heads, 8 KV heads, head_dim 128
 DEFAULT_SHAPE = {"batch": 1, "heads": 32, "kv_heads": 8, "head_dim": 128}
@@ -144,25 +146,6 @@ class _Outputs:
     def close(self) -> None:
         if self._jsonl is not None and not self._jsonl.closed:
             self._jsonl.close()
-
-
-def print_table(table) -> None:
-    """Tables are wide: when stdout is not a terminal, do not wrap them at Rich's default 80 columns; in a
-    terminal narrower than the table's narrowest layout that splits no number or word, render at that
-    layout's width (the terminal wraps the lines) rather than break numbers across lines."""
-    if out.is_terminal:
-        from rich.console import Console
-        from rich.measure import Measurement
-
-        needed = Measurement.get(out, out.options.update_width(10**4), table).minimum
-        if needed <= out.width:
-            out.print(table)
-        else:
-            Console(file=out.file, width=needed, force_terminal=True, no_color=out.no_color).print(table)
-    else:
-        from rich.console import Console
-
-        Console(width=240, highlight=False).print(table)
 
 
 def write_trace(path: Path, case: Case, settings: Settings) -> None:
@@ -306,7 +289,7 @@ def command(
     captured: dict[int, tuple] | None = None
     workload: dict[str, Any] = {"source": "synthetic", "pattern": pattern, "seed": seed}
     if from_model is not None:
-        from .prefill import read_document
+        from ..engine.documents import read_document
         from ..engine.workloads import captured_qkv
 
         text, doc_name = read_document(str(doc))

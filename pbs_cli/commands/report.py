@@ -10,7 +10,7 @@ import typer
 
 from ..console import command_boundary, fail
 from ..errors import RUNTIME, UsageError
-from .profile import print_table
+from ..render.tables import print_table
 from ..render.report_formats import compare, compare_table, describe, load, render, rich_table, setup_differences
 
 @contextlib.contextmanager
