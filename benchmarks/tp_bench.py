@@ -37,7 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from pbs_cli import distributed  # noqa: E402
+from pbs_cli.engine import distributed  # noqa: E402
 from pbs_cli.engine.sizes import format_size, parse_sizes  # noqa: E402
 
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
