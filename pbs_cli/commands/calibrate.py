@@ -16,7 +16,7 @@ from .. import fidelity
 from ..engine import models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import UsageError
-from ..options import Device, Dtype, check_outputs
+from ..options import Device, Dtype, Json, Model, RecordOutput, check_outputs
 from ..engine.sizes import parse_size
 from ..engine.documents import read_document
 from ..engine.prefill import DEFAULT_MODEL, tokenize
@@ -82,8 +82,7 @@ def command(
     doc: Annotated[str, typer.Option("--doc", help="Real text to calibrate on (UTF-8 file).", show_default=False)],
     name: Annotated[str, typer.Option("--name", help="Preset name to write (letters, digits, -, _, .; not a "
                                       "built-in preset's name).", show_default=False)],
-    model: Annotated[str, typer.Option("--model", "-m", help="Alias, local directory, .gguf file, or Hugging "
-                                       "Face id in the local cache.")] = DEFAULT_MODEL,
+    model: Model = DEFAULT_MODEL,
     target_recall: Annotated[float | None, typer.Option("--target-recall", help="Mean attention-mass recall "
                                                         "of sampled query rows to reach, in (0, 1].")] = None,
     target_kl: Annotated[float | None, typer.Option("--target-kl", help="Mean KL(dense || PBS) of the "
@@ -98,8 +97,8 @@ def command(
     device: Device = "auto",
     dtype: Dtype = "auto",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing preset / --output.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record here.")] = None,
+    as_json: Json = False,
+    output: RecordOutput = None,
 ) -> None:
     """Find the sparsest block size and threshold meeting --target-recall or --target-kl; save it as preset NAME.
 

@@ -17,7 +17,7 @@ from .. import fidelity
 from ..engine import models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import UsageError
-from ..options import Device, Dtype, Force, check_outputs
+from ..options import Device, Dtype, Force, Json, Model, RecordOutput, check_outputs
 from ..engine.sizes import parse_size, parse_sizes
 from ..engine.documents import read_document
 from ..engine.prefill import DEFAULT_MODEL, greedy_generate, run_prefill, tokenize
@@ -250,8 +250,7 @@ def print_passkey(rec: dict) -> None:
 def command(
     doc: Annotated[str, typer.Argument(help="UTF-8 text file (real text; - reads stdin). With --passkey, the "
                                        "filler document.", show_default=False)],
-    model: Annotated[str, typer.Option("--model", "-m", help="Alias, local directory, .gguf file, or Hugging "
-                                       "Face id in the local cache.")] = DEFAULT_MODEL,
+    model: Model = DEFAULT_MODEL,
     profile: Annotated[str | None, typer.Option("--profile", "-p", help="PBS preset to evaluate (default: the "
                                                 "alias's, else 'default').")] = None,
     thresholds: Annotated[str | None, typer.Option("--thresholds", help="Sweep: comma-separated thresholds, e.g. "
@@ -279,8 +278,8 @@ def command(
     dtype: Dtype = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed (passkeys).")] = 0,
     png: Annotated[Path | None, typer.Option("--png", help="Save a density-fidelity Pareto plot here.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record here.")] = None,
+    as_json: Json = False,
+    output: RecordOutput = None,
     force: Force = False,
 ) -> None:
     """Dense vs PBS vs plain block selection vs published PBS-Attn on DOC: perplexity, top-1 agreement, KL, recall.

@@ -17,7 +17,7 @@ from ..engine.prefill import (DEFAULT_MODEL, PrefillSpec, choose_dense_backend, 
                               out_of_memory_hint, run_prefills, tokenize, warn_if_not_sparse, write_trace)
 from ..engine.sizes import parse_size
 from ..errors import UsageError
-from ..options import Device, Dtype, Force, check_outputs
+from ..options import BlockSize, Device, Dtype, Force, Json, SegmentSize, Threshold, check_outputs
 from ..render.prefill import print_summary
 
 
@@ -28,11 +28,9 @@ def command(
                                        "or Hugging Face id in the local cache.")] = DEFAULT_MODEL,
     profile: Annotated[str | None, typer.Option("--profile", "-p", help="PBS preset name (default: the alias's, "
                                                 "else 'default'). See `pbs env` for the list.")] = None,
-    threshold: Annotated[float | None, typer.Option("--threshold", "-t", help="Top-p share of block attention "
-                                                    "to keep, in (0, 1]; 1.0 = dense.")] = None,
-    block_size: Annotated[int | None, typer.Option("--block-size", help="Tokens per block (power of two >= 16).")] = None,
-    segment_size: Annotated[int | None, typer.Option("--segment-size", help="Permutation segment, a multiple "
-                                                     "of the block size.")] = None,
+    threshold: Threshold = None,
+    block_size: BlockSize = None,
+    segment_size: SegmentSize = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     device_map: Annotated[str | None, typer.Option("--device-map", help="'auto' spreads layers over the GPUs "
@@ -70,7 +68,7 @@ def command(
                                                  "alike; attention stays eager. The warm-up compiles (untimed; "
                                                  "it takes a while).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    as_json: Json = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record to this file.")] = None,
     force: Force = False,
     trace: Annotated[Path | None, typer.Option("--trace", help="Also run one PBS forward under torch.profiler: "

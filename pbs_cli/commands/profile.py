@@ -12,7 +12,7 @@ import typer
 from ..engine import distributed, presets, reports
 from ..console import command_boundary, debug_enabled, err
 from ..errors import INTERRUPTED, OutOfMemory, PBSError, UnsupportedError, UsageError
-from ..options import Device, Dtype, Force, check_outputs
+from ..options import BlockSize, Device, Dtype, Force, SegmentSize, Threshold, check_outputs
 from ..engine.profiling import (BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped,
                                 summarize)
 from ..render.report_formats import format_for_path, header_line, incomplete_line, render, result_line, rich_table
@@ -187,11 +187,9 @@ def command(
     dtype: Dtype = "auto",
     device: Device = "auto",
     profile: Annotated[str | None, typer.Option("--profile", "-p", help="PBS preset name (see `pbs env`).")] = None,
-    threshold: Annotated[float | None, typer.Option("--threshold", "-t", help="Top-p share of block attention "
-                                                    "to keep, in (0, 1]; 1.0 = dense.")] = None,
-    block_size: Annotated[int | None, typer.Option("--block-size", help="Tokens per block (power of two >= 16).")] = None,
-    segment_size: Annotated[int | None, typer.Option("--segment-size", help="Permutation segment, a multiple "
-                                                     "of the block size.")] = None,
+    threshold: Threshold = None,
+    block_size: BlockSize = None,
+    segment_size: SegmentSize = None,
     backends: Annotated[str | None, typer.Option("--backends", "-b", help=f"Comma list of {', '.join(BACKENDS)} "
                                                  "(default: all; unavailable ones are reported as skipped; "
                                                  "naming only ones that cannot run on this device is exit 3).")]
