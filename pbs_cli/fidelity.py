@@ -200,10 +200,10 @@ def sample_query_rows(n: int, rows: int, start: int, device=None) -> torch.Tenso
 
 def probe_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                     is_causal=None, **kwargs):
-    """The "pbs" attention plus: layers in ``config.dense_layers`` run dense SDPA, and the recall of
-    sampled query rows is measured on the plan of every sparse layer."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    """The "pbs" attention plus: layers in ``config.dense_layers`` run dense (``integration.dense_forward``:
+    SDPA, the window kept, or the family's eager attention where logits are soft-capped or sinks learned),
+    and the recall of sampled query rows is measured on the plan of every sparse layer that selects blocks
+    (a sliding-window layer's band keeps all its window sees: recall 1)."""
     run = integration.current_run()
     layer = getattr(module, "layer_idx", None)
     config = run.config if run is not None else PBSConfig()
@@ -211,13 +211,14 @@ def probe_attention(module, query, key, value, attention_mask, dropout: float = 
         if run is not None:
             run.recorder.add(integration.LayerStat(layer, "dense", "dense_layers", query.shape[2], key.shape[2],
                                                    query.shape[0]))
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return integration.dense_forward(None, module, query, key, value, attention_mask, dropout=dropout,
+                                         scaling=scaling, is_causal=is_causal, **kwargs)
     before = len(run.recorder.stats) if run is not None else 0
     out = integration.pbs_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                             scaling=scaling, is_causal=is_causal, **kwargs)
     probe = _probe[-1] if _probe else None
-    sparse = run is not None and len(run.recorder.stats) > before and run.recorder.stats[-1].path == "pbs"
+    sparse = (run is not None and len(run.recorder.stats) > before and run.recorder.stats[-1].path == "pbs"
+              and not run.recorder.stats[-1].reason.startswith("sliding window"))
     if probe is not None and probe.rows and sparse and layer is not None:
         n = query.shape[2]
         rows = sample_query_rows(n, probe.rows, config.segment_size, query.device)
@@ -232,7 +233,7 @@ def register_probe() -> None:
 
     integration.register()
     AttentionInterface.register(PROBE, probe_attention)
-    AttentionMaskInterface.register(PROBE, AttentionMaskInterface._global_mapping["sdpa"])
+    AttentionMaskInterface.register(PROBE, integration.pbs_mask)  # sliding windows reach "pbs" unmasked
 
 
 @contextlib.contextmanager
@@ -255,10 +256,11 @@ class ForwardResult:
 
 @torch.inference_mode()
 def run_forward(model, ids: torch.Tensor, config: PBSConfig | None, recall_rows: int = 64) -> ForwardResult:
-    """One forward over ids (1, N): dense SDPA when ``config`` is None, else PBS through the probe."""
+    """One forward over ids (1, N): dense attention when ``config`` is None ("pbs_dense": SDPA, or the family's
+    eager attention for soft-capped or sink layers), else PBS through the probe."""
     backbone = model.base_model
     if config is None:
-        integration.set_attention(model, "sdpa")
+        integration.set_attention(model, integration.DENSE_NAME)
         hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
         return ForwardResult(hidden, [], 1.0, None)
     register_probe()
@@ -338,12 +340,11 @@ _captured: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
 
 
 def capture_attention(module, query, key, value, attention_mask, **kwargs):
-    """Dense SDPA that also keeps each layer's post-RoPE q (B, H_q, N, D) and k (B, H_kv, N, D)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    """Dense attention (``integration.dense_forward``: SDPA, or the family's eager attention for soft-capped or
+    sink layers) that also keeps each layer's post-RoPE q (B, H_q, N, D) and k (B, H_kv, N, D)."""
     if _captured and query.shape[2] > 1:
         _captured[-1][getattr(module, "layer_idx", len(_captured[-1]))] = (query.detach(), key.detach())
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return integration.dense_forward(None, module, query, key, value, attention_mask, **kwargs)
 
 
 @torch.inference_mode()

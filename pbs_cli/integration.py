@@ -15,9 +15,20 @@ Outside any ``pbs_run`` block the attention uses ``PBSConfig()`` defaults and re
 
 The sparse path runs only for a plain causal prefill: more than one query, as many queries as keys
 (empty cache), no attention mask (transformers passes ``None`` when there is no padding), causal,
-no dropout, no softcap / sliding window / attention sinks, and N >= ``config.dense_below``.
+no dropout, no position bias, and N >= ``config.dense_below``.
 Everything else (decode steps, padded batches, chunked prefill over a cache) delegates to
-transformers' own SDPA attention function, unchanged.
+transformers' own SDPA attention function, unchanged, or, for layers that soft-cap their logits or
+carry sinks (which SDPA cannot apply), to the model family's own eager attention function.
+
+Sliding-window layers (Mistral, Gemma-2/3 local layers, Qwen with ``use_sliding_window``) run a band
+plan (``pbs_kernels.band``: exact, no selection) with the window masked in the kernel; the others, and
+sliding-window layers whose window covers the whole prompt, run PBS selection. So that a sliding-window
+layer's prefill reaches the attention function without an N x N mask, the "pbs" mask builder
+(``pbs_mask``) returns None for a sliding-window mask of an unpadded prefill from position 0 once it has
+checked that the mask is exactly the window the layer then passes as ``sliding_window``; every other
+mask is SDPA's. Soft-capped layers (Gemma-2) and layers with learned
+attention sinks (gpt-oss's ``s_aux``) run either plan with the cap or the sinks applied in the kernel
+(without CUDA graphs for sinks: a graph would keep the first layer's sink tensor).
 
 On CUDA each ``pbs_run`` replays the layers' PBS work from a CUDA graph captured in the run
 (``pbs_kernels.graphs.LayerGraphs``: the first sparse layer eager, the second captured, the rest
@@ -35,7 +46,7 @@ from typing import Any, Iterator
 import torch
 
 from pbs_kernels import PBSConfig, pbs_prefill_attention
-from pbs_kernels.attention import attention_kernel
+from pbs_kernels.attention import attention_kernel, band_attention
 from pbs_kernels.graphs import LayerGraphs
 from pbs_kernels.graphs import enabled as graphs_enabled
 
@@ -157,9 +168,8 @@ def _dense_reason(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         return "not causal"
     if dropout and module.training:
         return "dropout"
-    for name in ("softcap", "sliding_window", "s_aux", "position_bias"):
-        if kwargs.get(name) is not None:
-            return f"{name} not supported"
+    if kwargs.get("position_bias") is not None:
+        return "position_bias not supported"
     if q_len < config.dense_below:
         return f"seq_len {q_len} < dense_below {config.dense_below}"
     layer = getattr(module, "layer_idx", None)
@@ -184,28 +194,29 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     layer = getattr(module, "layer_idx", None)
     b, _, q_len, _ = query.shape
     if reason is not None:
-        if kwargs.get("softcap") is not None:
-            # SDPA (the dense fallback) cannot soft-cap logits either: refuse clearly rather than fail inside it
-            from .errors import UnsupportedError
-
-            raise UnsupportedError(
-                f"{type(module).__name__} soft-caps attention logits (softcap={kwargs['softcap']}), which neither "
-                "the PBS kernel nor its dense SDPA fallback implements; pbs cannot run this model")
         if run is not None:
             run.recorder.add(LayerStat(layer, "dense", reason, q_len, key.shape[2], b))
-        return dense_sdpa.attention_forward(run.dense if run is not None else None, module, query, key, value,
-                                            attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
-                                            **kwargs)
+        return dense_forward(run, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                             is_causal=is_causal, **kwargs)
+    window, softcap, sinks = layer_window(kwargs), kwargs.get("softcap"), kwargs.get("s_aux")
+    covered = window is not None and window >= q_len  # the window sees the whole prompt: a global layer here
+    window = None if covered else window
     ctx = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
     with ctx, torch.profiler.record_function("pbs.attention"):  # groups the layer's PBS work in traces
-        if query.is_cuda and run is not None and run.graphs is not None:
-            out, plan = run.graphs(query, key, value, config, scaling)
+        if window is not None:
+            out, plan = band_attention(query, key, value, config, window, scaling, softcap, sinks)
+        elif query.is_cuda and run is not None and run.graphs is not None and sinks is None:
+            out, plan = run.graphs(query, key, value, config, scaling, softcap)
         else:
-            out, plan = pbs_prefill_attention(query, key, value, config, scale=scaling)
+            out, plan = pbs_prefill_attention(query, key, value, config, scale=scaling, softcap=softcap, sinks=sinks)
     if run is not None:
-        run.recorder.add(LayerStat(layer, "pbs", "causal prefill", q_len, key.shape[2], b,
-                                   plan.kv_num_blocks.sum(), plan.causal_blocks(),
-                                   attention_kernel(query, config.block_size, key, value)))
+        why = f"sliding window {window}" if window is not None else "causal prefill"
+        why += f" (window {layer_window(kwargs)} covers the prompt)" if covered else ""
+        why += (f", softcap {softcap:g}" if softcap is not None else "") + (", sinks" if sinks is not None else "")
+        masked = window is not None or softcap is not None or sinks is not None
+        run.recorder.add(LayerStat(layer, "pbs", why, q_len, key.shape[2], b, plan.kv_num_blocks.sum(),
+                                   plan.causal_blocks(), attention_kernel(query, config.block_size, key, value,
+                                                                          masked=masked)))
     # a no-op where the kernel wrote transformers' (B, N, H, D) layout itself (triton.attention.keeps_layout),
     # replays included: the caller's o_proj reads the graph's output before the next layer's replay rewrites it
     return out.transpose(1, 2).contiguous(), None
@@ -219,8 +230,103 @@ def dense_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if run is not None and run.record_dense is not None:
         b, _, q_len, _ = query.shape
         run.recorder.add(LayerStat(getattr(module, "layer_idx", None), "dense", run.record_dense, q_len, key.shape[2], b))
-    return dense_sdpa.attention_forward(run.dense if run is not None else None, module, query, key, value,
-                                        attention_mask, **kwargs)
+    return dense_forward(run, module, query, key, value, attention_mask, **kwargs)
+
+
+def layer_window(kwargs: dict[str, Any]) -> int | None:
+    """The sliding window (tokens) transformers passes a layer's attention function, or None (a global layer)."""
+    window = kwargs.get("sliding_window")
+    return int(window) if window else None
+
+
+def window_mask(q_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """Bool (1, 1, N, N): causal attention inside a window of ``window`` tokens (transformers' convention:
+    query i sees keys i - window < j <= i)."""
+    i = torch.arange(q_len, device=device)[:, None]
+    j = torch.arange(q_len, device=device)[None, :]
+    return ((j <= i) & (j > i - window))[None, None]
+
+
+def family_eager(module: torch.nn.Module):
+    """The eager attention function of ``module``'s model family (``eager_attention_forward`` of its
+    modeling module), which applies soft-capping and sinks where SDPA cannot."""
+    import importlib
+
+    fn = getattr(importlib.import_module(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        from .errors import UnsupportedError
+
+        raise UnsupportedError(f"{type(module).__name__} soft-caps its attention logits or uses attention sinks, "
+                               "which SDPA cannot apply, and its model family has no eager attention function to "
+                               "run instead; pbs cannot run this model")
+    return fn
+
+
+def dense_forward(run: PBSRun | None, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Dense attention of one layer: SDPA on the run's backend, or the family's eager function for layers
+    that soft-cap or carry sinks. A sliding-window prefill whose mask ``pbs_mask`` left out gets it back."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    window = layer_window(kwargs)
+    plain = attention_mask is None and q_len == kv_len > 1
+    if plain and window is not None and window < q_len:
+        attention_mask = window_mask(q_len, window, query.device)
+    if kwargs.get("softcap") is None and kwargs.get("s_aux") is None:
+        return dense_sdpa.attention_forward(run.dense if run is not None else None, module, query, key, value,
+                                            attention_mask, **kwargs)
+    if attention_mask is None and plain:
+        attention_mask = window_mask(q_len, q_len, query.device)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # eager adds its mask to the scores
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    kwargs.pop("is_causal", None)
+    out, _ = family_eager(module)(module, query, key, value, attention_mask, **kwargs)
+    return out, None
+
+
+def _sliding_window_prefill(q_length: int, kv_length: int, q_offset: Any, kv_offset: Any, mask_function: Any,
+                            attention_mask: torch.Tensor | None, local_size: int | None,
+                            allow_is_causal_skip: bool) -> bool:
+    """Whether a mask asked of ``pbs_mask`` is the plain sliding-window causal mask of ``local_size`` tokens
+    over an unpadded prefill from position 0: checked on the mask function itself, at the rows where a window
+    shows (its first full row and its neighbours, the middle and the last)."""
+    if local_size is None or not allow_is_causal_skip or not (q_length == kv_length > 1):
+        return False
+    if not (isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset == 0):
+        return False
+    if attention_mask is not None:
+        from transformers.masking_utils import prepare_padding_mask
+
+        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        if padding is not None and not bool(padding.all()):
+            return False
+    rows = torch.tensor(sorted({min(q_length - 1, r) for r in (0, local_size - 1, local_size, local_size + 1,
+                                                                q_length // 2, q_length - 1)}))
+    cols = torch.arange(kv_length)
+    zero = torch.zeros((), dtype=torch.long)
+    try:
+        got = mask_function(zero, zero, rows[:, None], cols[None, :])
+    except Exception:  # noqa: BLE001 - a mask function that cannot be probed is left to SDPA's builder
+        return False
+    want = (cols[None, :] <= rows[:, None]) & (cols[None, :] > rows[:, None] - local_size)
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and bool((got == want).all())
+
+
+def pbs_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_offset: Any = 0,
+             mask_function: Any = None, attention_mask: torch.Tensor | None = None, local_size: int | None = None,
+             allow_is_causal_skip: bool = True, **kwargs: Any) -> torch.Tensor | None:
+    """The "pbs" mask builder: SDPA's (``transformers.masking_utils.sdpa_mask``), except that the sliding-window
+    mask of an unpadded prefill from position 0 is None (the layer's attention applies its ``sliding_window``
+    itself: a band plan, or the mask rebuilt for a dense fallback) instead of an N x N tensor."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    mask_function = mask_function if mask_function is not None else causal_mask_function
+    if _sliding_window_prefill(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, local_size,
+                               allow_is_causal_skip):
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
 
 
 _registered = False
@@ -236,9 +342,10 @@ def register() -> None:
 
     AttentionInterface.register(NAME, pbs_attention_forward)
     AttentionInterface.register(DENSE_NAME, dense_attention_forward)
-    # the mask builder of SDPA: None for plain causal inputs (what the sparse path needs), else a bool mask
-    for name in (NAME, DENSE_NAME):
-        AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping["sdpa"])
+    # SDPA's mask builder: None for plain causal inputs (what the sparse path needs), else a bool mask;
+    # "pbs" also leaves out the sliding-window masks its attention applies itself
+    AttentionMaskInterface.register(NAME, pbs_mask)
+    AttentionMaskInterface.register(DENSE_NAME, AttentionMaskInterface._global_mapping["sdpa"])
     _registered = True
 
 

@@ -76,8 +76,9 @@ def test_sparse_threshold_runs_the_plan_and_records_its_density(monkeypatch):
     config = PBSConfig(threshold=0.5, **SMALL)
     seen = {}
 
-    def spy(q, k, v, cfg, scale=None):
+    def spy(q, k, v, cfg, scale=None, softcap=None, sinks=None):
         seen["args"] = (q.clone(), k.clone(), v.clone(), cfg, scale)
+        assert softcap is None and sinks is None  # Llama has neither
         return pbs_prefill_attention(q, k, v, cfg, scale)
 
     monkeypatch.setattr(integration, "pbs_prefill_attention", spy)
@@ -100,9 +101,10 @@ def test_sparse_layers_record_the_kernel_of_their_own_call(monkeypatch):
     """The kernel named per layer is asked of the layer's own query and the run's block size."""
     model = tiny_model(4, 2, layers=2)
     ids = torch.randint(0, 300, (1, 90), generator=torch.Generator().manual_seed(3))
-    monkeypatch.setattr(integration, "attention_kernel", lambda q, bs, *kv: f"spy/{tuple(q.shape)}/{bs}")
+    monkeypatch.setattr(integration, "attention_kernel",
+                        lambda q, bs, *kv, masked: f"spy/{tuple(q.shape)}/{bs}/{masked}")
     _, rec = forward(model, ids, integration.NAME, PBSConfig(threshold=0.6, **SMALL))
-    assert [s.kernel for s in rec.prefill_layers()] == ["spy/(1, 4, 90, 16)/16"] * 2
+    assert [s.kernel for s in rec.prefill_layers()] == ["spy/(1, 4, 90, 16)/16/False"] * 2
 
 
 def test_decode_runs_dense_and_is_recorded():

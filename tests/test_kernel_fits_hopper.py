@@ -25,6 +25,7 @@ H100_SHARED_BYTES = 232_448  # max dynamic shared memory per block on sm_90 (227
 
 _COMPILE = r"""
 import json, sys
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -32,24 +33,30 @@ from pbs_kernels.triton import attention as A
 from pbs_kernels.triton import attention_kernel as K
 from pbs_kernels.triton import attention_ws_kernel as KWS
 
-ptr = {name: ("*i32" if name in ("PERM", "KV_NUM", "KV_IDX") else "*bf16")
-       for name in ("Q", "K", "V", "KP", "VP", "PERM", "O", "KV_NUM", "KV_IDX")}
-scalars = {"qk_scale": "fp32", **{n: "i32" for n in ("N_CTX", "H_Q", "H_KV", "H_PERM", "QB0", "N_QB", "N_KB")}}
+ptr = {name: ("*i32" if name in ("PERM", "KV_NUM", "KV_IDX") else "*fp32" if name == "SINK" else "*bf16")
+       for name in ("Q", "K", "V", "KP", "VP", "PERM", "O", "KV_NUM", "KV_IDX", "SINK")}
+scalars = {"qk_scale": "fp32", "CAP_IN": "fp32",
+           **{n: "i32" for n in ("WINDOW", "N_CTX", "H_Q", "H_KV", "H_PERM", "QB0", "N_QB", "N_KB")}}
 out = []
 for d in A.SUPPORTED_HEAD_DIMS:
     for mode, code in A.PERM_MODES.items():
         if mode in ("ws", "persistent"):  # their own kernels, below and in the next test
             continue
-        for block in (128, 64):
-            cfg = A._default_config(block, d, mode)
+        if A.resolve_perm_mode(32768, 128, torch.empty(1, 1, 1, d, device="meta"), mode) != mode:
+            continue  # a mode this head_dim never runs (256: tma)
+        # plain causal at both plan blocks; with a window, soft-capping and sinks (all three) at 128
+        for block, masked in ((128, False), (64, False), (128, True)):
+            cfg = A._default_config(block, d, mode, masked)
             consts = dict(PLAN_BLOCK=block, SEG_BLOCKS=256 // block, SEG_POW2=256 // block, BLOCK_M=cfg["BLOCK_M"],
-                          BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=d, PERM_MODE=code, DOT_PREC="tf32")
+                          BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=d, PERM_MODE=code, DOT_PREC="tf32", WINDOWED=masked,
+                          SOFTCAP=masked, SINKS=masked)
             sig = {**ptr, **scalars, **{c: "constexpr" for c in consts}}
             kernel = triton.compile(ASTSource(fn=K.pbs_attn_fwd, signature=sig, constexprs=consts),
                                     target=GPUTarget("cuda", 90, 32),
                                     options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
-            out.append({"head_dim": d, "mode": mode, "block": block, **cfg, "shared": kernel.metadata.shared})
-    # the warp-specialized kernel ("ws" mode), 128-token blocks
+            out.append({"head_dim": d, "mode": mode, "block": block, "masked": masked, **cfg,
+                        "shared": kernel.metadata.shared})
+for d in (64, 128):  # the warp-specialized kernel ("ws" mode), 128-token blocks
     cfg = A._ws_config(128, d, True)
     consts = dict(SEG_BLOCKS=2, BLOCK=128, BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=d, WARP_SPECIALIZE=cfg["warp_specialize"])
     sig = {"Q": "*bf16", "KC": "*bf16", "VC": "*bf16", "O": "*bf16", "KV_NUM": "*i32", "KV_IDX": "*i32",
@@ -72,7 +79,8 @@ def test_default_configs_fit_hopper_shared_memory(tmp_path):
         pytest.skip("this Triton install has no ptxas to compile for sm_90")
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 3 * 2 + 2  # head_dim x read mode x plan block, + "ws" per head_dim
+    # head_dim 64, 128 x read mode x (block 128, 64, masked 128), "ws" per head_dim; 256 x (gather, remap) x 3
+    assert len(results) == 2 * 3 * 3 + 2 + 2 * 3
     ws = [r for r in results if r["mode"] == "ws" and r["warp_specialize"]]
     # Triton's Hopper warp specialization took the loop: a producer warp group joins the two
     # consumer groups (4 warps each), so the kernel launches 12 warps; 4 would mean it silently did not

@@ -309,40 +309,37 @@ def test_remote_code_model_is_refused_not_executed(offline_env, tiny_model_dir, 
 _TINY = dict(num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
 
 
-def test_non_causal_and_sliding_window_models_run_dense_and_say_so(offline_env, tmp_path):
+def test_non_causal_models_run_dense_and_say_so(offline_env, tmp_path):
     """Decision (see integration.py): attention the sparse path cannot reproduce falls back to dense per
     layer; every such layer is reported dense with its reason, and stderr warns."""
-    cases = {
-        "bert": ("BertForMaskedLM", "BertConfig", dict(hidden_size=64, intermediate_size=128, **_TINY)),
-        "mistral-sliding": ("MistralForCausalLM", "MistralConfig",
-                            dict(hidden_size=64, intermediate_size=128, num_key_value_heads=2, sliding_window=16,
-                                 **_TINY)),
-    }
-    for name, (model_cls, config_cls, fields) in cases.items():
-        folder = build_tiny_model_of(tmp_path / name, model_cls, config_cls, bos_token_id=0, eos_token_id=0,
-                                     pad_token_id=0, **fields)
-        result = prefill(folder, input=b"Z" * 100)
-        assert_clean_outcome(result, {0})
-        record = json.loads(result.stdout)
-        assert record["layers"], name
-        assert all(layer["path"] == "dense" and layer["reason"] for layer in record["layers"]), record["layers"]
-        assert "warning" in result.stderr.lower() and "dense" in result.stderr.lower(), (
-            f"{name}: no warning on stderr that PBS did not run: {result.stderr!r}")
-
-
-def test_softcapped_attention_falls_back_or_refuses_clearly(offline_env, tmp_path):
-    """Gemma-2 style logit soft-capping: the sparse kernel does not implement it (and SDPA cannot either)."""
-    folder = build_tiny_model_of(tmp_path / "gemma2", "Gemma2ForCausalLM", "Gemma2Config", hidden_size=64,
-                                 intermediate_size=128, num_key_value_heads=2, head_dim=16, sliding_window=64,
-                                 bos_token_id=0, eos_token_id=0, pad_token_id=0, **_TINY)
+    folder = build_tiny_model_of(tmp_path / "bert", "BertForMaskedLM", "BertConfig", hidden_size=64,
+                                 intermediate_size=128, bos_token_id=0, eos_token_id=0, pad_token_id=0, **_TINY)
     result = prefill(folder, input=b"Z" * 100)
-    assert_clean_outcome(result, {0, errors.UNSUPPORTED})
-    if result.exit_code == 0:
-        record = json.loads(result.stdout)
-        assert all(layer["path"] == "dense" for layer in record["layers"])
-        assert "warning" in result.stderr.lower()
-    else:
-        assert "softcap" in error_line(result).lower()
+    assert_clean_outcome(result, {0})
+    record = json.loads(result.stdout)
+    assert record["layers"]
+    assert all(layer["path"] == "dense" and layer["reason"] for layer in record["layers"]), record["layers"]
+    assert "warning" in result.stderr.lower() and "dense" in result.stderr.lower(), (
+        f"no warning on stderr that PBS did not run: {result.stderr!r}")
+
+
+def test_sliding_window_and_softcapped_models_run_sparse_and_say_why(offline_env, tmp_path):
+    """Mistral's sliding window runs band plans; Gemma-2 (soft-capped logits, local and global layers) runs
+    band plans on its local layers and PBS selection on its global ones, the cap applied in the kernel."""
+    cases = {
+        "mistral-sliding": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=16), ["sliding window 16"] * 2),
+        "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(head_dim=16, sliding_window=24),
+                   ["sliding window 24, softcap 50", "causal prefill, softcap 50"]),
+    }
+    for name, (model_cls, config_cls, fields, reasons) in cases.items():
+        folder = build_tiny_model_of(tmp_path / name, model_cls, config_cls, hidden_size=64, intermediate_size=128,
+                                     num_key_value_heads=2, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                     **fields, **_TINY)
+        result = prefill(folder, "--threshold", "0.5", input=b"Z" * 100)
+        assert_clean_outcome(result, {0})
+        layers = json.loads(result.stdout)["layers"]
+        assert [layer["path"] for layer in layers] == ["pbs", "pbs"], (name, layers)
+        assert [layer["reason"] for layer in layers] == reasons, (name, layers)
 
 
 def test_model_without_attention_layers_warns_that_nothing_is_sparse(offline_env, tmp_path):

@@ -6,6 +6,7 @@ import torch
 
 from . import reference
 from .backend import use_triton
+from .band import band_plan, check_window
 from .block_mask import PermutedBlockMask
 from .config import PBSConfig
 from .permute import compute_permutation
@@ -41,19 +42,26 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float
 
 
 def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PermutedBlockMask,
-                  scale: float | None = None) -> torch.Tensor:
+                  scale: float | None = None, *, window: int | None = None,
+                  softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention over the kept blocks of ``plan``.
 
     q: (B, H_q, N, D), k/v: (B, H_kv, N, D) in original (unpermuted) order.
+    window: a sliding window of W tokens (query q sees original keys q - W < k <= q), masked token by
+    token inside the kept blocks (``band.band_plan`` keeps the blocks it touches). softcap: scores
+    become ``softcap * tanh(scores / softcap)`` (Gemma-2). sinks: (H_q,) per-head attention sink logits
+    (gpt-oss), one extra term in every row's softmax denominator.
     Returns (B, H_q, N, D) in q's dtype. Triton on CUDA, the PyTorch reference elsewhere.
     """
     _check_shapes(q, k, v)
     if plan.seq_len != q.shape[2]:
         raise ValueError(f"plan was built for N={plan.seq_len}, got q with N={q.shape[2]}")
+    window = None if window is None else check_window(window)
+    reference.check_softcap(softcap)
     fast = triton_attention(q)
     if fast is not None:
-        return fast.pbs_attention(q, k, v, plan, scale)
-    return reference.block_sparse_attention(q, k, v, plan, scale)
+        return fast.pbs_attention(q, k, v, plan, scale, window=window, softcap=softcap, sinks=sinks)
+    return reference.block_sparse_attention(q, k, v, plan, scale, window=window, softcap=softcap, sinks=sinks)
 
 
 def triton_attention(q: torch.Tensor):
@@ -69,16 +77,16 @@ def triton_attention(q: torch.Tensor):
 
 
 def attention_kernel(q: torch.Tensor, block_size: int, k: torch.Tensor | None = None,
-                     v: torch.Tensor | None = None) -> str:
+                     v: torch.Tensor | None = None, masked: bool = False) -> str:
     """The implementation ``pbs_attention`` runs for q (B, H_q, N, D) with ``block_size``-token plans:
     "reference" (the PyTorch twin) or "triton/MODE", MODE being the Triton read mode (remap, gather,
-    tma, ws, persistent; ``PBS_PERM_MODE`` or the "auto" rule), with " in place" when k and v are
-    given and the kernel reads all three without layout copies (``keeps_layout``). Reads only shapes,
-    strides and the device."""
+    tma, ws, persistent; ``PBS_PERM_MODE`` or the "auto" rule; ``masked``: a window, softcap or sinks, which
+    only the tma, gather and remap modes apply), with " in place" when k and v are given and the kernel
+    reads all three without layout copies (``keeps_layout``). Reads only shapes, strides and the device."""
     fast = triton_attention(q)
     if fast is None:
         return "reference"
-    mode = fast.resolve_perm_mode(q.shape[2], block_size, q)
+    mode = fast.resolve_perm_mode(q.shape[2], block_size, q, masked=masked)
     in_place = k is not None and v is not None and fast.keeps_layout(mode, q, k, v)
     return f"triton/{mode}" + (" in place" if in_place else "")
 
@@ -94,10 +102,41 @@ def plan_chunk_rows(q: torch.Tensor, config: PBSConfig, budget: int = PLAN_CHUNK
     return max(1, budget // (4 * b * h_q * n_b))
 
 
+def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig, window: int,
+                   scale: float | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+                   plan_bytes: int = PLAN_CHUNK_BYTES) -> tuple[torch.Tensor, PermutedBlockMask]:
+    """A sliding-window layer through the block-sparse kernels: the band plan of ``window``
+    (``band.band_plan``, no permutation, no selection: exact at any threshold), attended with the
+    window masked inside its edge blocks. Shapes as in ``pbs_attention``; returns (out, plan). On
+    the Triton path a plan whose index table exceeds ``plan_bytes`` is built and attended in row chunks
+    (the returned plan is then a summary, ``kv_indices`` None)."""
+    _check_shapes(q, k, v)
+    b, h_q, n, _ = q.shape
+    bs, seg = config.block_size, config.segment_size
+    n_b = -(-n // bs)
+    fast = triton_attention(q)
+    if fast is None or 4 * b * h_q * n_b * n_b <= plan_bytes:
+        plan = band_plan(b, h_q, k.shape[1], n, window, bs, seg, q.device)
+        return pbs_attention(q, k, v, plan, scale, window=window, softcap=softcap, sinks=sinks), plan
+    rows = max(1, plan_bytes // (4 * b * h_q * n_b))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    nums = []
+    for r0 in range(0, n_b, rows):
+        chunk = band_plan(b, h_q, k.shape[1], n, window, bs, seg, q.device, r0, min(n_b, r0 + rows))
+        fast.pbs_attention(q, k, v, chunk, scale, out=out, window=window, softcap=softcap, sinks=sinks)
+        nums.append(chunk.kv_num_blocks)
+    return out, PermutedBlockMask(reference.identity_permutation(b, k.shape[1], n, q.device), torch.cat(nums, -1),
+                                  None, bs, seg, n)
+
+
 def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,
-                          scale: float | None = None, plan_bytes: int = PLAN_CHUNK_BYTES
+                          scale: float | None = None, plan_bytes: int = PLAN_CHUNK_BYTES, *,
+                          softcap: float | None = None, sinks: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, PermutedBlockMask]:
     """Plan and attend in one call. Shapes as in ``pbs_attention``; returns (out, plan).
+    ``softcap`` soft-caps the attention scores and ``sinks`` adds per-head sink logits to each softmax (the
+    selection ranks blocks on plain pooled scores).
 
     On the Triton path the pooling pass of the selection also makes the permuted K/V copies the
     attention kernel reads (``select.pool_and_copy``: one read of K for both). Long sequences
@@ -108,7 +147,7 @@ def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, con
     fast = triton_attention(q)
     if fast is None or config.beyond_published():
         plan = build_plan(q, k, config, scale)
-        return pbs_attention(q, k, v, plan, scale), plan
+        return pbs_attention(q, k, v, plan, scale, softcap=softcap, sinks=sinks), plan
     from .triton import select as fast_select
 
     _check_shapes(q, k, v)
@@ -116,7 +155,7 @@ def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, con
     bs, seg = config.block_size, config.segment_size
     n_b = -(-n // bs)
     rows = plan_chunk_rows(q, config, plan_bytes) or n_b
-    mode = fast.resolve_perm_mode(n, bs, q)
+    mode = fast.resolve_perm_mode(n, bs, q, masked=softcap is not None or sinks is not None)
     if not fast.keeps_layout(mode, q, k, v):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # once, not in every chunk's launch
     perm = compute_permutation(q, k, config, scale)
@@ -126,12 +165,12 @@ def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, con
     if rows >= n_b:
         num, idx = selection.select(0, n_b)
         plan = PermutedBlockMask(perm, num, idx, bs, seg, n)
-        return fast.pbs_attention(q, k, v, plan, scale, permuted=copies), plan
+        return fast.pbs_attention(q, k, v, plan, scale, permuted=copies, softcap=softcap, sinks=sinks), plan
     out = torch.empty_like(q)  # laid out like q now
     nums = []
     for r0, num, idx in selection.row_chunks(rows):
         fast.pbs_attention(q, k, v, PermutedBlockMask(perm, num, idx, bs, seg, n, row_offset=r0), scale,
-                           out=out, permuted=copies)
+                           out=out, permuted=copies, softcap=softcap, sinks=sinks)
         nums.append(num)
         del idx
     return out, PermutedBlockMask(perm, torch.cat(nums, -1), None, bs, seg, n)

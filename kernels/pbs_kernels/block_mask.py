@@ -15,7 +15,10 @@ class PermutedBlockMask:
     order (slot ``s`` holds original key ``perm[..., s]``); key blocks of ``i``'s own (diagonal)
     segment are read in original order. The permutation is a bijection inside each segment, so
     keeping every block of the diagonal segment keeps the same key set either way, and the only
-    token-level mask needed is the usual causal one on the diagonal block ``j == i``.
+    token-level mask needed is the usual causal one on the diagonal block ``j == i``. A sliding window
+    is not part of the plan: attention takes it as an argument (``pbs_attention(..., window=W)``) and
+    masks by original key positions; a band plan (``band.band_plan``: identity permutation) keeps just
+    the blocks the window touches.
 
     Fields (int32, on the device of the inputs):
         perm:          (B, H_perm, N)      original position of the key at each permuted slot;

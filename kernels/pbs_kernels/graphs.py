@@ -59,7 +59,7 @@ class _Captured:
 class LayerGraphs:
     """Graphs of ``pbs_prefill_attention`` for one model forward (or any run of same-shape calls).
 
-    ``__call__(q, k, v, config, scale)``: q (B, H_q, N, D), k and v (B, H_kv, N, D), any strides;
+    ``__call__(q, k, v, config, scale, softcap)``: q (B, H_q, N, D), k and v (B, H_kv, N, D), any strides;
     returns what ``pbs_prefill_attention`` returns, (out (B, H_q, N, D), plan), both in the graph's
     memory once replayed: read them before the next call. ``close()`` frees the graphs and their
     memory. Graphed calls are counted in ``replays``; at most ``max_graphs`` shapes are kept."""
@@ -84,27 +84,27 @@ class LayerGraphs:
                 and worth_capturing(q.shape[2]))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,
-                 scale: float | None = None) -> tuple[torch.Tensor, PermutedBlockMask]:
+                 scale: float | None = None, softcap: float | None = None) -> tuple[torch.Tensor, PermutedBlockMask]:
         from .attention import pbs_prefill_attention
 
         if self.failed is not None or not self.eligible(q, config):
-            return pbs_prefill_attention(q, k, v, config, scale)
-        key = (*((tuple(x.shape), x.stride()) for x in (q, k, v)), q.dtype, q.device, config, scale)
+            return pbs_prefill_attention(q, k, v, config, scale, softcap=softcap)
+        key = (*((tuple(x.shape), x.stride()) for x in (q, k, v)), q.dtype, q.device, config, scale, softcap)
         entry = self._graphs.get(key)
         if entry is None:
             if key not in self._seen or len(self._graphs) >= self.max_graphs:
                 self._seen.add(key)  # first call of this shape: eager, compiles and warms the kernels
-                return pbs_prefill_attention(q, k, v, config, scale)
-            entry = self._capture(key, q, k, v, config, scale)
+                return pbs_prefill_attention(q, k, v, config, scale, softcap=softcap)
+            entry = self._capture(key, q, k, v, config, scale, softcap)
             if entry is None:
-                return pbs_prefill_attention(q, k, v, config, scale)
+                return pbs_prefill_attention(q, k, v, config, scale, softcap=softcap)
         for buf, x in zip(entry.inputs, (q, k, v)):
             buf.copy_(x)
         entry.graph.replay()
         self.replays += 1
         return entry.out, entry.plan
 
-    def _capture(self, key, q, k, v, config, scale) -> _Captured | None:
+    def _capture(self, key, q, k, v, config, scale, softcap=None) -> _Captured | None:
         from .attention import pbs_prefill_attention
 
         # capturing records the launches without running them: the buffers' contents do not matter yet
@@ -113,7 +113,7 @@ class LayerGraphs:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                out, plan = pbs_prefill_attention(*inputs, config, scale)
+                out, plan = pbs_prefill_attention(*inputs, config, scale, softcap=softcap)
         except RuntimeError as exc:  # e.g. a host synchronization inside the capture
             self.failed = (str(exc).splitlines() or [""])[0][:200]
             torch.cuda.synchronize(q.device)

@@ -393,18 +393,41 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, scale: float
 # -- 3. block-sparse attention ----------------------------------------------------------------
 
 
+def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``softcap * tanh(scores / softcap)`` (Gemma-2's logit soft-capping); scores unchanged when None."""
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
+
+
+def check_softcap(softcap: float | None) -> float | None:
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number (a layer's attn_logit_softcapping) or None, got {softcap}")
+    return softcap
+
+
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PermutedBlockMask,
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, window: int | None = None,
+                           softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention over the kept key blocks of ``plan`` only. Returns (B, H_q, N, D) in q's dtype.
+
+    window: sliding window W: query q sees only original keys q - W < k <= q (inside the kept blocks).
+    softcap: scores (scaled q . k) become ``softcap * tanh(scores / softcap)`` before masking and softmax.
+    sinks: (H_q,) learned per-head attention sinks (gpt-oss): one extra logit per head in every row's
+    softmax denominator, with no value (the row's weights then sum to less than 1).
 
     Each chunk of query blocks gathers its kept key blocks from a virtual key array
     [permuted keys ; original keys], right-aligned so that query block i's own block comes last:
     then the only mask is a bottom-right-aligned causal one, which SDPA applies without a dense
     mask tensor. Rows with fewer kept blocks than the chunk's longest are padded on the left with
     keys whose extra bias column is -inf (q carries a matching column of ones). The work is
-    proportional to the density, not to N^2.
+    proportional to the density, not to N^2. With a window or a softcap, which SDPA cannot apply, each
+    chunk computes its scores explicitly and masks them by the keys' original positions.
     """
     from torch.nn.attention.bias import causal_lower_right
+
+    check_softcap(softcap)
+    explicit = window is not None or softcap is not None or sinks is not None
+    if sinks is not None and tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"sinks must hold one logit per query head, shape ({q.shape[1]},), got {tuple(sinks.shape)}")
 
     b, h_q, n, d = q.shape
     bs = plan.block_size
@@ -430,6 +453,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
         return torch.cat([both, extra[..., None]], -1).reshape(-1, bs, d + 1)  # (blocks, bs, D+1)
 
     bias = torch.zeros(orig_pos.shape, device=dev).masked_fill_(orig_pos >= n, float("-inf"))
+    pos_virt = orig_pos.reshape(-1, bs)  # original position of every virtual key, (blocks, bs)
     k_virt = virtual(k, bias)
     v_virt = virtual(v, torch.zeros_like(bias))
     head_base = ((torch.arange(b, device=dev)[:, None] * h_perm
@@ -463,10 +487,36 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
         vals = v_virt.index_select(0, flat).reshape(b * h_q * c, 1, m * bs, d + 1)
         keys[..., d].masked_fill_(~slot_ok.repeat_interleave(bs, -1).reshape(b * h_q * c, 1, m * bs), float("-inf"))
         qc = q_aug[:, :, r0 * bs : r1 * bs].reshape(b * h_q * c, 1, bs, d + 1)
-        o = torch.nn.functional.scaled_dot_product_attention(
-            qc, keys, vals, attn_mask=causal_lower_right(bs, m * bs), scale=1.0)
+        if explicit:
+            key_pos = pos_virt.index_select(0, flat).reshape(b * h_q * c, 1, 1, m * bs)
+            q_pos = torch.arange(r0 * bs, r1 * bs, device=dev).reshape(1, 1, c, bs).expand(b, h_q, c, bs)
+            sink = None if sinks is None else sinks.float().reshape(1, h_q, 1).expand(b, h_q, c).reshape(-1, 1, 1, 1)
+            o = _masked_chunk(qc, keys, vals, key_pos, q_pos.reshape(b * h_q * c, 1, bs, 1), window, softcap, sink)
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qc, keys, vals, attn_mask=causal_lower_right(bs, m * bs), scale=1.0)
         out[:, :, r0 * bs : r1 * bs] = o[..., :d].reshape(b, h_q, c * bs, d)
     return out[:, :, :n].to(q.dtype)
+
+
+def _masked_chunk(qc: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, key_pos: torch.Tensor,
+                  q_pos: torch.Tensor, window: int | None, softcap: float | None,
+                  sink: torch.Tensor | None = None) -> torch.Tensor:
+    """One chunk of ``block_sparse_attention`` with explicit scores: qc (X, 1, bs, D+1) scaled queries and a
+    column of ones; keys, vals (X, 1, M, D+1), the keys' last column their bias (0, or -inf for padding);
+    key_pos (X, 1, 1, M) and q_pos (X, 1, bs, 1) original positions; sink (X, 1, 1, 1) each row's sink
+    logit, or None. Returns (X, 1, bs, D+1)."""
+    d = qc.shape[-1] - 1
+    s = soft_cap(torch.matmul(qc[..., :d], keys[..., :d].transpose(-1, -2)), softcap)
+    s = s + keys[..., d].unsqueeze(-2)  # after the cap: tanh would turn a -inf bias into -softcap
+    visible = key_pos <= q_pos
+    if window is not None:
+        visible = visible & (key_pos > q_pos - window)
+    s = s.masked_fill(~visible, float("-inf"))
+    if sink is not None:  # a column that takes softmax mass and gives no value
+        s = torch.cat([s, sink.expand(*s.shape[:-1], 1)], -1)
+    p = s.softmax(-1).nan_to_num(0.0)  # a row that sees nothing: 0
+    return torch.matmul(p[..., : keys.shape[-2]], vals)
 
 
 def attention_recall(q: torch.Tensor, k: torch.Tensor, plan: PermutedBlockMask, rows: torch.Tensor,

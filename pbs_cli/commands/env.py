@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ..console import command_boundary, err, out
 from ..errors import UnsupportedError, UsageError
+from ..families import FAMILIES
 from ..options import KERNEL_SETTINGS, kernel_setting_problems
 
 
@@ -90,6 +91,7 @@ def collect() -> dict[str, Any]:
     except UsageError as exc:  # a broken models.toml in the profiles folder: say so, show the rest
         env["model_aliases"], env["profile_problems"]["models"] = {}, str(exc)
     env["cuda_devices"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    env["model_families"] = [family.to_dict() for family in FAMILIES]
     return env
 
 
@@ -132,4 +134,6 @@ def command(
         table.add_row("unusable presets", ", ".join(sorted(info["profile_problems"])) + " (see the warnings)")
     table.add_row("user profiles dir", info["profiles_dir"] + "  ($PBS_CONFIG_DIR)")
     table.add_row("model aliases", ", ".join(f"{k} -> {v}" for k, v in info["model_aliases"].items()))
+    for family in info["model_families"]:
+        table.add_row(f"family {family['name']}", f"{family['sparse']} ({', '.join(family['model_types'])})")
     out.print(table)

@@ -21,7 +21,12 @@ from . import attention_kernel as K
 from . import attention_ws_kernel as KWS
 from .permute_kernel import _gather_rows_kernel
 
-SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# head_dim 256 (Gemma): the remap and gather modes only, 64x64 tiles; with TMA descriptors even those need
+# more than the H100's shared memory (tests/test_kernel_fits_hopper.py); the ws and persistent kernels take 64
+# and 128. Compiled for sm_90 and tested in the interpreter, not timed on a GPU yet.
+WIDE_HEAD_MODES = ("remap", "gather")
+PERSISTENT_HEAD_DIMS = (64, 128)
 # 0-2: attention_kernel's PERM_MODE; 3: attention_ws_kernel; 4: attention_gluon_kernel (Hopper only)
 PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3, "persistent": 4}
 # Default way of reading permuted keys: "auto" picks "persistent" on Hopper in fp16/bf16 with 128-token
@@ -62,16 +67,20 @@ def supports(q: torch.Tensor) -> bool:
 # -- configurations ---------------------------------------------------------------------------
 
 
-def _default_config(plan_block: int, head_dim: int, mode: str) -> dict:
+def _default_config(plan_block: int, head_dim: int, mode: str, masked: bool = False) -> dict:
     """Fixed tile config: the measured H100 winners (BENCHMARKS.md, "Design choices"),
     the interpreter's config, and the default on CUDA (autotuning is opt-in, see ``pbs_attention``).
 
     128-token plans: head_dim 128 -> 128x128 tiles, 8 warps, 3 stages (all modes); head_dim 64 ->
     64x128, 4 warps, 3 stages for remap, 128x128, 4 warps, 4 stages for the copy modes. 64-token
-    plans (not measured yet): 64x64, 4 warps, 3 stages. Smaller plan blocks: one tile per block."""
+    plans (not measured yet): 64x64, 4 warps, 3 stages. Smaller plan blocks: one tile per block.
+    ``masked`` (a window, softcap or sinks): "tma" at head_dim 128 with 2 stages, as 3 need more than the
+    H100's 227 KB of shared memory there (tests/test_kernel_fits_hopper.py; not timed yet)."""
+    if head_dim > 128 and plan_block >= 64:  # 256: the 64x256 fp32 accumulator over 8 warps
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     if plan_block >= 128:
         if head_dim > 64:
-            return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+            return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2 if masked and mode == "tma" else 3}
         if mode == "remap":
             return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
         return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4}
@@ -85,7 +94,9 @@ def _cuda_configs(plan_block: int, head_dim: int) -> list[triton.Config]:
     all 2x2x5 shapes on an H100 (BENCHMARKS.md) plus the 64-token tiles that 64-token plans need.
     8 warps hold a 128x128 fp32 accumulator for head_dim 128; 3 stages overlap the next tile's
     loads with this tile's math."""
-    if head_dim > 64:
+    if head_dim > 128:
+        shapes = [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)]
+    elif head_dim > 64:
         shapes = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 8, 3)]
     else:
         shapes = [(128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4)]
@@ -111,8 +122,8 @@ def _sweep_configs(plan_block: int, head_dim: int) -> list[triton.Config]:
 def _autotuned(plan_block: int, head_dim: int, row_bucket: int):
     """One autotuner per (plan block, head_dim, power-of-two bucket of mean kept blocks per row):
     each bucket is tuned on its first call, so a tune at a short length does not serve long ones."""
-    return triton.autotune(configs=_cuda_configs(plan_block, head_dim),
-                           key=["HEAD_DIM", "PLAN_BLOCK", "PERM_MODE", "SEG_BLOCKS"])(K.pbs_attn_fwd)
+    keys = ["HEAD_DIM", "PLAN_BLOCK", "PERM_MODE", "SEG_BLOCKS", "WINDOWED", "SOFTCAP", "SINKS"]
+    return triton.autotune(configs=_cuda_configs(plan_block, head_dim), key=keys)(K.pbs_attn_fwd)
 
 
 @functools.cache
@@ -243,22 +254,35 @@ def keeps_layout(mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     return mode == "persistent" and all(token_major(x) for x in (q, k, v))
 
 
-def resolve_perm_mode(seq_len: int, block_size: int, q: torch.Tensor, perm_mode: str | None = None) -> str:
+# Read modes whose kernel (``attention_kernel.pbs_attn_fwd``) applies a sliding window, soft-capping and sinks;
+# "ws" and "persistent" (their own kernels) do not: ``resolve_perm_mode`` routes such calls here.
+MASKING_MODES = ("tma", "gather", "remap")
+
+
+def resolve_perm_mode(seq_len: int, block_size: int, q: torch.Tensor, perm_mode: str | None = None,
+                      masked: bool = False) -> str:
     """The read mode ``pbs_attention`` uses for ``perm_mode`` (None: ``DEFAULT_PERM_MODE``; "auto":
     ``choose_perm_mode``'s rule on CUDA, "remap" in the interpreter) on a plan of ``seq_len`` tokens in
-    ``block_size``-token blocks."""
+    ``block_size``-token blocks. ``masked`` (a window, a softcap or sinks): "ws" and "persistent" become "tma"
+    from ``TMA_MIN_SEQ_LEN`` tokens on, "remap" below, the modes of the kernel that masks. A head_dim over
+    128 runs "remap" unless "gather" is asked for (``WIDE_HEAD_MODES``)."""
     name = perm_mode or DEFAULT_PERM_MODE
     if name == "auto":
         name = _auto_mode(seq_len, block_size, q) if q.is_cuda else "remap"
     if name not in PERM_MODES:
         raise ValueError(f"perm_mode must be one of {sorted(PERM_MODES) + ['auto']}, got {name!r}")
+    if masked and name not in MASKING_MODES:
+        name = "tma" if seq_len >= TMA_MIN_SEQ_LEN else "remap"
+    if q.shape[-1] > 128 and name not in WIDE_HEAD_MODES:
+        name = "remap"
     return name
 
 
 def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PermutedBlockMask,
                   scale: float | None = None, *, perm_mode: str | None = None,
                   config: dict | str | None = None, out: torch.Tensor | None = None,
-                  permuted: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  permuted: tuple[torch.Tensor, torch.Tensor] | None = None, window: int | None = None,
+                  softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention over the kept key blocks of ``plan`` (Triton).
 
     q: (B, H_q, N, D); k, v: (B, H_kv, N, D) in original order; H_q a multiple of H_kv.
@@ -279,6 +303,13 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         ``keeps_layout``: a view of a (B, N, H_q, D)-contiguous one, like q).
     permuted: the copies ``copies_for(mode, k, v, plan.perm)`` when the caller already has them (row
         chunks of one plan share them); used by "gather", "tma", "ws" and "persistent".
+    window: sliding window W (query q sees original keys q - W < k <= q), masked per token in every kept
+        block; softcap: scores become ``softcap * tanh(scores / softcap)``; sinks: (H_q,) per-head sink
+        logits (gpt-oss), one extra term in each row's softmax denominator. All three are applied by
+        ``attention_kernel.pbs_attn_fwd`` only (the "tma", "gather" and "remap" modes, tested in the
+        interpreter): a call with any of them that would run "ws" or "persistent" (the warp-specialized and
+        the Hopper-only persistent Gluon kernels, which implement plain causal attention) runs "tma" or
+        "remap" instead (``resolve_perm_mode(masked=True)``).
     Returns (B, H_q, N, D) in q's dtype: contiguous, or laid out like q when ``keeps_layout``.
     """
     if not supports(q):
@@ -298,7 +329,14 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         raise ValueError(f"plan shape {tuple(plan.kv_indices.shape)} (rows from {qb0}) does not fit q "
                          f"{tuple(q.shape)} with block_size {bs}: expected ({b}, {h_q}, <= {-(-n // bs)} rows, "
                          f"{-(-n // bs)})")
-    mode_name = resolve_perm_mode(plan.seq_len, bs, q, perm_mode)
+    masked = window is not None or softcap is not None or sinks is not None
+    if sinks is not None and tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"sinks must hold one logit per query head, shape ({q.shape[1]},), got {tuple(sinks.shape)}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive number of tokens or None, got {window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    mode_name = resolve_perm_mode(plan.seq_len, bs, q, perm_mode, masked)
     mode = PERM_MODES[mode_name]
     if mode_name == "persistent" and not persistent_supported(q, bs):
         raise ValueError("perm_mode 'persistent' needs a Hopper GPU, fp16/bf16, head_dim 64 or 128 and 128-token "
@@ -333,16 +371,22 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
             return _launch_persistent(q, k, v, kp, vp, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks,
                                       config, strided)
         return _launch_ws(q, kp, vp, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config)
-    args = (q, k, v, kp, vp, perm, out, num, idx, scale * math.log2(math.e), n, h_q, h_kv, h_perm, qb0, n_rows, n_kb)
+    # with a softcap, scores are capped in natural units first: tanh(qk * scale / cap), then scaled by cap * log2(e)
+    qk_scale = (softcap if softcap is not None else scale) * math.log2(math.e)
+    cap_in = scale / softcap if softcap is not None else 1.0
+    sink = num if sinks is None else sinks.to(device=q.device, dtype=torch.float32).contiguous()  # num: never read
+    args = (q, k, v, kp, vp, perm, out, num, idx, sink, qk_scale, cap_in, window or 0, n, h_q, h_kv, h_perm, qb0,
+            n_rows, n_kb)
     consts = dict(PLAN_BLOCK=bs, SEG_BLOCKS=seg_blocks, SEG_POW2=triton.next_power_of_2(seg_blocks),
-                  HEAD_DIM=d, PERM_MODE=mode, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                  HEAD_DIM=d, PERM_MODE=mode, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                  WINDOWED=window is not None, SOFTCAP=softcap is not None, SINKS=sinks is not None)
 
     if config is None and autotune_requested():
         config = "autotune"
     if config is not None and config != "autotune" and not isinstance(config, dict):
         raise ValueError(f'config must be a dict of tile sizes, "autotune" or None, got {config!r}')
     if not q.is_cuda:
-        cfg = config if isinstance(config, dict) else _default_config(bs, d, mode_name)
+        cfg = config if isinstance(config, dict) else _default_config(bs, d, mode_name, masked)
         grid = (n_rows * (bs // cfg["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
         _interpreted(K.pbs_attn_fwd)[grid](*args, **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
         return out
@@ -355,7 +399,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
             grid = lambda meta: (n_rows * (bs // meta["BLOCK_M"]) * (h_q // h_kv), b * h_kv)  # noqa: E731
             _autotuned(bs, d, bucket)[grid](*args, **consts)
         else:
-            cfg = config or _default_config(bs, d, mode_name)
+            cfg = config or _default_config(bs, d, mode_name, masked)
             grid = (n_rows * (bs // cfg["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
             K.pbs_attn_fwd[grid](*args, **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
@@ -395,7 +439,7 @@ def _launch_ws(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_block
 def persistent_supported(q: torch.Tensor, block_size: int) -> bool:
     """Whether the persistent Gluon kernel (``attention_gluon_kernel``) runs q (B, H_q, N, D): a Hopper
     GPU, fp16/bf16, head_dim 64 or 128, 128-token plan blocks."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in SUPPORTED_HEAD_DIMS
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in PERSISTENT_HEAD_DIMS
             and block_size == 128 and _is_hopper(q.device.index or 0))
 
 
