@@ -101,16 +101,15 @@ def test_prefill_summary_shows_pbs_and_dense_times_in_one_unit(offline_env, tiny
 def test_eval_table_gives_the_kl_unit(monkeypatch):
     from rich.console import Console
 
-    from pbs_cli.commands import eval as eval_cmd
+    from pbs_cli.render import evaluation
 
     buf = io.StringIO()
-    monkeypatch.setattr(eval_cmd, "out", Console(file=buf, width=200))
-    monkeypatch.setattr(eval_cmd, "emit", lambda r: eval_cmd.out.print(r))
+    monkeypatch.setattr(evaluation, "emit", lambda r: Console(file=buf, width=200).print(r))
     row = {"strategy": "pbs (default)", "threshold": 0.9, "density": 0.3, "ppl": 5.0, "ppl_increase": 0.01,
            "top1_agreement": 0.95, "mean_kl": 0.02, "recall": 0.97, "layers": []}
     rec = {"document": "d.txt", "prompt_tokens": 10, "model": {"name": "tiny"}, "results": [row], "pareto": [True],
            "dense": {"strategy": "dense SDPA", "ppl": 4.9}}
-    eval_cmd.print_table(rec)
+    evaluation.print_table(rec)
     assert "mean KL (nats)" in buf.getvalue()
 
 

@@ -22,3 +22,10 @@ def print_table(table) -> None:
         from rich.console import Console
 
         Console(width=240, highlight=False).print(table)
+
+
+def emit(renderable) -> None:
+    """Print to stdout; pipes and files get 160 columns (whole rows), not Rich's 80-column default."""
+    from rich.console import Console
+
+    (out if out.is_terminal else Console(width=160, soft_wrap=True)).print(renderable)
