@@ -24,7 +24,6 @@ import argparse
 import importlib
 import inspect
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from pbs_kernels import PBSConfig
 from pbs_kernels import reference as R
+from pbs_cli.fidelity import next_token_metrics
 
 # the base of NAME:key=value configs: the published blocks and tau with the config defaults' ranking
 POOLED = PBSConfig(block_size=128, segment_size=256, threshold=0.9, local_blocks=0)
@@ -111,14 +111,10 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def compare(dense_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> dict:
-    """Perplexity of the text, top-1 agreement and mean KL(dense || sparse) over all positions."""
-    target = ids[0, 1:]
-    lp_d = dense_logits[:-1].log_softmax(-1)
-    lp_s = logits[:-1].log_softmax(-1)
-    nll = -lp_s.gather(-1, target[:, None]).mean().item()
-    kl = (lp_d.exp() * (lp_d - lp_s)).sum(-1).mean().item()
-    agree = (dense_logits.argmax(-1) == logits.argmax(-1)).float().mean().item()
-    return {"ppl": math.exp(nll), "top1": agree, "kl": kl}
+    """Perplexity of the text, top-1 agreement and mean KL(dense || sparse) over all positions
+    (``pbs_cli.fidelity.next_token_metrics``, as `pbs eval` computes them)."""
+    m = next_token_metrics(dense_logits, logits, ids[0])
+    return {"ppl": m["ppl"], "top1": m["top1_agreement"], "kl": m["mean_kl"]}
 
 
 def proxy(model, ids, configs, rows: int = 256) -> list[dict]:

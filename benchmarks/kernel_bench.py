@@ -34,6 +34,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from pbs_cli.engine.sizes import parse_size
+
 SHAPES = {  # name: (H_q, H_kv, head_dim)
     "llama": (32, 8, 128),
     "smollm2": (9, 3, 64),
@@ -88,11 +90,6 @@ def set_block(block: int) -> None:
     """Plan block size of this run's random plans (``--block``)."""
     global BLOCK
     BLOCK = block
-
-
-def parse_len(s: str) -> int:
-    s = s.strip().lower()
-    return int(s[:-1]) * 1024 if s.endswith("k") else int(s)
 
 
 # -- masks ------------------------------------------------------------------------------------
@@ -285,7 +282,7 @@ def main(argv=None) -> int:
 
     # -- config sweep --
     if args.sweep:
-        n = parse_len(args.lens.split(",")[0])
+        n = parse_size(args.lens.split(",")[0])
         for shape in args.shapes.split(","):
             h_q, h_kv, d = SHAPES[shape]
             q, k, v = (torch.randn(1, h, n, d, device=dev, dtype=torch.bfloat16) for h in (h_q, h_kv, h_kv))
@@ -315,7 +312,7 @@ def main(argv=None) -> int:
     rows = []
     for shape in args.shapes.split(","):
         h_q, h_kv, d = SHAPES[shape]
-        for n in map(parse_len, args.lens.split(",")):
+        for n in map(parse_size, args.lens.split(",")):
             torch.manual_seed(0)
             q, k, v = (torch.randn(1, h, n, d, device=dev, dtype=torch.bfloat16) for h in (h_q, h_kv, h_kv))
             g = h_q // h_kv

@@ -41,6 +41,8 @@ for path in (ROOT, ROOT / "kernels", ROOT / "profiles"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from pbs_cli.engine.sizes import parse_size  # noqa: E402
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -82,11 +84,6 @@ LENGTHS = ("32k", "128k")
 TINY_LENGTHS = ("256", "512")
 
 
-def parse_len(text: str) -> int:
-    text = text.strip().lower()
-    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
-
-
 def build(shape: ModelShape, layers: int, tiny: bool, device: torch.device, dtype: torch.dtype):
     """The base model with random weights, on ``device`` in ``dtype``, attention "pbs"."""
     import transformers
@@ -104,7 +101,7 @@ def build(shape: ModelShape, layers: int, tiny: bool, device: torch.device, dtyp
 
 def timed(forward, device: torch.device, warmup: int, iters: int) -> float:
     """Median milliseconds of ``forward()``: CUDA events on a GPU, wall clock on a CPU."""
-    from pbs_cli.timing import bench
+    from pbs_cli.engine.timing import bench
 
     return bench(forward, device, warmup=warmup, min_repeats=iters, max_repeats=iters, memory=False).median_ms
 
@@ -186,7 +183,7 @@ def mean_density(layers: list[dict[str, Any]], sliding: bool) -> float | None:
 
 
 def measure(key: str, n: int, args, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    from pbs_cli import presets
+    from pbs_cli.engine import presets
 
     shape = MODELS[key]
     layers = args.layers or shape.layers
@@ -268,13 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pbs_cli import integration
-    from pbs_cli.reports import environment
+    from pbs_cli.engine.reports import environment
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     integration.register()
     register_window_ignored()
-    lengths = [parse_len(x) for x in (args.lengths or (TINY_LENGTHS if args.tiny else LENGTHS))]
+    lengths = [parse_size(x) for x in (args.lengths or (TINY_LENGTHS if args.tiny else LENGTHS))]
     records = []
     for key in args.models:
         for n in lengths:

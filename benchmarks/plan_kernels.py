@@ -19,13 +19,14 @@ import sys
 
 import torch
 
-from select_bench import cuda_time, parse_len, structured_qkv
+from select_bench import cuda_time, structured_qkv
+from pbs_cli.engine.sizes import parse_size
 
 
 def kernel_times(fn, iters: int) -> dict[str, float]:
-    """µs per call of ``fn`` for each GPU kernel it launches (``pbs_cli.traces.top_ops``: all launches
+    """µs per call of ``fn`` for each GPU kernel it launches (``pbs_cli.engine.traces.top_ops``: all launches
     of one kernel name together)."""
-    from pbs_cli import traces
+    from pbs_cli.engine import traces
 
     fn()
     torch.cuda.synchronize()
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     from pbs_kernels.triton import select as tsel
 
     cfg = PBSConfig(block_size=128, segment_size=256, threshold=args.threshold)
-    for n in map(parse_len, args.seq_lens.split(",")):
+    for n in map(parse_size, args.seq_lens.split(",")):
         q, k = structured_qkv(1, args.heads, args.kv_heads, n, args.head_dim, torch.bfloat16)
         q, k = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k))  # transformers' layout
 

@@ -28,13 +28,9 @@ from importlib import resources
 
 import torch
 
+from pbs_cli.engine.sizes import parse_size
+
 SHAPES = {"smollm2": (9, 3, 64), "llama": (32, 8, 128)}
-
-
-def parse_len(text: str) -> int:
-    text = text.strip().lower()
-    mult = {"k": 1024, "m": 1024 * 1024}.get(text[-1:], 1)
-    return int(text[:-1] if mult > 1 else text) * mult
 
 
 def default_config():
@@ -70,7 +66,7 @@ def structured_qkv(h_q, h_kv, n, d, dtype, device, seed=0):
 
 def timeit(fn, warmup: int, iters: int) -> float:
     """Median milliseconds of ``fn`` over ``iters`` calls after ``warmup`` (CUDA events on a GPU)."""
-    from pbs_cli.timing import bench
+    from pbs_cli.engine.timing import bench
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n = max(1, iters)
@@ -154,15 +150,15 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     cfg = default_config()
-    ref_lens = {parse_len(x) for x in args.reference_lens.split(",") if x.strip()}
-    check_len = parse_len(args.check_len)
+    ref_lens = {parse_size(x) for x in args.reference_lens.split(",") if x.strip()}
+    check_len = parse_size(args.check_len)
     probe = torch.empty(1, device=device)
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, GPU path: {use_triton(probe)}, "
           f"{args.dtype}, preset default: {cfg}", file=sys.stderr)
     rows = []
     for shape in args.shapes.split(","):
         h_q, h_kv, d = SHAPES[shape.strip()]
-        for n in (parse_len(x) for x in args.seq_lens.split(",")):
+        for n in (parse_size(x) for x in args.seq_lens.split(",")):
             q, k = structured_qkv(h_q, h_kv, n, d, dtype, device)
             perm = compute_permutation(q, k, cfg)
             row = {"shape": shape, "n": n, "heads": f"{h_q}/{h_kv}", "head_dim": d, "dtype": args.dtype}

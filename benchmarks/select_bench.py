@@ -23,11 +23,7 @@ import sys
 
 import torch
 
-
-def parse_len(text: str) -> int:
-    text = text.strip().lower()
-    mult = {"k": 1024, "m": 1024 * 1024}.get(text[-1:], 1)
-    return int(text[:-1] if mult > 1 else text) * mult
+from pbs_cli.engine.sizes import parse_size
 
 
 def structured_qkv(b, h_q, h_kv, n, d, dtype, seed=0):
@@ -58,7 +54,7 @@ def structured_qkv(b, h_q, h_kv, n, d, dtype, seed=0):
 
 def cuda_time(fn, warmup: int, iters: int) -> dict:
     """Median / min / max milliseconds of ``fn`` over ``iters`` CUDA-event-timed calls after ``warmup``."""
-    from pbs_cli.timing import bench
+    from pbs_cli.engine.timing import bench
 
     t = bench(fn, "cuda", warmup=warmup, min_repeats=iters, max_repeats=iters, memory=False)
     return {"median_ms": t.median_ms, "min_ms": t.min_ms, "max_ms": t.max_ms, "iters": t.repeats}
@@ -114,7 +110,7 @@ def sweep(args, cfg, dtype) -> list:
 
     out = []
     perm_default, sel_default = dict(tperm.TUNING), dict(tsel.TUNING)
-    for n in [parse_len(x) for x in args.seq_lens.split(",") if x]:
+    for n in [parse_size(x) for x in args.seq_lens.split(",") if x]:
         q, k = structured_qkv(args.batch, args.heads, args.kv_heads, n, args.head_dim, dtype)
         perm = tperm.compute_permutation(q, k, cfg)
         row = {"seq_len": n,
@@ -194,14 +190,14 @@ def main(argv=None) -> int:
                 json.dump(results, fh, indent=2)
         return 0
 
-    check_len = parse_len(args.check_len)
+    check_len = parse_size(args.check_len)
     if check_len:
         q, k = structured_qkv(args.batch, args.heads, args.kv_heads, check_len, args.head_dim, dtype)
         results["check"] = {"seq_len": check_len, **check_against_reference(q, k, cfg)}
         print("check", json.dumps(results["check"]), file=sys.stderr)
         del q, k
 
-    for n in [parse_len(x) for x in args.seq_lens.split(",") if x]:
+    for n in [parse_size(x) for x in args.seq_lens.split(",") if x]:
         q, k = structured_qkv(args.batch, args.heads, args.kv_heads, n, args.head_dim, dtype)
         row = {"seq_len": n}
         perm = tperm.compute_permutation(q, k, cfg)
@@ -243,7 +239,7 @@ def main(argv=None) -> int:
         del q, k, perm
         torch.cuda.empty_cache()
 
-    mem_len = parse_len(args.mem_seq_len)
+    mem_len = parse_size(args.mem_seq_len)
     if mem_len:
         q, k = structured_qkv(args.batch, args.heads, args.kv_heads, mem_len, args.head_dim, dtype)
         torch.cuda.synchronize()

@@ -9,7 +9,7 @@ Steps (each can run alone, so every device command stays short; results accumula
    safetensors in --model-dir (skipped when it exists). ``--shape tiny`` builds a 2-layer 4/2-head
    model instead, for a CPU smoke test (gloo).
 2. run 1: one process, whole model on cuda:0 (``--only 1``).
-3. run N: N ranks through ``pbs_cli.distributed.launch`` (torchrun's engine), transformers'
+3. run N: N ranks through ``pbs_cli.engine.distributed.launch`` (torchrun's engine), transformers'
    ``tp_plan="auto"`` sharding heads and MLP (``--only N``).
 4. compare: a table of TTFT per length and attention (pbs, dense sdpa), 1 vs N GPUs, peak memory,
    PBS density, and how far the N-GPU last-token logits are from the 1-GPU ones.
@@ -37,8 +37,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from pbs_cli import distributed  # noqa: E402
-from pbs_cli.sizes import format_size, parse_sizes  # noqa: E402
+from pbs_cli.engine import distributed  # noqa: E402
+from pbs_cli.engine.sizes import format_size, parse_sizes  # noqa: E402
 
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                    num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
@@ -97,7 +97,9 @@ def worker(args) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from pbs_cli import dense_sdpa, integration, presets
+    from pbs_cli import dense_sdpa, integration
+
+    from pbs_cli.engine import presets
 
     info = distributed.tp_context(None, "auto")
     integration.register()

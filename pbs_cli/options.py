@@ -1,7 +1,8 @@
 """Options and checks that several commands share, defined once so that the commands cannot drift apart.
 
-The ``Annotated`` aliases are the options whose meaning is the same everywhere (``--force``,
-``--device``, ``--dtype``; ``models.resolve_device`` and ``resolve_dtype`` read their values); the
+The ``Annotated`` aliases are the options whose meaning and help are the same in every command that has
+them (``--force``, ``--device``, ``--dtype``: ``models.resolve_device`` and ``resolve_dtype`` read their
+values; ``--model`` of the commands that load weights, the PBS parameters, ``--json``, ``--output``); the
 ``check_*`` functions run before any work starts (no model load, no file written) and raise
 ``UsageError`` (exit 2) or ``UnsupportedError`` (exit 3) with one line that says what to do:
 
@@ -24,6 +25,15 @@ import typer
 from .errors import UnsupportedError, UsageError
 
 Force = Annotated[bool, typer.Option("--force", help="Overwrite output files that exist.")]
+Model = Annotated[str, typer.Option("--model", "-m", help="Alias, local directory, .gguf file, or Hugging Face id "
+                                    "in the local cache.")]
+Threshold = Annotated[float | None, typer.Option("--threshold", "-t", help="Top-p share of block attention to keep, in "
+                                                 "(0, 1]; 1.0 = dense.")]
+BlockSize = Annotated[int | None, typer.Option("--block-size", help="Tokens per block (power of two >= 16).")]
+SegmentSize = Annotated[int | None, typer.Option("--segment-size", help="Permutation segment, a multiple of the block "
+                                                 "size.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")]
+RecordOutput = Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record here.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or "
                                     "float32.")]
@@ -42,7 +52,7 @@ def check_outputs(paths: Mapping[str, Path | None], force: bool) -> dict[str, Pa
     """The output files a command was asked for, ``{option: path}`` (None: not asked), checked before any
     work: two options naming the same file, a directory, a missing or read-only folder, or a file that
     exists without ``--force`` is a usage error. Returns the named ones."""
-    from .reports import check_output_path
+    from .engine.reports import check_output_path
 
     named = {option: Path(path) for option, path in paths.items() if path is not None}
     seen: dict[str, str] = {}

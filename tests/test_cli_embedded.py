@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fixtures import offline_env  # noqa: F401  (pytest fixture)
-from pbs_cli import models
+from pbs_cli.engine import models
 from pbs_cli.app import app
 
 

@@ -130,7 +130,7 @@ def test_sparse_compare_dense_reports_fidelity(runner, offline_env, tiny_model_d
 def test_compile_times_compiled_forwards_with_the_same_plans(runner, offline_env, tiny_model_dir, doc, monkeypatch):
     """--compile: the layers run compiled (backend swapped for Dynamo's fast "aot_eager" here), the warm-up
     is forced on, and the plans, fidelity and record match the eager run's."""
-    from pbs_cli import compiling
+    from pbs_cli.engine import compiling
 
     calls = []
     real = compiling.compiled_layers
@@ -152,7 +152,7 @@ def test_compile_times_compiled_forwards_with_the_same_plans(runner, offline_env
 
 def test_table_names_the_graph_replays_when_there_were_any(runner, offline_env, tiny_model_dir, doc, capsys):
     """On a CPU nothing is replayed (no row); a record with replays (as on CUDA) gets the row."""
-    from pbs_cli.commands import prefill
+    from pbs_cli.render import prefill
 
     res = invoke(runner, doc, "--model", tiny_model_dir, *SMALL, "--json")
     rec = json.loads(res.stdout)
@@ -339,7 +339,7 @@ def test_max_tokens_and_beyond_context_for_length_sweeps(runner, offline_env, ti
 
 def test_rope_scaling_stretches_the_loaded_model_past_its_context(runner, offline_env, tiny_model_dir, tmp_path,
                                                                   monkeypatch):
-    from pbs_cli import models
+    from pbs_cli.engine import models
 
     long_doc = tmp_path / "long.txt"
     long_doc.write_text(TEXT * 8, encoding="utf-8")
@@ -368,7 +368,7 @@ def test_rope_scaling_stretches_the_loaded_model_past_its_context(runner, offlin
 def test_speedup_caveat_names_identical_forwards_and_overlapping_spreads():
     """The speedup row says when both passes ran the same dense forward, or when the two sets of
     times overlap (the speedup is then within their run-to-run spread), and nothing otherwise."""
-    from pbs_cli.commands.prefill import speedup_caveat
+    from pbs_cli.render.prefill import speedup_caveat
 
     def rec(sparse, pbs, dense):
         return {"layer_summary": {"sparse_layers": sparse, "dense_layers": 30 - sparse},

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from fixtures import assert_clean_outcome, invoke, offline_env, parse_jsonl, tiny_model_dir  # noqa: F401
-from pbs_cli import errors, report_formats, reports
+from pbs_cli import errors
+from pbs_cli.engine import reports
+from pbs_cli.render import report_formats
 
 TINY_PROFILE = ["--heads", "1", "--kv-heads", "1", "--head-dim", "16", "--device", "cpu", "--budget", "0",
                 "--iters", "1", "--warmup", "0", "--block-size", "16", "--segment-size", "32", "--recall-rows", "4"]
@@ -36,7 +38,7 @@ def _error_line(result) -> str:
 
 
 def test_viz_mask_seq_len_beyond_memory_is_exit_4_before_any_work(offline_env, tmp_path, monkeypatch):
-    from pbs_cli import workloads
+    from pbs_cli.engine import workloads
 
     monkeypatch.setattr(workloads, "synthetic_qkv", lambda *a, **k: pytest.fail("generated the inputs"))
     png = tmp_path / "mask.png"
@@ -49,8 +51,8 @@ def test_viz_mask_seq_len_beyond_memory_is_exit_4_before_any_work(offline_env, t
 
 def test_viz_mask_memory_estimate_bounds_what_the_analysis_keeps():
     """Oracle: the bytes of the block matrices ``analyze`` actually returns fit in ``analysis_bytes``."""
-    from pbs_cli.mask_analysis import analysis_bytes, analyze
-    from pbs_cli.workloads import synthetic_qkv
+    from pbs_cli.engine.mask_analysis import analysis_bytes, analyze
+    from pbs_cli.engine.workloads import synthetic_qkv
     from pbs_kernels import PBSConfig
 
     config = PBSConfig(block_size=16, segment_size=32)
@@ -63,7 +65,8 @@ def test_viz_mask_memory_estimate_bounds_what_the_analysis_keeps():
 
 def test_viz_mask_on_a_document_checks_memory_before_loading_the_weights(offline_env, tiny_model_dir, tmp_path,
                                                                         monkeypatch):
-    from pbs_cli import memory, models
+    from pbs_cli.engine import models
+    from pbs_cli.engine import memory
 
     monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 1 << 10)
     monkeypatch.setattr(models.ModelSource, "load", lambda *a, **k: pytest.fail("loaded the weights"))
@@ -106,7 +109,7 @@ def test_profile_output_html_and_trace_must_be_different_files(offline_env, tmp_
 
 
 def _profile_doc(threshold: float = 0.9, heads: int = 4, dtype: str = "float32", ms: float = 100.0) -> dict:
-    from pbs_cli.profiling import result, summarize
+    from pbs_cli.engine.profiling import result, summarize
 
     recs = [result(1024, "pbs", median_ms=ms, q25_ms=ms * 0.99, q75_ms=ms * 1.01, min_ms=ms, max_ms=ms, repeats=5,
                    density=0.3, speedup=1.2, best_dense="sdpa-math"),
@@ -160,7 +163,8 @@ def test_report_compare_of_one_setup_on_two_machines_still_runs(tmp_path):
                                           ("../evil", "invalid profile name"), ("a/b", "invalid profile name"),
                                           (".hidden", "invalid profile name"), ("models", "reserved")])
 def test_calibrate_name_is_refused_before_any_work(offline_env, tmp_path, monkeypatch, name, needle):
-    from pbs_cli import models, presets
+    from pbs_cli.engine import presets
+    from pbs_cli.engine import models
 
     monkeypatch.setattr(models, "resolve_model", lambda *a, **k: pytest.fail("resolved the model"))
     doc = tmp_path / "doc.txt"
@@ -221,7 +225,7 @@ def test_triton_backend_without_a_gpu_is_exit_3(offline_env):
 
 
 def test_triton_backend_on_a_cpu_device_is_exit_3_also_where_a_gpu_exists(monkeypatch):
-    from pbs_cli import models
+    from pbs_cli.engine import models
 
     monkeypatch.setenv("PBS_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -379,7 +383,7 @@ def test_a_jsonl_cut_short_without_its_marker_reads_as_incomplete(tmp_path):
 
 
 def test_a_broken_preset_file_leaves_env_and_other_presets_working(offline_env):
-    from pbs_cli import presets
+    from pbs_cli.engine import presets
 
     folder = presets.user_profiles_dir()
     folder.mkdir(parents=True)
@@ -401,7 +405,7 @@ def test_a_broken_preset_file_leaves_env_and_other_presets_working(offline_env):
 
 
 def test_a_broken_user_file_does_not_fall_back_to_the_builtin_of_its_name(offline_env):
-    from pbs_cli import presets
+    from pbs_cli.engine import presets
 
     folder = presets.user_profiles_dir()
     folder.mkdir(parents=True)
@@ -412,7 +416,7 @@ def test_a_broken_user_file_does_not_fall_back_to_the_builtin_of_its_name(offlin
 
 
 def test_a_broken_models_toml_is_named_and_env_still_runs(offline_env):
-    from pbs_cli import presets
+    from pbs_cli.engine import presets
 
     folder = presets.user_profiles_dir()
     folder.mkdir(parents=True)

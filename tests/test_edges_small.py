@@ -45,7 +45,7 @@ def test_profiler_start_and_stop_lines_stay_off_stderr(offline_env, tmp_path, ca
 
 @pytest.mark.parametrize("value", ["inf", "nan", "0", "-1"])
 def test_target_kl_must_be_finite_and_positive(offline_env, tmp_path, monkeypatch, value):
-    from pbs_cli import models
+    from pbs_cli.engine import models
 
     monkeypatch.setattr(models, "resolve_model", lambda *a, **k: pytest.fail("resolved the model"))
     doc = tmp_path / "d.txt"
@@ -57,7 +57,7 @@ def test_target_kl_must_be_finite_and_positive(offline_env, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("text", ["", " ", ",", " , "])
 def test_eval_thresholds_that_hold_no_number_are_refused(offline_env, tmp_path, monkeypatch, text):
-    from pbs_cli import models
+    from pbs_cli.engine import models
 
     monkeypatch.setattr(models, "resolve_model", lambda *a, **k: pytest.fail("resolved the model"))
     doc = tmp_path / "d.txt"
@@ -81,7 +81,7 @@ def test_model_folder_without_tokenizer_files_is_named(offline_env, tiny_model_d
 def test_prefill_summary_shows_pbs_and_dense_times_in_one_unit(offline_env, tiny_model_dir, monkeypatch):
     from rich.console import Console
 
-    from pbs_cli.commands import prefill
+    from pbs_cli.render import prefill
 
     result = invoke(["prefill", "-", "--model", str(tiny_model_dir), "--compare-dense", "--iters", "2", "--json"],
                     input=b"Z" * 64)
@@ -101,16 +101,15 @@ def test_prefill_summary_shows_pbs_and_dense_times_in_one_unit(offline_env, tiny
 def test_eval_table_gives_the_kl_unit(monkeypatch):
     from rich.console import Console
 
-    from pbs_cli.commands import eval as eval_cmd
+    from pbs_cli.render import evaluation
 
     buf = io.StringIO()
-    monkeypatch.setattr(eval_cmd, "out", Console(file=buf, width=200))
-    monkeypatch.setattr(eval_cmd, "emit", lambda r: eval_cmd.out.print(r))
+    monkeypatch.setattr(evaluation, "emit", lambda r: Console(file=buf, width=200).print(r))
     row = {"strategy": "pbs (default)", "threshold": 0.9, "density": 0.3, "ppl": 5.0, "ppl_increase": 0.01,
            "top1_agreement": 0.95, "mean_kl": 0.02, "recall": 0.97, "layers": []}
     rec = {"document": "d.txt", "prompt_tokens": 10, "model": {"name": "tiny"}, "results": [row], "pareto": [True],
            "dense": {"strategy": "dense SDPA", "ppl": 4.9}}
-    eval_cmd.print_table(rec)
+    evaluation.print_table(rec)
     assert "mean KL (nats)" in buf.getvalue()
 
 
@@ -132,10 +131,10 @@ def test_rope_scaling_that_changes_nothing_says_so(offline_env, tiny_model_dir):
 def test_tables_in_80_columns_keep_every_number_whole(monkeypatch):
     from rich.console import Console
 
-    from pbs_cli.commands import profile
-    from pbs_cli.profiling import result, summarize
-    from pbs_cli.report_formats import rich_table, row_cells
-    from pbs_cli import reports
+    from pbs_cli.engine.profiling import result, summarize
+    from pbs_cli.render import tables
+    from pbs_cli.render.report_formats import rich_table, row_cells
+    from pbs_cli.engine import reports
 
     recs = [result(131072, "pbs", median_ms=12345.678, q25_ms=12000.0, q75_ms=12500.0, min_ms=1, max_ms=2,
                    repeats=3, permute_ms=123.456, select_ms=2345.67, attend_ms=9876.54, density=0.123456,
@@ -145,8 +144,8 @@ def test_tables_in_80_columns_keep_every_number_whole(monkeypatch):
                            "head_dim": 128}, pbs={"block_size": 128}, workload={"source": "synthetic"},
                            seq_lens=[131072], backends=["pbs"], results=recs, summary=summarize(recs))
     buf = io.StringIO()
-    monkeypatch.setattr(profile, "out", Console(file=buf, width=80, force_terminal=True, no_color=True))
-    profile.print_table(rich_table(doc))
+    monkeypatch.setattr(tables, "out", Console(file=buf, width=80, force_terminal=True, no_color=True))
+    tables.print_table(rich_table(doc))
     shown = re.sub(r"\x1b\[[0-9;]*m", "", buf.getvalue())
     for cell in row_cells(recs[0]):
         for number in re.findall(r"[0-9][0-9.,e%x+-]*", cell):
@@ -154,7 +153,7 @@ def test_tables_in_80_columns_keep_every_number_whole(monkeypatch):
 
 
 def test_break_even_needs_a_win_beyond_the_spread_at_every_longer_length():
-    from pbs_cli.profiling import result, summarize
+    from pbs_cli.engine.profiling import result, summarize
 
     def pair(n, pbs, dense):
         (lo, med, hi), (dlo, dmed, dhi) = pbs, dense

@@ -11,7 +11,7 @@ import torch
 from fixtures import assert_clean_outcome, invoke, tiny_model_dir  # noqa: F401
 
 from pbs_cli import fidelity as F
-from pbs_cli import presets
+from pbs_cli.engine import presets
 from pbs_kernels import PBSConfig
 
 SMALL_TOML = "[pbs]\nblock_size = 16\nsegment_size = 32\nthreshold = 0.9\n"

@@ -9,7 +9,7 @@ import torch
 from fixtures import tiny_model_dir  # noqa: F401
 
 from pbs_cli import fidelity as F
-from pbs_cli.commands.calibrate import search_threshold
+from pbs_cli.engine.calibration import search_threshold
 from pbs_kernels import PBSConfig
 from pbs_kernels import reference as R
 

@@ -183,7 +183,7 @@ def test_compiled_layers_give_the_eager_outputs_and_keep_attention_eager():
     hidden states equal the eager forward's for PBS and dense, and the model gets its own layers back.
     Backend "aot_eager": Dynamo's graph capture without code generation (inductor is the CLI's default
     and needs minutes of CPU here)."""
-    from pbs_cli import compiling
+    from pbs_cli.engine import compiling
 
     model = tiny_model(4, 2, layers=3)
     ids = torch.randint(0, 300, (1, 150), generator=torch.Generator().manual_seed(3))
@@ -205,7 +205,7 @@ def test_compiled_layers_give_the_eager_outputs_and_keep_attention_eager():
 
 
 def test_compile_refuses_a_model_without_decoder_layer_classes():
-    from pbs_cli import compiling
+    from pbs_cli.engine import compiling
     from pbs_cli.errors import UnsupportedError
 
     with pytest.raises(UnsupportedError, match="run without --compile"):

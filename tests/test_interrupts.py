@@ -87,7 +87,7 @@ def _raise(exc: BaseException):
 @pytest.mark.parametrize("where", ["load", "prefill"])
 def test_ctrl_c_during_load_or_prefill_exits_130_and_writes_nothing(offline_env, tiny_model_dir, tmp_path,
                                                                     monkeypatch, where):
-    from pbs_cli import models
+    from pbs_cli.engine import models
     from pbs_cli.commands import prefill
 
     if where == "load":
@@ -131,7 +131,7 @@ def test_oom_during_prefill_is_exit_4_naming_the_size_and_leaves_no_report(offli
 @pytest.mark.parametrize("oom", [torch.OutOfMemoryError(GIB), RuntimeError(CPU_OOM)], ids=["cuda", "cpu-allocator"])
 def test_oom_in_one_profile_length_is_skipped_with_a_message_and_the_sweep_goes_on(offline_env, tmp_path,
                                                                                     monkeypatch, oom):
-    from pbs_cli import profiling
+    from pbs_cli.engine import profiling
 
     real = profiling.pbs_attention
 
@@ -154,7 +154,7 @@ def test_oom_in_one_profile_length_is_skipped_with_a_message_and_the_sweep_goes_
 
 
 def test_profile_where_nothing_fits_is_exit_4_and_leaves_no_report(offline_env, tmp_path, monkeypatch):
-    from pbs_cli import profiling
+    from pbs_cli.engine import profiling
 
     monkeypatch.setattr(profiling, "pbs_attention", _raise(torch.OutOfMemoryError(GIB)))
     report = tmp_path / "sweep.json"

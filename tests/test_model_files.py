@@ -29,7 +29,8 @@ from fixtures import (  # noqa: F401  (pytest fixtures)
     write_garbage_gguf,
     write_truncated_gguf,
 )
-from pbs_cli import errors, models
+from pbs_cli import errors
+from pbs_cli.engine import models
 
 DOC = b"Z" * 40  # exactly 40 tokens for the tiny tokenizer
 
@@ -352,7 +353,7 @@ def test_model_without_attention_layers_warns_that_nothing_is_sparse(offline_env
 
 
 def test_only_models_py_loads_weights_and_nothing_unpickles():
-    """Source guard: every ``from_pretrained`` call sits in pbs_cli/models.py (whose flags the spy test above
+    """Source guard: every ``from_pretrained`` call sits in pbs_cli/engine/models.py (whose flags the spy test above
     checks), and no module calls ``torch.load`` or ``pickle.load(s)``."""
     import ast
 

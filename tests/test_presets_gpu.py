@@ -1,6 +1,6 @@
 """The device-aware default preset: on CUDA, an unchosen preset without a GPU kernel becomes `gpu`."""
 
-from pbs_cli import presets
+from pbs_cli.engine import presets
 
 
 def test_cuda_default_switches_to_gpu_native_profile():

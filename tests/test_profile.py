@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from fixtures import assert_clean_outcome, invoke, offline_env, parse_jsonl, tiny_model_dir  # noqa: F401
-from pbs_cli import report_formats
-from pbs_cli.profiling import (BACKENDS, DENSE_BACKENDS, RESULT_FIELDS, Case, Profiler, Settings, causal_flops,
+from pbs_cli.render import report_formats
+from pbs_cli.engine.profiling import (BACKENDS, DENSE_BACKENDS, RESULT_FIELDS, Case, Profiler, Settings, causal_flops,
                                flex_block_mask, recall_stats, rel_l2, sample_rows)
-from pbs_cli.workloads import captured_qkv, synthetic_qkv
+from pbs_cli.engine.workloads import captured_qkv, synthetic_qkv
 from pbs_kernels import PBSConfig, reference
 
 SHAPE = ["--heads", "4", "--kv-heads", "2", "--head-dim", "64"]
@@ -311,7 +311,7 @@ def test_helpers_against_direct_computation():
 
 
 def test_sliced_plan_matches_to_dense():
-    from pbs_cli.profiling import _slice_plan
+    from pbs_cli.engine.profiling import _slice_plan
 
     q, k, _ = synthetic_qkv(1, 8, 2, 700, 32, seed=4)
     plan = reference.build_plan(q, k, PBSConfig(block_size=64, segment_size=128, threshold=0.6))
@@ -335,7 +335,7 @@ def test_pbs_total_is_the_graph_replay_where_prefill_uses_one(monkeypatch):
     """Where pbs prefill replays a CUDA graph per layer (CUDA, stood in for here by a counting fake),
     the pbs row's total times those calls, keeps the eager pass's peak memory and names the eager
     time in its notes; the phases stay eager."""
-    from pbs_cli import profiling
+    from pbs_cli.engine import profiling
     from pbs_kernels import pbs_prefill_attention
 
     calls = []

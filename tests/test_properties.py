@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from pbs_cli import errors
 from pbs_cli.errors import UsageError
-from pbs_cli.sizes import format_size, parse_size, parse_sizes
+from pbs_cli.engine.sizes import format_size, parse_size, parse_sizes
 from pbs_kernels import PBSConfig
 
 from fixtures import TINY_CONTEXT, assert_clean_outcome, invoke, tiny_model_dir  # noqa: F401 (fixture)
@@ -288,7 +288,7 @@ def _expected_option_codes(threshold, block, segment, dtype, device) -> set[int]
     """The exit codes the CLI may give: {0} when every option is valid on this CPU-only machine, else the
     code of any one of the problems (the order of the checks is the command's business): 2 for a bad PBS
     parameter, --dtype or --device string, 3 for a GPU --device."""
-    from pbs_cli.presets import resolve_config
+    from pbs_cli.engine.presets import resolve_config
 
     default = resolve_config(None)[0]  # the shipped default profile fills in what the options leave out
     fields = {"threshold": threshold, "block_size": default.block_size, "segment_size": default.segment_size}
@@ -343,7 +343,7 @@ def test_prefill_options_are_validated_before_any_work(tiny_model_dir, cli_env, 
                       st.sampled_from(["", " ", ".", "..", "/", "x.gguf", "org/name", "org/na me", "~", "-", "a" * 300,
                                        "a/" * 200, "../../etc/passwd", "nonexistent.GGUF", "bad:alias"])))
 def test_model_option_never_crashes(cli_env, spec):
-    from pbs_cli.presets import model_aliases
+    from pbs_cli.engine.presets import model_aliases
 
     assume(spec.strip() not in model_aliases())  # aliases load the real embedded model (slow tests elsewhere)
     result = invoke(["prefill", "-", f"--model={spec}", "--json"], input=b"Z" * 40, env=cli_env)
@@ -400,7 +400,7 @@ def test_report_show_and_compare_survive_damaged_records(saved_profile, cli_env,
     refused with exit 2 -- never a crash."""
     import copy
 
-    from pbs_cli.report_formats import to_jsonl
+    from pbs_cli.render.report_formats import to_jsonl
 
     doc = copy.deepcopy(saved_profile)
     target = data.draw(st.sampled_from(["top"] + list(range(len(doc["results"])))), label="where")
@@ -561,7 +561,7 @@ toml_values = st.one_of(st.booleans(), st.integers(-300, 600), st.floats(allow_n
 @given(key=st.sampled_from([f.name for f in dataclasses.fields(PBSConfig)] + ["bogus"]), value=toml_values)
 @example(key="threshold", value="high")
 def test_a_preset_value_of_any_type_gives_a_config_or_names_file_and_key(tmp_path_factory, key, value):
-    from pbs_cli import presets
+    from pbs_cli.engine import presets
 
     folder = tmp_path_factory.mktemp("presets")
     path = folder / "mine.toml"

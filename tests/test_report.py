@@ -9,10 +9,10 @@ import statistics
 import pytest
 
 from fixtures import assert_clean_outcome, invoke
-from pbs_cli import reports
-from pbs_cli.profiling import result, skipped, summarize
-from pbs_cli.report_formats import compare, load, parse_markdown_table, to_jsonl
-from pbs_cli.timing import bench, quantile
+from pbs_cli.engine import reports
+from pbs_cli.engine.profiling import result, skipped, summarize
+from pbs_cli.render.report_formats import compare, load, parse_markdown_table, to_jsonl
+from pbs_cli.engine.timing import bench, quantile
 
 
 def _doc(pbs_ms: dict[int, tuple[float, float, float]], dense_ms: dict[int, float]) -> dict:
@@ -146,7 +146,7 @@ def test_bench_counts_calls_and_repeats():
 
 
 def test_summary_says_which_pbs_rows_prefill_would_run_dense():
-    from pbs_cli.report_formats import summary_lines
+    from pbs_cli.render.report_formats import summary_lines
 
     def row(n, backend, ms):
         return {"seq_len": n, "backend": backend, "status": "ok", "median_ms": ms, "speedup": None, "layer": None}

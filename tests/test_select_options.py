@@ -355,13 +355,13 @@ def test_forced_in_top_p_is_validated():
 
 def test_published_preset_is_the_papers_method():
     """One permutation per query head, pooled scores, top-p before the sink is added, no local block."""
-    from pbs_cli import presets
+    from pbs_cli.engine import presets
 
     cfg, _ = presets.resolve_config("published")
     assert (cfg.block_size, cfg.segment_size, cfg.threshold) == (128, 256, 0.9)
     assert cfg.per_head_permutation and not cfg.forced_in_top_p and cfg.local_blocks == 0 and cfg.sink
     assert cfg.score == "pooled" and cfg.threshold_scope == "offdiag" and not cfg.beyond_published()
-    from pbs_cli.commands.eval import PUBLISHED
+    from pbs_cli.engine.evaluation import PUBLISHED
 
     assert PUBLISHED == cfg  # what `pbs eval` compares against
 

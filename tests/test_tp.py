@@ -1,7 +1,7 @@
 """Tensor-parallel prefill (``--tp N``): 2 gloo ranks on the CPU against one process, launch plumbing,
 and the refusals (indivisible heads, mismatched world size).
 
-The 2-rank runs start real processes through ``pbs_cli.distributed.launch`` (the engine behind
+The 2-rank runs start real processes through ``pbs_cli.engine.distributed.launch`` (the engine behind
 ``torchrun --standalone``); each costs a few seconds of interpreter start-up per rank.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pbs_cli import distributed
+from pbs_cli.engine import distributed
 from pbs_cli.errors import PBSError, UsageError
 
 HERE = Path(__file__).resolve().parent
@@ -193,7 +193,7 @@ def test_merge_profile_records_whole_model_from_rank_halves(monkeypatch):
     speedup against the best merged dense backend; a backend skipped on one rank is skipped."""
     import torch.distributed as dist
 
-    from pbs_cli.profiling import result
+    from pbs_cli.engine.profiling import result
 
     def rank_recs(rank):
         t = 10.0 + rank  # rank 1 is slower

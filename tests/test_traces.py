@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from torch.autograd import DeviceType
 
-from pbs_cli import traces
+from pbs_cli.engine import traces
 
 
 def event(start: float, end: float, cuda: bool, annotation: bool = False):

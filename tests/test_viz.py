@@ -14,8 +14,8 @@ import torch
 from rich.console import Console
 
 from fixtures import assert_clean_outcome, invoke, offline_env, tiny_model_dir  # noqa: F401
-from pbs_cli import mask_analysis as ma
-from pbs_cli import viz
+from pbs_cli.engine import mask_analysis as ma
+from pbs_cli.render import viz
 from pbs_cli.commands.viz_mask import parse_indices
 from pbs_kernels import PBSConfig, build_plan
 from pbs_kernels import reference as ref
@@ -84,7 +84,7 @@ def test_colour_scale_endpoints():
 
 @pytest.fixture(scope="module")
 def small_case():
-    from pbs_cli.workloads import synthetic_qkv
+    from pbs_cli.engine.workloads import synthetic_qkv
 
     q, k, _ = synthetic_qkv(1, 4, 2, 600, 32, seed=3)  # N not a multiple of the block size
     config = PBSConfig(block_size=32, segment_size=64, threshold=0.8)
@@ -167,7 +167,7 @@ def test_forced_blocks_are_kept_and_forced_only_rows_counted(small_case):
 
 
 def test_forced_only_rows_found_at_tiny_threshold():
-    from pbs_cli.workloads import synthetic_qkv
+    from pbs_cli.engine.workloads import synthetic_qkv
 
     q, k, _ = synthetic_qkv(1, 1, 1, 512, 32, seed=1, pattern="sink")
     (view,) = ma.analyze(q, k, PBSConfig(block_size=32, segment_size=64, threshold=0.05), [0])
@@ -177,7 +177,7 @@ def test_forced_only_rows_found_at_tiny_threshold():
 
 
 def test_equal_density_comparison_reproduces_a_plain_plan():
-    from pbs_cli.workloads import synthetic_qkv
+    from pbs_cli.engine.workloads import synthetic_qkv
 
     q, k, _ = synthetic_qkv(1, 1, 1, 640, 32, seed=5, pattern="topic")
     config = PBSConfig(block_size=32, segment_size=64, threshold=0.7)
@@ -202,7 +202,7 @@ def test_equal_density_comparison_reproduces_a_plain_plan():
 def test_rethresholding_one_ranking_reproduces_every_plain_plan(config):
     """One scoring pass + re-thresholding gives exactly the plans of reference.select_blocks, and the
     curve lists each of them with its density and recall."""
-    from pbs_cli.workloads import synthetic_qkv
+    from pbs_cli.engine.workloads import synthetic_qkv
 
     q, k, _ = synthetic_qkv(1, 1, 1, 700, 32, seed=7)  # partial last block
     n, bs = 700, config.block_size
@@ -223,7 +223,7 @@ def test_rethresholding_one_ranking_reproduces_every_plain_plan(config):
 
 
 def test_no_permutation_means_no_verdict():
-    from pbs_cli.workloads import synthetic_qkv
+    from pbs_cli.engine.workloads import synthetic_qkv
 
     q, k, _ = synthetic_qkv(1, 2, 1, 300, 32, seed=0)
     views = ma.analyze(q, k, PBSConfig(block_size=32, segment_size=64, permute=False), [0, 1])
@@ -406,8 +406,8 @@ def test_cli_real_model_numbers_match_reference(tmp_path):
     import argparse
     import inspect
 
-    from pbs_cli import models
-    from pbs_cli.workloads import captured_qkv
+    from pbs_cli.engine import models
+    from pbs_cli.engine.workloads import captured_qkv
 
     doc = tmp_path / "argparse.txt"
     doc.write_text(open(inspect.getsourcefile(argparse)).read())
@@ -422,7 +422,7 @@ def test_cli_real_model_numbers_match_reference(tmp_path):
     tokens = source.tokenizer()(doc.read_text(), return_tensors="pt")["input_ids"][:, :1024]
     loaded = source.load(torch.float32, "cpu", attn_implementation="sdpa")
     q, k, _ = captured_qkv(loaded.model, tokens, [10])[10]
-    from pbs_cli import presets
+    from pbs_cli.engine import presets
 
     config, _ = presets.resolve_config(source.spec.profile)  # what the command used: the alias's profile
     assert json.loads(result.stdout)["pbs"] == config.to_dict()

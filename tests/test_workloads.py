@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from pbs_cli.workloads import PATTERNS, synthetic_qkv
+from pbs_cli.engine.workloads import PATTERNS, synthetic_qkv
 from pbs_kernels import PBSConfig, reference
 
 N = 2048

@@ -1,4 +1,4 @@
-"""One rank of the tensor-parallel tests (tests/test_tp.py); started by ``pbs_cli.distributed.launch``.
+"""One rank of the tensor-parallel tests (tests/test_tp.py); started by ``pbs_cli.engine.distributed.launch``.
 
     tp_worker.py logits MODEL_DIR OUT_DIR SEQ_LEN   rank 0 writes OUT_DIR/tp.safetensors and OUT_DIR/tp.json
     tp_worker.py fail RANK CODE                      every rank prints a line; rank RANK fails with exit CODE
@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from pbs_cli import distributed
+from pbs_cli.engine import distributed
 
 # the PBS parameters of the comparison: small blocks so a short sequence has many segments to select from
 PBS = dict(block_size=16, segment_size=32, threshold=0.6)

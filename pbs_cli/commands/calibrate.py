@@ -5,74 +5,23 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from pbs_kernels import PBSConfig
 
-from .. import fidelity, models, presets, reports
+from .. import fidelity
+from ..engine import models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import UsageError
-from ..options import Device, Dtype, check_outputs
-from ..sizes import parse_size
-from .prefill import DEFAULT_MODEL, read_document, tokenize
-
-
-
-def emit(renderable) -> None:
-    """Print to stdout; pipes and files get 160 columns (whole rows), not Rich's 80-column default."""
-    from rich.console import Console
-
-    (out if out.is_terminal else Console(width=160, soft_wrap=True)).print(renderable)
-
-
-def search_threshold(evaluate: Callable[[float], dict], meets: Callable[[dict], bool], lo: float = 0.5,
-                     hi: float = 1.0, steps: int = 7) -> tuple[dict | None, list[dict]]:
-    """Smallest threshold in [lo, hi] whose result ``meets`` the target, by bisection on the gap 1 - tau
-    (fidelity grows with tau; tau = 1.0 is dense and always meets it). Returns (best result, all tried)."""
-    tried: list[dict] = []
-
-    def run(tau: float) -> dict:
-        res = evaluate(tau)
-        res["threshold"] = tau
-        res["meets"] = meets(res)
-        tried.append(res)
-        return res
-
-    best = None
-    low = run(lo)
-    if low["meets"]:
-        return low, tried
-    a, b = lo, hi  # a fails; b is assumed to meet (dense)
-    for _ in range(steps):
-        # geometric midpoint of the gaps 1 - a and 1 - b: thresholds near 1 need fine steps
-        gap_a, gap_b = 1.0 - a, max(1.0 - b, 2e-3)
-        mid = round(1.0 - (gap_a * gap_b) ** 0.5, 5)
-        if not a < mid < b:
-            break
-        res = run(mid)
-        if res["meets"]:
-            best, b = res, mid
-        else:
-            a = mid
-    if best is None:  # nothing below hi met it: hi itself (1.0 = dense) is the answer if it meets
-        res = run(hi)
-        best = res if res["meets"] else None
-    return best, tried
-
-
-def summary_table(rec: dict) -> Table:
-    table = Table(title=f"pbs calibrate: {rec['target']['kind']} target {rec['target']['value']:g} on "
-                        f"{rec['document']} ({rec['prompt_tokens']} tokens)", title_justify="left")
-    for col in ("block", "threshold", "density", "recall", "mean KL", "meets"):
-        table.add_column(col, justify="right")
-    for r in rec["tried"]:
-        table.add_row(str(r["block_size"]), f"{r['threshold']:g}", f"{r['density']:.1%}",
-                      f"{r['recall']:.4f}" if r.get("recall") is not None else "-",
-                      f"{r['mean_kl']:.4f}" if r.get("mean_kl") is not None else "-", "yes" if r["meets"] else "no")
-    return table
+from ..options import Device, Dtype, Json, Model, RecordOutput, check_outputs
+from ..engine.sizes import parse_size
+from ..engine.documents import read_document
+from ..engine.calibration import search_threshold
+from ..engine.prefill import DEFAULT_MODEL, tokenize
+from ..render.calibration import summary_table
+from ..render.tables import emit
 
 
 @command_boundary
@@ -80,8 +29,7 @@ def command(
     doc: Annotated[str, typer.Option("--doc", help="Real text to calibrate on (UTF-8 file).", show_default=False)],
     name: Annotated[str, typer.Option("--name", help="Preset name to write (letters, digits, -, _, .; not a "
                                       "built-in preset's name).", show_default=False)],
-    model: Annotated[str, typer.Option("--model", "-m", help="Alias, local directory, .gguf file, or Hugging "
-                                       "Face id in the local cache.")] = DEFAULT_MODEL,
+    model: Model = DEFAULT_MODEL,
     target_recall: Annotated[float | None, typer.Option("--target-recall", help="Mean attention-mass recall "
                                                         "of sampled query rows to reach, in (0, 1].")] = None,
     target_kl: Annotated[float | None, typer.Option("--target-kl", help="Mean KL(dense || PBS) of the "
@@ -96,8 +44,8 @@ def command(
     device: Device = "auto",
     dtype: Dtype = "auto",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing preset / --output.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record here.")] = None,
+    as_json: Json = False,
+    output: RecordOutput = None,
 ) -> None:
     """Find the sparsest block size and threshold meeting --target-recall or --target-kl; save it as preset NAME.
 

@@ -49,8 +49,8 @@ def triton_status() -> dict[str, Any]:
 def collect() -> dict[str, Any]:
     import torch
 
-    from .. import models, presets
-    from ..reports import environment
+    from ..engine import models, presets
+    from ..engine.reports import environment
 
     env = environment()
     env["accelerate"] = _version("accelerate")

@@ -4,41 +4,21 @@ threshold sweep (density-fidelity table, Pareto PNG); `--passkey` retrieval accu
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from pbs_kernels import PBSConfig
-
-from .. import fidelity, models, presets, reports
-from ..console import command_boundary, debug_enabled, err, out
+from .. import fidelity
+from ..engine import models, presets, reports
+from ..console import command_boundary, debug_enabled, err
 from ..errors import UsageError
-from ..options import Device, Dtype, Force, check_outputs
-from ..sizes import parse_size, parse_sizes
-from .prefill import DEFAULT_MODEL, greedy_generate, read_document, run_prefill, tokenize
-
-
-def emit(renderable) -> None:
-    """Print to stdout; pipes and files get 160 columns (whole rows), not Rich's 80-column default."""
-    from rich.console import Console
-
-    (out if out.is_terminal else Console(width=160, soft_wrap=True)).print(renderable)
-
-
-# The published method (the `published` preset; a test keeps the two equal): one key permutation per
-# query head scored by the last query block, top-p 0.9 over mean-pooled off-diagonal block scores, then
-# the sink block added; no local block.
-PUBLISHED = PBSConfig(block_size=128, segment_size=256, threshold=0.9, permute=True, per_head_permutation=True,
-                      sink=True, forced_in_top_p=False, local_blocks=0)
-
-
-def strategies(config: PBSConfig, profile: str) -> list[tuple[str, PBSConfig]]:
-    """(label, config) of every compared selection: the profile, no permutation, the published one."""
-    return [(f"pbs ({profile})", config), (f"no-permutation ({profile})", config.replace(permute=False)),
-            ("published PBS-Attn", PUBLISHED)]
+from ..options import Device, Dtype, Force, Json, Model, RecordOutput, check_outputs
+from ..engine.sizes import parse_size, parse_sizes
+from ..engine.documents import read_document
+from ..engine.evaluation import evaluate, pareto, passkey_eval, strategies
+from ..engine.prefill import DEFAULT_MODEL, tokenize
+from ..render.evaluation import print_layers, print_passkey, print_table, save_png
 
 
 def parse_thresholds(text: str | None) -> list[float | None]:
@@ -67,180 +47,6 @@ def parse_fractions(text: str, name: str) -> list[float]:
     return values
 
 
-# -- the text evaluation ----------------------------------------------------------------------
-
-
-def evaluate(mdl, ids, runs: list[tuple[str, PBSConfig]], recall_rows: int,
-             continuation: int = 0) -> tuple[dict, list[dict]]:
-    """Dense forward, then one PBS forward per (label, config); with ``continuation`` > 0 also
-    prefill-then-continue (``fidelity.continuation_metrics``) over the last ``continuation`` tokens.
-    Returns (dense row, rows)."""
-    n = ids.shape[1]
-    with models.progress(f"dense SDPA forward over {n} tokens"):
-        dense = fidelity.run_forward(mdl, ids, None)
-    prefix = n - continuation
-    dense_continued = None
-    if continuation:
-        with models.progress(f"dense prefill of {prefix} tokens, then {continuation} tokens over its cache"):
-            dense_continued = fidelity.continue_after_prefill(mdl, ids, None, prefix)
-    rows = []
-    for i, (label, cfg) in enumerate(runs):
-        err.print(f"[{i + 1}/{len(runs)}] {label}: threshold {cfg.threshold}", highlight=False, markup=False)
-        with models.progress(f"{label}, threshold {cfg.threshold}"):
-            res = fidelity.run_forward(mdl, ids, cfg, recall_rows)
-            metrics = fidelity.compare_hidden(mdl, dense.hidden, res.hidden, ids)
-        row = {"strategy": label, "threshold": cfg.threshold, "density": res.density, "recall": res.recall,
-               **metrics, "continuation": None, "config": cfg.to_dict(), "layers": res.layers}
-        del res
-        if continuation:
-            with models.progress(f"{label}: prefill of {prefix} tokens, then {continuation} tokens over its cache"):
-                row["continuation"] = fidelity.continuation_metrics(mdl, ids, cfg, prefix, dense_continued)
-        rows.append(row)
-    ppl = rows[0]["ppl_dense"] if rows else None
-    return {"strategy": "dense SDPA", "density": 1.0, "ppl": ppl, "top1_agreement": 1.0, "mean_kl": 0.0}, rows
-
-
-def pareto(rows: list[dict]) -> list[bool]:
-    """True where no other row has lower-or-equal density and strictly better (lower) KL."""
-    return [not any(o["density"] <= r["density"] and o["mean_kl"] < r["mean_kl"] and o is not r for o in rows)
-            for r in rows]
-
-
-def print_table(rec: dict) -> None:
-    cont = rec.get("continuation_tokens") or 0
-    caption = ("top-1, KL: every position's next token, teacher-forced over one sparse forward (a position's "
-               "selection has seen later tokens of its block); recall: attention mass kept on sampled rows; "
-               "pareto *: no sparser row has lower KL")
-    if cont:
-        caption += (f"; continued: the last {cont} tokens scored with dense attention over the KV cache of a "
-                    "sparse prefill of the rest (the selection never saw them)")
-    table = Table(title=f"pbs eval: {rec['document']} ({rec['prompt_tokens']} tokens, {rec['model']['name']})",
-                  title_justify="left", caption=caption, caption_justify="left")
-    table.add_column("strategy", no_wrap=True)
-    columns = ["tau", "density", "perplexity", "top-1", "mean KL (nats)", "recall", "pareto"]
-    if cont:
-        columns[5:5] = ["continued ppl", "continued top-1", "continued KL (nats)"]
-    for col in columns:
-        table.add_column(col, justify="right")
-    d = rec["dense"]
-    dense_cont = ["-", "100.00%", "0"] if cont else []
-    if cont and rec["results"]:
-        dense_cont[0] = f"{rec['results'][0]['continuation']['ppl_dense']:.3f}"
-    table.add_row(d["strategy"], "-", "100.0%", f"{d['ppl']:.3f}" if d["ppl"] else "-", "100.00%", "0",
-                  *dense_cont, "1", "")
-    for r, best in zip(rec["results"], rec["pareto"]):
-        c = r["continuation"]
-        continued = [f"{c['ppl']:.3f} ({c['ppl_increase']:+.1%})", f"{c['top1_agreement']:.2%}",
-                     f"{c['mean_kl']:.4f}"] if cont else []
-        table.add_row(r["strategy"], f"{r['threshold']:g}", f"{r['density']:.1%}",
-                      f"{r['ppl']:.3f} ({r['ppl_increase']:+.1%})", f"{r['top1_agreement']:.2%}",
-                      f"{r['mean_kl']:.4f}", *continued, f"{r['recall']:.4f}" if r["recall"] is not None else "-",
-                      "*" if best else "")
-    emit(table)
-    worst = min(rec["results"], key=lambda r: min(ly["recall_min_head"] for ly in r["layers"]) if r["layers"] else 1)
-    if worst["layers"]:
-        ly = min(worst["layers"], key=lambda x: x["recall_min_head"])
-        err.print(f"lowest head recall: {worst['strategy']} t={worst['threshold']:g}, layer {ly['layer']}: "
-                  f"{ly['recall_min_head']:.3f} (layer mean {ly['recall']:.3f}, density {ly['density']:.1%})",
-                  highlight=False, markup=False)
-
-
-def print_layers(rec: dict) -> None:
-    """Per-layer density and recall (mean and lowest head) of every evaluated strategy."""
-    for r in rec["results"]:
-        table = Table(title=f"{r['strategy']}, tau {r['threshold']:g}: per layer", title_justify="left")
-        for col in ("layer", "path", "density", "recall", "lowest head recall"):
-            table.add_column(col, justify="right")
-        for ly in r["layers"]:
-            table.add_row(str(ly["layer"]), ly["path"], f"{ly['density']:.1%}", f"{ly['recall']:.4f}",
-                          f"{ly['recall_min_head']:.4f}")
-        emit(table)
-
-
-def save_png(rec: dict, path: Path) -> None:
-    """Density (x) against mean KL and perplexity increase (y), one line per strategy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    by: dict[str, list[dict]] = {}
-    for r in rec["results"]:
-        by.setdefault(r["strategy"], []).append(r)
-    for label, rows in by.items():
-        rows = sorted(rows, key=lambda r: r["density"])
-        x = [100 * r["density"] for r in rows]
-        axes[0].plot(x, [r["mean_kl"] for r in rows], "o-", label=label)
-        axes[1].plot(x, [100 * r["ppl_increase"] for r in rows], "o-", label=label)
-    axes[0].set_ylabel("mean KL(dense || sparse), nats")
-    axes[1].set_ylabel("perplexity increase, %")
-    for ax in axes:
-        ax.set_xlabel("density, % of causal blocks")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{rec['model']['name']}, {rec['prompt_tokens']} tokens of {Path(rec['document']).name}")
-    fig.tight_layout()
-    from ..viz import save_figure
-
-    save_figure(fig, path, "png")  # temp file + rename in the same folder; closes the figure
-
-
-# -- passkey ----------------------------------------------------------------------------------
-
-
-def passkey_eval(mdl, tokenizer, filler: str, lengths: list[int], depths: list[float], trials: int,
-                 config: PBSConfig, seed: int, max_new_tokens: int = 8) -> list[dict]:
-    """Dense vs PBS retrieval at every (length, depth), ``trials`` random keys each."""
-    import torch
-
-    from .. import integration
-
-    rng = random.Random(seed)
-    eos = tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-    cells = []
-    for length in lengths:
-        for depth in depths:
-            hits = {"dense": 0, "pbs": 0}
-            answers = []
-            for _ in range(trials):
-                prompt = fidelity.passkey_prompt(tokenizer, filler, length, depth, fidelity.random_key(rng))
-                ids = torch.tensor([prompt.ids], device=mdl.device)
-                row = {"key": prompt.key}
-                for name, attn in (("dense", "sdpa"), ("pbs", integration.NAME)):
-                    res = run_prefill(mdl, ids, attn, config, 0, 1, keep_cache=True)
-                    gen, _ = greedy_generate(mdl, res.last_logits, res.cache, max_new_tokens, eos_ids)
-                    text = tokenizer.decode(gen, skip_special_tokens=True)
-                    ok = fidelity.passkey_found(text, prompt.key)
-                    hits[name] += ok
-                    row[name] = text
-                    if name == "pbs":
-                        dens = [s.density for s in res.layers if s.density is not None]
-                        row["density"] = sum(dens) / max(1, len(dens))
-                answers.append(row)
-            integration.set_attention(mdl, integration.NAME)
-            cells.append({"length": length, "depth": depth, "trials": trials,
-                          "dense_accuracy": hits["dense"] / trials, "pbs_accuracy": hits["pbs"] / trials,
-                          "answers": answers})
-            err.print(f"passkey {length} tokens, depth {depth:g}: dense {hits['dense']}/{trials}, "
-                      f"pbs {hits['pbs']}/{trials}", highlight=False, markup=False)
-    return cells
-
-
-def print_passkey(rec: dict) -> None:
-    table = Table(title=f"pbs eval --passkey ({rec['model']['name']}, filler {rec['document']})", title_justify="left")
-    for col in ("length", "dense accuracy", "pbs accuracy", "difference"):
-        table.add_column(col, justify="right")
-    for length in sorted({c["length"] for c in rec["passkey"]}):
-        cells = [c for c in rec["passkey"] if c["length"] == length]
-        n = sum(c["trials"] for c in cells)
-        d = sum(c["dense_accuracy"] * c["trials"] for c in cells) / n
-        p = sum(c["pbs_accuracy"] * c["trials"] for c in cells) / n
-        table.add_row(str(length), f"{d:.0%}", f"{p:.0%}", f"{100 * (p - d):+.0f} pts")
-    emit(table)
-
-
 # -- the command ----------------------------------------------------------------------------
 
 
@@ -248,8 +54,7 @@ def print_passkey(rec: dict) -> None:
 def command(
     doc: Annotated[str, typer.Argument(help="UTF-8 text file (real text; - reads stdin). With --passkey, the "
                                        "filler document.", show_default=False)],
-    model: Annotated[str, typer.Option("--model", "-m", help="Alias, local directory, .gguf file, or Hugging "
-                                       "Face id in the local cache.")] = DEFAULT_MODEL,
+    model: Model = DEFAULT_MODEL,
     profile: Annotated[str | None, typer.Option("--profile", "-p", help="PBS preset to evaluate (default: the "
                                                 "alias's, else 'default').")] = None,
     thresholds: Annotated[str | None, typer.Option("--thresholds", help="Sweep: comma-separated thresholds, e.g. "
@@ -277,8 +82,8 @@ def command(
     dtype: Dtype = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed (passkeys).")] = 0,
     png: Annotated[Path | None, typer.Option("--png", help="Save a density-fidelity Pareto plot here.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record here.")] = None,
+    as_json: Json = False,
+    output: RecordOutput = None,
     force: Force = False,
 ) -> None:
     """Dense vs PBS vs plain block selection vs published PBS-Attn on DOC: perplexity, top-1 agreement, KL, recall.

@@ -9,13 +9,15 @@ from typing import Annotated, Any, TextIO
 
 import typer
 
-from .. import distributed, presets, reports
-from ..console import command_boundary, debug_enabled, err, out
+from ..engine import distributed, presets, reports
+from ..console import command_boundary, debug_enabled, err
 from ..errors import INTERRUPTED, OutOfMemory, PBSError, UnsupportedError, UsageError
-from ..options import Device, Dtype, Force, check_outputs
-from ..profiling import BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped, summarize
-from ..report_formats import format_for_path, header_line, incomplete_line, render, result_line, rich_table
-from ..sizes import format_size, parse_sizes
+from ..options import BlockSize, Device, Dtype, Force, SegmentSize, Threshold, check_outputs
+from ..engine.profiling import (BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped,
+                                summarize)
+from ..render.report_formats import format_for_path, header_line, incomplete_line, render, result_line, rich_table
+from ..engine.sizes import format_size, parse_sizes
+from ..render.tables import print_table
 
 # Llama-3.1-8B attention: 32 query heads, 8 KV heads, head_dim 128
 DEFAULT_SHAPE = {"batch": 1, "heads": 32, "kv_heads": 8, "head_dim": 128}
@@ -62,7 +64,7 @@ def parse_layers(text: str) -> list[int]:
 
 def shape_from_model(spec_text: str) -> tuple[dict[str, int], str]:
     """Attention shape from a model's config (no weights read). Returns (shape, description)."""
-    from .. import models
+    from ..engine import models
 
     spec = models.resolve_model(spec_text)
     heads, kv, head_dim = models.attention_shape(models.ModelSource(spec).config())
@@ -146,25 +148,6 @@ class _Outputs:
             self._jsonl.close()
 
 
-def print_table(table) -> None:
-    """Tables are wide: when stdout is not a terminal, do not wrap them at Rich's default 80 columns; in a
-    terminal narrower than the table's narrowest layout that splits no number or word, render at that
-    layout's width (the terminal wraps the lines) rather than break numbers across lines."""
-    if out.is_terminal:
-        from rich.console import Console
-        from rich.measure import Measurement
-
-        needed = Measurement.get(out, out.options.update_width(10**4), table).minimum
-        if needed <= out.width:
-            out.print(table)
-        else:
-            Console(file=out.file, width=needed, force_terminal=True, no_color=out.no_color).print(table)
-    else:
-        from rich.console import Console
-
-        Console(width=240, highlight=False).print(table)
-
-
 def write_trace(path: Path, case: Case, settings: Settings) -> None:
     """One PBS pass under torch.profiler with ranges pbs.permute / pbs.select / pbs.attend; Chrome
     trace JSON (gzip-compressed when ``path`` ends in .gz), written atomically."""
@@ -175,7 +158,7 @@ def write_trace(path: Path, case: Case, settings: Settings) -> None:
     from pbs_kernels.permute import compute_permutation
     from pbs_kernels.select import select_blocks
 
-    from .. import traces
+    from ..engine import traces
 
     q, k, v = case.q, case.k, case.v
     cfg, scale = settings.config, settings.scale
@@ -204,11 +187,9 @@ def command(
     dtype: Dtype = "auto",
     device: Device = "auto",
     profile: Annotated[str | None, typer.Option("--profile", "-p", help="PBS preset name (see `pbs env`).")] = None,
-    threshold: Annotated[float | None, typer.Option("--threshold", "-t", help="Top-p share of block attention "
-                                                    "to keep, in (0, 1]; 1.0 = dense.")] = None,
-    block_size: Annotated[int | None, typer.Option("--block-size", help="Tokens per block (power of two >= 16).")] = None,
-    segment_size: Annotated[int | None, typer.Option("--segment-size", help="Permutation segment, a multiple "
-                                                     "of the block size.")] = None,
+    threshold: Threshold = None,
+    block_size: BlockSize = None,
+    segment_size: SegmentSize = None,
     backends: Annotated[str | None, typer.Option("--backends", "-b", help=f"Comma list of {', '.join(BACKENDS)} "
                                                  "(default: all; unavailable ones are reported as skipped; "
                                                  "naming only ones that cannot run on this device is exit 3).")]
@@ -245,14 +226,14 @@ def command(
 ) -> None:
     import torch
 
-    from .. import models
-    from ..workloads import PATTERNS
+    from ..engine import models
+    from ..engine.workloads import PATTERNS
 
     # -- validate everything before any work --
     chosen = [name for name, on in (("json", as_json), ("jsonl", as_jsonl), ("csv", as_csv), ("markdown", as_markdown)) if on]
     if len(chosen) > 1:
         raise UsageError(f"choose one stdout format, got --{' --'.join(chosen)}")
-    # -- tensor parallel (pbs_cli.distributed): re-run on N ranks, each timing its own heads --
+    # -- tensor parallel (pbs_cli.engine.distributed): re-run on N ranks, each timing its own heads --
     distributed.check_launch_environment(tp or distributed.env_world_size(), device)
     tp_size = tp or distributed.env_world_size()
     if distributed.needs_launch(tp):
@@ -306,8 +287,8 @@ def command(
     captured: dict[int, tuple] | None = None
     workload: dict[str, Any] = {"source": "synthetic", "pattern": pattern, "seed": seed}
     if from_model is not None:
-        from .prefill import read_document
-        from ..workloads import captured_qkv
+        from ..engine.documents import read_document
+        from ..engine.workloads import captured_qkv
 
         text, doc_name = read_document(str(doc))
         spec = models.resolve_model(from_model)
@@ -430,7 +411,7 @@ def _interrupted(outputs: _Outputs, doc: dict[str, Any], sizes: list[int]) -> No
 def _check_backends_here(names: tuple[str, ...], dev) -> None:
     """Named backends that cannot run on this device: all of them is exit 3 (nothing would be measured),
     some of them a warning (they are reported as skipped)."""
-    from ..profiling import unavailable_here
+    from ..engine.profiling import unavailable_here
 
     missing = {name: why for name in names if (why := unavailable_here(name, dev))}
     if not missing:
@@ -444,7 +425,7 @@ def _check_backends_here(names: tuple[str, ...], dev) -> None:
 def _check_tp_shape(tp: int, model: str | None, heads: int | None, kv_heads: int | None,
                     from_model: str | None) -> None:
     """Before launching ranks: refuse a --tp that does not divide the heads of the profiled shape."""
-    from .. import models
+    from ..engine import models
 
     if from_model is not None:
         spec = models.resolve_model(from_model)
@@ -465,7 +446,7 @@ def _run_length(n: int, captured, profiler: Profiler, settings: Settings, shape:
     """All cases of one length: generate (or slice) Q/K/V, run the profiler, optionally trace."""
     import torch
 
-    from ..workloads import synthetic_qkv
+    from ..engine.workloads import synthetic_qkv
 
     cases: list[Case] = []
     try:

@@ -10,8 +10,8 @@ import typer
 
 from ..console import command_boundary, fail
 from ..errors import RUNTIME, UsageError
-from .profile import print_table
-from ..report_formats import compare, compare_table, describe, load, render, rich_table, setup_differences
+from ..render.tables import print_table
+from ..render.report_formats import compare, compare_table, describe, load, render, rich_table, setup_differences
 
 @contextlib.contextmanager
 def _readable(*paths: Path) -> Iterator[None]:

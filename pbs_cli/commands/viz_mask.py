@@ -67,8 +67,8 @@ def check_memory(n_tokens: int, block_size: int, heads: int, layers: int, input_
     memory, the inputs (q/k, or the model forward) on ``device``."""
     import torch
 
-    from ..mask_analysis import analysis_bytes
-    from ..memory import free_memory_bytes, gib
+    from ..engine.mask_analysis import analysis_bytes
+    from ..engine.memory import free_memory_bytes, gib
 
     host = analysis_bytes(n_tokens, block_size, heads, layers)
     dev = torch.device(device)
@@ -128,9 +128,10 @@ def command(
     with console.heavy_imports():
         import torch  # noqa: F401 - imported here, under heavy_imports, by whichever module needs it first
 
-        from .. import presets, reports, viz
+        from ..engine import presets, reports
+        from ..render import viz
         from ..options import check_outputs
-        from ..sizes import parse_size
+        from ..engine.sizes import parse_size
 
     outputs = {option[2:]: path for option, path in
                check_outputs({"--png": png, "--svg": svg, "--html": html}, force).items()}
@@ -140,7 +141,7 @@ def command(
     if document is None:
         if layer is not None or layers is not None:
             raise UsageError("the synthetic example has no layers; pass a DOC to choose --layer/--layers")
-        from ..workloads import PATTERNS
+        from ..engine.workloads import PATTERNS
 
         if pattern not in PATTERNS:
             raise UsageError(f"unknown --pattern {pattern!r}; use one of {', '.join(PATTERNS)}")
@@ -152,7 +153,7 @@ def command(
         source = f"synthetic {pattern} (seed {seed})"
         views, meta = _synthetic(config, head_ids, n, pattern, seed, device, dtype)
     else:
-        from ..documents import read_document
+        from ..engine.documents import read_document
 
         text, doc_name = read_document(document)
         views, meta, config, profile_name = _from_model(text, model, profile, pbs_overrides, layer, layers, head,
@@ -187,14 +188,14 @@ def command(
 
 
 def _device(device: str) -> str:
-    from ..models import resolve_device
+    from ..engine.models import resolve_device
 
     return resolve_device(device)
 
 
 def _synthetic(config, head_ids: list[int], n: int, pattern: str, seed: int, device: str, dtype: str):
-    from .. import mask_analysis, models
-    from ..workloads import synthetic_qkv
+    from ..engine import mask_analysis, models
+    from ..engine.workloads import synthetic_qkv
 
     dev = models.resolve_device(device)
     torch_dtype = models.resolve_dtype(dtype, dev)
@@ -208,8 +209,8 @@ def _synthetic(config, head_ids: list[int], n: int, pattern: str, seed: int, dev
 
 
 def _from_model(text: str, model_spec: str, profile, overrides, layer, layers, head, heads, n_tokens, device, dtype):
-    from .. import mask_analysis, models, presets
-    from ..workloads import captured_qkv
+    from ..engine import mask_analysis, models, presets
+    from ..engine.workloads import captured_qkv
 
     models.quiet_transformers(console.debug_enabled())
     spec = models.resolve_model(model_spec)

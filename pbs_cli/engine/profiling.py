@@ -54,8 +54,8 @@ from pbs_kernels.graphs import enabled as graphs_enabled
 from pbs_kernels.permute import compute_permutation
 from pbs_kernels.select import select_blocks
 
-from .console import debug_enabled
-from .dense_sdpa import DENSE_BACKENDS, probe_sdpa, sdpa_call
+from ..console import debug_enabled
+from ..dense_sdpa import DENSE_BACKENDS, probe_sdpa, sdpa_call
 from .memory import free_memory_bytes
 from .timing import Timing, bench
 
@@ -111,7 +111,7 @@ def _timing_fields(t: Timing) -> dict[str, Any]:
 
 def is_oom(exc: BaseException) -> bool:
     """CUDA or CPU allocator out of memory, or MemoryError (see ``errors.is_out_of_memory``)."""
-    from .errors import is_out_of_memory
+    from ..errors import is_out_of_memory
 
     return is_out_of_memory(exc)
 

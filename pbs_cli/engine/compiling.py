@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import PBSError, UnsupportedError
+from ..errors import PBSError, UnsupportedError
 
 DEFAULT_BACKEND = "inductor"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import UsageError
+from ..errors import UsageError
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2}
 _SIZE = re.compile(r"^\s*([0-9]{1,12})\s*([kKmM]?)\s*$", re.ASCII)

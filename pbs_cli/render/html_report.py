@@ -11,8 +11,8 @@ import io
 import json
 from typing import Any
 
-from .report_formats import COLUMNS, _has_layers, describe, row_cells, skipped_lines, summary_lines
-from .sizes import format_size
+from .cells import COLUMNS, describe, has_layers, row_cells, skipped_lines, summary_lines
+from ..engine.sizes import format_size
 
 
 def _png(fig) -> str:
@@ -92,7 +92,7 @@ pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto}figure{display:i
 
 def to_html(doc: dict[str, Any]) -> str:
     esc = html.escape
-    layers = _has_layers(doc)
+    layers = has_layers(doc)
     cols = [c for c in COLUMNS if layers or c != "layer"]
     head = "".join(f"<th>{esc(c)}</th>" for c in cols)
     body = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def read_document(doc: str) -> tuple[str, str]:

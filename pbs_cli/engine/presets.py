@@ -25,7 +25,7 @@ from typing import Any
 
 from pbs_kernels.config import PBSConfig
 
-from .errors import UsageError
+from ..errors import UsageError
 
 ALIASES_FILE = "models.toml"
 DEFAULT_PROFILE = "default"

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from .errors import PBSError, UnsupportedError, UsageError
+from ..errors import PBSError, UnsupportedError, UsageError
 
 # environment every child process gets (unless the caller's environment already sets them)
 CHILD_ENV = {
@@ -256,7 +256,7 @@ def relaunch(tp: int, argv: Sequence[str] | None = None) -> None:
     their exit code (raises ``typer.Exit``, which every command boundary passes through)."""
     import typer
 
-    from .console import debug_enabled
+    from ..console import debug_enabled
 
     args = list(sys.argv[1:] if argv is None else argv)
     code = launch(tp, ["-m", "pbs_cli", *args], debug=debug_enabled())

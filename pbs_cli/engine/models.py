@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import PBSError, UnsupportedError, UsageError
+from ..errors import PBSError, UnsupportedError, UsageError
 
 CACHE_FORMAT = 1
 MARKER = "pbs-cache.json"
@@ -266,7 +266,7 @@ def write_cache(folder: Path, model, tokenizer, source: ModelSpec) -> None:
 @contextlib.contextmanager
 def progress(message: str) -> Iterator[None]:
     """A Rich spinner on stderr while a slow step runs (nothing when stderr is not a terminal)."""
-    from .console import err
+    from ..console import err
 
     if err.is_terminal:
         with err.status(message):
@@ -288,7 +288,7 @@ def resolve_device(device: str) -> str:
     device against ``PBS_BACKEND=triton`` (``options.check_triton_device``)."""
     import torch
 
-    from .options import check_triton_device
+    from ..options import check_triton_device
 
     text = device.strip().lower()
     if text in ("auto", "cpu"):
@@ -357,7 +357,7 @@ class LoadedModel:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    from .errors import is_out_of_memory
+    from ..errors import is_out_of_memory
 
     return is_out_of_memory(exc)
 
@@ -454,7 +454,7 @@ class ModelSource:
         a tensor-parallel load places the shards itself, so the model is not moved to ``device``."""
         from transformers import AutoModelForCausalLM
 
-        from . import integration
+        from .. import integration
 
         if attn_implementation == integration.NAME:
             integration.register()
@@ -479,7 +479,7 @@ def quiet_transformers(debug: bool = False) -> None:
     """Keep transformers' warnings and progress bars off the user's screen unless --debug."""
     from transformers.utils import logging as hf_logging
 
-    from .console import err
+    from ..console import err
 
     if not debug:
         hf_logging.set_verbosity_error()

@@ -357,7 +357,7 @@ pre {{ font-family: Menlo, 'DejaVu Sans Mono', Consolas, monospace; line-height:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` via a temporary file in the target directory and a rename (``reports``' writer)."""
-    from .reports import atomic_write_bytes as write
+    from ..engine.reports import atomic_write_bytes as write
 
     write(path, data)
 

@@ -1,0 +1,1 @@
+"""Rendering: results as Rich tables, report formats (JSON, JSONL, CSV, Markdown, HTML) and pictures."""
