@@ -32,7 +32,7 @@ import torch
 
 from pbs_kernels import PBSConfig
 from pbs_kernels import reference as R
-from pbs_cli.fidelity import next_token_metrics
+from pbs_cli.engine.fidelity import next_token_metrics
 
 # the base of NAME:key=value configs: the published blocks and tau with the config defaults' ranking
 POOLED = PBSConfig(block_size=128, segment_size=256, threshold=0.9, local_blocks=0)
@@ -112,7 +112,7 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
 
 def compare(dense_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> dict:
     """Perplexity of the text, top-1 agreement and mean KL(dense || sparse) over all positions
-    (``pbs_cli.fidelity.next_token_metrics``, as `pbs eval` computes them)."""
+    (``pbs_cli.engine.fidelity.next_token_metrics``, as `pbs eval` computes them)."""
     m = next_token_metrics(dense_logits, logits, ids[0])
     return {"ppl": m["ppl"], "top1": m["top1_agreement"], "kl": m["mean_kl"]}
 
@@ -172,7 +172,7 @@ def passkey(model, tok, filler_ids: torch.Tensor, configs, lengths, depths, tria
     """Dense vs each config: greedy retrieval of a random key hidden at ``depths`` of real filler text."""
     import random
 
-    from pbs_cli import fidelity as F
+    from pbs_cli.engine import fidelity as F
 
     filler = tok.decode(filler_ids[0].tolist())
     rng = random.Random(seed)

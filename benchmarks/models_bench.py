@@ -112,7 +112,7 @@ WINDOW_IGNORED = "bench-causal-sdpa"  # every layer plain causal SDPA, sliding w
 def window_ignored_attention(module, query, key, value, attention_mask, **kwargs):
     """Plain causal SDPA on the run's backend with any sliding window dropped: what dense attention would cost
     with the fastest SDPA kernels, which take no window (a reference for the windowed models, not their output)."""
-    from pbs_cli import dense_sdpa, integration
+    from pbs_cli.engine import dense_sdpa, integration
 
     kwargs.pop("sliding_window", None)
     run = integration.current_run()
@@ -132,7 +132,7 @@ def dense_times(model, ids, config, device, dtype, warmup: int, iters: int,
                 attention: str | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """Median ms of the dense forward (``attention``: "pbs_dense" by default) on every SDPA backend that runs
     it; why the others did not."""
-    from pbs_cli import dense_sdpa, integration
+    from pbs_cli.engine import dense_sdpa, integration
 
     attn = model.config
     heads, kv_heads = attn.num_attention_heads, attn.num_key_value_heads
@@ -162,7 +162,7 @@ def dense_times(model, ids, config, device, dtype, warmup: int, iters: int,
 
 def pbs_time(model, ids, config, device, warmup: int, iters: int) -> tuple[float, list[dict[str, Any]]]:
     """Median ms of the "pbs" forward, and the per-layer records of one of them."""
-    from pbs_cli import integration
+    from pbs_cli.engine import integration
 
     integration.set_attention(model, integration.NAME)
     layers: list[dict[str, Any]] = []
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the records here")
     args = parser.parse_args(argv)
 
-    from pbs_cli import integration
+    from pbs_cli.engine import integration
     from pbs_cli.engine.reports import environment
 
     device = torch.device(args.device)

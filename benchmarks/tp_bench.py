@@ -97,7 +97,7 @@ def worker(args) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from pbs_cli import dense_sdpa, integration
+    from pbs_cli.engine import dense_sdpa, integration
 
     from pbs_cli.engine import presets
 

@@ -105,7 +105,7 @@ def test_continuation_option_is_checked_and_shown(runner, offline_env, tiny_mode
 def test_compare_dense_alternates_the_timed_passes(runner, offline_env, tiny_model_dir, doc, monkeypatch):
     """PBS and dense forwards are timed in alternation, the order reversed every other round (drift in
     clocks or load, and what a pass leaves behind for the next, reach both alike)."""
-    from pbs_cli import integration
+    from pbs_cli.engine import integration
 
     seen = []
     real = integration.set_attention
@@ -208,7 +208,7 @@ def test_trace_saves_one_forward_and_names_the_top_ops(runner, offline_env, tiny
 def test_prompt_below_dense_below_runs_the_dense_forward(runner, offline_env, tiny_model_dir, doc, monkeypatch):
     """Below the preset's break-even the whole forward runs on "pbs_dense" (no per-layer dispatch
     through "pbs", so it costs what dense costs), and the record still says why, layer by layer."""
-    from pbs_cli import integration
+    from pbs_cli.engine import integration
 
     presets = offline_env / "pbs-config"
     presets.mkdir(exist_ok=True)

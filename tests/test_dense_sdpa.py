@@ -1,4 +1,4 @@
-"""Dense attention on a named SDPA backend (pbs_cli.dense_sdpa): same numbers as transformers' SDPA,
+"""Dense attention on a named SDPA backend (pbs_cli.engine.dense_sdpa): same numbers as transformers' SDPA,
 GQA by expansion or natively, and the fastest-backend pick.
 
 Tolerance rule: err(pbs_dense fp32 vs fp64 model) <= 2 * err(SDPA fp32 vs fp64 model) + floor.
@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from pbs_cli import dense_sdpa, integration
+from pbs_cli.engine import dense_sdpa, integration
 from pbs_kernels import PBSConfig
 
 from test_integration import tiny_model

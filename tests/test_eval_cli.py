@@ -10,7 +10,7 @@ import pytest
 import torch
 from fixtures import assert_clean_outcome, invoke, tiny_model_dir  # noqa: F401
 
-from pbs_cli import fidelity as F
+from pbs_cli.engine import fidelity as F
 from pbs_cli.engine import presets
 from pbs_kernels import PBSConfig
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from fixtures import tiny_model_dir  # noqa: F401
 
-from pbs_cli import fidelity as F
+from pbs_cli.engine import fidelity as F
 from pbs_cli.engine.calibration import search_threshold
 from pbs_kernels import PBSConfig
 from pbs_kernels import reference as R
@@ -130,7 +130,7 @@ def test_passkey_found_takes_the_first_number():
 def tiny(tiny_model_dir):  # noqa: F811
     from transformers import AutoModelForCausalLM
 
-    from pbs_cli import integration
+    from pbs_cli.engine import integration
 
     integration.register()
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")

@@ -79,7 +79,7 @@ def test_replayed_layers_equal_eager_calls_persistent_kernel():
 def test_graphed_model_forward_matches_the_eager_one(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pbs_cli import integration
+    from pbs_cli.engine import integration
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=256, num_hidden_layers=4,
@@ -118,7 +118,7 @@ def test_cpu_calls_pass_through(monkeypatch):
 
 
 def test_pbs_cuda_graphs_0_turns_them_off(monkeypatch):
-    from pbs_cli import integration
+    from pbs_cli.engine import integration
 
     monkeypatch.setenv("PBS_CUDA_GRAPHS", "0")
     with integration.pbs_run(CFG) as run:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pbs_cli import integration
+from pbs_cli.engine import integration
 from pbs_kernels import PBSConfig, pbs_prefill_attention
 
 FLOOR = 1e-5

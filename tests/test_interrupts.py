@@ -112,7 +112,7 @@ CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: c
                          ids=["cuda", "cpu-allocator", "MemoryError"])
 def test_oom_during_prefill_is_exit_4_naming_the_size_and_leaves_no_report(offline_env, tiny_model_dir,
                                                                            tmp_path, monkeypatch, oom):
-    from pbs_cli import integration
+    from pbs_cli.engine import integration
 
     monkeypatch.setattr(integration, "pbs_prefill_attention", _raise(oom))
     report = tmp_path / "out" / "report.json"

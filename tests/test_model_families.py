@@ -1,4 +1,4 @@
-"""Every verified family (pbs_cli.families) on a tiny random-weight model built from its transformers config
+"""Every verified family (pbs_cli.engine.families) on a tiny random-weight model built from its transformers config
 class: at threshold 1.0 the "pbs" attention gives the family's own eager attention (token level, fp32,
 every layer's hidden states and the logits), and below 1.0 every layer takes the PBS path, sliding-window
 layers as band plans of their window. Plus the fallbacks around windows and soft-capping: padded batches,
@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from pbs_cli import families, integration
+from pbs_cli.engine import families, integration
 from pbs_kernels import PBSConfig
 from test_integration import with_cache
 
@@ -200,9 +200,9 @@ def test_short_prompt_runs_dense_with_the_window_rebuilt(model_type):
 
 
 def test_eval_forwards_run_windows_and_soft_caps():
-    """``pbs eval``'s forwards (pbs_cli.fidelity.run_forward): the dense one runs the family's eager attention
+    """``pbs eval``'s forwards (pbs_cli.engine.fidelity.run_forward): the dense one runs the family's eager attention
     where SDPA cannot soft-cap, the probed one runs band plans (recall 1: the band keeps what the window sees)."""
-    from pbs_cli import fidelity
+    from pbs_cli.engine import fidelity
 
     model, windows = build("gemma2")
     ids = torch.randint(0, 300, (1, N), generator=torch.Generator().manual_seed(7))

@@ -44,7 +44,7 @@ def test_only_our_own_packages_sit_at_the_repository_root():
 
 @pytest.mark.parametrize("args", [
     ("-c", "from transformers import LlamaConfig"),
-    ("-c", "import pbs_kernels, pbs_profiles, pbs_cli.integration"),
+    ("-c", "import pbs_kernels, pbs_profiles, pbs_cli.engine.integration"),
     ("-m", "pbs_cli", "--help"),
 ], ids=["transformers", "our-packages", "pbs-help"])
 def test_imports_work_from_the_repository_root(args):

@@ -36,7 +36,7 @@ def _one_process(model_dir: Path, dtype: torch.dtype):
     """Logits (1, SEQ, vocab) as fp64 and per-layer (kept, causal) block counts of a single-process run."""
     from transformers import AutoModelForCausalLM
 
-    from pbs_cli import integration
+    from pbs_cli.engine import integration
     from pbs_kernels import PBSConfig
 
     integration.register()

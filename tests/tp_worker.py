@@ -29,7 +29,7 @@ def logits_mode(model_dir: str, out_dir: str, n: int) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from pbs_cli import integration
+    from pbs_cli.engine import integration
     from pbs_kernels import PBSConfig
 
     info = distributed.tp_context(None, "auto")

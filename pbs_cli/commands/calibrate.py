@@ -11,7 +11,7 @@ import typer
 
 from pbs_kernels import PBSConfig
 
-from .. import fidelity
+from ..engine import fidelity
 from ..engine import models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import UsageError

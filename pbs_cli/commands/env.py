@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ..console import command_boundary, err, out
 from ..errors import UnsupportedError, UsageError
-from ..families import FAMILIES
+from ..engine.families import FAMILIES
 from ..options import KERNEL_SETTINGS, kernel_setting_problems
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .. import fidelity
+from ..engine import fidelity
 from ..engine import models, presets, reports
 from ..console import command_boundary, debug_enabled, err
 from ..errors import UsageError

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from .. import fidelity as fidelity_metrics
-from .. import integration
+from ..engine import fidelity as fidelity_metrics
+from ..engine import integration
 from ..console import command_boundary, debug_enabled, err
 from ..engine import compiling, distributed, models, presets, reports
 from ..engine.documents import read_document

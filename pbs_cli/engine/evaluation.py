@@ -8,7 +8,7 @@ import random
 
 from pbs_kernels import PBSConfig
 
-from .. import fidelity
+from . import fidelity
 from ..console import err
 from . import models
 from .prefill import greedy_generate, run_prefill
@@ -68,7 +68,7 @@ def passkey_eval(mdl, tokenizer, filler: str, lengths: list[int], depths: list[f
     """Dense vs PBS retrieval at every (length, depth), ``trials`` random keys each."""
     import torch
 
-    from .. import integration
+    from . import integration
 
     rng = random.Random(seed)
     eos = tokenizer.eos_token_id

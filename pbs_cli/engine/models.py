@@ -454,7 +454,7 @@ class ModelSource:
         a tensor-parallel load places the shards itself, so the model is not moved to ``device``."""
         from transformers import AutoModelForCausalLM
 
-        from .. import integration
+        from . import integration
 
         if attn_implementation == integration.NAME:
             integration.register()

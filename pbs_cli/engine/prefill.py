@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import dense_sdpa, integration
-from .. import fidelity as fidelity_metrics
+from . import dense_sdpa, integration
+from . import fidelity as fidelity_metrics
 from ..console import err
 from ..errors import OutOfMemory, UsageError
 from . import models

@@ -55,7 +55,7 @@ from pbs_kernels.permute import compute_permutation
 from pbs_kernels.select import select_blocks
 
 from ..console import debug_enabled
-from ..dense_sdpa import DENSE_BACKENDS, probe_sdpa, sdpa_call
+from .dense_sdpa import DENSE_BACKENDS, probe_sdpa, sdpa_call
 from .memory import free_memory_bytes
 from .timing import Timing, bench
 

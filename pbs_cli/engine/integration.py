@@ -254,7 +254,7 @@ def family_eager(module: torch.nn.Module):
 
     fn = getattr(importlib.import_module(type(module).__module__), "eager_attention_forward", None)
     if fn is None:
-        from .errors import UnsupportedError
+        from ..errors import UnsupportedError
 
         raise UnsupportedError(f"{type(module).__name__} soft-caps its attention logits or uses attention sinks, "
                                "which SDPA cannot apply, and its model family has no eager attention function to "
