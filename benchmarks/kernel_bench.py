@@ -14,10 +14,9 @@ Methods: cuDNN and FLASH SDPA (dense causal; K/V repeated to H_q heads outside t
 compiled ``flex_attention`` with an equivalent ``BlockMask`` (K/V permuted up front, outside the
 timing, and a mask_mod with the causal rule on original positions), and our kernels in their ways of
 reading permuted keys: remap (through perm inside the kernel), gather (a permuted copy of K/V, timed
-with the kernel), tma (the copy, read with tensor descriptors), ws (the warp-specialized kernel
-reading a copy with original-order halves, timed with it), persistent (the persistent Gluon kernel
-reading the same copy), the benchmark-only variants of ``VARIANTS`` (e.g. ws_plain: without warp
-specialization; persistent_1tile: one tile per program; persistent_tm: q, k, v in transformers' (B, N, H, D)
+with the kernel), tma (the copy, read with tensor descriptors), persistent (the persistent Gluon kernel
+reading the same copy), the benchmark-only variants of ``VARIANTS`` (e.g. persistent_1tile: one tile per
+program; persistent_tm: q, k, v in transformers' (B, N, H, D)
 layout, read in place), auto (the launcher's default rule). Modes
 without a --configs entry use the launcher's default tile config. ``--kernel-only`` adds, for every
 copying mode, its time with the copies made beforehand (MODE/k) and the copy's own time (MODE/copy).
@@ -43,11 +42,6 @@ SHAPES = {  # name: (H_q, H_kv, head_dim)
 BLOCK, SEGMENT = 128, 256
 # Benchmark-only variants of a read mode: name -> (perm_mode, config)
 VARIANTS = {
-    "ws_plain": ("ws", {"warp_specialize": False}),  # the ws loop without warp specialization
-    # head_dim 64 warp-specialized on 64-key tiles at 2, 3, 4 stages (only 2 gave correct outputs on triton 3.6)
-    "ws64_s2": ("ws", {"BLOCK_N": 64, "warp_specialize": True, "num_stages": 2}),
-    "ws64_s3": ("ws", {"BLOCK_N": 64, "warp_specialize": True, "num_stages": 3}),
-    "ws64_s4": ("ws", {"BLOCK_N": 64, "warp_specialize": True, "num_stages": 4}),
     # the persistent Gluon kernel with two K slots instead of three (head_dim 128)
     "persistent_k2": ("persistent", {"k_stages": 2, "v_stages": 2}),
     # ... with two K slots and three V slots (a V slot frees a step later than a K slot)

@@ -41,7 +41,7 @@ Dtype = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, flo
 # name -> the values it accepts (README, "Development"); "" counts as unset
 KERNEL_SETTINGS: dict[str, tuple[str, ...]] = {
     "PBS_BACKEND": ("auto", "reference", "triton"),
-    "PBS_PERM_MODE": ("auto", "remap", "gather", "tma", "ws", "persistent"),
+    "PBS_PERM_MODE": ("auto", "remap", "gather", "tma", "persistent"),
     "PBS_CUDA_GRAPHS": ("0", "1"),
     "PBS_AUTOTUNE": ("0", "1"),
 }

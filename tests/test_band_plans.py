@@ -209,7 +209,7 @@ def test_kernel_head_dim_256(dtype, mode):
 
 
 def test_head_dim_256_runs_the_modes_that_fit():
-    """With head_dim 256 every read mode but gather runs remap (tma's descriptors, ws and the persistent
+    """With head_dim 256 every read mode but gather runs remap (tma's descriptors and the persistent
     kernel do not fit or do not take it); 64 and 128 keep theirs."""
     wide, narrow = torch.empty(1, 4, 8, 256, device="meta"), torch.empty(1, 4, 8, 128, device="meta")
     for mode in A.PERM_MODES:
@@ -233,10 +233,9 @@ def test_band_attention_in_row_chunks_equals_the_whole_plan(monkeypatch):
     assert_rule(chunked, q, k, v, window_mask(n, window))
 
 
-@pytest.mark.parametrize("mode", ["ws", "persistent"])
+@pytest.mark.parametrize("mode", ["persistent"])
 def test_masked_calls_leave_the_plain_causal_kernels(mode, monkeypatch):
-    """The warp-specialized and persistent kernels apply neither a window nor a softcap: such calls run
-    the kernel that does ("remap" below TMA_MIN_SEQ_LEN tokens, "tma" from it), also when asked by name."""
+    """The persistent kernel applies neither a window nor a softcap: such calls run the kernel that does ("remap" below TMA_MIN_SEQ_LEN tokens, "tma" from it), also when asked by name."""
     q = torch.empty(1, 4, 8, 64, device="meta")
     assert A.resolve_perm_mode(1000, 128, q, mode, masked=True) == "remap"
     assert A.resolve_perm_mode(A.TMA_MIN_SEQ_LEN, 128, q, mode, masked=True) == "tma"

@@ -128,14 +128,14 @@ def test_persistent_row_chunk_writes_only_its_rows():
 
 
 @needs_hopper
-def test_persistent_bit_identical_to_itself_and_close_to_ws():
-    """Deterministic (same tiles, same order of blocks) and within bf16 rounding of the "ws" kernel."""
+def test_persistent_bit_identical_to_itself_and_close_to_tma():
+    """Deterministic (same tiles, same order of blocks) and within bf16 rounding of the "tma" kernel."""
     q, k, v = qkv(1, 4, 1, 2048, 128, torch.bfloat16, seed=4)
     plan = to_device(random_plan(1, 4, 1, 2048, 128, 256, p=0.2, seed=4))
     a = A.pbs_attention(q, k, v, plan, perm_mode="persistent")
     b = A.pbs_attention(q, k, v, plan, perm_mode="persistent")
     assert torch.equal(a, b)
-    torch.testing.assert_close(a.float(), A.pbs_attention(q, k, v, plan, perm_mode="ws").float(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(a.float(), A.pbs_attention(q, k, v, plan, perm_mode="tma").float(), atol=2e-2, rtol=0)
 
 
 def test_persistent_refuses_what_it_cannot_run(monkeypatch):

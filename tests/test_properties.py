@@ -496,7 +496,7 @@ def test_profile_output_options_together_end_cleanly(cli_env, tmp_path_factory, 
 _SETTING_VALUES = {"PBS_BACKEND": ["auto", "reference", "triton", "TRITON", "Reference"],
                    "PBS_PERM_MODE": ["auto", "remap", "gather", "tma", "ws", "persistent", "TMA"],
                    "PBS_CUDA_GRAPHS": ["0", "1", "yes", "true", "2"], "PBS_AUTOTUNE": ["0", "1", "on"]}
-_ACCEPTED = {"PBS_BACKEND": {"auto", "reference", "triton"}, "PBS_PERM_MODE": {"auto", "remap", "gather", "tma", "ws",
+_ACCEPTED = {"PBS_BACKEND": {"auto", "reference", "triton"}, "PBS_PERM_MODE": {"auto", "remap", "gather", "tma",
              "persistent"}, "PBS_CUDA_GRAPHS": {"0", "1"}, "PBS_AUTOTUNE": {"0", "1"}}
 env_text = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), max_size=8)
 

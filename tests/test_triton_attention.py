@@ -124,7 +124,7 @@ def check(q, k, v, plan, **kw):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("h_q,h_kv", [(2, 2), (4, 1), (8, 1)])
-@pytest.mark.parametrize("mode", [None, "ws"])
+@pytest.mark.parametrize("mode", [None, "tma"])
 def test_gqa_ratios_random_sparse_plan(dtype, h_q, h_kv, mode):
     q, k, v = qkv(1, h_q, h_kv, 192, 64, dtype)
     plan = to_device(random_plan(1, h_q, h_kv, 192, 32, 64, p=0.3))
@@ -133,7 +133,7 @@ def test_gqa_ratios_random_sparse_plan(dtype, h_q, h_kv, mode):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["remap", "gather", "tma", "ws"])
+@pytest.mark.parametrize("mode", ["remap", "gather", "tma"])
 def test_perm_modes_odd_length_batch2(dtype, mode):
     n = 171  # not a multiple of the block (32) or the segment (64)
     q, k, v = qkv(2, 2, 1, n, 64, dtype, seed=1)
@@ -150,7 +150,7 @@ def test_shorter_than_one_segment(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", [None, "ws"])
+@pytest.mark.parametrize("mode", [None, "tma"])
 def test_head_dim_128_and_per_head_permutation(dtype, mode):
     q, k, v = qkv(1, 4, 2, 160, 128, dtype, seed=3)
     plan = to_device(random_plan(1, 4, 4, 160, 32, 64, p=0.5, seed=3))  # one perm per query head
@@ -158,7 +158,7 @@ def test_head_dim_128_and_per_head_permutation(dtype, mode):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", [None, "ws"])
+@pytest.mark.parametrize("mode", [None, "tma"])
 def test_only_forced_blocks(dtype, mode):
     q, k, v = qkv(1, 4, 2, 230, 64, dtype, seed=4)
     plan = build_plan(q.float(), k.float(), SMALL.replace(threshold=1e-6))
@@ -194,18 +194,18 @@ def test_tiles_smaller_than_plan_blocks(dtype, block_m, block_n):
 
 
 @pytest.mark.parametrize("d,block_n", [(64, None), (128, None), (64, 64), (128, 64)])
-def test_ws_with_128_token_blocks(d, block_n):
-    """The "ws" mode on the plan shape it is built for (128-token blocks, warp-specialized on a Hopper
-    GPU for head_dim 128), odd N, GQA 4; also with 64-key tiles, two per plan block (the causal mask of the
-    diagonal block then spans two tiles)."""
+def test_tma_with_128_token_blocks(d, block_n):
+    """The "tma" mode on 128-token plans, odd N, GQA 4; also with 64-key tiles, two per plan block (the
+    causal mask of the diagonal block then spans two tiles)."""
     dtype = DTYPES[-1]
     n = 600
     q, k, v = qkv(1, 4, 1, n, d, dtype, seed=11)
     plan = to_device(random_plan(1, 4, 1, n, 128, 256, p=0.5, seed=11))
-    check(q, k, v, plan, perm_mode="ws", config=None if block_n is None else {"BLOCK_N": block_n})
+    tiles = None if block_n is None else {"BLOCK_M": 64, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2}
+    check(q, k, v, plan, perm_mode="tma", config=tiles)
 
 
-@pytest.mark.parametrize("mode", ["remap", "tma", "ws"])
+@pytest.mark.parametrize("mode", ["remap", "tma"])
 def test_plan_without_some_diagonal_blocks(mode):
     """A plan need not keep block i for query block i: then no key of block i is read."""
     dtype = DTYPES[0]
@@ -232,7 +232,7 @@ def test_plan_block_64_and_scale():
     torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["remap", "tma", "ws"])
+@pytest.mark.parametrize("mode", ["remap", "tma"])
 def test_plan_rows_chunk_writes_only_its_rows(mode):
     """A plan of query blocks r0..r1-1 (``row_offset``) computes exactly those rows of the whole plan's
     output; the permuted copies may come from the caller."""
@@ -275,15 +275,10 @@ def test_permuted_copy_equals_the_reference_gather(h_kv, h_perm, d):
     got = A.permuted_copy(x, perm.to(torch.int32))
     assert got.is_contiguous() and got.shape == (2, h_perm, n, d)
     assert torch.equal(got, R.permute_keys(x, perm))
-    both = A.permuted_copy(x, perm.to(torch.int32), with_original=True)  # the "ws" mode's layout
-    assert both.is_contiguous() and both.shape == (2, h_perm, 2 * n, d)
-    assert torch.equal(both[:, :, :n], got)
-    assert torch.equal(both[:, :, n:], x.repeat_interleave(h_perm // h_kv, 1))
     y = torch.randn(2, h_kv, n, d, generator=g).to(DTYPES[0]).to(DEVICE)  # values: another layout, one launch
-    for orig in (False, True):
-        kp, vp = A.permuted_copies((x, y), perm.to(torch.int32), with_original=orig)
-        assert torch.equal(kp, A.permuted_copy(x, perm.to(torch.int32), with_original=orig))
-        assert torch.equal(vp, A.permuted_copy(y, perm.to(torch.int32), with_original=orig))
+    kp, vp = A.permuted_copies((x, y), perm.to(torch.int32))
+    assert torch.equal(kp, got)
+    assert torch.equal(vp, R.permute_keys(y, perm))
     assert torch.equal(A.permuted_copies((x, y[..., :32].contiguous()), perm)[1], R.permute_keys(y[..., :32], perm))
 
 
@@ -328,7 +323,7 @@ def test_bad_inputs_say_what_to_do():
 def test_auto_read_mode_needs_no_plan_values():
     """``auto`` chooses its read mode from shapes and the device alone: on a plan whose tensors hold no
     data (meta device) it still answers, so choosing cannot synchronize with the GPU. Off Hopper (here:
-    the meta device) the Gluon and "ws" kernels never apply and the length decides between remap and
+    the meta device) the Gluon kernel never applies and the length decides between remap and
     copy + TMA."""
     def meta_plan(n, block=128, h_q=32, h_kv=8):
         nb = -(-n // block)
@@ -343,7 +338,7 @@ def test_auto_read_mode_needs_no_plan_values():
     assert A.choose_perm_mode(meta_plan(131072), q) == "tma"
     if ON_GPU and A._is_hopper(torch.cuda.current_device()):
         on_gpu = torch.empty(1, 32, 8, 128, device=DEVICE)
-        assert A.choose_perm_mode(meta_plan(32768), on_gpu) == "ws"  # fp32: not the Gluon kernel
+        assert A.choose_perm_mode(meta_plan(32768), on_gpu) == "tma"  # fp32: not the Gluon kernel
         assert A.choose_perm_mode(meta_plan(32768), on_gpu.bfloat16()) == "persistent"
         assert A.choose_perm_mode(meta_plan(8192, block=64), on_gpu.bfloat16()) == "remap"
         assert A.choose_perm_mode(meta_plan(131072), on_gpu[..., :64]) == "tma"

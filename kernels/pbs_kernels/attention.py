@@ -80,7 +80,7 @@ def attention_kernel(q: torch.Tensor, block_size: int, k: torch.Tensor | None = 
                      v: torch.Tensor | None = None, masked: bool = False) -> str:
     """The implementation ``pbs_attention`` runs for q (B, H_q, N, D) with ``block_size``-token plans:
     "reference" (the PyTorch twin) or "triton/MODE", MODE being the Triton read mode (remap, gather,
-    tma, ws, persistent; ``PBS_PERM_MODE`` or the "auto" rule; ``masked``: a window, softcap or sinks, which
+    tma, persistent; ``PBS_PERM_MODE`` or the "auto" rule; ``masked``: a window, softcap or sinks, which
     only the tma, gather and remap modes apply), with " in place" when k and v are given and the kernel
     reads all three without layout copies (``keeps_layout``). Reads only shapes, strides and the device."""
     fast = triton_attention(q)

@@ -18,25 +18,24 @@ import triton
 from .. import reference
 from ..block_mask import PermutedBlockMask
 from . import attention_kernel as K
-from . import attention_ws_kernel as KWS
 from .permute_kernel import _gather_rows_kernel
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # head_dim 256 (Gemma): the remap and gather modes only, 64x64 tiles; with TMA descriptors even those need
-# more than the H100's shared memory (tests/test_kernel_fits_hopper.py); the ws and persistent kernels take 64
+# more than the H100's shared memory (tests/test_kernel_fits_hopper.py); the persistent kernel takes 64
 # and 128. Compiled for sm_90 and tested in the interpreter, not timed on a GPU yet.
 WIDE_HEAD_MODES = ("remap", "gather")
 PERSISTENT_HEAD_DIMS = (64, 128)
-# 0-2: attention_kernel's PERM_MODE; 3: attention_ws_kernel; 4: attention_gluon_kernel (Hopper only)
-PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "ws": 3, "persistent": 4}
+# 0-2: attention_kernel's PERM_MODE; 4: attention_gluon_kernel (Hopper only)
+PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "persistent": 4}
 # Default way of reading permuted keys: "auto" picks "persistent" on Hopper in fp16/bf16 with 128-token
-# blocks (head_dim 64 and 128), "ws" for head_dim 128 in fp32 there; else "remap" for short sequences
-# and "tma" for long ones (BENCHMARKS.md, "Read modes of the attention kernel": the persistent kernel
-# measured faster than "ws" for head_dim 128 and than "tma" for head_dim 64 at 32K and 128K with 5-100%
-# of the blocks kept). PBS_PERM_MODE=remap|gather|tma|ws|persistent overrides it.
+# blocks (head_dim 64 and 128); else "remap" for short sequences and "tma" for long ones (BENCHMARKS.md,
+# "Read modes of the attention kernel": the persistent kernel measured faster than the warp-specialized
+# Triton kernel, which was removed for it, and than "tma" at 32K and 128K with 5-100% of the blocks
+# kept). PBS_PERM_MODE=remap|gather|tma|persistent overrides it.
 DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "auto")
 # Sequence length from which "auto" reads permuted keys from a copy through TMA instead of remapping
-# (when "ws" does not apply). Measured on an H100 (bf16, 128-token blocks, BENCHMARKS.md, "Read modes of
+# (when "persistent" does not apply). Measured on an H100 (bf16, 128-token blocks, BENCHMARKS.md, "Read modes of
 # the attention kernel"): for head_dim 64 at 32K the copy + TMA is 6-19% faster than remap from
 # 20% density up and within 1% at 10%, remap 9% faster at 5%; at 128K the copy wins at every density.
 # The rule looks at the length, not at the plan's row lengths, so that choosing costs no host
@@ -149,37 +148,33 @@ def _ensure_allocator() -> None:
 # -- entry point ------------------------------------------------------------------------------
 
 
-def permuted_copy(x: torch.Tensor, perm: torch.Tensor, with_original: bool = False) -> torch.Tensor:
+def permuted_copy(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Keys or values in permuted order: x (B, H_kv, N, D) (a strided view is fine when its last dim is
-    contiguous), perm (B, H_perm, N) -> (B, H_perm, N, D) contiguous; with ``with_original``
-    (B, H_perm, 2N, D): rows [0, N) permuted, rows [N, 2N) the same head's keys in original order (what
-    the "ws" mode reads). One Triton row gather (``permute_kernel._gather_rows_kernel``) for head_dim a
-    power of two; twin and fallback: ``reference.permute_keys``."""
-    return permuted_copies((x,), perm, with_original)[0]
+    contiguous), perm (B, H_perm, N) -> (B, H_perm, N, D) contiguous. One Triton row gather
+    (``permute_kernel._gather_rows_kernel``) for head_dim a power of two; twin and fallback:
+    ``reference.permute_keys``."""
+    return permuted_copies((x,), perm)[0]
 
 
-def permuted_copies(xs: tuple[torch.Tensor, ...], perm: torch.Tensor, with_original: bool = False) -> tuple:
+def permuted_copies(xs: tuple[torch.Tensor, ...], perm: torch.Tensor) -> tuple:
     """``permuted_copy`` of each tensor of ``xs`` (keys and values), one Triton launch per pair of
     tensors of the same shape and dtype: the pair shares its permutation-index loads, and a launch
     less matters where copies take microseconds (CUDA-graph replays at 32K)."""
     b, h_perm, n = perm.shape
     h_kv, d = xs[0].shape[1], xs[0].shape[-1]
     if not copies_supported(xs[0]):
-        outs = tuple(reference.permute_keys(x, perm) for x in xs)
-        if with_original:
-            outs = tuple(torch.cat([o, x.repeat_interleave(h_perm // h_kv, 1)], 2) for o, x in zip(outs, xs))
-        return tuple(o.contiguous() for o in outs)
+        return tuple(reference.permute_keys(x, perm).contiguous() for x in xs)
     if len(xs) > 2 or len(xs) == 2 and (xs[0].shape != xs[1].shape or xs[0].dtype != xs[1].dtype):
-        return tuple(out for x in xs for out in permuted_copies((x,), perm, with_original))
+        return tuple(out for x in xs for out in permuted_copies((x,), perm))
     xs = tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
     perm = perm.to(torch.int32).contiguous()
-    outs = tuple(torch.empty(b, h_perm, 2 * n if with_original else n, d, dtype=x.dtype, device=x.device) for x in xs)
+    outs = tuple(torch.empty(b, h_perm, n, d, dtype=x.dtype, device=x.device) for x in xs)
     x, y = xs[0], xs[-1]
     block = 64 if not _interpreting() else 1024
     grid = (triton.cdiv(n, block), b * h_perm)
     kernel = _gather_rows_kernel if x.is_cuda else _interpreted(_gather_rows_kernel)
     kernel[grid](x, y, perm, outs[0], outs[-1], n, h_kv, h_perm, *x.stride()[:3], *y.stride()[:3], BLOCK=block,
-                 HEAD_DIM=d, WITH_ORIGINAL=with_original, PAIR=len(xs) == 2, **({"num_warps": 4} if x.is_cuda else {}))
+                 HEAD_DIM=d, PAIR=len(xs) == 2, **({"num_warps": 4} if x.is_cuda else {}))
     return outs
 
 
@@ -197,18 +192,16 @@ def copies_supported(x: torch.Tensor) -> bool:
 
 def copies_for(mode: str, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor):
     """What ``pbs_attention(..., permuted=)`` takes for read mode ``mode`` (None for "remap"): the
-    permuted copies of k and v, with their original-order halves for "ws" ("persistent" reads the
-    original k and v for those blocks)."""
+    permuted copies of k and v ("persistent" reads the original k and v for the query's own segment)."""
     if mode == "remap":
         return None
-    return permuted_copies((k, v), perm, with_original=mode == "ws")
+    return permuted_copies((k, v), perm)
 
 
 def choose_perm_mode(plan: PermutedBlockMask, q: torch.Tensor) -> str:
     """The "auto" read mode for ``plan`` and queries ``q``. On Hopper with 128-token blocks:
     "persistent" (the persistent Gluon kernel) in fp16/bf16, where it measured fastest for head_dim 64
-    and 128 at 32K and 128K with 5-100% of the blocks kept; in fp32, "ws" (the warp-specialized Triton
-    kernel) for head_dim 128. Otherwise "tma" (permuted copy, descriptor loads) for long sequences,
+    and 128 at 32K and 128K with 5-100% of the blocks kept. Otherwise "tma" (permuted copy, descriptor loads) for long sequences,
     where rows keep many blocks, and "remap" for short ones (BENCHMARKS.md). Reads only shapes and the
     device: no host synchronization."""
     return _auto_mode(plan.seq_len, plan.block_size, q)
@@ -236,8 +229,6 @@ def copies_fit_l2(q: torch.Tensor, kv_heads: int, seq_len: int) -> bool:
 def _auto_mode(seq_len: int, block_size: int, q: torch.Tensor) -> str:
     if persistent_supported(q, block_size):
         return "persistent"
-    if q.is_cuda and q.shape[-1] == 128 and block_size == 128 and _is_hopper(q.device.index or 0):
-        return "ws"
     return "tma" if seq_len >= TMA_MIN_SEQ_LEN else "remap"
 
 
@@ -255,7 +246,7 @@ def keeps_layout(mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
 
 # Read modes whose kernel (``attention_kernel.pbs_attn_fwd``) applies a sliding window, soft-capping and sinks;
-# "ws" and "persistent" (their own kernels) do not: ``resolve_perm_mode`` routes such calls here.
+# "persistent" (its own kernel) does not: ``resolve_perm_mode`` routes such calls here.
 MASKING_MODES = ("tma", "gather", "remap")
 
 
@@ -263,7 +254,7 @@ def resolve_perm_mode(seq_len: int, block_size: int, q: torch.Tensor, perm_mode:
                       masked: bool = False) -> str:
     """The read mode ``pbs_attention`` uses for ``perm_mode`` (None: ``DEFAULT_PERM_MODE``; "auto":
     ``choose_perm_mode``'s rule on CUDA, "remap" in the interpreter) on a plan of ``seq_len`` tokens in
-    ``block_size``-token blocks. ``masked`` (a window, a softcap or sinks): "ws" and "persistent" become "tma"
+    ``block_size``-token blocks. ``masked`` (a window, a softcap or sinks): "persistent" becomes "tma"
     from ``TMA_MIN_SEQ_LEN`` tokens on, "remap" below, the modes of the kernel that masks. A head_dim over
     128 runs "remap" unless "gather" is asked for (``WIDE_HEAD_MODES``)."""
     name = perm_mode or DEFAULT_PERM_MODE
@@ -291,8 +282,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         scale: softmax scale (default 1/sqrt(D)).
     perm_mode: how permuted keys are read: "remap" (through ``plan.perm`` inside the kernel, no
         copy), "gather" (one permuted copy of K/V, contiguous tiles), "tma" (the copy, read with
-        tensor descriptors), "ws" (the warp-specialized kernel ``attention_ws_kernel``, reading a copy
-        with original-order halves), "persistent" (the persistent Gluon kernel
+        tensor descriptors), "persistent" (the persistent Gluon kernel
         ``attention_gluon_kernel``: a permuted copy for earlier segments, k and v themselves for the
         query's own segment; Hopper, fp16/bf16, 128-token blocks) or "auto"
         (``choose_perm_mode``). Default ``DEFAULT_PERM_MODE``.
@@ -302,13 +292,13 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     out: optional contiguous (B, H_q, N, D) tensor of q's dtype to write into (with
         ``keeps_layout``: a view of a (B, N, H_q, D)-contiguous one, like q).
     permuted: the copies ``copies_for(mode, k, v, plan.perm)`` when the caller already has them (row
-        chunks of one plan share them); used by "gather", "tma", "ws" and "persistent".
+        chunks of one plan share them); used by "gather", "tma" and "persistent".
     window: sliding window W (query q sees original keys q - W < k <= q), masked per token in every kept
         block; softcap: scores become ``softcap * tanh(scores / softcap)``; sinks: (H_q,) per-head sink
         logits (gpt-oss), one extra term in each row's softmax denominator. All three are applied by
         ``attention_kernel.pbs_attn_fwd`` only (the "tma", "gather" and "remap" modes, tested in the
-        interpreter): a call with any of them that would run "ws" or "persistent" (the warp-specialized and
-        the Hopper-only persistent Gluon kernels, which implement plain causal attention) runs "tma" or
+        interpreter): a call with any of them that would run "persistent" (the Hopper-only persistent Gluon
+        kernel, which implements plain causal attention) runs "tma" or
         "remap" instead (``resolve_perm_mode(masked=True)``).
     Returns (B, H_q, N, D) in q's dtype: contiguous, or laid out like q when ``keeps_layout``.
     """
@@ -363,14 +353,12 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
 
     seg_blocks = plan.segment_size // bs
-    if mode >= 3:
-        if kp.shape[2] != (2 * n if mode == 3 else n):
+    if mode == 4:
+        if kp.shape[2] != n:
             raise ValueError(f"perm_mode {mode_name!r} reads the copies of copies_for({mode_name!r}, ...): pass "
                              f"permuted=copies_for({mode_name!r}, k, v, perm)")
-        if mode == 4:
-            return _launch_persistent(q, k, v, kp, vp, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks,
-                                      config, strided)
-        return _launch_ws(q, kp, vp, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config)
+        return _launch_persistent(q, k, v, kp, vp, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks,
+                                  config, strided)
     # with a softcap, scores are capped in natural units first: tanh(qk * scale / cap), then scaled by cap * log2(e)
     qk_scale = (softcap if softcap is not None else scale) * math.log2(math.e)
     cap_in = scale / softcap if softcap is not None else 1.0
@@ -403,36 +391,6 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
             grid = (n_rows * (bs // cfg["BLOCK_M"]) * (h_q // h_kv), b * h_kv)
             K.pbs_attn_fwd[grid](*args, **consts, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
-    return out
-
-
-def _ws_config(block: int, head_dim: int, on_cuda: bool) -> dict:
-    """Launch options of the warp-specialized kernel: 4 warps per group (Triton adds a producer group
-    and splits the query rows over two consumer groups: 12 warps in all), key tiles of one plan block,
-    2 stages for head_dim 128 (3 overflow the H100's shared memory), 3 for 64. Warp specialization only
-    for head_dim 128 and 128-token blocks on CUDA. For head_dim 64, Triton 3.6's warp-specialized builds
-    returned NaN on the H100 with 128-key tiles and with 64-key tiles at 3 or 4 stages; the one correct
-    build (64-key tiles, 2 stages) was slower than the "tma" mode (BENCHMARKS.md). Elsewhere the same
-    loop runs software-pipelined."""
-    return {"num_warps": 4, "num_stages": 2 if head_dim > 64 else 3, "BLOCK_N": block,
-            "warp_specialize": on_cuda and block == 128 and head_dim == 128}
-
-
-def _launch_ws(q, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config):
-    """``attention_ws_kernel.pbs_attn_fwd_ws`` over plan rows qb0 .. qb0 + n_rows - 1."""
-    b, h_q, n, d = q.shape
-    h_c = kc.shape[1]
-    cfg = {**_ws_config(bs, d, q.is_cuda), **(config if isinstance(config, dict) else {})}
-    grid = (n_rows * (h_q // h_c), b * h_c)
-    args = (q, kc, vc, out, num, idx, scale * math.log2(math.e), n, h_q, h_c, qb0, n_rows, n_kb)
-    consts = dict(SEG_BLOCKS=seg_blocks, BLOCK=bs, BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=d)
-    if not q.is_cuda:
-        _interpreted(KWS.pbs_attn_fwd_ws)[grid](*args, **consts, WARP_SPECIALIZE=False)
-        return out
-    _ensure_allocator()
-    with torch.cuda.device(q.device):
-        KWS.pbs_attn_fwd_ws[grid](*args, **consts, WARP_SPECIALIZE=cfg["warp_specialize"],
-                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 

@@ -1,10 +1,9 @@
 """Persistent, warp-specialized block-sparse causal attention forward for Hopper (Gluon): the entry
 point and the loaders.
 
-The computation of ``attention_ws_kernel.pbs_attn_fwd_ws`` (q, the compressed plan, K/V: permuted
-copies for the blocks of earlier segments, the original K/V for the query's own segment, which ``ws``
-reads from original-order halves of its copies instead), written in Triton's Gluon dialect, so that
-the schedule is written out here instead of left to the compiler's automatic warp specialization:
+The computation of ``attention_kernel.pbs_attn_fwd`` (q, the compressed plan, K/V: permuted copies
+for the blocks of earlier segments, the original K/V for the query's own segment), written in Triton's
+Gluon dialect, so that the schedule is written out here instead of left to the compiler:
 
 - **persistent**: one program per SM walks tiles (query block, batch-head) in the order of
   ``attention_gluon_tiles.tile_coords``, latest query blocks (the longest rows) first. Tiles come

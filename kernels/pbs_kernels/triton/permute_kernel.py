@@ -154,15 +154,11 @@ def _importance_kernel(
 
 
 @triton.jit
-def _gather_head_rows(x_head, stride_xn, OUT, out_row0, src, offs, ok, n, HEAD_DIM: tl.constexpr,
-                      WITH_ORIGINAL: tl.constexpr):
-    # OUT rows out_row0 + offs <- x_head rows src (and, WITH_ORIGINAL, rows out_row0 + n + offs <- rows offs)
+def _gather_head_rows(x_head, stride_xn, OUT, out_row0, src, offs, ok, HEAD_DIM: tl.constexpr):
+    # OUT rows out_row0 + offs <- x_head rows src
     offs_d = tl.arange(0, HEAD_DIM)
     rows = tl.load(x_head + src[:, None] * stride_xn + offs_d[None, :], mask=ok[:, None])
     tl.store(OUT + (out_row0 + offs)[:, None] * HEAD_DIM + offs_d[None, :], rows, mask=ok[:, None])
-    if WITH_ORIGINAL:
-        rows = tl.load(x_head + offs[:, None].to(tl.int64) * stride_xn + offs_d[None, :], mask=ok[:, None])
-        tl.store(OUT + (out_row0 + n + offs)[:, None] * HEAD_DIM + offs_d[None, :], rows, mask=ok[:, None])
 
 
 @triton.jit
@@ -171,26 +167,22 @@ def _gather_rows_kernel(
     n, H_x, H_perm,
     stride_xb, stride_xh, stride_xn,
     stride_yb, stride_yh, stride_yn,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_ORIGINAL: tl.constexpr, PAIR: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, PAIR: tl.constexpr,
 ):
     # grid: (cdiv(n, BLOCK), B * H_perm); OUT_X[b, hp, s] = X[b, hp // (H_perm // H_x), PERM[b, hp, s]]:
     # keys copied into permuted order, one tile of BLOCK slots per program; with PAIR, the values Y
-    # too (into OUT_Y), with the same permutation indices, in the same launch. With WITH_ORIGINAL,
-    # the outputs have 2n rows per head and rows n + s also get X[b, hp // (H_perm // H_x), s]
-    # (original order). X, Y may be strided views (last dim contiguous); PERM and the outputs are contiguous.
+    # too (into OUT_Y), with the same permutation indices, in the same launch. X, Y may be strided views (last dim contiguous); PERM and the outputs are contiguous.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: (B, H, N, D) tensors pass 2**31 elements at 512K
     b = pid_bh // H_perm
     hx = (pid_bh % H_perm) // (H_perm // H_x)
     offs = pid_n * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    out_row0 = pid_bh * n * (2 if WITH_ORIGINAL else 1)
+    out_row0 = pid_bh * n
     src = tl.load(PERM + pid_bh * n + offs, mask=ok, other=0).to(tl.int64)
-    _gather_head_rows(X + b * stride_xb + hx * stride_xh, stride_xn, OUT_X, out_row0, src, offs, ok, n, HEAD_DIM,
-                      WITH_ORIGINAL)
+    _gather_head_rows(X + b * stride_xb + hx * stride_xh, stride_xn, OUT_X, out_row0, src, offs, ok, HEAD_DIM)
     if PAIR:
-        _gather_head_rows(Y + b * stride_yb + hx * stride_yh, stride_yn, OUT_Y, out_row0, src, offs, ok, n,
-                          HEAD_DIM, WITH_ORIGINAL)
+        _gather_head_rows(Y + b * stride_yb + hx * stride_yh, stride_yn, OUT_Y, out_row0, src, offs, ok, HEAD_DIM)
 
 
 @triton.jit
