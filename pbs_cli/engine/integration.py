@@ -144,7 +144,7 @@ class PBSRun:
     record_dense: str | None = None  # "pbs_dense" calls are recorded as dense layers with this reason
     graphs: LayerGraphs | None = None  # CUDA graphs of the sparse layers' work, for this run
     observers: list[Observer] = field(default_factory=list)  # called with every AttentionCall, in order
-    drop_window: bool = False  # "pbs_dense" drops sliding windows: plain causal SDPA (not the model's output)
+    plain_causal: bool = False  # "pbs_dense" drops windows, soft-caps and sinks: plain causal SDPA, not the model
 
     def notify(self, call: AttentionCall) -> None:
         for observer in self.observers:
@@ -158,15 +158,16 @@ _DEFAULT_CONFIG = PBSConfig()
 @contextlib.contextmanager
 def pbs_run(config: PBSConfig | None, recorder: Recorder | None = None,
             dense: dense_sdpa.DenseChoice | None = None, record_dense: str | None = None,
-            observers: Sequence[Observer] = (), drop_window: bool = False) -> Iterator[PBSRun]:
+            observers: Sequence[Observer] = (), plain_causal: bool = False) -> Iterator[PBSRun]:
     """Within this block, "pbs" attention uses ``config`` (None: dense in every layer) and records into
     ``recorder`` (a new one if None); dense calls of "pbs" and "pbs_dense" use SDPA backend ``dense`` first.
     With ``record_dense``, "pbs_dense" calls are recorded too, as dense layers for that reason (a whole prompt
     below ``dense_below`` runs on "pbs_dense": the dense forward itself, with no per-layer dispatch).
-    ``observers`` see every call of either; with ``drop_window`` "pbs_dense" ignores sliding windows."""
+    ``observers`` see every call of either. With ``plain_causal``, "pbs_dense" is plain causal SDPA in every
+    layer (sliding windows, soft-caps and sinks dropped: what the fastest SDPA kernels cost, not the model)."""
     graphs = LayerGraphs() if graphs_enabled() and config is not None else None
     run = PBSRun(config, recorder if recorder is not None else Recorder(), dense, record_dense, graphs,
-                 list(observers), drop_window)
+                 list(observers), plain_causal)
     token = _current.set(run)
     try:
         yield run
@@ -264,8 +265,9 @@ def dense_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         stat = LayerStat(getattr(module, "layer_idx", None), "dense", run.record_dense or "dense", q_len,
                          key.shape[2], b)
         _observe(run, stat, query, key, value, kwargs.get("scaling"), record=run.record_dense is not None)
-    if run is not None and run.drop_window:
-        kwargs.pop("sliding_window", None)
+    if run is not None and run.plain_causal:
+        for name in ("sliding_window", "softcap", "s_aux"):
+            kwargs.pop(name, None)
         attention_mask = None
     return dense_forward(run, module, query, key, value, attention_mask, **kwargs)
 
@@ -397,11 +399,11 @@ def register() -> None:
 
 
 def dense_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """The "pbs_dense" mask builder: SDPA's, or none at all in a ``drop_window`` run (plain causal, unpadded)."""
+    """The "pbs_dense" mask builder: SDPA's, or none at all in a ``plain_causal`` run (causal, unpadded)."""
     from transformers.masking_utils import sdpa_mask
 
     run = _current.get()
-    return None if run is not None and run.drop_window else sdpa_mask(*args, **kwargs)
+    return None if run is not None and run.plain_causal else sdpa_mask(*args, **kwargs)
 
 
 def set_attention(model: torch.nn.Module, name: str) -> None:
