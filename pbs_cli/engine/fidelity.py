@@ -28,6 +28,7 @@ from pbs_kernels import PBSConfig, build_plan
 from pbs_kernels.reference import attention_recall
 
 from . import integration
+from .capture import Capture
 
 CHUNK = 512  # positions per chunk of full-vocabulary logits (bounded memory)
 
@@ -288,21 +289,6 @@ def passkey_found(text: str, key: str) -> bool:
 
 
 # -- calibration helpers: plans on dense activations ------------------------------------------
-
-class Capture:
-    """Observes a run: keeps each layer's post-RoPE q (B, H_q, N, D) and k (B, H_kv, N, D) of prefill calls
-    (``values``: v too), keyed by layer index (the call's order where a layer has none)."""
-
-    def __init__(self, values: bool = False) -> None:
-        self.values = values
-        self.store: dict[int, tuple[torch.Tensor, ...]] = {}
-
-    def __call__(self, call: integration.AttentionCall) -> None:
-        if call.query.shape[2] > 1:
-            layer = call.stat.layer if call.stat.layer is not None else len(self.store)
-            qkv = (call.query, call.key, call.value) if self.values else (call.query, call.key)
-            self.store[layer] = tuple(t.detach() for t in qkv)
-
 
 @torch.inference_mode()
 def capture_qk(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:

@@ -298,10 +298,6 @@ def synthetic_qkv(batch: int, heads: int, kv_heads: int, seq_len: int, head_dim:
 # -- captured from a real model ------------------------------------------------------------------
 
 
-class _StopForward(Exception):
-    """Raised inside the attention hook once the last requested layer has been captured."""
-
-
 def captured_qkv(model, tokens: torch.Tensor, layers: Sequence[int] | Iterable[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Run ``model`` over ``tokens`` and return the real post-RoPE q/k/v of the requested layers.
 
@@ -314,6 +310,7 @@ def captured_qkv(model, tokens: torch.Tensor, layers: Sequence[int] | Iterable[i
     forward stops after the last requested layer, so later layers cost nothing.
     """
     from . import integration
+    from .capture import Capture, CaptureDone
 
     n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
     wanted = sorted({(l + n_layers if l < 0 else l) for l in layers})
@@ -322,26 +319,17 @@ def captured_qkv(model, tokens: torch.Tensor, layers: Sequence[int] | Iterable[i
     bad = [l for l in wanted if l < 0 or (n_layers and l >= n_layers)]
     if bad:
         raise ValueError(f"layer(s) {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-    captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    counter = {"calls": 0}
-
-    def capture(call: integration.AttentionCall) -> None:
-        idx = call.stat.layer if call.stat.layer is not None else counter["calls"]
-        counter["calls"] += 1
-        if idx in wanted:
-            captured[idx] = (call.query.detach().clone(), call.key.detach().clone(), call.value.detach().clone())
-            if len(captured) == len(wanted):
-                raise _StopForward
-
+    capture = Capture(values=True, layers=wanted)
     previous = getattr(model.config, "_attn_implementation", None) or "sdpa"
     integration.set_attention(model, integration.NAME)
     try:
         with torch.inference_mode(), integration.pbs_run(None, observers=[capture]):
             model(input_ids=tokens, use_cache=False)
-    except _StopForward:
+    except CaptureDone:
         pass
     finally:
         integration.set_attention(model, previous)
+    captured = capture.store
     missing = [l for l in wanted if l not in captured]
     if missing:
         raise RuntimeError(f"the forward never reached layer(s) {missing}; does the model route attention "
