@@ -2,10 +2,14 @@
 
 Two measurements:
 
-* ``proxy``: one dense forward captures every layer's post-RoPE q/k; each config then builds its plan
-  per layer and we measure the attention-mass recall of sampled query rows (cheap: no sparse forward).
+* ``proxy``: one dense forward captures every layer's post-RoPE q/k (``pbs_cli.engine.fidelity.capture_qk``);
+  each config then builds its plan per layer and we measure the attention-mass recall of sampled query rows
+  (cheap: no sparse forward).
 * ``full``: the model runs end to end with PBS attention in every layer; perplexity, next-token top-1
-  agreement and mean KL(dense || sparse) over all positions against a dense SDPA forward.
+  agreement and mean KL(dense || sparse) over all positions against a dense SDPA forward
+  (``pbs_cli.engine.fidelity.run_forward`` and ``compare_hidden``, as `pbs eval` computes them).
+
+The forwards go through the "pbs" attention of ``pbs_cli.engine.integration``.
 
 Usage (see BENCHMARKS.md "Fidelity (CPU)" for the runs we report)::
 
@@ -32,7 +36,7 @@ import torch
 
 from pbs_kernels import PBSConfig
 from pbs_kernels import reference as R
-from pbs_cli.engine.fidelity import next_token_metrics
+from pbs_cli.engine import fidelity, integration
 
 # the base of NAME:key=value configs: the published blocks and tau with the config defaults' ranking
 POOLED = PBSConfig(block_size=128, segment_size=256, threshold=0.9, local_blocks=0)
@@ -42,9 +46,6 @@ NAMED = {
     "published": PUBLISHED,
     "noperm": POOLED.replace(permute=False),
 }
-
-STATE: dict = {"mode": "dense", "config": None, "captured": {}, "density": {}}
-
 
 def parse_config(text: str) -> tuple[str, PBSConfig]:
     name, _, spec = text.partition(":")
@@ -63,36 +64,15 @@ def parse_config(text: str) -> tuple[str, PBSConfig]:
     return name, POOLED.replace(**changes)
 
 
-def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-    """q (B, H_q, N, D) post-RoPE, k/v (B, H_kv, N, D) -> ((B, N, H_q, D), None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    layer = module.layer_idx
-    if STATE["mode"] == "capture":
-        STATE["captured"][layer] = (query.detach().clone(), key.detach().clone())
-    cfg = STATE["config"]
-    if STATE["mode"] != "pbs" or query.shape[2] != key.shape[2] or query.shape[2] == 1 or cfg.for_layer(layer) is None:
-        if STATE["mode"] == "pbs":
-            STATE["density"][layer] = 1.0
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw)
-    plan = R.build_plan(query, key, cfg, scaling)
-    out = R.block_sparse_attention(query, key, value, plan, scaling)
-    STATE["density"][layer] = plan.density()
-    return out.transpose(1, 2).contiguous(), None
-
-
 def load(model: str, device: str = "cpu"):
     """A model directory (safetensors) or a .gguf file, in fp32 on ``device``."""
     import transformers
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    transformers.AttentionInterface.register("pbs_exp", attention)
-    AttentionMaskInterface.register("pbs_exp", sdpa_mask)
     path = Path(model)
     kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
     folder = path.parent if kw else path
     m = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).to(device)
-    m.set_attn_implementation("pbs_exp")
+    integration.set_attention(m, integration.NAME)
     m.eval()
     tok = None if kw else transformers.AutoTokenizer.from_pretrained(folder)
     return m, tok
@@ -105,22 +85,16 @@ def doc_text(doc: str) -> str:
     return path.read_text()
 
 
-@torch.no_grad()
-def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(ids).logits[0].float()  # (N, V)
-
-
-def compare(dense_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> dict:
+def compare(model, dense_hidden: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor) -> dict:
     """Perplexity of the text, top-1 agreement and mean KL(dense || sparse) over all positions
-    (``pbs_cli.engine.fidelity.next_token_metrics``, as `pbs eval` computes them)."""
-    m = next_token_metrics(dense_logits, logits, ids[0])
+    (``pbs_cli.engine.fidelity.compare_hidden``, as `pbs eval` computes them)."""
+    m = fidelity.compare_hidden(model, dense_hidden, hidden, ids)
     return {"ppl": m["ppl"], "top1": m["top1_agreement"], "kl": m["mean_kl"]}
 
 
 def proxy(model, ids, configs, rows: int = 256) -> list[dict]:
-    STATE.update(mode="capture", captured={})
     t = time.time()
-    dense_logits = logits_of(model, ids)
+    _, captured = fidelity.capture_qk(model, ids)
     print(f"capture forward {time.time() - t:.1f}s", file=sys.stderr)
     n = ids.shape[1]
     sample = torch.linspace(256, n - 1, rows, device=ids.device).round().long()
@@ -128,7 +102,7 @@ def proxy(model, ids, configs, rows: int = 256) -> list[dict]:
     for name, cfg in configs:
         t = time.time()
         rec, dens, per_layer = [], [], []
-        for layer, (q, k) in sorted(STATE["captured"].items()):
+        for layer, (q, k) in sorted(captured.items()):
             if cfg.for_layer(layer) is None:
                 rec.append(1.0)
                 dens.append(1.0)
@@ -146,22 +120,18 @@ def proxy(model, ids, configs, rows: int = 256) -> list[dict]:
     return results
 
 
-def full(model, ids, configs, dense_logits=None) -> list[dict]:
-    if dense_logits is None:
-        STATE.update(mode="dense")
-        t = time.time()
-        dense_logits = logits_of(model, ids)
-        base = compare(dense_logits, dense_logits, ids)
-        print(json.dumps({"name": "dense", "density": 1.0, **base, "seconds": time.time() - t}), flush=True)
+def full(model, ids, configs) -> list[dict]:
+    t = time.time()
+    dense = fidelity.run_forward(model, ids, None)
+    base = compare(model, dense.hidden, dense.hidden, ids)
+    print(json.dumps({"name": "dense", "density": 1.0, **base, "seconds": time.time() - t}), flush=True)
     results = []
     for name, cfg in configs:
-        STATE.update(mode="pbs", config=cfg, density={})
         t = time.time()
-        logits = logits_of(model, ids)
-        d = STATE["density"]
-        res = {"name": name, "density": sum(d.values()) / len(d), **compare(dense_logits, logits, ids),
+        res = fidelity.run_forward(model, ids, cfg, recall_rows=0)
+        res = {"name": name, "density": res.density, **compare(model, dense.hidden, res.hidden, ids),
                "seconds": time.time() - t, "config": cfg.to_dict(),
-               "layer_density": [round(d[i], 4) for i in sorted(d)]}
+               "layer_density": [round(layer["density"], 4) for layer in res.layers]}
         print(json.dumps({k: v for k, v in res.items() if k not in ("config", "layer_density")}), flush=True)
         results.append(res)
     return results
@@ -172,8 +142,7 @@ def passkey(model, tok, filler_ids: torch.Tensor, configs, lengths, depths, tria
     """Dense vs each config: greedy retrieval of a random key hidden at ``depths`` of real filler text."""
     import random
 
-    from pbs_cli.engine import fidelity as F
-
+    F = fidelity
     filler = tok.decode(filler_ids[0].tolist())
     rng = random.Random(seed)
     rows = []
@@ -184,13 +153,13 @@ def passkey(model, tok, filler_ids: torch.Tensor, configs, lengths, depths, tria
                 ids = torch.tensor([p.ids], device=model.device)
                 row = {"length": length, "depth": depth, "key": p.key}
                 for name, cfg in [("dense", None)] + list(configs):
-                    STATE.update(mode="pbs" if cfg else "dense", config=cfg, density={})
-                    out = model(ids, use_cache=True)
-                    nxt, cache, gen = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values, []
-                    for _ in range(8):
-                        gen.append(int(nxt))
-                        out = model(nxt, past_key_values=cache, use_cache=True)
-                        nxt, cache = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+                    with integration.pbs_run(cfg):  # None: a dense run
+                        out = model(ids, use_cache=True)
+                        nxt, cache, gen = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values, []
+                        for _ in range(8):
+                            gen.append(int(nxt))
+                            out = model(nxt, past_key_values=cache, use_cache=True)
+                            nxt, cache = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
                     text = tok.decode(gen)
                     row[name] = F.passkey_found(text, p.key)
                     row[name + "_text"] = text

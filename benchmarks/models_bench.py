@@ -106,39 +106,19 @@ def timed(forward, device: torch.device, warmup: int, iters: int) -> float:
     return bench(forward, device, warmup=warmup, min_repeats=iters, max_repeats=iters, memory=False).median_ms
 
 
-WINDOW_IGNORED = "bench-causal-sdpa"  # every layer plain causal SDPA, sliding windows dropped: not the model
-
-
-def window_ignored_attention(module, query, key, value, attention_mask, **kwargs):
-    """Plain causal SDPA on the run's backend with any sliding window dropped: what dense attention would cost
-    with the fastest SDPA kernels, which take no window (a reference for the windowed models, not their output)."""
-    from pbs_cli.engine import dense_sdpa, integration
-
-    kwargs.pop("sliding_window", None)
-    run = integration.current_run()
-    return dense_sdpa.attention_forward(run.dense if run is not None else None, module, query, key, value, None,
-                                        **kwargs)
-
-
-def register_window_ignored() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(WINDOW_IGNORED, window_ignored_attention)
-    AttentionMaskInterface.register(WINDOW_IGNORED, lambda *args, **kwargs: None)  # plain causal, unpadded
-
-
 def dense_times(model, ids, config, device, dtype, warmup: int, iters: int,
-                attention: str | None = None) -> tuple[dict[str, float], dict[str, str]]:
-    """Median ms of the dense forward (``attention``: "pbs_dense" by default) on every SDPA backend that runs
-    it; why the others did not."""
+                window_ignored: bool = False) -> tuple[dict[str, float], dict[str, str]]:
+    """Median ms of the dense forward ("pbs_dense") on every SDPA backend that runs it; why the others did not.
+    ``window_ignored``: plain causal SDPA in every layer with any sliding window dropped (``plain_causal``): what
+    dense attention would cost with the fastest SDPA kernels, which take no window (a reference for the windowed
+    models, not their output)."""
     from pbs_cli.engine import dense_sdpa, integration
 
     attn = model.config
     heads, kv_heads = attn.num_attention_heads, attn.num_key_value_heads
     head_dim = getattr(attn, "head_dim", None) or attn.hidden_size // heads
     candidates = dense_sdpa.GPU_CANDIDATES if device.type == "cuda" else ("sdpa-flash", "sdpa-math")
-    integration.set_attention(model, attention or integration.DENSE_NAME)
+    integration.set_attention(model, integration.DENSE_NAME)
     times, skipped = {}, {}
     for name in candidates:
         mode, reason = dense_sdpa.probe_sdpa(name, device, dtype, heads, kv_heads, head_dim)
@@ -148,7 +128,7 @@ def dense_times(model, ids, config, device, dtype, warmup: int, iters: int,
         choice = dense_sdpa.DenseChoice(name, mode, strict=True)
 
         def forward(choice=choice):
-            with torch.no_grad(), integration.pbs_run(config, dense=choice):
+            with torch.no_grad(), integration.pbs_run(config, dense=choice, plain_causal=window_ignored):
                 model(ids)
 
         try:
@@ -194,7 +174,7 @@ def measure(key: str, n: int, args, device: torch.device, dtype: torch.dtype) ->
     times, skipped = dense_times(model, ids, config, device, dtype, args.warmup, args.iters)
     best = min(times, key=times.__getitem__) if times else None
     windowed = any(layer["reason"].startswith("sliding window") for layer in per_layer)
-    causal = dense_times(model, ids, config, device, dtype, args.warmup, args.iters, WINDOW_IGNORED)[0] if windowed \
+    causal = dense_times(model, ids, config, device, dtype, args.warmup, args.iters, True)[0] if windowed \
         else {}
     del model
     if device.type == "cuda":
@@ -270,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     integration.register()
-    register_window_ignored()
     lengths = [parse_size(x) for x in (args.lengths or (TINY_LENGTHS if args.tiny else LENGTHS))]
     records = []
     for key in args.models:

@@ -211,3 +211,84 @@ def test_compile_refuses_a_model_without_decoder_layer_classes():
     with pytest.raises(UnsupportedError, match="run without --compile"):
         with compiling.compiled_layers(torch.nn.Linear(2, 2), backend="aot_eager"):
             pass
+
+
+def test_observers_see_every_call_with_its_inputs_and_the_plan_it_ran():
+    """An observer gets each layer's post-RoPE q/k (layer 0's checked against q/k computed by hand from the
+    weights) and, for sparse layers, the plan: the one ``build_plan`` makes of them. A dense run (config None)
+    gives plain SDPA's logits and is observed too."""
+    from pbs_kernels import build_plan
+
+    model = tiny_model(4, 2)
+    ids = torch.randint(0, 300, (1, 96), generator=torch.Generator().manual_seed(3))
+    seen: list[integration.AttentionCall] = []
+    config = PBSConfig(threshold=0.5, **SMALL)
+    integration.set_attention(model, integration.NAME)
+    with torch.no_grad(), integration.pbs_run(config, observers=[seen.append]):
+        model(ids)
+    assert [c.stat.layer for c in seen] == [0, 1] and all(c.stat.path == "pbs" for c in seen)
+    for call in seen:
+        want = build_plan(call.query, call.key, config, call.scaling)
+        assert torch.equal(call.plan.kv_num_blocks, want.kv_num_blocks)
+        assert torch.equal(call.plan.kv_indices, want.kv_indices)
+    # a dense run takes the dense path in every layer, still observed; its inputs are those of plain SDPA's
+    dense_seen: list[integration.AttentionCall] = []
+    with torch.no_grad(), integration.pbs_run(None, observers=[dense_seen.append]) as run:
+        out = model(ids, output_hidden_states=True)
+    assert [(c.stat.path, c.plan) for c in dense_seen] == [("dense", None)] * 2
+    assert [s.reason for s in run.recorder.stats] == ["dense run"] * 2
+    ref, _ = forward(model, ids, "sdpa")
+    assert max_err(out.logits, ref.logits) == 0.0
+    q, k = layer0_qk(model, ids)
+    assert max_err(dense_seen[0].query, q) < 1e-5 and max_err(dense_seen[0].key, k) < 1e-5
+    assert max_err(seen[0].query, q) < 1e-5 and max_err(seen[0].key, k) < 1e-5
+
+
+def layer0_qk(model, ids):
+    """Post-RoPE q (B, H_q, N, D) and k (B, H_kv, N, D) of layer 0, computed by hand from the weights."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn, n = model.model.layers[0].self_attn, ids.shape[1]
+    with torch.no_grad():
+        hidden = model.model.embed_tokens(ids)
+        cos, sin = model.model.rotary_emb(hidden, torch.arange(n)[None])
+        x = model.model.layers[0].input_layernorm(hidden)
+        q = attn.q_proj(x).view(1, n, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, n, -1, attn.head_dim).transpose(1, 2)
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def test_plain_causal_runs_drop_the_sliding_window():
+    """``plain_causal``: "pbs_dense" is plain causal SDPA, the window dropped; the same weights in a model without
+    a window (Llama) are the oracle, and without ``plain_causal`` the window is kept (the outputs differ)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+    windowed = MistralForCausalLM(MistralConfig(sliding_window=32, **shape)).eval()
+    plain = LlamaForCausalLM(LlamaConfig(attn_implementation="sdpa", **shape)).eval()
+    plain.load_state_dict(windowed.state_dict())
+    ids = torch.randint(0, 300, (1, 100), generator=torch.Generator().manual_seed(1))
+    integration.set_attention(windowed, integration.DENSE_NAME)
+    with torch.no_grad():
+        want = plain(ids).logits
+        with integration.pbs_run(PBSConfig(**SMALL), plain_causal=True):
+            got = windowed(ids).logits
+        kept = windowed(ids).logits
+    assert max_err(got, want) == 0.0
+    assert max_err(kept, want) > 1e-3
+
+
+def test_exactly_one_module_registers_attention_functions():
+    """One transformers hook: of the non-test Python files, only the integration module registers attention
+    functions or mask builders."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = re.compile(r"Attention(Mask)?Interface\.register\(")
+    files = [p for p in root.rglob("*.py") if "tests" not in p.relative_to(root).parts
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    registering = sorted(str(p.relative_to(root)) for p in files if pattern.search(p.read_text()))
+    assert registering == ["pbs_cli/engine/integration.py"]

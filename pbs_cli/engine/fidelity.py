@@ -7,8 +7,8 @@
 * prefill-then-continue (``continuation_metrics``): the first part of the text prefilled sparse, the
   rest scored with dense attention over the KV cache that prefill made. The selection never sees
   the scored tokens: what a user gets when generating or appending after a sparse prefill;
-* per-layer density and per-layer/head attention-mass recall on sampled query rows, through a probe
-  attention ("pbs-probe") that wraps the "pbs" attention of ``integration`` (``run_forward``);
+* per-layer density and per-layer/head attention-mass recall on sampled query rows, by a ``Probe`` that
+  observes the run of the "pbs" attention of ``integration`` (``run_forward``);
 * passkey retrieval: a random key hidden at a depth of a real filler document (``passkey_prompt``).
 
 Shapes: logits (N, V); hidden (B, N, hidden); recall per layer (H_q, R).
@@ -16,12 +16,11 @@ Shapes: logits (N, V); hidden (B, N, hidden); recall per layer (H_q, R).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -29,8 +28,8 @@ from pbs_kernels import PBSConfig, build_plan
 from pbs_kernels.reference import attention_recall
 
 from . import integration
+from .capture import Capture
 
-PROBE = "pbs-probe"
 CHUNK = 512  # positions per chunk of full-vocabulary logits (bounded memory)
 
 
@@ -177,18 +176,25 @@ def continuation_metrics(model, ids: torch.Tensor, config: PBSConfig, prefix: in
             "ppl_increase": m["ppl_increase"], "top1_agreement": m["top1_agreement"], "mean_kl": m["mean_kl"]}
 
 
-# -- the probe attention: per-layer recall and dense layers -------------------------------------
+# -- the recall probe: an observer of a run ---------------------------------------------------
 
 
 @dataclass
 class Probe:
-    """What one forward through the probe attention saw, per layer."""
+    """Observes a run: the attention-mass recall of sampled query rows on the plan of every sparse layer
+    that selects blocks (a sliding-window layer's band keeps all its window sees: recall 1)."""
 
+    config: PBSConfig
     rows: int = 64  # sampled query rows per layer for recall; 0 = no recall
     recall: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> fp32 (H_q, R)
 
-
-_probe: list[Probe] = []
+    def __call__(self, call: integration.AttentionCall) -> None:
+        if not self.rows or call.plan is None or call.window is not None or call.stat.layer is None:
+            return
+        q, k = call.query, call.key
+        plan = call.plan if call.plan.kv_indices is not None else build_plan(q, k, self.config, call.scaling)
+        rows = sample_query_rows(q.shape[2], self.rows, self.config.segment_size, q.device)
+        self.recall[call.stat.layer] = attention_recall(q, k, plan, rows, call.scaling).mean(0).float().cpu()
 
 
 def sample_query_rows(n: int, rows: int, start: int, device=None) -> torch.Tensor:
@@ -196,54 +202,6 @@ def sample_query_rows(n: int, rows: int, start: int, device=None) -> torch.Tenso
     lo = start if n > start else 0
     count = min(rows, n - lo)
     return torch.unique(torch.linspace(lo, n - 1, count, device=device).round().long())
-
-
-def probe_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                    is_causal=None, **kwargs):
-    """The "pbs" attention plus: layers in ``config.dense_layers`` run dense (``integration.dense_forward``:
-    SDPA, the window kept, or the family's eager attention where logits are soft-capped or sinks learned),
-    and the recall of sampled query rows is measured on the plan of every sparse layer that selects blocks
-    (a sliding-window layer's band keeps all its window sees: recall 1)."""
-    run = integration.current_run()
-    layer = getattr(module, "layer_idx", None)
-    config = run.config if run is not None else PBSConfig()
-    if config.for_layer(layer) is None and query.shape[2] > 1:
-        if run is not None:
-            run.recorder.add(integration.LayerStat(layer, "dense", "dense_layers", query.shape[2], key.shape[2],
-                                                   query.shape[0]))
-        return integration.dense_forward(None, module, query, key, value, attention_mask, dropout=dropout,
-                                         scaling=scaling, is_causal=is_causal, **kwargs)
-    before = len(run.recorder.stats) if run is not None else 0
-    out = integration.pbs_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                            scaling=scaling, is_causal=is_causal, **kwargs)
-    probe = _probe[-1] if _probe else None
-    sparse = (run is not None and len(run.recorder.stats) > before and run.recorder.stats[-1].path == "pbs"
-              and not run.recorder.stats[-1].reason.startswith("sliding window"))
-    if probe is not None and probe.rows and sparse and layer is not None:
-        n = query.shape[2]
-        rows = sample_query_rows(n, probe.rows, config.segment_size, query.device)
-        plan = build_plan(query, key, config, scaling)  # deterministic: the plan the forward used
-        probe.recall[layer] = attention_recall(query, key, plan, rows, scaling).mean(0).float().cpu()
-    return out
-
-
-def register_probe() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    integration.register()
-    AttentionInterface.register(PROBE, probe_attention)
-    AttentionMaskInterface.register(PROBE, integration.pbs_mask)  # sliding windows reach "pbs" unmasked
-
-
-@contextlib.contextmanager
-def probing(rows: int) -> Iterator[Probe]:
-    probe = Probe(rows)
-    _probe.append(probe)
-    try:
-        yield probe
-    finally:
-        _probe.remove(probe)
 
 
 @dataclass
@@ -257,24 +215,21 @@ class ForwardResult:
 @torch.inference_mode()
 def run_forward(model, ids: torch.Tensor, config: PBSConfig | None, recall_rows: int = 64) -> ForwardResult:
     """One forward over ids (1, N): dense attention when ``config`` is None ("pbs_dense": SDPA, or the family's
-    eager attention for soft-capped or sink layers), else PBS through the probe."""
+    eager attention for soft-capped or sink layers), else "pbs" observed by a recall ``Probe``."""
     backbone = model.base_model
     if config is None:
         integration.set_attention(model, integration.DENSE_NAME)
         hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
         return ForwardResult(hidden, [], 1.0, None)
-    register_probe()
-    model.set_attn_implementation(PROBE)
-    recorder = integration.Recorder()
-    try:
-        with integration.pbs_run(config, recorder), probing(recall_rows) as probe:
-            hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
-    finally:
-        integration.set_attention(model, integration.NAME)
+    integration.set_attention(model, integration.NAME)
+    probe = Probe(config, recall_rows)
+    with integration.pbs_run(config, observers=[probe]) as run:
+        hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
     layers = []
-    for stat in recorder.prefill_layers():
+    for stat in run.recorder.prefill_layers():
         rec = probe.recall.get(stat.layer) if stat.path == "pbs" else None
-        layers.append({"layer": stat.layer, "path": stat.path, "reason": stat.reason, "density": stat.density,
+        reason = "dense_layers" if config.for_layer(stat.layer) is None else stat.reason
+        layers.append({"layer": stat.layer, "path": stat.path, "reason": reason, "density": stat.density,
                        "recall": float(rec.mean()) if rec is not None else 1.0,
                        "recall_min_head": float(rec.mean(-1).min()) if rec is not None else 1.0,
                        "recall_heads": [round(float(x), 5) for x in rec.mean(-1)] if rec is not None else None})
@@ -335,35 +290,15 @@ def passkey_found(text: str, key: str) -> bool:
 
 # -- calibration helpers: plans on dense activations ------------------------------------------
 
-CAPTURE = "pbs-capture"
-_captured: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
-
-
-def capture_attention(module, query, key, value, attention_mask, **kwargs):
-    """Dense attention (``integration.dense_forward``: SDPA, or the family's eager attention for soft-capped or
-    sink layers) that also keeps each layer's post-RoPE q (B, H_q, N, D) and k (B, H_kv, N, D)."""
-    if _captured and query.shape[2] > 1:
-        _captured[-1][getattr(module, "layer_idx", len(_captured[-1]))] = (query.detach(), key.detach())
-    return integration.dense_forward(None, module, query, key, value, attention_mask, **kwargs)
-
-
 @torch.inference_mode()
 def capture_qk(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """One dense forward over ids (1, N). Returns (final hidden (1, N, hidden), {layer: (q, k)})."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(CAPTURE, capture_attention)
-    AttentionMaskInterface.register(CAPTURE, AttentionMaskInterface._global_mapping["sdpa"])
-    store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    _captured.append(store)
-    model.set_attn_implementation(CAPTURE)
-    try:
+    """One dense forward over ids (1, N) (a dense run of "pbs": SDPA, or the family's eager attention for
+    soft-capped or sink layers). Returns (final hidden (1, N, hidden), {layer: (q, k)})."""
+    capture = Capture()
+    integration.set_attention(model, integration.NAME)
+    with integration.pbs_run(None, observers=[capture]):
         hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-    finally:
-        _captured.remove(store)
-        integration.set_attention(model, integration.NAME)
-    return hidden, store
+    return hidden, capture.store  # type: ignore[return-value]
 
 
 @torch.inference_mode()

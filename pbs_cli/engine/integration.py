@@ -11,7 +11,10 @@ Which parameters a forward pass uses, and where per-layer statistics go, is set 
         model(input_ids)
     run.recorder.prefill_layers()   # one LayerStat per attention call
 
-Outside any ``pbs_run`` block the attention uses ``PBSConfig()`` defaults and records nothing.
+Outside any ``pbs_run`` block the attention uses ``PBSConfig()`` defaults and records nothing. A run with
+config None is dense: every call takes the dense path. Observers of a run (``pbs_run(..., observers=[f])``)
+see every call: ``f(call)`` with an ``AttentionCall`` (the layer's q/k/v, the path taken and, for a sparse
+layer, its plan); capturing activations and measuring recall are observers, not attention functions.
 
 The sparse path runs only for a plain causal prefill: more than one query, as many queries as keys
 (empty cache), no attention mask (transformers passes ``None`` when there is no padding), causal,
@@ -41,11 +44,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from pbs_kernels import PBSConfig, pbs_prefill_attention
+from pbs_kernels import PBSConfig, PermutedBlockMask, pbs_prefill_attention
 from pbs_kernels.attention import attention_kernel, band_attention
 from pbs_kernels.graphs import LayerGraphs
 from pbs_kernels.graphs import enabled as graphs_enabled
@@ -117,12 +120,35 @@ class Recorder:
 
 
 @dataclass
+class AttentionCall:
+    """What an observer of a run sees of one attention call: the layer's inputs, the path taken and, for a
+    sparse layer, the plan it ran (``window``: the band of a sliding-window layer, whose plan keeps all it sees)."""
+
+    stat: LayerStat
+    query: torch.Tensor  # (B, H_q, N, D), RoPE applied
+    key: torch.Tensor  # (B, H_kv, N_kv, D), GQA not repeated
+    value: torch.Tensor  # (B, H_kv, N_kv, D)
+    scaling: float | None
+    plan: PermutedBlockMask | None = None
+    window: int | None = None
+
+
+Observer = Callable[[AttentionCall], None]
+
+
+@dataclass
 class PBSRun:
-    config: PBSConfig
+    config: PBSConfig | None  # None: a dense run
     recorder: Recorder
     dense: dense_sdpa.DenseChoice | None = None  # SDPA backend of every dense call (None: PyTorch's choice)
     record_dense: str | None = None  # "pbs_dense" calls are recorded as dense layers with this reason
     graphs: LayerGraphs | None = None  # CUDA graphs of the sparse layers' work, for this run
+    observers: list[Observer] = field(default_factory=list)  # called with every AttentionCall, in order
+    plain_causal: bool = False  # "pbs_dense" drops windows, soft-caps and sinks: plain causal SDPA, not the model
+
+    def notify(self, call: AttentionCall) -> None:
+        for observer in self.observers:
+            observer(call)
 
 
 _current: contextvars.ContextVar[PBSRun | None] = contextvars.ContextVar("pbs_run", default=None)
@@ -130,14 +156,18 @@ _DEFAULT_CONFIG = PBSConfig()
 
 
 @contextlib.contextmanager
-def pbs_run(config: PBSConfig, recorder: Recorder | None = None,
-            dense: dense_sdpa.DenseChoice | None = None, record_dense: str | None = None) -> Iterator[PBSRun]:
-    """Within this block, "pbs" attention uses ``config`` and records into ``recorder`` (a new one if None);
-    dense calls of "pbs" and "pbs_dense" use SDPA backend ``dense`` first. With ``record_dense``,
-    "pbs_dense" calls are recorded too, as dense layers for that reason (a whole prompt below
-    ``dense_below`` runs on "pbs_dense": the dense forward itself, with no per-layer dispatch)."""
-    run = PBSRun(config, recorder if recorder is not None else Recorder(), dense, record_dense,
-                 LayerGraphs() if graphs_enabled() else None)
+def pbs_run(config: PBSConfig | None, recorder: Recorder | None = None,
+            dense: dense_sdpa.DenseChoice | None = None, record_dense: str | None = None,
+            observers: Sequence[Observer] = (), plain_causal: bool = False) -> Iterator[PBSRun]:
+    """Within this block, "pbs" attention uses ``config`` (None: dense in every layer) and records into
+    ``recorder`` (a new one if None); dense calls of "pbs" and "pbs_dense" use SDPA backend ``dense`` first.
+    With ``record_dense``, "pbs_dense" calls are recorded too, as dense layers for that reason (a whole prompt
+    below ``dense_below`` runs on "pbs_dense": the dense forward itself, with no per-layer dispatch).
+    ``observers`` see every call of either. With ``plain_causal``, "pbs_dense" is plain causal SDPA in every
+    layer (sliding windows, soft-caps and sinks dropped: what the fastest SDPA kernels cost, not the model)."""
+    graphs = LayerGraphs() if graphs_enabled() and config is not None else None
+    run = PBSRun(config, recorder if recorder is not None else Recorder(), dense, record_dense, graphs,
+                 list(observers), plain_causal)
     token = _current.set(run)
     try:
         yield run
@@ -190,12 +220,15 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     """
     run = _current.get()
     config = run.config if run is not None else _DEFAULT_CONFIG
-    reason = _dense_reason(module, query, key, attention_mask, dropout, is_causal, config, kwargs)
+    if config is None:
+        reason = "dense run"
+    else:
+        reason = _dense_reason(module, query, key, attention_mask, dropout, is_causal, config, kwargs)
     layer = getattr(module, "layer_idx", None)
     b, _, q_len, _ = query.shape
     if reason is not None:
         if run is not None:
-            run.recorder.add(LayerStat(layer, "dense", reason, q_len, key.shape[2], b))
+            _observe(run, LayerStat(layer, "dense", reason, q_len, key.shape[2], b), query, key, value, scaling)
         return dense_forward(run, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                              is_causal=is_causal, **kwargs)
     window, softcap, sinks = layer_window(kwargs), kwargs.get("softcap"), kwargs.get("s_aux")
@@ -214,9 +247,9 @@ def pbs_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         why += f" (window {layer_window(kwargs)} covers the prompt)" if covered else ""
         why += (f", softcap {softcap:g}" if softcap is not None else "") + (", sinks" if sinks is not None else "")
         masked = window is not None or softcap is not None or sinks is not None
-        run.recorder.add(LayerStat(layer, "pbs", why, q_len, key.shape[2], b, plan.kv_num_blocks.sum(),
-                                   plan.causal_blocks(), attention_kernel(query, config.block_size, key, value,
-                                                                          masked=masked)))
+        stat = LayerStat(layer, "pbs", why, q_len, key.shape[2], b, plan.kv_num_blocks.sum(), plan.causal_blocks(),
+                         attention_kernel(query, config.block_size, key, value, masked=masked))
+        _observe(run, stat, query, key, value, scaling, plan, window)
     # a no-op where the kernel wrote transformers' (B, N, H, D) layout itself (triton.attention.keeps_layout),
     # replays included: the caller's o_proj reads the graph's output before the next layer's replay rewrites it
     return out.transpose(1, 2).contiguous(), None
@@ -227,10 +260,26 @@ def dense_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                             attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The "pbs_dense" implementation: transformers' SDPA attention on the current run's SDPA backend."""
     run = _current.get()
-    if run is not None and run.record_dense is not None:
+    if run is not None and (run.record_dense is not None or run.observers):
         b, _, q_len, _ = query.shape
-        run.recorder.add(LayerStat(getattr(module, "layer_idx", None), "dense", run.record_dense, q_len, key.shape[2], b))
+        stat = LayerStat(getattr(module, "layer_idx", None), "dense", run.record_dense or "dense", q_len,
+                         key.shape[2], b)
+        _observe(run, stat, query, key, value, kwargs.get("scaling"), record=run.record_dense is not None)
+    if run is not None and run.plain_causal:
+        for name in ("sliding_window", "softcap", "s_aux"):
+            kwargs.pop(name, None)
+        attention_mask = None
     return dense_forward(run, module, query, key, value, attention_mask, **kwargs)
+
+
+def _observe(run: PBSRun, stat: LayerStat, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             scaling: float | None, plan: PermutedBlockMask | None = None, window: int | None = None,
+             record: bool = True) -> None:
+    """Record one call (``record``) and hand it to the run's observers."""
+    if record:
+        run.recorder.add(stat)
+    if run.observers:
+        run.notify(AttentionCall(stat, query, key, value, scaling, plan, window))
 
 
 def layer_window(kwargs: dict[str, Any]) -> int | None:
@@ -345,8 +394,16 @@ def register() -> None:
     # SDPA's mask builder: None for plain causal inputs (what the sparse path needs), else a bool mask;
     # "pbs" also leaves out the sliding-window masks its attention applies itself
     AttentionMaskInterface.register(NAME, pbs_mask)
-    AttentionMaskInterface.register(DENSE_NAME, AttentionMaskInterface._global_mapping["sdpa"])
+    AttentionMaskInterface.register(DENSE_NAME, dense_mask)
     _registered = True
+
+
+def dense_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """The "pbs_dense" mask builder: SDPA's, or none at all in a ``plain_causal`` run (causal, unpadded)."""
+    from transformers.masking_utils import sdpa_mask
+
+    run = _current.get()
+    return None if run is not None and run.plain_causal else sdpa_mask(*args, **kwargs)
 
 
 def set_attention(model: torch.nn.Module, name: str) -> None:

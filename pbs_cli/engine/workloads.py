@@ -298,10 +298,6 @@ def synthetic_qkv(batch: int, heads: int, kv_heads: int, seq_len: int, head_dim:
 # -- captured from a real model ------------------------------------------------------------------
 
 
-class _StopForward(Exception):
-    """Raised inside the attention hook once the last requested layer has been captured."""
-
-
 def captured_qkv(model, tokens: torch.Tensor, layers: Sequence[int] | Iterable[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Run ``model`` over ``tokens`` and return the real post-RoPE q/k/v of the requested layers.
 
@@ -313,8 +309,8 @@ def captured_qkv(model, tokens: torch.Tensor, layers: Sequence[int] | Iterable[i
     exactly what the attention function receives (RoPE applied, K/V not repeated for GQA). The
     forward stops after the last requested layer, so later layers cost nothing.
     """
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from . import integration
+    from .capture import Capture, CaptureDone
 
     n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
     wanted = sorted({(l + n_layers if l < 0 else l) for l in layers})
@@ -323,34 +319,17 @@ def captured_qkv(model, tokens: torch.Tensor, layers: Sequence[int] | Iterable[i
     bad = [l for l in wanted if l < 0 or (n_layers and l >= n_layers)]
     if bad:
         raise ValueError(f"layer(s) {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-    captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    counter = {"calls": 0}
-
-    def capture(module, query, key, value, attention_mask, **kwargs):
-        idx = getattr(module, "layer_idx", None)
-        if idx is None:
-            idx = counter["calls"]
-        counter["calls"] += 1
-        if idx in wanted:
-            captured[idx] = (query.detach().clone(), key.detach().clone(), value.detach().clone())
-            if len(captured) == len(wanted):
-                raise _StopForward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    from transformers.masking_utils import AttentionMaskInterface
-
-    name = "pbs_capture"
-    AttentionInterface.register(name, capture)
-    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping["sdpa"])
+    capture = Capture(values=True, layers=wanted)
     previous = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    model.set_attn_implementation(name)
+    integration.set_attention(model, integration.NAME)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), integration.pbs_run(None, observers=[capture]):
             model(input_ids=tokens, use_cache=False)
-    except _StopForward:
+    except CaptureDone:
         pass
     finally:
-        model.set_attn_implementation(previous)
+        integration.set_attention(model, previous)
+    captured = capture.store
     missing = [l for l in wanted if l not in captured]
     if missing:
         raise RuntimeError(f"the forward never reached layer(s) {missing}; does the model route attention "
