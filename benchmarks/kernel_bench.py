@@ -38,6 +38,7 @@ from pbs_cli.engine.sizes import parse_size
 SHAPES = {  # name: (H_q, H_kv, head_dim)
     "llama": (32, 8, 128),
     "smollm2": (9, 3, 64),
+    "gemma3": (16, 8, 256),  # Gemma-3-12B: head_dim 256 runs the remap and gather modes only
 }
 BLOCK, SEGMENT = 128, 256
 # Benchmark-only variants of a read mode: name -> (perm_mode, config)
