@@ -247,3 +247,28 @@ def test_continuation_matches_two_eager_forwards_with_hand_built_masks(tiny):
     assert m["top1_agreement"] == pytest.approx(float((ld.argmax(-1) == ls.argmax(-1)).double().mean()))
     assert m["ppl"] == pytest.approx(math.exp(-float(ls.gather(-1, targets[:, None]).mean())), rel=1e-4)
     assert m["ppl_dense"] == pytest.approx(math.exp(-float(ld.gather(-1, targets[:, None]).mean())), rel=1e-4)
+
+
+# -- the half-precision noise floor ----------------------------------------------------------------
+
+
+def test_noise_floor_compares_half_precision_dense_with_float32(tiny):
+    import copy
+
+    from pbs_cli.engine.evaluation import noise_floor
+
+    model, ids = tiny
+    assert noise_floor(model, ids, F.run_forward(model, ids, None).hidden) is None  # float32: no floor
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    floor = noise_floor(half, ids, F.run_forward(half, ids, None).hidden)
+    assert half.dtype == torch.bfloat16  # given back in its own dtype
+    # independent: full logits of the bf16 model and of the same (bf16-rounded) weights in float32
+    with torch.no_grad():
+        lp_half = half(input_ids=ids).logits[0].float().log_softmax(-1)
+        lp_ref = copy.deepcopy(half).to(torch.float32)(input_ids=ids).logits[0].log_softmax(-1)
+    kl = torch.nn.functional.kl_div(lp_half, lp_ref, log_target=True, reduction="none").sum(-1).clamp_min(0)
+    agree = (lp_half.argmax(-1) == lp_ref.argmax(-1)).float().mean().item()
+    assert floor["dtype"] == "bfloat16" and floor["reference"] == "float32"
+    assert floor["mean_kl"] == pytest.approx(kl.mean().item(), rel=0.05, abs=1e-6)
+    assert floor["top1_agreement"] == pytest.approx(agree, abs=0.011)
+    assert floor["mean_kl"] > 0.0  # bf16 rounding shows: the floor is not zero

@@ -35,6 +35,7 @@ def evaluate(mdl, ids, runs: list[tuple[str, PBSConfig]], recall_rows: int,
     n = ids.shape[1]
     with models.progress(f"dense SDPA forward over {n} tokens"):
         dense = fidelity.run_forward(mdl, ids, None)
+    floor = noise_floor(mdl, ids, dense.hidden)
     prefix = n - continuation
     dense_continued = None
     if continuation:
@@ -54,7 +55,30 @@ def evaluate(mdl, ids, runs: list[tuple[str, PBSConfig]], recall_rows: int,
                 row["continuation"] = fidelity.continuation_metrics(mdl, ids, cfg, prefix, dense_continued)
         rows.append(row)
     ppl = rows[0]["ppl_dense"] if rows else None
-    return {"strategy": "dense SDPA", "density": 1.0, "ppl": ppl, "top1_agreement": 1.0, "mean_kl": 0.0}, rows
+    dense_row = {"strategy": "dense SDPA", "density": 1.0, "ppl": ppl, "top1_agreement": 1.0, "mean_kl": 0.0}
+    if floor is not None:
+        dense_row["noise_floor"] = floor
+    return dense_row, rows
+
+
+def noise_floor(mdl, ids, hidden) -> dict | None:
+    """The noise floor of half precision: ``hidden``, the dense forward in the model's bf16/fp16, against the
+    dense forward of the same weights computed in float32 (top-1 agreement, mean KL, perplexities). Sparse rows
+    are measured against the half-precision dense forward, so differences below this floor are rounding, not
+    sparsity. None for a float32 model."""
+    import torch
+
+    dtype = mdl.dtype
+    if dtype == torch.float32:
+        return None
+    with models.progress(f"dense forward in float32 (the {str(dtype).removeprefix('torch.')} noise floor)"):
+        mdl.to(torch.float32)
+        try:
+            reference = fidelity.run_forward(mdl, ids, None).hidden
+            metrics = fidelity.compare_hidden(mdl, reference, hidden.float(), ids)
+        finally:
+            mdl.to(dtype)
+    return {"reference": "float32", "dtype": str(dtype).removeprefix("torch."), **metrics}
 
 
 def pareto(rows: list[dict]) -> list[bool]:

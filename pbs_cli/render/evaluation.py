@@ -15,6 +15,10 @@ def print_table(rec: dict) -> None:
     caption = ("top-1, KL: every position's next token, teacher-forced over one sparse forward (a position's "
                "selection has seen later tokens of its block); recall: attention mass kept on sampled rows; "
                "pareto *: no sparser row has lower KL")
+    floor = rec["dense"].get("noise_floor")
+    if floor:
+        caption += (f"; noise floor of {floor['dtype']}: dense {floor['dtype']} against dense float32 (same weights) "
+                    f"agrees on top-1 {floor['top1_agreement']:.2%}, mean KL {floor['mean_kl']:.4f}")
     if cont:
         caption += (f"; continued: the last {cont} tokens scored with dense attention over the KV cache of a "
                     "sparse prefill of the rest (the selection never saw them)")
