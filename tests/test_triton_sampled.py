@@ -177,7 +177,8 @@ def test_chunk_offsets_and_explicit_scale():
     q, k = q.to(DEVICE), k.to(DEVICE)
     whole = sampled.sampled_block_mass(q, k, perm, cfg, 0, 13, scale=0.1)
     part = sampled.sampled_block_mass(q, k, perm, cfg, 5, 11, scale=0.1)
-    torch.testing.assert_close(part, whole[:, :, 5:11], rtol=0, atol=0)
+    # the same sums; on a GPU the program groups start at r0, so fp32 additions may run in another order
+    torch.testing.assert_close(part, whole[:, :, 5:11], rtol=1e-6, atol=1e-6)
     want = layout_masses(q.cpu() * (0.1 * math.sqrt(32)), k.cpu(), perm.cpu(), cfg, 5, 11)
     torch.testing.assert_close(part.cpu().double(), want, rtol=1e-5, atol=2e-6)
 
