@@ -19,7 +19,8 @@ from ..options import Device, Dtype, Json, Model, RecordOutput, check_outputs
 from ..engine.sizes import parse_size
 from ..engine.documents import read_document
 from ..engine.calibration import search_threshold
-from ..engine.prefill import DEFAULT_MODEL, tokenize
+from ..engine.prefill import tokenize
+from ..options import DEFAULT_MODEL
 from ..render.calibration import summary_table
 from ..render.tables import emit
 

@@ -17,7 +17,8 @@ from ..options import Device, Dtype, Force, Json, Model, RecordOutput, check_out
 from ..engine.sizes import parse_size, parse_sizes
 from ..engine.documents import read_document
 from ..engine.evaluation import evaluate, pareto, passkey_eval, strategies
-from ..engine.prefill import DEFAULT_MODEL, tokenize
+from ..engine.prefill import tokenize
+from ..options import DEFAULT_MODEL
 from ..render.evaluation import print_layers, print_passkey, print_table, save_png
 
 
