@@ -5,13 +5,18 @@ passkey retrieval with dense and PBS prefill."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
+from typing import Any
 
 from pbs_kernels import PBSConfig
 
 from . import fidelity
-from ..console import err
-from . import models
-from .prefill import greedy_generate, run_prefill
+from ..console import debug_enabled, err
+from ..errors import UsageError
+from . import models, presets, reports
+from .documents import read_document
+from .prefill import greedy_generate, run_prefill, tokenize
+from .sizes import parse_sizes
 
 
 # The published method (the `published` preset; a test keeps the two equal): one key permutation per
@@ -100,3 +105,91 @@ def passkey_eval(mdl, tokenizer, filler: str, lengths: list[int], depths: list[f
             err.print(f"passkey {length} tokens, depth {depth:g}: dense {hits['dense']}/{trials}, "
                       f"pbs {hits['pbs']}/{trials}", highlight=False, markup=False)
     return cells
+
+
+# -- `pbs eval`: a request to its record ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """The options of one `pbs eval` (thresholds, depths and --max-tokens parsed)."""
+
+    doc: str
+    model: str
+    profile: str | None = None
+    thresholds: tuple[float | None, ...] = (None,)  # None: the profile's threshold alone
+    max_tokens: int | None = None
+    recall_rows: int = 64
+    continuation: int | None = None
+    passkey: bool = False
+    lengths: str = ""
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    trials: int = 2
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+
+
+def run(req: EvalRequest) -> dict[str, Any]:
+    """Load the model, then the text evaluation (or passkey retrieval with ``passkey``); the JSON record."""
+    import torch
+
+    dev = models.resolve_device(req.device)
+    # the profile `pbs prefill` would run on this device (on CUDA an unchosen default may become `gpu`)
+    config, profile_name = presets.resolve_config(req.profile, device=dev)
+    torch_dtype = models.resolve_dtype(req.dtype, dev)
+    text, doc_name = read_document(req.doc)
+    spec = models.resolve_model(req.model)
+    if req.profile is None and spec.profile and spec.profile != profile_name:
+        config, profile_name = presets.resolve_config(spec.profile, device=dev, explicit=False)
+    err.print(f"model: {spec.describe()}", highlight=False, markup=False)
+    models.quiet_transformers(debug_enabled())
+    torch.manual_seed(req.seed)
+    source = models.ModelSource(spec)
+    context = source.max_positions()
+    loaded = source.load(torch_dtype, dev, attn_implementation="pbs")
+    base = dict(model={**spec.to_dict(), "weights": str(loaded.weights)}, document=doc_name,
+                device=str(loaded.model.device), dtype=str(torch_dtype).removeprefix("torch."), profile=profile_name,
+                config=config.to_dict())
+    run_mode = _passkey if req.passkey else _text
+    return run_mode(req, loaded, text, doc_name, context, config, profile_name, base)
+
+
+def _cap(limit: int | None, context: int | None) -> int | None:
+    return min(x for x in (limit, context) if x) if (limit or context) else None
+
+
+def _passkey(req: EvalRequest, loaded, text: str, doc_name: str, context: int | None, config: PBSConfig,
+             profile_name: str, base: dict[str, Any]) -> dict[str, Any]:
+    top = _cap(req.max_tokens, context) or 8192
+    sizes = parse_sizes(req.lengths) if req.lengths else [n for n in (1024, 2048, 4096, 8192, 16384, 32768)
+                                                          if n <= top]
+    too_long = [n for n in sizes if context and n > context]
+    if too_long:
+        raise UsageError(f"--lengths {too_long} exceed the model's {context} positions; pass lengths <= {context}")
+    depths = list(req.depths)
+    cells = passkey_eval(loaded.model, loaded.tokenizer, text, sizes, depths, req.trials, config, req.seed)
+    return reports.envelope("eval", mode="passkey", **base, lengths=sizes, depths=depths, trials=req.trials,
+                            passkey=cells)
+
+
+def _text(req: EvalRequest, loaded, text: str, doc_name: str, context: int | None, config: PBSConfig,
+          profile_name: str, base: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    mdl = loaded.model
+    ids_list, doc_tokens = tokenize(loaded.tokenizer, text, _cap(req.max_tokens, context), True, 0, doc_name)
+    ids = torch.tensor([ids_list], device=mdl.device)
+    cont = 0
+    if req.continuation != 0:
+        try:
+            cont = fidelity.continuation_tokens(len(ids_list), req.continuation)
+        except ValueError as exc:
+            raise UsageError(f"--continuation: {exc} (0 skips it)") from None
+    runs = [(label, cfg.replace(threshold=t)) for t in req.thresholds for label, cfg in strategies(config, profile_name)]
+    dense, rows = evaluate(mdl, ids, runs, req.recall_rows, cont)
+    rec = reports.envelope("eval", mode="text", **base, document_tokens=doc_tokens, prompt_tokens=len(ids_list),
+                           continuation_tokens=cont, thresholds=[r for r in req.thresholds if r is not None],
+                           dense=dense, results=rows)
+    rec["pareto"] = pareto(rows)
+    return rec
