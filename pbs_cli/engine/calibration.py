@@ -92,7 +92,8 @@ def candidates(base: PBSConfig, sizes: tuple[int, ...]) -> list[PBSConfig]:
     for bs in sizes:
         try:
             seg = max(base.segment_size, bs)
-            found.append(base.replace(block_size=bs, segment_size=seg - seg % bs, sample_rows=min(base.sample_rows, bs)))
+            found.append(base.replace(block_size=bs, segment_size=seg - seg % bs,
+                                      sample_rows=min(base.sample_rows, bs)))
         except ValueError as exc:
             raise UsageError(f"--block-sizes: {exc}") from None
     return found

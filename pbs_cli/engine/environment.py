@@ -31,7 +31,8 @@ def triton_status() -> dict[str, Any]:
     if backend == "reference":
         return {"usable": False, "why": "PBS_BACKEND=reference forces the PyTorch reference", "kernels": kernels}
     if not triton_available():
-        return {"usable": False, "why": "triton is not installed; the PyTorch reference runs instead", "kernels": kernels}
+        return {"usable": False, "why": "triton is not installed; the PyTorch reference runs instead",
+                "kernels": kernels}
     if not kernels:
         return {"usable": False, "why": "this build has no Triton attention kernel yet; the PyTorch reference runs",
                 "kernels": kernels}

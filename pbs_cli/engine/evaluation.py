@@ -68,6 +68,21 @@ def pareto(rows: list[dict]) -> list[bool]:
             for r in rows]
 
 
+def passkey_answer(mdl, tokenizer, ids, config: PBSConfig | None, max_new_tokens: int = 8) -> tuple[str, float]:
+    """Greedy answer to a passkey prompt ids (1, N) after a prefill with ``config`` (None: dense SDPA);
+    decoding runs dense over the prefill's KV cache and stops at an end-of-sequence token. Returns
+    (text, mean density of the prefill's layers)."""
+    from . import integration
+
+    eos = tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    attn = "sdpa" if config is None else integration.NAME
+    res = run_prefill(mdl, ids, attn, config, 0, 1, keep_cache=True)
+    gen, _ = greedy_generate(mdl, res.last_logits, res.cache, max_new_tokens, eos_ids)
+    dens = [s.density for s in res.layers if s.density is not None]
+    return tokenizer.decode(gen, skip_special_tokens=True), sum(dens) / max(1, len(dens))
+
+
 def passkey_eval(mdl, tokenizer, filler: str, lengths: list[int], depths: list[float], trials: int,
                  config: PBSConfig, seed: int, max_new_tokens: int = 8) -> list[dict]:
     """Dense vs PBS retrieval at every (length, depth), ``trials`` random keys each."""
@@ -76,8 +91,6 @@ def passkey_eval(mdl, tokenizer, filler: str, lengths: list[int], depths: list[f
     from . import integration
 
     rng = random.Random(seed)
-    eos = tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
     cells = []
     for length in lengths:
         for depth in depths:
@@ -87,16 +100,12 @@ def passkey_eval(mdl, tokenizer, filler: str, lengths: list[int], depths: list[f
                 prompt = fidelity.passkey_prompt(tokenizer, filler, length, depth, fidelity.random_key(rng))
                 ids = torch.tensor([prompt.ids], device=mdl.device)
                 row = {"key": prompt.key}
-                for name, attn in (("dense", "sdpa"), ("pbs", integration.NAME)):
-                    res = run_prefill(mdl, ids, attn, config, 0, 1, keep_cache=True)
-                    gen, _ = greedy_generate(mdl, res.last_logits, res.cache, max_new_tokens, eos_ids)
-                    text = tokenizer.decode(gen, skip_special_tokens=True)
-                    ok = fidelity.passkey_found(text, prompt.key)
-                    hits[name] += ok
+                for name, cfg in (("dense", None), ("pbs", config)):
+                    text, density = passkey_answer(mdl, tokenizer, ids, cfg, max_new_tokens)
+                    hits[name] += fidelity.passkey_found(text, prompt.key)
                     row[name] = text
                     if name == "pbs":
-                        dens = [s.density for s in res.layers if s.density is not None]
-                        row["density"] = sum(dens) / max(1, len(dens))
+                        row["density"] = density
                 answers.append(row)
             integration.set_attention(mdl, integration.NAME)
             cells.append({"length": length, "depth": depth, "trials": trials,
@@ -186,7 +195,8 @@ def _text(req: EvalRequest, loaded, text: str, doc_name: str, context: int | Non
             cont = fidelity.continuation_tokens(len(ids_list), req.continuation)
         except ValueError as exc:
             raise UsageError(f"--continuation: {exc} (0 skips it)") from None
-    runs = [(label, cfg.replace(threshold=t)) for t in req.thresholds for label, cfg in strategies(config, profile_name)]
+    runs = [(label, cfg.replace(threshold=t)) for t in req.thresholds
+            for label, cfg in strategies(config, profile_name)]
     dense, rows = evaluate(mdl, ids, runs, req.recall_rows, cont)
     rec = reports.envelope("eval", mode="text", **base, document_tokens=doc_tokens, prompt_tokens=len(ids_list),
                            continuation_tokens=cont, thresholds=[r for r in req.thresholds if r is not None],

@@ -196,7 +196,7 @@ def _from_model(text: str, model_spec: str, profile, overrides, layer, layers, h
             q, k, _ = captured.pop(li)
             views.extend(mask_analysis.analyze(q, k, config, head_ids, layer=li))
             advance()
-    meta = {"shape": {"layers": n_layers, "heads": n_heads, "kv_heads": int(getattr(cfg, "num_key_value_heads", n_heads)),
+    meta = {"shape": {"layers": n_layers, "heads": n_heads, "kv_heads": kv_heads,
                       "seq_len": int(tokens.shape[1]), "head_dim": views[0].head_dim},
             "model": spec.to_dict(), "device": dev, "dtype": str(torch_dtype).removeprefix("torch."),
             "workload": {"kind": "document", "tokens": int(tokens.shape[1])}}

@@ -302,7 +302,8 @@ def write_trace(path: Path, case: Case, settings: Settings) -> None:
         with record_function("pbs.select"):
             num, idx = select_blocks(q, k, perm, cfg, scale)
         with record_function("pbs.attend"):
-            pbs_attention(q, k, v, PermutedBlockMask(perm, num, idx, cfg.block_size, cfg.segment_size, q.shape[2]), scale)
+            mask = PermutedBlockMask(perm, num, idx, cfg.block_size, cfg.segment_size, q.shape[2])
+            pbs_attention(q, k, v, mask, scale)
 
     traces.save(traces.record(one_pass, q.device), path)
 

