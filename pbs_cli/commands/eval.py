@@ -40,7 +40,6 @@ def parse_fractions(text: str, name: str) -> list[float]:
     return values
 
 
-
 @command_boundary
 def command(
     doc: Annotated[str, typer.Argument(help="UTF-8 text file (real text; - reads stdin). With --passkey, the "
