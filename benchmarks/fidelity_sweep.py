@@ -4,10 +4,15 @@ Two measurements:
 
 * ``proxy``: one dense forward captures every layer's post-RoPE q/k (``pbs_cli.engine.fidelity.capture_qk``);
   each config then builds its plan per layer and we measure the attention-mass recall of sampled query rows
-  (cheap: no sparse forward).
+  (``pbs_cli.engine.fidelity.plan_stats``; cheap: no sparse forward).
 * ``full``: the model runs end to end with PBS attention in every layer; perplexity, next-token top-1
   agreement and mean KL(dense || sparse) over all positions against a dense SDPA forward
-  (``pbs_cli.engine.fidelity.run_forward`` and ``compare_hidden``, as `pbs eval` computes them).
+  (``pbs_cli.engine.fidelity.run_forward`` and ``compare_hidden``, as `pbs eval` computes them);
+* ``passkey``: greedy retrieval of a hidden key after a dense and after each config's prefill
+  (``pbs_cli.engine.evaluation.passkey_answer``, as `pbs eval --passkey`).
+
+The script adds what `pbs eval` does not offer: any selection options (``--config NAME:key=value``),
+several documents, and pre-tokenized ids; the metrics are the engine's.
 
 The forwards go through the "pbs" attention of ``pbs_cli.engine.integration``.
 
@@ -35,8 +40,7 @@ from pathlib import Path
 import torch
 
 from pbs_kernels import PBSConfig
-from pbs_kernels import reference as R
-from pbs_cli.engine import fidelity, integration
+from pbs_cli.engine import evaluation, fidelity, integration
 
 # the base of NAME:key=value configs: the published blocks and tau with the config defaults' ranking
 POOLED = PBSConfig(block_size=128, segment_size=256, threshold=0.9, local_blocks=0)
@@ -85,36 +89,28 @@ def doc_text(doc: str) -> str:
     return path.read_text()
 
 
-def compare(model, dense_hidden: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor) -> dict:
-    """Perplexity of the text, top-1 agreement and mean KL(dense || sparse) over all positions
-    (``pbs_cli.engine.fidelity.compare_hidden``, as `pbs eval` computes them)."""
+def metrics(model, dense_hidden: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor) -> dict:
+    """Perplexity of the text, top-1 agreement and mean KL(dense || sparse) over all positions, as `pbs eval`
+    computes them (``pbs_cli.engine.fidelity.compare_hidden``), under this script's short keys."""
     m = fidelity.compare_hidden(model, dense_hidden, hidden, ids)
     return {"ppl": m["ppl"], "top1": m["top1_agreement"], "kl": m["mean_kl"]}
 
 
 def proxy(model, ids, configs, rows: int = 256) -> list[dict]:
+    """Density and attention recall of each config's plans on the captured dense q/k
+    (``pbs_cli.engine.fidelity.plan_stats``: ``rows`` query rows per layer from the first segment's end on)."""
     t = time.time()
     _, captured = fidelity.capture_qk(model, ids)
     print(f"capture forward {time.time() - t:.1f}s", file=sys.stderr)
-    n = ids.shape[1]
-    sample = torch.linspace(256, n - 1, rows, device=ids.device).round().long()
     results = []
     for name, cfg in configs:
         t = time.time()
-        rec, dens, per_layer = [], [], []
-        for layer, (q, k) in sorted(captured.items()):
-            if cfg.for_layer(layer) is None:
-                rec.append(1.0)
-                dens.append(1.0)
-                continue
-            plan = R.build_plan(q, k, cfg, None)
-            r = R.attention_recall(q, k, plan, sample)  # (1, H, R)
-            rec.append(r.mean().item())
-            dens.append(plan.density())
-            per_layer.append(round(r.mean().item(), 4))
-        res = {"name": name, "density": sum(dens) / len(dens), "recall": sum(rec) / len(rec),
-               "min_layer_recall": min(rec), "per_layer_recall": per_layer, "config": cfg.to_dict(),
-               "seconds": time.time() - t}
+        st = fidelity.plan_stats(captured, cfg, rows)
+        res = {"name": name, "density": st["density"], "recall": st["recall"],
+               "min_layer_recall": min(x["recall"] for x in st["layers"]),
+               "per_layer_recall": [round(x["recall"], 4) for x in st["layers"]
+                                    if cfg.for_layer(x["layer"]) is not None],
+               "config": cfg.to_dict(), "seconds": time.time() - t}
         print(json.dumps({k: v for k, v in res.items() if k not in ("config", "per_layer_recall")}), flush=True)
         results.append(res)
     return results
@@ -123,13 +119,13 @@ def proxy(model, ids, configs, rows: int = 256) -> list[dict]:
 def full(model, ids, configs) -> list[dict]:
     t = time.time()
     dense = fidelity.run_forward(model, ids, None)
-    base = compare(model, dense.hidden, dense.hidden, ids)
+    base = metrics(model, dense.hidden, dense.hidden, ids)
     print(json.dumps({"name": "dense", "density": 1.0, **base, "seconds": time.time() - t}), flush=True)
     results = []
     for name, cfg in configs:
         t = time.time()
         res = fidelity.run_forward(model, ids, cfg, recall_rows=0)
-        res = {"name": name, "density": res.density, **compare(model, dense.hidden, res.hidden, ids),
+        res = {"name": name, "density": res.density, **metrics(model, dense.hidden, res.hidden, ids),
                "seconds": time.time() - t, "config": cfg.to_dict(),
                "layer_density": [round(layer["density"], 4) for layer in res.layers]}
         print(json.dumps({k: v for k, v in res.items() if k not in ("config", "layer_density")}), flush=True)
@@ -137,31 +133,23 @@ def full(model, ids, configs) -> list[dict]:
     return results
 
 
-@torch.no_grad()
 def passkey(model, tok, filler_ids: torch.Tensor, configs, lengths, depths, trials: int, seed: int = 0) -> list[dict]:
-    """Dense vs each config: greedy retrieval of a random key hidden at ``depths`` of real filler text."""
+    """Dense vs each config: greedy retrieval of a random key hidden at ``depths`` of real filler text
+    (``pbs_cli.engine.evaluation.passkey_answer``, as `pbs eval --passkey` runs it)."""
     import random
 
-    F = fidelity
     filler = tok.decode(filler_ids[0].tolist())
     rng = random.Random(seed)
     rows = []
     for length in lengths:
         for depth in depths:
             for _ in range(trials):
-                p = F.passkey_prompt(tok, filler, length, depth, F.random_key(rng))
+                p = fidelity.passkey_prompt(tok, filler, length, depth, fidelity.random_key(rng))
                 ids = torch.tensor([p.ids], device=model.device)
                 row = {"length": length, "depth": depth, "key": p.key}
                 for name, cfg in [("dense", None)] + list(configs):
-                    with integration.pbs_run(cfg):  # None: a dense run
-                        out = model(ids, use_cache=True)
-                        nxt, cache, gen = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values, []
-                        for _ in range(8):
-                            gen.append(int(nxt))
-                            out = model(nxt, past_key_values=cache, use_cache=True)
-                            nxt, cache = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
-                    text = tok.decode(gen)
-                    row[name] = F.passkey_found(text, p.key)
+                    text, _ = evaluation.passkey_answer(model, tok, ids, cfg)
+                    row[name] = fidelity.passkey_found(text, p.key)
                     row[name + "_text"] = text
                 print(json.dumps(row), flush=True)
                 rows.append(row)

@@ -24,6 +24,8 @@ import typer
 
 from .errors import UnsupportedError, UsageError
 
+DEFAULT_MODEL = "llama"  # --model of the commands that load weights, when not given
+
 Force = Annotated[bool, typer.Option("--force", help="Overwrite output files that exist.")]
 Model = Annotated[str, typer.Option("--model", "-m", help="Alias, local directory, .gguf file, or Hugging Face id "
                                     "in the local cache.")]

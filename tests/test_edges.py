@@ -290,7 +290,7 @@ def test_viz_mask_refuses_documents_with_prefills_words(offline_env, tiny_model_
 
 
 def _interrupt_at_second_length(monkeypatch):
-    from pbs_cli.commands import profile as cmd
+    from pbs_cli.engine import profile_job as cmd
 
     real, calls = cmd._run_length, {"n": 0}
 
@@ -353,7 +353,7 @@ def test_interrupted_sweep_prints_finished_lengths_on_stdout_marked_incomplete(o
 
 
 def test_interrupted_before_any_length_writes_nothing(offline_env, tmp_path, monkeypatch):
-    from pbs_cli.commands import profile as cmd
+    from pbs_cli.engine import profile_job as cmd
 
     def stop(*a, **k):
         raise KeyboardInterrupt

@@ -249,7 +249,7 @@ def test_length_beyond_memory_is_skipped_and_the_sweep_goes_on(tmp_path):
 
 
 def test_interrupted_sweep_keeps_finished_jsonl_lines(tmp_path, monkeypatch):
-    from pbs_cli.commands import profile as cmd
+    from pbs_cli.engine import profile_job as cmd
 
     real = cmd._run_length
     calls = {"n": 0}
@@ -421,3 +421,10 @@ def test_shape_from_model_config_with_flag_override(tiny_model_dir, offline_env)
     assert_clean_outcome(result, {0})
     shape = json.loads(result.stdout)["shape"]
     assert (shape["heads"], shape["head_dim"]) == (4, 32) and "flags" in shape["source"]
+
+
+def test_the_command_names_the_engine_backends():
+    """`pbs profile --help` lists the backends without importing the engine (torch): the same names."""
+    from pbs_cli.commands import profile as command_module
+
+    assert command_module.BACKENDS == BACKENDS

@@ -16,7 +16,7 @@ from rich.console import Console
 from fixtures import assert_clean_outcome, invoke, offline_env, tiny_model_dir  # noqa: F401
 from pbs_cli.engine import mask_analysis as ma
 from pbs_cli.render import viz
-from pbs_cli.commands.viz_mask import parse_indices
+from pbs_cli.engine.mask_views import parse_indices
 from pbs_kernels import PBSConfig, build_plan
 from pbs_kernels import reference as ref
 

@@ -9,16 +9,9 @@ from typing import Annotated
 
 import typer
 
-from ..engine import fidelity
-from ..engine import models, presets, reports
-from ..console import command_boundary, debug_enabled, err
+from ..console import command_boundary
 from ..errors import UsageError
-from ..options import Device, Dtype, Force, Json, Model, RecordOutput, check_outputs
-from ..engine.sizes import parse_size, parse_sizes
-from ..engine.documents import read_document
-from ..engine.evaluation import evaluate, pareto, passkey_eval, strategies
-from ..engine.prefill import DEFAULT_MODEL, tokenize
-from ..render.evaluation import print_layers, print_passkey, print_table, save_png
+from ..options import DEFAULT_MODEL, Device, Dtype, Force, Json, Model, RecordOutput, check_outputs
 
 
 def parse_thresholds(text: str | None) -> list[float | None]:
@@ -45,9 +38,6 @@ def parse_fractions(text: str, name: str) -> list[float]:
     if not values or any(not 0.0 <= v <= 1.0 for v in values):
         raise UsageError(f"invalid {name} {text!r}; use comma-separated fractions in [0, 1], e.g. 0.1,0.5,0.9")
     return values
-
-
-# -- the command ----------------------------------------------------------------------------
 
 
 @command_boundary
@@ -98,70 +88,16 @@ def command(
     retrieval."""
     check_outputs({"--output": output, "--png": png}, force)
     sweep = parse_thresholds(thresholds)
-    dev = models.resolve_device(device)
-    # the profile `pbs prefill` would run on this device (on CUDA an unchosen default may become `gpu`)
-    config, profile_name = presets.resolve_config(profile, device=dev)
-    torch_dtype = models.resolve_dtype(dtype, dev)
     depth_list = parse_fractions(depths, "--depths")
-    limit = parse_size(max_tokens) if max_tokens else None
-    text, doc_name = read_document(doc)
-    spec = models.resolve_model(model)
-    if profile is None and spec.profile and spec.profile != profile_name:
-        config, profile_name = presets.resolve_config(spec.profile, device=dev, explicit=False)
-    err.print(f"model: {spec.describe()}", highlight=False, markup=False)
+    from ..engine import evaluation
+    from ..engine.sizes import parse_size
 
-    import torch
+    request = evaluation.EvalRequest(
+        doc=doc, model=model, profile=profile, thresholds=tuple(sweep),
+        max_tokens=parse_size(max_tokens) if max_tokens else None, recall_rows=recall_rows,
+        continuation=continuation, passkey=passkey, lengths=lengths, depths=tuple(depth_list), trials=trials,
+        device=device, dtype=dtype, seed=seed)
+    rec = evaluation.run(request)
+    from ..render.evaluation import deliver
 
-    models.quiet_transformers(debug_enabled())
-    torch.manual_seed(seed)
-    source = models.ModelSource(spec)
-    context = source.max_positions()
-    loaded = source.load(torch_dtype, dev, attn_implementation="pbs")
-    mdl = loaded.model
-    base = dict(model={**spec.to_dict(), "weights": str(loaded.weights)}, document=doc_name, device=str(mdl.device),
-                dtype=str(torch_dtype).removeprefix("torch."), profile=profile_name, config=config.to_dict())
-
-    if passkey:
-        top = min(x for x in (limit, context) if x) if (limit or context) else 8192
-        sizes = parse_sizes(lengths) if lengths else [n for n in (1024, 2048, 4096, 8192, 16384, 32768) if n <= top]
-        too_long = [n for n in sizes if context and n > context]
-        if too_long:
-            raise UsageError(f"--lengths {too_long} exceed the model's {context} positions; pass lengths <= {context}")
-        cells = passkey_eval(mdl, loaded.tokenizer, text, sizes, depth_list, trials, config, seed)
-        rec = reports.envelope("eval", mode="passkey", **base, lengths=sizes, depths=depth_list, trials=trials,
-                               passkey=cells)
-        if output is not None:
-            reports.atomic_write_text(output, reports.to_json(rec))
-        if as_json:
-            typer.echo(reports.to_json(rec), nl=False)
-        else:
-            print_passkey(rec)
-        return
-
-    cap = min(x for x in (limit, context) if x) if (limit or context) else None
-    ids_list, doc_tokens = tokenize(loaded.tokenizer, text, cap, True, 0, doc_name)
-    ids = torch.tensor([ids_list], device=mdl.device)
-    cont = 0
-    if continuation != 0:
-        try:
-            cont = fidelity.continuation_tokens(len(ids_list), continuation)
-        except ValueError as exc:
-            raise UsageError(f"--continuation: {exc} (0 skips it)") from None
-    runs = [(label, cfg.replace(threshold=t)) for t in sweep for label, cfg in strategies(config, profile_name)]
-    dense, rows = evaluate(mdl, ids, runs, recall_rows, cont)
-    rec = reports.envelope("eval", mode="text", **base, document_tokens=doc_tokens, prompt_tokens=len(ids_list),
-                           continuation_tokens=cont, thresholds=[r for r in sweep if r is not None], dense=dense,
-                           results=rows)
-    rec["pareto"] = pareto(rows)
-    if png is not None:
-        save_png(rec, png)
-        err.print(f"saved {png}", highlight=False, markup=False)
-    if output is not None:
-        reports.atomic_write_text(output, reports.to_json(rec))
-        err.print(f"saved {output}", highlight=False, markup=False)
-    if as_json:
-        typer.echo(reports.to_json(rec), nl=False)
-    else:
-        print_table(rec)
-        if per_layer:
-            print_layers(rec)
+    deliver(rec, as_json, output, png, per_layer)

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..engine import fidelity as fidelity_metrics
-from ..engine import integration
-from ..console import command_boundary, debug_enabled, err
-from ..engine import compiling, distributed, models, presets, reports
-from ..engine.documents import read_document
-from ..engine.prefill import (DEFAULT_MODEL, PrefillSpec, choose_dense_backend, greedy_generate, layer_summary,
-                              out_of_memory_hint, run_prefills, tokenize, warn_if_not_sparse, write_trace)
-from ..engine.sizes import parse_size
+from ..console import command_boundary
 from ..errors import UsageError
-from ..options import BlockSize, Device, Dtype, Force, Json, SegmentSize, Threshold, check_outputs
-from ..render.prefill import print_summary
+from ..options import DEFAULT_MODEL, BlockSize, Device, Dtype, Force, Json, SegmentSize, Threshold, check_outputs
 
 
 @command_boundary
@@ -86,187 +77,23 @@ def command(
     forward: a position's selection has seen later tokens of its block), and the continuation (the
     last tokens scored with dense attention over the KV cache of a PBS prefill of the rest, tokens
     the selection never saw)."""
-    # -- validate everything before loading the model --
     if trace is not None and tp and tp > 1:
         raise UsageError("--trace profiles one process; run it without --tp")
     check_outputs({"--output": output, "--trace": trace}, force)
-    overrides = dict(threshold=threshold, block_size=block_size, segment_size=segment_size)
-    cap = parse_size(max_tokens) if max_tokens is not None else None
-    presets.resolve_config(profile, **overrides)  # usage errors first, before the device is probed
-    if device_map not in (None, "auto"):
-        raise UsageError(f"invalid --device-map {device_map!r}; only 'auto' is supported")
-    models.check_rope_scaling(rope_scaling)
-    if rope_scaling != "none" and not beyond_context:
-        raise UsageError("--rope-scaling stretches RoPE past the model's trained positions: add --beyond-context")
-    if compile_layers and warmup == 0:
-        raise UsageError("--compile needs --warmup 1 or more: the first forward of each kind compiles")
-    if continuation and not compare_dense:
-        raise UsageError("--continuation compares against a dense prefill: add --compare-dense")
-    dev = models.resolve_device(device)
-    config, profile_name = presets.resolve_config(profile, device=dev, **overrides)
-    torch_dtype = models.resolve_dtype(dtype, dev)
-    if tp and tp > 1 and doc == "-":
-        raise UsageError("--tp runs the command on several ranks, which cannot share stdin; pass a file, not -")
-    text, doc_name = read_document(doc)
-    spec = models.resolve_model(model)
-    # -- tensor parallel (pbs_cli.engine.distributed): refuse what cannot shard, re-run on N ranks, join the group --
-    distributed.check_launch_environment(tp or distributed.env_world_size(), device, device_map)
-    if distributed.needs_launch(tp):
-        distributed.check_model_config(tp, models.ModelSource(spec).config(), spec.name)
-        distributed.relaunch(tp)  # exits with the ranks' exit code
-    tpi = distributed.tp_context(tp, device)
-    if profile is None and spec.profile and spec.profile != profile_name:
-        config, profile_name = presets.resolve_config(spec.profile, device=dev, explicit=False, **overrides)
+    from ..engine import prefill_job
+    from ..engine.sizes import parse_size
 
-    if profile is None and profile_name == presets.GPU_PROFILE:
-        err.print(f"profile: {presets.GPU_PROFILE!r} (on a GPU the default preset's sampled selection costs more "
-                  "than dense attention; "
-                  "--profile default forces it)", highlight=False, markup=False)
-
-    import torch
-
-    models.quiet_transformers(debug_enabled())
-    torch.manual_seed(seed)
-    source = models.ModelSource(spec)
-    if tpi.active:
-        distributed.check_model_config(tpi.size, source.config(), spec.name)
-        with distributed.main_rank_first():  # rank 0 builds a missing GGUF cache, the others then read it
-            source.ensure_cache()
-    trained = source.max_positions()
-    limit = None if beyond_context else trained
-    if cap is not None:
-        limit, truncate = (cap + max_new_tokens if limit is None else min(limit, cap + max_new_tokens)), True
-    ids, doc_tokens = tokenize(source.tokenizer(), text, limit, truncate, max_new_tokens, doc_name)
-    cont = 0
-    if compare_dense and continuation != 0:
-        try:
-            cont = fidelity_metrics.continuation_tokens(len(ids), continuation)
-        except ValueError as exc:
-            raise UsageError(f"--continuation: {exc} (0 skips it)") from None
-    past_context = trained is not None and len(ids) + max_new_tokens > trained
-    if past_context:
-        err.print(f"note: {len(ids)} prompt tokens exceed the model's {trained} trained positions (--beyond-context): "
-                  "timings are real; the outputs, and --compare-dense agreement, are out of distribution",
-                  highlight=False, markup=False, soft_wrap=True)
-    on_gpu = dev.startswith("cuda") or device_map == "auto"
-    rope = models.rope_scaling(source.config(), rope_scaling, len(ids) + max_new_tokens)
-    if rope:
-        err.print(f"RoPE: {rope['rope_type']} x{rope['factor']:.3g} over {rope['original_max_position_embeddings']} "
-                  "trained positions (--rope-scaling)", highlight=False, markup=False)
-    elif rope_scaling != "none":
-        err.print(f"note: --rope-scaling {rope_scaling} does nothing here: the {len(ids) + max_new_tokens} positions "
-                  f"fit the model's {trained} trained positions", highlight=False, markup=False)
-    warmup = warmup if warmup is not None else (1 if on_gpu or compile_layers else 0)
-    iters = iters if iters is not None else (3 if on_gpu else 1)
-
-    err.print(f"model: {spec.describe()}", highlight=False, markup=False, soft_wrap=True)
-    dtype_name = str(torch_dtype).removeprefix("torch.")
-    with out_of_memory_hint("loading the weights for a prefill", len(ids), dev, dtype_name):
-        loaded = source.load(torch_dtype, dev, device_map, attn_implementation=integration.NAME,
-                             load_kwargs={**distributed.load_kwargs_for_tp(tpi.size),
-                                          **({"rope_parameters": rope} if rope else {})})
-    if loaded.cache == "built":
-        err.print(f"cached the dequantized weights in {loaded.weights}", highlight=False, markup=False, soft_wrap=True)
-    mdl = loaded.model
-    input_ids = torch.tensor([ids], device=mdl.device)
-
-    choice = None
-    if compare_dense or len(ids) < config.dense_below:  # dense attention runs: on its fastest SDPA backend
-        with models.progress("timing the SDPA backends for dense attention"), \
-                out_of_memory_hint("timing the dense SDPA backends", len(ids), str(mdl.device), dtype_name):
-            choice = choose_dense_backend(mdl, input_ids, config)
-        if choice is not None:
-            err.print(f"dense attention: {choice.name} (fastest of "
-                      + ", ".join(f"{k} {v:.0f} ms" for k, v in choice.times_ms.items()) + " per forward)",
-                      highlight=False, markup=False, soft_wrap=True)
-
-    # a prompt below dense_below runs the dense forward itself (no per-layer dispatch), recorded as dense
-    below = f"seq_len {len(ids)} < dense_below {config.dense_below}" if len(ids) < config.dense_below else None
-    specs = [PrefillSpec(integration.DENSE_NAME if below else integration.NAME, max_new_tokens > 0, below)]
-    if compare_dense:
-        specs.append(PrefillSpec(integration.DENSE_NAME))  # timed in alternation with the PBS passes
-    with models.progress(f"prefill of {len(ids)} tokens with PBS attention"
-                         + (" and with dense SDPA, alternating" if compare_dense else "")), \
-            out_of_memory_hint("in the prefill", len(ids), str(mdl.device), dtype_name), \
-            compiling.compiled_layers(mdl, compile_layers):
-        pbs, *dense_runs = run_prefills(mdl, input_ids, specs, config, warmup, iters, dense=choice)
-    integration.set_attention(mdl, integration.NAME)  # decode steps and --trace go through "pbs"
-    pbs.times_ms = distributed.reduce_max(pbs.times_ms)  # tensor parallel: each run's slowest rank
-    distributed.merge_layer_stats(pbs.layers)  # tensor parallel: densities over the heads of all ranks
-    summary = layer_summary(pbs.layers)
-    warn_if_not_sparse(pbs.layers, type(mdl).__name__)
-    if pbs.graph_failure:
-        err.print(f"note: the sparse layers ran without CUDA graphs ({pbs.graph_failure})",
-                  highlight=False, markup=False, soft_wrap=True)
-    rec = reports.envelope(
-        "prefill",
-        document=doc_name,
-        model={**spec.to_dict(), "weights": str(loaded.weights), "cache": loaded.cache,
-               "architecture": type(mdl).__name__, "max_position_embeddings": trained},
-        device=str(mdl.device),
-        dtype=str(torch_dtype).removeprefix("torch."),
-        profile=profile_name,
-        config=config.to_dict(),
-        document_tokens=doc_tokens,
-        prompt_tokens=len(ids),
-        truncated=len(ids) < doc_tokens,
-        beyond_context=past_context,
-        rope_scaling=rope,
-        warmup=warmup,
-        iters=iters,
-        compiled=compile_layers,
-        cuda_graph_layers=pbs.graph_replays,
-        prefill_ms=pbs.median_ms,
-        prefill_ms_all=pbs.times_ms,
-        tokens_per_s=len(ids) / (pbs.median_ms / 1e3),
-        density=summary["density"],
-        layer_summary=summary,
-        layers=[s.to_dict() for s in pbs.layers],
-        load_s=loaded.load_s,
-        tensor_parallel=tpi.to_dict(),
-        dense_sdpa=choice.to_dict() if choice is not None else None,
-    )
-    if trace is not None:
-        with models.progress("one PBS forward under torch.profiler (--trace)"), \
-                out_of_memory_hint("in the traced PBS prefill", len(ids), str(mdl.device), dtype_name), \
-                compiling.compiled_layers(mdl, compile_layers):
-            rec["trace"] = write_trace(trace, mdl, input_ids, specs[0], config, choice)
-    if compare_dense:
-        dense = dense_runs[0]
-        dense.times_ms = distributed.reduce_max(dense.times_ms)
-        with models.progress("comparing next-token distributions"), \
-                out_of_memory_hint("comparing the logits (--compare-dense)", len(ids), str(mdl.device), dtype_name):
-            agreement = fidelity_metrics.compare_hidden(mdl, dense.hidden, pbs.hidden, input_ids)
-        kl = agreement["mean_kl"]
-        rec.update(dense_prefill_ms=dense.median_ms, dense_prefill_ms_all=dense.times_ms,
-                   speedup=dense.median_ms / pbs.median_ms, top1_agreement=agreement["top1_agreement"], mean_kl=kl)
-        if not (math.isfinite(kl)):
-            err.print("warning: KL is not finite (the PBS output has NaN/inf)", highlight=False, markup=False, soft_wrap=True)
-        integration.set_attention(mdl, integration.NAME)
-        if cont:
-            prefix = len(ids) - cont
-            with models.progress(f"prefill of {prefix} tokens with PBS and with dense SDPA, then {cont} tokens "
-                                 "over each KV cache (--continuation)"), \
-                    out_of_memory_hint("in the continuation (--continuation)", len(ids), str(mdl.device), dtype_name):
-                rec["continuation"] = fidelity_metrics.continuation_metrics(mdl, input_ids, config, prefix)
-    if max_new_tokens > 0:
-        eos = loaded.tokenizer.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        with models.progress(f"generating up to {max_new_tokens} tokens"), \
-                out_of_memory_hint("generating after the prefill", len(ids), str(mdl.device), dtype_name):
-            gen, decode_ms = greedy_generate(mdl, pbs.last_logits, pbs.cache, max_new_tokens, eos_ids)
-        decode_ms = distributed.reduce_max(decode_ms)
-        rec["generation"] = {"token_ids": gen, "text": loaded.tokenizer.decode(gen, skip_special_tokens=True),
-                             "decode_ms": decode_ms, "decode_tokens_per_s": len(gen) / max(decode_ms / 1e3, 1e-9)}
-
-    if include_text:
-        rec["text"] = text
-    if not distributed.is_main_rank():  # tensor parallel: rank 0 alone prints and writes
+    request = prefill_job.PrefillRequest(
+        doc=doc, model=model, profile=profile, threshold=threshold, block_size=block_size,
+        segment_size=segment_size, device=device, dtype=dtype, device_map=device_map, max_new_tokens=max_new_tokens,
+        compare_dense=compare_dense, continuation=continuation, truncate=truncate,
+        max_tokens=parse_size(max_tokens) if max_tokens is not None else None, beyond_context=beyond_context,
+        rope_scaling=rope_scaling, warmup=warmup, iters=iters, compile_layers=compile_layers, seed=seed, trace=trace,
+        include_text=include_text, tp=tp)
+    rec = prefill_job.run(request)
+    if rec is None:  # tensor parallel: rank 0 alone prints and writes
         return
-    if output is not None:
-        reports.atomic_write_text(output, reports.to_json(rec))
-        err.print(f"saved {output}", highlight=False, markup=False, soft_wrap=True)
-    if as_json:
-        typer.echo(reports.to_json(rec), nl=False)
-    else:
-        print_summary(rec)
+    from ..render.prefill import print_summary
+    from ..render.records import deliver
+
+    deliver(rec, as_json, output, print_summary)

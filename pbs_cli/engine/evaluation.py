@@ -5,13 +5,18 @@ passkey retrieval with dense and PBS prefill."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
+from typing import Any
 
 from pbs_kernels import PBSConfig
 
 from . import fidelity
-from ..console import err
-from . import models
-from .prefill import greedy_generate, run_prefill
+from ..console import debug_enabled, err
+from ..errors import UsageError
+from . import models, presets, reports
+from .documents import read_document
+from .prefill import greedy_generate, run_prefill, tokenize
+from .sizes import parse_sizes
 
 
 # The published method (the `published` preset; a test keeps the two equal): one key permutation per
@@ -87,6 +92,21 @@ def pareto(rows: list[dict]) -> list[bool]:
             for r in rows]
 
 
+def passkey_answer(mdl, tokenizer, ids, config: PBSConfig | None, max_new_tokens: int = 8) -> tuple[str, float]:
+    """Greedy answer to a passkey prompt ids (1, N) after a prefill with ``config`` (None: dense SDPA);
+    decoding runs dense over the prefill's KV cache and stops at an end-of-sequence token. Returns
+    (text, mean density of the prefill's layers)."""
+    from . import integration
+
+    eos = tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    attn = "sdpa" if config is None else integration.NAME
+    res = run_prefill(mdl, ids, attn, config, 0, 1, keep_cache=True)
+    gen, _ = greedy_generate(mdl, res.last_logits, res.cache, max_new_tokens, eos_ids)
+    dens = [s.density for s in res.layers if s.density is not None]
+    return tokenizer.decode(gen, skip_special_tokens=True), sum(dens) / max(1, len(dens))
+
+
 def passkey_eval(mdl, tokenizer, filler: str, lengths: list[int], depths: list[float], trials: int,
                  config: PBSConfig, seed: int, max_new_tokens: int = 8) -> list[dict]:
     """Dense vs PBS retrieval at every (length, depth), ``trials`` random keys each."""
@@ -95,8 +115,6 @@ def passkey_eval(mdl, tokenizer, filler: str, lengths: list[int], depths: list[f
     from . import integration
 
     rng = random.Random(seed)
-    eos = tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
     cells = []
     for length in lengths:
         for depth in depths:
@@ -106,16 +124,12 @@ def passkey_eval(mdl, tokenizer, filler: str, lengths: list[int], depths: list[f
                 prompt = fidelity.passkey_prompt(tokenizer, filler, length, depth, fidelity.random_key(rng))
                 ids = torch.tensor([prompt.ids], device=mdl.device)
                 row = {"key": prompt.key}
-                for name, attn in (("dense", "sdpa"), ("pbs", integration.NAME)):
-                    res = run_prefill(mdl, ids, attn, config, 0, 1, keep_cache=True)
-                    gen, _ = greedy_generate(mdl, res.last_logits, res.cache, max_new_tokens, eos_ids)
-                    text = tokenizer.decode(gen, skip_special_tokens=True)
-                    ok = fidelity.passkey_found(text, prompt.key)
-                    hits[name] += ok
+                for name, cfg in (("dense", None), ("pbs", config)):
+                    text, density = passkey_answer(mdl, tokenizer, ids, cfg, max_new_tokens)
+                    hits[name] += fidelity.passkey_found(text, prompt.key)
                     row[name] = text
                     if name == "pbs":
-                        dens = [s.density for s in res.layers if s.density is not None]
-                        row["density"] = sum(dens) / max(1, len(dens))
+                        row["density"] = density
                 answers.append(row)
             integration.set_attention(mdl, integration.NAME)
             cells.append({"length": length, "depth": depth, "trials": trials,
@@ -124,3 +138,92 @@ def passkey_eval(mdl, tokenizer, filler: str, lengths: list[int], depths: list[f
             err.print(f"passkey {length} tokens, depth {depth:g}: dense {hits['dense']}/{trials}, "
                       f"pbs {hits['pbs']}/{trials}", highlight=False, markup=False)
     return cells
+
+
+# -- `pbs eval`: a request to its record ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """The options of one `pbs eval` (thresholds, depths and --max-tokens parsed)."""
+
+    doc: str
+    model: str
+    profile: str | None = None
+    thresholds: tuple[float | None, ...] = (None,)  # None: the profile's threshold alone
+    max_tokens: int | None = None
+    recall_rows: int = 64
+    continuation: int | None = None
+    passkey: bool = False
+    lengths: str = ""
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    trials: int = 2
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+
+
+def run(req: EvalRequest) -> dict[str, Any]:
+    """Load the model, then the text evaluation (or passkey retrieval with ``passkey``); the JSON record."""
+    import torch
+
+    dev = models.resolve_device(req.device)
+    # the profile `pbs prefill` would run on this device (on CUDA an unchosen default may become `gpu`)
+    config, profile_name = presets.resolve_config(req.profile, device=dev)
+    torch_dtype = models.resolve_dtype(req.dtype, dev)
+    text, doc_name = read_document(req.doc)
+    spec = models.resolve_model(req.model)
+    if req.profile is None and spec.profile and spec.profile != profile_name:
+        config, profile_name = presets.resolve_config(spec.profile, device=dev, explicit=False)
+    err.print(f"model: {spec.describe()}", highlight=False, markup=False)
+    models.quiet_transformers(debug_enabled())
+    torch.manual_seed(req.seed)
+    source = models.ModelSource(spec)
+    context = source.max_positions()
+    loaded = source.load(torch_dtype, dev, attn_implementation="pbs")
+    base = dict(model={**spec.to_dict(), "weights": str(loaded.weights)}, document=doc_name,
+                device=str(loaded.model.device), dtype=str(torch_dtype).removeprefix("torch."), profile=profile_name,
+                config=config.to_dict())
+    run_mode = _passkey if req.passkey else _text
+    return run_mode(req, loaded, text, doc_name, context, config, profile_name, base)
+
+
+def _cap(limit: int | None, context: int | None) -> int | None:
+    return min(x for x in (limit, context) if x) if (limit or context) else None
+
+
+def _passkey(req: EvalRequest, loaded, text: str, doc_name: str, context: int | None, config: PBSConfig,
+             profile_name: str, base: dict[str, Any]) -> dict[str, Any]:
+    top = _cap(req.max_tokens, context) or 8192
+    sizes = parse_sizes(req.lengths) if req.lengths else [n for n in (1024, 2048, 4096, 8192, 16384, 32768)
+                                                          if n <= top]
+    too_long = [n for n in sizes if context and n > context]
+    if too_long:
+        raise UsageError(f"--lengths {too_long} exceed the model's {context} positions; pass lengths <= {context}")
+    depths = list(req.depths)
+    cells = passkey_eval(loaded.model, loaded.tokenizer, text, sizes, depths, req.trials, config, req.seed)
+    return reports.envelope("eval", mode="passkey", **base, lengths=sizes, depths=depths, trials=req.trials,
+                            passkey=cells)
+
+
+def _text(req: EvalRequest, loaded, text: str, doc_name: str, context: int | None, config: PBSConfig,
+          profile_name: str, base: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    mdl = loaded.model
+    ids_list, doc_tokens = tokenize(loaded.tokenizer, text, _cap(req.max_tokens, context), True, 0, doc_name)
+    ids = torch.tensor([ids_list], device=mdl.device)
+    cont = 0
+    if req.continuation != 0:
+        try:
+            cont = fidelity.continuation_tokens(len(ids_list), req.continuation)
+        except ValueError as exc:
+            raise UsageError(f"--continuation: {exc} (0 skips it)") from None
+    runs = [(label, cfg.replace(threshold=t)) for t in req.thresholds
+            for label, cfg in strategies(config, profile_name)]
+    dense, rows = evaluate(mdl, ids, runs, req.recall_rows, cont)
+    rec = reports.envelope("eval", mode="text", **base, document_tokens=doc_tokens, prompt_tokens=len(ids_list),
+                           continuation_tokens=cont, thresholds=[r for r in req.thresholds if r is not None],
+                           dense=dense, results=rows)
+    rec["pareto"] = pareto(rows)
+    return rec

@@ -17,8 +17,6 @@ from ..console import err
 from ..errors import OutOfMemory, UsageError
 from . import models
 
-DEFAULT_MODEL = "llama"
-
 
 def tokenize(tokenizer, text: str, limit: int | None, truncate: bool, reserve: int, name: str) -> tuple[list[int], int]:
     """Token ids of ``text``, cut to ``limit - reserve`` with ``truncate``. Returns (ids, original count)."""

@@ -105,3 +105,22 @@ def print_passkey(rec: dict) -> None:
         p = sum(c["pbs_accuracy"] * c["trials"] for c in cells) / n
         table.add_row(str(length), f"{d:.0%}", f"{p:.0%}", f"{100 * (p - d):+.0f} pts")
     emit(table)
+
+
+def deliver(rec: dict, as_json: bool, output: Path | None, png: Path | None, per_layer: bool) -> None:
+    """`pbs eval`'s record: the Pareto plot (``png``), the saved record, then JSON or the tables."""
+    from .records import deliver as deliver_record
+
+    if rec["mode"] == "passkey":
+        deliver_record(rec, as_json, output, print_passkey, announce=False)
+        return
+    if png is not None:
+        save_png(rec, png)
+        err.print(f"saved {png}", highlight=False, markup=False)
+
+    def show(r: dict) -> None:
+        print_table(r)
+        if per_layer:
+            print_layers(r)
+
+    deliver_record(rec, as_json, output, show)
