@@ -196,11 +196,11 @@ def test_kernel_sinks(dtype, mode):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["remap", "gather"])
 def test_kernel_head_dim_256(dtype, mode):
-    """Gemma's head_dim 256 with the tiles the launcher picks on a GPU (64x64 for 64-token plan blocks):
+    """Gemma's head_dim 256 with the tiles the launcher picks on a GPU (64x32: two key tiles per plan block):
     a band plan with window, soft-cap and sinks, and a plain permuted sparse plan."""
     n, window = 203, 90
     q, k, v = qkv(1, 4, 2, n, 256, dtype, seed=12)
-    assert A._default_config(64, 256, mode) == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    assert A._default_config(64, 256, mode) == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
     sinks = torch.tensor([0.0, 1.0, -2.0, 3.0], device=DEVICE)
     band = band_plan(1, 4, 2, n, window, 64, 128, DEVICE)
     check_kernel(q, k, v, band, window_mask(n, window), window=window, softcap=3.0, sinks=sinks, perm_mode=mode)
