@@ -87,8 +87,7 @@ def _raise(exc: BaseException):
 @pytest.mark.parametrize("where", ["load", "prefill"])
 def test_ctrl_c_during_load_or_prefill_exits_130_and_writes_nothing(offline_env, tiny_model_dir, tmp_path,
                                                                     monkeypatch, where):
-    from pbs_cli.engine import models
-    from pbs_cli.commands import prefill
+    from pbs_cli.engine import models, prefill
 
     if where == "load":
         monkeypatch.setattr(models.ModelSource, "load", _raise(KeyboardInterrupt()))

@@ -11,7 +11,6 @@ import typer
 
 from pbs_kernels import PBSConfig
 
-from ..engine import fidelity
 from ..engine import models, presets, reports
 from ..console import command_boundary, debug_enabled, err, out
 from ..errors import UsageError
@@ -19,7 +18,7 @@ from ..options import Device, Dtype, Json, Model, RecordOutput, check_outputs
 from ..engine.sizes import parse_size
 from ..engine.documents import read_document
 from ..engine.calibration import search_threshold
-from ..engine.prefill import DEFAULT_MODEL, tokenize
+from ..engine.models import DEFAULT_MODEL
 from ..render.calibration import summary_table
 from ..render.tables import emit
 
@@ -79,6 +78,9 @@ def command(
     err.print(f"model: {spec.describe()}", highlight=False, markup=False)
 
     import torch
+
+    from ..engine import fidelity
+    from ..engine.prefill import tokenize
 
     models.quiet_transformers(debug_enabled())
     source = models.ModelSource(spec)

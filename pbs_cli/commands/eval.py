@@ -9,15 +9,13 @@ from typing import Annotated
 
 import typer
 
-from ..engine import fidelity
 from ..engine import models, presets, reports
 from ..console import command_boundary, debug_enabled, err
 from ..errors import UsageError
 from ..options import Device, Dtype, Force, Json, Model, RecordOutput, check_outputs
 from ..engine.sizes import parse_size, parse_sizes
 from ..engine.documents import read_document
-from ..engine.evaluation import evaluate, pareto, passkey_eval, strategies
-from ..engine.prefill import DEFAULT_MODEL, tokenize
+from ..engine.models import DEFAULT_MODEL
 from ..render.evaluation import print_layers, print_passkey, print_table, save_png
 
 
@@ -111,6 +109,10 @@ def command(
     err.print(f"model: {spec.describe()}", highlight=False, markup=False)
 
     import torch
+
+    from ..engine import fidelity
+    from ..engine.evaluation import evaluate, pareto, passkey_eval, strategies
+    from ..engine.prefill import tokenize
 
     models.quiet_transformers(debug_enabled())
     torch.manual_seed(seed)

@@ -8,17 +8,13 @@ from typing import Annotated
 
 import typer
 
-from ..engine import fidelity as fidelity_metrics
-from ..engine import integration
 from ..console import command_boundary, debug_enabled, err
-from ..engine import compiling, distributed, models, presets, reports
+from ..engine import distributed, models, presets, reports
 from ..engine.documents import read_document
-from ..engine.prefill import (DEFAULT_MODEL, PrefillSpec, choose_dense_backend, greedy_generate, layer_summary,
-                              out_of_memory_hint, run_prefills, tokenize, warn_if_not_sparse, write_trace)
+from ..engine.models import DEFAULT_MODEL
 from ..engine.sizes import parse_size
 from ..errors import UsageError
 from ..options import BlockSize, Device, Dtype, Force, Json, SegmentSize, Threshold, check_outputs
-from ..render.prefill import print_summary
 
 
 @command_boundary
@@ -124,6 +120,12 @@ def command(
                   "--profile default forces it)", highlight=False, markup=False)
 
     import torch
+
+    from ..engine import compiling, integration
+    from ..engine import fidelity as fidelity_metrics
+    from ..engine.prefill import (PrefillSpec, choose_dense_backend, greedy_generate, layer_summary, out_of_memory_hint,
+                                  run_prefills, tokenize, warn_if_not_sparse, write_trace)
+    from ..render.prefill import print_summary
 
     models.quiet_transformers(debug_enabled())
     torch.manual_seed(seed)

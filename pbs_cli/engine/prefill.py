@@ -16,8 +16,7 @@ from . import fidelity as fidelity_metrics
 from ..console import err
 from ..errors import OutOfMemory, UsageError
 from . import models
-
-DEFAULT_MODEL = "llama"
+from .models import DEFAULT_MODEL  # noqa: F401 - where the commands looked for it
 
 
 def tokenize(tokenizer, text: str, limit: int | None, truncate: bool, reserve: int, name: str) -> tuple[list[int], int]:
