@@ -107,23 +107,23 @@ def check_plan(q, k, cfg) -> dict:
             "kept_blocks": int(num.sum()), "kept_blocks_reference": int(num_r.sum())}
 
 
-def sweep(fn, warmup, iters) -> dict:
-    """Median ms of ``fn`` per GPU tile of the sampled kernel (rows per program x warps x stages)."""
+def sweep(q, k, perm, cfg, warmup, iters) -> dict:
+    """Median ms of the GPU sampled selection (``pbs_kernels.triton.sampled``) per tile of its scoring
+    kernel (rows per program x warps x stages, passed as ``tiles=``)."""
     from pbs_kernels.triton import sampled
+    from pbs_kernels.triton.tiles import SAMPLED_TILES, SampledTiles
 
-    saved = dict(sampled.TUNING)
+    def name(t: SampledTiles) -> str:
+        return f"rows{t.rows}-w{t.num_warps}-s{t.num_stages or 'default'}"
+
     res = {}
-    try:
-        for rows in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (None, 2, 3, 4):
-                    sampled.TUNING.update(rows=rows, num_warps=warps, num_stages=stages)
-                    res[f"rows{rows}-w{warps}-s{stages or 'default'}"] = timeit(fn, warmup, iters)
-    finally:
-        sampled.TUNING.clear()
-        sampled.TUNING.update(saved)
+    for rows in (32, 64, 128):
+        for warps in (4, 8):
+            for stages in (None, 2, 3, 4):
+                tiles = SampledTiles(rows=rows, num_warps=warps, num_stages=stages)
+                res[name(tiles)] = timeit(lambda: sampled.select_blocks(q, k, perm, cfg, tiles=tiles), warmup, iters)
     best = min(res, key=res.get)
-    now = "rows{}-w{}-s{}".format(saved["rows"], saved["num_warps"], saved["num_stages"] or "default")
+    now = name(SAMPLED_TILES)
     print(f"  sweep: best {best} {res[best]:.2f} ms; current {now} {res.get(now, float('nan')):.2f} ms", file=sys.stderr)
     return res
 
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--sweep", action="store_true",
-                    help="also time the selection with alternative GPU tiles (pbs_kernels.triton.sampled.TUNING)")
+                    help="also time the GPU selection with alternative tiles (pbs_kernels.triton.tiles.SampledTiles)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
             row["select_ms"] = timeit(lambda: select_blocks(q, k, perm, cfg), args.warmup, args.iters)
             row["plan_ms"] = row["permute_ms"] + row["select_ms"]
             if args.sweep:
-                row["sweep"] = sweep(lambda: select_blocks(q, k, perm, cfg), args.warmup, args.iters)
+                row["sweep"] = sweep(q, k, perm, cfg, args.warmup, args.iters)
             num, _ = select_blocks(q, k, perm, cfg)
             n_b = -(-n // cfg.block_size)
             row["density"] = num.sum().item() / (num.numel() // n_b * n_b * (n_b + 1) / 2)

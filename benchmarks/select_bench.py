@@ -104,12 +104,14 @@ def check_against_reference(q, k, config):
 
 
 def sweep(args, cfg, dtype) -> list:
-    """Time each phase under alternative tiles (``TUNING`` of the launchers) at each length."""
+    """Time each phase under alternative tiles (``pbs_kernels.triton.tiles``, passed as ``tiles=``) at each length."""
+    import dataclasses
+
     from pbs_kernels.triton import permute as tperm
     from pbs_kernels.triton import select as tsel
+    from pbs_kernels.triton.tiles import PERMUTE_TILES, PermuteTiles, SelectTiles
 
     out = []
-    perm_default, sel_default = dict(tperm.TUNING), dict(tsel.TUNING)
     for n in [parse_size(x) for x in args.seq_lens.split(",") if x]:
         q, k = structured_qkv(args.batch, args.heads, args.kv_heads, n, args.head_dim, dtype)
         perm = tperm.compute_permutation(q, k, cfg)
@@ -117,22 +119,17 @@ def sweep(args, cfg, dtype) -> list:
                "pool_q": cuda_time(lambda: tsel.pool_blocks(q, cfg.block_size), 2, 5),
                "pool_k": cuda_time(lambda: tsel.pool_blocks(k, cfg.block_size, perm), 2, 5),
                "importance": [], "select": []}
-        for bm, bn, w in ((64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8), (64, 128, 8)):
-            tperm.TUNING.update(block_m=bm, block_n=bn, num_warps=w)
-            t = cuda_time(lambda: tperm.key_importance(q, k, cfg.block_size), 2, 5)
-            row["importance"].append({"block_m": bm, "block_n": bn, "num_warps": w, **t})
-        tperm.TUNING.update(perm_default)
-        for span in (512, 1024, 2048, 4096, 8192):
-            tperm.TUNING.update(span=span)
-            t = cuda_time(lambda: tperm.key_importance(q, k, cfg.block_size), 2, 5)
-            row["importance"].append({**perm_default, "span": span, **t})
-        tperm.TUNING.update(perm_default)
+        perm_tiles = [PermuteTiles(block_m=bm, block_n=bn, num_warps=w)
+                      for bm, bn, w in ((64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8), (64, 128, 8))]
+        perm_tiles += [dataclasses.replace(PERMUTE_TILES, span=span) for span in (512, 1024, 2048, 4096, 8192)]
+        for tiles in perm_tiles:
+            t = cuda_time(lambda: tperm.key_importance(q, k, cfg.block_size, tiles=tiles), 2, 5)
+            row["importance"].append({**dataclasses.asdict(tiles), **t})
         for tile, warps, sb in ((4096, None, 32), (2048, None, 32), (8192, None, 32), (4096, 8, 32),
                                 (4096, None, 64)):
-            tsel.TUNING.update(tile_elements=tile, top_p_warps=warps, score_block=sb)
-            t = cuda_time(lambda: tsel.select_blocks(q, k, perm, cfg), 2, 5)
-            row["select"].append({"tile_elements": tile, "top_p_warps": warps, "score_block": sb, **t})
-        tsel.TUNING.update(sel_default)
+            tiles = SelectTiles(tile_elements=tile, top_p_warps=warps, score_block=sb)
+            t = cuda_time(lambda: tsel.select_blocks(q, k, perm, cfg, tiles=tiles), 2, 5)
+            row["select"].append({**dataclasses.asdict(tiles), **t})
         print(json.dumps(row), file=sys.stderr)
         out.append(row)
         del q, k, perm

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import os
 import sys
 import traceback
 
@@ -17,7 +16,7 @@ from . import errors
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)  # diagnostics stay one line each (logs, grep), like `out`
 
-_state = {"debug": bool(os.environ.get("PBS_DEBUG")), "one_command": False}
+_state = {"debug": False, "one_command": False}  # debug: `pbs --debug`
 
 
 def set_one_command_process() -> None:

@@ -192,7 +192,6 @@ def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
                PBS_CONFIG_DIR=str(tmp_path / "pbs-config"), PBS_CACHE_DIR=str(tmp_path / "pbs-cache"),
                XDG_CACHE_HOME=str(tmp_path / "xdg-cache"), PYTHONUNBUFFERED="1")
     env.setdefault("TRITON_INTERPRET", "1")
-    env.pop("PBS_DEBUG", None)
     env.update(extra)
     return env
 

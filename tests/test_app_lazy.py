@@ -1,57 +1,79 @@
-"""The lazily composed `pbs` app: same help as registering every command up front, and a command
-imports only what it uses (`pbs --help` no torch; `pbs viz-mask` no transformers, no matplotlib)."""
+"""The `pbs` app: every command registered through Typer's public API, listed in `pbs --help` with its
+one-line description, parser errors as one ``error:`` line; and a command imports only what it uses
+(`pbs --help` no torch; `pbs viz-mask` torch but no transformers, Triton or matplotlib)."""
 
-import importlib
+import ast
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from pbs_cli import app as lazy
+import pbs_cli
+from pbs_cli import app as pbs_app
+from pbs_cli.commands import calibrate, env, eval as evaluate, prefill, profile, report, viz_mask
 
-ENV = {"COLUMNS": "100", "NO_COLOR": "1"}
-
-
-def _eager_app() -> typer.Typer:
-    """The app as it was composed before lazy loading: every module imported, every command registered."""
-    eager = typer.Typer(name="pbs", help=lazy.app.info.help, no_args_is_help=True, pretty_exceptions_show_locals=False,
-                        rich_markup_mode="rich")
-    eager.callback()(lazy._root)
-    for name, (module, attr) in lazy.COMMANDS.items():
-        target = getattr(importlib.import_module(f"pbs_cli.commands.{module}"), attr)
-        if attr == "app":
-            eager.add_typer(target, name=name)
-        else:
-            eager.command(name)(target)
-    return eager
+ENV = {"COLUMNS": "300", "NO_COLOR": "1"}
+# name -> the help text of what `pbs NAME` runs (the oracle for the listing), in `pbs --help` order
+COMMANDS = {"prefill": prefill.command.__doc__, "env": env.command.__doc__, "viz-mask": viz_mask.command.__doc__,
+            "profile": profile.command.__doc__, "eval": evaluate.command.__doc__,
+            "calibrate": calibrate.command.__doc__, "report": report.app.info.help}
 
 
-@pytest.mark.parametrize("args", [["--help"], [], ["report", "--help"], ["viz-mask", "--help"], ["report", "show", "--help"]])
-def test_help_is_what_the_eager_app_prints(args):
-    runner = CliRunner()
-    got, expected = runner.invoke(lazy.app, args, env=ENV), runner.invoke(_eager_app(), args, env=ENV)
-    assert (got.exit_code, got.stdout, got.stderr) == (expected.exit_code, expected.stdout, expected.stderr)
-    if args == ["--help"]:
-        assert all(name in got.stdout for name in lazy.COMMANDS)
+def _summary(doc: str) -> str:
+    """The first paragraph of a help text, on one line (what the listing shows)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
-@pytest.mark.parametrize("name", list(lazy.COMMANDS))
-def test_listed_help_is_read_from_source_not_guessed(name, monkeypatch):
-    real = lazy.load_command(name).help
-    monkeypatch.setattr(lazy, "load_command", lambda n: pytest.fail(f"{n}: listed_help fell back to importing"))
-    assert lazy.listed_help(name) == real
+def test_help_lists_every_command_with_its_description_in_order():
+    got = CliRunner().invoke(pbs_app.app, ["--help"], env=ENV)
+    assert got.exit_code == 0
+    rows = [ln for ln in got.stdout.splitlines() if re.match(r"^│ [a-z-]+ ", ln)]
+    listed = [re.match(r"^│ ([a-z-]+) ", ln).group(1) for ln in rows]
+    commands_at = listed.index("prefill")
+    assert listed[commands_at:] == list(COMMANDS)
+    for name, row in zip(COMMANDS, rows[commands_at:]):
+        assert " ".join(row.strip("│ ").split()) == f"{name} {_summary(COMMANDS[name])}"
 
 
-def test_unknown_command_is_refused_as_the_eager_app_does():
-    """The same refusal and suggestion as Typer's own group, as one ``error:`` line (README, "Exit codes")."""
-    got, expected = CliRunner().invoke(lazy.app, ["viz-mas"], env=ENV), CliRunner().invoke(_eager_app(), ["viz-mas"], env=ENV)
-    assert got.exit_code == expected.exit_code == 2
-    message = "No such command 'viz-mas'. Did you mean 'viz-mask'?"
-    assert message in expected.stderr
-    assert got.stderr.splitlines() == [f"error: {message} (see 'pbs --help')"]
+@pytest.mark.parametrize("args", [[], ["report"]])
+def test_a_group_alone_prints_its_help_and_exits_2(args):
+    got = CliRunner().invoke(pbs_app.app, args, env=ENV)
+    assert got.exit_code == 2
+    assert "Usage:" in got.stdout and got.stderr == ""
+
+
+def test_unknown_command_is_one_line_with_a_suggestion():
+    """Typer's refusal and suggestion, as one ``error:`` line (README, "Exit codes")."""
+    got = CliRunner().invoke(pbs_app.app, ["viz-mas"], env=ENV)
+    assert got.exit_code == 2
+    assert got.stderr.splitlines() == ["error: No such command 'viz-mas'. Did you mean 'viz-mask'? (see 'pbs --help')"]
+
+
+@pytest.mark.parametrize("args, line", [
+    (["viz-mask", "--bogus"], "error: No such option: --bogus (see 'pbs viz-mask --help')"),
+    (["report", "show"], "error: Missing argument 'file' (see 'pbs report show --help')"),
+    (["report", "shw"], "error: No such command 'shw'. Did you mean 'show'? (see 'pbs report --help')"),
+    (["profile", "--heads", "0"], "error: Invalid value for '--heads': Input should be greater than or equal to 1 "
+                                  "(see 'pbs profile --help')"),
+])
+def test_parser_errors_are_one_line_and_exit_2(args, line):
+    got = CliRunner().invoke(pbs_app.app, args, env=ENV)
+    assert got.exit_code == 2
+    assert got.stderr.splitlines() == [line]
+
+
+def test_the_app_uses_typers_public_api_only():
+    """No module of pbs_cli imports Typer's private modules or its command-building internals."""
+    private = re.compile(r"^typer\.(_|main$|models$)")
+    for path in Path(pbs_cli.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            assert not any(private.match(n) for n in names), f"{path.name} imports {names}"
 
 
 def _modules_after(args: list[str]) -> dict:
@@ -59,9 +81,9 @@ def _modules_after(args: list[str]) -> dict:
     probe = (
         "import atexit, json, sys\n"
         "def report():\n"
-        "    names = [m for m in ('torch', 'transformers', 'matplotlib', 'numpy') if m in sys.modules]\n"
-        "    cmds = sorted(m.rsplit('.', 1)[1] for m in sys.modules if m.startswith('pbs_cli.commands.'))\n"
-        "    sys.stderr.write('\\nMODULES ' + json.dumps({'heavy': names, 'commands': cmds}) + '\\n')\n"
+        "    heavy = ('torch', 'transformers', 'triton', 'matplotlib', 'pbs_kernels.attention')\n"
+        "    names = [m for m in heavy if m in sys.modules]\n"
+        "    sys.stderr.write('\\nMODULES ' + json.dumps(names) + '\\n')\n"
         "atexit.register(report)\n"
         f"sys.argv = ['pbs', *{args!r}]\n"
         "from pbs_cli.app import main\n"
@@ -74,12 +96,9 @@ def _modules_after(args: list[str]) -> dict:
     return json.loads(line.removeprefix("MODULES "))
 
 
-def test_help_imports_no_torch_and_no_command_module():
-    seen = _modules_after(["--help"])
-    assert seen == {"heavy": [], "commands": []}
+def test_help_imports_no_torch():
+    assert _modules_after(["--help"]) == []
 
 
-def test_viz_mask_imports_its_own_module_and_torch_only():
-    seen = _modules_after(["viz-mask", "--seq-len", "512"])
-    assert seen["commands"] == ["viz_mask"]
-    assert "torch" in seen["heavy"] and "transformers" not in seen["heavy"] and "matplotlib" not in seen["heavy"]
+def test_viz_mask_imports_torch_but_no_transformers_triton_or_matplotlib():
+    assert _modules_after(["viz-mask", "--seq-len", "512"]) == ["torch"]

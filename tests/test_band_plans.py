@@ -243,7 +243,7 @@ def test_masked_calls_leave_the_plain_causal_kernels(mode, monkeypatch):
     for name in A.MASKING_MODES:
         assert A.resolve_perm_mode(1000, 128, q, name, masked=True) == name
     monkeypatch.setenv("PBS_BACKEND", "triton")
-    monkeypatch.setattr(A, "DEFAULT_PERM_MODE", mode)  # as PBS_PERM_MODE=mode
+    monkeypatch.setenv("PBS_PERM_MODE", mode)
     qc = torch.empty(1, 4, 8, 64, device=DEVICE, dtype=DTYPES[0])
     assert attention_kernel(qc, 32) == f"triton/{mode}"
     assert attention_kernel(qc, 32, masked=True) == "triton/remap"

@@ -82,8 +82,6 @@ def test_cpu_sweep_lists_dense_and_pbs_with_density_speedup_recall(sweep):
 def test_kernel_field_names_the_triton_read_mode(monkeypatch):
     """With the Triton path (here: forced onto CPU tensors in the interpreter) the pbs record names the
     read mode that ran: the "auto" rule's choice, or PBS_PERM_MODE's."""
-    from pbs_kernels.triton import attention as fast
-
     monkeypatch.setenv("PBS_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q, k, v = synthetic_qkv(1, 4, 2, 512, 64, seed=3, dtype=torch.float16)
@@ -91,7 +89,7 @@ def test_kernel_field_names_the_triton_read_mode(monkeypatch):
                  iters=1, budget_s=0, recall_rows=8)
     (rec,) = Profiler(s).run(Case(q, k, v))
     assert rec["status"] == "ok" and rec["kernel"] == "triton/remap"  # the interpreter's "auto"
-    monkeypatch.setattr(fast, "DEFAULT_PERM_MODE", "gather")
+    monkeypatch.setenv("PBS_PERM_MODE", "gather")
     (rec,) = Profiler(s).run(Case(q, k, v))
     assert rec["status"] == "ok" and rec["kernel"] == "triton/gather"
 

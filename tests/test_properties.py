@@ -27,7 +27,10 @@ from pbs_kernels import PBSConfig
 
 from fixtures import TINY_CONTEXT, assert_clean_outcome, invoke, tiny_model_dir  # noqa: F401 (fixture)
 
-_BUDGET = os.environ.get("PBS_HYPOTHESIS_BUDGET", "small")
+_BUDGET = os.environ.get("PBS_HYPOTHESIS_BUDGET") or "small"
+if _BUDGET not in ("small", "big", "random"):
+    raise ValueError(f"PBS_HYPOTHESIS_BUDGET={_BUDGET[:40]!r} is not a valid value; use small, big or random, "
+                     "or unset it")
 settings.register_profile("pbs-small", max_examples=60, derandomize=True, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 settings.register_profile("pbs-big", max_examples=1500, derandomize=True, deadline=None,
@@ -210,7 +213,7 @@ documents = st.one_of(
 def cli_env(tmp_path_factory) -> dict[str, str]:
     home = tmp_path_factory.mktemp("pbs-home")
     return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(home / "hf"),
-            "PBS_CONFIG_DIR": str(home / "config"), "PBS_CACHE_DIR": str(home / "cache"), "PBS_DEBUG": None}
+            "PBS_CONFIG_DIR": str(home / "config"), "PBS_CACHE_DIR": str(home / "cache")}
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def test_prefill_makes_the_kv_copies_in_the_pooling_pass(monkeypatch, chunked):
     from pbs_kernels.triton import attention as fast
 
     q, k, v = inputs(n=170, seed=2)
-    monkeypatch.setattr(fast, "DEFAULT_PERM_MODE", "gather")  # a copying mode that runs everywhere
+    monkeypatch.setenv("PBS_PERM_MODE", "gather")  # a copying mode that runs everywhere
     plan = build_plan(q, k, CFG)
     want = pbs_attention(q, k, v, plan)  # copies K/V apart
     monkeypatch.setattr(fast, "permuted_copies", lambda *a, **kw: pytest.fail("copied K/V apart from the pooling"))

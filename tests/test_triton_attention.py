@@ -346,3 +346,24 @@ def test_auto_read_mode_needs_no_plan_values():
         assert A.copies_fit_l2(smol, 3, 32768) and not A.copies_fit_l2(smol, 3, 131072)
         assert A.choose_perm_mode(meta_plan(32768, h_q=9, h_kv=3), smol) == "persistent"
         assert A.choose_perm_mode(meta_plan(32768, block=64, h_q=9, h_kv=3), smol) == "tma"
+
+
+def test_perm_mode_variable_is_read_when_used_and_validated(monkeypatch):
+    """``PBS_PERM_MODE`` picks the read mode of calls that name none, read at each call (set after the
+    import here); a value the kernel does not know is refused with the allowed values."""
+    q = torch.empty(1, 4, 8, 64, device="meta")
+    monkeypatch.delenv("PBS_PERM_MODE", raising=False)
+    assert A.default_perm_mode() == "auto"
+    for mode in A.PERM_MODES:
+        monkeypatch.setenv("PBS_PERM_MODE", mode)
+        assert A.resolve_perm_mode(1000, 128, q) == mode
+        assert A.resolve_perm_mode(1000, 128, q, "remap") == "remap"  # a named mode wins
+    monkeypatch.setenv("PBS_PERM_MODE", "")
+    assert A.default_perm_mode() == "auto"
+    monkeypatch.setenv("PBS_PERM_MODE", "TMA")
+    with pytest.raises(ValueError, match=r"^PBS_PERM_MODE='TMA' is not a valid value; use one of auto, tma, gather, "
+                                         r"remap, persistent, or unset it$"):
+        A.resolve_perm_mode(1000, 128, q)
+    from pbs_cli.options import KERNEL_SETTINGS  # what `pbs` refuses before a command runs: the same values
+
+    assert set(KERNEL_SETTINGS["PBS_PERM_MODE"]) == {"auto", *A.PERM_MODES}

@@ -24,6 +24,7 @@ from triton_setup import DEVICE
 from pbs_kernels import reference  # noqa: E402
 from pbs_kernels.config import PBSConfig  # noqa: E402
 from pbs_kernels.triton import sampled  # noqa: E402
+from pbs_kernels.triton.tiles import SampledTiles  # noqa: E402
 
 LOW = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # bf16 is wrong in the interpreter
 TIE = 1e-6
@@ -400,16 +401,16 @@ def test_kernel_compiles_for_h100():
 
 
 @pytest.mark.parametrize("rows", [16, 128])
-def test_program_groups_of_any_size_give_the_reference_plan(monkeypatch, rows):
-    """Sampled rows per program (``TUNING['rows']``): 16 rows keep a program inside one segment, 128
-    rows (32 query blocks of 4 rows) span many segments and start mid-segment (3 blocks per segment),
-    so tiles inside a group's span are read permuted by some rows and in original order by others."""
-    monkeypatch.setitem(sampled.TUNING, "rows", rows)
+def test_program_groups_of_any_size_give_the_reference_plan(rows):
+    """Sampled rows per program (``SampledTiles.rows``, passed as ``tiles=``): 16 rows keep a program inside
+    one segment, 128 rows (32 query blocks of 4 rows) span many segments and start mid-segment (3 blocks per
+    segment), so tiles inside a group's span are read permuted by some rows and in original order by others."""
+    tiles = SampledTiles(rows=rows)
     cfg = PBSConfig(block_size=16, segment_size=48, **{**DEFAULT, "sample_rows": 4})
     q, k = structured_qkv(1, 4, 2, 701, 32, seed=rows)
     perm = permutation(q, k, cfg)
     n_b = -(-701 // 16)
-    got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b).cpu()
+    got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b, tiles=tiles).cpu()
     torch.testing.assert_close(got.double(), layout_masses(q, k, perm, cfg, 0, n_b), rtol=1e-5, atol=2e-6)
-    plan = sampled.select_blocks(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg)
+    plan = sampled.select_blocks(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, tiles=tiles)
     assert_plans_equal(q, k, perm, cfg, plan, ref_select(q, k, perm, cfg))

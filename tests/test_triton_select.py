@@ -25,6 +25,7 @@ from pbs_kernels.block_mask import PermutedBlockMask  # noqa: E402
 from pbs_kernels.config import PBSConfig  # noqa: E402
 from pbs_kernels.triton import permute as tperm  # noqa: E402
 from pbs_kernels.triton import select as tsel  # noqa: E402
+from pbs_kernels.triton.tiles import PermuteTiles, SelectTiles  # noqa: E402
 
 # bf16 is wrong in the interpreter (DESIGN.md); fp32 is what the CPU path is for
 DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float32, torch.float16]
@@ -74,11 +75,12 @@ def test_key_importance_matches_reference(dtype, h_q, h_kv, per_head, n):
 
 
 @pytest.mark.parametrize("span", [128, 512])
-def test_key_importance_merges_spans(monkeypatch, span):
+def test_key_importance_merges_spans(span):
     """Row statistics over several key spans, merged by log-sum-exp, equal one pass over all keys."""
     q, k = structured_qkv(1, 4, 2, 1500, 64, DTYPES[0], seed=5)
-    monkeypatch.setitem(tperm.TUNING, "span", span)  # the launcher rounds it up to its key tile
-    torch.testing.assert_close(tperm.key_importance(q, k, 64), reference.key_importance(q, k, 64), rtol=1e-4, atol=1e-7)
+    tiles = PermuteTiles(span=span)  # the launcher rounds it up to its key tile
+    torch.testing.assert_close(tperm.key_importance(q, k, 64, tiles=tiles), reference.key_importance(q, k, 64),
+                               rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -260,6 +262,26 @@ def test_tiny_threshold_keeps_only_forced_blocks(dtype, sink, local):
     sink_blocks = reference.sink_block(perm, 16).repeat_interleave(3, 1).cpu() if sink else None
     want = forced_blocks(16, 2, local, sink_blocks).expand(2, 3, 16, 16)
     assert torch.equal(plan.to_dense().cpu(), want)
+
+
+@pytest.mark.parametrize("tiles", [PermuteTiles(block_m=16, block_n=32, num_warps=2, span=64), SelectTiles(
+    tile_elements=512, top_p_warps=1, score_block=16)], ids=["permute", "select"])
+def test_other_tiles_give_the_reference_plan(tiles):
+    """A launch with other tiles (``tiles=``, as benchmarks/select_bench.py --sweep passes them) plans as the
+    reference does (the interpreter widens some tiles; a GPU runs these)."""
+    cfg = PBSConfig(block_size=16, segment_size=32, local_blocks=1)
+    q, k = structured_qkv(1, 4, 2, 333, 32, DTYPES[0], seed=3)
+    if isinstance(tiles, PermuteTiles):
+        perm = tperm.compute_permutation(q, k, cfg, tiles=tiles)
+        imp = reference.key_importance(q, k, cfg.block_size)
+        torch.testing.assert_close(tperm.key_importance(q, k, cfg.block_size, tiles=tiles), imp, rtol=1e-4, atol=1e-7)
+        segment_perm_check(perm, 333, cfg.segment_size)
+        got = tsel.select_blocks(q, k, perm, cfg)
+    else:
+        perm = tperm.compute_permutation(q, k, cfg)
+        got = tsel.select_blocks(q, k, perm, cfg, tiles=tiles)
+    want = reference.select_blocks(q, reference.permute_keys(k, perm), perm, cfg)
+    assert_selection_matches(q, k, perm, cfg, got, want)
 
 
 def test_chunked_scores_equal_one_chunk():

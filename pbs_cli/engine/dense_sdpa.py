@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import torch
 
-DENSE_BACKENDS = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math")
 GPU_CANDIDATES = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient")
 REPEAT_BELOW_MS = 100.0  # forwards shorter than this are timed up to SHORT_REPEATS times (minimum kept)
 SHORT_REPEATS = 5
@@ -86,8 +85,8 @@ def probe_sdpa(name: str, device: torch.device, dtype: torch.dtype, heads: int, 
 
 @dataclass(frozen=True)
 class DenseChoice:
-    """The SDPA backend dense attention uses: ``name`` (see DENSE_BACKENDS), ``mode`` "gqa" or "expand"
-    (K/V repeated to H_q heads before the call, inside the timed forward), and what was measured."""
+    """The SDPA backend dense attention uses: ``name`` (see ``profile_records.DENSE_BACKENDS``), ``mode`` "gqa" or
+    "expand" (K/V repeated to H_q heads before the call, inside the timed forward), and what was measured."""
 
     name: str
     mode: str

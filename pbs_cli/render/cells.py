@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine.profiling import summarize
+from ..engine.profile_records import summarize
 from ..engine.sizes import format_size
 
 

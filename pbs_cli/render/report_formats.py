@@ -3,7 +3,7 @@
 
 A profile document is ``reports.envelope("profile", ...)`` with ``shape``, ``pbs``, ``workload``,
 ``seq_lens``, ``backends``, ``results`` (one flat record per length x backend [x layer], fields
-``profiling.RESULT_FIELDS``) and ``summary``. JSONL holds the same document as lines: first a header
+``profile_records.RESULT_FIELDS``) and ``summary``. JSONL holds the same document as lines: first a header
 (the document without ``results``, ``"record": "header"``), then one ``"record": "result"`` line per
 result, so a sweep cut short keeps every finished line and still loads.
 """
@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import UsageError
-from ..engine.profiling import RESULT_FIELDS, summarize
+from ..engine.profile_records import RESULT_FIELDS, summarize
 from ..engine.sizes import format_size
 from .cells import (COLUMNS, describe, format_ms, has_layers, incomplete_note, row_cells, skipped_lines,
                     summary_lines)

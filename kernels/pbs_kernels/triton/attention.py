@@ -32,8 +32,8 @@ PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "persistent": 4}
 # blocks (head_dim 64 and 128); else "remap" for short sequences and "tma" for long ones (BENCHMARKS.md,
 # "Read modes of the attention kernel": the persistent kernel measured faster than the warp-specialized
 # Triton kernel, which was removed for it, and than "tma" at 32K and 128K with 5-100% of the blocks
-# kept). PBS_PERM_MODE=remap|gather|tma|persistent overrides it.
-DEFAULT_PERM_MODE = os.environ.get("PBS_PERM_MODE", "auto")
+# kept). PBS_PERM_MODE=remap|gather|tma|persistent overrides it (``default_perm_mode``).
+PERM_MODE_ENV = "PBS_PERM_MODE"
 # Sequence length from which "auto" reads permuted keys from a copy through TMA instead of remapping
 # (when "persistent" does not apply). Measured on an H100 (bf16, 128-token blocks, BENCHMARKS.md, "Read modes of
 # the attention kernel"): for head_dim 64 at 32K the copy + TMA is 6-19% faster than remap from
@@ -45,6 +45,18 @@ TMA_MIN_SEQ_LEN = 32768
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def default_perm_mode() -> str:
+    """The read mode asked for by ``PBS_PERM_MODE`` when the call names none: "auto" when unset or empty,
+    else one of ``PERM_MODES``; read at each call (a process may set it after importing the kernels)."""
+    value = os.environ.get(PERM_MODE_ENV, "")
+    if value in ("", "auto"):
+        return "auto"
+    if value not in PERM_MODES:
+        raise ValueError(f"{PERM_MODE_ENV}={value[:40]!r} is not a valid value; use one of "
+                         f"{', '.join(['auto', *PERM_MODES])}, or unset it")
+    return value
 
 
 def autotune_requested() -> bool:
@@ -255,12 +267,12 @@ MASKING_MODES = ("tma", "gather", "remap")
 
 def resolve_perm_mode(seq_len: int, block_size: int, q: torch.Tensor, perm_mode: str | None = None,
                       masked: bool = False) -> str:
-    """The read mode ``pbs_attention`` uses for ``perm_mode`` (None: ``DEFAULT_PERM_MODE``; "auto":
+    """The read mode ``pbs_attention`` uses for ``perm_mode`` (None: ``default_perm_mode()``; "auto":
     ``choose_perm_mode``'s rule on CUDA, "remap" in the interpreter) on a plan of ``seq_len`` tokens in
     ``block_size``-token blocks. ``masked`` (a window, a softcap or sinks): "persistent" becomes "tma"
     from ``TMA_MIN_SEQ_LEN`` tokens on, "remap" below, the modes of the kernel that masks. A head_dim over
     128 runs "remap" unless "gather" is asked for (``WIDE_HEAD_MODES``)."""
-    name = perm_mode or DEFAULT_PERM_MODE
+    name = perm_mode or default_perm_mode()
     if name == "auto":
         name = _auto_mode(seq_len, block_size, q) if q.is_cuda else "remap"
     if name not in PERM_MODES:
@@ -288,7 +300,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         tensor descriptors), "persistent" (the persistent Gluon kernel
         ``attention_gluon_kernel``: a permuted copy for earlier segments, k and v themselves for the
         query's own segment; Hopper, fp16/bf16, 128-token blocks) or "auto"
-        (``choose_perm_mode``). Default ``DEFAULT_PERM_MODE``.
+        (``choose_perm_mode``). Default ``default_perm_mode()`` (``PBS_PERM_MODE``, else "auto").
     config: tile config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}; None = the measured
         default (``_default_config``); "autotune" = tune on CUDA over ``_cuda_configs`` (also when
         ``PBS_AUTOTUNE=1``), once per plan block, head_dim and row-length bucket.

@@ -18,11 +18,7 @@ import triton
 from .. import reference
 from ..config import PBSConfig
 from .permute_kernel import _importance_kernel, _row_stats_kernel, _segment_sort_kernel
-
-# GPU tile of both passes, and keys per program of the row-statistics pass ("span": enough programs
-# to fill a GPU at long N while each one still streams many key tiles; the spans are merged with a
-# log-sum-exp on the host stream). benchmarks/select_bench.py --sweep measures alternatives.
-TUNING = {"block_m": 64, "block_n": 128, "num_warps": 8, "span": 4096}  # best of 5 tiles on an H100 at 32K and 128K
+from .tiles import PERMUTE_TILES, PermuteTiles
 
 # Largest segment the fused sort takes by default: the whole segment (an int64 per key) sorts in registers
 SORT_MAX_SEGMENT = 2048
@@ -37,11 +33,12 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: bool = False,
-                   scale: float | None = None) -> torch.Tensor:
+                   scale: float | None = None, *, tiles: PermuteTiles = PERMUTE_TILES) -> torch.Tensor:
     """fp32 (B, H_perm, N): mean probability each key gets from the last ``block_size`` query rows.
 
     q (B, H_q, N, D), k (B, H_kv, N, D); H_perm = H_kv, or H_q when ``per_head`` (see
-    ``reference.key_importance``, which this matches up to fp32 rounding).
+    ``reference.key_importance``, which this matches up to fp32 rounding). ``tiles``: the launches of both
+    passes (``pbs_kernels.triton.tiles``).
     """
     b, h_q, n, d = q.shape
     h_kv = k.shape[1]
@@ -55,14 +52,14 @@ def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: 
     gp = h_q // h_perm  # query heads averaged into one permutation head
     d_pow2 = max(16, triton.next_power_of_2(d))
     ieee = q.dtype == torch.float32
-    block_m, block_n, num_warps = TUNING["block_m"], TUNING["block_n"], TUNING["num_warps"]
+    block_m, block_n, num_warps = tiles.block_m, tiles.block_n, tiles.num_warps
     if _interpreting():  # the interpreter's cost is per operation: fewer, larger tiles
         block_m, block_n = 128, 512
 
     qk_scale = scale * math.log2(math.e)  # both passes work in base 2 (exp2)
 
     # -- pass 1: per row, max and sum of exponentials over spans of keys; merged into a log-sum-exp --
-    span = max(block_n, TUNING["span"] // block_n * block_n)
+    span = max(block_n, tiles.span // block_n * block_n)
     n_spans = triton.cdiv(n, span)
     m_part = torch.empty(b * h_q, n_spans, rows, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
@@ -126,10 +123,11 @@ def segment_permutation(scores: torch.Tensor, segment_size: int, fused: bool | N
 
 
 def compute_permutation(q: torch.Tensor, k: torch.Tensor, config: PBSConfig,
-                        scale: float | None = None) -> torch.Tensor:
+                        scale: float | None = None, *, tiles: PermuteTiles = PERMUTE_TILES) -> torch.Tensor:
     """int32 (B, H_perm, N): original key position at each permuted slot (see ``pbs_kernels.permute``).
 
-    q (B, H_q, N, D), k (B, H_kv, N, D) on the GPU (or CPU under ``TRITON_INTERPRET=1``).
+    q (B, H_q, N, D), k (B, H_kv, N, D) on the GPU (or CPU under ``TRITON_INTERPRET=1``); ``tiles``: the
+    launches of the key importance.
     """
     b, h_q, n, _ = q.shape
     h_perm = h_q if config.per_head_permutation else k.shape[1]
@@ -138,7 +136,7 @@ def compute_permutation(q: torch.Tensor, k: torch.Tensor, config: PBSConfig,
                          f"through pbs_kernels.permute (the reference), got {config}")
     if not config.permute or n < config.segment_size:
         return reference.identity_permutation(b, h_perm, n, q.device)
-    imp = key_importance(q, k, config.block_size, config.per_head_permutation, scale)
+    imp = key_importance(q, k, config.block_size, config.per_head_permutation, scale, tiles=tiles)
     # stable descending sort per segment, exactly as the reference (one Triton launch; torch.sort for
     # segments the kernel does not take; no sync either way)
     return segment_permutation(imp, config.segment_size)

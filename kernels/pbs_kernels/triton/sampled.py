@@ -21,14 +21,11 @@ from .. import reference
 from ..config import PBSConfig
 from . import select as pooled
 from .sampled_kernel import _sampled_lse_kernel, _sampled_top_p_kernel
+from .tiles import SAMPLED_TILES, SampledTiles
 
 # Upper bound of the per-chunk per-row mass buffer: 256 MiB (SmolLM2 at 32K in one chunk; 64 query
 # blocks of 64 tokens per chunk for 32 heads at 128K).
 _BUFFER_BYTES = 256 << 20
-# GPU tile: sampled rows per program (query blocks x sample_rows, consecutive blocks of any segments),
-# warps, software-pipelining stages (None: Triton's default); benchmarks/sampled_bench.py --sweep times
-# alternatives
-TUNING = {"rows": 64, "num_warps": 4, "num_stages": None}
 
 
 def _interpreting() -> bool:
@@ -53,14 +50,15 @@ def _check(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConf
 
 
 def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig, r0: int, r1: int,
-               scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+               scale: float, out: torch.Tensor, lse: torch.Tensor, tiles: SampledTiles) -> None:
     """Run the kernel for query blocks [r0, r1) into ``out`` fp32 (B*H_q, C, m, N_b) (per-tile
-    log-sum-exp) and ``lse`` fp32 (B*H_q, C, m) (per-row log-sum-exp). q, k last-dim contiguous."""
+    log-sum-exp) and ``lse`` fp32 (B*H_q, C, m) (per-row log-sum-exp), launched with ``tiles``. q, k
+    last-dim contiguous."""
     b, h_q, n, d = q.shape
     bs = config.block_size
     m = config.sample_rows
     m_pow2 = triton.next_power_of_2(m)
-    qb = max(1, TUNING["rows"] // m_pow2)  # query blocks per program
+    qb = max(1, tiles.rows // m_pow2)  # query blocks per program
     block_r = max(16, triton.next_power_of_2(qb * m_pow2))
     _sampled_lse_kernel[(triton.cdiv(r1 - r0, qb), b * h_q)](
         q, k, perm, out, lse,
@@ -71,12 +69,13 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
         M=m, M_POW2=m_pow2, STEP=bs // m, GEOMETRIC=config.sample_spacing == "geometric", QB=qb, BLOCK_R=block_r,
         BLOCK_N=bs,
         HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
-        num_warps=TUNING["num_warps"], **({"num_stages": TUNING["num_stages"]} if TUNING["num_stages"] else {}),
+        **tiles.launch_options(),
     )
 
 
 def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
-                       r0: int, r1: int, scale: float | None = None) -> torch.Tensor:
+                       r0: int, r1: int, scale: float | None = None, *,
+                       tiles: SampledTiles = SAMPLED_TILES) -> torch.Tensor:
     """fp32 (B, H_q, C, m, N_b): softmax mass of each sampled row of query blocks [r0, r1) on every
     key block, in the layout that the row's query block reads (each row sums to 1).
 
@@ -94,18 +93,20 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, con
     out = torch.empty(b * h_q, c, m, n_b, dtype=torch.float32, device=q.device)
     lse = torch.empty(b * h_q, c, m, dtype=torch.float32, device=q.device)
     _block_lse(_last_dim_contiguous(q), _last_dim_contiguous(k), perm.to(torch.int32).contiguous(),
-               config, r0, r1, scale, out, lse)
+               config, r0, r1, scale, out, lse, tiles)
     return out.sub_(lse[..., None]).exp_().view(b, h_q, c, m, n_b)
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
-                  scale: float | None = None, buffer_bytes: int = _BUFFER_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale: float | None = None, buffer_bytes: int = _BUFFER_BYTES, *,
+                  tiles: SampledTiles = SAMPLED_TILES) -> tuple[torch.Tensor, torch.Tensor]:
     """(kv_num_blocks int32 (B, H_q, N_qb), kv_indices int32 (B, H_q, N_qb, N_kb)), equal to the
     reference's plan (up to exact ties of the block masses).
 
     q (B, H_q, N, D); k (B, H_kv, N, D) in ORIGINAL order; perm int32 (B, H_perm, N). Handles
     score "sampled" and "pooled" with any threshold_scope / row_top / local_blocks / sink (for the
-    published pooled options ``pbs_kernels.triton.select`` is the faster, fused path).
+    published pooled options ``pbs_kernels.triton.select`` is the faster, fused path). ``tiles``: the
+    launch of the sampled-row scoring (``pbs_kernels.triton.tiles``).
     """
     _check(q, k, perm, config)
     b, h_q, n, d = q.shape
@@ -143,7 +144,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
         c = r1 - r0
         out = buf[: b * h_q * c * m * n_b].view(b * h_q, c, m, n_b)
         lse = lse_buf[: b * h_q * c * m].view(b * h_q, c, m)
-        _block_lse(q, k, perm, config, r0, r1, scale, out, lse)
+        _block_lse(q, k, perm, config, r0, r1, scale, out, lse, tiles)
         _top_p(out, lse, sink, num, idx, config, r0, r1, h_q, g)
     return num, idx
 

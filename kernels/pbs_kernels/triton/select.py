@@ -18,15 +18,11 @@ import triton
 
 from ..config import PBSConfig
 from .select_kernel import _block_scores_kernel, _pool_kernel, _top_p_kernel
+from .tiles import SELECT_TILES, SelectTiles
 
 # Upper bound of the per-chunk fp32 score buffer: 256 MiB (the whole matrix up to 128K tokens with
 # 32 heads; 16 chunks at 512K).
 _SCORE_BYTES = 256 << 20
-# GPU tiles: elements per program of the pooling tiles, top-p warps per row length (None:
-# by length), score tile (the benchmark's --sweep measures alternatives)
-# score tile None: by head_dim (select_bench --sweep on an H100: 64 for head_dim 64, 0.34 vs 0.45 ms at
-# 32K with the SmolLM2 shape; 32 for head_dim 128, where 64 took 2-4x longer)
-TUNING = {"tile_elements": 4096, "top_p_warps": None, "score_block": None}
 # elements of the top-p tile per warp: whole rows per warp up to 1024 blocks (benchmarks/plan_kernels.py on an
 # H100: 172 -> 116 us per layer at 128K with the SmolLM2 shape, against 4 warps on 4096; BENCHMARKS.md)
 _TOP_P_WARP_ELEMENTS = 1024
@@ -36,9 +32,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _tile_elements() -> int:
+def _tile_elements(tiles: SelectTiles) -> int:
     """Elements per program of the pooling and top-p tiles."""
-    return 1 << 16 if _interpreting() else TUNING["tile_elements"]
+    return 1 << 16 if _interpreting() else tiles.tile_elements
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -46,18 +42,18 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def pool_blocks(x: torch.Tensor, block_size: int, perm: torch.Tensor | None = None,
-                heads: int | None = None) -> torch.Tensor:
+                heads: int | None = None, *, tiles: SelectTiles = SELECT_TILES) -> torch.Tensor:
     """fp32 (B, H_out, N_b, D): mean of each block of ``block_size`` rows (partial last block: its real rows).
 
     x (B, H_x, N, D). With ``perm`` (int32 (B, H_out, N)) slot s of output head h reads row
     ``perm[b, h, s]`` of input head ``h // (H_out // H_x)`` (pooled permuted keys, no permuted copy).
     Twin of ``reference.pool_blocks`` (on ``reference.permute_keys(x, perm)``).
     """
-    return _pool(x, block_size, perm, heads)[0]
+    return _pool(x, block_size, perm, heads, tiles=tiles)[0]
 
 
-def pool_and_copy(k: torch.Tensor, v: torch.Tensor, block_size: int, perm: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pool_and_copy(k: torch.Tensor, v: torch.Tensor, block_size: int, perm: torch.Tensor, *,
+                  tiles: SelectTiles = SELECT_TILES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``pool_blocks(k, block_size, perm)`` and the permuted copies of k and v, from one pass over k.
 
     k, v (B, H_kv, N, D) of one dtype, D a power of two; perm int32 (B, H_perm, N). Returns (k_bar fp32
@@ -68,11 +64,11 @@ def pool_and_copy(k: torch.Tensor, v: torch.Tensor, block_size: int, perm: torch
     if v.shape != k.shape or v.dtype != k.dtype or k.shape[-1] & (k.shape[-1] - 1):
         raise ValueError(f"pool_and_copy needs k and v of one shape and dtype with a power-of-two head_dim, got "
                          f"{tuple(k.shape)} {k.dtype} and {tuple(v.shape)} {v.dtype}")
-    return _pool(k, block_size, perm, values=v)
+    return _pool(k, block_size, perm, values=v, tiles=tiles)
 
 
 def _pool(x: torch.Tensor, block_size: int, perm: torch.Tensor | None, heads: int | None = None,
-          values: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+          values: torch.Tensor | None = None, tiles: SelectTiles = SELECT_TILES) -> tuple[torch.Tensor, ...]:
     """The pooling launch: (pooled,), or (pooled, x_perm, values_perm) when ``values`` is given (with ``perm``)."""
     b, h_x, n, d = x.shape
     x = _last_dim_contiguous(x)
@@ -88,7 +84,7 @@ def _pool(x: torch.Tensor, block_size: int, perm: torch.Tensor | None, heads: in
     if copy:
         x_copy, y_copy = (torch.empty(b, h_out, n, d, dtype=x.dtype, device=x.device) for _ in range(2))
     d_pow2 = triton.next_power_of_2(d)
-    nblk = triton.next_power_of_2(max(1, min(n_b, _tile_elements() // (block_size * d_pow2))))
+    nblk = triton.next_power_of_2(max(1, min(n_b, _tile_elements(tiles) // (block_size * d_pow2))))
     _pool_kernel[(triton.cdiv(n_b, nblk), b * h_out)](
         x, p, out, x_copy, y, y_copy,
         x.stride(0), x.stride(1), x.stride(2),
@@ -108,26 +104,28 @@ def sink_block(perm: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
                   scale: float | None = None, score_bytes: int = _SCORE_BYTES,
-                  rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  rows: tuple[int, int] | None = None, *, tiles: SelectTiles = SELECT_TILES
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kv_num_blocks int32 (B, H_q, N_qb), kv_indices int32 (B, H_q, N_qb, N_kb)).
 
     q (B, H_q, N, D); k (B, H_kv, N, D) in ORIGINAL order; perm int32 (B, H_perm, N) with
     H_perm = H_kv or H_q. Same layout as ``reference.select_blocks``: kept blocks packed left in
     ascending order, then the other blocks ascending (padding, never read).
     rows: (r0, r1) plans only query blocks [r0, r1): the outputs then have R = r1 - r0 rows
-    ((B, H_q, R) and (B, H_q, R, N_kb)), equal to those rows of the whole plan.
+    ((B, H_q, R) and (B, H_q, R, N_kb)), equal to those rows of the whole plan. ``tiles``: the launches
+    (``pbs_kernels.triton.tiles``).
     """
-    pooled = BlockSelection(q, k, perm, config, scale)
+    pooled = BlockSelection(q, k, perm, config, scale, tiles=tiles)
     return pooled.select(*(rows if rows is not None else (0, pooled.n_b)), score_bytes)
 
 
 def select_row_chunks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
-                      scale: float | None, rows_per_chunk: int, score_bytes: int = _SCORE_BYTES
-                      ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+                      scale: float | None, rows_per_chunk: int, score_bytes: int = _SCORE_BYTES, *,
+                      tiles: SelectTiles = SELECT_TILES) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """``select_blocks`` one chunk of query blocks at a time, pooling q and k once: yields (r0,
     kv_num_blocks (B, H_q, R), kv_indices (B, H_q, R, N_kb)) for r0 = 0, rows_per_chunk, ...
     (R = rows_per_chunk, the last chunk shorter). Shapes otherwise as in ``select_blocks``."""
-    return BlockSelection(q, k, perm, config, scale).row_chunks(rows_per_chunk, score_bytes)
+    return BlockSelection(q, k, perm, config, scale, tiles=tiles).row_chunks(rows_per_chunk, score_bytes)
 
 
 class BlockSelection:
@@ -135,11 +133,11 @@ class BlockSelection:
 
     With ``values`` (v, shaped like k, head_dim a power of two), the pooling pass also makes the
     permuted copies of k and v (``pool_and_copy``) and keeps them in ``copies`` for the attention
-    kernel; otherwise ``copies`` is None.
+    kernel; otherwise ``copies`` is None. ``tiles``: the launches (``pbs_kernels.triton.tiles``).
     """
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
-                 scale: float | None, values: torch.Tensor | None = None) -> None:
+                 scale: float | None, values: torch.Tensor | None = None, tiles: SelectTiles = SELECT_TILES) -> None:
         b, h_q, n, d = q.shape
         h_kv = k.shape[1]
         h_perm = perm.shape[1]
@@ -151,18 +149,18 @@ class BlockSelection:
                              "(expected H_perm = H_kv or H_q, and H_q a multiple of H_kv)")
         if perm.shape != (b, h_perm, n):
             raise ValueError(f"perm has shape {tuple(perm.shape)}, expected ({b}, {h_perm}, {n})")
-        self.config, self.device = config, q.device
+        self.config, self.device, self.tiles = config, q.device, tiles
         self.b, self.h_q, self.h_perm, self.d = b, h_q, h_perm, d
         bs = config.block_size
         self.scale = scale if scale is not None else 1.0 / math.sqrt(d)
         self.n_b = triton.cdiv(n, bs)
         perm = perm.to(torch.int32).contiguous()
-        self.q_bar = pool_blocks(q, bs)  # (B, H_q, N_b, D)
+        self.q_bar = pool_blocks(q, bs, tiles=tiles)  # (B, H_q, N_b, D)
         self.copies: tuple[torch.Tensor, torch.Tensor] | None = None
         if values is None:
-            self.k_bar = pool_blocks(k, bs, perm)  # (B, H_perm, N_b, D), permuted order
+            self.k_bar = pool_blocks(k, bs, perm, tiles=tiles)  # (B, H_perm, N_b, D), permuted order
         else:
-            self.k_bar, *copies = pool_and_copy(k, values, bs, perm)
+            self.k_bar, *copies = pool_and_copy(k, values, bs, perm, tiles=tiles)
             self.copies = tuple(copies)  # k, v (B, H_perm, N, D) in permuted order
         self.sink = sink_block(perm, bs).contiguous()  # (B, H_perm)
 
@@ -175,7 +173,7 @@ class BlockSelection:
 
     def select(self, r_begin: int, r_end: int, score_bytes: int = _SCORE_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
         """The plan rows of query blocks [r_begin, r_end)."""
-        b, h_q, h_perm, d, n_b, config = self.b, self.h_q, self.h_perm, self.d, self.n_b, self.config
+        b, h_q, h_perm, d, n_b, config, tiles = self.b, self.h_q, self.h_perm, self.d, self.n_b, self.config, self.tiles
         if not 0 <= r_begin < r_end <= n_b:
             raise ValueError(f"rows must satisfy 0 <= r0 < r1 <= {n_b} (query blocks), got {(r_begin, r_end)}")
         out_rows = r_end - r_begin
@@ -187,11 +185,11 @@ class BlockSelection:
         # 128K tokens (1024 blocks of 128) a warp holds whole rows: its sums never cross warps (no barriers in
         # the 31-step search). The interpreter's cost is per operation, not per element: there one program
         # takes many rows.
-        top_p_warps = TUNING["top_p_warps"] or max(1, min(16, nb_pow2 // _TOP_P_WARP_ELEMENTS))
-        tile = _tile_elements() if _interpreting() else _TOP_P_WARP_ELEMENTS * top_p_warps
+        top_p_warps = tiles.top_p_warps or max(1, min(16, nb_pow2 // _TOP_P_WARP_ELEMENTS))
+        tile = _tile_elements(tiles) if _interpreting() else _TOP_P_WARP_ELEMENTS * top_p_warps
         block_r = max(1, min(tile // nb_pow2, triton.next_power_of_2(n_b)))
         d_pow2 = max(16, triton.next_power_of_2(d))
-        block_m = block_n = 64 if _interpreting() else (TUNING["score_block"] or (64 if d <= 64 else 32))
+        block_m = block_n = 64 if _interpreting() else (tiles.score_block or (64 if d <= 64 else 32))
         # query blocks per chunk: as many as the score buffer holds within score_bytes (a multiple of
         # block_m when more than one tile fits)
         chunk = max(1, min(out_rows, score_bytes // (4 * b * h_q * n_b)))
