@@ -37,7 +37,8 @@ def compare_cmd(
     a: Annotated[Path, typer.Argument(help="Baseline profile (.json/.jsonl).", show_default=False)],
     b: Annotated[Path, typer.Argument(help="New profile (.json/.jsonl).", show_default=False)],
     fail_if_slower: Annotated[float | None, typer.Option("--fail-if-slower", min=0.0, help="Exit 1 when pbs got "
-                                                         "slower than A by more than this percent at any length.")] = None,
+                                                         "slower than A by more than this percent at any "
+                                                         "length.")] = None,
     backend: Annotated[str, typer.Option("--backend", help="Backend that --fail-if-slower checks.")] = "pbs",
     as_json: Annotated[bool, typer.Option("--json", help="Print the comparison rows as JSON.")] = False,
     allow_different: Annotated[bool, typer.Option("--allow-different", help="Compare runs of different shapes, "
