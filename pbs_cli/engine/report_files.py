@@ -143,7 +143,8 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
         if r.get("status") != "ok" or ra is None:
             continue
         ta, tb = ra["median_ms"], r["median_ms"]
-        spread = max((ra.get("q75_ms") or ta) - (ra.get("q25_ms") or ta), (r.get("q75_ms") or tb) - (r.get("q25_ms") or tb))
+        spread = max((ra.get("q75_ms") or ta) - (ra.get("q25_ms") or ta),
+                     (r.get("q75_ms") or tb) - (r.get("q25_ms") or tb))
         rows.append({"seq_len": r["seq_len"], "layer": r.get("layer"), "backend": r["backend"], "a_ms": ta, "b_ms": tb,
                      "delta_ms": tb - ta, "delta_pct": (tb - ta) / ta * 100 if ta else float("nan"),
                      "spread_ms": spread, "noise": spread > abs(tb - ta),

@@ -181,8 +181,10 @@ def compare_table(rows: Iterable[dict[str, Any]], title: str) -> Table:
         table.add_column(col, justify="left" if col in ("N", "layer", "backend", "") else "right")
     for r in rows:
         flag = "within noise" if r["noise"] else ("slower" if r["delta_ms"] > 0 else "faster")
-        sp = (f"{r['a_speedup']:.2f}x -> {r['b_speedup']:.2f}x" if r["a_speedup"] is not None and r["b_speedup"] is not None else "")
-        dn = (f"{r['a_density']:.1%} -> {r['b_density']:.1%}" if r["a_density"] is not None and r["b_density"] is not None else "")
+        sp = (f"{r['a_speedup']:.2f}x -> {r['b_speedup']:.2f}x"
+              if r["a_speedup"] is not None and r["b_speedup"] is not None else "")
+        dn = (f"{r['a_density']:.1%} -> {r['b_density']:.1%}"
+              if r["a_density"] is not None and r["b_density"] is not None else "")
         style = None if r["noise"] else ("red" if r["delta_ms"] > 0 else "green")
         table.add_row(format_size(r["seq_len"]), "" if r["layer"] is None else str(r["layer"]), r["backend"],
                       format_ms(r["a_ms"]), format_ms(r["b_ms"]), f"{r['delta_pct']:+.1f}%", format_ms(r["spread_ms"]),
