@@ -95,6 +95,7 @@ def command_boundary(fn=None, *, check_settings: bool = True):
                 raise fail(f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
                            "try a shorter --seq-len, --dtype bfloat16, or fewer layers", errors.OUT_OF_MEMORY) from None
             first = str(exc).splitlines()[0] if str(exc) else ""
-            raise fail(f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)", errors.RUNTIME) from None
+            raise fail(f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+                       errors.RUNTIME) from None
 
     return wrapper

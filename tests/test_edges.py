@@ -18,7 +18,7 @@ import pytest
 
 from fixtures import assert_clean_outcome, invoke, offline_env, parse_jsonl, tiny_model_dir  # noqa: F401
 from pbs_cli import errors
-from pbs_cli.engine import reports
+from pbs_cli.engine import report_files, reports
 from pbs_cli.render import report_formats
 
 TINY_PROFILE = ["--heads", "1", "--kv-heads", "1", "--head-dim", "16", "--device", "cpu", "--budget", "0",
@@ -318,7 +318,7 @@ def test_interrupted_sweep_keeps_finished_lengths_in_every_file_format(offline_e
     assert "interrupted after 1 of 3 lengths" in line and str(target) in line, line
     text = target.read_text(encoding="utf-8")
     if suffix in (".json", ".jsonl"):
-        doc = report_formats.load(target)
+        doc = report_files.load(target)
         assert _finished(doc) == {64}
         assert doc["incomplete"]["reason"] == "interrupted"
         assert doc["incomplete"]["missing_seq_lens"] == [128, 256]
@@ -372,7 +372,7 @@ def test_a_jsonl_cut_short_without_its_marker_reads_as_incomplete(tmp_path):
     doc["seq_lens"] = [1024, 4096]
     path = tmp_path / "killed.jsonl"
     path.write_text(report_formats.to_jsonl(doc))  # as if killed before 4096: no result, no marker
-    loaded = report_formats.load(path)
+    loaded = report_files.load(path)
     assert loaded["incomplete"]["missing_seq_lens"] == [4096]
     shown = invoke(["report", "show", str(path), "--format", "markdown"])
     assert_clean_outcome(shown, {0})

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fixtures import assert_clean_outcome, invoke, offline_env, parse_jsonl, tiny_model_dir  # noqa: F401
+from pbs_cli.engine import report_files
 from pbs_cli.render import report_formats
 from pbs_cli.engine.profiling import (BACKENDS, DENSE_BACKENDS, RESULT_FIELDS, Case, Profiler, Settings, causal_flops,
                                flex_block_mask, recall_stats, rel_l2, sample_rows)
@@ -130,7 +131,7 @@ def test_every_output_format_parses_back(sweep, tmp_path):
     assert lines[0]["record"] == "header" and lines[0]["command"] == "profile"
     got = [{k: v for k, v in line.items() if k not in ("record", "run")} for line in lines[1:]]
     assert got == doc["results"]
-    assert report_formats.load(paths["jsonl"])["results"] == doc["results"]
+    assert report_files.load(paths["jsonl"])["results"] == doc["results"]
     # -o with each extension
     for ext in ("json", "csv", "md"):
         target = tmp_path / f"out.{ext}"
@@ -263,7 +264,7 @@ def test_interrupted_sweep_keeps_finished_jsonl_lines(tmp_path, monkeypatch):
     result = invoke(["profile", "--seq-len", "256,512", *SHAPE, *FAST, "--backends", "sdpa-math,pbs",
                      "-o", str(target)])
     assert_clean_outcome(result, {130})
-    doc = report_formats.load(target)
+    doc = report_files.load(target)
     assert {(r["seq_len"], r["backend"]) for r in doc["results"]} == {(256, "sdpa-math"), (256, "pbs")}
 
 

@@ -21,7 +21,8 @@ def parse_thresholds(text: str | None) -> list[float | None]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UsageError(f"invalid --thresholds {text!r}; use comma-separated numbers in (0, 1], e.g. 0.8,0.9,0.95") from None
+        raise UsageError(f"invalid --thresholds {text!r}; use comma-separated numbers in (0, 1], "
+                         "e.g. 0.8,0.9,0.95") from None
     if not values:
         raise UsageError(f"no thresholds in --thresholds {text!r}; pass numbers in (0, 1] such as 0.8,0.9,0.95, "
                          "or leave the option out for the profile's threshold")
@@ -49,7 +50,8 @@ def command(
                                                 "alias's, else 'default').")] = None,
     thresholds: Annotated[str | None, typer.Option("--thresholds", help="Sweep: comma-separated thresholds, e.g. "
                                                    "0.8,0.9,0.95 (each strategy at each; what tau means follows "
-                                                   "each config's threshold_scope, so compare rows by density).")] = None,
+                                                   "each config's threshold_scope, so compare rows by "
+                                                   "density).")] = None,
     max_tokens: Annotated[str | None, typer.Option("--max-tokens", help="Use the first N tokens (e.g. 4k; "
                                                    "default: the model's context).")] = None,
     recall_rows: Annotated[int, typer.Option("--recall-rows", min=0, help="Query rows per layer sampled for "

@@ -60,7 +60,8 @@ def command(
                                                  "it takes a while).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     as_json: Json = False,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record to this file.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save the JSON record to this "
+                                                "file.")] = None,
     force: Force = False,
     trace: Annotated[Path | None, typer.Option("--trace", help="Also run one PBS forward under torch.profiler: "
                                                "save its Chrome trace (.json or .json.gz; open in chrome://tracing "

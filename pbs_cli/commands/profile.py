@@ -38,7 +38,8 @@ def command(
     seq_len: Annotated[str | None, typer.Option("--seq-len", "-n", help="Length or comma list, k/m suffixes "
                                                 "(128k = 131072). Default: 8k,32k,128k on CUDA, 1k,4k on CPU.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Take heads / KV heads / head_dim from this "
-                                              "model's config (alias, directory, .gguf, HF id); no weights are read.")] = None,
+                                              "model's config (alias, directory, .gguf, HF id); no weights are "
+                                              "read.")] = None,
     heads: Annotated[int | None, typer.Option("--heads", min=1, help="Query heads (default 32).")] = None,
     kv_heads: Annotated[int | None, typer.Option("--kv-heads", min=1, help="KV heads (default 8).")] = None,
     head_dim: Annotated[int | None, typer.Option("--head-dim", min=8, help="Head dimension (default 128).")] = None,
@@ -61,7 +62,8 @@ def command(
     doc: Annotated[Path | None, typer.Option("--doc", help="UTF-8 text for --from-model.")] = None,
     layers: Annotated[str, typer.Option("--layers", help="Layers to capture with --from-model, e.g. 0,10,-1.")] = "0",
     warmup: Annotated[int | None, typer.Option("--warmup", min=0, help="Untimed calls before timing (default: 2 "
-                                               "on CUDA, where the first call may autotune or compile; 1 on CPU).")] = None,
+                                               "on CUDA, where the first call may autotune or compile; 1 on "
+                                               "CPU).")] = None,
     iters: Annotated[int, typer.Option("--iters", min=1, help="Minimum timed repeats.")] = 3,
     budget: Annotated[float, typer.Option("--budget", min=0.0, help="Seconds to spend per measurement "
                                           "(repeats adapt, at most 50).")] = 1.0,
@@ -83,7 +85,8 @@ def command(
                                            "each, re-launched through torch.distributed) times its H/N heads; "
                                            "times are the slowest rank's.")] = None,
 ) -> None:
-    chosen = [name for name, on in (("json", as_json), ("jsonl", as_jsonl), ("csv", as_csv), ("markdown", as_markdown)) if on]
+    chosen = [name for name, on in (("json", as_json), ("jsonl", as_jsonl), ("csv", as_csv),
+                                    ("markdown", as_markdown)) if on]
     if len(chosen) > 1:
         raise UsageError(f"choose one stdout format, got --{' --'.join(chosen)}")
     check_outputs({"--output": output, "--html": html, "--trace": trace}, force)

@@ -24,27 +24,44 @@ def command(
     document: Annotated[Optional[str], typer.Argument(
         help="UTF-8 text file to run through the model (- reads stdin). Omit it for a synthetic example "
              "(no model load).", show_default=False)] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Model for DOC: alias, local dir, .gguf file or HF id.")] = "llama",
-    layer: Annotated[Optional[int], typer.Option("--layer", help="Layer to show (default: the middle layer).", show_default=False)] = None,
-    head: Annotated[Optional[int], typer.Option("--head", help="Query head to show (default 0).", show_default=False)] = None,
-    layers: Annotated[Optional[str], typer.Option("--layers", help="Several layers: 'all' or ranges like 0-3,8 (summary grid).", show_default=False)] = None,
-    heads: Annotated[Optional[str], typer.Option("--heads", help="Several heads: 'all' or ranges like 0-3,8 (summary grid).", show_default=False)] = None,
-    seq_len: Annotated[Optional[str], typer.Option("--seq-len", help="Tokens: synthetic length (default 4k) or the DOC prefix to use (default: all, up to the model's positions).", show_default=False)] = None,
-    pattern: Annotated[str, typer.Option("--pattern", help="Synthetic pattern: mixed, sink, local, vertical, slash, topic, uniform.")] = "mixed",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model for DOC: alias, local dir, .gguf file "
+                                       "or HF id.")] = "llama",
+    layer: Annotated[Optional[int], typer.Option("--layer", help="Layer to show (default: the middle layer).",
+                                                 show_default=False)] = None,
+    head: Annotated[Optional[int], typer.Option("--head", help="Query head to show (default 0).",
+                                                show_default=False)] = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="Several layers: 'all' or ranges like 0-3,8 "
+                                                  "(summary grid).", show_default=False)] = None,
+    heads: Annotated[Optional[str], typer.Option("--heads", help="Several heads: 'all' or ranges like 0-3,8 (summary "
+                                                 "grid).", show_default=False)] = None,
+    seq_len: Annotated[Optional[str], typer.Option("--seq-len", help="Tokens: synthetic length (default 4k) or the DOC "
+                                                   "prefix to use (default: all, up to the model's positions).",
+                                                   show_default=False)] = None,
+    pattern: Annotated[str, typer.Option("--pattern", help="Synthetic pattern: mixed, sink, local, vertical, slash, "
+                                         "topic, uniform.")] = "mixed",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic workload.")] = 0,
-    profile: Annotated[Optional[str], typer.Option("--profile", help="PBS preset (default: the model's, else 'default').", show_default=False)] = None,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Top-p share of block attention to keep, in (0, 1].", show_default=False)] = None,
-    block_size: Annotated[Optional[int], typer.Option("--block-size", help="Tokens per block (power of two >= 16).", show_default=False)] = None,
-    segment_size: Annotated[Optional[int], typer.Option("--segment-size", help="Permutation segment (multiple of the block size).", show_default=False)] = None,
-    permute: Annotated[Optional[bool], typer.Option("--permute/--no-permute", help="Permute keys inside segments (default: the profile's).", show_default=False)] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", help="PBS preset (default: the model's, else "
+                                                   "'default').", show_default=False)] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Top-p share of block attention to keep, in "
+                                                       "(0, 1].", show_default=False)] = None,
+    block_size: Annotated[Optional[int], typer.Option("--block-size", help="Tokens per block (power of two >= 16).",
+                                                      show_default=False)] = None,
+    segment_size: Annotated[Optional[int], typer.Option("--segment-size", help="Permutation segment (multiple of the "
+                                                        "block size).", show_default=False)] = None,
+    permute: Annotated[Optional[bool], typer.Option("--permute/--no-permute", help="Permute keys inside segments "
+                                                    "(default: the profile's).", show_default=False)] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
-    png: Annotated[Optional[Path], typer.Option("--png", help="Also write the panels as a PNG.", show_default=False)] = None,
-    svg: Annotated[Optional[Path], typer.Option("--svg", help="Also write the panels as an SVG.", show_default=False)] = None,
-    html: Annotated[Optional[Path], typer.Option("--html", help="Also write the terminal picture as HTML.", show_default=False)] = None,
+    png: Annotated[Optional[Path], typer.Option("--png", help="Also write the panels as a PNG.",
+                                                show_default=False)] = None,
+    svg: Annotated[Optional[Path], typer.Option("--svg", help="Also write the panels as an SVG.",
+                                                show_default=False)] = None,
+    html: Annotated[Optional[Path], typer.Option("--html", help="Also write the terminal picture as HTML.",
+                                                 show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON instead of the picture.")] = False,
     force: Force = False,
-    plain: Annotated[bool, typer.Option("--plain", help="Plain █░ characters, no colour (also with NO_COLOR or a non-terminal).")] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="Plain █░ characters, no colour (also with NO_COLOR or a "
+                                        "non-terminal).")] = False,
 ) -> None:
     """Show block attention mass before and after the segment permutation, and the blocks PBS keeps.
 

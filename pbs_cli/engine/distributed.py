@@ -100,7 +100,8 @@ def check_tp_size(tp: int, num_heads: int, num_kv_heads: int, *extra_dims: int, 
     works = ", ".join(map(str, valid))
     if valid != valid_tp_sizes(num_heads, num_kv_heads):
         dims = ", ".join(f"{label} {d}" for label, d in zip(extra_names, extra_dims) if d)
-        works += f" (the heads alone would allow {', '.join(map(str, valid_tp_sizes(num_heads, num_kv_heads)))}; {dims} limit it)"
+        alone = ", ".join(map(str, valid_tp_sizes(num_heads, num_kv_heads)))
+        works += f" (the heads alone would allow {alone}; {dims} limit it)"
     if num_heads % tp or num_kv_heads % tp:
         raise UsageError(
             f"--tp {tp} does not divide the heads of {name}: {num_heads} query heads and {num_kv_heads} KV heads "

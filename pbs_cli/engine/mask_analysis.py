@@ -96,8 +96,9 @@ def block_attention_mass(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, b
     bs = block_size
     heads_per_pass = max(1, _CHUNK_ELEMENTS // (n * bs))
     if h > heads_per_pass:  # bounded memory: a few heads at a time
-        parts = [block_attention_mass(q[i : i + heads_per_pass], k[i : i + heads_per_pass], perm[i : i + heads_per_pass],
-                                      bs, segment_size, scale) for i in range(0, h, heads_per_pass)]
+        parts = [block_attention_mass(q[i : i + heads_per_pass], k[i : i + heads_per_pass],
+                                      perm[i : i + heads_per_pass], bs, segment_size, scale)
+                 for i in range(0, h, heads_per_pass)]
         return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
     n_b = _cdiv(n, bs)
     scale = scale if scale is not None else 1.0 / math.sqrt(d)

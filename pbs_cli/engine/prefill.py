@@ -170,7 +170,8 @@ def write_trace(path: Path, model, input_ids, spec: PrefillSpec, config,
     busy = traces.gpu_busy(prof) if cuda else None
     if busy:
         err.print(f"GPU busy {busy['busy_ms']:.1f} ms of the traced forward's {busy['span_ms']:.1f} ms"
-                  + (" (the rest waited on the host: Python, launches)" if busy["busy_ms"] < 0.9 * busy["span_ms"] else ""),
+                  + (" (the rest waited on the host: Python, launches)"
+                     if busy["busy_ms"] < 0.9 * busy["span_ms"] else ""),
                   highlight=False, markup=False, soft_wrap=True)
     err.print(f"saved {path}; the {'GPU kernels' if cuda else 'ops'} with the most "
               f"{'time' if cuda else 'self CPU time'} in that forward:",

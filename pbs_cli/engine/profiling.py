@@ -137,7 +137,8 @@ def recall_stats(q: torch.Tensor, k: torch.Tensor, plan: PermutedBlockMask, rows
     total, count, worst = 0.0, 0, float("inf")
     for h0 in range(0, h_q, heads_per_chunk):
         h1 = min(h_q, h0 + heads_per_chunk)
-        r = reference.attention_recall(q[:, h0:h1], k[:, h0 // g : h1 // g], _slice_plan(plan, h0, h1, g_perm), rows, scale)
+        r = reference.attention_recall(q[:, h0:h1], k[:, h0 // g : h1 // g], _slice_plan(plan, h0, h1, g_perm),
+                                       rows, scale)
         total += float(r.double().sum())
         count += r.numel()
         worst = min(worst, float(r.min()))
@@ -302,7 +303,8 @@ class Profiler:
                     recs[name] = skipped(n, name, f"needs ~{need / 2**30:.1f} GiB for its N x N matrices, "
                                          f"{free / 2**30:.1f} GiB free", case.layer)
                     continue
-            kk, vv = (k, v) if mode == "gqa" else (k.repeat_interleave(h_q // h_kv, 1), v.repeat_interleave(h_q // h_kv, 1))
+            kk, vv = ((k, v) if mode == "gqa"
+                      else (k.repeat_interleave(h_q // h_kv, 1), v.repeat_interleave(h_q // h_kv, 1)))
             gqa = mode == "gqa" and h_q != h_kv
 
             def dense_case(name=name, kk=kk, vv=vv, gqa=gqa, mode=mode) -> dict[str, Any]:
@@ -314,7 +316,8 @@ class Profiler:
                 keep.clear()
                 return result(n, name, case.layer, **_timing_fields(t), attend_ms=t.median_ms, density=1.0,
                               tflops=flops / (t.median_ms * 1e9), tflops_computed=flops / (t.median_ms * 1e9),
-                              notes="K/V expanded to H_q heads (no native GQA)" if mode == "expand" and h_q != h_kv else None)
+                              notes=("K/V expanded to H_q heads (no native GQA)"
+                                     if mode == "expand" and h_q != h_kv else None))
 
             guarded(name, dense_case)
             del kk, vv
@@ -339,7 +342,8 @@ class Profiler:
             except Exception as exc:  # noqa: BLE001
                 if debug_enabled():
                     traceback.print_exc()
-                fields["recall_note"] = f"recall failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                first = str(exc).splitlines()[0][:120] if str(exc) else ""
+                fields["recall_note"] = f"recall failed: {type(exc).__name__}: {first}"
             return fields
 
         pbs_phases: dict[str, Timing] = {}
@@ -403,7 +407,8 @@ class Profiler:
                                  select_ms=pbs_phases["select"].median_ms, attend_ms=t.median_ms,
                                  tflops=flops / (tot * 1e9),
                                  tflops_computed=fields["density"] * flops / (t.median_ms * 1e9), **fields,
-                                 notes="time = pbs permute + select + FlexAttention (gather + attend); spread of the attend part")
+                                 notes="time = pbs permute + select + FlexAttention (gather + attend); spread of "
+                                       "the attend part")
                     for key in ("median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms"):
                         rec[key] = rec[key] + plan_ms
                     return rec

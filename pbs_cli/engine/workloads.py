@@ -204,7 +204,8 @@ def synthetic_qkv(batch: int, heads: int, kv_heads: int, seq_len: int, head_dim:
         plus the ``Recipe`` when ``return_recipe``.
     """
     if min(batch, heads, kv_heads, seq_len) <= 0:
-        raise ValueError(f"shapes must be positive, got batch={batch} heads={heads} kv_heads={kv_heads} seq_len={seq_len}")
+        raise ValueError(f"shapes must be positive, got batch={batch} heads={heads} kv_heads={kv_heads} "
+                         f"seq_len={seq_len}")
     if heads % kv_heads:
         raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
     device = torch.device(device)
@@ -298,7 +299,8 @@ def synthetic_qkv(batch: int, heads: int, kv_heads: int, seq_len: int, head_dim:
 # -- captured from a real model ------------------------------------------------------------------
 
 
-def captured_qkv(model, tokens: torch.Tensor, layers: Sequence[int] | Iterable[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def captured_qkv(model, tokens: torch.Tensor,
+                 layers: Sequence[int] | Iterable[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Run ``model`` over ``tokens`` and return the real post-RoPE q/k/v of the requested layers.
 
     model: a transformers causal LM whose attention goes through ``ALL_ATTENTION_FUNCTIONS``

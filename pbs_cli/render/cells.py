@@ -73,7 +73,8 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
     s = doc.get("summary") or summarize(doc.get("results", []))
     lines = [incomplete_note(doc)] if doc.get("incomplete") else []
     if s.get("best_dense"):
-        lines.append("best dense (speedup baseline): " + ", ".join(f"{format_size(int(n))} {b}" for n, b in s["best_dense"].items()))
+        lines.append("best dense (speedup baseline): "
+                     + ", ".join(f"{format_size(int(n))} {b}" for n, b in s["best_dense"].items()))
     for name, n in (s.get("break_even") or {}).items():
         at = (s.get("speedup_at_longest") or {}).get(name)
         tail = f"; {at:.2f}x at the longest length" if at is not None else ""
@@ -82,7 +83,8 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
         if unclear:
             lines.append(f"{name} median faster at {', '.join(format_size(int(x)) for x in unclear)}, but within "
                          "the runs' spread: not counted (more --iters or --budget narrows it)")
-    kernels = dict.fromkeys(r["kernel"] for r in doc.get("results", []) if r.get("backend") == "pbs" and r.get("kernel"))
+    kernels = dict.fromkeys(r["kernel"] for r in doc.get("results", [])
+                            if r.get("backend") == "pbs" and r.get("kernel"))
     if kernels:
         lines.append("pbs attention kernel: " + ", ".join(kernels))
     below = (doc.get("pbs") or {}).get("dense_below") or 0
@@ -103,6 +105,7 @@ def describe(doc: dict[str, Any]) -> str:
             else f"captured from {wl.get('model')} on {wl.get('document')}")
     gpu = (doc.get("env") or {}).get("gpu")
     dev = gpu["name"] if gpu and str(doc.get("device", "")).startswith("cuda") else doc.get("device", "?")
-    return (f"batch {sh.get('batch')}, heads {sh.get('heads')}/{sh.get('kv_heads')} (q/kv), head_dim {sh.get('head_dim')}, "
-            f"{doc.get('dtype')} on {dev}; {what}; PBS block {cfg.get('block_size')}, segment {cfg.get('segment_size')}, "
+    return (f"batch {sh.get('batch')}, heads {sh.get('heads')}/{sh.get('kv_heads')} (q/kv), "
+            f"head_dim {sh.get('head_dim')}, {doc.get('dtype')} on {dev}; {what}; "
+            f"PBS block {cfg.get('block_size')}, segment {cfg.get('segment_size')}, "
             f"threshold {cfg.get('threshold')}, permute {cfg.get('permute')}")

@@ -103,9 +103,11 @@ def to_html(doc: dict[str, Any]) -> str:
         klass = "skipped" if rec.get("status") != "ok" else ("pbs" if rec["backend"] == "pbs" else "")
         tds = "".join(f'<td class="l">{esc(c)}</td>' if i < (3 if layers else 2) else f"<td>{esc(c)}</td>"
                       for i, c in enumerate(cells))
-        body.append(f'<tr class="{klass}" data-backend="{esc(rec["backend"])}" data-seq-len="{rec["seq_len"]}">{tds}</tr>')
+        body.append(f'<tr class="{klass}" data-backend="{esc(rec["backend"])}" '
+                    f'data-seq-len="{rec["seq_len"]}">{tds}</tr>')
     figures = []
-    for title, data in (("time vs length", plot_time_vs_length(doc)), ("speedup vs density", plot_speedup_vs_density(doc))):
+    for title, data in (("time vs length", plot_time_vs_length(doc)),
+                        ("speedup vs density", plot_speedup_vs_density(doc))):
         if data:
             figures.append(f'<figure><img alt="{esc(title)}" src="data:image/png;base64,{data}">'
                            f"<figcaption>{esc(title)}</figcaption></figure>")
@@ -122,9 +124,11 @@ def to_html(doc: dict[str, Any]) -> str:
 <table id="results"><thead><tr>{head}</tr></thead><tbody>
 {chr(10).join(body)}
 </tbody></table>
-<p>TFLOP/s dense-eq = causal FLOPs / time, with causal FLOPs = 2 &middot; N&sup2; &middot; D &middot; H<sub>q</sub> &middot; B;
+<p>TFLOP/s dense-eq = causal FLOPs / time, with causal FLOPs = 2 &middot; N&sup2; &middot; D &middot; \
+H<sub>q</sub> &middot; B;
 TFLOP/s computed = density &middot; causal FLOPs / attend time; speedup = best dense SDPA time / time;
-rel. L2 err = ||out &minus; dense|| / ||dense||; recall = share of the full attention mass the kept blocks cover (sampled rows).</p>
+rel. L2 err = ||out &minus; dense|| / ||dense||; recall = share of the full attention mass the kept blocks \
+cover (sampled rows).</p>
 <h2>Environment</h2><pre id="env">{esc(env)}</pre>
 </body></html>
 """

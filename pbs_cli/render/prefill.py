@@ -56,8 +56,8 @@ def print_summary(rec: dict[str, Any]) -> None:
     table.add_row("model", f"{m['spec']} -> {m['name']} ({m['kind']}: {m['path']})")
     table.add_row("device / dtype", f"{rec['device']} / {rec['dtype']}")
     if rec.get("tensor_parallel", {}).get("size", 1) > 1:
-        table.add_row("tensor parallel", f"{rec['tensor_parallel']['size']} ranks ({rec['tensor_parallel']['backend']}); "
-                      "times are the slowest rank's, density covers all heads")
+        table.add_row("tensor parallel", f"{rec['tensor_parallel']['size']} ranks "
+                      f"({rec['tensor_parallel']['backend']}); times are the slowest rank's, density covers all heads")
     toks = f"{rec['prompt_tokens']}"
     if rec["truncated"]:
         toks += f" (truncated from {rec['document_tokens']})"
@@ -72,7 +72,8 @@ def print_summary(rec: dict[str, Any]) -> None:
                   f"local_blocks {c['local_blocks']}, dense_below {c['dense_below']}" + _other_params(c))
     s = rec["layer_summary"]
     if s["density"] is not None:
-        table.add_row("density", f"{rec['density']:.1%} overall; per layer {s['density_min']:.1%} - {s['density_max']:.1%}"
+        table.add_row("density", f"{rec['density']:.1%} overall; "
+                      f"per layer {s['density_min']:.1%} - {s['density_max']:.1%}"
                       f" ({s['sparse_layers']} sparse, {s['dense_layers']} dense)")
     from pbs_kernels.graphs import GRAPHS_BELOW
 

@@ -1,5 +1,5 @@
-"""Writers and readers for `pbs profile` results: Rich table, JSON, JSONL, CSV, Markdown (HTML lives in
-``html_report``).
+"""Writers for `pbs profile` results: Rich table, JSON, JSONL, CSV, Markdown (HTML lives in ``html_report``),
+and the table of a comparison. ``pbs_cli.engine.report_files`` reads them back.
 
 A profile document is ``reports.envelope("profile", ...)`` with ``shape``, ``pbs``, ``workload``,
 ``seq_lens``, ``backends``, ``results`` (one flat record per length x backend [x layer], fields
@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import UsageError
-from ..engine.profile_records import RESULT_FIELDS, summarize
+from ..engine.profile_records import RESULT_FIELDS
 from ..engine.sizes import format_size
 from .cells import (COLUMNS, describe, format_ms, has_layers, incomplete_note, row_cells, skipped_lines,
                     summary_lines)
@@ -64,83 +64,6 @@ def to_jsonl(doc: dict[str, Any]) -> str:
     head = {k: v for k, v in doc.items() if k != "incomplete"}
     tail = incomplete_line(doc["incomplete"], run) if doc.get("incomplete") else ""
     return header_line(head) + "".join(result_line(r, run) for r in doc.get("results", [])) + tail
-
-
-def load(path: Path) -> dict[str, Any]:
-    """Read a profile document from .json or .jsonl. Raises UsageError with what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{str(path)!r} does not exist or is not a file; pass a file written by `pbs profile`")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {str(path)!r}: {exc}") from None
-    if path.suffix.lower() == ".jsonl" or (text.lstrip().startswith('{"record"')):
-        doc = _from_jsonl(text, path)
-    else:
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{str(path)!r} is not valid JSON (line {exc.lineno}: {exc.msg}); pass a .json or "
-                             ".jsonl file written by `pbs profile`") from None
-    return validate(doc, str(path))
-
-
-def _from_jsonl(text: str, path: Path) -> dict[str, Any]:
-    header: dict[str, Any] | None = None
-    results: list[dict[str, Any]] = []
-    incomplete: dict[str, Any] | None = None
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{str(path)!r} line {i} is not valid JSON ({exc.msg})") from None
-        kind = item.pop("record", None) if isinstance(item, dict) else None
-        if kind == "header" and header is None:
-            header = item
-        elif kind == "result":
-            item.pop("run", None)
-            results.append(item)
-        elif kind == "incomplete":
-            item.pop("run", None)
-            incomplete = item
-        else:
-            raise UsageError(f"{str(path)!r} line {i}: expected a header, result or incomplete record, "
-                             f"got {str(kind)!r}")
-    if header is None:
-        raise UsageError(f"{str(path)!r} has no header line; is it a `pbs profile --jsonl` file?")
-    header["results"] = results
-    done = list(dict.fromkeys(r.get("seq_len") for r in results if isinstance(r, dict)))
-    planned = header.get("seq_lens") if isinstance(header.get("seq_lens"), list) else done
-    if incomplete is None and any(n not in done for n in planned):  # a run killed before its end: lengths missing
-        incomplete = {"reason": "cut short", "finished_seq_lens": done,
-                      "missing_seq_lens": [n for n in planned if n not in done]}
-    if incomplete is not None:
-        header["incomplete"] = incomplete
-    if not header.get("summary"):
-        header["summary"] = summarize(results)
-    return header
-
-
-def validate(doc: Any, where: str) -> dict[str, Any]:
-    if not isinstance(doc, dict) or doc.get("command") != "profile":
-        cmd = doc.get("command") if isinstance(doc, dict) else type(doc).__name__
-        raise UsageError(f"{where} is not a `pbs profile` result (command: {cmd!r})")
-    version = doc.get("schema_version")
-    from ..engine.reports import SCHEMA_VERSION
-
-    if version != SCHEMA_VERSION:
-        raise UsageError(f"{where} has schema_version {version!r}; this pbs reads version {SCHEMA_VERSION}")
-    results = doc.get("results")
-    if not isinstance(results, list) or any(not isinstance(r, dict) or "backend" not in r or "seq_len" not in r
-                                            for r in results):
-        raise UsageError(f"{where}: 'results' must be a list of records with seq_len and backend")
-    for rec in results:  # records from older or partial runs: absent fields read as None
-        for name in RESULT_FIELDS:
-            rec.setdefault(name, None)
-    return doc
 
 
 # -- CSV --------------------------------------------------------------------------------------------
@@ -252,62 +175,16 @@ def render(doc: dict[str, Any], fmt: str) -> str:
 # -- compare ----------------------------------------------------------------------------------------
 
 
-# what two runs must share for their times to be compared: the attention shape, the dtype, the PBS parameters
-# and the workload (the machine and the versions may differ: that is what a comparison looks at)
-_SAME_SETUP = (("shape", ("batch", "heads", "kv_heads", "head_dim")), ("dtype", None), ("pbs", None),
-               ("workload", ("source", "pattern", "seed", "model", "document", "layers")))
-
-
-def setup_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """'field: A vs B' for each setting of ``_SAME_SETUP`` in which runs ``a`` and ``b`` differ (empty when
-    they measured the same thing)."""
-    found = []
-    for name, keys in _SAME_SETUP:
-        va, vb = a.get(name), b.get(name)
-        if keys is None and isinstance(va, dict) and isinstance(vb, dict):
-            keys = tuple(dict.fromkeys([*va, *vb]))
-        if keys is None or not isinstance(va, dict) or not isinstance(vb, dict):
-            if va != vb:
-                found.append(f"{name} {va!r} vs {vb!r}")
-            continue
-        for key in keys:
-            if va.get(key) != vb.get(key):
-                found.append(f"{name}.{key} {va.get(key)!r} vs {vb.get(key)!r}")
-    return found
-
-
-def compare(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for every (seq_len, layer, backend) measured (status ok) in both documents.
-
-    delta_pct = (B - A) / A * 100 (positive: B is slower). ``noise`` is True when the spread of either
-    run (its interquartile range) is larger than the difference of the medians."""
-    def key(r: dict[str, Any]) -> tuple:
-        return (r["seq_len"], r.get("layer"), r["backend"])
-
-    index_a = {key(r): r for r in a["results"] if r.get("status") == "ok"}
-    rows = []
-    for r in b["results"]:
-        ra = index_a.get(key(r))
-        if r.get("status") != "ok" or ra is None:
-            continue
-        ta, tb = ra["median_ms"], r["median_ms"]
-        spread = max((ra.get("q75_ms") or ta) - (ra.get("q25_ms") or ta), (r.get("q75_ms") or tb) - (r.get("q25_ms") or tb))
-        rows.append({"seq_len": r["seq_len"], "layer": r.get("layer"), "backend": r["backend"], "a_ms": ta, "b_ms": tb,
-                     "delta_ms": tb - ta, "delta_pct": (tb - ta) / ta * 100 if ta else float("nan"),
-                     "spread_ms": spread, "noise": spread > abs(tb - ta),
-                     "a_density": ra.get("density"), "b_density": r.get("density"),
-                     "a_speedup": ra.get("speedup"), "b_speedup": r.get("speedup")})
-    return rows
-
-
 def compare_table(rows: Iterable[dict[str, Any]], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for col in ("N", "layer", "backend", "A ms", "B ms", "delta", "spread ms", "", "speedup A -> B", "density A -> B"):
         table.add_column(col, justify="left" if col in ("N", "layer", "backend", "") else "right")
     for r in rows:
         flag = "within noise" if r["noise"] else ("slower" if r["delta_ms"] > 0 else "faster")
-        sp = (f"{r['a_speedup']:.2f}x -> {r['b_speedup']:.2f}x" if r["a_speedup"] is not None and r["b_speedup"] is not None else "")
-        dn = (f"{r['a_density']:.1%} -> {r['b_density']:.1%}" if r["a_density"] is not None and r["b_density"] is not None else "")
+        sp = (f"{r['a_speedup']:.2f}x -> {r['b_speedup']:.2f}x"
+              if r["a_speedup"] is not None and r["b_speedup"] is not None else "")
+        dn = (f"{r['a_density']:.1%} -> {r['b_density']:.1%}"
+              if r["a_density"] is not None and r["b_density"] is not None else "")
         style = None if r["noise"] else ("red" if r["delta_ms"] > 0 else "green")
         table.add_row(format_size(r["seq_len"]), "" if r["layer"] is None else str(r["layer"]), r["backend"],
                       format_ms(r["a_ms"]), format_ms(r["b_ms"]), f"{r['delta_pct']:+.1f}%", format_ms(r["spread_ms"]),

@@ -188,10 +188,12 @@ def numbers_line(stats) -> str:
 
 def title_parts(view, source: str) -> list[str]:
     s, c = view.stats, view.config
-    where = f"layer {s.layer} head {s.head}/{view.heads_total}" if s.layer is not None else f"head {s.head}/{view.heads_total}"
+    where = (f"layer {s.layer} head {s.head}/{view.heads_total}" if s.layer is not None
+             else f"head {s.head}/{view.heads_total}")
     n_b = view.kept.shape[0]
     return [source, where, f"N={view.seq_len} d={view.head_dim}",
-            f"{n_b} block{'' if n_b == 1 else 's'} of {c.block_size}, segments of {c.segment_size}", f"τ={c.threshold:g}"]
+            f"{n_b} block{'' if n_b == 1 else 's'} of {c.block_size}, segments of {c.segment_size}",
+            f"τ={c.threshold:g}"]
 
 
 def head_title(view, source: str) -> str:
@@ -239,7 +241,8 @@ def render_head(view, width: int, color: bool, source: str = "synthetic") -> Ren
     scale = f"1 cell = {f}×{f} blocks" if f > 1 else "1 cell = 1 block"
     if color:
         legend = [
-            Text.assemble("mass ", *[("█", colour(x)) for x in np.linspace(0, 1, 8)], f" 1e-{DECADES}…1 × max (log)"),
+            Text.assemble("mass ", *[("█", colour(x)) for x in np.linspace(0, 1, 8)],
+                          f" 1e-{DECADES}…1 × max (log)"),
             Text.assemble("kept ", ("█", KEPT_FORCED), " forced ", ("█", KEPT_SELECTED), " selected ",
                           ("█", SKIPPED_TERM), " skipped"),
         ]
@@ -250,7 +253,8 @@ def render_head(view, width: int, color: bool, source: str = "synthetic") -> Ren
     for line in header:
         line.stylize(style)
     verdict, _, versus = permutation_phrase(view.stats).partition(" vs ")
-    numbers = fit_parts(numbers_line(view.stats).split(" · ") + [verdict] + ([f"vs {versus}"] if versus else []), width)
+    numbers = fit_parts(numbers_line(view.stats).split(" · ") + [verdict] + ([f"vs {versus}"] if versus else []),
+                        width)
     tail = fit_parts([*legend, scale, "rows: query blocks, columns: key blocks"], width)
     return Group(*header, *numbers, grid, *tail)
 
@@ -318,12 +322,14 @@ def render_overview(stats: Sequence, width: int, color: bool) -> RenderableType:
     if compared and compared[-1].verdict == "helped":
         extremes.append("most helped " + ", ".join(f"{name(s)} {100 * s.recall_gain:+.1f} pts"
                                                    for s in compared[::-1][:3] if s.verdict == "helped"))
-    parts = [f"{len(stats)} heads", f"density mean {_pct(dens.mean())} (min {_pct(dens.min())}, max {_pct(dens.max())})",
+    parts = [f"{len(stats)} heads",
+             f"density mean {_pct(dens.mean())} (min {_pct(dens.min())}, max {_pct(dens.max())})",
              f"recall mean {_pct(rec.mean())}", f"lowest recall {worst_txt}",
              f"permutation at equal density: helped {counts['helped']} ▲, hurt {counts['hurt']} ▼, "
              f"neutral {counts['neutral']} ·"]
     key = ("cells: density % per head" + ("; colour = recall (red ≤ 80%, green 100%)" if color else "")
-           if not compact else f"cells: density {PLAIN_RAMP} (0-25-50-75-100%)" + ("; colour = recall" if color else ""))
+           if not compact
+           else f"cells: density {PLAIN_RAMP} (0-25-50-75-100%)" + ("; colour = recall" if color else ""))
     lines = fit_parts(parts, width)
     for e in extremes:
         lines += fit_parts(e.split(", "), width, sep=", ")
@@ -364,7 +370,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _figure_bytes(fig, fmt: str) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight", metadata={"Software": "pbs viz-mask"} if fmt == "png" else None)
+    fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight",
+                metadata={"Software": "pbs viz-mask"} if fmt == "png" else None)
     return buf.getvalue()
 
 
