@@ -61,10 +61,6 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return errors.is_out_of_memory(exc)
-
-
 def command_boundary(fn=None, *, check_settings: bool = True):
     """Turn exceptions into one clear stderr line and a documented exit code (see ``errors``). First,
     unless ``check_settings`` is False (``pbs env``, which reports them), refuse ``PBS_*`` kernel
@@ -91,7 +87,7 @@ def command_boundary(fn=None, *, check_settings: bool = True):
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
             if debug_enabled():
                 traceback.print_exc()
-            if _is_oom(exc):
+            if errors.is_out_of_memory(exc):
                 raise fail(f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
                            "try a shorter --seq-len, --dtype bfloat16, or fewer layers", errors.OUT_OF_MEMORY) from None
             first = str(exc).splitlines()[0] if str(exc) else ""

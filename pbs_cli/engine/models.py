@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import PBSError, UnsupportedError, UsageError
+from ..errors import PBSError, UnsupportedError, UsageError, is_out_of_memory
 
 CACHE_FORMAT = 1
 MARKER = "pbs-cache.json"
@@ -356,12 +356,6 @@ class LoadedModel:
         return self.model.device
 
 
-def _is_oom(exc: BaseException) -> bool:
-    from ..errors import is_out_of_memory
-
-    return is_out_of_memory(exc)
-
-
 class ModelSource:
     """A resolved model whose config and tokenizer can be read before the weights are loaded."""
 
@@ -374,7 +368,7 @@ class ModelSource:
         except PBSError:
             raise
         except Exception as exc:  # noqa: BLE001 - third-party readers raise anything (struct.error, SafetensorError...)
-            if _is_oom(exc):
+            if is_out_of_memory(exc):
                 raise
             detail = (str(exc).splitlines() or [""])[0][:200]
             if self.spec.is_gguf and self.cache not in ("hit", "built"):

@@ -13,9 +13,9 @@ from typing import Any, Callable
 import torch
 
 from ..console import debug_enabled, err
-from ..errors import UnsupportedError, UsageError
+from ..errors import UnsupportedError, UsageError, is_out_of_memory
 from . import distributed, models, presets, reports
-from .profiling import (BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, is_oom, skipped,
+from .profiling import (BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, skipped,
                         summarize, unavailable_here)
 from .sizes import format_size, parse_sizes
 from .workloads import PATTERNS
@@ -332,7 +332,7 @@ def _run_length(n: int, captured, profiler: Profiler, settings: Settings, plan: 
     try:
         cases = _cases(n, plan, captured)
     except Exception as exc:  # noqa: BLE001
-        if not is_oom(exc):
+        if not is_out_of_memory(exc):
             raise
         if plan.dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -55,6 +55,7 @@ from pbs_kernels.permute import compute_permutation
 from pbs_kernels.select import select_blocks
 
 from ..console import debug_enabled
+from ..errors import is_out_of_memory
 from .dense_sdpa import probe_sdpa, sdpa_call
 from .memory import free_memory_bytes
 from .profile_records import (BACKENDS, DENSE_BACKENDS, RESULT_FIELDS, SPARSE_BACKENDS,  # noqa: F401 - re-exported
@@ -82,13 +83,6 @@ class Settings:
 def _timing_fields(t: Timing) -> dict[str, Any]:
     return dict(median_ms=t.median_ms, q25_ms=t.q25_ms, q75_ms=t.q75_ms, min_ms=t.min_ms, max_ms=t.max_ms,
                 repeats=t.repeats, peak_mem_mib=t.peak_mem_mib)
-
-
-def is_oom(exc: BaseException) -> bool:
-    """CUDA or CPU allocator out of memory, or MemoryError (see ``errors.is_out_of_memory``)."""
-    from ..errors import is_out_of_memory
-
-    return is_out_of_memory(exc)
 
 
 def input_bytes(batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -280,7 +274,7 @@ class Profiler:
                 recs[name] = rec
             except Exception as exc:  # noqa: BLE001 - one backend failing must not end the sweep
                 first = str(exc).splitlines()[0][:160] if str(exc) else ""
-                if is_oom(exc):
+                if is_out_of_memory(exc):
                     recs[name] = skipped(n, name, f"out of memory ({first})", case.layer)
                 else:
                     if debug_enabled():
@@ -328,7 +322,7 @@ class Profiler:
             try:
                 dense_out, dense_name = _dense_reference(q, k, v, s.scale), "dense reference (fp32)"
             except Exception as exc:  # noqa: BLE001
-                if not is_oom(exc):
+                if not is_out_of_memory(exc):
                     raise
         rows = sample_rows(n, s.recall_rows, s.seed, device)
         config = s.config
