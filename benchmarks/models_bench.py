@@ -251,17 +251,26 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     integration.register()
     lengths = [parse_size(x) for x in (args.lengths or (TINY_LENGTHS if args.tiny else LENGTHS))]
+    env = environment()
     records = []
     for key in args.models:
         for n in lengths:
-            records.append(measure(key, n, args, device, dtype))
-            print(f"{key} N={n}: pbs {records[-1]['pbs_ms']:.1f} ms, dense {records[-1]['dense_ms']}",
+            r = measure(key, n, args, device, dtype)
+            records.append(r)
+            print(f"{key} N={n}: pbs {r['pbs_ms']:.1f} ms, dense {r['dense_ms']}, density global "
+                  f"{fmt(r['density_global'], '{:.1%}')} / sliding {fmt(r['density_sliding'], '{:.1%}')}",
                   file=sys.stderr, flush=True)
-    env = environment()
+            if args.json is not None:  # after every record: a run stopped early keeps what it measured
+                save(args.json, {"env": env, "commit": commit(), "argv": argv, "records": records})
     print(markdown(records, env, argv, dtype))
-    if args.json is not None:
-        args.json.write_text(json.dumps({"env": env, "commit": commit(), "argv": argv, "records": records}, indent=2))
     return 0
+
+
+def save(path: Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` as JSON atomically (a temporary file beside ``path``, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
