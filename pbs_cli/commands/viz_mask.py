@@ -16,7 +16,7 @@ import typer
 
 from .. import console
 from ..console import command_boundary
-from ..options import Device, Dtype, Force
+from ..options import DEFAULT_MODEL, BlockSize, Device, Dtype, Force, Model, SegmentSize, Threshold
 
 
 @command_boundary
@@ -24,8 +24,7 @@ def command(
     document: Annotated[Optional[str], typer.Argument(
         help="UTF-8 text file to run through the model (- reads stdin). Omit it for a synthetic example "
              "(no model load).", show_default=False)] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Model for DOC: alias, local dir, .gguf file "
-                                       "or HF id.")] = "llama",
+    model: Model = DEFAULT_MODEL,
     layer: Annotated[Optional[int], typer.Option("--layer", help="Layer to show (default: the middle layer).",
                                                  show_default=False)] = None,
     head: Annotated[Optional[int], typer.Option("--head", help="Query head to show (default 0).",
@@ -42,12 +41,9 @@ def command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic workload.")] = 0,
     profile: Annotated[Optional[str], typer.Option("--profile", help="PBS preset (default: the model's, else "
                                                    "'default').", show_default=False)] = None,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Top-p share of block attention to keep, in "
-                                                       "(0, 1].", show_default=False)] = None,
-    block_size: Annotated[Optional[int], typer.Option("--block-size", help="Tokens per block (power of two >= 16).",
-                                                      show_default=False)] = None,
-    segment_size: Annotated[Optional[int], typer.Option("--segment-size", help="Permutation segment (multiple of the "
-                                                        "block size).", show_default=False)] = None,
+    threshold: Threshold = None,
+    block_size: BlockSize = None,
+    segment_size: SegmentSize = None,
     permute: Annotated[Optional[bool], typer.Option("--permute/--no-permute", help="Permute keys inside segments "
                                                     "(default: the profile's).", show_default=False)] = None,
     device: Device = "auto",
