@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import plan_rules, reference
 from .backend import use_triton
 from .band import band_plan, check_window
 from .block_mask import PermutedBlockMask
@@ -126,7 +126,7 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PB
         chunk = band_plan(b, h_q, k.shape[1], n, window, bs, seg, q.device, r0, min(n_b, r0 + rows))
         fast.pbs_attention(q, k, v, chunk, scale, out=out, window=window, softcap=softcap, sinks=sinks)
         nums.append(chunk.kv_num_blocks)
-    return out, PermutedBlockMask(reference.identity_permutation(b, k.shape[1], n, q.device), torch.cat(nums, -1),
+    return out, PermutedBlockMask(plan_rules.identity_permutation(b, k.shape[1], n, q.device), torch.cat(nums, -1),
                                   None, bs, seg, n)
 
 

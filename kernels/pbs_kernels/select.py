@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import plan_rules, reference
 from .backend import use_triton
 from .config import PBSConfig
 
@@ -32,4 +32,4 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
             from .triton import sampled
 
             return sampled.select_blocks(q, k, perm, config, scale)
-    return reference.select_blocks(q, reference.permute_keys(k, perm), perm, config, scale, k=k)
+    return reference.select_blocks(q, plan_rules.permute_keys(k, perm), perm, config, scale, k=k)

@@ -15,7 +15,7 @@ import os
 import torch
 import triton
 
-from .. import reference
+from .. import plan_rules
 from ..block_mask import PermutedBlockMask
 from . import attention_kernel as K
 from .launching import interpreting
@@ -175,7 +175,7 @@ def permuted_copies(xs: tuple[torch.Tensor, ...], perm: torch.Tensor) -> tuple:
     b, h_perm, n = perm.shape
     h_kv, d = xs[0].shape[1], xs[0].shape[-1]
     if not copies_supported(xs[0]):
-        return tuple(reference.permute_keys(x, perm).contiguous() for x in xs)
+        return tuple(plan_rules.permute_keys(x, perm).contiguous() for x in xs)
     if len(xs) > 2 or len(xs) == 2 and (xs[0].shape != xs[1].shape or xs[0].dtype != xs[1].dtype):
         return tuple(out for x in xs for out in permuted_copies((x,), perm))
     xs = tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)

@@ -14,7 +14,7 @@ import math
 import torch
 import triton
 
-from .. import reference
+from .. import plan_rules
 from ..config import PBSConfig
 from .launching import interpreting, last_dim_contiguous
 from .permute_kernel import _importance_kernel, _row_stats_kernel, _segment_sort_kernel
@@ -104,7 +104,7 @@ def segment_permutation(scores: torch.Tensor, segment_size: int, fused: bool | N
         raise ValueError(f"the fused sort takes fp32/fp16/bf16 scores and a power-of-two segment in "
                          f"2..{SORT_MAX_SEGMENT}, got {scores.dtype} and {segment_size}")
     if not fused:
-        return reference.segment_permutation(scores, segment_size)
+        return plan_rules.segment_permutation(scores, segment_size)
     b, h, n = scores.shape
     scores = scores.float().contiguous()
     out = torch.empty(b, h, n, dtype=torch.int32, device=scores.device)
@@ -127,7 +127,7 @@ def compute_permutation(q: torch.Tensor, k: torch.Tensor, config: PBSConfig,
         raise ValueError("this GPU path implements the published method only; options beyond it run "
                          f"through pbs_kernels.permute (the reference), got {config}")
     if not config.permute or n < config.segment_size:
-        return reference.identity_permutation(b, h_perm, n, q.device)
+        return plan_rules.identity_permutation(b, h_perm, n, q.device)
     imp = key_importance(q, k, config.block_size, config.per_head_permutation, scale, tiles=tiles)
     # stable descending sort per segment, exactly as the reference (one Triton launch; torch.sort for
     # segments the kernel does not take; no sync either way)

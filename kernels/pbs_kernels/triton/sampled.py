@@ -16,7 +16,7 @@ import math
 import torch
 import triton
 
-from .. import reference
+from .. import plan_rules
 from ..config import PBSConfig
 from . import select as pooled
 from .launching import interpreting, last_dim_contiguous
@@ -111,8 +111,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
     idx = torch.empty(b, h_q, n_b, n_b, dtype=torch.int32, device=q.device)
 
-    if config.score == "pooled":  # pooled means (Triton), scores and ranking in torch
-        sink = reference.sink_block(perm, bs).repeat_interleave(g, dim=1)  # (B, H_q)
+    if config.score == "pooled":  # pooled means (Triton), scores and ranking in torch (plan_rules)
+        sink = plan_rules.sink_block(perm, bs).repeat_interleave(g, dim=1)  # (B, H_q)
         q_bar = pooled.pool_blocks(q, bs)  # (B, H_q, N_b, D)
         k_bar = pooled.pool_blocks(k, bs, perm).repeat_interleave(g, dim=1)  # (B, H_q, N_b, D), permuted
         # scope "total" also scores the diagonal segment, which attention reads in original order
@@ -120,9 +120,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
         rows = max(1, min(n_b, buffer_bytes // (4 * b * h_q * n_b)))
         for r0 in range(0, n_b, rows):
             r1 = min(n_b, r0 + rows)
-            candidate, causal, forced = reference.chunk_blocks(n_b, r0, r1, config, sink, q.device)
-            probs = reference.pooled_block_probs(q_bar[:, :, r0:r1], k_bar, k_orig, candidate, causal, config, scale)
-            num[:, :, r0:r1], idx[:, :, r0:r1] = reference.rank_blocks(probs, candidate, forced, config)
+            candidate, causal, forced = plan_rules.chunk_blocks(n_b, r0, r1, config, sink, q.device)
+            probs = plan_rules.pooled_block_probs(q_bar[:, :, r0:r1], k_bar, k_orig, candidate, causal, config, scale)
+            num[:, :, r0:r1], idx[:, :, r0:r1] = plan_rules.rank_blocks(probs, candidate, forced, config)
         return num, idx
 
     sink = pooled.sink_block(perm, bs).contiguous()  # (B, H_perm) int32
