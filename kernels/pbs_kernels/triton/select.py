@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 import triton
 
+from .. import plan_rules
 from ..config import PBSConfig
 from .launching import interpreting, last_dim_contiguous
 from .select_kernel import _block_scores_kernel, _pool_kernel, _top_p_kernel
@@ -90,8 +91,9 @@ def _pool(x: torch.Tensor, block_size: int, perm: torch.Tensor | None, heads: in
 
 
 def sink_block(perm: torch.Tensor, block_size: int) -> torch.Tensor:
-    """int32 (B, H_perm): the permuted key block holding original token 0 (device-side, no sync)."""
-    return torch.div((perm == 0).int().argmax(-1), block_size, rounding_mode="floor").to(torch.int32)
+    """int32 (B, H_perm): the permuted key block holding original token 0 (``plan_rules.sink_block`` in
+    the kernels' int32; device-side, no sync)."""
+    return plan_rules.sink_block(perm, block_size).to(torch.int32)
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
