@@ -1,5 +1,5 @@
 """Sliding windows, soft-capping and attention sinks: band plans, the PyTorch reference and the Triton kernel
-against a token-level oracle of windowed (soft-capped, sink) causal attention written here in fp64.
+against the fp64 token-level oracle (attention_oracle.py) of windowed (soft-capped, sink) causal attention.
 
 The oracle knows nothing of blocks: query q sees original keys q - W < k <= q. Band plans are checked
 twice: their kept blocks against the blocks that window touches (computed from the token mask), and
@@ -10,7 +10,6 @@ tolerance rule of test_triton_attention.py and NaN-filled outputs.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -21,7 +20,8 @@ from pbs_kernels import PBSConfig, pbs_attention, reference as R  # noqa: E402
 from pbs_kernels.attention import attention_kernel, band_attention  # noqa: E402
 from pbs_kernels.band import band_plan, band_rows  # noqa: E402
 from pbs_kernels.triton import attention as A  # noqa: E402
-from test_triton_attention import DEVICE, DTYPES, FLOOR, ON_GPU, qkv, random_plan, to_device, token_mask  # noqa: E402
+from attention_oracle import masked_attention, token_mask  # noqa: E402
+from test_triton_attention import DEVICE, DTYPES, FLOOR, ON_GPU, qkv, random_plan, to_device  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -37,25 +37,10 @@ def window_mask(n: int, window: int | None) -> torch.Tensor:
     return mask if window is None else mask & (j > i - window)
 
 
-def oracle(q, k, v, mask, dtype=torch.float64, softcap=None, scale=None, sinks=None):
-    """Dense attention under a token mask (broadcast to (B, H_q, N, N)), every op in ``dtype``; ``sinks``
-    (H_q,): one more logit per head in each softmax, whose weight is dropped."""
-    g = q.shape[1] // k.shape[1]
-    q, k, v = (x.cpu().to(dtype) for x in (q, k, v))
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~mask, float("-inf"))
-    if sinks is not None:
-        s = torch.cat([s, sinks.cpu().to(dtype)[None, :, None, None].expand(*s.shape[:-1], 1)], -1)
-    return s.softmax(-1)[..., : k.shape[2]] @ v
-
-
 def assert_rule(out, q, k, v, mask, softcap=None, scale=None, sinks=None):
     """err(out vs fp64 oracle) <= 2 * err(the same math in q's dtype vs fp64) + floor."""
-    exact = oracle(q, k, v, mask, softcap=softcap, scale=scale, sinks=sinks)
-    low = oracle(q, k, v, mask, q.dtype, softcap=softcap, scale=scale, sinks=sinks)
+    exact = masked_attention(q, k, v, mask, softcap=softcap, scale=scale, sinks=sinks)
+    low = masked_attention(q, k, v, mask, q.dtype, softcap=softcap, scale=scale, sinks=sinks)
     err = (out.cpu().double() - exact).abs().max().item()
     err_pt = (low.double() - exact).abs().max().item()
     assert err <= 2 * err_pt + FLOOR[q.dtype], f"error {err:.3g} > 2 x PyTorch error {err_pt:.3g} + floor"
@@ -174,8 +159,8 @@ def test_kernel_softcap(dtype, window, d):
                        scale=0.2)
     ref = R.block_sparse_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), to_device(plan, "cpu"),
                                    scale=0.2, window=window, softcap=5.0)
-    exact = oracle(q, k, v, token_mask(plan) & window_mask(n, window), softcap=5.0, scale=0.2)
-    low = oracle(q, k, v, token_mask(plan) & window_mask(n, window), dtype, softcap=5.0, scale=0.2)
+    exact = masked_attention(q, k, v, token_mask(plan) & window_mask(n, window), softcap=5.0, scale=0.2)
+    low = masked_attention(q, k, v, token_mask(plan) & window_mask(n, window), dtype, softcap=5.0, scale=0.2)
     err_pt = (low.double() - exact).abs().max().item()
     torch.testing.assert_close(out.float().cpu(), ref, atol=2 * err_pt + FLOOR[dtype], rtol=0)
 

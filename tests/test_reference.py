@@ -1,4 +1,5 @@
-"""The PyTorch reference against independent oracles written here (fp64, token-level masks)."""
+"""The PyTorch reference against independent oracles (fp64, token-level masks: attention_oracle.py, and
+the ones written here)."""
 
 from __future__ import annotations
 
@@ -10,39 +11,14 @@ import torch
 from pbs_kernels import PBSConfig, build_plan, pbs_attention
 from pbs_kernels import reference as R
 
+from attention_oracle import masked_attention, token_mask
+
 SMALL = PBSConfig(block_size=32, segment_size=64, threshold=0.9)
 
 
 def qkv(b, h_q, h_kv, n, d, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, h, n, d, generator=g).to(dtype) for h in (h_q, h_kv, h_kv)]
-
-
-def oracle_mask(plan) -> torch.Tensor:
-    """Bool (B, H_q, N, N) over ORIGINAL key positions, built from to_dense() and perm with plain loops."""
-    dense = plan.to_dense()
-    b, h_q, n_qb, _ = dense.shape
-    n, bs = plan.seq_len, plan.block_size
-    per_seg = plan.segment_size // bs
-    g = h_q // plan.perm.shape[1]
-    mask = torch.zeros(b, h_q, n, n, dtype=torch.bool)
-    for bi in range(b):
-        for h in range(h_q):
-            perm = plan.perm[bi, h // g]
-            for i in range(n_qb):
-                diag = (i // per_seg) * per_seg
-                for j in torch.nonzero(dense[bi, h, i]).flatten().tolist():
-                    slots = torch.arange(j * bs, min(n, (j + 1) * bs))
-                    keys = slots if j >= diag else perm[slots].long()
-                    mask[bi, h, i * bs : (i + 1) * bs, keys] = True
-    return mask & torch.ones(n, n, dtype=torch.bool).tril()
-
-
-def masked_attention_fp64(q, k, v, mask):
-    g = q.shape[1] // k.shape[1]
-    kk, vv = (x.double().repeat_interleave(g, 1) for x in (k, v))
-    s = q.double() @ kk.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    return s.masked_fill(~mask, float("-inf")).softmax(-1) @ vv
 
 
 @pytest.mark.parametrize(
@@ -53,7 +29,7 @@ def test_sparse_attention_matches_token_level_oracle(b, h_q, h_kv, n, d):
     q, k, v = qkv(b, h_q, h_kv, n, d)
     plan = build_plan(q, k, SMALL)
     out = pbs_attention(q, k, v, plan)
-    ref = masked_attention_fp64(q, k, v, oracle_mask(plan))
+    ref = masked_attention(q, k, v, token_mask(plan))
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
     assert plan.density() <= 1.0
 
@@ -132,7 +108,7 @@ def test_per_head_permutation_and_no_permutation():
     per_head = build_plan(q, k, SMALL.replace(per_head_permutation=True))
     assert per_head.perm.shape == (1, 6, 256)
     out = pbs_attention(q, k, v, per_head)
-    torch.testing.assert_close(out.double(), masked_attention_fp64(q, k, v, oracle_mask(per_head)), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.double(), masked_attention(q, k, v, token_mask(per_head)), atol=2e-5, rtol=1e-4)
     plain = build_plan(q, k, SMALL.replace(permute=False))
     assert torch.equal(plain.perm[0, 0], torch.arange(256, dtype=torch.int32))
 
@@ -143,7 +119,7 @@ def test_recall_matches_direct_mass_and_is_one_when_dense():
     full = build_plan(q, k, SMALL.replace(threshold=1.0))
     torch.testing.assert_close(R.attention_recall(q, k, full, rows), torch.ones(1, 4, 3))
     plan = build_plan(q, k, SMALL.replace(threshold=0.4))
-    mask = oracle_mask(plan)[:, :, rows]
+    mask = token_mask(plan)[:, :, rows]
     g = 2
     s = q[:, :, rows].double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2) / 4.0
     causal = torch.arange(300)[None, :] <= rows[:, None]

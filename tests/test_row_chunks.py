@@ -64,6 +64,36 @@ def test_prefill_makes_the_kv_copies_in_the_pooling_pass(monkeypatch, chunked):
     torch.testing.assert_close(out, want, atol=0, rtol=0)
 
 
+def test_prefill_in_remap_mode_copies_nothing(monkeypatch):
+    """The "remap" read mode reads keys through the permutation: ``pbs_prefill_attention`` then asks
+    neither the pooling pass nor the row gather for K/V copies, and returns what ``pbs_attention`` does."""
+    from pbs_kernels.triton import attention as fast
+    from pbs_kernels.triton import select as fast_select
+
+    q, k, v = inputs(n=170, seed=3)
+    monkeypatch.setenv("PBS_PERM_MODE", "remap")
+    want = pbs_attention(q, k, v, build_plan(q, k, CFG))
+    monkeypatch.setattr(fast, "permuted_copies", lambda *a, **kw: pytest.fail("copied K/V in remap mode"))
+    monkeypatch.setattr(fast_select, "pool_and_copy", lambda *a, **kw: pytest.fail("copied K/V in remap mode"))
+    out, _ = api.pbs_prefill_attention(q, k, v, CFG)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+def test_the_chunk_steps_refuse_the_reference_path(monkeypatch):
+    """``select.row_selection`` and ``attend.attend(out=)`` belong to the fused GPU path: with the
+    reference backend they say so (and name what to call) instead of computing something else."""
+    from pbs_kernels import attend, select
+
+    q, k, v = inputs(n=100)
+    monkeypatch.setenv("PBS_BACKEND", "reference")
+    plan = build_plan(q, k, CFG)
+    assert attend.kernel_read(q, 16, k, v) is None and attend.attention_kernel(q, 16, k, v) == "reference"
+    with pytest.raises(ValueError, match="use select_blocks"):
+        select.row_selection(q, k, plan.perm, CFG)
+    with pytest.raises(ValueError, match="call attend without them"):
+        attend.attend(q, k, v, plan, out=torch.empty_like(q))
+
+
 def test_whole_plan_below_the_budget_and_off_the_fused_path(monkeypatch):
     q, k, v = inputs(n=200)
     assert api.plan_chunk_rows(q, CFG) is None  # 13 x 13 blocks: far below 256 MiB

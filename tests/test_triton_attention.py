@@ -1,4 +1,4 @@
-"""The Triton block-sparse attention kernel against the PyTorch reference and an fp64 oracle.
+"""The Triton block-sparse attention kernel against the PyTorch reference and the fp64 oracle (attention_oracle.py).
 
 Without a GPU the kernel runs in the Triton interpreter (TRITON_INTERPRET=1, set per test by a
 fixture; the launcher interprets the kernel even when triton was imported earlier) in fp16/fp32 on
@@ -10,8 +10,6 @@ precision vs fp64) + floor, max abs error; outputs are NaN-filled first so an un
 
 from __future__ import annotations
 
-import itertools
-import math
 
 import pytest
 import torch
@@ -21,6 +19,8 @@ pytest.importorskip("triton")
 from pbs_kernels import PBSConfig, PermutedBlockMask, build_plan  # noqa: E402
 from pbs_kernels import reference as R  # noqa: E402
 from pbs_kernels.triton import attention as A  # noqa: E402
+
+from attention_oracle import masked_attention, token_mask  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -69,37 +69,7 @@ def to_device(plan: PermutedBlockMask, device=DEVICE) -> PermutedBlockMask:
                              plan.block_size, plan.segment_size, plan.seq_len)
 
 
-def to_cpu(plan: PermutedBlockMask) -> PermutedBlockMask:
-    return to_device(plan, "cpu")
-
-
-# -- the oracle -------------------------------------------------------------------------------
-
-
-def token_mask(plan: PermutedBlockMask) -> torch.Tensor:
-    """Bool (B, H_q, N, N) over ORIGINAL key positions, from plan.to_dense() and plan.perm."""
-    dense = to_cpu(plan).to_dense()
-    perm = plan.perm.cpu().long()
-    b, h_q, n_qb, _ = dense.shape
-    n, bs = plan.seq_len, plan.block_size
-    per_seg = plan.segment_size // bs
-    g = h_q // perm.shape[1]
-    mask = torch.zeros(b, h_q, n, n, dtype=torch.bool)
-    for bi, h, i in itertools.product(range(b), range(h_q), range(n_qb)):
-        for j in torch.nonzero(dense[bi, h, i]).flatten().tolist():
-            slots = torch.arange(j * bs, min(n, (j + 1) * bs))
-            keys = slots if j >= (i // per_seg) * per_seg else perm[bi, h // g, slots]
-            mask[bi, h, i * bs : (i + 1) * bs, keys] = True
-    return mask & torch.ones(n, n, dtype=torch.bool).tril()
-
-
-def masked_attention(q, k, v, mask, dtype):
-    """Dense masked attention with every op in ``dtype`` (float64 = the oracle)."""
-    g = q.shape[1] // k.shape[1]
-    q, k, v = (x.cpu().to(dtype) for x in (q, k, v))
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    return s.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+# -- the tolerance rule -----------------------------------------------------------------------
 
 
 def check(q, k, v, plan, **kw):

@@ -1,16 +1,24 @@
-"""Public entry points: plan, attend, or both."""
+"""Public entry points: plan, attend, or both.
+
+Each step has one dispatcher that picks Triton or the PyTorch reference: ``permute.compute_permutation``,
+``select.select_blocks`` (``select.row_selection`` for plans built and attended in chunks of rows) and
+``attend.attend`` (``attend.kernel_read``: how the kernel will read q, k, v and which K/V copies it needs).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from . import reference
-from .backend import use_triton
+from . import plan_rules, reference
+from .attend import attend, attention_kernel, kernel_read, runs_triton
 from .band import band_plan, check_window
 from .block_mask import PermutedBlockMask
 from .config import PBSConfig
 from .permute import compute_permutation
-from .select import select_blocks
+from .select import row_selection, select_blocks
+
+__all__ = ["PLAN_CHUNK_BYTES", "attention_kernel", "band_attention", "build_plan", "pbs_attention",
+           "pbs_prefill_attention", "plan_chunk_rows"]
 
 
 # Above this many bytes of plan indices (int32 kv_indices), ``pbs_prefill_attention`` plans and
@@ -51,44 +59,14 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     token inside the kept blocks (``band.band_plan`` keeps the blocks it touches). softcap: scores
     become ``softcap * tanh(scores / softcap)`` (Gemma-2). sinks: (H_q,) per-head attention sink logits
     (gpt-oss), one extra term in every row's softmax denominator.
-    Returns (B, H_q, N, D) in q's dtype. Triton on CUDA, the PyTorch reference elsewhere.
+    Returns (B, H_q, N, D) in q's dtype. Triton on CUDA, the PyTorch reference elsewhere (``attend.attend``).
     """
     _check_shapes(q, k, v)
     if plan.seq_len != q.shape[2]:
         raise ValueError(f"plan was built for N={plan.seq_len}, got q with N={q.shape[2]}")
     window = None if window is None else check_window(window)
     reference.check_softcap(softcap)
-    fast = triton_attention(q)
-    if fast is not None:
-        return fast.pbs_attention(q, k, v, plan, scale, window=window, softcap=softcap, sinks=sinks)
-    return reference.block_sparse_attention(q, k, v, plan, scale, window=window, softcap=softcap, sinks=sinks)
-
-
-def triton_attention(q: torch.Tensor):
-    """The Triton attention module (``pbs_kernels.triton.attention``) when it runs q (B, H_q, N, D):
-    ``backend.use_triton`` chose Triton and the kernel supports q's head_dim, dtype and device; else
-    None (the PyTorch reference runs)."""
-    if use_triton(q):
-        from .triton import attention as fast
-
-        if fast.supports(q):
-            return fast
-    return None
-
-
-def attention_kernel(q: torch.Tensor, block_size: int, k: torch.Tensor | None = None,
-                     v: torch.Tensor | None = None, masked: bool = False) -> str:
-    """The implementation ``pbs_attention`` runs for q (B, H_q, N, D) with ``block_size``-token plans:
-    "reference" (the PyTorch twin) or "triton/MODE", MODE being the Triton read mode (remap, gather,
-    tma, persistent; ``PBS_PERM_MODE`` or the "auto" rule; ``masked``: a window, softcap or sinks, which
-    only the tma, gather and remap modes apply), with " in place" when k and v are given and the kernel
-    reads all three without layout copies (``keeps_layout``). Reads only shapes, strides and the device."""
-    fast = triton_attention(q)
-    if fast is None:
-        return "reference"
-    mode = fast.resolve_perm_mode(q.shape[2], block_size, q, masked=masked)
-    in_place = k is not None and v is not None and fast.keeps_layout(mode, q, k, v)
-    return f"triton/{mode}" + (" in place" if in_place else "")
+    return attend(q, k, v, plan, scale, window=window, softcap=softcap, sinks=sinks)
 
 
 def plan_chunk_rows(q: torch.Tensor, config: PBSConfig, budget: int = PLAN_CHUNK_BYTES) -> int | None:
@@ -97,7 +75,7 @@ def plan_chunk_rows(q: torch.Tensor, config: PBSConfig, budget: int = PLAN_CHUNK
     attention, the published selection options); None = plan the whole sequence at once."""
     b, h_q, n, _ = q.shape
     n_b = -(-n // config.block_size)
-    if 4 * b * h_q * n_b * n_b <= budget or config.beyond_published() or triton_attention(q) is None:
+    if 4 * b * h_q * n_b * n_b <= budget or config.beyond_published() or not runs_triton(q):
         return None
     return max(1, budget // (4 * b * h_q * n_b))
 
@@ -114,8 +92,7 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PB
     b, h_q, n, _ = q.shape
     bs, seg = config.block_size, config.segment_size
     n_b = -(-n // bs)
-    fast = triton_attention(q)
-    if fast is None or 4 * b * h_q * n_b * n_b <= plan_bytes:
+    if not runs_triton(q) or 4 * b * h_q * n_b * n_b <= plan_bytes:
         plan = band_plan(b, h_q, k.shape[1], n, window, bs, seg, q.device)
         return pbs_attention(q, k, v, plan, scale, window=window, softcap=softcap, sinks=sinks), plan
     rows = max(1, plan_bytes // (4 * b * h_q * n_b))
@@ -124,9 +101,9 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PB
     nums = []
     for r0 in range(0, n_b, rows):
         chunk = band_plan(b, h_q, k.shape[1], n, window, bs, seg, q.device, r0, min(n_b, r0 + rows))
-        fast.pbs_attention(q, k, v, chunk, scale, out=out, window=window, softcap=softcap, sinks=sinks)
+        attend(q, k, v, chunk, scale, out=out, window=window, softcap=softcap, sinks=sinks)
         nums.append(chunk.kv_num_blocks)
-    return out, PermutedBlockMask(reference.identity_permutation(b, k.shape[1], n, q.device), torch.cat(nums, -1),
+    return out, PermutedBlockMask(plan_rules.identity_permutation(b, k.shape[1], n, q.device), torch.cat(nums, -1),
                                   None, bs, seg, n)
 
 
@@ -139,38 +116,32 @@ def pbs_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, con
     selection ranks blocks on plain pooled scores).
 
     On the Triton path the pooling pass of the selection also makes the permuted K/V copies the
-    attention kernel reads (``select.pool_and_copy``: one read of K for both). Long sequences
+    attention kernel reads (``select.row_selection`` with values: one read of K for both). Long sequences
     (``plan_chunk_rows``: index table over ``plan_bytes``) are planned and attended one chunk of
     query blocks at a time, after one permutation for all: the same result, with at most
     ``plan_bytes`` of indices alive. The returned plan is then a summary (``kv_indices`` None).
     """
-    fast = triton_attention(q)
-    if fast is None or config.beyond_published():
+    if not runs_triton(q) or config.beyond_published():
         plan = build_plan(q, k, config, scale)
         return pbs_attention(q, k, v, plan, scale, softcap=softcap, sinks=sinks), plan
-    from .triton import select as fast_select
-
     _check_shapes(q, k, v)
-    n = q.shape[2]
-    bs, seg = config.block_size, config.segment_size
+    bs, seg, n = config.block_size, config.segment_size, q.shape[2]
     n_b = -(-n // bs)
     rows = plan_chunk_rows(q, config, plan_bytes) or n_b
-    mode = fast.resolve_perm_mode(n, bs, q, masked=softcap is not None or sinks is not None)
-    if not fast.keeps_layout(mode, q, k, v):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # once, not in every chunk's launch
+    read = kernel_read(q, bs, k, v, masked=softcap is not None or sinks is not None)
+    q, k, v = read.inputs(q, k, v)
     perm = compute_permutation(q, k, config, scale)
-    fused = mode in fast.PLAIN_COPY_MODES and fast.copies_supported(k)
-    selection = fast_select.BlockSelection(q, k, perm, config, scale, values=v if fused else None)
-    copies = selection.copies if fused else fast.copies_for(mode, k, v, perm)  # one copy for every chunk
+    selection = row_selection(q, k, perm, config, scale, values=v if read.copies_in_selection else None)
+    copies = read.copies(k, v, perm, selection.copies)  # one copy for every chunk
     if rows >= n_b:
         num, idx = selection.select(0, n_b)
         plan = PermutedBlockMask(perm, num, idx, bs, seg, n)
-        return fast.pbs_attention(q, k, v, plan, scale, permuted=copies, softcap=softcap, sinks=sinks), plan
+        return attend(q, k, v, plan, scale, copies=copies, softcap=softcap, sinks=sinks), plan
     out = torch.empty_like(q)  # laid out like q now
     nums = []
     for r0, num, idx in selection.row_chunks(rows):
-        fast.pbs_attention(q, k, v, PermutedBlockMask(perm, num, idx, bs, seg, n, row_offset=r0), scale,
-                           out=out, permuted=copies, softcap=softcap, sinks=sinks)
+        attend(q, k, v, PermutedBlockMask(perm, num, idx, bs, seg, n, row_offset=r0), scale, out=out,
+               copies=copies, softcap=softcap, sinks=sinks)
         nums.append(num)
         del idx
     return out, PermutedBlockMask(perm, torch.cat(nums, -1), None, bs, seg, n)

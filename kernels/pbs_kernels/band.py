@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .block_mask import PermutedBlockMask
-from .reference import identity_permutation
+from .plan_rules import identity_permutation
 
 
 def check_window(window: int) -> int:

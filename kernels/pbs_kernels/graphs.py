@@ -76,7 +76,7 @@ class LayerGraphs:
         """True where a call can be captured and a graph pays: the Triton attention on CUDA, with
         selection options that have a GPU path (pooled or sampled; it never synchronizes with the
         host), no autotuning (which times candidates from the host), and a length ``worth_capturing``."""
-        from .attention import triton_attention
+        from .attend import triton_attention
 
         fast = triton_attention(q)
         return (q.is_cuda and fast is not None and not config.needs_reference_selection()

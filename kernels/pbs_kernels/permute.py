@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import plan_rules, reference
 from .backend import use_triton
 from .config import PBSConfig
 
@@ -24,7 +24,7 @@ def compute_permutation(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, sca
     b, h_q, n, _ = q.shape
     h_perm = h_q if config.per_head_permutation else k.shape[1]
     if not config.permute or n < config.segment_size:
-        return reference.identity_permutation(b, h_perm, n, q.device)
+        return plan_rules.identity_permutation(b, h_perm, n, q.device)
     if config.importance_rows != "last" or config.permute_heads != "all":
         return reference.compute_permutation(q, k, config, scale)
     # the block scoring options (score, threshold_scope, row_top) do not change the permutation
@@ -34,4 +34,4 @@ def compute_permutation(q: torch.Tensor, k: torch.Tensor, config: PBSConfig, sca
         imp = fast.key_importance(q, k, config.block_size, config.per_head_permutation, scale)
     else:
         imp = reference.key_importance(q, k, config.block_size, config.per_head_permutation, scale)
-    return reference.segment_permutation(imp, config.segment_size)
+    return plan_rules.segment_permutation(imp, config.segment_size)

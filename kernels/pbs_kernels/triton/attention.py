@@ -15,9 +15,10 @@ import os
 import torch
 import triton
 
-from .. import reference
+from .. import plan_rules
 from ..block_mask import PermutedBlockMask
 from . import attention_kernel as K
+from .launching import interpreting
 from .permute_kernel import _gather_rows_kernel
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -41,10 +42,6 @@ PERM_MODE_ENV = "PBS_PERM_MODE"
 # The rule looks at the length, not at the plan's row lengths, so that choosing costs no host
 # synchronization (reading the plan's mean stalled the CPU once per layer).
 TMA_MIN_SEQ_LEN = 32768
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def default_perm_mode() -> str:
@@ -72,7 +69,7 @@ def supports(q: torch.Tensor) -> bool:
         return False
     if q.is_cuda:
         return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    return _interpreting() and q.dtype in (torch.float16, torch.float32)
+    return interpreting() and q.dtype in (torch.float16, torch.float32)
 
 
 # -- configurations ---------------------------------------------------------------------------
@@ -178,14 +175,14 @@ def permuted_copies(xs: tuple[torch.Tensor, ...], perm: torch.Tensor) -> tuple:
     b, h_perm, n = perm.shape
     h_kv, d = xs[0].shape[1], xs[0].shape[-1]
     if not copies_supported(xs[0]):
-        return tuple(reference.permute_keys(x, perm).contiguous() for x in xs)
+        return tuple(plan_rules.permute_keys(x, perm).contiguous() for x in xs)
     if len(xs) > 2 or len(xs) == 2 and (xs[0].shape != xs[1].shape or xs[0].dtype != xs[1].dtype):
         return tuple(out for x in xs for out in permuted_copies((x,), perm))
     xs = tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
     perm = perm.to(torch.int32).contiguous()
     outs = tuple(torch.empty(b, h_perm, n, d, dtype=x.dtype, device=x.device) for x in xs)
     x, y = xs[0], xs[-1]
-    block = 64 if not _interpreting() else 1024
+    block = 64 if not interpreting() else 1024
     grid = (triton.cdiv(n, block), b * h_perm)
     kernel = _gather_rows_kernel if x.is_cuda else _interpreted(_gather_rows_kernel)
     kernel[grid](x, y, perm, outs[0], outs[-1], n, h_kv, h_perm, *x.stride()[:3], *y.stride()[:3], BLOCK=block,
@@ -202,7 +199,7 @@ def copies_supported(x: torch.Tensor) -> bool:
     """Whether the Triton row gather copies x (B, H, N, D): head_dim a power of two, on CUDA (or in the
     interpreter); otherwise ``permuted_copies`` falls back to the reference gather."""
     d = x.shape[-1]
-    return not d & (d - 1) and (x.is_cuda or _interpreting())
+    return not d & (d - 1) and (x.is_cuda or interpreting())
 
 
 def copies_for(mode: str, k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor):

@@ -10,26 +10,18 @@ program of a single launch (``torch.sort`` is the fallback for segments the kern
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 
-from .. import reference
+from .. import plan_rules
 from ..config import PBSConfig
+from .launching import interpreting, last_dim_contiguous
 from .permute_kernel import _importance_kernel, _row_stats_kernel, _segment_sort_kernel
 from .tiles import PERMUTE_TILES, PermuteTiles
 
 # Largest segment the fused sort takes by default: the whole segment (an int64 per key) sorts in registers
 SORT_MAX_SEGMENT = 2048
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: bool = False,
@@ -46,14 +38,14 @@ def key_importance(q: torch.Tensor, k: torch.Tensor, block_size: int, per_head: 
         raise ValueError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv})")
     g = h_q // h_kv
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    q, k = last_dim_contiguous(q), last_dim_contiguous(k)
     rows = min(block_size, n)
     h_perm = h_q if per_head else h_kv
     gp = h_q // h_perm  # query heads averaged into one permutation head
     d_pow2 = max(16, triton.next_power_of_2(d))
     ieee = q.dtype == torch.float32
     block_m, block_n, num_warps = tiles.block_m, tiles.block_n, tiles.num_warps
-    if _interpreting():  # the interpreter's cost is per operation: fewer, larger tiles
+    if interpreting():  # the interpreter's cost is per operation: fewer, larger tiles
         block_m, block_n = 128, 512
 
     qk_scale = scale * math.log2(math.e)  # both passes work in base 2 (exp2)
@@ -112,7 +104,7 @@ def segment_permutation(scores: torch.Tensor, segment_size: int, fused: bool | N
         raise ValueError(f"the fused sort takes fp32/fp16/bf16 scores and a power-of-two segment in "
                          f"2..{SORT_MAX_SEGMENT}, got {scores.dtype} and {segment_size}")
     if not fused:
-        return reference.segment_permutation(scores, segment_size)
+        return plan_rules.segment_permutation(scores, segment_size)
     b, h, n = scores.shape
     scores = scores.float().contiguous()
     out = torch.empty(b, h, n, dtype=torch.int32, device=scores.device)
@@ -135,7 +127,7 @@ def compute_permutation(q: torch.Tensor, k: torch.Tensor, config: PBSConfig,
         raise ValueError("this GPU path implements the published method only; options beyond it run "
                          f"through pbs_kernels.permute (the reference), got {config}")
     if not config.permute or n < config.segment_size:
-        return reference.identity_permutation(b, h_perm, n, q.device)
+        return plan_rules.identity_permutation(b, h_perm, n, q.device)
     imp = key_importance(q, k, config.block_size, config.per_head_permutation, scale, tiles=tiles)
     # stable descending sort per segment, exactly as the reference (one Triton launch; torch.sort for
     # segments the kernel does not take; no sync either way)

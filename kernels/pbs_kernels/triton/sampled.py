@@ -12,28 +12,20 @@ buffer (B, H_q, C, m, N_b) for a chunk of C query blocks, at most ``_BUFFER_BYTE
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 
-from .. import reference
+from .. import plan_rules
 from ..config import PBSConfig
 from . import select as pooled
+from .launching import interpreting, last_dim_contiguous
 from .sampled_kernel import _sampled_lse_kernel, _sampled_top_p_kernel
 from .tiles import SAMPLED_TILES, SampledTiles
 
 # Upper bound of the per-chunk per-row mass buffer: 256 MiB (SmolLM2 at 32K in one chunk; 64 query
 # blocks of 64 tokens per chunk for 32 heads at 128K).
 _BUFFER_BYTES = 256 << 20
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig) -> None:
@@ -92,7 +84,7 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, con
     c, m = r1 - r0, config.sample_rows
     out = torch.empty(b * h_q, c, m, n_b, dtype=torch.float32, device=q.device)
     lse = torch.empty(b * h_q, c, m, dtype=torch.float32, device=q.device)
-    _block_lse(_last_dim_contiguous(q), _last_dim_contiguous(k), perm.to(torch.int32).contiguous(),
+    _block_lse(last_dim_contiguous(q), last_dim_contiguous(k), perm.to(torch.int32).contiguous(),
                config, r0, r1, scale, out, lse, tiles)
     return out.sub_(lse[..., None]).exp_().view(b, h_q, c, m, n_b)
 
@@ -113,14 +105,14 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     bs = config.block_size
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     n_b = triton.cdiv(n, bs)
-    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    q, k = last_dim_contiguous(q), last_dim_contiguous(k)
     perm = perm.to(torch.int32).contiguous()
     g = h_q // perm.shape[1]
     num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
     idx = torch.empty(b, h_q, n_b, n_b, dtype=torch.int32, device=q.device)
 
-    if config.score == "pooled":  # pooled means (Triton), scores and ranking in torch
-        sink = reference.sink_block(perm, bs).repeat_interleave(g, dim=1)  # (B, H_q)
+    if config.score == "pooled":  # pooled means (Triton), scores and ranking in torch (plan_rules)
+        sink = plan_rules.sink_block(perm, bs).repeat_interleave(g, dim=1)  # (B, H_q)
         q_bar = pooled.pool_blocks(q, bs)  # (B, H_q, N_b, D)
         k_bar = pooled.pool_blocks(k, bs, perm).repeat_interleave(g, dim=1)  # (B, H_q, N_b, D), permuted
         # scope "total" also scores the diagonal segment, which attention reads in original order
@@ -128,9 +120,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
         rows = max(1, min(n_b, buffer_bytes // (4 * b * h_q * n_b)))
         for r0 in range(0, n_b, rows):
             r1 = min(n_b, r0 + rows)
-            candidate, causal, forced = reference.chunk_blocks(n_b, r0, r1, config, sink, q.device)
-            probs = reference.pooled_block_probs(q_bar[:, :, r0:r1], k_bar, k_orig, candidate, causal, config, scale)
-            num[:, :, r0:r1], idx[:, :, r0:r1] = reference.rank_blocks(probs, candidate, forced, config)
+            candidate, causal, forced = plan_rules.chunk_blocks(n_b, r0, r1, config, sink, q.device)
+            probs = plan_rules.pooled_block_probs(q_bar[:, :, r0:r1], k_bar, k_orig, candidate, causal, config, scale)
+            num[:, :, r0:r1], idx[:, :, r0:r1] = plan_rules.rank_blocks(probs, candidate, forced, config)
         return num, idx
 
     sink = pooled.sink_block(perm, bs).contiguous()  # (B, H_perm) int32
@@ -157,7 +149,7 @@ def _top_p(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor, num: torch.
     nb_pow2 = max(16, triton.next_power_of_2(n_b))
     # as the pooled top-p (select.py): a warp per 1024 blocks of a row; the interpreter takes many rows
     warps = max(1, min(16, nb_pow2 // 1024))
-    tile = 1 << 16 if _interpreting() else 1024 * warps
+    tile = 1 << 16 if interpreting() else 1024 * warps
     block_r = max(1, min(tile // nb_pow2, triton.next_power_of_2(r1 - r0)))
     _sampled_top_p_kernel[(triton.cdiv(r1 - r0, block_r), out.shape[0])](
         out, lse, sink, num, idx,

@@ -10,13 +10,14 @@ caller asks the same pass for them (``pool_and_copy``: the K/V copies the attent
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 
 import torch
 import triton
 
+from .. import plan_rules
 from ..config import PBSConfig
+from .launching import interpreting, last_dim_contiguous
 from .select_kernel import _block_scores_kernel, _pool_kernel, _top_p_kernel
 from .tiles import SELECT_TILES, SelectTiles
 
@@ -28,17 +29,9 @@ _SCORE_BYTES = 256 << 20
 _TOP_P_WARP_ELEMENTS = 1024
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _tile_elements(tiles: SelectTiles) -> int:
     """Elements per program of the pooling and top-p tiles."""
-    return 1 << 16 if _interpreting() else tiles.tile_elements
-
-
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+    return 1 << 16 if interpreting() else tiles.tile_elements
 
 
 def pool_blocks(x: torch.Tensor, block_size: int, perm: torch.Tensor | None = None,
@@ -71,7 +64,7 @@ def _pool(x: torch.Tensor, block_size: int, perm: torch.Tensor | None, heads: in
           values: torch.Tensor | None = None, tiles: SelectTiles = SELECT_TILES) -> tuple[torch.Tensor, ...]:
     """The pooling launch: (pooled,), or (pooled, x_perm, values_perm) when ``values`` is given (with ``perm``)."""
     b, h_x, n, d = x.shape
-    x = _last_dim_contiguous(x)
+    x = last_dim_contiguous(x)
     h_out = perm.shape[1] if perm is not None else (heads or h_x)
     if h_out % h_x:
         raise ValueError(f"output heads ({h_out}) must be a multiple of input heads ({h_x})")
@@ -79,7 +72,7 @@ def _pool(x: torch.Tensor, block_size: int, perm: torch.Tensor | None, heads: in
     out = torch.empty(b, h_out, n_b, d, dtype=torch.float32, device=x.device)
     p = perm if perm is not None else out  # unused pointer when not gathering
     copy = values is not None and perm is not None
-    y = _last_dim_contiguous(values) if copy else x
+    y = last_dim_contiguous(values) if copy else x
     x_copy, y_copy = (out, out)  # unused pointers when not copying
     if copy:
         x_copy, y_copy = (torch.empty(b, h_out, n, d, dtype=x.dtype, device=x.device) for _ in range(2))
@@ -98,8 +91,9 @@ def _pool(x: torch.Tensor, block_size: int, perm: torch.Tensor | None, heads: in
 
 
 def sink_block(perm: torch.Tensor, block_size: int) -> torch.Tensor:
-    """int32 (B, H_perm): the permuted key block holding original token 0 (device-side, no sync)."""
-    return torch.div((perm == 0).int().argmax(-1), block_size, rounding_mode="floor").to(torch.int32)
+    """int32 (B, H_perm): the permuted key block holding original token 0 (``plan_rules.sink_block`` in
+    the kernels' int32; device-side, no sync)."""
+    return plan_rules.sink_block(perm, block_size).to(torch.int32)
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig,
@@ -186,10 +180,10 @@ class BlockSelection:
         # the 31-step search). The interpreter's cost is per operation, not per element: there one program
         # takes many rows.
         top_p_warps = tiles.top_p_warps or max(1, min(16, nb_pow2 // _TOP_P_WARP_ELEMENTS))
-        tile = _tile_elements(tiles) if _interpreting() else _TOP_P_WARP_ELEMENTS * top_p_warps
+        tile = _tile_elements(tiles) if interpreting() else _TOP_P_WARP_ELEMENTS * top_p_warps
         block_r = max(1, min(tile // nb_pow2, triton.next_power_of_2(n_b)))
         d_pow2 = max(16, triton.next_power_of_2(d))
-        block_m = block_n = 64 if _interpreting() else (tiles.score_block or (64 if d <= 64 else 32))
+        block_m = block_n = 64 if interpreting() else (tiles.score_block or (64 if d <= 64 else 32))
         # query blocks per chunk: as many as the score buffer holds within score_bytes (a multiple of
         # block_m when more than one tile fits)
         chunk = max(1, min(out_rows, score_bytes // (4 * b * h_q * n_b)))
