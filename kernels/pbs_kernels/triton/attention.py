@@ -31,9 +31,8 @@ PERSISTENT_HEAD_DIMS = (64, 128)
 PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "persistent": 4}
 # Default way of reading permuted keys: "auto" picks "persistent" on Hopper in fp16/bf16 with 128-token
 # blocks (head_dim 64 and 128); else "remap" for short sequences and "tma" for long ones (BENCHMARKS.md,
-# "Read modes of the attention kernel": the persistent kernel measured faster than the warp-specialized
-# Triton kernel, which was removed for it, and than "tma" at 32K and 128K with 5-100% of the blocks
-# kept). PBS_PERM_MODE=remap|gather|tma|persistent overrides it (``default_perm_mode``).
+# "Read modes of the attention kernel": the persistent kernel measured faster than "tma" at 16K-128K with
+# 5-100% of the blocks kept). PBS_PERM_MODE=remap|gather|tma|persistent overrides it (``default_perm_mode``).
 PERM_MODE_ENV = "PBS_PERM_MODE"
 # Sequence length from which "auto" reads permuted keys from a copy through TMA instead of remapping
 # (when "persistent" does not apply). Measured on an H100 (bf16, 128-token blocks, BENCHMARKS.md, "Read modes of
