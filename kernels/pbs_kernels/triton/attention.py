@@ -61,7 +61,7 @@ def autotune_requested() -> bool:
 
 
 def supports(q: torch.Tensor) -> bool:
-    """True when the Triton kernel handles q (B, H_q, N, D): head_dim 64 or 128, and either a CUDA
+    """True when the Triton kernel handles q (B, H_q, N, D): head_dim 64, 128 or 256, and either a CUDA
     tensor in fp16/bf16/fp32 or, under ``TRITON_INTERPRET=1``, a CPU tensor in fp16/fp32 (bf16 is
     wrong in the interpreter)."""
     if q.dim() != 4 or q.shape[-1] not in SUPPORTED_HEAD_DIMS:
