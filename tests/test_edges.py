@@ -109,7 +109,7 @@ def test_profile_output_html_and_trace_must_be_different_files(offline_env, tmp_
 
 
 def _profile_doc(threshold: float = 0.9, heads: int = 4, dtype: str = "float32", ms: float = 100.0) -> dict:
-    from pbs_cli.engine.profiling import result, summarize
+    from pbs_cli.engine.profile_records import result, summarize
 
     recs = [result(1024, "pbs", median_ms=ms, q25_ms=ms * 0.99, q75_ms=ms * 1.01, min_ms=ms, max_ms=ms, repeats=5,
                    density=0.3, speedup=1.2, best_dense="sdpa-math"),

@@ -131,7 +131,7 @@ def test_rope_scaling_that_changes_nothing_says_so(offline_env, tiny_model_dir):
 def test_tables_in_80_columns_keep_every_number_whole(monkeypatch):
     from rich.console import Console
 
-    from pbs_cli.engine.profiling import result, summarize
+    from pbs_cli.engine.profile_records import result, summarize
     from pbs_cli.render import tables
     from pbs_cli.render.report_formats import rich_table, row_cells
     from pbs_cli.engine import reports
@@ -153,7 +153,7 @@ def test_tables_in_80_columns_keep_every_number_whole(monkeypatch):
 
 
 def test_break_even_needs_a_win_beyond_the_spread_at_every_longer_length():
-    from pbs_cli.engine.profiling import result, summarize
+    from pbs_cli.engine.profile_records import result, summarize
 
     def pair(n, pbs, dense):
         (lo, med, hi), (dlo, dmed, dhi) = pbs, dense

@@ -18,8 +18,8 @@ import torch
 from fixtures import assert_clean_outcome, invoke, offline_env, parse_jsonl, tiny_model_dir  # noqa: F401
 from pbs_cli.engine import report_files
 from pbs_cli.render import report_formats
-from pbs_cli.engine.profiling import (BACKENDS, DENSE_BACKENDS, RESULT_FIELDS, Case, Profiler, Settings, causal_flops,
-                               flex_block_mask, recall_stats, rel_l2, sample_rows)
+from pbs_cli.engine.profile_records import BACKENDS, DENSE_BACKENDS, RESULT_FIELDS, causal_flops
+from pbs_cli.engine.profiling import Case, Profiler, Settings, flex_block_mask, recall_stats, rel_l2, sample_rows
 from pbs_cli.engine.workloads import captured_qkv, synthetic_qkv
 from pbs_kernels import PBSConfig, reference
 
@@ -420,10 +420,3 @@ def test_shape_from_model_config_with_flag_override(tiny_model_dir, offline_env)
     assert_clean_outcome(result, {0})
     shape = json.loads(result.stdout)["shape"]
     assert (shape["heads"], shape["head_dim"]) == (4, 32) and "flags" in shape["source"]
-
-
-def test_the_command_names_the_engine_backends():
-    """`pbs profile --help` lists the backends without importing the engine (torch): the same names."""
-    from pbs_cli.commands import profile as command_module
-
-    assert command_module.BACKENDS == BACKENDS

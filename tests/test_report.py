@@ -10,7 +10,7 @@ import pytest
 
 from fixtures import assert_clean_outcome, invoke
 from pbs_cli.engine import reports
-from pbs_cli.engine.profiling import result, skipped, summarize
+from pbs_cli.engine.profile_records import result, skipped, summarize
 from pbs_cli.engine.report_files import compare, load
 from pbs_cli.render.report_formats import parse_markdown_table, to_jsonl
 from pbs_cli.engine.timing import bench, quantile

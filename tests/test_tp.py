@@ -193,7 +193,7 @@ def test_merge_profile_records_whole_model_from_rank_halves(monkeypatch):
     speedup against the best merged dense backend; a backend skipped on one rank is skipped."""
     import torch.distributed as dist
 
-    from pbs_cli.engine.profiling import result
+    from pbs_cli.engine.profile_records import result
 
     def rank_recs(rank):
         t = 10.0 + rank  # rank 1 is slower

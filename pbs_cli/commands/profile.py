@@ -9,10 +9,8 @@ import typer
 
 from ..console import command_boundary
 from ..errors import UsageError
+from ..engine.profile_records import BACKENDS  # plain names, no torch: --help stays light
 from ..options import BlockSize, Device, Dtype, Force, SegmentSize, Threshold, check_outputs
-
-# engine.profiling.BACKENDS (a test keeps the two equal), named here for --help without importing torch
-BACKENDS = ("pbs", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flex", "reference")
 
 HELP = (
     "Time PBS attention (permute / select / attend) against dense SDPA backends and FlexAttention on the same "

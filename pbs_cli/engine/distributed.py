@@ -510,7 +510,7 @@ def merge_profile_records(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 m[f] = sum(p[f] * p[t] for p in parts) / m[t]
         merged.append(m)
     # speedups against the best merged dense backend of each (seq_len, layer)
-    from .profiling import DENSE_BACKENDS
+    from .profile_records import DENSE_BACKENDS
 
     for rec in merged:
         rec["speedup"], rec["best_dense"] = None, None

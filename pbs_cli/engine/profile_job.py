@@ -15,8 +15,9 @@ import torch
 from ..console import debug_enabled, err
 from ..errors import UnsupportedError, UsageError, is_out_of_memory
 from . import distributed, models, presets, reports
-from .profiling import (BACKENDS, Case, Profiler, Settings, free_memory_bytes, input_bytes, skipped,
-                        summarize, unavailable_here)
+from .memory import free_memory_bytes
+from .profile_records import BACKENDS, skipped, summarize
+from .profiling import Case, Profiler, Settings, input_bytes, unavailable_here
 from .sizes import format_size, parse_sizes
 from .workloads import PATTERNS
 

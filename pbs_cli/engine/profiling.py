@@ -58,8 +58,7 @@ from ..console import debug_enabled
 from ..errors import is_out_of_memory
 from .dense_sdpa import probe_sdpa, sdpa_call
 from .memory import free_memory_bytes
-from .profile_records import (BACKENDS, DENSE_BACKENDS, RESULT_FIELDS, SPARSE_BACKENDS,  # noqa: F401 - re-exported
-                              causal_flops, result, skipped, summarize)
+from .profile_records import DENSE_BACKENDS, SPARSE_BACKENDS, causal_flops, result, skipped
 from .timing import Timing, bench
 
 
