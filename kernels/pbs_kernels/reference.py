@@ -19,7 +19,6 @@ from .block_mask import PermutedBlockMask
 from .config import PBSConfig
 from .plan_rules import (chunk_blocks, identity_permutation, permute_keys, pooled_block_probs, rank_blocks,
                          segment_permutation, segment_starts, sink_block)
-from .plan_rules import rank_order  # noqa: F401  (reference.rank_order: named by pbs_cli.engine.mask_analysis)
 
 # Work per chunk of query blocks, in fp32 elements of the (rows x gathered keys) score matrix.
 _CHUNK_ELEMENTS = 1 << 25  # 32M floats = 128 MiB

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from pbs_kernels import PBSConfig, PermutedBlockMask
+from pbs_kernels import plan_rules
 from pbs_kernels import reference as ref
 from pbs_kernels.permute import compute_permutation
 from pbs_kernels.select import select_blocks
@@ -188,7 +189,7 @@ def plain_selection_order(q1: torch.Tensor, k1: torch.Tensor, config: PBSConfig,
     blocks first unless ``forced_in_top_p`` is off, then by score) and keeps a candidate iff the
     score mass ranked before it is below ``threshold - 1e-6`` (everything at threshold 1.0), so one
     scoring pass describes the plans of every threshold. The ranking is
-    ``pbs_kernels.reference.rank_order``, the one that ``reference.select_blocks`` uses (tests check
+    ``pbs_kernels.plan_rules.rank_order``, the one that ``reference.select_blocks`` uses (tests check
     that re-thresholding reproduces its plans exactly).
 
     Returns (forced bool (N_b, N_b), before fp32 (N_b, N_b)): ``before[i, j]`` is the mass ranked
@@ -214,11 +215,11 @@ def plain_selection_order(q1: torch.Tensor, k1: torch.Tensor, config: PBSConfig,
         candidate, causal, forced = ref.chunk_blocks(n_b, r0, r1, config, sink, q1.device)
         if sampled:
             per_row = ref.sampled_block_mass(q1, kf, kf, config, r0, r1, scale, per_row=True)  # (1, 1, C, m, N_b)
-            _, forced, order, mass_before = ref.rank_order(None, candidate, forced, config, per_row)
+            _, forced, order, mass_before = plan_rules.rank_order(None, candidate, forced, config, per_row)
         else:
             # no permutation: the keys pooled in original order serve both layouts
             probs = ref.pooled_block_probs(q_bar[:, :, r0:r1], k_bar, k_bar, candidate, causal, config, scale)
-            _, forced, order, mass_before = ref.rank_order(probs, candidate, forced, config)
+            _, forced, order, mass_before = plan_rules.rank_order(probs, candidate, forced, config)
         forced, order, mass_before = forced[0, 0], order[0, 0], mass_before[0, 0]
         before = torch.empty_like(mass_before).scatter_(-1, order, mass_before)
         forced_all[r0:r1] = forced.cpu()
