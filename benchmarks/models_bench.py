@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pbs_cli.engine import integration
-    from pbs_cli.engine.reports import environment
+    from pbs_cli.engine.reports import atomic_write_text, environment
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -261,16 +261,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{fmt(r['density_global'], '{:.1%}')} / sliding {fmt(r['density_sliding'], '{:.1%}')}",
                   file=sys.stderr, flush=True)
             if args.json is not None:  # after every record: a run stopped early keeps what it measured
-                save(args.json, {"env": env, "commit": commit(), "argv": argv, "records": records})
+                atomic_write_text(args.json, json.dumps({"env": env, "commit": commit(), "argv": argv,
+                                                         "records": records}, indent=2))
     print(markdown(records, env, argv, dtype))
     return 0
 
-
-def save(path: Path, doc: dict[str, Any]) -> None:
-    """Write ``doc`` as JSON atomically (a temporary file beside ``path``, then a rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(path)
 
 
 if __name__ == "__main__":
