@@ -8,10 +8,15 @@ is scored by the mean query of block i against the mean of the keys that block i
 softmax over the causal blocks; forced blocks (the diagonal segment up to i, the sink, ``local``
 blocks before the segment) rank first and count towards tau; the others are kept in descending
 probability while the mass before them is below tau.
+
+``antidiagonal_masses`` is the loop oracle of score "antidiagonal" (``PBSConfig``), written from its
+definition: stripe r of query block i holds queries i*B + r*s .. + s-1, key stripe c the slots c*s .. + s-1
+of the layout block i reads; their logit is the mean of the s antidiagonal logits.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -73,3 +78,28 @@ def pooled_total_plan(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, bloc
                         keep[bi, h, i, j] = True
                     acc += probs[j]
     return keep
+
+
+def antidiagonal_masses(q, k, perm, cfg):
+    """Loop oracle of score="antidiagonal", from its definition: (B, H_q, N_b, m, N_b) in fp64."""
+    b, h_q, n, d = q.shape
+    bs, m, per_seg = cfg.block_size, cfg.sample_rows, cfg.segment_size // cfg.block_size
+    s, n_b = bs // m, -(-n // bs)
+    g_kv, g_perm = h_q // k.shape[1], h_q // perm.shape[1]
+    out = torch.zeros(b, h_q, n_b, m, n_b, dtype=torch.float64)
+    for bi, h, i, r in itertools.product(range(b), range(h_q), range(n_b), range(m)):
+        diag = i // per_seg * per_seg
+        first = min(n - 1, i * bs + r * s)
+
+        def key(slot):  # the key that query block i reads at this slot (zero past N)
+            if slot >= n:
+                return torch.zeros(d, dtype=torch.float64)
+            source = slot if slot // bs >= diag else int(perm[bi, h // g_perm, slot])
+            return k[bi, h // g_kv, source].double()
+
+        stripes = [c for c in range(n_b * m) if c * s <= first]
+        logits = torch.tensor([sum(float(q[bi, h, min(n - 1, i * bs + r * s + s - 1 - t)].double() @ key(c * s + t))
+                                   for t in range(s)) / (s * math.sqrt(d)) for c in stripes], dtype=torch.float64)
+        for c, p in zip(stripes, logits.softmax(0).tolist()):
+            out[bi, h, i, r, c // m] += p
+    return out

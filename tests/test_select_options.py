@@ -11,6 +11,7 @@ from pbs_kernels import PBSConfig, build_plan, pbs_attention
 from pbs_kernels import reference as R
 from pbs_kernels.block_mask import PermutedBlockMask
 from pbs_kernels import select as select_dispatch
+from selection_oracle import antidiagonal_masses
 
 SMALL = PBSConfig(block_size=16, segment_size=32, threshold=0.9)
 
@@ -105,6 +106,26 @@ def test_sampled_block_mass_matches_loop_oracle(permute):
     torch.testing.assert_close(mass.double(), oracle, atol=1e-5, rtol=1e-4)
     if permute:
         assert not torch.equal(perm, R.identity_permutation(1, 2, 80, q.device))
+
+
+@pytest.mark.parametrize("n, h_q, h_kv, rows", [(83, 4, 2, 4), (64, 2, 2, 2), (50, 8, 1, 8)])
+def test_antidiagonal_mass_matches_loop_oracle(n, h_q, h_kv, rows):
+    q, k, _ = qkv(1, h_q, h_kv, n, 8, seed=n)
+    cfg = SMALL.replace(score="antidiagonal", sample_rows=rows)
+    perm = R.compute_permutation(q, k, cfg)
+    assert not torch.equal(perm, R.identity_permutation(1, h_kv, n, q.device))
+    g = h_q // h_kv
+    kp = R.permute_keys(k, perm).repeat_interleave(g, 1)
+    n_b = -(-n // 16)
+    mass = R.sampled_block_mass(q, k.repeat_interleave(g, 1), kp, cfg, 0, n_b, 1 / math.sqrt(8), per_row=True)
+    torch.testing.assert_close(mass.double(), antidiagonal_masses(q, k, perm, cfg), atol=1e-5, rtol=1e-4)
+
+
+def test_antidiagonal_rows_must_divide_the_block():
+    with pytest.raises(ValueError, match="sample_rows must divide it"):
+        PBSConfig(block_size=16, segment_size=32, score="antidiagonal", sample_rows=3)
+    cfg = PBSConfig(score="antidiagonal")
+    assert cfg.beyond_published() and not cfg.needs_reference_selection()  # the sampled GPU path runs it
 
 
 def test_mean_query_mass_uses_the_pooled_query_against_every_key():

@@ -110,7 +110,7 @@ def assert_plans_equal(q, k, perm, cfg, got, want):
     mass = reference.sampled_block_mass(
         q.float(), k.float().repeat_interleave(q.shape[1] // k.shape[1], 1),
         reference.permute_keys(k.float(), perm).repeat_interleave(q.shape[1] // perm.shape[1], 1),
-        cfg, 0, n_b, 1.0 / math.sqrt(q.shape[-1]), per_row=True).mean(3) if cfg.score == "sampled" else None
+        cfg, 0, n_b, 1.0 / math.sqrt(q.shape[-1]), per_row=True).mean(3) if cfg.score != "pooled" else None
     for row in (dense != r_dense).any(-1).nonzero().tolist():
         d_row, r_row = dense[tuple(row)], r_dense[tuple(row)]
         boundary = bool((lo[tuple(row)] <= d_row).all() and (d_row <= hi[tuple(row)]).all())
@@ -198,6 +198,49 @@ def test_masses_low_precision_tolerance_rule():
     assert err <= 2 * plain_err + 1e-5, f"kernel error {err:.3g} vs plain {LOW} error {plain_err:.3g}"
 
 
+# -- antidiagonal stripes (score="antidiagonal") ---------------------------------------------------
+
+STRIPES = [
+    # (B, H_q, H_kv, N, block, segment, stripes per block, per_head_permutation, key stripes per tile)
+    (1, 3, 3, 333, 32, 64, 4, False, 16),   # GQA 1, partial last block
+    (2, 4, 1, 300, 32, 96, 8, False, 64),   # GQA 4, three blocks per segment, tiles of 8 key blocks
+    (1, 8, 1, 150, 16, 32, 1, True, 16),    # GQA 8, one stripe per block, per-head permutation
+    (1, 2, 2, 50, 16, 64, 16, False, 32),   # N shorter than one segment, stripes of one query
+]
+
+
+@pytest.mark.parametrize("case", STRIPES, ids=lambda c: "B{}-Hq{}-Hkv{}-N{}-bs{}-S{}-m{}-ph{}-kt{}".format(*c))
+def test_antidiagonal_masses_match_definition_fp32(case):
+    """The stripe kernel against the loop oracle of ``selection_oracle`` (and the reference twin)."""
+    from selection_oracle import antidiagonal_masses
+
+    b, h_q, h_kv, n, bs, s, m, ph, key_stripes = case
+    cfg = PBSConfig(block_size=bs, segment_size=s, score="antidiagonal", sample_rows=m, per_head_permutation=ph)
+    q, k = structured_qkv(b, h_q, h_kv, n, 32, seed=n)
+    perm = permutation(q, k, cfg)
+    n_b = -(-n // bs)
+    tiles = SampledTiles(rows=16, key_stripes=key_stripes)
+    got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b, tiles=tiles).cpu()
+    assert got.shape == (b, h_q, n_b, m, n_b) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), antidiagonal_masses(q, k, perm, cfg), rtol=1e-5, atol=2e-6)
+    twin = reference.sampled_block_mass(q, k.repeat_interleave(h_q // h_kv, 1),
+                                        reference.permute_keys(k, perm).repeat_interleave(h_q // perm.shape[1], 1),
+                                        cfg, 0, n_b, 1.0 / math.sqrt(32), per_row=True)
+    torch.testing.assert_close(got, twin, rtol=1e-5, atol=2e-6)
+
+
+def test_antidiagonal_low_precision_inputs():
+    """fp16/bf16 inputs, fp32 accumulation: within fp32 rounding of the fp64 masses of the same inputs."""
+    from selection_oracle import antidiagonal_masses
+
+    cfg = PBSConfig(block_size=32, segment_size=64, score="antidiagonal", sample_rows=4)
+    q, k = (x.to(LOW) for x in structured_qkv(1, 4, 2, 300, 64, seed=11))
+    perm = permutation(q.float(), k.float(), cfg)
+    n_b = -(-300 // 32)
+    got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b).cpu().double()
+    torch.testing.assert_close(got, antidiagonal_masses(q, k, perm, cfg), rtol=1e-4, atol=2e-5)
+
+
 # -- plans ---------------------------------------------------------------------------------------
 
 DEFAULT = dict(score="sampled", sample_rows=8, threshold=0.985, threshold_scope="total", row_top=2)
@@ -213,6 +256,8 @@ PLANS = [
     (1, 3, 1, 300, 32, 64, {**DEFAULT, "threshold": 0.05, "row_top": 0}),  # forced blocks only
     (1, 3, 1, 300, 32, 64, {"score": "pooled", "threshold_scope": "total", "threshold": 0.9}),
     (1, 4, 2, 555, 32, 64, {**DEFAULT, "sample_spacing": "geometric", "sample_rows": 5, "local_blocks": 2}),
+    (1, 4, 1, 333, 32, 64, {**DEFAULT, "score": "antidiagonal", "sample_rows": 4}),
+    (2, 3, 3, 290, 32, 96, {**DEFAULT, "score": "antidiagonal", "sample_rows": 2, "local_blocks": 1}),
 ]
 
 
@@ -374,6 +419,16 @@ for dtype, head_dim in (("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp32", 64))
         sig[name] = "i32"
     assert compile(kernel, sig, consts, 4).asm["cubin"], (dtype, head_dim)
     print("compiled", dtype, head_dim)
+from pbs_kernels.triton.antidiagonal_kernel import _antidiagonal_lse_kernel as stripes
+for dtype, head_dim, m in (("bf16", 128, 4), ("bf16", 64, 8), ("fp16", 64, 1), ("fp32", 64, 16)):
+    consts = dict(M=m, S=64 // m, QB=64 // m, BLOCK_R=64, KB=max(1, 64 // m), HEAD_DIM=head_dim, D_POW2=head_dim,
+                  IEEE=dtype == "fp32")
+    sig = {"Q": "*" + dtype, "K": "*" + dtype, "PERM": "*i32", "OUT": "*fp32", "LSE": "*fp32", "scale_log2": "fp32"}
+    for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn", "stride_pb",
+                 "stride_ph", "n_keys", "n_b", "r0", "r1", "H_q", "G_KV", "G_PERM", "per_seg"):
+        sig[name] = "i32"
+    assert compile(stripes, sig, consts, 4).asm["cubin"], (dtype, head_dim, m)
+    print("compiled stripes", dtype, head_dim, m)
 sig = {"OUT": "*fp32", "LSE": "*fp32", "SINK": "*i32", "NUM": "*i32", "IDX": "*i32", "threshold": "fp32"}
 sig.update({name: "i32" for name in ("r0", "rows", "n_blocks", "H_q", "Q_PER_PERM", "blocks_per_seg",
                                       "local_blocks")})
@@ -386,7 +441,8 @@ print("compiled top-p")
 
 def test_kernel_compiles_for_h100():
     """The kernels lower to sm_90 cubins (Triton's compiler and ptxas, no GPU needed): the scoring in
-    bf16/fp16/fp32 with the default preset's tile, and the top-p at 128K tokens (1024 blocks of 128):
+    bf16/fp16/fp32 with the default preset's tile, the antidiagonal stripes (1 to 16 per 64-token block), and
+    the top-p at 128K tokens (1024 blocks of 128):
     what the interpreter runs is also valid GPU code. Runs in a
     subprocess without TRITON_INTERPRET (the interpreter replaces @triton.jit functions)."""
     import subprocess
@@ -397,7 +453,7 @@ def test_kernel_compiles_for_h100():
     assert res.returncode == 0, res.stderr[-3000:]
     if res.stdout.startswith("SKIP"):
         pytest.skip(res.stdout.strip())
-    assert res.stdout.count("compiled") == 5, res.stdout
+    assert res.stdout.count("compiled") == 9, res.stdout
 
 
 @pytest.mark.parametrize("rows", [16, 128])

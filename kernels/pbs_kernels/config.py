@@ -37,6 +37,9 @@ class PBSConfig:
                    the block's last row included), summed per key block (an estimate of the true
                    block attention mass, not of a pooled proxy).
                    "mean_query": like "sampled" with the block's mean query as the only row.
+                   "antidiagonal": like "sampled", each of the ``sample_rows`` rows a stripe of
+                   block_size / sample_rows queries scored against stripes of as many keys by the mean
+                   logit of their antidiagonal (``reference.antidiagonal_block_mass``).
     threshold_scope: what tau is a share of: "offdiag" (the published meaning: the attention over
                    off-diagonal blocks) or "total" (all causal blocks, diagonal segment included; with
                    score="sampled" tau is then an estimate of the attention recall).
@@ -74,7 +77,7 @@ class PBSConfig:
     threshold_scope: str = "offdiag"
     row_top: int = 0
 
-    SCORES = ("pooled", "sampled", "mean_query")
+    SCORES = ("pooled", "sampled", "mean_query", "antidiagonal")
     IMPORTANCE_ROWS = ("last", "strided")
     SAMPLE_SPACINGS = ("strided", "geometric")
     PERMUTE_HEADS = ("all", "auto")
@@ -110,6 +113,9 @@ class PBSConfig:
             raise ValueError(f"row_top must be >= 0, got {self.row_top}")
         if not (1 <= self.sample_rows <= self.block_size):
             raise ValueError(f"sample_rows must be in [1, block_size={self.block_size}], got {self.sample_rows}")
+        if self.score == "antidiagonal" and self.block_size % self.sample_rows:
+            raise ValueError(f"score antidiagonal splits a block of {self.block_size} into sample_rows stripes of equal "
+                             f"length; sample_rows must divide it, got {self.sample_rows}; try a power of two")
         most = self.block_size.bit_length()  # geometric rows 2**k - 1 stay distinct and inside the block
         if self.sample_spacing == "geometric" and self.sample_rows > most:
             raise ValueError(f"sample_spacing geometric places at most {most} rows in a block of {self.block_size}, "

@@ -170,6 +170,8 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor, c
     averaged over the rows; each row of the result sums to 1 over the causal blocks.
     k (B, H_q, N, D) and k_perm (B, H_q, N, D) are already expanded to the query heads.
     """
+    if config.score == "antidiagonal":
+        return antidiagonal_block_mass(q, k, k_perm, config, r0, r1, scale, per_row)
     b, h_q, n, d = q.shape
     bs = config.block_size
     n_b = _cdiv(n, bs)
@@ -196,6 +198,51 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor, c
     s.scatter_(-1, seg.repeat_interleave(m, 0).expand(b, h_q, -1, -1), own.reshape(b, h_q, c * m, -1))
     p = s.masked_fill_(slot[None, :] > pos[:, None], float("-inf")).softmax(-1)
     p = torch.nn.functional.pad(p, (0, n_b * bs - n_k)).reshape(b, h_q, c, m, n_b, bs).sum(-1)
+    return p if per_row else p.mean(3)
+
+
+def _stripes(x: torch.Tensor, stride: int, reverse: bool) -> torch.Tensor:
+    """(..., L, D) -> (..., L / stride, stride * D): each run of ``stride`` consecutive rows concatenated,
+    in reverse order inside the run with ``reverse`` (L a multiple of stride)."""
+    *lead, length, d = x.shape
+    x = x.reshape(*lead, length // stride, stride, d)
+    return (x.flip(-2) if reverse else x).reshape(*lead, length // stride, stride * d)
+
+
+def antidiagonal_block_mass(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor, config: PBSConfig,
+                            r0: int, r1: int, scale: float, per_row: bool = False) -> torch.Tensor:
+    """score="antidiagonal": like ``sampled_block_mass`` (same shapes and layouts), with each of a block's
+    m = ``config.sample_rows`` rows standing for a stripe of s = block_size / m consecutive queries.
+
+    Stripe r of query block i holds queries i*B + r*s .. i*B + r*s + s - 1; key stripe c holds slots
+    c*s .. c*s + s - 1 of the layout the block reads. Their score is the mean of the s logits on the
+    antidiagonal, sum_t q[r*s + s-1-t] . k[c*s + t] * scale / s: one dot of length s*D, so a block costs
+    m rows against N/s key stripes (s times fewer exponentials than m sampled rows). A key stripe is
+    visible when its first slot is at or before the query stripe's first row. The softmax over the
+    visible key stripes is summed per key block, as the sampled rows' masses are.
+    """
+    b, h_q, n, d = q.shape
+    bs, m = config.block_size, config.sample_rows
+    s = bs // m
+    n_b = _cdiv(n, bs)
+    c = r1 - r0
+    rows = torch.arange(r0 * bs, r1 * bs, device=q.device).clamp_max(n - 1)
+    qs = _stripes(q[:, :, rows].float(), s, reverse=True) * (scale / s)  # (B, H_q, C*m, s*D)
+    n_k = min(n, r1 * bs)  # keys past the chunk's last row are never causal
+
+    def striped(keys: torch.Tensor) -> torch.Tensor:  # (B, H_q, n_k, D) -> (B, H_q, n_b*m, s*D), zero padded
+        return _stripes(torch.nn.functional.pad(keys[:, :, :n_k].float(), (0, 0, 0, n_b * bs - n_k)), s, False)
+
+    permuted = torch.matmul(qs, striped(k_perm).transpose(-1, -2))  # (B, H_q, C*m, n_b*m)
+    original = torch.matmul(qs, striped(k).transpose(-1, -2))
+    # a block reads key blocks before its own segment permuted, the segment itself in original order
+    diag = segment_starts(n_b, bs, config.segment_size, q.device)[r0:r1].repeat_interleave(m)  # (C*m,)
+    stripe_block = torch.arange(n_b * m, device=q.device) // m
+    scores = torch.where(stripe_block[None, :] < diag[:, None], permuted, original)
+    first_row = (torch.arange(r0 * bs, r1 * bs, s, device=q.device)).clamp_max(n - 1)  # (C*m,)
+    stripe = torch.arange(n_b * m, device=q.device) * s
+    p = scores.masked_fill_(stripe[None, :] > first_row[:, None], float("-inf")).softmax(-1)
+    p = p.reshape(b, h_q, c, m, n_b, m).sum(-1)
     return p if per_row else p.mean(3)
 
 

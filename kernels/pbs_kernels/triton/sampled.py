@@ -20,6 +20,7 @@ from .. import plan_rules
 from ..config import PBSConfig
 from . import select as pooled
 from .launching import interpreting, last_dim_contiguous
+from .antidiagonal_kernel import _antidiagonal_lse_kernel
 from .sampled_kernel import _sampled_lse_kernel, _sampled_top_p_kernel
 from .tiles import SAMPLED_TILES, SampledTiles
 
@@ -46,6 +47,9 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
     """Run the kernel for query blocks [r0, r1) into ``out`` fp32 (B*H_q, C, m, N_b) (per-tile
     log-sum-exp) and ``lse`` fp32 (B*H_q, C, m) (per-row log-sum-exp), launched with ``tiles``. q, k
     last-dim contiguous."""
+    if config.score == "antidiagonal":
+        _stripe_lse(q, k, perm, config, r0, r1, scale, out, lse, tiles)
+        return
     b, h_q, n, d = q.shape
     bs = config.block_size
     m = config.sample_rows
@@ -60,6 +64,28 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
         n, triton.cdiv(n, bs), r0, r1, h_q, h_q // k.shape[1], h_q // perm.shape[1], config.segment_size // bs, scale,
         M=m, M_POW2=m_pow2, STEP=bs // m, GEOMETRIC=config.sample_spacing == "geometric", QB=qb, BLOCK_R=block_r,
         BLOCK_N=bs,
+        HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
+        **tiles.launch_options(),
+    )
+
+
+def _stripe_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig, r0: int, r1: int,
+                scale: float, out: torch.Tensor, lse: torch.Tensor, tiles: SampledTiles) -> None:
+    """``_block_lse`` for score "antidiagonal": ``tiles.rows`` query stripes x ``tiles.key_stripes`` key
+    stripes per tile (at least one block's m stripes)."""
+    b, h_q, n, d = q.shape
+    m = config.sample_rows  # a power of two: it divides block_size
+    qb = max(1, tiles.rows // m)
+    block_r = max(16, triton.next_power_of_2(qb * m))
+    kb = max(1, max(16, tiles.key_stripes) // m)
+    _antidiagonal_lse_kernel[(triton.cdiv(r1 - r0, qb), b * h_q)](
+        q, k, perm, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        perm.stride(0), perm.stride(1),
+        n, triton.cdiv(n, config.block_size), r0, r1, h_q, h_q // k.shape[1], h_q // perm.shape[1],
+        config.segment_size // config.block_size, scale / (config.block_size // m) * math.log2(math.e),
+        M=m, S=config.block_size // m, QB=qb, BLOCK_R=block_r, KB=kb,
         HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
         **tiles.launch_options(),
     )
