@@ -8,6 +8,7 @@ SDPA (cuDNN, else flash) on the same inputs, and the peak extra memory of permut
 
     python benchmarks/sampled_bench.py                                  # H100: 8k,32k,128k, both shapes
     python benchmarks/sampled_bench.py --shapes smollm2 --seq-lens 8k --json out.json
+    python benchmarks/sampled_bench.py --set score=antidiagonal,sample_rows=4 --sweep   # another selection
     # CPU smoke run (Triton interpreter):
     TRITON_INTERPRET=1 PBS_BACKEND=triton python benchmarks/sampled_bench.py \\
         --shapes smollm2 --seq-lens 600 --check-len 600 --reference-lens 600 --dtype float32 --iters 1 --warmup 0
@@ -109,23 +110,38 @@ def check_plan(q, k, cfg) -> dict:
 
 def sweep(q, k, perm, cfg, warmup, iters) -> dict:
     """Median ms of the GPU sampled selection (``pbs_kernels.triton.sampled``) per tile of its scoring
-    kernel (rows per program x warps x stages, passed as ``tiles=``)."""
+    kernel (rows per program x warps x key blocks per tile, or key stripes for score "antidiagonal";
+    passed as ``tiles=``)."""
     from pbs_kernels.triton import sampled
     from pbs_kernels.triton.tiles import SAMPLED_TILES, SampledTiles
 
+    stripes = cfg.score == "antidiagonal"
+
     def name(t: SampledTiles) -> str:
-        return f"rows{t.rows}-w{t.num_warps}-s{t.num_stages or 'default'}"
+        keys = f"kt{t.key_stripes}" if stripes else f"kb{t.key_blocks}"
+        return f"rows{t.rows}-w{t.num_warps}-{keys}-s{t.num_stages or 'default'}"
 
     res = {}
-    for rows in (32, 64, 128):
+    for rows in (64, 128):
         for warps in (4, 8):
-            for stages in (None, 2, 3, 4):
-                tiles = SampledTiles(rows=rows, num_warps=warps, num_stages=stages)
+            for keys in ((32, 64, 128) if stripes else (1, 2, 4)):
+                extent = {"key_stripes": keys} if stripes else {"key_blocks": keys}
+                tiles = SampledTiles(rows=rows, num_warps=warps, **extent)
                 res[name(tiles)] = timeit(lambda: sampled.select_blocks(q, k, perm, cfg, tiles=tiles), warmup, iters)
     best = min(res, key=res.get)
     now = name(SAMPLED_TILES)
     print(f"  sweep: best {best} {res[best]:.2f} ms; current {now} {res.get(now, float('nan')):.2f} ms", file=sys.stderr)
     return res
+
+
+def with_changes(cfg, text: str):
+    """The preset with ``key=value,...`` changes (values parsed as the field's type)."""
+    changes = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        kind = type(getattr(cfg, key))
+        changes[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+    return cfg.replace(**changes)
 
 
 def main(argv=None) -> int:
@@ -139,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--sweep", action="store_true",
                     help="also time the GPU selection with alternative tiles (pbs_kernels.triton.tiles.SampledTiles)")
+    ap.add_argument("--set", default="", help="change the default preset, e.g. score=antidiagonal,sample_rows=4")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -149,7 +166,7 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
-    cfg = default_config()
+    cfg = with_changes(default_config(), args.set)
     ref_lens = {parse_size(x) for x in args.reference_lens.split(",") if x.strip()}
     check_len = parse_size(args.check_len)
     probe = torch.empty(1, device=device)
