@@ -19,6 +19,8 @@ layout of ``sampled_kernel._sampled_lse_kernel`` (OUT (B*H_q, C, m, N_b), LSE (B
 import triton
 import triton.language as tl
 
+from .sampled_kernel import _dot
+
 
 @triton.jit
 def _stripe_keys(k_base, p_base, c, t, offs_d, d_ok, n_keys, stride_kn, S: tl.constexpr, PERMUTED: tl.constexpr):
@@ -43,11 +45,7 @@ def _stripe_logits(q_base, k_base, p_base, qrow, c, offs_d, d_ok, n_keys, stride
     for t in range(S):
         pos = tl.minimum(qrow + (S - 1 - t), n_keys - 1)
         q = tl.load(q_base + pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        k = _stripe_keys(k_base, p_base, c, t, offs_d, d_ok, n_keys, stride_kn, S, PERMUTED)
-        if IEEE:
-            acc += tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            acc += tl.dot(q, tl.trans(k))
+        acc += _dot(q, _stripe_keys(k_base, p_base, c, t, offs_d, d_ok, n_keys, stride_kn, S, PERMUTED), IEEE)
     return acc
 
 
@@ -89,6 +87,7 @@ def _antidiagonal_lse_kernel(
     g0 = r0 + (tl.num_programs(0) - 1 - pid_g) * QB
     hi = tl.minimum(g0 + QB, r1)  # key blocks from hi on are never causal for the group
     ds_first = (g0 // per_seg) * per_seg  # key blocks before this are read permuted by every stripe
+    ds_last = ((hi - 1) // per_seg) * per_seg  # key blocks from here on are read in original order by every stripe
 
     offs_r = tl.arange(0, BLOCK_R)
     qb = g0 + offs_r // M
@@ -119,9 +118,11 @@ def _antidiagonal_lse_kernel(
         c = jt * BLOCK_N + offs_c
         s = _stripe_logits(q_base, k_base, p_base, qrow, c, offs_d, d_ok, n_keys, stride_qn, stride_kn,
                            BLOCK_R, BLOCK_N, S, False, IEEE)
-        s_perm = _stripe_logits(q_base, k_base, p_base, qrow, c, offs_d, d_ok, n_keys, stride_qn, stride_kn,
-                                BLOCK_R, BLOCK_N, S, True, IEEE)
-        s = tl.where((c // M)[None, :] < ds_row[:, None], s_perm, s) * scale_log2
+        if jt * KB < ds_last:  # some stripe of the group still reads a block of this tile permuted
+            s_perm = _stripe_logits(q_base, k_base, p_base, qrow, c, offs_d, d_ok, n_keys, stride_qn, stride_kn,
+                                    BLOCK_R, BLOCK_N, S, True, IEEE)
+            s = tl.where((c // M)[None, :] < ds_row[:, None], s_perm, s)
+        s = s * scale_log2
         s = tl.where(c[None, :] * S <= first[:, None], s, float("-inf"))
         lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, M)
         blk = jt * KB + offs_kb

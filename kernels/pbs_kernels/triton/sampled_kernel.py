@@ -31,13 +31,19 @@ from .select_kernel import _forced_blocks, _keep_top_p, _plan_tile, _store_plan
 
 
 @triton.jit
-def _scores(q, k, scale, IEEE: tl.constexpr):
-    """fp32 (R, N) scores q . k^T * scale (fp32 inputs in IEEE precision, not TF32)."""
+def _dot(q, k, IEEE: tl.constexpr):
+    """fp32 (R, N) q . k^T (fp32 inputs in IEEE precision, not TF32)."""
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    return s * scale
+    return s
+
+
+@triton.jit
+def _scores(q, k, scale, IEEE: tl.constexpr):
+    """fp32 (R, N) scores q . k^T * scale."""
+    return _dot(q, k, IEEE) * scale
 
 
 @triton.jit
