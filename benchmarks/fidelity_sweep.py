@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+import config_changes
 from pbs_kernels import PBSConfig
 from pbs_cli.engine import evaluation, fidelity, integration
 
@@ -53,19 +54,7 @@ NAMED = {
 
 def parse_config(text: str) -> tuple[str, PBSConfig]:
     name, _, spec = text.partition(":")
-    if not spec:
-        return name, NAMED[name]
-    changes = {}
-    for item in spec.split(","):
-        key, _, value = item.partition("=")
-        field_type = type(getattr(POOLED, key))
-        if key == "dense_layers":
-            changes[key] = tuple(int(v) for v in value.split("/") if v)
-        elif field_type is bool:
-            changes[key] = value.lower() in ("1", "true", "yes")
-        else:
-            changes[key] = field_type(value)
-    return name, POOLED.replace(**changes)
+    return name, config_changes.apply(POOLED, spec) if spec else NAMED[name]
 
 
 def load(model: str, device: str = "cpu"):

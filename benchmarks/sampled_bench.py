@@ -29,6 +29,7 @@ from importlib import resources
 
 import torch
 
+import config_changes
 from pbs_cli.engine.sizes import parse_size
 
 SHAPES = {"smollm2": (9, 3, 64), "llama": (32, 8, 128)}
@@ -135,16 +136,6 @@ def sweep(q, k, perm, cfg, warmup, iters) -> dict:
     return res
 
 
-def with_changes(cfg, text: str):
-    """The preset with ``key=value,...`` changes (values parsed as the field's type)."""
-    changes = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        kind = type(getattr(cfg, key))
-        changes[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
-    return cfg.replace(**changes)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="smollm2,llama", help=f"comma list of {', '.join(SHAPES)}")
@@ -167,7 +158,7 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
-    cfg = with_changes(default_config(), args.set)
+    cfg = config_changes.apply(default_config(), args.set)
     ref_lens = {parse_size(x) for x in args.reference_lens.split(",") if x.strip()}
     check_len = parse_size(args.check_len)
     probe = torch.empty(1, device=device)
