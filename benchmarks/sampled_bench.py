@@ -21,6 +21,7 @@ Timings: median of ``--iters`` runs after warm-up (CUDA events on a GPU, wall cl
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -111,25 +112,23 @@ def check_plan(q, k, cfg) -> dict:
 
 def sweep(q, k, perm, cfg, warmup, iters) -> dict:
     """Median ms of the GPU sampled selection (``pbs_kernels.triton.sampled``) per tile of its scoring
-    kernel (rows per program x warps x stages; for score "antidiagonal" x key stripes per tile; passed as
-    ``tiles=``)."""
+    kernel (rows per program x warps x stages x key blocks per tile, or key stripes for score "antidiagonal";
+    passed as ``tiles=``)."""
     from pbs_kernels.triton import sampled
     from pbs_kernels.triton.tiles import SAMPLED_TILES, SampledTiles
 
     stripes = cfg.score == "antidiagonal"
 
     def name(t: SampledTiles) -> str:
-        keys = f"-kt{t.key_stripes}" if stripes else ""
-        return f"rows{t.rows}-w{t.num_warps}{keys}-s{t.num_stages or 'default'}"
+        keys = f"kt{t.key_stripes}" if stripes else f"kb{t.key_blocks}"
+        return f"rows{t.rows}-w{t.num_warps}-{keys}-s{t.num_stages or 'default'}"
 
     res = {}
-    for rows in (32, 64, 128):
-        for warps in (4, 8):
-            for stages in (None, 2, 3, 4):
-                for keys in ((32, 64, 128) if stripes else (64,)):
-                    tiles = SampledTiles(rows=rows, num_warps=warps, num_stages=stages, key_stripes=keys)
-                    res[name(tiles)] = timeit(lambda: sampled.select_blocks(q, k, perm, cfg, tiles=tiles),
-                                              warmup, iters)
+    for rows, warps, stages in itertools.product((64, 128), (4, 8), (None, 3)):
+        for keys in ((32, 64, 128) if stripes else (1, 2, 4)):
+            extent = {"key_stripes": keys} if stripes else {"key_blocks": keys}
+            tiles = SampledTiles(rows=rows, num_warps=warps, num_stages=stages, **extent)
+            res[name(tiles)] = timeit(lambda: sampled.select_blocks(q, k, perm, cfg, tiles=tiles), warmup, iters)
     best = min(res, key=res.get)
     now = name(SAMPLED_TILES)
     print(f"  sweep: best {best} {res[best]:.2f} ms; current {now} {res.get(now, float('nan')):.2f} ms", file=sys.stderr)

@@ -411,9 +411,9 @@ def compile(fn, sig, consts, warps):
         raise
 
 for dtype, head_dim in (("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp32", 64)):
-    consts = dict(M=4, M_POW2=4, STEP=32, GEOMETRIC=head_dim == 128, QB=16, BLOCK_R=64, BLOCK_N=128, HEAD_DIM=head_dim, D_POW2=head_dim,
-                  IEEE=dtype == "fp32")
-    sig = {"Q": "*" + dtype, "K": "*" + dtype, "PERM": "*i32", "OUT": "*fp32", "LSE": "*fp32", "scale": "fp32"}
+    consts = dict(M=4, M_POW2=4, STEP=32, GEOMETRIC=head_dim == 128, QB=16, BLOCK_R=64, BLOCK_N=128,
+                  KB=1 if dtype == "fp32" else 2, HEAD_DIM=head_dim, D_POW2=head_dim, IEEE=dtype == "fp32")
+    sig = {"Q": "*" + dtype, "K": "*" + dtype, "PERM": "*i32", "OUT": "*fp32", "LSE": "*fp32", "scale_log2": "fp32"}
     for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn", "stride_pb",
                  "stride_ph", "n_keys", "n_b", "r0", "r1", "H_q", "G_KV", "G_PERM", "per_seg"):
         sig[name] = "i32"
@@ -456,14 +456,15 @@ def test_kernel_compiles_for_h100():
     assert res.stdout.count("compiled") == 9, res.stdout
 
 
-@pytest.mark.parametrize("rows", [16, 128])
-def test_program_groups_of_any_size_give_the_reference_plan(rows):
-    """Sampled rows per program (``SampledTiles.rows``, passed as ``tiles=``): 16 rows keep a program inside
-    one segment, 128 rows (32 query blocks of 4 rows) span many segments and start mid-segment (3 blocks per
-    segment), so tiles inside a group's span are read permuted by some rows and in original order by others."""
-    tiles = SampledTiles(rows=rows)
+@pytest.mark.parametrize("rows, key_blocks", [(16, 1), (128, 1), (16, 2), (128, 4), (64, 16)])
+def test_program_groups_of_any_size_give_the_reference_plan(rows, key_blocks):
+    """Sampled rows per program and key blocks per tile (``SampledTiles``, passed as ``tiles=``): 16 rows keep
+    a program inside one segment, 128 rows (32 query blocks of 4 rows) span many segments and start
+    mid-segment (3 blocks per segment), so tiles inside a group's span are read permuted by some rows and in
+    original order by others; tiles of 2, 4 or 16 key blocks straddle segment starts and the end of N."""
+    tiles = SampledTiles(rows=rows, key_blocks=key_blocks)
     cfg = PBSConfig(block_size=16, segment_size=48, **{**DEFAULT, "sample_rows": 4})
-    q, k = structured_qkv(1, 4, 2, 701, 32, seed=rows)
+    q, k = structured_qkv(1, 4, 2, 701, 32, seed=rows + key_blocks)
     perm = permutation(q, k, cfg)
     n_b = -(-701 // 16)
     got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b, tiles=tiles).cpu()

@@ -19,7 +19,7 @@ layout of ``sampled_kernel._sampled_lse_kernel`` (OUT (B*H_q, C, m, N_b), LSE (B
 import triton
 import triton.language as tl
 
-from .sampled_kernel import _dot
+from .sampled_kernel import _block_lse, _dot
 
 
 @triton.jit
@@ -47,23 +47,6 @@ def _stripe_logits(q_base, k_base, p_base, qrow, c, offs_d, d_ok, n_keys, stride
         q = tl.load(q_base + pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         acc += _dot(q, _stripe_keys(k_base, p_base, c, t, offs_d, d_ok, n_keys, stride_kn, S, PERMUTED), IEEE)
     return acc
-
-
-@triton.jit
-def _block_lse(s, m_i, l_i, BLOCK_R: tl.constexpr, KB: tl.constexpr, M: tl.constexpr):
-    """s fp32 (BLOCK_R, KB*M) logits in log2 units, -inf where hidden -> (each key block's log-sum-exp
-    in natural-log units, -inf where none of its stripes is visible (BLOCK_R, KB); running max and sum,
-    log2 units)."""
-    s3 = tl.reshape(s, (BLOCK_R, KB, M))
-    m_b = tl.max(s3, 2)
-    seen = m_b != float("-inf")
-    m_b_safe = tl.where(seen, m_b, 0.0)
-    l_b = tl.sum(tl.exp2(s3 - m_b_safe[:, :, None]), 2)
-    lse_b = tl.where(seen, (m_b_safe + tl.log2(tl.where(seen, l_b, 1.0))) * 0.6931471805599453, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(m_b, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(l_b * tl.exp2(m_b - m_safe[:, None]), 1)
-    return lse_b, m_new, l_i
 
 
 @triton.jit

@@ -61,9 +61,10 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         perm.stride(0), perm.stride(1),
-        n, triton.cdiv(n, bs), r0, r1, h_q, h_q // k.shape[1], h_q // perm.shape[1], config.segment_size // bs, scale,
+        n, triton.cdiv(n, bs), r0, r1, h_q, h_q // k.shape[1], h_q // perm.shape[1], config.segment_size // bs,
+        scale * math.log2(math.e),
         M=m, M_POW2=m_pow2, STEP=bs // m, GEOMETRIC=config.sample_spacing == "geometric", QB=qb, BLOCK_R=block_r,
-        BLOCK_N=bs,
+        BLOCK_N=bs, KB=tiles.key_blocks,
         HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
         **tiles.launch_options(),
     )

@@ -8,11 +8,12 @@ and at N (partial last block). Rows are ``reference.sample_rows``: m rows per bl
 geometric (``PBSConfig.sample_spacing``), the last row first, clipped to N-1.
 
 One program = the sampled rows of QB consecutive query blocks x one query head (QB * m rows fill
-one MMA tile, so each key tile read serves many rows); it streams key tiles of BLOCK_N = block_size
-keys once: per tile and row it stores the tile's log-sum-exp ``lse_j = log sum_{keys in j} exp(s)``
-(-inf for a tile the row cannot see) and keeps an online log-sum-exp over all tiles, stored per row at
-the end. The group may span several segments: a tile inside the group's span is scored in both layouts
-and each row keeps the one its query block reads. ``mass_j = exp(lse_j - lse)`` is taken by the
+one MMA tile, so each key tile read serves many rows); it streams tiles of KB key blocks (KB *
+block_size keys) once: per key block j and row it stores the log-sum-exp ``lse_j = log sum_{keys in j}
+exp(s)`` (-inf for a block the row cannot see) and keeps an online log-sum-exp over all blocks, stored
+per row at the end (exponentials in base 2, the results in natural-log units). The group may span
+several segments: a tile inside the group's span is scored in both layouts and each row keeps, block by
+block, the one its query block reads. ``mass_j = exp(lse_j - lse)`` is taken by the
 consumer: ``_sampled_top_p_kernel`` (the plan) or the launcher (the masses themselves).
 
 Output layout: OUT fp32 (B * H_q, C, m, N_b) with C = r1 - r0 query blocks of the chunk [r0, r1);
@@ -47,18 +48,20 @@ def _scores(q, k, scale, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _online_update(s, m_i, l_i):
-    """s fp32 (R, N) scores, -inf where masked -> (this tile's log-sum-exp per row (-inf for a row
-    that sees none of its keys), running max, running sum of exponentials)."""
-    m_t = tl.max(s, 1)
-    seen = m_t != float("-inf")
-    m_t_safe = tl.where(seen, m_t, 0.0)
-    l_t = tl.sum(tl.exp(s - m_t_safe[:, None]), 1)
-    lse_t = tl.where(seen, m_t_safe + tl.log(tl.where(seen, l_t, 1.0)), float("-inf"))
-    m_new = tl.maximum(m_i, m_t)
+def _block_lse(s, m_i, l_i, BLOCK_R: tl.constexpr, KB: tl.constexpr, KEYS: tl.constexpr):
+    """s fp32 (BLOCK_R, KB * KEYS) scores in log2 units, -inf where hidden, KEYS consecutive columns per key
+    block -> (each block's log-sum-exp in natural-log units, -inf for a block the row cannot see
+    (BLOCK_R, KB); running max and sum of the row, log2 units)."""
+    s3 = tl.reshape(s, (BLOCK_R, KB, KEYS))
+    m_b = tl.max(s3, 2)
+    seen = m_b != float("-inf")
+    m_b_safe = tl.where(seen, m_b, 0.0)
+    l_b = tl.sum(tl.exp2(s3 - m_b_safe[:, :, None]), 2)
+    lse_b = tl.where(seen, (m_b_safe + tl.log2(tl.where(seen, l_b, 1.0))) * 0.6931471805599453, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(m_b, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l_i = l_i * tl.exp(m_i - m_safe) + l_t * tl.exp(m_t - m_safe)
-    return lse_t, m_new, l_i
+    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(l_b * tl.exp2(m_b - m_safe[:, None]), 1)
+    return lse_b, m_new, l_i
 
 
 @triton.jit
@@ -67,14 +70,16 @@ def _sampled_lse_kernel(
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_pb, stride_ph,
-    n_keys, n_b, r0, r1, H_q, G_KV, G_PERM, per_seg, scale,
+    n_keys, n_b, r0, r1, H_q, G_KV, G_PERM, per_seg, scale_log2,
     M: tl.constexpr, M_POW2: tl.constexpr, STEP: tl.constexpr, GEOMETRIC: tl.constexpr, QB: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, IEEE: tl.constexpr,
 ):
     # grid: (cdiv(r1 - r0, QB), B * H_q); each program covers query blocks g0 .. g0+QB-1, which may
-    # span several segments: each row reads key tile j permuted while j is before its own diagonal
-    # segment, and in original order (causal) from there on
+    # span several segments: each row reads key block j permuted while j is before its own diagonal
+    # segment, and in original order (causal) from there on. Tiles of KB key blocks of BLOCK_N keys;
+    # scale_log2 = scale * log2(e)
+    TILE: tl.constexpr = KB * BLOCK_N
     pid_g = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_q).to(tl.int64)  # 64-bit offsets: (B, H, N, D) tensors pass 2**31 elements at 512K
@@ -83,9 +88,9 @@ def _sampled_lse_kernel(
     hp = h // G_PERM
     # the last query blocks (the longest rows) start first: less tail at the end of the grid
     g0 = r0 + (tl.num_programs(0) - 1 - pid_g) * QB
-    ds_first = (g0 // per_seg) * per_seg  # every row of the group reads tiles before it permuted
+    ds_first = (g0 // per_seg) * per_seg  # every row of the group reads blocks before it permuted
     hi = tl.minimum(g0 + QB, r1)  # key blocks past the group's last live query block are never causal
-    ds_last = ((hi - 1) // per_seg) * per_seg  # tiles from here on are read in original order by every row
+    ds_last = ((hi - 1) // per_seg) * per_seg  # blocks from here on are read in original order by every row
 
     # -- the group's sampled rows: r = local block * M_POW2 + t, t-th sampled row of that block --
     offs_r = tl.arange(0, BLOCK_R)
@@ -106,41 +111,49 @@ def _sampled_lse_kernel(
     k_base = K + b * stride_kb + hk * stride_kh
     p_base = PERM + b * stride_pb + hp * stride_ph
     out_row = ((pid_bh.to(tl.int64) * (r1 - r0) + (qb - r0)) * M + t) * n_b  # OUT[bh, qb - r0, t, :]
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, TILE)
+    offs_kb = tl.arange(0, KB)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
-    # -- before every row's diagonal segment: permuted order (slot -> original key through perm);
-    #    every slot is before every row of the group, so nothing is masked --
-    for j in range(0, ds_first):
-        s = _scores(q, _permuted_tile(k_base, p_base, j, offs_n, offs_d, d_ok, stride_kn, BLOCK_N), scale, IEEE)
-        lse_t, m_i, l_i = _online_update(s, m_i, l_i)
-        tl.store(OUT + out_row + j, lse_t, mask=row_ok)
+    # -- tiles wholly before every row's diagonal segment: permuted order (slot -> original key
+    #    through perm); every slot is before every row of the group, so nothing is masked --
+    for jt in range(0, ds_first // KB):
+        slot = jt * TILE + offs_n
+        s = _scores(q, _permuted_keys(k_base, p_base, slot, offs_d, d_ok, n_keys, stride_kn), scale_log2, IEEE)
+        lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, BLOCK_N)
+        blk = jt * KB + offs_kb
+        tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
     # -- the group's own segments: permuted for rows whose segment starts later, else original
     #    order, causal on original positions, keys >= N masked --
-    for j in range(ds_first, hi):
-        key = j * BLOCK_N + offs_n
+    for jt in range(ds_first // KB, tl.cdiv(hi, KB)):
+        key = jt * TILE + offs_n
         k = tl.load(k_base + key[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                     mask=(key[:, None] < n_keys) & d_ok[None, :], other=0.0)
-        s = _scores(q, k, scale, IEEE)
+        s = _scores(q, k, scale_log2, IEEE)
         s = tl.where((key[None, :] <= pos[:, None]) & (key[None, :] < n_keys), s, float("-inf"))
-        if j < ds_last:  # some row of the group still reads this tile permuted
-            s_perm = _scores(q, _permuted_tile(k_base, p_base, j, offs_n, offs_d, d_ok, stride_kn, BLOCK_N),
-                             scale, IEEE)
-            s = tl.where((j < ds_row)[:, None], s_perm, s)
-        lse_t, m_i, l_i = _online_update(s, m_i, l_i)
-        tl.store(OUT + out_row + j, lse_t, mask=row_ok)
-    none = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    for j in range(hi, n_b):  # key blocks after the group: not causal for any of its rows
-        tl.store(OUT + out_row + j, none, mask=row_ok)
+        if jt * KB < ds_last:  # some row of the group still reads a block of this tile permuted
+            s_perm = _scores(q, _permuted_keys(k_base, p_base, key, offs_d, d_ok, n_keys, stride_kn), scale_log2,
+                             IEEE)
+            s = tl.where((key // BLOCK_N)[None, :] < ds_row[:, None], s_perm, s)
+        lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, BLOCK_N)
+        blk = jt * KB + offs_kb
+        tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
+    none = tl.full([BLOCK_R, KB], float("-inf"), tl.float32)
+    for jt in range(tl.cdiv(hi, KB), tl.cdiv(n_b, KB)):  # key blocks after the group: not causal for any row
+        blk = jt * KB + offs_kb
+        tl.store(OUT + out_row[:, None] + blk[None, :], none, mask=row_ok[:, None] & (blk < n_b)[None, :])
     # key 0 is visible to every row, so l_i >= 1 and m_i is finite
-    tl.store(LSE + ((pid_bh.to(tl.int64) * (r1 - r0) + (qb - r0)) * M + t), m_i + tl.log(l_i), mask=row_ok)
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + ((pid_bh.to(tl.int64) * (r1 - r0) + (qb - r0)) * M + t), lse, mask=row_ok)
 
 
 @triton.jit
-def _permuted_tile(k_base, p_base, j, offs_n, offs_d, d_ok, stride_kn, BLOCK_N: tl.constexpr):
-    """Key tile j of the permuted layout: slot s holds original key perm[s] (gathered, no copy)."""
-    src = tl.load(p_base + j * BLOCK_N + offs_n).to(tl.int64)
-    return tl.load(k_base + src[:, None] * stride_kn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+def _permuted_keys(k_base, p_base, slot, offs_d, d_ok, n_keys, stride_kn):
+    """Keys at ``slot`` of the permuted layout: slot s holds original key perm[s] (gathered, no copy);
+    zero past N."""
+    ok = slot < n_keys
+    src = tl.load(p_base + slot, mask=ok, other=0).to(tl.int64)
+    return tl.load(k_base + src[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
 
 
 @triton.jit

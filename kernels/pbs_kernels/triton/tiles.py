@@ -97,6 +97,7 @@ class SampledTiles:
 
     rows:        sampled rows per program (query blocks x sample_rows, consecutive blocks of any segments);
                  for score "antidiagonal", query stripes per program.
+    key_blocks:  score "sampled": key blocks per tile (a power of two; more blocks, larger MMA tiles).
     key_stripes: score "antidiagonal": key stripes per tile (a power of two >= 16; at least one block's).
     num_warps:   warps per program.
     num_stages:  software-pipelining stages; None: Triton's default.
@@ -105,10 +106,12 @@ class SampledTiles:
     rows: int = 64
     num_warps: int = 4
     num_stages: int | None = None
+    key_blocks: int = 2
     key_stripes: int = 64
 
     def __post_init__(self) -> None:
         _positive("rows", self.rows, "sampled rows", 64)
+        _power_of_two("key_blocks", self.key_blocks, 1, 16)
         _power_of_two("key_stripes", self.key_stripes, 16)
         _power_of_two("num_warps", self.num_warps, 1, MAX_WARPS)
         _positive("num_stages", self.num_stages, "pipelining stages", 3, optional=True)
