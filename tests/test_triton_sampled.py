@@ -49,7 +49,8 @@ def permutation(q, k, cfg):
 
 
 def layout_masses(q, k, perm, cfg, r0, r1, dtype=torch.float64, layout="pbs"):
-    """(B, H_q, C, m, N_b) per-row block masses from the definition, computed in ``dtype``.
+    """(B, H_q, C, m, N_b) per-row block masses from the definition, computed in ``dtype``: the softmax
+    over the keys summed per block, or for score "sampled_max" the softmax over each block's largest logit.
 
     layout "pbs": permuted slots before the diagonal segment, original keys inside it. The broken
     layouts "original" (no permutation anywhere) and "permuted" (permuted inside the diagonal segment
@@ -79,6 +80,10 @@ def layout_masses(q, k, perm, cfg, r0, r1, dtype=torch.float64, layout="pbs"):
         k_lay = torch.gather(kq, 2, src[..., None].expand(-1, -1, -1, d))  # (B, H_q, N, D), this block's layout
         s = (q[:, :, rows].to(dtype) * scale) @ k_lay.transpose(-1, -2)  # (B, H_q, m, N)
         s = s.masked_fill(slots[None, :] > torch.tensor(rows)[:, None], float("-inf"))
+        if cfg.score == "sampled_max":  # each block's largest logit, softmax over the blocks
+            s = torch.nn.functional.pad(s, (0, n_b * bs - n), value=float("-inf")).reshape(b, h_q, m, n_b, bs)
+            out[:, :, i - r0] = s.amax(-1).softmax(-1).double()
+            continue
         p = s.softmax(-1).double()
         out[:, :, i - r0] = torch.nn.functional.pad(p, (0, n_b * bs - n)).reshape(b, h_q, m, n_b, bs).sum(-1)
     return out
@@ -154,6 +159,41 @@ def test_masses_match_definition_fp32(case):
                                         reference.permute_keys(k, perm).repeat_interleave(h_q // perm.shape[1], 1),
                                         cfg, 0, n_b, 1.0 / math.sqrt(32), per_row=True)
     torch.testing.assert_close(got, twin, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("case", [(*SHAPES[0], 1), (*SHAPES[1], 2), (*SHAPES[2], 4), (*SHAPES[3], 1)],
+                         ids=lambda c: "B{}-Hq{}-Hkv{}-N{}-bs{}-S{}-m{}-ph{}-kb{}".format(*c))
+def test_block_max_masses_match_definition(case):
+    """score "sampled_max": the kernel's softmax over block maxima against the definition (fp32) and the
+    reference twin, with tiles of 1, 2 and 4 key blocks; and it is not the per-key softmax's masses."""
+    b, h_q, h_kv, n, bs, s, m, ph, key_blocks = case
+    cfg = PBSConfig(block_size=bs, segment_size=s, score="sampled_max", sample_rows=m, per_head_permutation=ph)
+    q, k = structured_qkv(b, h_q, h_kv, n, 32, seed=n + 1)
+    perm = permutation(q, k, cfg)
+    n_b = -(-n // bs)
+    tiles = SampledTiles(rows=16, key_blocks=key_blocks)
+    got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b, tiles=tiles).cpu()
+    want = layout_masses(q, k, perm, cfg, 0, n_b)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6)
+    twin = reference.sampled_block_mass(q, k.repeat_interleave(h_q // h_kv, 1),
+                                        reference.permute_keys(k, perm).repeat_interleave(h_q // perm.shape[1], 1),
+                                        cfg, 0, n_b, 1.0 / math.sqrt(32), per_row=True)
+    torch.testing.assert_close(got, twin, rtol=1e-5, atol=2e-6)
+    summed = layout_masses(q, k, perm, cfg.replace(score="sampled"), 0, n_b)
+    assert (got.double() - summed).abs().max() > 1e-2
+
+
+def test_block_max_low_precision_tolerance_rule():
+    """score "sampled_max" in fp16/bf16: the same error rule as the per-key masses."""
+    cfg = PBSConfig(block_size=32, segment_size=64, score="sampled_max", sample_rows=8)
+    q, k = (x.to(LOW) for x in structured_qkv(1, 4, 2, 300, 64, seed=12))
+    perm = permutation(q.float(), k.float(), cfg)
+    n_b = -(-300 // 32)
+    exact = layout_masses(q, k, perm, cfg, 0, n_b, dtype=torch.float64)
+    plain = layout_masses(q, k, perm, cfg, 0, n_b, dtype=LOW)
+    got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b).cpu().double()
+    err, plain_err = (got - exact).abs().max().item(), (plain - exact).abs().max().item()
+    assert err <= 2 * plain_err + 1e-5, f"kernel error {err:.3g} vs plain {LOW} error {plain_err:.3g}"
 
 
 def test_broken_layouts_would_fail():
@@ -258,6 +298,9 @@ PLANS = [
     (1, 4, 2, 555, 32, 64, {**DEFAULT, "sample_spacing": "geometric", "sample_rows": 5, "local_blocks": 2}),
     (1, 4, 1, 333, 32, 64, {**DEFAULT, "score": "antidiagonal", "sample_rows": 4}),
     (2, 3, 3, 290, 32, 96, {**DEFAULT, "score": "antidiagonal", "sample_rows": 2, "local_blocks": 1}),
+    (1, 4, 1, 333, 32, 64, {**DEFAULT, "score": "sampled_max", "threshold": 0.99}),
+    (2, 4, 2, 290, 16, 64, {**DEFAULT, "score": "sampled_max", "sample_rows": 16, "threshold_scope": "offdiag"}),
+    (1, 8, 1, 150, 16, 32, {**DEFAULT, "score": "sampled_max", "sample_rows": 4, "per_head_permutation": True}),
 ]
 
 
@@ -410,15 +453,17 @@ def compile(fn, sig, consts, warps):
             print("SKIP", exc); sys.exit(0)
         raise
 
-for dtype, head_dim in (("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp32", 64)):
+for dtype, head_dim, block_max in (("bf16", 64, False), ("bf16", 128, False), ("bf16", 128, True), ("fp16", 64, True),
+                                   ("fp32", 64, False)):
     consts = dict(M=4, M_POW2=4, STEP=32, GEOMETRIC=head_dim == 128, QB=16, BLOCK_R=64, BLOCK_N=128,
-                  KB=1 if dtype == "fp32" else 2, HEAD_DIM=head_dim, D_POW2=head_dim, IEEE=dtype == "fp32")
+                  KB=1 if dtype == "fp32" else 2, MAX=block_max, HEAD_DIM=head_dim, D_POW2=head_dim,
+                  IEEE=dtype == "fp32")
     sig = {"Q": "*" + dtype, "K": "*" + dtype, "PERM": "*i32", "OUT": "*fp32", "LSE": "*fp32", "scale_log2": "fp32"}
     for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn", "stride_pb",
                  "stride_ph", "n_keys", "n_b", "r0", "r1", "H_q", "G_KV", "G_PERM", "per_seg"):
         sig[name] = "i32"
-    assert compile(kernel, sig, consts, 4).asm["cubin"], (dtype, head_dim)
-    print("compiled", dtype, head_dim)
+    assert compile(kernel, sig, consts, 4).asm["cubin"], (dtype, head_dim, block_max)
+    print("compiled", dtype, head_dim, "max" if block_max else "sum")
 from pbs_kernels.triton.antidiagonal_kernel import _antidiagonal_lse_kernel as stripes
 for dtype, head_dim, m in (("bf16", 128, 4), ("bf16", 64, 8), ("fp16", 64, 1), ("fp32", 64, 16)):
     consts = dict(M=m, S=64 // m, QB=64 // m, BLOCK_R=64, KB=max(1, 64 // m), HEAD_DIM=head_dim, D_POW2=head_dim,
@@ -441,7 +486,7 @@ print("compiled top-p")
 
 def test_kernel_compiles_for_h100():
     """The kernels lower to sm_90 cubins (Triton's compiler and ptxas, no GPU needed): the scoring in
-    bf16/fp16/fp32 with the default preset's tile, the antidiagonal stripes (1 to 16 per 64-token block), and
+    bf16/fp16/fp32 with the default preset's tile, per-key sums and block maxima, the antidiagonal stripes (1 to 16 per 64-token block), and
     the top-p at 128K tokens (1024 blocks of 128):
     what the interpreter runs is also valid GPU code. Runs in a
     subprocess without TRITON_INTERPRET (the interpreter replaces @triton.jit functions)."""
@@ -453,7 +498,7 @@ def test_kernel_compiles_for_h100():
     assert res.returncode == 0, res.stderr[-3000:]
     if res.stdout.startswith("SKIP"):
         pytest.skip(res.stdout.strip())
-    assert res.stdout.count("compiled") == 9, res.stdout
+    assert res.stdout.count("compiled") == 10, res.stdout
 
 
 @pytest.mark.parametrize("rows, key_blocks", [(16, 1), (128, 1), (16, 2), (128, 4), (64, 16)])

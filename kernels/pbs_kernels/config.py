@@ -36,6 +36,9 @@ class PBSConfig:
                    "sampled": the exact attention of ``sample_rows`` query rows per block (strided,
                    the block's last row included), summed per key block (an estimate of the true
                    block attention mass, not of a pooled proxy).
+                   "sampled_max": like "sampled", each row scoring a key block by its largest logit
+                   there: the row's softmax over the block maxima (one exponential per block instead of
+                   one per key, and on the tune document as faithful at equal density).
                    "mean_query": like "sampled" with the block's mean query as the only row.
                    "antidiagonal": like "sampled", each of the ``sample_rows`` rows a stripe of
                    block_size / sample_rows queries scored against stripes of as many keys by the mean
@@ -77,7 +80,7 @@ class PBSConfig:
     threshold_scope: str = "offdiag"
     row_top: int = 0
 
-    SCORES = ("pooled", "sampled", "mean_query", "antidiagonal")
+    SCORES = ("pooled", "sampled", "sampled_max", "mean_query", "antidiagonal")
     IMPORTANCE_ROWS = ("last", "strided")
     SAMPLE_SPACINGS = ("strided", "geometric")
     PERMUTE_HEADS = ("all", "auto")

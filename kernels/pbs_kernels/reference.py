@@ -167,7 +167,9 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor, c
     Each query block's sampled rows (``config.sample_rows`` strided rows, or its mean query for
     score="mean_query") attend exactly to all causal keys in the layout that block reads: permuted slots
     before its diagonal segment, original order inside it. The softmax mass is summed per key block and
-    averaged over the rows; each row of the result sums to 1 over the causal blocks.
+    averaged over the rows; each row of the result sums to 1 over the causal blocks. With
+    score="sampled_max" a row's "mass" is its softmax over the largest logit of each key block instead
+    (one exponential per block, not per key).
     k (B, H_q, N, D) and k_perm (B, H_q, N, D) are already expanded to the query heads.
     """
     if config.score == "antidiagonal":
@@ -196,8 +198,12 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor, c
     k_seg = k[:, :, seg]  # (B, H_q, C, S, D): one segment per query block, shared by its m rows
     own = torch.matmul(qs.reshape(b, h_q, c, m, d), k_seg.transpose(-1, -2))  # (B, H_q, C, m, S)
     s.scatter_(-1, seg.repeat_interleave(m, 0).expand(b, h_q, -1, -1), own.reshape(b, h_q, c * m, -1))
-    p = s.masked_fill_(slot[None, :] > pos[:, None], float("-inf")).softmax(-1)
-    p = torch.nn.functional.pad(p, (0, n_b * bs - n_k)).reshape(b, h_q, c, m, n_b, bs).sum(-1)
+    s = s.masked_fill_(slot[None, :] > pos[:, None], float("-inf"))
+    if config.score == "sampled_max":  # softmax over each key block's largest logit
+        s = torch.nn.functional.pad(s, (0, n_b * bs - n_k), value=float("-inf"))
+        p = s.reshape(b, h_q, c, m, n_b, bs).amax(-1).softmax(-1)
+    else:  # softmax over keys, summed per key block
+        p = torch.nn.functional.pad(s.softmax(-1), (0, n_b * bs - n_k)).reshape(b, h_q, c, m, n_b, bs).sum(-1)
     return p if per_row else p.mean(3)
 
 

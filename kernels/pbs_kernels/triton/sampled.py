@@ -64,7 +64,7 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
         n, triton.cdiv(n, bs), r0, r1, h_q, h_q // k.shape[1], h_q // perm.shape[1], config.segment_size // bs,
         scale * math.log2(math.e),
         M=m, M_POW2=m_pow2, STEP=bs // m, GEOMETRIC=config.sample_spacing == "geometric", QB=qb, BLOCK_R=block_r,
-        BLOCK_N=bs, KB=tiles.key_blocks,
+        BLOCK_N=bs, KB=tiles.key_blocks, MAX=config.score == "sampled_max",
         HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
         **tiles.launch_options(),
     )

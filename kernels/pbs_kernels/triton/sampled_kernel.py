@@ -1,5 +1,5 @@
-"""@triton.jit kernel of the sampled-row block scoring (score="sampled"): per sampled query row, the
-log of its softmax mass on every key block, in the layout that the row's query block reads.
+"""@triton.jit kernel of the sampled-row block scoring (score="sampled" and "sampled_max"): per sampled
+query row, the log of its softmax mass on every key block, in the layout that the row's query block reads.
 
 Layout read by query block i (diagonal segment starting at key block ds(i)): key blocks j < ds(i) are
 read in PERMUTED order (slot s holds original key perm[b, hp, s], gathered through perm, no permuted
@@ -13,8 +13,9 @@ block_size keys) once: per key block j and row it stores the log-sum-exp ``lse_j
 exp(s)`` (-inf for a block the row cannot see) and keeps an online log-sum-exp over all blocks, stored
 per row at the end (exponentials in base 2, the results in natural-log units). The group may span
 several segments: a tile inside the group's span is scored in both layouts and each row keeps, block by
-block, the one its query block reads. ``mass_j = exp(lse_j - lse)`` is taken by the
-consumer: ``_sampled_top_p_kernel`` (the plan) or the launcher (the masses themselves).
+block, the one its query block reads. With MAX (score "sampled_max") the block's largest logit takes the
+place of ``lse_j`` and the row's log-sum-exp runs over those maxima: one exponential per block, not per
+key. ``mass_j = exp(lse_j - lse)`` is taken by the consumer: ``_sampled_top_p_kernel`` (the plan) or the launcher (the masses themselves).
 
 Output layout: OUT fp32 (B * H_q, C, m, N_b) with C = r1 - r0 query blocks of the chunk [r0, r1);
 LSE fp32 (B * H_q, C, m).
@@ -48,19 +49,25 @@ def _scores(q, k, scale, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _block_lse(s, m_i, l_i, BLOCK_R: tl.constexpr, KB: tl.constexpr, KEYS: tl.constexpr):
+def _block_lse(s, m_i, l_i, BLOCK_R: tl.constexpr, KB: tl.constexpr, KEYS: tl.constexpr, MAX: tl.constexpr = False):
     """s fp32 (BLOCK_R, KB * KEYS) scores in log2 units, -inf where hidden, KEYS consecutive columns per key
     block -> (each block's log-sum-exp in natural-log units, -inf for a block the row cannot see
-    (BLOCK_R, KB); running max and sum of the row, log2 units)."""
+    (BLOCK_R, KB); running max and sum of the row, log2 units). With MAX a block's largest score stands
+    for its log-sum-exp (score "sampled_max": no exponential per key)."""
     s3 = tl.reshape(s, (BLOCK_R, KB, KEYS))
     m_b = tl.max(s3, 2)
     seen = m_b != float("-inf")
     m_b_safe = tl.where(seen, m_b, 0.0)
-    l_b = tl.sum(tl.exp2(s3 - m_b_safe[:, :, None]), 2)
-    lse_b = tl.where(seen, (m_b_safe + tl.log2(tl.where(seen, l_b, 1.0))) * 0.6931471805599453, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(m_b, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(l_b * tl.exp2(m_b - m_safe[:, None]), 1)
+    if MAX:
+        lse_b = m_b * 0.6931471805599453
+        l_b = tl.exp2(m_b - m_safe[:, None])
+    else:
+        l_t = tl.sum(tl.exp2(s3 - m_b_safe[:, :, None]), 2)
+        lse_b = tl.where(seen, (m_b_safe + tl.log2(tl.where(seen, l_t, 1.0))) * 0.6931471805599453, float("-inf"))
+        l_b = l_t * tl.exp2(m_b - m_safe[:, None])
+    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(l_b, 1)
     return lse_b, m_new, l_i
 
 
@@ -72,7 +79,7 @@ def _sampled_lse_kernel(
     stride_pb, stride_ph,
     n_keys, n_b, r0, r1, H_q, G_KV, G_PERM, per_seg, scale_log2,
     M: tl.constexpr, M_POW2: tl.constexpr, STEP: tl.constexpr, GEOMETRIC: tl.constexpr, QB: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, MAX: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, IEEE: tl.constexpr,
 ):
     # grid: (cdiv(r1 - r0, QB), B * H_q); each program covers query blocks g0 .. g0+QB-1, which may
@@ -120,7 +127,7 @@ def _sampled_lse_kernel(
     for jt in range(0, ds_first // KB):
         slot = jt * TILE + offs_n
         s = _scores(q, _permuted_keys(k_base, p_base, slot, offs_d, d_ok, n_keys, stride_kn), scale_log2, IEEE)
-        lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, BLOCK_N)
+        lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, BLOCK_N, MAX)
         blk = jt * KB + offs_kb
         tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
     # -- the group's own segments: permuted for rows whose segment starts later, else original
@@ -135,7 +142,7 @@ def _sampled_lse_kernel(
             s_perm = _scores(q, _permuted_keys(k_base, p_base, key, offs_d, d_ok, n_keys, stride_kn), scale_log2,
                              IEEE)
             s = tl.where((key // BLOCK_N)[None, :] < ds_row[:, None], s_perm, s)
-        lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, BLOCK_N)
+        lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, BLOCK_N, MAX)
         blk = jt * KB + offs_kb
         tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
     none = tl.full([BLOCK_R, KB], float("-inf"), tl.float32)
