@@ -21,6 +21,7 @@ Timings: median of ``--iters`` runs after warm-up (CUDA events on a GPU, wall cl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -29,6 +30,7 @@ import tomllib
 from importlib import resources
 
 import torch
+import triton
 
 import config_changes
 from pbs_cli.engine.sizes import parse_size
@@ -113,7 +115,8 @@ def check_plan(q, k, cfg) -> dict:
 def sweep(q, k, perm, cfg, warmup, iters) -> dict:
     """Median ms of the GPU sampled selection (``pbs_kernels.triton.sampled``) per tile of its scoring
     kernel (rows per program x warps x stages x key blocks per tile, or key stripes for score "antidiagonal";
-    passed as ``tiles=``)."""
+    passed as ``tiles=``), then the plan's top-p kernel (warps x query blocks per program) after the
+    current scoring tile."""
     from pbs_kernels.triton import sampled
     from pbs_kernels.triton.tiles import SAMPLED_TILES, SampledTiles
 
@@ -123,12 +126,22 @@ def sweep(q, k, perm, cfg, warmup, iters) -> dict:
         keys = f"kt{t.key_stripes}" if stripes else f"kb{t.key_blocks}"
         return f"rows{t.rows}-w{t.num_warps}-{keys}-s{t.num_stages or 'default'}"
 
+    def time_tiles(tiles: SampledTiles) -> float:  # inf where the tile does not fit the card
+        try:
+            return timeit(lambda: sampled.select_blocks(q, k, perm, cfg, tiles=tiles), warmup, iters)
+        except triton.runtime.errors.OutOfResources as exc:
+            print(f"  {tiles}: {exc}", file=sys.stderr)
+            return math.inf
+
     res = {}
-    for rows, warps, stages in itertools.product((64, 128), (4, 8), (None, 3)):
+    for rows, warps, stages in itertools.product((64, 128, 256), (4, 8), (None,)):
         for keys in ((32, 64, 128) if stripes else (1, 2, 4)):
             extent = {"key_stripes": keys} if stripes else {"key_blocks": keys}
             tiles = SampledTiles(rows=rows, num_warps=warps, num_stages=stages, **extent)
-            res[name(tiles)] = timeit(lambda: sampled.select_blocks(q, k, perm, cfg, tiles=tiles), warmup, iters)
+            res[name(tiles)] = time_tiles(tiles)
+    for warps, rows in itertools.product((1, 2, 4, 8), (1, 2)):  # the plan's top-p kernel
+        res[f"top-p-w{warps}-r{rows}"] = time_tiles(dataclasses.replace(SAMPLED_TILES, top_p_warps=warps,
+                                                                        top_p_rows=rows))
     best = min(res, key=res.get)
     now = name(SAMPLED_TILES)
     print(f"  sweep: best {best} {res[best]:.2f} ms; current {now} {res.get(now, float('nan')):.2f} ms", file=sys.stderr)
@@ -159,7 +172,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     cfg = config_changes.apply(default_config(), args.set)
     ref_lens = {parse_size(x) for x in args.reference_lens.split(",") if x.strip()}
-    check_len = parse_size(args.check_len)
+    check_len = parse_size(args.check_len) if args.check_len.strip() not in ("", "0") else 0
     probe = torch.empty(1, device=device)
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, GPU path: {use_triton(probe)}, "
           f"{args.dtype}, preset default: {cfg}", file=sys.stderr)

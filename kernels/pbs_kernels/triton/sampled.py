@@ -164,20 +164,20 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
         out = buf[: b * h_q * c * m * n_b].view(b * h_q, c, m, n_b)
         lse = lse_buf[: b * h_q * c * m].view(b * h_q, c, m)
         _block_lse(q, k, perm, config, r0, r1, scale, out, lse, tiles)
-        _top_p(out, lse, sink, num, idx, config, r0, r1, h_q, g)
+        _top_p(out, lse, sink, num, idx, config, r0, r1, h_q, g, tiles)
     return num, idx
 
 
 def _top_p(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor, num: torch.Tensor, idx: torch.Tensor,
-           config: PBSConfig, r0: int, r1: int, h_q: int, g: int) -> None:
+           config: PBSConfig, r0: int, r1: int, h_q: int, g: int, tiles: SampledTiles) -> None:
     """Plan rows [r0, r1) into ``num`` / ``idx`` from the per-row tile log-sum-exps of ``_block_lse``.
     sink int32 (B, H_perm) (H_q = g * H_perm)."""
     n_b = out.shape[-1]
     nb_pow2 = max(16, triton.next_power_of_2(n_b))
     # as the pooled top-p (select.py): a warp per 1024 blocks of a row; the interpreter takes many rows
-    warps = max(1, min(16, nb_pow2 // 1024))
+    warps = tiles.top_p_warps or max(1, min(16, nb_pow2 // 1024))
     tile = 1 << 16 if interpreting() else 1024 * warps
-    block_r = max(1, min(tile // nb_pow2, triton.next_power_of_2(r1 - r0)))
+    block_r = max(1, min(tiles.top_p_rows or tile // nb_pow2, triton.next_power_of_2(r1 - r0)))
     _sampled_top_p_kernel[(triton.cdiv(r1 - r0, block_r), out.shape[0])](
         out, lse, sink, num, idx,
         r0, r1 - r0, n_b, h_q, g, config.segment_size // config.block_size, config.local_blocks,

@@ -101,6 +101,9 @@ class SampledTiles:
     key_stripes: score "antidiagonal": key stripes per tile (a power of two >= 16; at least one block's).
     num_warps:   warps per program.
     num_stages:  software-pipelining stages; None: Triton's default.
+    top_p_warps: warps of the plan's top-p kernel (``_sampled_top_p_kernel``); None: one warp per 1024
+                 blocks of a row (at most 16).
+    top_p_rows:  query blocks per program of that kernel; None: as many as 1024 blocks per warp allow.
     """
 
     rows: int = 64
@@ -108,6 +111,8 @@ class SampledTiles:
     num_stages: int | None = None
     key_blocks: int = 2
     key_stripes: int = 64
+    top_p_warps: int | None = None
+    top_p_rows: int | None = None
 
     def __post_init__(self) -> None:
         _positive("rows", self.rows, "sampled rows", 64)
@@ -115,6 +120,8 @@ class SampledTiles:
         _power_of_two("key_stripes", self.key_stripes, 16)
         _power_of_two("num_warps", self.num_warps, 1, MAX_WARPS)
         _positive("num_stages", self.num_stages, "pipelining stages", 3, optional=True)
+        _power_of_two("top_p_warps", self.top_p_warps, 1, MAX_WARPS, optional=True)
+        _power_of_two("top_p_rows", self.top_p_rows, 1, optional=True)
 
     def launch_options(self) -> dict[str, int]:
         """The ``num_warps`` / ``num_stages`` keywords of the launch (no ``num_stages``: Triton's default)."""
