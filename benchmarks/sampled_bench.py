@@ -114,9 +114,9 @@ def check_plan(q, k, cfg) -> dict:
 
 def sweep(q, k, perm, cfg, warmup, iters) -> dict:
     """Median ms of the GPU sampled selection (``pbs_kernels.triton.sampled``) per tile of its scoring
-    kernel (rows per program x warps x stages x key blocks per tile, or key stripes for score "antidiagonal";
-    passed as ``tiles=``), then the plan's top-p kernel (warps x query blocks per program) after the
-    current scoring tile."""
+    kernel (rows per program x warps x query heads per program x key blocks per tile, or key stripes for
+    score "antidiagonal"; passed as ``tiles=``), then the plan's top-p kernel (warps x query blocks per
+    program) after the current scoring tile."""
     from pbs_kernels.triton import sampled
     from pbs_kernels.triton.tiles import SAMPLED_TILES, SampledTiles
 
@@ -124,7 +124,7 @@ def sweep(q, k, perm, cfg, warmup, iters) -> dict:
 
     def name(t: SampledTiles) -> str:
         keys = f"kt{t.key_stripes}" if stripes else f"kb{t.key_blocks}"
-        return f"rows{t.rows}-w{t.num_warps}-{keys}-s{t.num_stages or 'default'}"
+        return f"rows{t.rows}-h{t.heads}-w{t.num_warps}-{keys}-s{t.num_stages or 'default'}"
 
     def time_tiles(tiles: SampledTiles) -> float:  # inf where the tile does not fit the card
         try:
@@ -134,10 +134,10 @@ def sweep(q, k, perm, cfg, warmup, iters) -> dict:
             return math.inf
 
     res = {}
-    for rows, warps, stages in itertools.product((64, 128, 256), (4, 8), (None,)):
-        for keys in ((32, 64, 128) if stripes else (1, 2, 4)):
+    for rows, warps, heads in itertools.product((64, 128, 256), (4, 8), (1,) if stripes else (1, 4)):
+        for keys in ((32, 64, 128) if stripes else (1, 2)):
             extent = {"key_stripes": keys} if stripes else {"key_blocks": keys}
-            tiles = SampledTiles(rows=rows, num_warps=warps, num_stages=stages, **extent)
+            tiles = SampledTiles(rows=rows, heads=heads, num_warps=warps, **extent)
             res[name(tiles)] = time_tiles(tiles)
     for warps, rows in itertools.product((1, 2, 4, 8), (1, 2)):  # the plan's top-p kernel
         res[f"top-p-w{warps}-r{rows}"] = time_tiles(dataclasses.replace(SAMPLED_TILES, top_p_warps=warps,

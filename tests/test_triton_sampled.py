@@ -455,7 +455,8 @@ def compile(fn, sig, consts, warps):
 
 for dtype, head_dim, block_max in (("bf16", 64, False), ("bf16", 128, False), ("bf16", 128, True), ("fp16", 64, True),
                                    ("fp32", 64, False)):
-    consts = dict(M=4, M_POW2=4, STEP=32, GEOMETRIC=head_dim == 128, QB=16, BLOCK_R=64, BLOCK_N=128,
+    consts = dict(M=4, M_POW2=4, STEP=32, GEOMETRIC=head_dim == 128, QB=16 // (1 + 3 * block_max),
+                  HP=1 + 3 * block_max, BLOCK_R=64, BLOCK_N=128,
                   KB=1 if dtype == "fp32" else 2, MAX=block_max, HEAD_DIM=head_dim, D_POW2=head_dim,
                   IEEE=dtype == "fp32")
     sig = {"Q": "*" + dtype, "K": "*" + dtype, "PERM": "*i32", "OUT": "*fp32", "LSE": "*fp32", "scale_log2": "fp32"}
@@ -486,7 +487,8 @@ print("compiled top-p")
 
 def test_kernel_compiles_for_h100():
     """The kernels lower to sm_90 cubins (Triton's compiler and ptxas, no GPU needed): the scoring in
-    bf16/fp16/fp32 with the default preset's tile, per-key sums and block maxima, the antidiagonal stripes (1 to 16 per 64-token block), and
+    bf16/fp16/fp32 with the default preset's tile, per-key sums and block maxima (4 heads per program), the
+    antidiagonal stripes (1 to 16 per 64-token block), and
     the top-p at 128K tokens (1024 blocks of 128):
     what the interpreter runs is also valid GPU code. Runs in a
     subprocess without TRITON_INTERPRET (the interpreter replaces @triton.jit functions)."""
@@ -501,15 +503,18 @@ def test_kernel_compiles_for_h100():
     assert res.stdout.count("compiled") == 10, res.stdout
 
 
-@pytest.mark.parametrize("rows, key_blocks", [(16, 1), (128, 1), (16, 2), (128, 4), (64, 16)])
-def test_program_groups_of_any_size_give_the_reference_plan(rows, key_blocks):
-    """Sampled rows per program and key blocks per tile (``SampledTiles``, passed as ``tiles=``): 16 rows keep
-    a program inside one segment, 128 rows (32 query blocks of 4 rows) span many segments and start
-    mid-segment (3 blocks per segment), so tiles inside a group's span are read permuted by some rows and in
-    original order by others; tiles of 2, 4 or 16 key blocks straddle segment starts and the end of N."""
-    tiles = SampledTiles(rows=rows, key_blocks=key_blocks)
+@pytest.mark.parametrize("rows, key_blocks, heads", [(16, 1, 1), (128, 1, 1), (16, 2, 1), (128, 4, 1), (64, 16, 1),
+                                                     (16, 1, 2), (128, 2, 2), (64, 1, 4)])
+def test_program_groups_of_any_size_give_the_reference_plan(rows, key_blocks, heads):
+    """Sampled rows per program, key blocks per tile and query heads per program (``SampledTiles``, passed
+    as ``tiles=``): 16 rows keep a program inside one segment, 128 rows (32 query blocks of 4 rows) span
+    many segments and start mid-segment (3 blocks per segment), so tiles inside a group's span are read
+    permuted by some rows and in original order by others; tiles of 2, 4 or 16 key blocks straddle segment
+    starts and the end of N; 2 heads per program share a key head (GQA 3 with 6 query heads: 4 asked
+    gives 3)."""
+    tiles = SampledTiles(rows=rows, key_blocks=key_blocks, heads=heads)
     cfg = PBSConfig(block_size=16, segment_size=48, **{**DEFAULT, "sample_rows": 4})
-    q, k = structured_qkv(1, 4, 2, 701, 32, seed=rows + key_blocks)
+    q, k = structured_qkv(1, 6, 2, 701, 32, seed=rows + key_blocks + heads)
     perm = permutation(q, k, cfg)
     n_b = -(-701 // 16)
     got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b, tiles=tiles).cpu()

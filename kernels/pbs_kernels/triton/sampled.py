@@ -54,20 +54,28 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
     bs = config.block_size
     m = config.sample_rows
     m_pow2 = triton.next_power_of_2(m)
-    qb = max(1, tiles.rows // m_pow2)  # query blocks per program
-    block_r = max(16, triton.next_power_of_2(qb * m_pow2))
-    _sampled_lse_kernel[(triton.cdiv(r1 - r0, qb), b * h_q)](
+    heads = _heads_per_program(tiles.heads, h_q // perm.shape[1])
+    qb = max(1, tiles.rows // (heads * m_pow2))  # query blocks per program
+    block_r = max(16, triton.next_power_of_2(heads * qb * m_pow2))
+    _sampled_lse_kernel[(triton.cdiv(r1 - r0, qb), b * h_q // heads)](
         q, k, perm, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         perm.stride(0), perm.stride(1),
         n, triton.cdiv(n, bs), r0, r1, h_q, h_q // k.shape[1], h_q // perm.shape[1], config.segment_size // bs,
         scale * math.log2(math.e),
-        M=m, M_POW2=m_pow2, STEP=bs // m, GEOMETRIC=config.sample_spacing == "geometric", QB=qb, BLOCK_R=block_r,
+        M=m, M_POW2=m_pow2, STEP=bs // m, GEOMETRIC=config.sample_spacing == "geometric", QB=qb, HP=heads,
+        BLOCK_R=block_r,
         BLOCK_N=bs, KB=tiles.key_blocks, MAX=config.score == "sampled_max",
         HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
         **tiles.launch_options(),
     )
+
+
+def _heads_per_program(wanted: int, shared: int) -> int:
+    """Query heads per scoring program: the largest divisor of ``shared`` (query heads per permutation,
+    which also share a key head) that is at most ``wanted``."""
+    return max(h for h in range(1, min(wanted, shared) + 1) if shared % h == 0)
 
 
 def _stripe_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig, r0: int, r1: int,

@@ -7,9 +7,9 @@ copy); key blocks ds(i) <= j <= i hold ORIGINAL keys, masked causally on origina
 and at N (partial last block). Rows are ``reference.sample_rows``: m rows per block, strided or
 geometric (``PBSConfig.sample_spacing``), the last row first, clipped to N-1.
 
-One program = the sampled rows of QB consecutive query blocks x one query head (QB * m rows fill
-one MMA tile, so each key tile read serves many rows); it streams tiles of KB key blocks (KB *
-block_size keys) once: per key block j and row it stores the log-sum-exp ``lse_j = log sum_{keys in j}
+One program = the sampled rows of QB consecutive query blocks x HP query heads that share a key head and
+a permutation (HP * QB * m rows fill one MMA tile, so each key tile read serves many rows); it streams
+tiles of KB key blocks (KB * block_size keys) once: per key block j and row it stores the log-sum-exp ``lse_j = log sum_{keys in j}
 exp(s)`` (-inf for a block the row cannot see) and keeps an online log-sum-exp over all blocks, stored
 per row at the end (exponentials in base 2, the results in natural-log units). The group may span
 several segments: a tile inside the group's span is scored in both layouts and each row keeps, block by
@@ -79,31 +79,35 @@ def _sampled_lse_kernel(
     stride_pb, stride_ph,
     n_keys, n_b, r0, r1, H_q, G_KV, G_PERM, per_seg, scale_log2,
     M: tl.constexpr, M_POW2: tl.constexpr, STEP: tl.constexpr, GEOMETRIC: tl.constexpr, QB: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, MAX: tl.constexpr,
+    HP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, MAX: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # grid: (cdiv(r1 - r0, QB), B * H_q); each program covers query blocks g0 .. g0+QB-1, which may
-    # span several segments: each row reads key block j permuted while j is before its own diagonal
-    # segment, and in original order (causal) from there on. Tiles of KB key blocks of BLOCK_N keys;
-    # scale_log2 = scale * log2(e)
+    # grid: (cdiv(r1 - r0, QB), B * H_q / HP); each program covers query blocks g0 .. g0+QB-1 of HP query
+    # heads that share their key head and permutation (HP divides G_PERM); the blocks may span several
+    # segments: each row reads key block j permuted while j is before its own diagonal segment, and in
+    # original order (causal) from there on. Tiles of KB key blocks of BLOCK_N keys; scale_log2 = scale *
+    # log2(e)
     TILE: tl.constexpr = KB * BLOCK_N
     pid_g = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H_q).to(tl.int64)  # 64-bit offsets: (B, H, N, D) tensors pass 2**31 elements at 512K
-    h = (pid_bh % H_q).to(tl.int64)
-    hk = h // G_KV
-    hp = h // G_PERM
+    b = (pid_bh // (H_q // HP)).to(tl.int64)  # 64-bit offsets: (B, H, N, D) tensors pass 2**31 elements at 512K
+    h0 = (pid_bh % (H_q // HP)).to(tl.int64) * HP
+    hk = h0 // G_KV
+    hp = h0 // G_PERM
     # the last query blocks (the longest rows) start first: less tail at the end of the grid
     g0 = r0 + (tl.num_programs(0) - 1 - pid_g) * QB
     ds_first = (g0 // per_seg) * per_seg  # every row of the group reads blocks before it permuted
     hi = tl.minimum(g0 + QB, r1)  # key blocks past the group's last live query block are never causal
     ds_last = ((hi - 1) // per_seg) * per_seg  # blocks from here on are read in original order by every row
 
-    # -- the group's sampled rows: r = local block * M_POW2 + t, t-th sampled row of that block --
+    # -- the group's sampled rows: r = (head * QB + local block) * M_POW2 + t, t-th sampled row of that
+    #    block --
     offs_r = tl.arange(0, BLOCK_R)
-    qb = g0 + offs_r // M_POW2
+    head = offs_r // (QB * M_POW2)
+    qb = g0 + (offs_r // M_POW2) % QB
     t = offs_r % M_POW2
-    row_ok = (t < M) & (offs_r // M_POW2 < QB) & (qb < r1)
+    row_ok = (t < M) & (head < HP) & (qb < r1)
+    bh = b * H_q + h0 + head  # (BLOCK_R,) int64: each row's (batch, query head)
     if GEOMETRIC:  # the block's last row, then rows 2**k - 1 from its start
         offs = tl.where(t == 0, BLOCK_N - 1, (1 << tl.maximum(M - 1 - t, 0)) - 1)
     else:  # evenly strided, the last row first
@@ -112,12 +116,12 @@ def _sampled_lse_kernel(
     ds_row = (qb // per_seg) * per_seg  # first key block of each row's own diagonal segment
     offs_d = tl.arange(0, D_POW2)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + pos[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
-                mask=d_ok[None, :], other=0.0)
+    q = tl.load(Q + b * stride_qb + (h0 + head)[:, None] * stride_qh + pos[:, None].to(tl.int64) * stride_qn
+                + offs_d[None, :], mask=d_ok[None, :], other=0.0)
 
     k_base = K + b * stride_kb + hk * stride_kh
     p_base = PERM + b * stride_pb + hp * stride_ph
-    out_row = ((pid_bh.to(tl.int64) * (r1 - r0) + (qb - r0)) * M + t) * n_b  # OUT[bh, qb - r0, t, :]
+    out_row = ((bh * (r1 - r0) + (qb - r0)) * M + t) * n_b  # OUT[bh, qb - r0, t, :]
     offs_n = tl.arange(0, TILE)
     offs_kb = tl.arange(0, KB)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -151,7 +155,7 @@ def _sampled_lse_kernel(
         tl.store(OUT + out_row[:, None] + blk[None, :], none, mask=row_ok[:, None] & (blk < n_b)[None, :])
     # key 0 is visible to every row, so l_i >= 1 and m_i is finite
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE + ((pid_bh.to(tl.int64) * (r1 - r0) + (qb - r0)) * M + t), lse, mask=row_ok)
+    tl.store(LSE + ((bh * (r1 - r0) + (qb - r0)) * M + t), lse, mask=row_ok)
 
 
 @triton.jit

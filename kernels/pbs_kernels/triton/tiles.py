@@ -95,8 +95,11 @@ class SelectTiles:
 class SampledTiles:
     """Tiles of the sampled-row scoring (``triton.sampled``: ``_sampled_lse_kernel``).
 
-    rows:        sampled rows per program (query blocks x sample_rows, consecutive blocks of any segments);
-                 for score "antidiagonal", query stripes per program.
+    rows:        sampled rows per program (query heads x query blocks x sample_rows, consecutive blocks of
+                 any segments); for score "antidiagonal", query stripes per program.
+    heads:       score "sampled" / "sampled_max": query heads per program, at most (the launcher takes the
+                 largest divisor of the query heads per permutation up to it): heads of one GQA group
+                 share every key tile read.
     key_blocks:  score "sampled": key blocks per tile (a power of two; more blocks, larger MMA tiles).
     key_stripes: score "antidiagonal": key stripes per tile (a power of two >= 16; at least one block's).
     num_warps:   warps per program.
@@ -107,6 +110,7 @@ class SampledTiles:
     """
 
     rows: int = 64
+    heads: int = 1
     num_warps: int = 4
     num_stages: int | None = None
     key_blocks: int = 2
@@ -116,6 +120,7 @@ class SampledTiles:
 
     def __post_init__(self) -> None:
         _positive("rows", self.rows, "sampled rows", 64)
+        _positive("heads", self.heads, "query heads", 4)
         _power_of_two("key_blocks", self.key_blocks, 1, 16)
         _power_of_two("key_stripes", self.key_stripes, 16)
         _power_of_two("num_warps", self.num_warps, 1, MAX_WARPS)
