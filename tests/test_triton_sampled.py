@@ -487,11 +487,10 @@ print("compiled top-p")
 
 def test_kernel_compiles_for_h100():
     """The kernels lower to sm_90 cubins (Triton's compiler and ptxas, no GPU needed): the scoring in
-    bf16/fp16/fp32 with the default preset's tile, per-key sums and block maxima (4 heads per program), the
-    antidiagonal stripes (1 to 16 per 64-token block), and
-    the top-p at 128K tokens (1024 blocks of 128):
-    what the interpreter runs is also valid GPU code. Runs in a
-    subprocess without TRITON_INTERPRET (the interpreter replaces @triton.jit functions)."""
+    bf16/fp16/fp32, per-key sums and block maxima (4 heads per program), the antidiagonal stripes (1 to 16
+    per 64-token block), and the top-p at 128K tokens (1024 blocks of 128): what the interpreter runs is
+    also valid GPU code. Runs in a subprocess without TRITON_INTERPRET (the interpreter replaces
+    @triton.jit functions)."""
     import subprocess
     import sys
 
