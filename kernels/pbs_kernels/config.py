@@ -26,8 +26,8 @@ class PBSConfig:
                    threshold_scope "offdiag" (under "total", tau is a share of a mass that includes them).
 
     Selection options beyond the published method (``beyond_published``). On a GPU the fused
-    selection kernel implements the published options; "sampled", threshold_scope "total" and row_top
-    run a second Triton path (sampled rows); the rest the PyTorch reference
+    selection kernel implements the published options; "sampled", "sampled_max", threshold_scope "total"
+    and row_top run a second Triton path (sampled rows); the rest the PyTorch reference
     (``needs_reference_selection``):
 
     score:         how key blocks are scored for top-p selection.
@@ -46,12 +46,12 @@ class PBSConfig:
     threshold_scope: what tau is a share of: "offdiag" (the published meaning: the attention over
                    off-diagonal blocks) or "total" (all causal blocks, diagonal segment included; with
                    score="sampled" tau is then an estimate of the attention recall).
-    sample_rows:   query rows per block for score="sampled".
+    sample_rows:   query rows per block for score="sampled" / "sampled_max".
     sample_spacing: where those rows sit in the block: "strided" (evenly, the block's last row
                    first) or "geometric" (the last row, then rows 2**k - 1 from the block's start:
                    ..., 7, 3, 1, 0). Geometric rows see what the first queries of a segment need: the
                    recent keys of the previous segment, which the permutation scatters over its blocks.
-    row_top:       with score="sampled", each sampled row also keeps its ``row_top`` highest-mass
+    row_top:       with sampled rows, each sampled row also keeps its ``row_top`` highest-mass
                    off-diagonal blocks (protects needles that one row needs and the mean dilutes).
     importance_rows: which queries score keys for the permutation: "last" (published: the last
                    block of queries) or "strided" (block_size rows spread evenly over the queries
@@ -137,7 +137,7 @@ class PBSConfig:
 
     def needs_reference_selection(self) -> bool:
         """True when an option has no GPU path at all: score "mean_query", importance_rows "strided",
-        permute_heads "auto". The other options beyond the published method (score "sampled",
+        permute_heads "auto". The other options beyond the published method (score "sampled" / "sampled_max",
         threshold_scope "total", row_top) run on the GPU through ``pbs_kernels.triton.sampled``."""
         return self.score == "mean_query" or self.importance_rows != "last" or self.permute_heads != "all"
 

@@ -113,7 +113,7 @@ def rank_order(probs: torch.Tensor | None, candidate: torch.Tensor, forced: torc
 
     probs: fp32 (B, H_q, C, N_b) block probabilities (score="pooled": softmax over the scope), or
     None with ``per_row``: fp32 (B, H_q, C, m, N_b), the mass of each sampled row on each key block
-    (score="sampled" / "mean_query", rows summing to 1 over the causal blocks). Then the block
+    (score="sampled" / "sampled_max" / "mean_query", rows summing to 1 over the causal blocks). Then the block
     probability is the mean over the rows; ``config.row_top`` forces each row's best off-diagonal
     blocks; threshold_scope "offdiag" renormalizes over the off-diagonal blocks.
     candidate (C, N_b), forced (broadcastable to (B, H_q, C, N_b)): from ``chunk_blocks``.

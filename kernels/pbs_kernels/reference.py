@@ -257,7 +257,7 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, con
     """Top-p block selection over permuted keys (scores per ``config.score``).
 
     q (B, H_q, N, D); k_perm (B, H_k, N, D) and perm (B, H_k, N) with H_k = H_kv or H_q;
-    k (B, H_kv, N, D): the original keys, needed for score="sampled" / "mean_query" and for
+    k (B, H_kv, N, D): the original keys, needed for sampled scores / "mean_query" and for
     threshold_scope="total" (the diagonal segment is scored in original order).
     Returns (kv_num_blocks int32 (B, H_q, N_qb), kv_indices int32 (B, H_q, N_qb, N_kb)).
     """

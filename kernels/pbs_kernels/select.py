@@ -1,7 +1,7 @@
 """Block selection: block scores, top-p per query block, forced blocks, compressed plan.
 
 Dispatch (``backend.use_triton`` decides GPU or reference): the published pooled options run the
-fused ``pbs_kernels.triton.select``; score "sampled" and the other ranking options with a GPU path
+fused ``pbs_kernels.triton.select``; scores "sampled" / "sampled_max" and the other ranking options with a GPU path
 (threshold_scope "total", row_top, see ``PBSConfig.needs_reference_selection``) run
 ``pbs_kernels.triton.sampled``; everything else the PyTorch reference. ``row_selection`` gives the
 fused GPU selection of one plan to callers that plan and attend in chunks of query blocks.

@@ -1,5 +1,6 @@
-"""GPU block selection with sampled-row scoring (score="sampled", the ``default`` preset) and the
-ranking options beyond the published method (threshold_scope "total", row_top, local blocks).
+"""GPU block selection with sampled-row scoring (score "sampled", and "sampled_max" of the ``default``
+preset) and the ranking options beyond the published method (threshold_scope "total", row_top, local
+blocks).
 
 Twin of ``reference.select_blocks(q, reference.permute_keys(k, perm), perm, config, k=k)``. Two
 launches per chunk of query blocks, no host syncs: ``_sampled_lse_kernel`` scores the sampled rows
@@ -131,9 +132,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     reference's plan (up to exact ties of the block masses).
 
     q (B, H_q, N, D); k (B, H_kv, N, D) in ORIGINAL order; perm int32 (B, H_perm, N). Handles
-    score "sampled" and "pooled" with any threshold_scope / row_top / local_blocks / sink (for the
-    published pooled options ``pbs_kernels.triton.select`` is the faster, fused path). ``tiles``: the
-    launch of the sampled-row scoring (``pbs_kernels.triton.tiles``).
+    score "sampled", "sampled_max", "antidiagonal" and "pooled" with any threshold_scope / row_top /
+    local_blocks / sink (for the published pooled options ``pbs_kernels.triton.select`` is the faster,
+    fused path). ``tiles``: the launch of the sampled-row scoring (``pbs_kernels.triton.tiles``).
     """
     _check(q, k, perm, config)
     b, h_q, n, d = q.shape

@@ -9,13 +9,14 @@ geometric (``PBSConfig.sample_spacing``), the last row first, clipped to N-1.
 
 One program = the sampled rows of QB consecutive query blocks x HP query heads that share a key head and
 a permutation (HP * QB * m rows fill one MMA tile, so each key tile read serves many rows); it streams
-tiles of KB key blocks (KB * block_size keys) once: per key block j and row it stores the log-sum-exp ``lse_j = log sum_{keys in j}
-exp(s)`` (-inf for a block the row cannot see) and keeps an online log-sum-exp over all blocks, stored
-per row at the end (exponentials in base 2, the results in natural-log units). The group may span
-several segments: a tile inside the group's span is scored in both layouts and each row keeps, block by
-block, the one its query block reads. With MAX (score "sampled_max") the block's largest logit takes the
-place of ``lse_j`` and the row's log-sum-exp runs over those maxima: one exponential per block, not per
-key. ``mass_j = exp(lse_j - lse)`` is taken by the consumer: ``_sampled_top_p_kernel`` (the plan) or the launcher (the masses themselves).
+tiles of KB key blocks (KB * block_size keys) once: per key block j and row it stores the log-sum-exp
+``lse_j = log sum_{keys in j} exp(s)`` (-inf for a block the row cannot see) and keeps an online
+log-sum-exp over all blocks, stored per row at the end (exponentials in base 2, the results in
+natural-log units). The group may span several segments: a tile inside the group's span is scored in
+both layouts and each row keeps, block by block, the one its query block reads. With MAX (score
+"sampled_max") the block's largest logit takes the place of ``lse_j`` and the row's log-sum-exp runs
+over those maxima: one exponential per block, not per key. ``mass_j = exp(lse_j - lse)`` is taken by
+the consumer: ``_sampled_top_p_kernel`` (the plan) or the launcher (the masses themselves).
 
 Output layout: OUT fp32 (B * H_q, C, m, N_b) with C = r1 - r0 query blocks of the chunk [r0, r1);
 LSE fp32 (B * H_q, C, m).

@@ -100,7 +100,7 @@ class SampledTiles:
     heads:       score "sampled" / "sampled_max": query heads per program, at most (the launcher takes the
                  largest divisor of the query heads per permutation up to it): heads of one GQA group
                  share every key tile read.
-    key_blocks:  score "sampled": key blocks per tile (a power of two; more blocks, larger MMA tiles).
+    key_blocks:  score "sampled" / "sampled_max": key blocks per tile (a power of two; more blocks, larger MMA tiles).
     key_stripes: score "antidiagonal": key stripes per tile (a power of two >= 16; at least one block's).
     num_warps:   warps per program.
     num_stages:  software-pipelining stages; None: Triton's default.
