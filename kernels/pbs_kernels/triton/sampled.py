@@ -183,10 +183,11 @@ def _top_p(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor, num: torch.
     sink int32 (B, H_perm) (H_q = g * H_perm)."""
     n_b = out.shape[-1]
     nb_pow2 = max(16, triton.next_power_of_2(n_b))
-    # as the pooled top-p (select.py): a warp per 1024 blocks of a row; the interpreter takes many rows
-    warps = tiles.top_p_warps or max(1, min(16, nb_pow2 // 1024))
-    tile = 1 << 16 if interpreting() else 1024 * warps
-    block_r = max(1, min(tiles.top_p_rows or tile // nb_pow2, triton.next_power_of_2(r1 - r0)))
+    # a row per program, a warp per 1024 blocks and at least two (H100, Llama 32K: 5.03 ms against 6.28 for
+    # one warp per two rows, sampled_bench --sweep); the interpreter takes many rows
+    warps = tiles.top_p_warps or max(2, min(16, nb_pow2 // 1024))
+    rows = tiles.top_p_rows or ((1 << 16) // nb_pow2 if interpreting() else 1)
+    block_r = max(1, min(rows, triton.next_power_of_2(r1 - r0)))
     _sampled_top_p_kernel[(triton.cdiv(r1 - r0, block_r), out.shape[0])](
         out, lse, sink, num, idx,
         r0, r1 - r0, n_b, h_q, g, config.segment_size // config.block_size, config.local_blocks,

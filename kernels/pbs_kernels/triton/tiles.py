@@ -105,8 +105,8 @@ class SampledTiles:
     num_warps:   warps per program.
     num_stages:  software-pipelining stages; None: Triton's default.
     top_p_warps: warps of the plan's top-p kernel (``_sampled_top_p_kernel``); None: one warp per 1024
-                 blocks of a row (at most 16).
-    top_p_rows:  query blocks per program of that kernel; None: as many as 1024 blocks per warp allow.
+                 blocks of a row, at least 2 and at most 16.
+    top_p_rows:  query blocks per program of that kernel; None: one (many under ``TRITON_INTERPRET``).
     """
 
     rows: int = 64
