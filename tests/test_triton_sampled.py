@@ -299,6 +299,7 @@ PLANS = [
     (1, 4, 1, 333, 32, 64, {**DEFAULT, "score": "antidiagonal", "sample_rows": 4}),
     (2, 3, 3, 290, 32, 96, {**DEFAULT, "score": "antidiagonal", "sample_rows": 2, "local_blocks": 1}),
     (1, 4, 1, 333, 32, 64, {**DEFAULT, "score": "sampled_max", "threshold": 0.99}),
+    (1, 3, 3, 301, 32, 64, {**DEFAULT, "score": "sampled_max", "threshold": 0.99, "sample_rows": 16}),
     (2, 4, 2, 290, 16, 64, {**DEFAULT, "score": "sampled_max", "sample_rows": 16, "threshold_scope": "offdiag"}),
     (1, 8, 1, 150, 16, 32, {**DEFAULT, "score": "sampled_max", "sample_rows": 4, "per_head_permutation": True}),
 ]
