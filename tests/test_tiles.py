@@ -23,6 +23,10 @@ from pbs_kernels.triton.tiles import (PERMUTE_TILES, SAMPLED_TILES, SELECT_TILES
     (SampledTiles, "rows", 0, "try 64"),
     (SampledTiles, "num_warps", 6, "try 4"),
     (SampledTiles, "num_stages", -1, "try 3"),
+    (SampledTiles, "heads", 0, "try 4"),
+    (SampledTiles, "key_blocks", 3, "try 2"),
+    (SampledTiles, "top_p_warps", 3, "try 2"),
+    (SampledTiles, "top_p_rows", 0, "try 1"),
 ])
 def test_a_bad_value_is_refused_with_a_fix(cls, field, value, fix):
     with pytest.raises(ValueError, match=rf"^{field} must be .*got {value}; {fix}$"):
@@ -40,7 +44,8 @@ def test_only_ints_are_tiles(cls, field, value):
 
 
 @pytest.mark.parametrize("cls, field", [(SelectTiles, "top_p_warps"), (SelectTiles, "score_block"),
-                                        (SampledTiles, "num_stages")])
+                                        (SampledTiles, "num_stages"), (SampledTiles, "top_p_warps"),
+                                        (SampledTiles, "top_p_rows")])
 def test_none_leaves_the_choice_to_the_launcher(cls, field):
     assert getattr(cls(**{field: None}), field) is None
 
