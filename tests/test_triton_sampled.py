@@ -183,19 +183,6 @@ def test_block_max_masses_match_definition(case):
     assert (got.double() - summed).abs().max() > 1e-2
 
 
-def test_block_max_low_precision_tolerance_rule():
-    """score "sampled_max" in fp16/bf16: the same error rule as the per-key masses."""
-    cfg = PBSConfig(block_size=32, segment_size=64, score="sampled_max", sample_rows=8)
-    q, k = (x.to(LOW) for x in structured_qkv(1, 4, 2, 300, 64, seed=12))
-    perm = permutation(q.float(), k.float(), cfg)
-    n_b = -(-300 // 32)
-    exact = layout_masses(q, k, perm, cfg, 0, n_b, dtype=torch.float64)
-    plain = layout_masses(q, k, perm, cfg, 0, n_b, dtype=LOW)
-    got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b).cpu().double()
-    err, plain_err = (got - exact).abs().max().item(), (plain - exact).abs().max().item()
-    assert err <= 2 * plain_err + 1e-5, f"kernel error {err:.3g} vs plain {LOW} error {plain_err:.3g}"
-
-
 def test_broken_layouts_would_fail():
     """The data make the layout visible: reading original keys before the diagonal segment, or
     permuted keys inside it, moves the masses far beyond the fp32 tolerance above."""
@@ -224,10 +211,12 @@ def test_chunk_offsets_and_explicit_scale():
     torch.testing.assert_close(part.cpu().double(), want, rtol=1e-5, atol=2e-6)
 
 
-def test_masses_low_precision_tolerance_rule():
-    """err(kernel in fp16/bf16 vs fp64) <= 2 * err(plain PyTorch in the same dtype vs fp64) + floor."""
-    cfg = PBSConfig(block_size=32, segment_size=64, score="sampled", sample_rows=8)
-    q, k = structured_qkv(1, 4, 2, 300, 64, seed=11)
+@pytest.mark.parametrize("score, seed", [("sampled", 11), ("sampled_max", 12)])
+def test_masses_low_precision_tolerance_rule(score, seed):
+    """err(kernel in fp16/bf16 vs fp64) <= 2 * err(plain PyTorch in the same dtype vs fp64) + floor, for
+    per-key masses and block maxima."""
+    cfg = PBSConfig(block_size=32, segment_size=64, score=score, sample_rows=8)
+    q, k = structured_qkv(1, 4, 2, 300, 64, seed=seed)
     q, k = q.to(LOW), k.to(LOW)
     perm = permutation(q.float(), k.float(), cfg)
     n_b = -(-300 // 32)
@@ -454,27 +443,26 @@ def compile(fn, sig, consts, warps):
             print("SKIP", exc); sys.exit(0)
         raise
 
+def scoring_signature(dtype):  # _sampled_lse_kernel and _antidiagonal_lse_kernel take the same arguments
+    sig = {"Q": "*" + dtype, "K": "*" + dtype, "PERM": "*i32", "OUT": "*fp32", "LSE": "*fp32", "scale_log2": "fp32"}
+    for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn", "stride_pb",
+                 "stride_ph", "n_keys", "n_b", "r0", "r1", "H_q", "G_KV", "G_PERM", "per_seg"):
+        sig[name] = "i32"
+    return sig
+
 for dtype, head_dim, block_max in (("bf16", 64, False), ("bf16", 128, False), ("bf16", 128, True), ("fp16", 64, True),
                                    ("fp32", 64, False)):
     consts = dict(M=4, M_POW2=4, STEP=32, GEOMETRIC=head_dim == 128, QB=16 // (1 + 3 * block_max),
                   HP=1 + 3 * block_max, BLOCK_R=64, BLOCK_N=128,
                   KB=1 if dtype == "fp32" else 2, MAX=block_max, HEAD_DIM=head_dim, D_POW2=head_dim,
                   IEEE=dtype == "fp32")
-    sig = {"Q": "*" + dtype, "K": "*" + dtype, "PERM": "*i32", "OUT": "*fp32", "LSE": "*fp32", "scale_log2": "fp32"}
-    for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn", "stride_pb",
-                 "stride_ph", "n_keys", "n_b", "r0", "r1", "H_q", "G_KV", "G_PERM", "per_seg"):
-        sig[name] = "i32"
-    assert compile(kernel, sig, consts, 4).asm["cubin"], (dtype, head_dim, block_max)
+    assert compile(kernel, scoring_signature(dtype), consts, 4).asm["cubin"], (dtype, head_dim, block_max)
     print("compiled", dtype, head_dim, "max" if block_max else "sum")
 from pbs_kernels.triton.antidiagonal_kernel import _antidiagonal_lse_kernel as stripes
 for dtype, head_dim, m in (("bf16", 128, 4), ("bf16", 64, 8), ("fp16", 64, 1), ("fp32", 64, 16)):
     consts = dict(M=m, S=64 // m, QB=64 // m, BLOCK_R=64, KB=max(1, 64 // m), HEAD_DIM=head_dim, D_POW2=head_dim,
                   IEEE=dtype == "fp32")
-    sig = {"Q": "*" + dtype, "K": "*" + dtype, "PERM": "*i32", "OUT": "*fp32", "LSE": "*fp32", "scale_log2": "fp32"}
-    for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn", "stride_pb",
-                 "stride_ph", "n_keys", "n_b", "r0", "r1", "H_q", "G_KV", "G_PERM", "per_seg"):
-        sig[name] = "i32"
-    assert compile(stripes, sig, consts, 4).asm["cubin"], (dtype, head_dim, m)
+    assert compile(stripes, scoring_signature(dtype), consts, 4).asm["cubin"], (dtype, head_dim, m)
     print("compiled stripes", dtype, head_dim, m)
 sig = {"OUT": "*fp32", "LSE": "*fp32", "SINK": "*i32", "NUM": "*i32", "IDX": "*i32", "threshold": "fp32"}
 sig.update({name: "i32" for name in ("r0", "rows", "n_blocks", "H_q", "Q_PER_PERM", "blocks_per_seg",
