@@ -112,18 +112,23 @@ def check_plan(q, k, cfg) -> dict:
             "kept_blocks": int(num.sum()), "kept_blocks_reference": int(num_r.sum())}
 
 
+# the scoring tiles the sweep times (rows, warps, heads, key blocks), each with and without a permuted copy of K
+SWEEP_TILES = ((64, 4, 1, 2), (64, 4, 1, 1), (128, 8, 1, 2), (128, 8, 4, 2), (256, 8, 4, 2))
+
+
 def sweep(q, k, perm, cfg, warmup, iters) -> dict:
     """Median ms of the GPU sampled selection (``pbs_kernels.triton.sampled``) per tile of its scoring
-    kernel (rows per program x warps x query heads per program x key blocks per tile, or key stripes for
-    score "antidiagonal"; passed as ``tiles=``), then the plan's top-p kernel (warps x query blocks per
-    program) after the current scoring tile."""
+    kernel (``SWEEP_TILES``: rows per program x warps x query heads per program x key blocks per tile, each
+    gathering keys through the permutation and reading a permuted copy; key stripes for score
+    "antidiagonal"; passed as ``tiles=``), then the plan's top-p kernel (warps, one query block per program)
+    after the current scoring tile."""
     from pbs_kernels.triton import sampled
     from pbs_kernels.triton.tiles import SAMPLED_TILES, SampledTiles
 
     stripes = cfg.score == "antidiagonal"
 
     def name(t: SampledTiles) -> str:
-        keys = f"kt{t.key_stripes}" if stripes else f"kb{t.key_blocks}"
+        keys = f"kt{t.key_stripes}" if stripes else f"kb{t.key_blocks}" + ("-copy" if t.copy_keys else "")
         return f"rows{t.rows}-h{t.heads}-w{t.num_warps}-{keys}-s{t.num_stages or 'default'}"
 
     def time_tiles(tiles: SampledTiles) -> float:  # inf where the tile does not fit the card
@@ -133,15 +138,19 @@ def sweep(q, k, perm, cfg, warmup, iters) -> dict:
             print(f"  {tiles}: {exc}", file=sys.stderr)
             return math.inf
 
+    if stripes:
+        grid = [SampledTiles(rows=rows, num_warps=warps, key_stripes=keys)
+                for rows, warps, keys in itertools.product((64, 128), (4, 8), (32, 64, 128))]
+    else:
+        grid = [SampledTiles(rows=rows, num_warps=warps, heads=heads, key_blocks=kb, copy_keys=copy)
+                for (rows, warps, heads, kb), copy in itertools.product(SWEEP_TILES, (False, True))]
     res = {}
-    for rows, warps, heads in itertools.product((64, 128, 256), (4, 8), (1,) if stripes else (1, 4)):
-        for keys in ((32, 64, 128) if stripes else (1, 2)):
-            extent = {"key_stripes": keys} if stripes else {"key_blocks": keys}
-            tiles = SampledTiles(rows=rows, heads=heads, num_warps=warps, **extent)
-            res[name(tiles)] = time_tiles(tiles)
-    for warps, rows in itertools.product((1, 2, 4, 8), (1, 2)):  # the plan's top-p kernel
-        res[f"top-p-w{warps}-r{rows}"] = time_tiles(dataclasses.replace(SAMPLED_TILES, top_p_warps=warps,
-                                                                        top_p_rows=rows))
+    for tiles in grid:
+        res[name(tiles)] = time_tiles(tiles)
+        print(f"  {name(tiles)}: {res[name(tiles)]:.2f} ms", file=sys.stderr, flush=True)
+    for warps in (2, 4, 8):  # the plan's top-p kernel
+        res[f"top-p-w{warps}-r1"] = time_tiles(dataclasses.replace(SAMPLED_TILES, top_p_warps=warps, top_p_rows=1))
+        print(f"  top-p-w{warps}-r1: {res[f'top-p-w{warps}-r1']:.2f} ms", file=sys.stderr, flush=True)
     best = min(res, key=res.get)
     now = name(SAMPLED_TILES)
     print(f"  sweep: best {best} {res[best]:.2f} ms; current {now} {res.get(now, float('nan')):.2f} ms", file=sys.stderr)

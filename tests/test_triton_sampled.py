@@ -443,9 +443,11 @@ def compile(fn, sig, consts, warps):
             print("SKIP", exc); sys.exit(0)
         raise
 
-def scoring_signature(dtype):  # _sampled_lse_kernel and _antidiagonal_lse_kernel take the same arguments
-    sig = {"Q": "*" + dtype, "K": "*" + dtype, "PERM": "*i32", "OUT": "*fp32", "LSE": "*fp32", "scale_log2": "fp32"}
-    for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn", "stride_pb",
+def scoring_signature(dtype, copy):  # _sampled_lse_kernel (copy: also a permuted K) and _antidiagonal_lse_kernel
+    sig = {"Q": "*" + dtype, "K": "*" + dtype, **({"KP": "*" + dtype} if copy else {}), "PERM": "*i32",
+           "OUT": "*fp32", "LSE": "*fp32", "scale_log2": "fp32"}
+    for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
+                 *(("stride_pkb", "stride_pkh", "stride_pkn") if copy else ()), "stride_pb",
                  "stride_ph", "n_keys", "n_b", "r0", "r1", "H_q", "G_KV", "G_PERM", "per_seg"):
         sig[name] = "i32"
     return sig
@@ -454,15 +456,15 @@ for dtype, head_dim, block_max in (("bf16", 64, False), ("bf16", 128, False), ("
                                    ("fp32", 64, False)):
     consts = dict(M=4, M_POW2=4, STEP=32, GEOMETRIC=head_dim == 128, QB=16 // (1 + 3 * block_max),
                   HP=1 + 3 * block_max, BLOCK_R=64, BLOCK_N=128,
-                  KB=1 if dtype == "fp32" else 2, MAX=block_max, HEAD_DIM=head_dim, D_POW2=head_dim,
+                  KB=1 if dtype == "fp32" else 2, MAX=block_max, COPY=block_max, HEAD_DIM=head_dim, D_POW2=head_dim,
                   IEEE=dtype == "fp32")
-    assert compile(kernel, scoring_signature(dtype), consts, 4).asm["cubin"], (dtype, head_dim, block_max)
+    assert compile(kernel, scoring_signature(dtype, True), consts, 4).asm["cubin"], (dtype, head_dim, block_max)
     print("compiled", dtype, head_dim, "max" if block_max else "sum")
 from pbs_kernels.triton.antidiagonal_kernel import _antidiagonal_lse_kernel as stripes
 for dtype, head_dim, m in (("bf16", 128, 4), ("bf16", 64, 8), ("fp16", 64, 1), ("fp32", 64, 16)):
     consts = dict(M=m, S=64 // m, QB=64 // m, BLOCK_R=64, KB=max(1, 64 // m), HEAD_DIM=head_dim, D_POW2=head_dim,
                   IEEE=dtype == "fp32")
-    assert compile(stripes, scoring_signature(dtype), consts, 4).asm["cubin"], (dtype, head_dim, m)
+    assert compile(stripes, scoring_signature(dtype, False), consts, 4).asm["cubin"], (dtype, head_dim, m)
     print("compiled stripes", dtype, head_dim, m)
 sig = {"OUT": "*fp32", "LSE": "*fp32", "SINK": "*i32", "NUM": "*i32", "IDX": "*i32", "threshold": "fp32"}
 sig.update({name: "i32" for name in ("r0", "rows", "n_blocks", "H_q", "Q_PER_PERM", "blocks_per_seg",
@@ -491,16 +493,17 @@ def test_kernel_compiles_for_h100():
     assert res.stdout.count("compiled") == 10, res.stdout
 
 
-@pytest.mark.parametrize("rows, key_blocks, heads", [(16, 1, 1), (128, 1, 1), (16, 2, 1), (128, 4, 1), (64, 16, 1),
-                                                     (128, 2, 2), (64, 1, 4)])
-def test_program_groups_of_any_size_give_the_reference_plan(rows, key_blocks, heads):
+@pytest.mark.parametrize("rows, key_blocks, heads, copy", [(16, 1, 1, False), (128, 1, 1, False), (16, 2, 1, True),
+                                                           (128, 4, 1, False), (64, 16, 1, False), (128, 2, 2, True),
+                                                           (64, 1, 4, False)])
+def test_program_groups_of_any_size_give_the_reference_plan(rows, key_blocks, heads, copy):
     """Sampled rows per program, key blocks per tile and query heads per program (``SampledTiles``, passed
     as ``tiles=``): 16 rows keep a program inside one segment, 128 rows (32 query blocks of 4 rows) span
     many segments and start mid-segment (3 blocks per segment), so tiles inside a group's span are read
     permuted by some rows and in original order by others; tiles of 2, 4 or 16 key blocks straddle segment
     starts and the end of N; 2 heads per program share a key head (GQA 3 with 6 query heads: 4 asked
-    gives 3)."""
-    tiles = SampledTiles(rows=rows, key_blocks=key_blocks, heads=heads)
+    gives 3); ``copy`` reads the permuted keys from a copy of K, not through the permutation."""
+    tiles = SampledTiles(rows=rows, key_blocks=key_blocks, heads=heads, copy_keys=copy)
     cfg = PBSConfig(block_size=16, segment_size=48, **{**DEFAULT, "sample_rows": 4})
     q, k = structured_qkv(1, 6, 2, 701, 32, seed=rows + key_blocks + heads)
     perm = permutation(q, k, cfg)

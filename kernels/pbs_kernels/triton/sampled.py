@@ -44,10 +44,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConf
 
 
 def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig, r0: int, r1: int,
-               scale: float, out: torch.Tensor, lse: torch.Tensor, tiles: SampledTiles) -> None:
+               scale: float, out: torch.Tensor, lse: torch.Tensor, tiles: SampledTiles,
+               k_perm: torch.Tensor | None = None) -> None:
     """Run the kernel for query blocks [r0, r1) into ``out`` fp32 (B*H_q, C, m, N_b) (per-tile
     log-sum-exp) and ``lse`` fp32 (B*H_q, C, m) (per-row log-sum-exp), launched with ``tiles``. q, k
-    last-dim contiguous."""
+    last-dim contiguous; k_perm: k in ``perm`` order (B, H_perm, N, D), read instead of gathering
+    through perm."""
     if config.score == "antidiagonal":
         _stripe_lse(q, k, perm, config, r0, r1, scale, out, lse, tiles)
         return
@@ -58,16 +60,18 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
     heads = _heads_per_program(tiles.heads, h_q // perm.shape[1])
     qb = max(1, tiles.rows // (heads * m_pow2))  # query blocks per program
     block_r = max(16, triton.next_power_of_2(heads * qb * m_pow2))
+    kp = k if k_perm is None else k_perm
     _sampled_lse_kernel[(triton.cdiv(r1 - r0, qb), b * h_q // heads)](
-        q, k, perm, out, lse,
+        q, k, kp, perm, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
+        kp.stride(0), kp.stride(1), kp.stride(2),
         perm.stride(0), perm.stride(1),
         n, triton.cdiv(n, bs), r0, r1, h_q, h_q // k.shape[1], h_q // perm.shape[1], config.segment_size // bs,
         scale * math.log2(math.e),
         M=m, M_POW2=m_pow2, STEP=bs // m, GEOMETRIC=config.sample_spacing == "geometric", QB=qb, HP=heads,
         BLOCK_R=block_r,
-        BLOCK_N=bs, KB=tiles.key_blocks, MAX=config.score == "sampled_max",
+        BLOCK_N=bs, KB=tiles.key_blocks, MAX=config.score == "sampled_max", COPY=k_perm is not None,
         HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
         **tiles.launch_options(),
     )
@@ -120,8 +124,9 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, con
     c, m = r1 - r0, config.sample_rows
     out = torch.empty(b * h_q, c, m, n_b, dtype=torch.float32, device=q.device)
     lse = torch.empty(b * h_q, c, m, dtype=torch.float32, device=q.device)
-    _block_lse(last_dim_contiguous(q), last_dim_contiguous(k), perm.to(torch.int32).contiguous(),
-               config, r0, r1, scale, out, lse, tiles)
+    k, perm = last_dim_contiguous(k), perm.to(torch.int32).contiguous()
+    _block_lse(last_dim_contiguous(q), k, perm, config, r0, r1, scale, out, lse, tiles,
+               _permuted_keys(k, perm, config, tiles))
     return out.sub_(lse[..., None]).exp_().view(b, h_q, c, m, n_b)
 
 
@@ -144,6 +149,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     q, k = last_dim_contiguous(q), last_dim_contiguous(k)
     perm = perm.to(torch.int32).contiguous()
     g = h_q // perm.shape[1]
+    k_perm = _permuted_keys(k, perm, config, tiles)
     num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
     idx = torch.empty(b, h_q, n_b, n_b, dtype=torch.int32, device=q.device)
 
@@ -172,9 +178,19 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
         c = r1 - r0
         out = buf[: b * h_q * c * m * n_b].view(b * h_q, c, m, n_b)
         lse = lse_buf[: b * h_q * c * m].view(b * h_q, c, m)
-        _block_lse(q, k, perm, config, r0, r1, scale, out, lse, tiles)
+        _block_lse(q, k, perm, config, r0, r1, scale, out, lse, tiles, k_perm)
         _top_p(out, lse, sink, num, idx, config, r0, r1, h_q, g, tiles)
     return num, idx
+
+
+def _permuted_keys(k: torch.Tensor, perm: torch.Tensor, config: PBSConfig, tiles: SampledTiles) -> torch.Tensor | None:
+    """With ``tiles.copy_keys``, k in ``perm`` order (B, H_perm, N, D), one copy that the scoring reads in
+    place of gathers through perm (score "sampled" / "sampled_max"); else None."""
+    if not tiles.copy_keys or config.score not in ("sampled", "sampled_max"):
+        return None
+    from .attention import permuted_copies
+
+    return permuted_copies((k,), perm)[0]
 
 
 def _top_p(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor, num: torch.Tensor, idx: torch.Tensor,

@@ -74,14 +74,15 @@ def _block_lse(s, m_i, l_i, BLOCK_R: tl.constexpr, KB: tl.constexpr, KEYS: tl.co
 
 @triton.jit
 def _sampled_lse_kernel(
-    Q, K, PERM, OUT, LSE,
+    Q, K, KP, PERM, OUT, LSE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
+    stride_pkb, stride_pkh, stride_pkn,
     stride_pb, stride_ph,
     n_keys, n_b, r0, r1, H_q, G_KV, G_PERM, per_seg, scale_log2,
     M: tl.constexpr, M_POW2: tl.constexpr, STEP: tl.constexpr, GEOMETRIC: tl.constexpr, QB: tl.constexpr,
     HP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, MAX: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, IEEE: tl.constexpr,
+    COPY: tl.constexpr, HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, IEEE: tl.constexpr,
 ):
     # grid: (cdiv(r1 - r0, QB), B * H_q / HP); each program covers query blocks g0 .. g0+QB-1 of HP query
     # heads that share their key head and permutation (HP divides G_PERM); the blocks may span several
@@ -122,6 +123,7 @@ def _sampled_lse_kernel(
 
     k_base = K + b * stride_kb + hk * stride_kh
     p_base = PERM + b * stride_pb + hp * stride_ph
+    kp_base = KP + b * stride_pkb + hp * stride_pkh  # with COPY: K in permuted order, a copy per permutation head
     out_row = ((bh * (r1 - r0) + (qb - r0)) * M + t) * n_b  # OUT[bh, qb - r0, t, :]
     offs_n = tl.arange(0, TILE)
     offs_kb = tl.arange(0, KB)
@@ -131,7 +133,8 @@ def _sampled_lse_kernel(
     #    through perm); every slot is before every row of the group, so nothing is masked --
     for jt in range(0, ds_first // KB):
         slot = jt * TILE + offs_n
-        s = _scores(q, _permuted_keys(k_base, p_base, slot, offs_d, d_ok, n_keys, stride_kn), scale_log2, IEEE)
+        kp = _permuted_keys(k_base, kp_base, p_base, slot, offs_d, d_ok, n_keys, stride_kn, stride_pkn, COPY)
+        s = _scores(q, kp, scale_log2, IEEE)
         lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, BLOCK_N, MAX)
         blk = jt * KB + offs_kb
         tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
@@ -144,8 +147,8 @@ def _sampled_lse_kernel(
         s = _scores(q, k, scale_log2, IEEE)
         s = tl.where((key[None, :] <= pos[:, None]) & (key[None, :] < n_keys), s, float("-inf"))
         if jt * KB < ds_last:  # some row of the group still reads a block of this tile permuted
-            s_perm = _scores(q, _permuted_keys(k_base, p_base, key, offs_d, d_ok, n_keys, stride_kn), scale_log2,
-                             IEEE)
+            kp = _permuted_keys(k_base, kp_base, p_base, key, offs_d, d_ok, n_keys, stride_kn, stride_pkn, COPY)
+            s_perm = _scores(q, kp, scale_log2, IEEE)
             s = tl.where((key // BLOCK_N)[None, :] < ds_row[:, None], s_perm, s)
         lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, BLOCK_N, MAX)
         blk = jt * KB + offs_kb
@@ -160,10 +163,13 @@ def _sampled_lse_kernel(
 
 
 @triton.jit
-def _permuted_keys(k_base, p_base, slot, offs_d, d_ok, n_keys, stride_kn):
-    """Keys at ``slot`` of the permuted layout: slot s holds original key perm[s] (gathered, no copy);
-    zero past N."""
+def _permuted_keys(k_base, kp_base, p_base, slot, offs_d, d_ok, n_keys, stride_kn, stride_pkn, COPY: tl.constexpr):
+    """Keys at ``slot`` of the permuted layout: slot s holds original key perm[s]; read from the permuted
+    copy with COPY, else gathered from the original keys through perm. Zero past N."""
     ok = slot < n_keys
+    if COPY:
+        return tl.load(kp_base + slot[:, None].to(tl.int64) * stride_pkn + offs_d[None, :],
+                       mask=ok[:, None] & d_ok[None, :], other=0.0)
     src = tl.load(p_base + slot, mask=ok, other=0).to(tl.int64)
     return tl.load(k_base + src[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
 

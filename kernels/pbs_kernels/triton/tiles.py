@@ -102,6 +102,9 @@ class SampledTiles:
                  share every key tile read.
     key_blocks:  score "sampled" / "sampled_max": key blocks per tile (a power of two; more blocks, larger MMA tiles).
     key_stripes: score "antidiagonal": key stripes per tile (a power of two >= 16; at least one block's).
+    copy_keys:   score "sampled" / "sampled_max": read keys before a row's own segment from one copy of K
+                 in permuted order (B, H_perm, N, D, made per call) instead of gathering them through the
+                 permutation.
     num_warps:   warps per program.
     num_stages:  software-pipelining stages; None: Triton's default.
     top_p_warps: warps of the plan's top-p kernel (``_sampled_top_p_kernel``); None: one warp per 1024
@@ -115,6 +118,7 @@ class SampledTiles:
     num_stages: int | None = None
     key_blocks: int = 2
     key_stripes: int = 64
+    copy_keys: bool = False
     top_p_warps: int | None = None
     top_p_rows: int | None = None
 
@@ -123,6 +127,8 @@ class SampledTiles:
         _positive("heads", self.heads, "query heads", 4)
         _power_of_two("key_blocks", self.key_blocks, 1, 16)
         _power_of_two("key_stripes", self.key_stripes, 16)
+        if not isinstance(self.copy_keys, bool):
+            raise ValueError(f"copy_keys must be True or False, got {self.copy_keys!r}")
         _power_of_two("num_warps", self.num_warps, 1, MAX_WARPS)
         _positive("num_stages", self.num_stages, "pipelining stages", 3, optional=True)
         _power_of_two("top_p_warps", self.top_p_warps, 1, MAX_WARPS, optional=True)
