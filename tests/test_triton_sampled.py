@@ -291,6 +291,9 @@ PLANS = [
     (1, 3, 3, 301, 32, 64, {**DEFAULT, "score": "sampled_max", "threshold": 0.99, "sample_rows": 16}),
     (2, 4, 2, 290, 16, 64, {**DEFAULT, "score": "sampled_max", "sample_rows": 16, "threshold_scope": "offdiag"}),
     (1, 8, 1, 150, 16, 32, {**DEFAULT, "score": "sampled_max", "sample_rows": 4, "per_head_permutation": True}),
+    # a low tau: the rows' own best blocks (3 each, listed by the scoring kernel) decide most of the plan
+    (1, 3, 1, 450, 16, 64, {**DEFAULT, "score": "sampled_max", "threshold": 0.3, "row_top": 3, "sink": False}),
+    (1, 2, 1, 400, 32, 64, {**DEFAULT, "score": "antidiagonal", "sample_rows": 4, "threshold": 0.2, "row_top": 1}),
 ]
 
 
@@ -445,7 +448,7 @@ def compile(fn, sig, consts, warps):
 
 def scoring_signature(dtype, copy):  # _sampled_lse_kernel (copy: also a permuted K) and _antidiagonal_lse_kernel
     sig = {"Q": "*" + dtype, "K": "*" + dtype, **({"KP": "*" + dtype} if copy else {}), "PERM": "*i32",
-           "OUT": "*fp32", "LSE": "*fp32", "scale_log2": "fp32"}
+           "OUT": "*fp32", "LSE": "*fp32", "TOPV": "*fp32", "TOPI": "*i32", "scale_log2": "fp32"}
     for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
                  *(("stride_pkb", "stride_pkh", "stride_pkn") if copy else ()), "stride_pb",
                  "stride_ph", "n_keys", "n_b", "r0", "r1", "H_q", "G_KV", "G_PERM", "per_seg"):
@@ -456,17 +459,19 @@ for dtype, head_dim, block_max in (("bf16", 64, False), ("bf16", 128, False), ("
                                    ("fp32", 64, False)):
     consts = dict(M=4, M_POW2=4, STEP=32, GEOMETRIC=head_dim == 128, QB=16 // (1 + 3 * block_max),
                   HP=1 + 3 * block_max, BLOCK_R=64, BLOCK_N=128,
-                  KB=1 if dtype == "fp32" else 2, MAX=block_max, COPY=block_max, HEAD_DIM=head_dim, D_POW2=head_dim,
+                  KB=1 if dtype == "fp32" else 2, MAX=block_max, COPY=block_max, ROW_TOP=2 * block_max, RT_POW2=2,
+                  HEAD_DIM=head_dim, D_POW2=head_dim,
                   IEEE=dtype == "fp32")
     assert compile(kernel, scoring_signature(dtype, True), consts, 4).asm["cubin"], (dtype, head_dim, block_max)
     print("compiled", dtype, head_dim, "max" if block_max else "sum")
 from pbs_kernels.triton.antidiagonal_kernel import _antidiagonal_lse_kernel as stripes
 for dtype, head_dim, m in (("bf16", 128, 4), ("bf16", 64, 8), ("fp16", 64, 1), ("fp32", 64, 16)):
-    consts = dict(M=m, S=64 // m, QB=64 // m, BLOCK_R=64, KB=max(1, 64 // m), HEAD_DIM=head_dim, D_POW2=head_dim,
-                  IEEE=dtype == "fp32")
+    consts = dict(M=m, S=64 // m, QB=64 // m, BLOCK_R=64, KB=max(1, 64 // m), ROW_TOP=m % 3, RT_POW2=2,
+                  HEAD_DIM=head_dim, D_POW2=head_dim, IEEE=dtype == "fp32")
     assert compile(stripes, scoring_signature(dtype, False), consts, 4).asm["cubin"], (dtype, head_dim, m)
     print("compiled stripes", dtype, head_dim, m)
-sig = {"OUT": "*fp32", "LSE": "*fp32", "SINK": "*i32", "NUM": "*i32", "IDX": "*i32", "threshold": "fp32"}
+sig = {"OUT": "*fp32", "LSE": "*fp32", "TOPV": "*fp32", "TOPI": "*i32", "SINK": "*i32", "NUM": "*i32",
+       "IDX": "*i32", "threshold": "fp32"}
 sig.update({name: "i32" for name in ("r0", "rows", "n_blocks", "H_q", "Q_PER_PERM", "blocks_per_seg",
                                       "local_blocks")})
 consts = dict(M=4, ROW_TOP=2, TOTAL=True, KEEP_ALL=False, USE_SINK=True, FORCED_COUNT=True, BLOCK_R=1,

@@ -12,14 +12,15 @@ BLOCK_N key stripes (KB = BLOCK_N / m key blocks); a tile's logits are a sum of 
 (D x stripes), one per antidiagonal offset t, so the kernel is a GEMM with a K dimension of s*D and one
 exponential per (stripe, stripe) pair: s times fewer than sampled rows of the same count. Per tile it
 stores each key block's log-sum-exp and keeps an online log-sum-exp per stripe; the outputs have the
-layout of ``sampled_kernel._sampled_lse_kernel`` (OUT (B*H_q, C, m, N_b), LSE (B*H_q, C, m)), so
-``_sampled_top_p_kernel`` plans from them unchanged.
+layout of ``sampled_kernel._sampled_lse_kernel`` (OUT (B*H_q, C, m, N_b), LSE (B*H_q, C, m), and each
+stripe's ROW_TOP best off-diagonal blocks TOPV / TOPI), so ``_sampled_top_p_kernel`` plans from them
+unchanged.
 """
 
 import triton
 import triton.language as tl
 
-from .sampled_kernel import _block_lse, _dot
+from .sampled_kernel import _block_lse, _dot, _row_top_init, _row_top_store, _row_top_update
 
 
 @triton.jit
@@ -51,13 +52,13 @@ def _stripe_logits(q_base, k_base, p_base, qrow, c, offs_d, d_ok, n_keys, stride
 
 @triton.jit
 def _antidiagonal_lse_kernel(
-    Q, K, PERM, OUT, LSE,
+    Q, K, PERM, OUT, LSE, TOPV, TOPI,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_pb, stride_ph,
     n_keys, n_b, r0, r1, H_q, G_KV, G_PERM, per_seg, scale_log2,
     M: tl.constexpr, S: tl.constexpr, QB: tl.constexpr, BLOCK_R: tl.constexpr, KB: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, IEEE: tl.constexpr,
+    ROW_TOP: tl.constexpr, RT_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, IEEE: tl.constexpr,
 ):
     # grid: (cdiv(r1 - r0, QB), B * H_q); scale_log2 = scale / S * log2(e)
     BLOCK_N: tl.constexpr = KB * M
@@ -88,6 +89,7 @@ def _antidiagonal_lse_kernel(
     offs_kb = tl.arange(0, KB)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
+    top_v, top_i = _row_top_init(BLOCK_R, ROW_TOP, RT_POW2)
     # -- tiles wholly before every stripe's diagonal segment: permuted, nothing masked --
     for jt in range(0, ds_first // KB):
         c = jt * BLOCK_N + offs_c
@@ -96,6 +98,7 @@ def _antidiagonal_lse_kernel(
         lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, M)
         blk = jt * KB + offs_kb
         tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
+        top_v, top_i = _row_top_update(top_v, top_i, lse_b, jt * KB, ds_row, KB, ROW_TOP, RT_POW2)
     # -- the rest up to the group's last block: each stripe takes the layout its block reads, causal --
     for jt in range(ds_first // KB, tl.cdiv(hi, KB)):
         c = jt * BLOCK_N + offs_c
@@ -110,10 +113,13 @@ def _antidiagonal_lse_kernel(
         lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, M)
         blk = jt * KB + offs_kb
         tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
+        top_v, top_i = _row_top_update(top_v, top_i, lse_b, jt * KB, ds_row, KB, ROW_TOP, RT_POW2)
     none = tl.full([BLOCK_R, KB], float("-inf"), tl.float32)
     for jt in range(tl.cdiv(hi, KB), tl.cdiv(n_b, KB)):  # key blocks after the group: hidden from every stripe
         blk = jt * KB + offs_kb
         tl.store(OUT + out_row[:, None] + blk[None, :], none, mask=row_ok[:, None] & (blk < n_b)[None, :])
     # key stripe 0 is visible to every stripe, so l_i >= 1 and m_i is finite
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE + (pid_bh.to(tl.int64) * (r1 - r0) + (qb - r0)) * M + offs_r % M, lse, mask=row_ok)
+    row = (pid_bh.to(tl.int64) * (r1 - r0) + (qb - r0)) * M + offs_r % M
+    tl.store(LSE + row, lse, mask=row_ok)
+    _row_top_store(TOPV, TOPI, top_v, top_i, row, row_ok, ROW_TOP, RT_POW2)

@@ -4,10 +4,12 @@ blocks).
 
 Twin of ``reference.select_blocks(q, reference.permute_keys(k, perm), perm, config, k=k)``. Two
 launches per chunk of query blocks, no host syncs: ``_sampled_lse_kernel`` scores the sampled rows
-against every key tile once (no permuted copy of K, no (rows x N) score matrix) and stores per row and
-tile a log-sum-exp; ``_sampled_top_p_kernel`` averages the rows' block masses, forces each row's
-``row_top`` best blocks and ranks top-p (the pooled selection's bisection, no sort). Memory: one fp32
-buffer (B, H_q, C, m, N_b) for a chunk of C query blocks, at most ``_BUFFER_BYTES``.
+against every key tile once (no (rows x N) score matrix; keys before a row's segment gathered through
+the permutation, or with ``SampledTiles.copy_keys`` read from one permuted copy of K) and stores per row
+and tile a log-sum-exp, and per row its ``row_top`` best off-diagonal blocks; ``_sampled_top_p_kernel``
+averages the rows' block masses, forces those blocks and ranks top-p (the pooled selection's bisection,
+no sort). Memory: one fp32 buffer (B, H_q, C, m, N_b) for a chunk of C query blocks, at most
+``_BUFFER_BYTES`` (and the copy of K, B x H_perm x N x D, with ``copy_keys``).
 """
 
 from __future__ import annotations
@@ -45,13 +47,16 @@ def _check(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConf
 
 def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig, r0: int, r1: int,
                scale: float, out: torch.Tensor, lse: torch.Tensor, tiles: SampledTiles,
-               k_perm: torch.Tensor | None = None) -> None:
+               k_perm: torch.Tensor | None = None, top: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Run the kernel for query blocks [r0, r1) into ``out`` fp32 (B*H_q, C, m, N_b) (per-tile
     log-sum-exp) and ``lse`` fp32 (B*H_q, C, m) (per-row log-sum-exp), launched with ``tiles``. q, k
     last-dim contiguous; k_perm: k in ``perm`` order (B, H_perm, N, D), read instead of gathering
-    through perm."""
+    through perm; top: fp32 / int32 (B*H_q, C, m, row_top), each row's ``config.row_top`` best
+    off-diagonal blocks (None: not listed)."""
+    row_top = config.row_top if top is not None else 0
+    topv, topi = top if top is not None else (lse, lse)  # unread without row_top
     if config.score == "antidiagonal":
-        _stripe_lse(q, k, perm, config, r0, r1, scale, out, lse, tiles)
+        _stripe_lse(q, k, perm, config, r0, r1, scale, out, lse, topv, topi, row_top, tiles)
         return
     b, h_q, n, d = q.shape
     bs = config.block_size
@@ -62,7 +67,7 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
     block_r = max(16, triton.next_power_of_2(heads * qb * m_pow2))
     kp = k if k_perm is None else k_perm
     _sampled_lse_kernel[(triton.cdiv(r1 - r0, qb), b * h_q // heads)](
-        q, k, kp, perm, out, lse,
+        q, k, kp, perm, out, lse, topv, topi,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         kp.stride(0), kp.stride(1), kp.stride(2),
@@ -72,7 +77,7 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
         M=m, M_POW2=m_pow2, STEP=bs // m, GEOMETRIC=config.sample_spacing == "geometric", QB=qb, HP=heads,
         BLOCK_R=block_r,
         BLOCK_N=bs, KB=tiles.key_blocks, MAX=config.score == "sampled_max", COPY=k_perm is not None,
-        HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
+        ROW_TOP=row_top, RT_POW2=triton.next_power_of_2(max(1, row_top)), HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
         **tiles.launch_options(),
     )
 
@@ -84,7 +89,8 @@ def _heads_per_program(wanted: int, shared: int) -> int:
 
 
 def _stripe_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig, r0: int, r1: int,
-                scale: float, out: torch.Tensor, lse: torch.Tensor, tiles: SampledTiles) -> None:
+                scale: float, out: torch.Tensor, lse: torch.Tensor, topv: torch.Tensor, topi: torch.Tensor,
+                row_top: int, tiles: SampledTiles) -> None:
     """``_block_lse`` for score "antidiagonal": ``tiles.rows`` query stripes x ``tiles.key_stripes`` key
     stripes per tile (at least one block's m stripes)."""
     b, h_q, n, d = q.shape
@@ -93,14 +99,14 @@ def _stripe_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PB
     block_r = max(16, triton.next_power_of_2(qb * m))
     kb = max(1, max(16, tiles.key_stripes) // m)
     _antidiagonal_lse_kernel[(triton.cdiv(r1 - r0, qb), b * h_q)](
-        q, k, perm, out, lse,
+        q, k, perm, out, lse, topv, topi,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         perm.stride(0), perm.stride(1),
         n, triton.cdiv(n, config.block_size), r0, r1, h_q, h_q // k.shape[1], h_q // perm.shape[1],
         config.segment_size // config.block_size, scale / (config.block_size // m) * math.log2(math.e),
         M=m, S=config.block_size // m, QB=qb, BLOCK_R=block_r, KB=kb,
-        HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
+        ROW_TOP=row_top, RT_POW2=triton.next_power_of_2(max(1, row_top)), HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
         **tiles.launch_options(),
     )
 
@@ -173,13 +179,17 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     rows = max(1, min(n_b, buffer_bytes // (4 * b * h_q * m * n_b)))
     buf = torch.empty(b * h_q * rows * m * n_b, dtype=torch.float32, device=q.device)
     lse_buf = torch.empty(b * h_q * rows * m, dtype=torch.float32, device=q.device)
+    rt = max(1, config.row_top)
+    top_buf = (torch.empty(b * h_q * rows * m * rt, dtype=torch.float32, device=q.device),
+               torch.empty(b * h_q * rows * m * rt, dtype=torch.int32, device=q.device))
     for r0 in range(0, n_b, rows):  # fixed host-side chunking: no data-dependent branching
         r1 = min(n_b, r0 + rows)
         c = r1 - r0
         out = buf[: b * h_q * c * m * n_b].view(b * h_q, c, m, n_b)
         lse = lse_buf[: b * h_q * c * m].view(b * h_q, c, m)
-        _block_lse(q, k, perm, config, r0, r1, scale, out, lse, tiles, k_perm)
-        _top_p(out, lse, sink, num, idx, config, r0, r1, h_q, g, tiles)
+        top = tuple(x[: b * h_q * c * m * rt].view(b * h_q, c, m, rt) for x in top_buf)
+        _block_lse(q, k, perm, config, r0, r1, scale, out, lse, tiles, k_perm, top)
+        _top_p(out, lse, top, sink, num, idx, config, r0, r1, h_q, g, tiles)
     return num, idx
 
 
@@ -193,10 +203,11 @@ def _permuted_keys(k: torch.Tensor, perm: torch.Tensor, config: PBSConfig, tiles
     return permuted_copies((k,), perm)[0]
 
 
-def _top_p(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor, num: torch.Tensor, idx: torch.Tensor,
-           config: PBSConfig, r0: int, r1: int, h_q: int, g: int, tiles: SampledTiles) -> None:
-    """Plan rows [r0, r1) into ``num`` / ``idx`` from the per-row tile log-sum-exps of ``_block_lse``.
-    sink int32 (B, H_perm) (H_q = g * H_perm)."""
+def _top_p(out: torch.Tensor, lse: torch.Tensor, top: tuple[torch.Tensor, torch.Tensor], sink: torch.Tensor,
+           num: torch.Tensor, idx: torch.Tensor, config: PBSConfig, r0: int, r1: int, h_q: int, g: int,
+           tiles: SampledTiles) -> None:
+    """Plan rows [r0, r1) into ``num`` / ``idx`` from the per-row tile log-sum-exps and best blocks
+    (``top``) of ``_block_lse``. sink int32 (B, H_perm) (H_q = g * H_perm)."""
     n_b = out.shape[-1]
     nb_pow2 = max(16, triton.next_power_of_2(n_b))
     # a row per program, a warp per 1024 blocks and at least two (H100, Llama 32K: 5.03 ms against 6.28 for
@@ -205,7 +216,7 @@ def _top_p(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor, num: torch.
     rows = tiles.top_p_rows or ((1 << 16) // nb_pow2 if interpreting() else 1)
     block_r = max(1, min(rows, triton.next_power_of_2(r1 - r0)))
     _sampled_top_p_kernel[(triton.cdiv(r1 - r0, block_r), out.shape[0])](
-        out, lse, sink, num, idx,
+        out, lse, *top, sink, num, idx,
         r0, r1 - r0, n_b, h_q, g, config.segment_size // config.block_size, config.local_blocks,
         config.threshold - 1e-6,  # the reference compares fp32 masses against fp32(threshold - 1e-6)
         M=config.sample_rows, ROW_TOP=config.row_top, TOTAL=config.threshold_scope == "total",

@@ -2,8 +2,8 @@
 query row, the log of its softmax mass on every key block, in the layout that the row's query block reads.
 
 Layout read by query block i (diagonal segment starting at key block ds(i)): key blocks j < ds(i) are
-read in PERMUTED order (slot s holds original key perm[b, hp, s], gathered through perm, no permuted
-copy); key blocks ds(i) <= j <= i hold ORIGINAL keys, masked causally on original positions (key <= row)
+read in PERMUTED order (slot s holds original key perm[b, hp, s]: gathered through perm, or with COPY
+read from a permuted copy KP of K); key blocks ds(i) <= j <= i hold ORIGINAL keys, masked causally on original positions (key <= row)
 and at N (partial last block). Rows are ``reference.sample_rows``: m rows per block, strided or
 geometric (``PBSConfig.sample_spacing``), the last row first, clipped to N-1.
 
@@ -16,13 +16,16 @@ natural-log units). The group may span several segments: a tile inside the group
 both layouts and each row keeps, block by block, the one its query block reads. With MAX (score
 "sampled_max") the block's largest logit takes the place of ``lse_j`` and the row's log-sum-exp runs
 over those maxima: one exponential per block, not per key. ``mass_j = exp(lse_j - lse)`` is taken by
-the consumer: ``_sampled_top_p_kernel`` (the plan) or the launcher (the masses themselves).
+the consumer: ``_sampled_top_p_kernel`` (the plan) or the launcher (the masses themselves). With
+ROW_TOP > 0 each row also keeps its ROW_TOP best off-diagonal blocks on the way (a few comparisons per
+tile), so that the plan needs no arg-max over whole rows.
 
 Output layout: OUT fp32 (B * H_q, C, m, N_b) with C = r1 - r0 query blocks of the chunk [r0, r1);
-LSE fp32 (B * H_q, C, m).
+LSE fp32 (B * H_q, C, m); TOPV fp32 / TOPI int32 (B * H_q, C, m, ROW_TOP): the best blocks' log-sum-exps
+and indices (-1 where a row has fewer candidates).
 
 ``_sampled_top_p_kernel`` turns them into plan rows: per query block, the block masses of its sampled
-rows averaged, each row's ``row_top`` best off-diagonal blocks forced, then the top-p ranking of the
+rows averaged, each row's listed best blocks forced (when their mass is not 0), then the top-p ranking of the
 pooled selection (``select_kernel._keep_top_p``), without a sort and without the (C, m, N_b) masses
 ever existing. Launchers and shapes: ``pbs_kernels.triton.sampled``.
 """
@@ -74,7 +77,7 @@ def _block_lse(s, m_i, l_i, BLOCK_R: tl.constexpr, KB: tl.constexpr, KEYS: tl.co
 
 @triton.jit
 def _sampled_lse_kernel(
-    Q, K, KP, PERM, OUT, LSE,
+    Q, K, KP, PERM, OUT, LSE, TOPV, TOPI,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_pkb, stride_pkh, stride_pkn,
@@ -82,7 +85,8 @@ def _sampled_lse_kernel(
     n_keys, n_b, r0, r1, H_q, G_KV, G_PERM, per_seg, scale_log2,
     M: tl.constexpr, M_POW2: tl.constexpr, STEP: tl.constexpr, GEOMETRIC: tl.constexpr, QB: tl.constexpr,
     HP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, MAX: tl.constexpr,
-    COPY: tl.constexpr, HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, IEEE: tl.constexpr,
+    COPY: tl.constexpr, ROW_TOP: tl.constexpr, RT_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     # grid: (cdiv(r1 - r0, QB), B * H_q / HP); each program covers query blocks g0 .. g0+QB-1 of HP query
     # heads that share their key head and permutation (HP divides G_PERM); the blocks may span several
@@ -129,6 +133,7 @@ def _sampled_lse_kernel(
     offs_kb = tl.arange(0, KB)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
+    top_v, top_i = _row_top_init(BLOCK_R, ROW_TOP, RT_POW2)
     # -- tiles wholly before every row's diagonal segment: permuted order (slot -> original key
     #    through perm); every slot is before every row of the group, so nothing is masked --
     for jt in range(0, ds_first // KB):
@@ -138,6 +143,7 @@ def _sampled_lse_kernel(
         lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, BLOCK_N, MAX)
         blk = jt * KB + offs_kb
         tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
+        top_v, top_i = _row_top_update(top_v, top_i, lse_b, jt * KB, ds_row, KB, ROW_TOP, RT_POW2)
     # -- the group's own segments: permuted for rows whose segment starts later, else original
     #    order, causal on original positions, keys >= N masked --
     for jt in range(ds_first // KB, tl.cdiv(hi, KB)):
@@ -153,6 +159,7 @@ def _sampled_lse_kernel(
         lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, BLOCK_N, MAX)
         blk = jt * KB + offs_kb
         tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
+        top_v, top_i = _row_top_update(top_v, top_i, lse_b, jt * KB, ds_row, KB, ROW_TOP, RT_POW2)
     none = tl.full([BLOCK_R, KB], float("-inf"), tl.float32)
     for jt in range(tl.cdiv(hi, KB), tl.cdiv(n_b, KB)):  # key blocks after the group: not causal for any row
         blk = jt * KB + offs_kb
@@ -160,6 +167,47 @@ def _sampled_lse_kernel(
     # key 0 is visible to every row, so l_i >= 1 and m_i is finite
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + ((bh * (r1 - r0) + (qb - r0)) * M + t), lse, mask=row_ok)
+    _row_top_store(TOPV, TOPI, top_v, top_i, (bh * (r1 - r0) + (qb - r0)) * M + t, row_ok, ROW_TOP, RT_POW2)
+
+
+@triton.jit
+def _row_top_init(BLOCK_R: tl.constexpr, ROW_TOP: tl.constexpr, RT_POW2: tl.constexpr):
+    """Empty best-blocks lists of BLOCK_R rows: values (BLOCK_R, RT_POW2) -inf in the ROW_TOP live slots
+    and +inf in the padding (never the minimum, so never replaced), block indices -1."""
+    slot = tl.arange(0, RT_POW2)[None, :]
+    top_v = tl.where(slot < ROW_TOP, float("-inf"), float("inf")) + tl.zeros([BLOCK_R, RT_POW2], tl.float32)
+    return top_v, tl.full([BLOCK_R, RT_POW2], -1, tl.int32)
+
+
+@triton.jit
+def _row_top_update(top_v, top_i, lse_b, blk0, ds_row, KB: tl.constexpr, ROW_TOP: tl.constexpr,
+                    RT_POW2: tl.constexpr):
+    """Each row's ROW_TOP best off-diagonal key blocks so far (by block log-sum-exp, unsorted), after the
+    tile of key blocks blk0 .. blk0 + KB - 1 (values lse_b (BLOCK_R, KB)); a block replaces a row's
+    weakest entry only when strictly larger, so on exact ties the earlier block stays (as an argmax
+    would pick). Blocks at or after the row's own segment start ds_row are not candidates."""
+    if ROW_TOP > 0:
+        offs_kb = tl.arange(0, KB)[None, :]
+        slot = tl.arange(0, RT_POW2)[None, :]
+        v = tl.where(blk0 + offs_kb < ds_row[:, None], lse_b, float("-inf"))
+        for c in tl.static_range(KB):
+            v_c = tl.max(tl.where(offs_kb == c, v, float("-inf")), 1)
+            swap = (slot == tl.argmin(top_v, 1)[:, None]) & (v_c > tl.min(top_v, 1))[:, None]
+            top_v = tl.where(swap, v_c[:, None], top_v)
+            top_i = tl.where(swap, blk0 + c, top_i)
+    return top_v, top_i
+
+
+@triton.jit
+def _row_top_store(TOPV, TOPI, top_v, top_i, row, row_ok, ROW_TOP: tl.constexpr, RT_POW2: tl.constexpr):
+    """Store the rows' best-blocks lists at TOPV / TOPI (rows of ROW_TOP entries; ``row`` (BLOCK_R,) the
+    flat row index)."""
+    if ROW_TOP > 0:
+        slot = tl.arange(0, RT_POW2)[None, :]
+        at = row.to(tl.int64)[:, None] * ROW_TOP + slot
+        ok = row_ok[:, None] & (slot < ROW_TOP)
+        tl.store(TOPV + at, top_v, mask=ok)
+        tl.store(TOPI + at, top_i, mask=ok)
 
 
 @triton.jit
@@ -176,13 +224,13 @@ def _permuted_keys(k_base, kp_base, p_base, slot, offs_d, d_ok, n_keys, stride_k
 
 @triton.jit
 def _sampled_top_p_kernel(
-    OUT, LSE, SINK, NUM, IDX,
+    OUT, LSE, TOPV, TOPI, SINK, NUM, IDX,
     r0, rows, n_blocks, H_q, Q_PER_PERM, blocks_per_seg, local_blocks, threshold,
     M: tl.constexpr, ROW_TOP: tl.constexpr, TOTAL: tl.constexpr, KEEP_ALL: tl.constexpr, USE_SINK: tl.constexpr,
     FORCED_COUNT: tl.constexpr, BLOCK_R: tl.constexpr, NB_POW2: tl.constexpr,
 ):
     # grid: (cdiv(rows, BLOCK_R), B * H_q); BLOCK_R query blocks i = r0 + r of one (batch, head), each a
-    # full row of key blocks j. OUT / LSE as ``_sampled_lse_kernel`` wrote them for query blocks
+    # full row of key blocks j. OUT / LSE / TOPV / TOPI as ``_sampled_lse_kernel`` wrote them for query blocks
     # [r0, r0 + rows); NUM (B * H_q, n_blocks) and IDX (B * H_q, n_blocks, n_blocks): the whole plan.
     pid_bh, b, h, r, row_ok, i, j, start, candidate = _plan_tile(r0, rows, H_q, blocks_per_seg, BLOCK_R, NB_POW2)
     causal = (j <= i) & row_ok[:, None]
@@ -195,11 +243,11 @@ def _sampled_top_p_kernel(
         lse = tl.load(LSE + row_base + t, mask=row_ok[:, None], other=0.0)
         m_t = tl.exp(tl.load(OUT + (row_base + t) * n_blocks + j, mask=causal, other=float("-inf")) - lse)
         mass += m_t
-        best = tl.where(candidate, m_t, -1.0)
-        for _ in tl.static_range(ROW_TOP):
-            top = j == tl.argmax(best, 1)[:, None]
-            row_forced = row_forced | (top & (tl.max(best, 1)[:, None] > 0.0))
-            best = tl.where(top, -1.0, best)
+        for s in tl.static_range(ROW_TOP):  # the row's best blocks, listed by the scoring kernel
+            at = (row_base + t) * ROW_TOP + s
+            top_i = tl.load(TOPI + at, mask=row_ok[:, None], other=-1)
+            top_v = tl.load(TOPV + at, mask=row_ok[:, None], other=float("-inf"))
+            row_forced = row_forced | ((j == top_i) & (tl.exp(top_v - lse) > 0.0))
     p = mass / M
     if TOTAL:  # tau is a share of all causal mass: the diagonal segment's counts as forced mass
         p = tl.where(causal, p, 0.0)
