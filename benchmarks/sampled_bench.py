@@ -112,16 +112,19 @@ def check_plan(q, k, cfg) -> dict:
             "kept_blocks": int(num.sum()), "kept_blocks_reference": int(num_r.sum())}
 
 
-# the scoring tiles the sweep times (rows, warps, heads, key blocks), each with and without a permuted copy of K
-SWEEP_TILES = ((64, 4, 1, 2), (64, 4, 1, 1), (128, 8, 1, 2), (128, 8, 4, 2), (256, 8, 4, 2))
+# the scoring tiles the sweep times (SampledTiles fields): the current one gathering keys through the
+# permutation, then tiles reading a permuted copy of K (rows, warps, heads, key blocks, pipelining stages)
+SWEEP_TILES = (dict(copy_keys=False),
+               *(dict(rows=rows, num_warps=warps, heads=heads, key_blocks=kb, num_stages=stages, copy_keys=True)
+                 for rows, warps, heads, kb, stages in ((64, 4, 1, 2, None), (128, 4, 1, 2, None),
+                                                        (128, 8, 1, 2, None), (128, 8, 1, 2, 2), (128, 8, 1, 2, 4),
+                                                        (128, 8, 1, 4, None), (256, 8, 4, 2, None))))
 
 
 def sweep(q, k, perm, cfg, warmup, iters) -> dict:
     """Median ms of the GPU sampled selection (``pbs_kernels.triton.sampled``) per tile of its scoring
-    kernel (``SWEEP_TILES``: rows per program x warps x query heads per program x key blocks per tile, each
-    gathering keys through the permutation and reading a permuted copy; key stripes for score
-    "antidiagonal"; passed as ``tiles=``), then the plan's top-p kernel (warps, one query block per program)
-    after the current scoring tile."""
+    kernel (``SWEEP_TILES``, or key stripes for score "antidiagonal"; passed as ``tiles=``), then the
+    plan's top-p kernel (warps, one query block per program) after the current scoring tile."""
     from pbs_kernels.triton import sampled
     from pbs_kernels.triton.tiles import SAMPLED_TILES, SampledTiles
 
@@ -142,13 +145,12 @@ def sweep(q, k, perm, cfg, warmup, iters) -> dict:
         grid = [SampledTiles(rows=rows, num_warps=warps, key_stripes=keys)
                 for rows, warps, keys in itertools.product((64, 128), (4, 8), (32, 64, 128))]
     else:
-        grid = [SampledTiles(rows=rows, num_warps=warps, heads=heads, key_blocks=kb, copy_keys=copy)
-                for (rows, warps, heads, kb), copy in itertools.product(SWEEP_TILES, (False, True))]
+        grid = [dataclasses.replace(SAMPLED_TILES, **fields) for fields in SWEEP_TILES]
     res = {}
     for tiles in grid:
         res[name(tiles)] = time_tiles(tiles)
         print(f"  {name(tiles)}: {res[name(tiles)]:.2f} ms", file=sys.stderr, flush=True)
-    for warps in (2, 4, 8):  # the plan's top-p kernel
+    for warps in (2, 4, 8, 16):  # the plan's top-p kernel
         res[f"top-p-w{warps}-r1"] = time_tiles(dataclasses.replace(SAMPLED_TILES, top_p_warps=warps, top_p_rows=1))
         print(f"  top-p-w{warps}-r1: {res[f'top-p-w{warps}-r1']:.2f} ms", file=sys.stderr, flush=True)
     best = min(res, key=res.get)

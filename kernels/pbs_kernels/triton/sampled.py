@@ -210,9 +210,10 @@ def _top_p(out: torch.Tensor, lse: torch.Tensor, top: tuple[torch.Tensor, torch.
     (``top``) of ``_block_lse``. sink int32 (B, H_perm) (H_q = g * H_perm)."""
     n_b = out.shape[-1]
     nb_pow2 = max(16, triton.next_power_of_2(n_b))
-    # a row per program, a warp per 1024 blocks and at least two (H100, Llama 32K: 5.03 ms against 6.28 for
-    # one warp per two rows, sampled_bench --sweep); the interpreter takes many rows
-    warps = tiles.top_p_warps or max(2, min(16, nb_pow2 // 1024))
+    # a row per program, a warp per 512 blocks and at least two (H100, Llama shape, sampled_bench --sweep: at
+    # 32K 5.03 ms against 6.28 for one warp per two rows; at 128K 97.7 ms with 4 warps, 107.3 with 2); the
+    # interpreter takes many rows
+    warps = tiles.top_p_warps or max(2, min(16, nb_pow2 // 512))
     rows = tiles.top_p_rows or ((1 << 16) // nb_pow2 if interpreting() else 1)
     block_r = max(1, min(rows, triton.next_power_of_2(r1 - r0)))
     _sampled_top_p_kernel[(triton.cdiv(r1 - r0, block_r), out.shape[0])](

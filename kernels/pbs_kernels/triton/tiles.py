@@ -107,18 +107,18 @@ class SampledTiles:
                  permutation.
     num_warps:   warps per program.
     num_stages:  software-pipelining stages; None: Triton's default.
-    top_p_warps: warps of the plan's top-p kernel (``_sampled_top_p_kernel``); None: one warp per 1024
+    top_p_warps: warps of the plan's top-p kernel (``_sampled_top_p_kernel``); None: one warp per 512
                  blocks of a row, at least 2 and at most 16.
     top_p_rows:  query blocks per program of that kernel; None: one (many under ``TRITON_INTERPRET``).
     """
 
-    rows: int = 64
+    rows: int = 128
     heads: int = 1
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int | None = None
     key_blocks: int = 2
     key_stripes: int = 64
-    copy_keys: bool = False
+    copy_keys: bool = True
     top_p_warps: int | None = None
     top_p_rows: int | None = None
 
@@ -144,7 +144,8 @@ PERMUTE_TILES = PermuteTiles()
 # score tile None: by head_dim (select_bench --sweep on an H100: 64 for head_dim 64, 0.34 vs 0.45 ms at 32K with
 # the SmolLM2 shape; 32 for head_dim 128, where 64 took 2-4x longer)
 SELECT_TILES = SelectTiles()
-# 64 rows of one head, 4 warps, 2 key blocks per tile: on an H100 (Llama shape, per-key mass) the selection
-# took 7.73 / 138 ms at 32K / 128K with 2 key blocks and 8.33 / 135 ms with 1 (pbs profile, commits 49e2bc8
-# and d89bdad); several heads per program and larger tiles are not timed yet
+# 128 rows of one head, 8 warps, 2 key blocks per tile, keys from a permuted copy of K: on an H100 (Llama
+# shape, 128K, block maxima) the selection took 65.8 ms, against 107.4 with 64 rows, 4 warps and keys gathered
+# through the permutation, 73.6 with 64 rows from the copy, 66.9 with 4 heads per program
+# (sampled_bench --sweep, commit 9c67a21)
 SAMPLED_TILES = SampledTiles()
