@@ -46,7 +46,7 @@ def scoring(head_dim: int, rows: int, key_blocks: int, warps: int, heads: int) -
                                          "stride_ph", "n_keys", "n_b", "r0", "r1", "H_q", "G_KV", "G_PERM",
                                          "per_seg")})
     consts = dict(M=16, M_POW2=16, STEP=4, GEOMETRIC=False, QB=rows // (16 * heads), HP=heads, BLOCK_R=rows,
-                  BLOCK_N=64, KB=key_blocks, MAX=True, COPY=False, ROW_TOP=2, RT_POW2=2, HEAD_DIM=head_dim,
+                  BLOCK_N=64, KB=key_blocks, MAX=True, COPY=False, TMA=False, ROW_TOP=2, RT_POW2=2, HEAD_DIM=head_dim,
                   D_POW2=head_dim, IEEE=False)
     return ptxas_usage(_sampled_lse_kernel, sig, consts, warps)
 

@@ -112,13 +112,15 @@ def check_plan(q, k, cfg) -> dict:
             "kept_blocks": int(num.sum()), "kept_blocks_reference": int(num_r.sum())}
 
 
-# the scoring tiles the sweep times (SampledTiles fields): the current one gathering keys through the
-# permutation, then tiles reading a permuted copy of K (rows, warps, heads, key blocks, pipelining stages)
-SWEEP_TILES = (dict(copy_keys=False),
-               *(dict(rows=rows, num_warps=warps, heads=heads, key_blocks=kb, num_stages=stages, copy_keys=True)
-                 for rows, warps, heads, kb, stages in ((64, 4, 1, 2, None), (128, 4, 1, 2, None),
-                                                        (128, 8, 1, 2, None), (128, 8, 1, 2, 2), (128, 8, 1, 2, 4),
-                                                        (128, 8, 1, 4, None), (256, 8, 4, 2, None))))
+# the scoring tiles the sweep times (SampledTiles fields): keys gathered through the permutation, then tiles
+# reading a permuted copy of K (rows, warps, heads, key blocks, pipelining stages, TMA descriptor loads)
+SWEEP_TILES = (dict(rows=64, num_warps=4, copy_keys=False),
+               *(dict(rows=rows, num_warps=warps, heads=heads, key_blocks=kb, num_stages=stages, copy_keys=True,
+                      tma=tma)
+                 for rows, warps, heads, kb, stages, tma in (
+                     (64, 4, 1, 2, None, False), (64, 4, 1, 2, None, True), (128, 8, 1, 2, None, False),
+                     (128, 8, 1, 2, None, True), (128, 8, 1, 2, 2, True), (128, 8, 1, 2, 4, True),
+                     (128, 8, 1, 4, None, True), (128, 4, 1, 2, None, True), (256, 8, 4, 2, None, True))))
 
 
 def sweep(q, k, perm, cfg, warmup, iters) -> dict:
@@ -131,7 +133,8 @@ def sweep(q, k, perm, cfg, warmup, iters) -> dict:
     stripes = cfg.score == "antidiagonal"
 
     def name(t: SampledTiles) -> str:
-        keys = f"kt{t.key_stripes}" if stripes else f"kb{t.key_blocks}" + ("-copy" if t.copy_keys else "")
+        reads = "-tma" if t.tma else "-copy" if t.copy_keys else ""
+        keys = f"kt{t.key_stripes}" if stripes else f"kb{t.key_blocks}{reads}"
         return f"rows{t.rows}-h{t.heads}-w{t.num_warps}-{keys}-s{t.num_stages or 'default'}"
 
     def time_tiles(tiles: SampledTiles) -> float:  # inf where the tile does not fit the card

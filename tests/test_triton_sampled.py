@@ -459,7 +459,8 @@ for dtype, head_dim, block_max in (("bf16", 64, False), ("bf16", 128, False), ("
                                    ("fp32", 64, False)):
     consts = dict(M=4, M_POW2=4, STEP=32, GEOMETRIC=head_dim == 128, QB=16 // (1 + 3 * block_max),
                   HP=1 + 3 * block_max, BLOCK_R=64, BLOCK_N=128,
-                  KB=1 if dtype == "fp32" else 2, MAX=block_max, COPY=block_max, ROW_TOP=2 * block_max, RT_POW2=2,
+                  KB=1 if dtype == "fp32" else 2, MAX=block_max, COPY=block_max, TMA=block_max,
+                  ROW_TOP=2 * block_max, RT_POW2=2,
                   HEAD_DIM=head_dim, D_POW2=head_dim,
                   IEEE=dtype == "fp32")
     assert compile(kernel, scoring_signature(dtype, True), consts, 4).asm["cubin"], (dtype, head_dim, block_max)
@@ -498,17 +499,20 @@ def test_kernel_compiles_for_h100():
     assert res.stdout.count("compiled") == 10, res.stdout
 
 
-@pytest.mark.parametrize("rows, key_blocks, heads, copy", [(16, 1, 1, False), (128, 1, 1, False), (16, 2, 1, True),
-                                                           (128, 4, 1, False), (64, 16, 1, False), (128, 2, 2, True),
-                                                           (64, 1, 4, False)])
-def test_program_groups_of_any_size_give_the_reference_plan(rows, key_blocks, heads, copy):
+@pytest.mark.parametrize("rows, key_blocks, heads, keys", [(16, 1, 1, "gather"), (128, 1, 1, "gather"),
+                                                           (16, 2, 1, "copy"), (128, 4, 1, "tma"),
+                                                           (64, 16, 1, "gather"), (128, 2, 2, "copy"),
+                                                           (64, 1, 4, "tma"), (256, 2, 4, "tma")])
+def test_program_groups_of_any_size_give_the_reference_plan(rows, key_blocks, heads, keys):
     """Sampled rows per program, key blocks per tile and query heads per program (``SampledTiles``, passed
     as ``tiles=``): 16 rows keep a program inside one segment, 128 rows (32 query blocks of 4 rows) span
     many segments and start mid-segment (3 blocks per segment), so tiles inside a group's span are read
     permuted by some rows and in original order by others; tiles of 2, 4 or 16 key blocks straddle segment
     starts and the end of N; 2 heads per program share a key head (GQA 3 with 6 query heads: 4 asked
-    gives 3); ``copy`` reads the permuted keys from a copy of K, not through the permutation."""
-    tiles = SampledTiles(rows=rows, key_blocks=key_blocks, heads=heads, copy_keys=copy)
+    gives 3; with 256 rows, 3 heads x 21 query blocks x 4 rows leave 4 padding rows that point past the
+    last query head). ``keys``: permuted keys gathered through the permutation, or read from a copy of K
+    by pointer loads or through a TMA tensor descriptor."""
+    tiles = SampledTiles(rows=rows, key_blocks=key_blocks, heads=heads, copy_keys=keys != "gather", tma=keys == "tma")
     cfg = PBSConfig(block_size=16, segment_size=48, **{**DEFAULT, "sample_rows": 4})
     q, k = structured_qkv(1, 6, 2, 701, 32, seed=rows + key_blocks + heads)
     perm = permutation(q, k, cfg)

@@ -18,7 +18,7 @@ import triton
 from .. import plan_rules
 from ..block_mask import PermutedBlockMask
 from . import attention_kernel as K
-from .launching import interpreting
+from .launching import ensure_allocator, interpreting
 from .permute_kernel import _gather_rows_kernel
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -143,17 +143,6 @@ def _interpreted(kernel):
     from triton.runtime.interpreter import InterpretedFunction
 
     return kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
-
-
-_allocator_set = False
-
-
-def _ensure_allocator() -> None:
-    """Device-side tensor descriptors need global scratch memory from an allocator."""
-    global _allocator_set
-    if not _allocator_set:
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _allocator_set = True
 
 
 # -- entry point ------------------------------------------------------------------------------
@@ -391,7 +380,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         return out
 
     if mode == 0:
-        _ensure_allocator()
+        ensure_allocator()
     with torch.cuda.device(q.device):
         if config == "autotune":
             bucket = triton.next_power_of_2(max(1, math.ceil(num.float().mean().item())))

@@ -22,7 +22,7 @@ import triton
 from .. import plan_rules
 from ..config import PBSConfig
 from . import select as pooled
-from .launching import interpreting, last_dim_contiguous
+from .launching import ensure_allocator, interpreting, last_dim_contiguous
 from .antidiagonal_kernel import _antidiagonal_lse_kernel
 from .sampled_kernel import _sampled_lse_kernel, _sampled_top_p_kernel
 from .tiles import SAMPLED_TILES, SampledTiles
@@ -77,9 +77,21 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
         M=m, M_POW2=m_pow2, STEP=bs // m, GEOMETRIC=config.sample_spacing == "geometric", QB=qb, HP=heads,
         BLOCK_R=block_r,
         BLOCK_N=bs, KB=tiles.key_blocks, MAX=config.score == "sampled_max", COPY=k_perm is not None,
+        TMA=_descriptor_loads(kp, k_perm is not None, tiles),
         ROW_TOP=row_top, RT_POW2=triton.next_power_of_2(max(1, row_top)), HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
         **tiles.launch_options(),
     )
+
+
+def _descriptor_loads(kp: torch.Tensor, copied: bool, tiles: SampledTiles) -> bool:
+    """Whether the scoring reads the permuted copy of K through a TMA tensor descriptor: ``tiles.tma``, a
+    contiguous copy with a power-of-two head_dim (the descriptor's tile is whole rows)."""
+    d = kp.shape[-1]
+    if not (tiles.tma and copied and kp.is_contiguous() and d & (d - 1) == 0):
+        return False
+    if kp.is_cuda:
+        ensure_allocator()
+    return True
 
 
 def _heads_per_program(wanted: int, shared: int) -> int:

@@ -3,7 +3,7 @@ query row, the log of its softmax mass on every key block, in the layout that th
 
 Layout read by query block i (diagonal segment starting at key block ds(i)): key blocks j < ds(i) are
 read in PERMUTED order (slot s holds original key perm[b, hp, s]: gathered through perm, or with COPY
-read from a permuted copy KP of K); key blocks ds(i) <= j <= i hold ORIGINAL keys, masked causally on original positions (key <= row)
+read from a permuted copy KP of K, with TMA through a tensor descriptor); key blocks ds(i) <= j <= i hold ORIGINAL keys, masked causally on original positions (key <= row)
 and at N (partial last block). Rows are ``reference.sample_rows``: m rows per block, strided or
 geometric (``PBSConfig.sample_spacing``), the last row first, clipped to N-1.
 
@@ -85,7 +85,7 @@ def _sampled_lse_kernel(
     n_keys, n_b, r0, r1, H_q, G_KV, G_PERM, per_seg, scale_log2,
     M: tl.constexpr, M_POW2: tl.constexpr, STEP: tl.constexpr, GEOMETRIC: tl.constexpr, QB: tl.constexpr,
     HP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, MAX: tl.constexpr,
-    COPY: tl.constexpr, ROW_TOP: tl.constexpr, RT_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr,
+    COPY: tl.constexpr, TMA: tl.constexpr, ROW_TOP: tl.constexpr, RT_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     # grid: (cdiv(r1 - r0, QB), B * H_q / HP); each program covers query blocks g0 .. g0+QB-1 of HP query
@@ -122,12 +122,18 @@ def _sampled_lse_kernel(
     ds_row = (qb // per_seg) * per_seg  # first key block of each row's own diagonal segment
     offs_d = tl.arange(0, D_POW2)
     d_ok = offs_d < HEAD_DIM
+    # padding rows (head >= HP) would point past the last query head: masked
     q = tl.load(Q + b * stride_qb + (h0 + head)[:, None] * stride_qh + pos[:, None].to(tl.int64) * stride_qn
-                + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+                + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     k_base = K + b * stride_kb + hk * stride_kh
     p_base = PERM + b * stride_pb + hp * stride_ph
     kp_base = KP + b * stride_pkb + hp * stride_pkh  # with COPY: K in permuted order, a copy per permutation head
+    if TMA:  # the copy is contiguous (B * H_perm * N, HEAD_DIM): whole tiles through a tensor descriptor
+        perm_rows = (tl.num_programs(1) * HP // H_q) * (H_q // G_PERM) * n_keys
+        kp_desc = tl.make_tensor_descriptor(KP, shape=[perm_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                            block_shape=[TILE, HEAD_DIM])
+        kp_row0 = ((b * (H_q // G_PERM) + hp) * n_keys).to(tl.int32)
     out_row = ((bh * (r1 - r0) + (qb - r0)) * M + t) * n_b  # OUT[bh, qb - r0, t, :]
     offs_n = tl.arange(0, TILE)
     offs_kb = tl.arange(0, KB)
@@ -138,7 +144,10 @@ def _sampled_lse_kernel(
     #    through perm); every slot is before every row of the group, so nothing is masked --
     for jt in range(0, ds_first // KB):
         slot = jt * TILE + offs_n
-        kp = _permuted_keys(k_base, kp_base, p_base, slot, offs_d, d_ok, n_keys, stride_kn, stride_pkn, COPY)
+        if TMA:  # every slot of these tiles is before N
+            kp = kp_desc.load([kp_row0 + jt * TILE, 0])
+        else:
+            kp = _permuted_keys(k_base, kp_base, p_base, slot, offs_d, d_ok, n_keys, stride_kn, stride_pkn, COPY)
         s = _scores(q, kp, scale_log2, IEEE)
         lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, BLOCK_N, MAX)
         blk = jt * KB + offs_kb

@@ -105,6 +105,8 @@ class SampledTiles:
     copy_keys:   score "sampled" / "sampled_max": read keys before a row's own segment from one copy of K
                  in permuted order (B, H_perm, N, D, made per call) instead of gathering them through the
                  permutation.
+    tma:         with copy_keys: read that copy through a TMA tensor descriptor (whole tiles; head_dim a
+                 power of two), not through pointer loads.
     num_warps:   warps per program.
     num_stages:  software-pipelining stages; None: Triton's default.
     top_p_warps: warps of the plan's top-p kernel (``_sampled_top_p_kernel``); None: one warp per 512
@@ -119,6 +121,7 @@ class SampledTiles:
     key_blocks: int = 2
     key_stripes: int = 64
     copy_keys: bool = True
+    tma: bool = False
     top_p_warps: int | None = None
     top_p_rows: int | None = None
 
@@ -127,8 +130,9 @@ class SampledTiles:
         _positive("heads", self.heads, "query heads", 4)
         _power_of_two("key_blocks", self.key_blocks, 1, 16)
         _power_of_two("key_stripes", self.key_stripes, 16)
-        if not isinstance(self.copy_keys, bool):
-            raise ValueError(f"copy_keys must be True or False, got {self.copy_keys!r}")
+        for name in ("copy_keys", "tma"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _power_of_two("num_warps", self.num_warps, 1, MAX_WARPS)
         _positive("num_stages", self.num_stages, "pipelining stages", 3, optional=True)
         _power_of_two("top_p_warps", self.top_p_warps, 1, MAX_WARPS, optional=True)
