@@ -114,10 +114,7 @@ def _antidiagonal_lse_kernel(
         blk = jt * KB + offs_kb
         tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
         top_v, top_i = _row_top_update(top_v, top_i, lse_b, jt * KB, ds_row, KB, ROW_TOP, RT_POW2)
-    none = tl.full([BLOCK_R, KB], float("-inf"), tl.float32)
-    for jt in range(tl.cdiv(hi, KB), tl.cdiv(n_b, KB)):  # key blocks after the group: hidden from every stripe
-        blk = jt * KB + offs_kb
-        tl.store(OUT + out_row[:, None] + blk[None, :], none, mask=row_ok[:, None] & (blk < n_b)[None, :])
+    # key blocks after the group are not written: no row sees them, and their consumers read causal blocks only
     # key stripe 0 is visible to every stripe, so l_i >= 1 and m_i is finite
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     row = (pid_bh.to(tl.int64) * (r1 - r0) + (qb - r0)) * M + offs_r % M

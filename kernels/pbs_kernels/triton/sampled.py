@@ -140,7 +140,8 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, con
     if not 0 <= r0 < r1 <= n_b:
         raise ValueError(f"query blocks [r0, r1) = [{r0}, {r1}) must lie in [0, {n_b}) with r0 < r1")
     c, m = r1 - r0, config.sample_rows
-    out = torch.empty(b * h_q, c, m, n_b, dtype=torch.float32, device=q.device)
+    # -inf where the kernel writes nothing: key blocks after a program's last query block
+    out = torch.full((b * h_q, c, m, n_b), float("-inf"), dtype=torch.float32, device=q.device)
     lse = torch.empty(b * h_q, c, m, dtype=torch.float32, device=q.device)
     k, perm = last_dim_contiguous(k), perm.to(torch.int32).contiguous()
     _block_lse(last_dim_contiguous(q), k, perm, config, r0, r1, scale, out, lse, tiles,

@@ -10,7 +10,8 @@ geometric (``PBSConfig.sample_spacing``), the last row first, clipped to N-1.
 One program = the sampled rows of QB consecutive query blocks x HP query heads that share a key head and
 a permutation (HP * QB * m rows fill one MMA tile, so each key tile read serves many rows); it streams
 tiles of KB key blocks (KB * block_size keys) once: per key block j and row it stores the log-sum-exp
-``lse_j = log sum_{keys in j} exp(s)`` (-inf for a block the row cannot see) and keeps an online
+``lse_j = log sum_{keys in j} exp(s)`` (-inf for a block the row cannot see; blocks after the group's
+last query block are left unwritten) and keeps an online
 log-sum-exp over all blocks, stored per row at the end (exponentials in base 2, the results in
 natural-log units). The group may span several segments: a tile inside the group's span is scored in
 both layouts and each row keeps, block by block, the one its query block reads. With MAX (score
@@ -169,10 +170,7 @@ def _sampled_lse_kernel(
         blk = jt * KB + offs_kb
         tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
         top_v, top_i = _row_top_update(top_v, top_i, lse_b, jt * KB, ds_row, KB, ROW_TOP, RT_POW2)
-    none = tl.full([BLOCK_R, KB], float("-inf"), tl.float32)
-    for jt in range(tl.cdiv(hi, KB), tl.cdiv(n_b, KB)):  # key blocks after the group: not causal for any row
-        blk = jt * KB + offs_kb
-        tl.store(OUT + out_row[:, None] + blk[None, :], none, mask=row_ok[:, None] & (blk < n_b)[None, :])
+    # key blocks after the group are not written: no row sees them, and their consumers read causal blocks only
     # key 0 is visible to every row, so l_i >= 1 and m_i is finite
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + ((bh * (r1 - r0) + (qb - r0)) * M + t), lse, mask=row_ok)
