@@ -54,8 +54,8 @@ def scoring(head_dim: int, rows: int, key_blocks: int, warps: int, heads: int) -
 def top_p(blocks: int, warps: int) -> str:
     sig = {"OUT": "*fp32", "LSE": "*fp32", "TOPV": "*fp32", "TOPI": "*i32", "SINK": "*i32", "NUM": "*i32",
            "IDX": "*i32", "threshold": "fp32"}
-    sig.update({name: "i32" for name in ("r0", "rows", "n_blocks", "H_q", "Q_PER_PERM", "blocks_per_seg",
-                                         "local_blocks")})
+    sig.update({name: "i32" for name in ("r0", "sub0", "live", "rows", "n_blocks", "H_q", "Q_PER_PERM",
+                                         "blocks_per_seg", "local_blocks")})
     consts = dict(M=16, ROW_TOP=2, TOTAL=True, KEEP_ALL=False, USE_SINK=True, FORCED_COUNT=True, BLOCK_R=1,
                   NB_POW2=blocks)
     return ptxas_usage(_sampled_top_p_kernel, sig, consts, warps)

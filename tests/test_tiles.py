@@ -59,5 +59,16 @@ def test_the_defaults_are_frozen_and_valid(tiles):
 
 
 def test_sampled_launch_options_leave_out_unset_stages():
-    assert SampledTiles(num_warps=8).launch_options() == {"num_warps": 8}
+    assert SampledTiles(num_warps=8, num_stages=None).launch_options() == {"num_warps": 8}
     assert SampledTiles(num_warps=2, num_stages=3).launch_options() == {"num_warps": 2, "num_stages": 3}
+
+
+def test_sampled_tiles_fit_fp32_inputs():
+    """fp32 inputs take at most 64 rows, 4 warps and 2 stages (twice the bytes per key tile); 16-bit inputs keep
+    the tiles as given."""
+    big = SampledTiles(rows=128, num_warps=8, num_stages=4)
+    assert big.fitting(2) is big
+    small = big.fitting(4)
+    assert (small.rows, small.num_warps, small.num_stages) == (64, 4, 2)
+    assert (small.key_blocks, small.copy_keys, small.tma) == (big.key_blocks, big.copy_keys, big.tma)
+    assert SampledTiles(rows=16, num_warps=1, num_stages=None).fitting(4).num_stages == 2

@@ -473,8 +473,8 @@ for dtype, head_dim, m in (("bf16", 128, 4), ("bf16", 64, 8), ("fp16", 64, 1), (
     print("compiled stripes", dtype, head_dim, m)
 sig = {"OUT": "*fp32", "LSE": "*fp32", "TOPV": "*fp32", "TOPI": "*i32", "SINK": "*i32", "NUM": "*i32",
        "IDX": "*i32", "threshold": "fp32"}
-sig.update({name: "i32" for name in ("r0", "rows", "n_blocks", "H_q", "Q_PER_PERM", "blocks_per_seg",
-                                      "local_blocks")})
+sig.update({name: "i32" for name in ("r0", "sub0", "live", "rows", "n_blocks", "H_q", "Q_PER_PERM",
+                                      "blocks_per_seg", "local_blocks")})
 consts = dict(M=4, ROW_TOP=2, TOTAL=True, KEEP_ALL=False, USE_SINK=True, FORCED_COUNT=True, BLOCK_R=1,
               NB_POW2=1024)
 assert compile(top_p, sig, consts, 1).asm["cubin"]

@@ -53,6 +53,7 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
     last-dim contiguous; k_perm: k in ``perm`` order (B, H_perm, N, D), read instead of gathering
     through perm; top: fp32 / int32 (B*H_q, C, m, row_top), each row's ``config.row_top`` best
     off-diagonal blocks (None: not listed)."""
+    tiles = tiles.fitting(q.element_size()) if q.is_cuda else tiles  # the interpreter has no shared-memory bound
     row_top = config.row_top if top is not None else 0
     topv, topi = top if top is not None else (lse, lse)  # unread without row_top
     if config.score == "antidiagonal":
@@ -170,7 +171,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     g = h_q // perm.shape[1]
     k_perm = _permuted_keys(k, perm, config, tiles)
     num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
-    idx = torch.empty(b, h_q, n_b, n_b, dtype=torch.int32, device=q.device)
+    # each row's entries past its causal blocks are those blocks in order (the sampled top-p writes each row
+    # only up to a power of two above its causal blocks)
+    idx = torch.arange(n_b, dtype=torch.int32, device=q.device).expand(b, h_q, n_b, n_b).contiguous()
 
     if config.score == "pooled":  # pooled means (Triton), scores and ranking in torch (plan_rules)
         sink = plan_rules.sink_block(perm, bs).repeat_interleave(g, dim=1)  # (B, H_q)
@@ -222,18 +225,33 @@ def _top_p(out: torch.Tensor, lse: torch.Tensor, top: tuple[torch.Tensor, torch.
     """Plan rows [r0, r1) into ``num`` / ``idx`` from the per-row tile log-sum-exps and best blocks
     (``top``) of ``_block_lse``. sink int32 (B, H_perm) (H_q = g * H_perm)."""
     n_b = out.shape[-1]
-    nb_pow2 = max(16, triton.next_power_of_2(n_b))
-    # a row per program, a warp per 512 blocks and at least two (H100, Llama shape, sampled_bench --sweep: at
-    # 32K 5.03 ms against 6.28 for one warp per two rows; at 128K 97.7 ms with 4 warps, 107.3 with 2); the
-    # interpreter takes many rows
-    warps = tiles.top_p_warps or max(2, min(16, nb_pow2 // 512))
-    rows = tiles.top_p_rows or ((1 << 16) // nb_pow2 if interpreting() else 1)
-    block_r = max(1, min(rows, triton.next_power_of_2(r1 - r0)))
-    _sampled_top_p_kernel[(triton.cdiv(r1 - r0, block_r), out.shape[0])](
-        out, lse, *top, sink, num, idx,
-        r0, r1 - r0, n_b, h_q, g, config.segment_size // config.block_size, config.local_blocks,
-        config.threshold - 1e-6,  # the reference compares fp32 masses against fp32(threshold - 1e-6)
-        M=config.sample_rows, ROW_TOP=config.row_top, TOTAL=config.threshold_scope == "total",
-        KEEP_ALL=config.threshold >= 1.0, USE_SINK=config.sink, FORCED_COUNT=config.forced_in_top_p,
-        BLOCK_R=block_r, NB_POW2=nb_pow2, num_warps=warps,
-    )
+    for lo, hi, nb_pow2 in _causal_widths(r0, r1, n_b):
+        # a row per program, a warp per 512 blocks and at least two (H100, Llama shape, sampled_bench --sweep:
+        # at 32K 5.03 ms against 6.28 for one warp per two rows; at 128K 97.7 ms with 4 warps, 107.3 with 2);
+        # the interpreter takes many rows
+        warps = tiles.top_p_warps or max(2, min(16, nb_pow2 // 512))
+        rows = tiles.top_p_rows or ((1 << 16) // nb_pow2 if interpreting() else 1)
+        block_r = max(1, min(rows, triton.next_power_of_2(hi - lo)))
+        _sampled_top_p_kernel[(triton.cdiv(hi - lo, block_r), out.shape[0])](
+            out, lse, *top, sink, num, idx,
+            r0, lo - r0, hi - lo, r1 - r0, n_b, h_q, g, config.segment_size // config.block_size,
+            config.local_blocks,
+            config.threshold - 1e-6,  # the reference compares fp32 masses against fp32(threshold - 1e-6)
+            M=config.sample_rows, ROW_TOP=config.row_top, TOTAL=config.threshold_scope == "total",
+            KEEP_ALL=config.threshold >= 1.0, USE_SINK=config.sink, FORCED_COUNT=config.forced_in_top_p,
+            BLOCK_R=block_r, NB_POW2=nb_pow2, num_warps=warps,
+        )
+
+
+def _causal_widths(r0: int, r1: int, n_b: int) -> list[tuple[int, int, int]]:
+    """Query blocks [r0, r1) split by the power of two that holds their causal rows: (lo, hi, width) with
+    width >= i + 1 for every i in [lo, hi) (at least 16, at most n_b's power of two), so that the top-p kernel
+    works on about the causal half of the (rows x N_b) table instead of all of it."""
+    full = max(16, triton.next_power_of_2(n_b))
+    parts, lo = [], r0
+    while lo < r1:
+        width = min(full, max(16, triton.next_power_of_2(lo + 1)))
+        hi = min(r1, width)
+        parts.append((lo, hi, width))
+        lo = hi
+    return parts

@@ -232,18 +232,21 @@ def _permuted_keys(k_base, kp_base, p_base, slot, offs_d, d_ok, n_keys, stride_k
 @triton.jit
 def _sampled_top_p_kernel(
     OUT, LSE, TOPV, TOPI, SINK, NUM, IDX,
-    r0, rows, n_blocks, H_q, Q_PER_PERM, blocks_per_seg, local_blocks, threshold,
+    r0, sub0, live, rows, n_blocks, H_q, Q_PER_PERM, blocks_per_seg, local_blocks, threshold,
     M: tl.constexpr, ROW_TOP: tl.constexpr, TOTAL: tl.constexpr, KEEP_ALL: tl.constexpr, USE_SINK: tl.constexpr,
     FORCED_COUNT: tl.constexpr, BLOCK_R: tl.constexpr, NB_POW2: tl.constexpr,
 ):
-    # grid: (cdiv(rows, BLOCK_R), B * H_q); BLOCK_R query blocks i = r0 + r of one (batch, head), each a
-    # full row of key blocks j. OUT / LSE / TOPV / TOPI as ``_sampled_lse_kernel`` wrote them for query blocks
-    # [r0, r0 + rows); NUM (B * H_q, n_blocks) and IDX (B * H_q, n_blocks, n_blocks): the whole plan.
-    pid_bh, b, h, r, row_ok, i, j, start, candidate = _plan_tile(r0, rows, H_q, blocks_per_seg, BLOCK_R, NB_POW2)
+    # grid: (cdiv(live, BLOCK_R), B * H_q); BLOCK_R query blocks i = r0 + sub0 + r (r < live) of one (batch,
+    # head), each a row of key blocks j < NB_POW2 (at least i + 1: every causal block; IDX keeps its
+    # entries from NB_POW2 on, which are those blocks themselves). OUT / LSE / TOPV / TOPI as
+    # ``_sampled_lse_kernel`` wrote them for the chunk of query blocks [r0, r0 + rows); NUM (B * H_q, n_blocks)
+    # and IDX (B * H_q, n_blocks, n_blocks): the whole plan.
+    pid_bh, b, h, r, row_ok, i, j, start, candidate = _plan_tile(r0 + sub0, live, H_q, blocks_per_seg, BLOCK_R,
+                                                                 NB_POW2)
     causal = (j <= i) & row_ok[:, None]
 
     # -- block mass averaged over the sampled rows; each row also nominates its best candidates --
-    row_base = (pid_bh.to(tl.int64) * rows + r[:, None]) * M  # (BLOCK_R, 1): OUT / LSE row of t = 0
+    row_base = (pid_bh.to(tl.int64) * rows + sub0 + r[:, None]) * M  # (BLOCK_R, 1): OUT / LSE row of t = 0
     mass = tl.zeros([BLOCK_R, NB_POW2], tl.float32)
     row_forced = j < 0  # all False, (1, NB_POW2)
     for t in tl.static_range(M):
@@ -268,4 +271,4 @@ def _sampled_top_p_kernel(
         keep = candidate | forced
     else:
         keep = _keep_top_p(p, forced, candidate, threshold, BLOCK_R, FORCED_COUNT)
-    _store_plan(NUM, IDX, keep, j, pid_bh * n_blocks + r0 + r, row_ok, n_blocks)
+    _store_plan(NUM, IDX, keep, j, pid_bh * n_blocks + r0 + sub0 + r, row_ok, n_blocks)

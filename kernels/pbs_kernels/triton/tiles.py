@@ -9,7 +9,7 @@ Triton here: these are plain values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MAX_WARPS = 32  # 1024 threads, the most one program may have on NVIDIA GPUs
 
@@ -117,11 +117,11 @@ class SampledTiles:
     rows: int = 128
     heads: int = 1
     num_warps: int = 8
-    num_stages: int | None = None
+    num_stages: int | None = 4
     key_blocks: int = 2
     key_stripes: int = 64
     copy_keys: bool = True
-    tma: bool = False
+    tma: bool = True
     top_p_warps: int | None = None
     top_p_rows: int | None = None
 
@@ -142,14 +142,23 @@ class SampledTiles:
         """The ``num_warps`` / ``num_stages`` keywords of the launch (no ``num_stages``: Triton's default)."""
         return {"num_warps": self.num_warps, **({"num_stages": self.num_stages} if self.num_stages else {})}
 
+    def fitting(self, element_bytes: int) -> SampledTiles:
+        """These tiles for inputs of ``element_bytes`` per element: for fp32 (4 bytes) at most 64 rows, 4 warps
+        and 2 stages. Four stages of 128 fp32 keys of head_dim 128 alone need 256 KiB of shared memory, more
+        than an H100's 227 KiB (the default launch failed on fp32 inputs)."""
+        if element_bytes < 4:
+            return self
+        return replace(self, rows=min(self.rows, 64), num_warps=min(self.num_warps, 4),
+                       num_stages=min(self.num_stages or 2, 2))
+
 
 # best of 5 tiles on an H100 at 32K and 128K (select_bench --sweep)
 PERMUTE_TILES = PermuteTiles()
 # score tile None: by head_dim (select_bench --sweep on an H100: 64 for head_dim 64, 0.34 vs 0.45 ms at 32K with
 # the SmolLM2 shape; 32 for head_dim 128, where 64 took 2-4x longer)
 SELECT_TILES = SelectTiles()
-# 128 rows of one head, 8 warps, 2 key blocks per tile, keys from a permuted copy of K: on an H100 (Llama
-# shape, 128K, block maxima) the selection took 65.8 ms, against 107.4 with 64 rows, 4 warps and keys gathered
-# through the permutation, 73.6 with 64 rows from the copy, 66.9 with 4 heads per program
-# (sampled_bench --sweep, commit 9c67a21)
+# 128 rows of one head, 8 warps, 4 stages, 2 key blocks per tile, keys from a permuted copy of K through TMA: on an
+# H100 (Llama shape, block maxima) the selection took 3.13 / 48.6 ms at 32K / 128K, against 4.88 / 97.8 with 64
+# rows, 4 warps and keys gathered through the permutation, 3.62 / 56.3 from the copy by pointer loads, 3.19 /
+# 50.1 with Triton's default stages (sampled_bench --sweep, commit 9869a60)
 SAMPLED_TILES = SampledTiles()
