@@ -114,7 +114,7 @@ def check_plan(q, k, cfg) -> dict:
 
 # the scoring tiles the sweep times (SampledTiles fields): keys gathered through the permutation, then tiles
 # reading a permuted copy of K (rows, warps, heads, key blocks, pipelining stages, TMA descriptor loads)
-SWEEP_TILES = (dict(rows=64, num_warps=4, copy_keys=False),
+SWEEP_TILES = (dict(rows=64, num_warps=4, num_stages=None, copy_keys=False, tma=False),
                *(dict(rows=rows, num_warps=warps, heads=heads, key_blocks=kb, num_stages=stages, copy_keys=True,
                       tma=tma)
                  for rows, warps, heads, kb, stages, tma in (
