@@ -356,15 +356,18 @@ def test_threshold_one_keeps_every_causal_block():
 
 
 def test_chunked_plan_equals_one_chunk():
-    """A tiny buffer (many chunks, ending inside segments) gives the same plan as one chunk."""
+    """A tiny buffer (many chunks, ending inside segments and inside the top-p kernel's row widths of 16, 32
+    and 64 blocks) gives the reference's plan, and the same plan as one chunk."""
     cfg = PBSConfig(block_size=16, segment_size=64, **DEFAULT)
-    q, k = structured_qkv(1, 2, 1, 250, 32, seed=4)
+    q, k = structured_qkv(1, 2, 1, 600, 32, seed=4)
     perm = permutation(q, k, cfg)
+    want = ref_select(q, k, perm, cfg)
     q, k, perm = q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE)
     one = sampled.select_blocks(q, k, perm, cfg)
-    n_b = -(-250 // 16)
-    for per_chunk in (1, 3, 6):  # query blocks per chunk (groups of 4 blocks share a segment)
+    n_b = -(-600 // 16)
+    for per_chunk in (1, 3, 7):  # query blocks per chunk (groups of 4 blocks share a segment)
         many = sampled.select_blocks(q, k, perm, cfg, buffer_bytes=4 * 2 * 8 * n_b * per_chunk)
+        assert_plans_equal(q.cpu(), k.cpu(), perm.cpu(), cfg, many, want)
         assert all(torch.equal(a, b) for a, b in zip(one, many)), f"{per_chunk} blocks per chunk"
 
 
