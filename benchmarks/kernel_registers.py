@@ -22,11 +22,12 @@ from triton.compiler import ASTSource
 
 from pbs_kernels.triton.sampled_kernel import _sampled_lse_kernel, _sampled_top_p_kernel
 
-def ptxas_usage(fn, signature: dict, constants: dict, warps: int) -> str:
-    """'N registers, S/L bytes spilled (stores/loads)' of ``fn`` compiled for sm_90a."""
+def ptxas_usage(fn, signature: dict, constants: dict, warps: int, stages: int | None = None) -> str:
+    """'N registers, S/L bytes spilled (stores/loads), M KiB shared' of ``fn`` compiled for sm_90a."""
     sig = {**signature, **{name: "constexpr" for name in constants}}
+    options = {"num_warps": warps, **({"num_stages": stages} if stages else {})}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                            target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(kernel.asm["ptx"])
         ptx.flush()
@@ -35,10 +36,11 @@ def ptxas_usage(fn, signature: dict, constants: dict, warps: int) -> str:
     text = out.stdout + out.stderr
     regs = re.search(r"Used (\d+) registers", text).group(1)
     stores, loads = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text).groups()
-    return f"{regs} registers, {stores}/{loads} bytes spilled"
+    return f"{regs} registers, {stores}/{loads} bytes spilled, {kernel.metadata.shared / 1024:.0f} KiB shared"
 
 
-def scoring(head_dim: int, rows: int, key_blocks: int, warps: int, heads: int) -> str:
+def scoring(head_dim: int, rows: int, key_blocks: int, warps: int, heads: int, tma: bool = False,
+            stages: int | None = None) -> str:
     sig = {"Q": "*bf16", "K": "*bf16", "KP": "*bf16", "PERM": "*i32", "OUT": "*fp32", "LSE": "*fp32",
            "TOPV": "*fp32", "TOPI": "*i32", "scale_log2": "fp32"}
     sig.update({name: "i32" for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh",
@@ -46,9 +48,9 @@ def scoring(head_dim: int, rows: int, key_blocks: int, warps: int, heads: int) -
                                          "stride_ph", "n_keys", "n_b", "r0", "r1", "H_q", "G_KV", "G_PERM",
                                          "per_seg")})
     consts = dict(M=16, M_POW2=16, STEP=4, GEOMETRIC=False, QB=rows // (16 * heads), HP=heads, BLOCK_R=rows,
-                  BLOCK_N=64, KB=key_blocks, MAX=True, COPY=False, TMA=False, ROW_TOP=2, RT_POW2=2, HEAD_DIM=head_dim,
+                  BLOCK_N=64, KB=key_blocks, MAX=True, COPY=tma, TMA=tma, ROW_TOP=2, RT_POW2=2, HEAD_DIM=head_dim,
                   D_POW2=head_dim, IEEE=False)
-    return ptxas_usage(_sampled_lse_kernel, sig, consts, warps)
+    return ptxas_usage(_sampled_lse_kernel, sig, consts, warps, stages)
 
 
 def top_p(blocks: int, warps: int) -> str:
@@ -62,10 +64,14 @@ def top_p(blocks: int, warps: int) -> str:
 
 
 def main() -> None:
-    for head_dim, rows, key_blocks, warps, heads in ((128, 64, 1, 4, 1), (128, 64, 2, 4, 1), (128, 128, 2, 8, 1),
-                                                     (128, 128, 2, 8, 4), (64, 64, 2, 4, 1)):
-        print(f"scoring, head_dim {head_dim}, {rows} rows ({heads} heads), {key_blocks} key blocks, {warps} warps: "
-              f"{scoring(head_dim, rows, key_blocks, warps, heads)}", flush=True)
+    # (head_dim, rows, key blocks, warps, heads, keys from a permuted copy through TMA, stages): the former
+    # launch (keys gathered), then the committed tiles (SAMPLED_TILES) for head_dim 128 and 64
+    for head_dim, rows, key_blocks, warps, heads, tma, stages in ((128, 64, 2, 4, 1, False, None),
+                                                                  (128, 128, 2, 8, 1, True, 4),
+                                                                  (64, 128, 2, 8, 1, True, 4)):
+        keys = f"TMA copy, {stages} stages" if tma else "gathered"
+        print(f"scoring, head_dim {head_dim}, {rows} rows ({heads} heads), {key_blocks} key blocks, {warps} warps, "
+              f"{keys}: {scoring(head_dim, rows, key_blocks, warps, heads, tma, stages)}", flush=True)
     for blocks in (512, 2048):
         for warps in (1, 2, 4, 8, 16):
             print(f"top-p, {blocks} key blocks, {warps} warps: {top_p(blocks, warps)}", flush=True)
