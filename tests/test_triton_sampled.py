@@ -21,7 +21,7 @@ import torch
 
 from triton_setup import DEVICE
 
-from pbs_kernels import reference  # noqa: E402
+from pbs_kernels import plan_rules, reference  # noqa: E402
 from pbs_kernels.config import PBSConfig  # noqa: E402
 from pbs_kernels.triton import sampled  # noqa: E402
 from pbs_kernels.triton.tiles import SampledTiles  # noqa: E402
@@ -183,6 +183,45 @@ def test_block_max_masses_match_definition(case):
     assert (got.double() - summed).abs().max() > 1e-2
 
 
+def test_float8_scaling():
+    """plan_rules.float8_scaled: per (batch, head) a power of two that brings the largest magnitude into
+    (224, 448], then torch's float8 e4m3 rounding (3 mantissa bits: relative error at most 2**-4 for normal
+    values); an all-zero head keeps scale 1."""
+    x = torch.randn(2, 3, 50, 16) * torch.tensor([1e-3, 1.0, 900.0])[:, None, None]
+    x[1, 2] = 0
+    x8, scale = plan_rules.float8_scaled(x)
+    assert x8.dtype == torch.float8_e4m3fn and scale.shape == (2, 3)
+    assert torch.equal(torch.log2(scale).round(), torch.log2(scale))  # powers of two
+    amax = x.abs().amax(dim=(-2, -1)) * scale
+    live = amax > 0
+    assert ((amax > 224) & (amax <= 448))[live].all() and not live[1, 2] and scale[1, 2] == 1
+    rounded = plan_rules.float8_rounded(x)
+    torch.testing.assert_close(rounded * scale[..., None, None], x8.float(), rtol=0, atol=0)
+    normal = (x * scale[..., None, None]).abs() >= 2 ** -6
+    err = ((rounded - x).abs() / x.abs().clamp_min(1e-30))[normal]
+    assert 0 < err.max() <= 2 ** -4
+
+
+def test_float8_block_maxima_match_reference():
+    """score "sampled_max_fp8": the kernel's masses (q and k cast to float8 per head, float8 dot products)
+    against the reference twin on the same rounded inputs, with keys gathered, copied, or read through
+    TMA; and the rounding shows: they are not the fp32 block maxima's masses."""
+    b, h_q, h_kv, n, bs, s, m, ph = SHAPES[1]
+    cfg = PBSConfig(block_size=bs, segment_size=s, score="sampled_max_fp8", sample_rows=m, per_head_permutation=ph)
+    q, k = structured_qkv(b, h_q, h_kv, n, 32, seed=11)
+    perm = permutation(q, k, cfg)
+    n_b = -(-n // bs)
+    kr = plan_rules.float8_rounded(k)
+    twin = reference.sampled_block_mass(plan_rules.float8_rounded(q), kr.repeat_interleave(h_q // h_kv, 1),
+                                        reference.permute_keys(kr, perm).repeat_interleave(h_q // perm.shape[1], 1),
+                                        cfg, 0, n_b, 1.0 / math.sqrt(32), per_row=True)
+    for tiles in (SampledTiles(copy_keys=False), SampledTiles(tma=False), SampledTiles()):
+        got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b, tiles=tiles).cpu()
+        torch.testing.assert_close(got, twin, rtol=1e-5, atol=2e-6)
+    exact = layout_masses(q, k, perm, cfg.replace(score="sampled_max"), 0, n_b)
+    assert (got.double() - exact).abs().max() > 1e-3
+
+
 def test_broken_layouts_would_fail():
     """The data make the layout visible: reading original keys before the diagonal segment, or
     permuted keys inside it, moves the masses far beyond the fp32 tolerance above."""
@@ -291,6 +330,8 @@ PLANS = [
     (1, 3, 3, 301, 32, 64, {**DEFAULT, "score": "sampled_max", "threshold": 0.99, "sample_rows": 16}),
     (2, 4, 2, 290, 16, 64, {**DEFAULT, "score": "sampled_max", "sample_rows": 16, "threshold_scope": "offdiag"}),
     (1, 8, 1, 150, 16, 32, {**DEFAULT, "score": "sampled_max", "sample_rows": 4, "per_head_permutation": True}),
+    (1, 4, 2, 333, 32, 64, {**DEFAULT, "score": "sampled_max_fp8", "threshold": 0.99, "sample_rows": 16}),
+    (1, 8, 1, 150, 16, 32, {**DEFAULT, "score": "sampled_max_fp8", "sample_rows": 4, "per_head_permutation": True}),
     # a low tau: the rows' own best blocks (3 each, listed by the scoring kernel) decide most of the plan
     (1, 3, 1, 450, 16, 64, {**DEFAULT, "score": "sampled_max", "threshold": 0.3, "row_top": 3, "sink": False}),
     (1, 2, 1, 400, 32, 64, {**DEFAULT, "score": "antidiagonal", "sample_rows": 4, "threshold": 0.2, "row_top": 1}),
@@ -451,7 +492,8 @@ def compile(fn, sig, consts, warps):
 
 def scoring_signature(dtype, copy):  # _sampled_lse_kernel (copy: also a permuted K) and _antidiagonal_lse_kernel
     sig = {"Q": "*" + dtype, "K": "*" + dtype, **({"KP": "*" + dtype} if copy else {}), "PERM": "*i32",
-           "OUT": "*fp32", "LSE": "*fp32", "TOPV": "*fp32", "TOPI": "*i32", "scale_log2": "fp32"}
+           "OUT": "*fp32", "LSE": "*fp32", "TOPV": "*fp32", "TOPI": "*i32", **({"RSCALE": "*fp32"} if copy else {}),
+           "scale_log2": "fp32"}
     for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
                  *(("stride_pkb", "stride_pkh", "stride_pkn") if copy else ()), "stride_pb",
                  "stride_ph", "n_keys", "n_b", "r0", "r1", "H_q", "G_KV", "G_PERM", "per_seg"):
@@ -459,11 +501,11 @@ def scoring_signature(dtype, copy):  # _sampled_lse_kernel (copy: also a permute
     return sig
 
 for dtype, head_dim, block_max in (("bf16", 64, False), ("bf16", 128, False), ("bf16", 128, True), ("fp16", 64, True),
-                                   ("fp32", 64, False)):
+                                   ("fp32", 64, False), ("fp8e4nv", 128, True), ("fp8e4nv", 64, True)):
     consts = dict(M=4, M_POW2=4, STEP=32, GEOMETRIC=head_dim == 128, QB=16 // (1 + 3 * block_max),
                   HP=1 + 3 * block_max, BLOCK_R=64, BLOCK_N=128,
                   KB=1 if dtype == "fp32" else 2, MAX=block_max, COPY=block_max, TMA=block_max,
-                  ROW_TOP=2 * block_max, RT_POW2=2,
+                  FP8=dtype == "fp8e4nv", ROW_TOP=2 * block_max, RT_POW2=2,
                   HEAD_DIM=head_dim, D_POW2=head_dim,
                   IEEE=dtype == "fp32")
     assert compile(kernel, scoring_signature(dtype, True), consts, 4).asm["cubin"], (dtype, head_dim, block_max)
@@ -499,7 +541,7 @@ def test_kernel_compiles_for_h100():
     assert res.returncode == 0, res.stderr[-3000:]
     if res.stdout.startswith("SKIP"):
         pytest.skip(res.stdout.strip())
-    assert res.stdout.count("compiled") == 10, res.stdout
+    assert res.stdout.count("compiled") == 12, res.stdout
 
 
 @pytest.mark.parametrize("rows, key_blocks, heads, keys", [(16, 1, 1, "gather"), (128, 1, 1, "gather"),

@@ -62,6 +62,28 @@ def permute_keys(k: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 # -- block classes and top-p ranking -----------------------------------------------------------
 
 
+FLOAT8_MAX = 448.0  # the largest finite float8 e4m3 value
+
+
+def float8_scaled(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, H, N, D) rounded to float8 e4m3 after scaling each (batch, head) by a power of two: (x * scale
+    as torch.float8_e4m3fn, scale fp32 (B, H)). The scale brings the head's largest magnitude into
+    (224, 448] (1 for an all-zero head), so rounding loses no range; a power of two keeps the scaling and
+    its inverse exact. ``scale``: use this one instead (a permuted copy of the same keys)."""
+    if scale is None:
+        amax = x.abs().amax(dim=(-2, -1)).float()
+        scale = torch.where(amax > 0, torch.exp2(torch.floor(torch.log2(FLOAT8_MAX / amax.clamp_min(1e-30)))), 1.0)
+    # in x's own dtype: a power-of-two factor is exact there too, and no fp32 copy of x is made
+    x8 = (x * scale[..., None, None].to(x.dtype)).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
+    return x8, scale
+
+
+def float8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """fp32 x as ``float8_scaled`` rounds it (the float8 values divided by their scale again)."""
+    x8, scale = float8_scaled(x)
+    return x8.float() / scale[..., None, None]
+
+
 def sink_block(perm: torch.Tensor, block_size: int) -> torch.Tensor:
     """int64 (B, H_perm): the permuted key block that holds original token 0."""
     return torch.div((perm == 0).int().argmax(-1), block_size, rounding_mode="floor")

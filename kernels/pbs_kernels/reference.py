@@ -17,8 +17,8 @@ import torch
 
 from .block_mask import PermutedBlockMask
 from .config import PBSConfig
-from .plan_rules import (chunk_blocks, identity_permutation, permute_keys, pooled_block_probs, rank_blocks,
-                         segment_permutation, segment_starts, sink_block)
+from .plan_rules import (chunk_blocks, float8_rounded, identity_permutation, permute_keys, pooled_block_probs,
+                         rank_blocks, segment_permutation, segment_starts, sink_block)
 
 # Work per chunk of query blocks, in fp32 elements of the (rows x gathered keys) score matrix.
 _CHUNK_ELEMENTS = 1 << 25  # 32M floats = 128 MiB
@@ -199,7 +199,7 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor, c
     own = torch.matmul(qs.reshape(b, h_q, c, m, d), k_seg.transpose(-1, -2))  # (B, H_q, C, m, S)
     s.scatter_(-1, seg.repeat_interleave(m, 0).expand(b, h_q, -1, -1), own.reshape(b, h_q, c * m, -1))
     s = s.masked_fill_(slot[None, :] > pos[:, None], float("-inf"))
-    if config.score == "sampled_max":  # softmax over each key block's largest logit
+    if config.score in PBSConfig.BLOCK_MAXIMA:  # softmax over each key block's largest logit
         s = torch.nn.functional.pad(s, (0, n_b * bs - n_k), value=float("-inf"))
         p = s.reshape(b, h_q, c, m, n_b, bs).amax(-1).softmax(-1)
     else:  # softmax over keys, summed per key block
@@ -271,6 +271,8 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, con
     if sampled:
         if k is None:
             raise ValueError(f"score={config.score!r} needs the original keys: pass k=")
+        if config.score == "sampled_max_fp8":  # the rows and keys as float8 rounds them
+            q, k, k_perm = float8_rounded(q), float8_rounded(k), float8_rounded(k_perm)
         k_all = k.float().repeat_interleave(h_q // k.shape[1], dim=1)  # (B, H_q, N, D)
         kp_all = k_perm.float().repeat_interleave(g, dim=1)
         m = 1 if config.score == "mean_query" else config.sample_rows

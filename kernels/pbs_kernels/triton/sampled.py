@@ -47,12 +47,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConf
 
 def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBSConfig, r0: int, r1: int,
                scale: float, out: torch.Tensor, lse: torch.Tensor, tiles: SampledTiles,
-               k_perm: torch.Tensor | None = None, top: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+               k_perm: torch.Tensor | None = None, top: tuple[torch.Tensor, torch.Tensor] | None = None,
+               rscale: torch.Tensor | None = None) -> None:
     """Run the kernel for query blocks [r0, r1) into ``out`` fp32 (B*H_q, C, m, N_b) (per-tile
     log-sum-exp) and ``lse`` fp32 (B*H_q, C, m) (per-row log-sum-exp), launched with ``tiles``. q, k
     last-dim contiguous; k_perm: k in ``perm`` order (B, H_perm, N, D), read instead of gathering
     through perm; top: fp32 / int32 (B*H_q, C, m, row_top), each row's ``config.row_top`` best
-    off-diagonal blocks (None: not listed)."""
+    off-diagonal blocks (None: not listed); rscale: fp32 (B, H_q) with float8 q and k (``_float8_inputs``)."""
     tiles = tiles.fitting(q.element_size()) if q.is_cuda else tiles  # the interpreter has no shared-memory bound
     row_top = config.row_top if top is not None else 0
     topv, topi = top if top is not None else (lse, lse)  # unread without row_top
@@ -68,7 +69,7 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
     block_r = max(16, triton.next_power_of_2(heads * qb * m_pow2))
     kp = k if k_perm is None else k_perm
     _sampled_lse_kernel[(triton.cdiv(r1 - r0, qb), b * h_q // heads)](
-        q, k, kp, perm, out, lse, topv, topi,
+        q, k, kp, perm, out, lse, topv, topi, rscale if rscale is not None else lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         kp.stride(0), kp.stride(1), kp.stride(2),
@@ -77,9 +78,10 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
         scale * math.log2(math.e),
         M=m, M_POW2=m_pow2, STEP=bs // m, GEOMETRIC=config.sample_spacing == "geometric", QB=qb, HP=heads,
         BLOCK_R=block_r,
-        BLOCK_N=bs, KB=tiles.key_blocks, MAX=config.score == "sampled_max", COPY=k_perm is not None,
-        TMA=_descriptor_loads(kp, k_perm is not None, tiles),
-        ROW_TOP=row_top, RT_POW2=triton.next_power_of_2(max(1, row_top)), HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
+        BLOCK_N=bs, KB=tiles.key_blocks, MAX=config.score in PBSConfig.BLOCK_MAXIMA, COPY=k_perm is not None,
+        TMA=_descriptor_loads(kp, k_perm is not None, tiles), FP8=rscale is not None,
+        ROW_TOP=row_top, RT_POW2=triton.next_power_of_2(max(1, row_top)), HEAD_DIM=d,
+        D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
         **tiles.launch_options(),
     )
 
@@ -119,7 +121,8 @@ def _stripe_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PB
         n, triton.cdiv(n, config.block_size), r0, r1, h_q, h_q // k.shape[1], h_q // perm.shape[1],
         config.segment_size // config.block_size, scale / (config.block_size // m) * math.log2(math.e),
         M=m, S=config.block_size // m, QB=qb, BLOCK_R=block_r, KB=kb,
-        ROW_TOP=row_top, RT_POW2=triton.next_power_of_2(max(1, row_top)), HEAD_DIM=d, D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
+        ROW_TOP=row_top, RT_POW2=triton.next_power_of_2(max(1, row_top)), HEAD_DIM=d,
+        D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
         **tiles.launch_options(),
     )
 
@@ -144,9 +147,9 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, con
     # -inf where the kernel writes nothing: key blocks after a program's last query block
     out = torch.full((b * h_q, c, m, n_b), float("-inf"), dtype=torch.float32, device=q.device)
     lse = torch.empty(b * h_q, c, m, dtype=torch.float32, device=q.device)
-    k, perm = last_dim_contiguous(k), perm.to(torch.int32).contiguous()
-    _block_lse(last_dim_contiguous(q), k, perm, config, r0, r1, scale, out, lse, tiles,
-               _permuted_keys(k, perm, config, tiles))
+    q, k, perm = last_dim_contiguous(q), last_dim_contiguous(k), perm.to(torch.int32).contiguous()
+    q, k, k_perm, rscale = _float8_inputs(q, k, _permuted_keys(k, perm, config, tiles), config)
+    _block_lse(q, k, perm, config, r0, r1, scale, out, lse, tiles, k_perm, rscale=rscale)
     return out.sub_(lse[..., None]).exp_().view(b, h_q, c, m, n_b)
 
 
@@ -169,7 +172,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     q, k = last_dim_contiguous(q), last_dim_contiguous(k)
     perm = perm.to(torch.int32).contiguous()
     g = h_q // perm.shape[1]
-    k_perm = _permuted_keys(k, perm, config, tiles)
+    q, k, k_perm, rscale = _float8_inputs(q, k, _permuted_keys(k, perm, config, tiles), config)
     num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
     # each row's entries past its causal blocks are those blocks in order (the sampled top-p writes each row
     # only up to a power of two above its causal blocks)
@@ -204,15 +207,30 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
         out = buf[: b * h_q * c * m * n_b].view(b * h_q, c, m, n_b)
         lse = lse_buf[: b * h_q * c * m].view(b * h_q, c, m)
         top = tuple(x[: b * h_q * c * m * rt].view(b * h_q, c, m, rt) for x in top_buf)
-        _block_lse(q, k, perm, config, r0, r1, scale, out, lse, tiles, k_perm, top)
+        _block_lse(q, k, perm, config, r0, r1, scale, out, lse, tiles, k_perm, top, rscale)
         _top_p(out, lse, top, sink, num, idx, config, r0, r1, h_q, g, tiles)
     return num, idx
 
 
+def _float8_inputs(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor | None, config: PBSConfig):
+    """(q, k, k_perm, rscale) as the scoring reads them: for score "sampled_max_fp8" float8 copies scaled
+    per head (``plan_rules.float8_scaled``, the reference's rounding) and rscale fp32 (B, H_q) = 1 / (query
+    scale x key scale); else the inputs as they are and rscale None."""
+    if config.score != "sampled_max_fp8":
+        return q, k, k_perm, None
+    q8, q_scale = plan_rules.float8_scaled(q)
+    k8, k_scale = plan_rules.float8_scaled(k)
+    kp8 = None
+    if k_perm is not None:  # a permutation of the same keys: the same scale per key head
+        kp8, _ = plan_rules.float8_scaled(k_perm, k_scale.repeat_interleave(k_perm.shape[1] // k.shape[1], dim=1))
+    rscale = 1.0 / (q_scale * k_scale.repeat_interleave(q.shape[1] // k.shape[1], dim=1))
+    return q8, k8, kp8, rscale.contiguous()
+
+
 def _permuted_keys(k: torch.Tensor, perm: torch.Tensor, config: PBSConfig, tiles: SampledTiles) -> torch.Tensor | None:
     """With ``tiles.copy_keys``, k in ``perm`` order (B, H_perm, N, D), one copy that the scoring reads in
-    place of gathers through perm (score "sampled" / "sampled_max"); else None."""
-    if not tiles.copy_keys or config.score not in ("sampled", "sampled_max"):
+    place of gathers through perm (score "sampled" / "sampled_max" / "sampled_max_fp8"); else None."""
+    if not tiles.copy_keys or config.score not in ("sampled", *PBSConfig.BLOCK_MAXIMA):
         return None
     from .attention import permuted_copies
 

@@ -3,7 +3,8 @@ query row, the log of its softmax mass on every key block, in the layout that th
 
 Layout read by query block i (diagonal segment starting at key block ds(i)): key blocks j < ds(i) are
 read in PERMUTED order (slot s holds original key perm[b, hp, s]: gathered through perm, or with COPY
-read from a permuted copy KP of K, with TMA through a tensor descriptor); key blocks ds(i) <= j <= i hold ORIGINAL keys, masked causally on original positions (key <= row)
+read from a permuted copy KP of K, with TMA through a tensor descriptor; with FP8 Q, K and KP are float8
+e4m3, scaled per head, and RSCALE undoes the scales in the logits); key blocks ds(i) <= j <= i hold ORIGINAL keys, masked causally on original positions (key <= row)
 and at N (partial last block). Rows are ``reference.sample_rows``: m rows per block, strided or
 geometric (``PBSConfig.sample_spacing``), the last row first, clipped to N-1.
 
@@ -49,7 +50,7 @@ def _dot(q, k, IEEE: tl.constexpr):
 
 @triton.jit
 def _scores(q, k, scale, IEEE: tl.constexpr):
-    """fp32 (R, N) scores q . k^T * scale."""
+    """fp32 (R, N) scores q . k^T * scale (a scalar, or (R, 1): one per row)."""
     return _dot(q, k, IEEE) * scale
 
 
@@ -78,7 +79,7 @@ def _block_lse(s, m_i, l_i, BLOCK_R: tl.constexpr, KB: tl.constexpr, KEYS: tl.co
 
 @triton.jit
 def _sampled_lse_kernel(
-    Q, K, KP, PERM, OUT, LSE, TOPV, TOPI,
+    Q, K, KP, PERM, OUT, LSE, TOPV, TOPI, RSCALE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_pkb, stride_pkh, stride_pkn,
@@ -86,7 +87,7 @@ def _sampled_lse_kernel(
     n_keys, n_b, r0, r1, H_q, G_KV, G_PERM, per_seg, scale_log2,
     M: tl.constexpr, M_POW2: tl.constexpr, STEP: tl.constexpr, GEOMETRIC: tl.constexpr, QB: tl.constexpr,
     HP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, MAX: tl.constexpr,
-    COPY: tl.constexpr, TMA: tl.constexpr, ROW_TOP: tl.constexpr, RT_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr,
+    COPY: tl.constexpr, TMA: tl.constexpr, FP8: tl.constexpr, ROW_TOP: tl.constexpr, RT_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     # grid: (cdiv(r1 - r0, QB), B * H_q / HP); each program covers query blocks g0 .. g0+QB-1 of HP query
@@ -127,6 +128,8 @@ def _sampled_lse_kernel(
     q = tl.load(Q + b * stride_qb + (h0 + head)[:, None] * stride_qh + pos[:, None].to(tl.int64) * stride_qn
                 + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
+    if FP8:  # q and k are float8, scaled per head: RSCALE (B * H_q,) = 1 / (query scale * key scale)
+        scale_log2 = scale_log2 * tl.load(RSCALE + bh, mask=row_ok, other=1.0)[:, None]
     k_base = K + b * stride_kb + hk * stride_kh
     p_base = PERM + b * stride_pb + hp * stride_ph
     kp_base = KP + b * stride_pkb + hp * stride_pkh  # with COPY: K in permuted order, a copy per permutation head
