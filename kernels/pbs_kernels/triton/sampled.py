@@ -174,9 +174,6 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     g = h_q // perm.shape[1]
     q, k, k_perm, rscale = _float8_inputs(q, k, _permuted_keys(k, perm, config, tiles), config)
     num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
-    # each row's entries past its causal blocks are those blocks in order (the sampled top-p writes each row
-    # only up to a power of two above its causal blocks)
-    idx = torch.arange(n_b, dtype=torch.int32, device=q.device).expand(b, h_q, n_b, n_b).contiguous()
 
     if config.score == "pooled":  # pooled means (Triton), scores and ranking in torch (plan_rules)
         sink = plan_rules.sink_block(perm, bs).repeat_interleave(g, dim=1)  # (B, H_q)
@@ -185,6 +182,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
         # scope "total" also scores the diagonal segment, which attention reads in original order
         k_orig = pooled.pool_blocks(k, bs, heads=h_q) if config.threshold_scope == "total" else None
         rows = max(1, min(n_b, buffer_bytes // (4 * b * h_q * n_b)))
+        idx = torch.empty(b, h_q, n_b, n_b, dtype=torch.int32, device=q.device)
         for r0 in range(0, n_b, rows):
             r1 = min(n_b, r0 + rows)
             candidate, causal, forced = plan_rules.chunk_blocks(n_b, r0, r1, config, sink, q.device)
@@ -193,6 +191,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
         return num, idx
 
     sink = pooled.sink_block(perm, bs).contiguous()  # (B, H_perm) int32
+    # each row's entries past its causal blocks are those blocks in order (the top-p kernel writes each row
+    # only up to a power of two above its causal blocks)
+    idx = torch.arange(n_b, dtype=torch.int32, device=q.device).expand(b, h_q, n_b, n_b).contiguous()
     m = config.sample_rows
     # query blocks per chunk: as many as the buffer holds
     rows = max(1, min(n_b, buffer_bytes // (4 * b * h_q * m * n_b)))

@@ -138,7 +138,8 @@ def _sampled_lse_kernel(
         kp_desc = tl.make_tensor_descriptor(KP, shape=[perm_rows, HEAD_DIM], strides=[HEAD_DIM, 1],
                                             block_shape=[TILE, HEAD_DIM])
         kp_row0 = ((b * (H_q // G_PERM) + hp) * n_keys).to(tl.int32)
-    out_row = ((bh * (r1 - r0) + (qb - r0)) * M + t) * n_b  # OUT[bh, qb - r0, t, :]
+    row = (bh * (r1 - r0) + (qb - r0)) * M + t  # LSE[bh, qb - r0, t], and its row of OUT, TOPV, TOPI
+    out_row = row * n_b
     offs_n = tl.arange(0, TILE)
     offs_kb = tl.arange(0, KB)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -176,8 +177,8 @@ def _sampled_lse_kernel(
     # key blocks after the group are not written: no row sees them, and their consumers read causal blocks only
     # key 0 is visible to every row, so l_i >= 1 and m_i is finite
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE + ((bh * (r1 - r0) + (qb - r0)) * M + t), lse, mask=row_ok)
-    _row_top_store(TOPV, TOPI, top_v, top_i, (bh * (r1 - r0) + (qb - r0)) * M + t, row_ok, ROW_TOP, RT_POW2)
+    tl.store(LSE + row, lse, mask=row_ok)
+    _row_top_store(TOPV, TOPI, top_v, top_i, row, row_ok, ROW_TOP, RT_POW2)
 
 
 @triton.jit
