@@ -148,7 +148,8 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, con
     out = torch.full((b * h_q, c, m, n_b), float("-inf"), dtype=torch.float32, device=q.device)
     lse = torch.empty(b * h_q, c, m, dtype=torch.float32, device=q.device)
     q, k, perm = last_dim_contiguous(q), last_dim_contiguous(k), perm.to(torch.int32).contiguous()
-    q, k, k_perm, rscale = _float8_inputs(q, k, _permuted_keys(k, perm, config, tiles), config)
+    q, k, rscale = _float8_inputs(q, k, config)
+    k_perm = _permuted_keys(k, perm, config, tiles)
     _block_lse(q, k, perm, config, r0, r1, scale, out, lse, tiles, k_perm, rscale=rscale)
     return out.sub_(lse[..., None]).exp_().view(b, h_q, c, m, n_b)
 
@@ -172,7 +173,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     q, k = last_dim_contiguous(q), last_dim_contiguous(k)
     perm = perm.to(torch.int32).contiguous()
     g = h_q // perm.shape[1]
-    q, k, k_perm, rscale = _float8_inputs(q, k, _permuted_keys(k, perm, config, tiles), config)
+    q, k, rscale = _float8_inputs(q, k, config)
+    k_perm = _permuted_keys(k, perm, config, tiles)
     num = torch.empty(b, h_q, n_b, dtype=torch.int32, device=q.device)
 
     if config.score == "pooled":  # pooled means (Triton), scores and ranking in torch (plan_rules)
@@ -213,19 +215,18 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
     return num, idx
 
 
-def _float8_inputs(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor | None, config: PBSConfig):
-    """(q, k, k_perm, rscale) as the scoring reads them: for score "sampled_max_fp8" float8 copies scaled
-    per head (``plan_rules.float8_scaled``, the reference's rounding) and rscale fp32 (B, H_q) = 1 / (query
-    scale x key scale); else the inputs as they are and rscale None."""
+def _float8_inputs(q: torch.Tensor, k: torch.Tensor, config: PBSConfig):
+    """(q, k, rscale) as the scoring reads them: for score "sampled_max_fp8" float8 copies scaled per head
+    (``plan_rules.float8_scaled``, the reference's rounding) and rscale fp32 (B, H_q) = 1 / (query scale x
+    key scale); else the inputs as they are and rscale None. A permuted copy of the float8 keys
+    (``_permuted_keys``) is the float8 copy of the permuted keys: the rounding is per element, the scale
+    per key head."""
     if config.score != "sampled_max_fp8":
-        return q, k, k_perm, None
+        return q, k, None
     q8, q_scale = plan_rules.float8_scaled(q)
     k8, k_scale = plan_rules.float8_scaled(k)
-    kp8 = None
-    if k_perm is not None:  # a permutation of the same keys: the same scale per key head
-        kp8, _ = plan_rules.float8_scaled(k_perm, k_scale.repeat_interleave(k_perm.shape[1] // k.shape[1], dim=1))
     rscale = 1.0 / (q_scale * k_scale.repeat_interleave(q.shape[1] // k.shape[1], dim=1))
-    return q8, k8, kp8, rscale.contiguous()
+    return q8, k8, rscale.contiguous()
 
 
 def _permuted_keys(k: torch.Tensor, perm: torch.Tensor, config: PBSConfig, tiles: SampledTiles) -> torch.Tensor | None:
