@@ -184,9 +184,9 @@ def test_block_max_masses_match_definition(case):
 
 
 def test_float8_scaling():
-    """plan_rules.float8_scaled: per (batch, head) a power of two that brings the largest magnitude into
-    (224, 448], then torch's float8 e4m3 rounding (3 mantissa bits: relative error at most 2**-4 for normal
-    values); an all-zero head keeps scale 1."""
+    """plan_rules.float8_scaled: per (batch, head), or per row, a power of two that brings the largest
+    magnitude into (224, 448], then torch's float8 e4m3 rounding (3 mantissa bits: relative error at most
+    2**-4 for normal values); an all-zero head keeps scale 1."""
     x = torch.randn(2, 3, 50, 16) * torch.tensor([1e-3, 1.0, 900.0])[:, None, None]
     x[1, 2] = 0
     x8, scale = plan_rules.float8_scaled(x)
@@ -200,20 +200,26 @@ def test_float8_scaling():
     normal = (x * scale[..., None, None]).abs() >= 2 ** -6
     err = ((rounded - x).abs() / x.abs().clamp_min(1e-30))[normal]
     assert 0 < err.max() <= 2 ** -4
+    rows8, row_scale = plan_rules.float8_scaled(x, dims=(-1,))  # a scale per row
+    assert row_scale.shape == (2, 3, 50)
+    row_max = x.abs().amax(-1) * row_scale
+    assert ((row_max > 224) & (row_max <= 448))[row_max > 0].all()
+    torch.testing.assert_close(plan_rules.float8_rounded(x, dims=(-1,)) * row_scale[..., None], rows8.float(),
+                               rtol=0, atol=0)
 
 
 def test_float8_block_maxima_match_reference():
-    """score "sampled_max_fp8": the kernel's masses (q and k cast to float8 per head, float8 dot products)
-    against the reference twin on the same rounded inputs, with keys gathered, copied, or read through
-    TMA; and the rounding shows: they are not the fp32 block maxima's masses."""
+    """score "sampled_max_fp8": the kernel's masses (sampled rows and keys cast to float8, a scale per row and
+    per key head, float8 dot products) against the reference twin, which rounds the same way, with keys
+    gathered, copied, or read through TMA; and the rounding shows: they are not the fp32 block maxima's
+    masses."""
     b, h_q, h_kv, n, bs, s, m, ph = SHAPES[1]
     cfg = PBSConfig(block_size=bs, segment_size=s, score="sampled_max_fp8", sample_rows=m, per_head_permutation=ph)
     q, k = structured_qkv(b, h_q, h_kv, n, 32, seed=11)
     perm = permutation(q, k, cfg)
     n_b = -(-n // bs)
-    kr = plan_rules.float8_rounded(k)
-    twin = reference.sampled_block_mass(plan_rules.float8_rounded(q), kr.repeat_interleave(h_q // h_kv, 1),
-                                        reference.permute_keys(kr, perm).repeat_interleave(h_q // perm.shape[1], 1),
+    twin = reference.sampled_block_mass(q, k.repeat_interleave(h_q // h_kv, 1),
+                                        reference.permute_keys(k, perm).repeat_interleave(h_q // perm.shape[1], 1),
                                         cfg, 0, n_b, 1.0 / math.sqrt(32), per_row=True)
     for tiles in (SampledTiles(copy_keys=False), SampledTiles(tma=False), SampledTiles()):
         got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b, tiles=tiles).cpu()

@@ -39,9 +39,10 @@ class PBSConfig:
                    "sampled_max": like "sampled", each row scoring a key block by its largest logit
                    there: the row's softmax over the block maxima (one exponential per block instead of
                    one per key, and on the tune document as faithful at equal density).
-                   "sampled_max_fp8": "sampled_max" on queries and keys rounded to float8 e4m3, each
-                   head scaled by a power of two that brings its largest magnitude near 448
-                   (``plan_rules.float8_scaled``): the GPU kernel's dot products run on float8.
+                   "sampled_max_fp8": "sampled_max" on sampled rows and keys rounded to float8 e4m3,
+                   each row and each key head scaled by a power of two that brings its largest
+                   magnitude near 448 (``plan_rules.float8_scaled``): the GPU kernel's dot products
+                   run on float8.
                    "mean_query": like "sampled" with the block's mean query as the only row.
                    "antidiagonal": like "sampled", each of the ``sample_rows`` rows a stripe of
                    block_size / sample_rows queries scored against stripes of as many keys by the mean

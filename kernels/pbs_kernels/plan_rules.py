@@ -1,8 +1,10 @@
 """Plan rules that the PyTorch reference and the Triton launchers both follow.
 
 Which query block reads which segment (``segment_starts``), how keys are ordered inside segments
-(``segment_permutation``, ``identity_permutation``, ``permute_keys``), which key blocks a query block
-must keep (``sink_block``, ``chunk_blocks``) and how the rest are ranked and cut at the threshold
+(``segment_permutation``, ``identity_permutation``, ``permute_keys``), which query rows score the key
+blocks (``sample_rows``) and how score "sampled_max_fp8" rounds them and the keys to float8
+(``float8_scaled``, ``float8_rounded``), which key blocks a query block must keep (``sink_block``,
+``chunk_blocks``) and how the rest are ranked and cut at the threshold
 (``pooled_block_probs``, ``rank_order``, ``rank_blocks``). Plain torch with no host synchronization:
 ``pbs_kernels.reference`` builds its plans from them on every device, and the GPU paths
 (``pbs_kernels.permute``, ``pbs_kernels.select``, ``pbs_kernels.triton``) call them for the steps they do
@@ -59,29 +61,46 @@ def permute_keys(k: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return torch.gather(src, 2, perm.long().unsqueeze(-1).expand(-1, -1, -1, k.shape[-1]))
 
 
-# -- block classes and top-p ranking -----------------------------------------------------------
+# -- sampled query rows and their float8 rounding ----------------------------------------------
+
+
+def sample_rows(n: int, block_size: int, rows: int, device=None, spacing: str = "strided") -> torch.Tensor:
+    """int64 (N_b, rows): ``rows`` query positions per block, each block's last row first (clipped to
+    N-1 in a partial last block, so rows may repeat there). Offsets inside the block: "strided"
+    B-1, B-1-s, B-1-2s, ... with s = B // rows; "geometric" B-1, then 2**(rows-2) - 1, ..., 3, 1, 0."""
+    n_b = -(-n // block_size)
+    t = torch.arange(rows, device=device)
+    if spacing == "geometric":
+        offs = torch.where(t == 0, block_size - 1, (1 << (rows - 1 - t).clamp_min(0)) - 1)
+    else:
+        offs = block_size - 1 - (block_size // rows) * t
+    pos = torch.arange(n_b, device=device)[:, None] * block_size + offs[None, :]
+    return pos.clamp_max(n - 1)
 
 
 FLOAT8_MAX = 448.0  # the largest finite float8 e4m3 value
 
 
-def float8_scaled(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, H, N, D) rounded to float8 e4m3 after scaling each (batch, head) by a power of two: (x * scale
-    as torch.float8_e4m3fn, scale fp32 (B, H)). The scale brings the head's largest magnitude into
-    (224, 448] (1 for an all-zero head), so rounding loses no range; a power of two keeps the scaling and
-    its inverse exact. ``scale``: use this one instead (a permuted copy of the same keys)."""
-    if scale is None:
-        amax = x.abs().amax(dim=(-2, -1)).float()
-        scale = torch.where(amax > 0, torch.exp2(torch.floor(torch.log2(FLOAT8_MAX / amax.clamp_min(1e-30)))), 1.0)
+def float8_scaled(x: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """x rounded to float8 e4m3 after scaling each slice over ``dims`` by a power of two: (x * scale as
+    torch.float8_e4m3fn, scale fp32 of x's shape without ``dims``). dims (-2, -1): a scale per (batch, head)
+    of (B, H, N, D) keys; (-1,): one per row of (B, H, R, D) sampled query rows. The scale brings the
+    slice's largest magnitude into (224, 448] (1 for an all-zero slice), so rounding loses no range and
+    needs no clamp; a power of two keeps the scaling and its inverse exact."""
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=dims).float()  # max |x| without an |x| copy
+    scale = torch.where(amax > 0, torch.exp2(torch.floor(torch.log2(FLOAT8_MAX / amax.clamp_min(1e-30)))), 1.0)
+    expanded = scale.reshape(*scale.shape, *(1,) * len(dims))
     # in x's own dtype: a power-of-two factor is exact there too, and no fp32 copy of x is made
-    x8 = (x * scale[..., None, None].to(x.dtype)).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
-    return x8, scale
+    return (x * expanded.to(x.dtype)).to(torch.float8_e4m3fn), scale
 
 
-def float8_rounded(x: torch.Tensor) -> torch.Tensor:
+def float8_rounded(x: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
     """fp32 x as ``float8_scaled`` rounds it (the float8 values divided by their scale again)."""
-    x8, scale = float8_scaled(x)
-    return x8.float() / scale[..., None, None]
+    x8, scale = float8_scaled(x, dims)
+    return x8.float() / scale.reshape(*scale.shape, *(1,) * len(dims))
+
+
+# -- block classes and top-p ranking -----------------------------------------------------------
 
 
 def sink_block(perm: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from .block_mask import PermutedBlockMask
 from .config import PBSConfig
 from .plan_rules import (chunk_blocks, float8_rounded, identity_permutation, permute_keys, pooled_block_probs,
-                         rank_blocks, segment_permutation, segment_starts, sink_block)
+                         rank_blocks, sample_rows, segment_permutation, segment_starts, sink_block)
 
 # Work per chunk of query blocks, in fp32 elements of the (rows x gathered keys) score matrix.
 _CHUNK_ELEMENTS = 1 << 25  # 32M floats = 128 MiB
@@ -145,20 +145,6 @@ def pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return sums / counts[:, None]
 
 
-def sample_rows(n: int, block_size: int, rows: int, device=None, spacing: str = "strided") -> torch.Tensor:
-    """int64 (N_b, rows): ``rows`` query positions per block, each block's last row first (clipped to
-    N-1 in a partial last block, so rows may repeat there). Offsets inside the block: "strided"
-    B-1, B-1-s, B-1-2s, ... with s = B // rows; "geometric" B-1, then 2**(rows-2) - 1, ..., 3, 1, 0."""
-    n_b = _cdiv(n, block_size)
-    t = torch.arange(rows, device=device)
-    if spacing == "geometric":
-        offs = torch.where(t == 0, block_size - 1, (1 << (rows - 1 - t).clamp_min(0)) - 1)
-    else:
-        offs = block_size - 1 - (block_size // rows) * t
-    pos = torch.arange(n_b, device=device)[:, None] * block_size + offs[None, :]
-    return pos.clamp_max(n - 1)
-
-
 def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor, config: PBSConfig,
                        r0: int, r1: int, scale: float, per_row: bool = False) -> torch.Tensor:
     """Estimated attention mass of every key block, for query blocks [r0, r1). fp32 (B, H_q, C, N_b),
@@ -186,6 +172,8 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, k_perm: torch.Tensor, c
         m = config.sample_rows
         pos = sample_rows(n, bs, m, q.device, config.sample_spacing)[r0:r1]  # (C, m)
         qs = q[:, :, pos.reshape(-1)].float()
+        if config.score == "sampled_max_fp8":  # rows rounded to float8 one scale each, keys one per head
+            qs, k, k_perm = float8_rounded(qs, dims=(-1,)), float8_rounded(k), float8_rounded(k_perm)
     qs = qs.reshape(b, h_q, c * m, d) * scale
     pos = pos.reshape(-1)  # (C*m,)
     diag = (segment_starts(n_b, bs, config.segment_size, q.device)[r0:r1] * bs).repeat_interleave(m)  # (C*m,)
@@ -271,8 +259,6 @@ def select_blocks(q: torch.Tensor, k_perm: torch.Tensor, perm: torch.Tensor, con
     if sampled:
         if k is None:
             raise ValueError(f"score={config.score!r} needs the original keys: pass k=")
-        if config.score == "sampled_max_fp8":  # the rows and keys as float8 rounds them
-            q, k, k_perm = float8_rounded(q), float8_rounded(k), float8_rounded(k_perm)
         k_all = k.float().repeat_interleave(h_q // k.shape[1], dim=1)  # (B, H_q, N, D)
         kp_all = k_perm.float().repeat_interleave(g, dim=1)
         m = 1 if config.score == "mean_query" else config.sample_rows

@@ -95,7 +95,7 @@ def _antidiagonal_lse_kernel(
         c = jt * BLOCK_N + offs_c
         s = _stripe_logits(q_base, k_base, p_base, qrow, c, offs_d, d_ok, n_keys, stride_qn, stride_kn,
                            BLOCK_R, BLOCK_N, S, True, IEEE) * scale_log2
-        lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, M)
+        lse_b, m_i, l_i = _block_lse(s, 1.0, m_i, l_i, BLOCK_R, KB, M)
         blk = jt * KB + offs_kb
         tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
         top_v, top_i = _row_top_update(top_v, top_i, lse_b, jt * KB, ds_row, KB, ROW_TOP, RT_POW2)
@@ -110,7 +110,7 @@ def _antidiagonal_lse_kernel(
             s = tl.where((c // M)[None, :] < ds_row[:, None], s_perm, s)
         s = s * scale_log2
         s = tl.where(c[None, :] * S <= first[:, None], s, float("-inf"))
-        lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, M)
+        lse_b, m_i, l_i = _block_lse(s, 1.0, m_i, l_i, BLOCK_R, KB, M)
         blk = jt * KB + offs_kb
         tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
         top_v, top_i = _row_top_update(top_v, top_i, lse_b, jt * KB, ds_row, KB, ROW_TOP, RT_POW2)

@@ -53,14 +53,16 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
     log-sum-exp) and ``lse`` fp32 (B*H_q, C, m) (per-row log-sum-exp), launched with ``tiles``. q, k
     last-dim contiguous; k_perm: k in ``perm`` order (B, H_perm, N, D), read instead of gathering
     through perm; top: fp32 / int32 (B*H_q, C, m, row_top), each row's ``config.row_top`` best
-    off-diagonal blocks (None: not listed); rscale: fp32 (B, H_q) with float8 q and k (``_float8_inputs``)."""
+    off-diagonal blocks (None: not listed); rscale: fp32 (B, H_q, N_b * m) with float8 sampled rows and k
+    (``_float8_inputs``)."""
     tiles = tiles.fitting(q.element_size()) if q.is_cuda else tiles  # the interpreter has no shared-memory bound
     row_top = config.row_top if top is not None else 0
     topv, topi = top if top is not None else (lse, lse)  # unread without row_top
     if config.score == "antidiagonal":
         _stripe_lse(q, k, perm, config, r0, r1, scale, out, lse, topv, topi, row_top, tiles)
         return
-    b, h_q, n, d = q.shape
+    b, h_q, _, d = q.shape  # with float8, q holds the sampled rows alone
+    n = k.shape[2]
     bs = config.block_size
     m = config.sample_rows
     m_pow2 = triton.next_power_of_2(m)
@@ -216,16 +218,17 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: 
 
 
 def _float8_inputs(q: torch.Tensor, k: torch.Tensor, config: PBSConfig):
-    """(q, k, rscale) as the scoring reads them: for score "sampled_max_fp8" float8 copies scaled per head
-    (``plan_rules.float8_scaled``, the reference's rounding) and rscale fp32 (B, H_q) = 1 / (query scale x
-    key scale); else the inputs as they are and rscale None. A permuted copy of the float8 keys
-    (``_permuted_keys``) is the float8 copy of the permuted keys: the rounding is per element, the scale
-    per key head."""
+    """(q, k, rscale) as the scoring reads them. For score "sampled_max_fp8": the sampled rows of q alone
+    (B, H_q, N_b * m, D; ``plan_rules.sample_rows``) and k, as float8 with a power-of-two scale per row and
+    per key head (``plan_rules.float8_scaled``, the reference's rounding), and rscale fp32 (B, H_q, N_b * m)
+    = 1 / (row scale x key scale). Else the inputs as they are and rscale None. A permuted copy of the
+    float8 keys (``_permuted_keys``) is the float8 copy of the permuted keys: one scale per key head."""
     if config.score != "sampled_max_fp8":
         return q, k, None
-    q8, q_scale = plan_rules.float8_scaled(q)
+    pos = plan_rules.sample_rows(q.shape[2], config.block_size, config.sample_rows, q.device, config.sample_spacing)
+    q8, q_scale = plan_rules.float8_scaled(q[:, :, pos.reshape(-1)], dims=(-1,))
     k8, k_scale = plan_rules.float8_scaled(k)
-    rscale = 1.0 / (q_scale * k_scale.repeat_interleave(q.shape[1] // k.shape[1], dim=1))
+    rscale = 1.0 / (q_scale * k_scale.repeat_interleave(q.shape[1] // k.shape[1], dim=1)[..., None])
     return q8, k8, rscale.contiguous()
 
 

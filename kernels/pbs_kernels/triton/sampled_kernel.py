@@ -3,10 +3,11 @@ query row, the log of its softmax mass on every key block, in the layout that th
 
 Layout read by query block i (diagonal segment starting at key block ds(i)): key blocks j < ds(i) are
 read in PERMUTED order (slot s holds original key perm[b, hp, s]: gathered through perm, or with COPY
-read from a permuted copy KP of K, with TMA through a tensor descriptor; with FP8 Q, K and KP are float8
-e4m3, scaled per head, and RSCALE undoes the scales in the logits); key blocks ds(i) <= j <= i hold ORIGINAL keys, masked causally on original positions (key <= row)
-and at N (partial last block). Rows are ``reference.sample_rows``: m rows per block, strided or
-geometric (``PBSConfig.sample_spacing``), the last row first, clipped to N-1.
+read from a permuted copy KP of K, with TMA through a tensor descriptor); key blocks ds(i) <= j <= i hold
+ORIGINAL keys, masked causally on original positions (key <= row) and at N (partial last block). With FP8
+(score "sampled_max_fp8") Q holds only the sampled rows, and they, K and KP are float8 e4m3, scaled per row
+and per key head; RSCALE undoes the scales in the logits. Rows are ``plan_rules.sample_rows``: m rows per
+block, strided or geometric (``PBSConfig.sample_spacing``), the last row first, clipped to N-1.
 
 One program = the sampled rows of QB consecutive query blocks x HP query heads that share a key head and
 a permutation (HP * QB * m rows fill one MMA tile, so each key tile read serves many rows); it streams
@@ -49,19 +50,19 @@ def _dot(q, k, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, scale, IEEE: tl.constexpr):
-    """fp32 (R, N) scores q . k^T * scale (a scalar, or (R, 1): one per row)."""
-    return _dot(q, k, IEEE) * scale
-
-
-@triton.jit
-def _block_lse(s, m_i, l_i, BLOCK_R: tl.constexpr, KB: tl.constexpr, KEYS: tl.constexpr, MAX: tl.constexpr = False):
-    """s fp32 (BLOCK_R, KB * KEYS) scores in log2 units, -inf where hidden, KEYS consecutive columns per key
-    block -> (each block's log-sum-exp in natural-log units, -inf for a block the row cannot see
-    (BLOCK_R, KB); running max and sum of the row, log2 units). With MAX a block's largest score stands
-    for its log-sum-exp (score "sampled_max": no exponential per key)."""
-    s3 = tl.reshape(s, (BLOCK_R, KB, KEYS))
-    m_b = tl.max(s3, 2)
+def _block_lse(s, scale, m_i, l_i, BLOCK_R: tl.constexpr, KB: tl.constexpr, KEYS: tl.constexpr,
+               MAX: tl.constexpr = False):
+    """s fp32 (BLOCK_R, KB * KEYS) dot products, -inf where hidden, KEYS consecutive columns per key block;
+    scale (a scalar, or (BLOCK_R, 1): one per row) turns them into log2 units -> (each block's
+    log-sum-exp in natural-log units, -inf for a block the row cannot see (BLOCK_R, KB); running max and
+    sum of the row, log2 units). With MAX a block's largest score stands for its log-sum-exp (score
+    "sampled_max": no exponential per key), and the scale is applied to the block maxima alone (a positive
+    factor commutes with the maximum, also after rounding)."""
+    if MAX:
+        m_b = tl.max(tl.reshape(s, (BLOCK_R, KB, KEYS)), 2) * scale
+    else:
+        s3 = tl.reshape(s * scale, (BLOCK_R, KB, KEYS))
+        m_b = tl.max(s3, 2)
     seen = m_b != float("-inf")
     m_b_safe = tl.where(seen, m_b, 0.0)
     m_new = tl.maximum(m_i, tl.max(m_b, 1))
@@ -125,11 +126,14 @@ def _sampled_lse_kernel(
     offs_d = tl.arange(0, D_POW2)
     d_ok = offs_d < HEAD_DIM
     # padding rows (head >= HP) would point past the last query head: masked
-    q = tl.load(Q + b * stride_qb + (h0 + head)[:, None] * stride_qh + pos[:, None].to(tl.int64) * stride_qn
+    if FP8:  # Q holds the sampled rows alone (B, H_q, N_b * M, D)
+        q_row = qb * M + t
+    else:
+        q_row = pos
+    q = tl.load(Q + b * stride_qb + (h0 + head)[:, None] * stride_qh + q_row[:, None].to(tl.int64) * stride_qn
                 + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-
-    if FP8:  # q and k are float8, scaled per head: RSCALE (B * H_q,) = 1 / (query scale * key scale)
-        scale_log2 = scale_log2 * tl.load(RSCALE + bh, mask=row_ok, other=1.0)[:, None]
+    if FP8:  # float8 rows and keys, a scale per row and key head: RSCALE (B * H_q, N_b * M) = 1 / (their product)
+        scale_log2 = scale_log2 * tl.load(RSCALE + bh * (n_b * M) + q_row, mask=row_ok, other=1.0)[:, None]
     k_base = K + b * stride_kb + hk * stride_kh
     p_base = PERM + b * stride_pb + hp * stride_ph
     kp_base = KP + b * stride_pkb + hp * stride_pkh  # with COPY: K in permuted order, a copy per permutation head
@@ -153,8 +157,8 @@ def _sampled_lse_kernel(
             kp = kp_desc.load([kp_row0 + jt * TILE, 0])
         else:
             kp = _permuted_keys(k_base, kp_base, p_base, slot, offs_d, d_ok, n_keys, stride_kn, stride_pkn, COPY)
-        s = _scores(q, kp, scale_log2, IEEE)
-        lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, BLOCK_N, MAX)
+        s = _dot(q, kp, IEEE)
+        lse_b, m_i, l_i = _block_lse(s, scale_log2, m_i, l_i, BLOCK_R, KB, BLOCK_N, MAX)
         blk = jt * KB + offs_kb
         tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
         top_v, top_i = _row_top_update(top_v, top_i, lse_b, jt * KB, ds_row, KB, ROW_TOP, RT_POW2)
@@ -164,13 +168,13 @@ def _sampled_lse_kernel(
         key = jt * TILE + offs_n
         k = tl.load(k_base + key[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                     mask=(key[:, None] < n_keys) & d_ok[None, :], other=0.0)
-        s = _scores(q, k, scale_log2, IEEE)
+        s = _dot(q, k, IEEE)
         s = tl.where((key[None, :] <= pos[:, None]) & (key[None, :] < n_keys), s, float("-inf"))
         if jt * KB < ds_last:  # some row of the group still reads a block of this tile permuted
             kp = _permuted_keys(k_base, kp_base, p_base, key, offs_d, d_ok, n_keys, stride_kn, stride_pkn, COPY)
-            s_perm = _scores(q, kp, scale_log2, IEEE)
+            s_perm = _dot(q, kp, IEEE)
             s = tl.where((key // BLOCK_N)[None, :] < ds_row[:, None], s_perm, s)
-        lse_b, m_i, l_i = _block_lse(s, m_i, l_i, BLOCK_R, KB, BLOCK_N, MAX)
+        lse_b, m_i, l_i = _block_lse(s, scale_log2, m_i, l_i, BLOCK_R, KB, BLOCK_N, MAX)
         blk = jt * KB + offs_kb
         tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
         top_v, top_i = _row_top_update(top_v, top_i, lse_b, jt * KB, ds_row, KB, ROW_TOP, RT_POW2)
