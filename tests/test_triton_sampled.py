@@ -221,9 +221,15 @@ def test_float8_block_maxima_match_reference():
     twin = reference.sampled_block_mass(q, k.repeat_interleave(h_q // h_kv, 1),
                                         reference.permute_keys(k, perm).repeat_interleave(h_q // perm.shape[1], 1),
                                         cfg, 0, n_b, 1.0 / math.sqrt(32), per_row=True)
+    rtol = 1e-5
+    if DEVICE == "cuda":  # an H100's float8 MMA keeps about 14 bits of its running sums: at most 2**-12 of the
+        # summed |products| per logit for head_dim <= 128, in the block maximum and in the row's log-sum-exp
+        qr, kr = plan_rules.float8_rounded(q, dims=(-1,)), plan_rules.float8_rounded(k)
+        bound = (qr.abs() @ kr.abs().repeat_interleave(h_q // h_kv, 1).transpose(-1, -2)).max() / math.sqrt(32)
+        rtol = math.expm1(2 * 2 ** -12 * bound.item()) + 1e-5
     for tiles in (SampledTiles(copy_keys=False), SampledTiles(tma=False), SampledTiles()):
         got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b, tiles=tiles).cpu()
-        torch.testing.assert_close(got, twin, rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(got, twin, rtol=rtol, atol=2e-6)
     exact = layout_masses(q, k, perm, cfg.replace(score="sampled_max"), 0, n_b)
     assert (got.double() - exact).abs().max() > 1e-3
 
