@@ -50,32 +50,46 @@ def _dot(q, k, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _block_lse(s, scale, m_i, l_i, BLOCK_R: tl.constexpr, KB: tl.constexpr, KEYS: tl.constexpr,
-               MAX: tl.constexpr = False):
+def _tile_blocks(s, scale, BLOCK_R: tl.constexpr, KB: tl.constexpr, KEYS: tl.constexpr, MAX: tl.constexpr):
     """s fp32 (BLOCK_R, KB * KEYS) dot products, -inf where hidden, KEYS consecutive columns per key block;
-    scale (a scalar, or (BLOCK_R, 1): one per row) turns them into log2 units -> (each block's
-    log-sum-exp in natural-log units, -inf for a block the row cannot see (BLOCK_R, KB); running max and
-    sum of the row, log2 units). With MAX a block's largest score stands for its log-sum-exp (score
-    "sampled_max": no exponential per key), and the scale is applied to the block maxima alone (a positive
-    factor commutes with the maximum, also after rounding)."""
+    scale (a scalar, or (BLOCK_R, 1): one per row) turns them into log2 units -> (m_b, l_t), each
+    (BLOCK_R, KB): a block's largest score (-inf where the row sees none of its keys) and, without MAX,
+    sum(exp2(s - m_b)) over its keys (with MAX: 1). With MAX the scale is applied to the block maxima
+    alone (a positive factor commutes with the maximum, also after rounding)."""
     if MAX:
         m_b = tl.max(tl.reshape(s, (BLOCK_R, KB, KEYS)), 2) * scale
+        l_t = tl.full([BLOCK_R, KB], 1.0, tl.float32)
     else:
         s3 = tl.reshape(s * scale, (BLOCK_R, KB, KEYS))
         m_b = tl.max(s3, 2)
+        l_t = tl.sum(tl.exp2(s3 - tl.where(m_b != float("-inf"), m_b, 0.0)[:, :, None]), 2)
+    return m_b, l_t
+
+
+@triton.jit
+def _fold_blocks(m_b, l_t, m_i, l_i, MAX: tl.constexpr):
+    """Key blocks (m_b, l_t) of ``_tile_blocks`` into the row's running max m_i and sum l_i (log2 units) ->
+    (each block's log-sum-exp in natural-log units, -inf for a block the row cannot see (BLOCK_R, KB);
+    m_i, l_i). With MAX (score "sampled_max") a block's largest score stands for its log-sum-exp: one
+    exponential per block, not per key."""
     seen = m_b != float("-inf")
-    m_b_safe = tl.where(seen, m_b, 0.0)
     m_new = tl.maximum(m_i, tl.max(m_b, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     if MAX:
         lse_b = m_b * 0.6931471805599453
-        l_b = tl.exp2(m_b - m_safe[:, None])
     else:
-        l_t = tl.sum(tl.exp2(s3 - m_b_safe[:, :, None]), 2)
-        lse_b = tl.where(seen, (m_b_safe + tl.log2(tl.where(seen, l_t, 1.0))) * 0.6931471805599453, float("-inf"))
-        l_b = l_t * tl.exp2(m_b - m_safe[:, None])
-    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(l_b, 1)
+        lse_b = tl.where(seen, (tl.where(seen, m_b, 0.0) + tl.log2(tl.where(seen, l_t, 1.0))) * 0.6931471805599453,
+                         float("-inf"))
+    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(l_t * tl.exp2(m_b - m_safe[:, None]), 1)
     return lse_b, m_new, l_i
+
+
+@triton.jit
+def _block_lse(s, scale, m_i, l_i, BLOCK_R: tl.constexpr, KB: tl.constexpr, KEYS: tl.constexpr,
+               MAX: tl.constexpr = False):
+    """``_tile_blocks`` then ``_fold_blocks``: a tile's block log-sum-exps and the row's running max and sum."""
+    m_b, l_t = _tile_blocks(s, scale, BLOCK_R, KB, KEYS, MAX)
+    return _fold_blocks(m_b, l_t, m_i, l_i, MAX)
 
 
 @triton.jit
@@ -168,14 +182,20 @@ def _sampled_lse_kernel(
         key = jt * TILE + offs_n
         k = tl.load(k_base + key[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                     mask=(key[:, None] < n_keys) & d_ok[None, :], other=0.0)
-        s = _dot(q, k, IEEE)
-        s = tl.where((key[None, :] <= pos[:, None]) & (key[None, :] < n_keys), s, float("-inf"))
-        if jt * KB < ds_last:  # some row of the group still reads a block of this tile permuted
-            kp = _permuted_keys(k_base, kp_base, p_base, key, offs_d, d_ok, n_keys, stride_kn, stride_pkn, COPY)
-            s_perm = _dot(q, kp, IEEE)
-            s = tl.where((key // BLOCK_N)[None, :] < ds_row[:, None], s_perm, s)
-        lse_b, m_i, l_i = _block_lse(s, scale_log2, m_i, l_i, BLOCK_R, KB, BLOCK_N, MAX)
         blk = jt * KB + offs_kb
+        permuted = blk[None, :] < ds_row[:, None]  # (BLOCK_R, KB): the row reads this block permuted
+        visible = (key[None, :] <= pos[:, None]) & (key[None, :] < n_keys)
+        if jt * KB < ds_last:  # some row of the group still reads a block of this tile permuted: each layout
+            # reduced to its blocks on its own, so that one score tile is live at a time
+            visible &= (key // BLOCK_N)[None, :] >= ds_row[:, None]
+        m_b, l_t = _tile_blocks(tl.where(visible, _dot(q, k, IEEE), float("-inf")), scale_log2, BLOCK_R, KB, BLOCK_N,
+                                MAX)
+        if jt * KB < ds_last:
+            kp = _permuted_keys(k_base, kp_base, p_base, key, offs_d, d_ok, n_keys, stride_kn, stride_pkn, COPY)
+            s_perm = tl.where((key // BLOCK_N)[None, :] < ds_row[:, None], _dot(q, kp, IEEE), float("-inf"))
+            m_p, l_p = _tile_blocks(s_perm, scale_log2, BLOCK_R, KB, BLOCK_N, MAX)
+            m_b, l_t = tl.where(permuted, m_p, m_b), tl.where(permuted, l_p, l_t)
+        lse_b, m_i, l_i = _fold_blocks(m_b, l_t, m_i, l_i, MAX)
         tl.store(OUT + out_row[:, None] + blk[None, :], lse_b, mask=row_ok[:, None] & (blk < n_b)[None, :])
         top_v, top_i = _row_top_update(top_v, top_i, lse_b, jt * KB, ds_row, KB, ROW_TOP, RT_POW2)
     # key blocks after the group are not written: no row sees them, and their consumers read causal blocks only
