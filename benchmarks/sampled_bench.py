@@ -112,15 +112,15 @@ def check_plan(q, k, cfg) -> dict:
             "kept_blocks": int(num.sum()), "kept_blocks_reference": int(num_r.sum())}
 
 
-# the scoring tiles the sweep times (SampledTiles fields): keys before a row's segment gathered through the
-# permutation (the first launch), then tiles that read a permuted copy of K through TMA (rows, warps, heads,
-# key blocks, pipelining stages); float8 inputs take half the shared memory per stage of bf16
+# the scoring tiles the sweep times (SampledTiles fields): keys gathered through the permutation, then tiles
+# reading a permuted copy of K (rows, warps, heads, key blocks, pipelining stages, TMA descriptor loads)
 SWEEP_TILES = (dict(rows=64, num_warps=4, num_stages=None, copy_keys=False, tma=False),
                *(dict(rows=rows, num_warps=warps, heads=heads, key_blocks=kb, num_stages=stages, copy_keys=True,
-                      tma=True)
-                 for rows, warps, heads, kb, stages in (
-                     (128, 8, 1, 2, 4), (128, 8, 1, 2, 3), (128, 8, 1, 2, 2), (64, 4, 1, 2, 4), (64, 4, 1, 2, 3),
-                     (128, 8, 1, 4, 2), (256, 8, 4, 2, 3))))
+                      tma=tma)
+                 for rows, warps, heads, kb, stages, tma in (
+                     (64, 4, 1, 2, None, False), (64, 4, 1, 2, None, True), (128, 8, 1, 2, None, False),
+                     (128, 8, 1, 2, None, True), (128, 8, 1, 2, 2, True), (128, 8, 1, 2, 4, True),
+                     (128, 8, 1, 4, None, True), (128, 4, 1, 2, None, True), (256, 8, 4, 2, None, True))))
 
 
 def sweep(q, k, perm, cfg, warmup, iters) -> dict:
