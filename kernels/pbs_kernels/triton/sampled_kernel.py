@@ -289,14 +289,15 @@ def _sampled_top_p_kernel(
     p = mass / M
     if TOTAL:  # tau is a share of all causal mass: the diagonal segment's counts as forced mass
         p = tl.where(causal, p, 0.0)
-    else:  # tau is a share of the off-diagonal mass
+        tau = threshold
+    else:  # tau is a share of the off-diagonal mass: the masses against tau times that mass, not divided by it
         p = tl.where(candidate, p, 0.0)
-        p = p / tl.maximum(tl.sum(p, 1)[:, None], 1e-30)
+        tau = threshold * tl.maximum(tl.sum(p, 1), 1e-30)
 
     forced = _forced_blocks(SINK, b, h, H_q, Q_PER_PERM, i, j, start, candidate, local_blocks, USE_SINK)
     forced = forced | (row_forced & candidate)
     if KEEP_ALL:
         keep = candidate | forced
     else:
-        keep = _keep_top_p(p, forced, candidate, threshold, BLOCK_R, FORCED_COUNT)
+        keep = _keep_top_p(p, forced, candidate, tau, BLOCK_R, FORCED_COUNT)
     _store_plan(NUM, IDX, keep, j, pid_bh * n_blocks + r0 + sub0 + r, row_ok, n_blocks)

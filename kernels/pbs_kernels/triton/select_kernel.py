@@ -162,13 +162,14 @@ def _keep_top_p(p, forced, candidate, threshold, BLOCK_R: tl.constexpr, FORCED_C
     forced blocks rank first and their mass counts, then the other candidates by descending
     probability; without it every candidate ranks by probability and the forced blocks are added
     after. Ties by ascending block index; a ranked block is kept while the mass before it is below
-    ``threshold``.
+    ``threshold`` (a scalar, or (BLOCK_R,): one per row).
 
     With G(t) = F + sum(p_k : bits(p_k) > t) (F = mass of the forced blocks; fp32 bits of p >= 0 order
     like the values), the boundary value is the smallest t with G(t) < threshold, found by bisection
     per row (no sort): blocks above it are kept, blocks below it are not, and blocks exactly at it
     (ties) are kept in index order while G(t) + (earlier ties) * p stays below the threshold."""
     bits = p.to(tl.int32, bitcast=True)
+    threshold = threshold + tl.zeros([BLOCK_R], tl.float32)  # one per row: a scalar, or rows' own thresholds
     if FORCED_COUNT:
         free = candidate & ~forced
         mass_forced = tl.sum(tl.where(forced, p, 0.0), 1)
@@ -192,9 +193,9 @@ def _keep_top_p(p, forced, candidate, threshold, BLOCK_R: tl.constexpr, FORCED_C
     tie_i = tie.to(tl.int32)
     if tl.max(tl.sum(tie_i, 1), 0) > 1:  # several blocks at the boundary value: they go in index order
         ties_before = (tl.cumsum(tie_i, 1) - tie_i).to(tl.float32)
-        keep_tie = tie & (g_hi[:, None] + ties_before * p < threshold)
+        keep_tie = tie & (g_hi[:, None] + ties_before * p < threshold[:, None])
     else:  # the usual case, the boundary block alone: no scan over the row
-        keep_tie = tie & (g_hi[:, None] < threshold)
+        keep_tie = tie & (g_hi < threshold)[:, None]
     return above | keep_tie | forced
 
 
