@@ -9,6 +9,7 @@ SDPA (cuDNN, else flash) on the same inputs, and the peak extra memory of permut
     python benchmarks/sampled_bench.py                                  # H100: 8k,32k,128k, both shapes
     python benchmarks/sampled_bench.py --shapes smollm2 --seq-lens 8k --json out.json
     python benchmarks/sampled_bench.py --set score=antidiagonal,sample_rows=4 --sweep   # another selection
+    python benchmarks/sampled_bench.py --shapes llama --seq-lens 128k --kernels        # CUDA time per kernel
     # CPU smoke run (Triton interpreter):
     TRITON_INTERPRET=1 PBS_BACKEND=triton python benchmarks/sampled_bench.py \\
         --shapes smollm2 --seq-lens 600 --check-len 600 --reference-lens 600 --dtype float32 --iters 1 --warmup 0
@@ -162,6 +163,19 @@ def sweep(q, k, perm, cfg, warmup, iters) -> dict:
     return res
 
 
+def kernel_times(q, k, perm, cfg) -> dict:
+    """CUDA milliseconds per kernel name of one GPU selection (after two warm-up calls), by ``torch.profiler``."""
+    from pbs_kernels.select import select_blocks
+
+    for _ in range(2):
+        select_blocks(q, k, perm, cfg)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        select_blocks(q, k, perm, cfg)
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="smollm2,llama", help=f"comma list of {', '.join(SHAPES)}")
@@ -174,6 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true",
                     help="also time the GPU selection with alternative tiles (pbs_kernels.triton.tiles.SampledTiles)")
     ap.add_argument("--set", default="", help="change the default preset, e.g. score=antidiagonal,sample_rows=4")
+    ap.add_argument("--kernels", action="store_true", help="also the CUDA time of each kernel of one selection")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -202,6 +217,10 @@ def main(argv=None) -> int:
             row["plan_ms"] = row["permute_ms"] + row["select_ms"]
             if args.sweep:
                 row["sweep"] = sweep(q, k, perm, cfg, args.warmup, args.iters)
+            if args.kernels and device == "cuda":
+                row["kernels_ms"] = kernel_times(q, k, perm, cfg)
+                for name, ms in sorted(row["kernels_ms"].items(), key=lambda x: -x[1])[:8]:
+                    print(f"  {shape} {n}: {ms:9.2f} ms  {name[:90]}", file=sys.stderr)
             num, _ = select_blocks(q, k, perm, cfg)
             n_b = -(-n // cfg.block_size)
             row["density"] = num.sum().item() / (num.numel() // n_b * n_b * (n_b + 1) / 2)
