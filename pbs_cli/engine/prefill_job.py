@@ -103,9 +103,9 @@ def _resolve(req: PrefillRequest) -> _Setup:
     if req.profile is None and spec.profile and spec.profile != profile_name:
         config, profile_name = presets.resolve_config(spec.profile, device=dev, explicit=False, **req.overrides)
     if req.profile is None and profile_name == presets.GPU_PROFILE:
-        err.print(f"profile: {presets.GPU_PROFILE!r} (on a GPU the default preset's sampled selection costs more "
-                  "than dense attention; "
-                  "--profile default forces it)", highlight=False, markup=False)
+        err.print(f"profile: {presets.GPU_PROFILE!r} (on a GPU, planning the default preset's sampled selection "
+                  "costs a sixth to a half of a dense attention layer; --profile default forces it)",
+                  highlight=False, markup=False)
     return _Setup(req, dev, config, profile_name, torch_dtype, text, doc_name, spec, tpi)
 
 

@@ -178,7 +178,7 @@ def resolve_config(profile: str | None = None, *, device: str | None = None, exp
 
     On a CUDA ``device``, a preset the user did not choose (``explicit`` False; by default: no
     ``profile`` given) whose selection goes beyond the published method is replaced by ``gpu``
-    (GPU_PROFILE): on an H100 planning the sampled-row selection takes 23-50% of a dense layer, and
+    (GPU_PROFILE): on an H100 planning the sampled-row selection takes 17-50% of a dense layer, and
     whole-model prefill with it measured slower than dense (BENCHMARKS.md)."""
     name = profile or DEFAULT_PROFILE
     base = get_profile(name)
