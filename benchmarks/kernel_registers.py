@@ -42,14 +42,14 @@ def ptxas_usage(fn, signature: dict, constants: dict, warps: int, stages: int | 
 def scoring(head_dim: int, rows: int, key_blocks: int, warps: int, heads: int, tma: bool = False,
             stages: int | None = None) -> str:
     sig = {"Q": "*bf16", "K": "*bf16", "KP": "*bf16", "PERM": "*i32", "OUT": "*fp32", "LSE": "*fp32",
-           "TOPV": "*fp32", "TOPI": "*i32", "RSCALE": "*fp32", "scale_log2": "fp32"}
+           "LPART": "*fp32", "TOPV": "*fp32", "TOPI": "*i32", "RSCALE": "*fp32", "scale_log2": "fp32"}
     sig.update({name: "i32" for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh",
                                          "stride_kn", "stride_pkb", "stride_pkh", "stride_pkn", "stride_pb",
                                          "stride_ph", "n_keys", "n_b", "r0", "r1", "H_q", "G_KV", "G_PERM",
                                          "per_seg")})
     consts = dict(M=16, M_POW2=16, STEP=4, GEOMETRIC=False, QB=rows // (16 * heads), HP=heads, BLOCK_R=rows,
                   BLOCK_N=64, KB=key_blocks, MAX=True, COPY=tma, TMA=tma, FP8=False, ROW_TOP=2, RT_POW2=2, HEAD_DIM=head_dim,
-                  D_POW2=head_dim, IEEE=False)
+                  D_POW2=head_dim, IEEE=False, RESUME=False)
     return ptxas_usage(_sampled_lse_kernel, sig, consts, warps, stages)
 
 

@@ -114,14 +114,17 @@ def check_plan(q, k, cfg) -> dict:
 
 
 # the scoring tiles the sweep times (SampledTiles fields): keys gathered through the permutation, then tiles
-# reading a permuted copy of K (rows, warps, heads, key blocks, pipelining stages, TMA descriptor loads)
+# reading a permuted copy of K (rows, warps, heads, key blocks, pipelining stages, TMA descriptor loads, the
+# Gluon kernel)
 SWEEP_TILES = (dict(rows=64, num_warps=4, num_stages=None, copy_keys=False, tma=False),
                *(dict(rows=rows, num_warps=warps, heads=heads, key_blocks=kb, num_stages=stages, copy_keys=True,
                       tma=tma)
                  for rows, warps, heads, kb, stages, tma in (
                      (64, 4, 1, 2, None, False), (64, 4, 1, 2, None, True), (128, 8, 1, 2, None, False),
                      (128, 8, 1, 2, None, True), (128, 8, 1, 2, 2, True), (128, 8, 1, 2, 4, True),
-                     (128, 8, 1, 4, None, True), (128, 4, 1, 2, None, True), (256, 8, 4, 2, None, True))))
+                     (128, 8, 1, 4, None, True), (128, 4, 1, 2, None, True), (256, 8, 4, 2, None, True))),
+               # the default tile with the blocks before each program's segments in the Gluon kernel (block maxima)
+               dict(gluon=True))
 
 
 def sweep(q, k, perm, cfg, warmup, iters) -> dict:
@@ -134,7 +137,7 @@ def sweep(q, k, perm, cfg, warmup, iters) -> dict:
     stripes = cfg.score == "antidiagonal"
 
     def name(t: SampledTiles) -> str:
-        reads = "-tma" if t.tma else "-copy" if t.copy_keys else ""
+        reads = "-gluon" if t.gluon else "-tma" if t.tma else "-copy" if t.copy_keys else ""
         keys = f"kt{t.key_stripes}" if stripes else f"kb{t.key_blocks}{reads}"
         return f"rows{t.rows}-h{t.heads}-w{t.num_warps}-{keys}-s{t.num_stages or 'default'}"
 

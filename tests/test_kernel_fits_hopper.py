@@ -23,6 +23,18 @@ pytest.importorskip("triton")
 
 H100_SHARED_BYTES = 232_448  # max dynamic shared memory per block on sm_90 (227 KB)
 
+
+def compiled(script: str, tmp_path) -> list[dict]:
+    """The JSON list that ``script`` prints last, run in a subprocess without TRITON_INTERPRET and with an
+    empty Triton cache (compiled for real); skips where this Triton install has no ptxas for sm_90."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode != 0 and "ptxas" in run.stderr.lower() and "not found" in run.stderr.lower():
+        pytest.skip("this Triton install has no ptxas to compile for sm_90")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
 _COMPILE = r"""
 import inspect
 import json, sys
@@ -66,13 +78,7 @@ print(json.dumps(out))
 
 
 def test_default_configs_fit_hopper_shared_memory(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from a cache
-    run = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
-    if run.returncode != 0 and "ptxas" in run.stderr.lower() and "not found" in run.stderr.lower():
-        pytest.skip("this Triton install has no ptxas to compile for sm_90")
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    results = compiled(_COMPILE, tmp_path)
     # head_dim 64, 128 x read mode x (block 128, 64, masked 128); 256 x (gather, remap) x 3
     assert len(results) == 2 * 3 * 3 + 2 * 3
     too_big = [r for r in results if r["shared"] > H100_SHARED_BYTES]
@@ -115,15 +121,60 @@ def test_persistent_gluon_kernel_compiles_for_hopper(tmp_path):
     H100's shared memory with the launcher's ring sizes, launches its four partitions (two 4-warp
     consumer groups, two 1-warp loaders) and multiplies on the tensor cores with wgmma."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    run = subprocess.run([sys.executable, "-c", _COMPILE_GLUON], env=env, capture_output=True, text=True, timeout=600)
-    if run.returncode != 0 and "ptxas" in run.stderr.lower() and "not found" in run.stderr.lower():
-        pytest.skip("this Triton install has no ptxas to compile for sm_90")
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    results = compiled(_COMPILE_GLUON, tmp_path)
     assert len(results) == 4
     for r in results:
         assert 0 < r["shared"] <= H100_SHARED_BYTES, r
         assert r["warps_launched"] >= 4 + 4 + 1 + 1, r
         assert r["wgmma"] > 0, r
+
+
+_COMPILE_GLUON_SCORING = r"""
+import json, os, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from pbs_kernels.triton import sampled_gluon as L
+from pbs_kernels.triton import sampled_gluon_kernel as KS
+
+out = []
+# the Llama shape's float8 rows (one head per program), the SmolLM2 shape's bf16 rows (its 3 query heads
+# per permutation in one program)
+for dt, dtype, d, heads, fp8 in (("fp8e4nv", gl.float8e4nv, 128, 1, True), ("bf16", gl.bfloat16, 64, 3, False)):
+    qb = L.ROWS // (heads * 16)
+    q_layout = gl.NVMMASharedLayout.get_default_for([qb * 16, d], dtype)
+    k_layout = gl.NVMMASharedLayout.get_default_for([64, d], dtype)
+    consts = dict(HP=heads, QB=qb, M=16, KB=2, BLOCK=64, HEAD_DIM=d, STAGES=L.STAGES, FP8=fp8, ROW_TOP=2)
+    sig = {"q_desc": f"tensordesc<{dt}[{qb * 16},{d}],{q_layout!r}>", "k_desc": f"tensordesc<{dt}[64,{d}],{k_layout!r}>",
+           **{n: "*fp32" for n in ("OUT", "LSE", "LPART", "TOPV")}, "TOPI": "*i32", "RSCALE": "*fp32",
+           "scale_log2": "fp32", **{n: "i32" for n in ("n_keys", "n_b", "r0", "r1", "H_q", "G_PERM", "per_seg")},
+           **{c: "constexpr" for c in consts}}
+    kernel = triton.compile(GluonASTSource(fn=KS.sampled_max_permuted_fwd, signature=sig, constexprs=consts),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptxas = get_ptxas(90) if get_ptxas.__code__.co_argcount else get_ptxas()
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(kernel.asm["ptx"])
+        ptx.flush()
+        run = subprocess.run([ptxas.path, "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull], capture_output=True,
+                             text=True, check=True)
+    out.append({"dtype": dt, "shared": kernel.metadata.shared, "warps_launched": kernel.metadata.num_warps,
+                "wgmma": kernel.asm["ptx"].count("wgmma.mma_async"), "ptxas": run.stdout + run.stderr})
+print(json.dumps(out))
+"""
+
+
+def test_gluon_scoring_kernel_compiles_for_hopper(tmp_path):
+    """The Gluon scoring kernel (``SampledTiles.gluon``) compiles for sm_90, fits the H100's shared memory,
+    launches two 4-warp consumer groups and a loader, multiplies with wgmma, and ptxas keeps its
+    products asynchronous: ptxas serializes every wgmma of a kernel (warning C7514) where an instruction
+    reads the accumulator of a product still in flight, which would undo the point of the kernel."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    results = compiled(_COMPILE_GLUON_SCORING, tmp_path)
+    assert len(results) == 2
+    for r in results:
+        assert 0 < r["shared"] <= H100_SHARED_BYTES, r
+        assert r["warps_launched"] >= 4 + 4 + 1, r
+        assert r["wgmma"] > 0, r
+        assert "serialized" not in r["ptxas"], r["ptxas"]

@@ -234,6 +234,50 @@ def test_float8_block_maxima_match_reference():
     assert (got.double() - exact).abs().max() > 1e-3
 
 
+
+HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon scoring kernel needs a Hopper GPU")
+@pytest.mark.parametrize("score, b, h_q, h_kv, n, d, segment, heads, key_blocks", [
+    ("sampled_max", 1, 9, 3, 2000, 64, 256, 4, 2),  # the SmolLM2 shape's heads: 3 query heads per program
+    ("sampled_max", 2, 8, 2, 1537, 128, 256, 4, 2),  # batch 2, a partial last block, 4 query heads per program
+    ("sampled_max", 1, 2, 1, 1400, 128, 192, 1, 1),  # 3 blocks per segment: odd block counts in the Gluon loop
+    ("sampled_max_fp8", 1, 4, 1, 1777, 128, 256, 1, 2),  # float8 rows and keys
+    ("sampled_max_fp8", 1, 2, 2, 300, 64, 256, 1, 2),  # shorter than two segments: no block to score in Gluon
+])
+def test_gluon_scoring_matches_reference(score, b, h_q, h_kv, n, d, segment, heads, key_blocks):
+    """``SampledTiles(gluon=True)``: the Gluon kernel scores the blocks before each program's segments and
+    the Triton kernel resumes from its state. Block maxima in bf16 against the fp64 definition (the
+    tolerance rule of the low-precision test) and their plan (row_top 2) against the reference's on the
+    same inputs; float8 against the reference twin within the float8 MMA's accumulation bound."""
+    cfg = PBSConfig(block_size=64, segment_size=segment, **{**DEFAULT, "score": score, "sample_rows": 16,
+                                                             "threshold": 0.99})
+    tiles = SampledTiles(gluon=True, heads=heads, key_blocks=key_blocks)
+    q, k = structured_qkv(b, h_q, h_kv, n, d, seed=n)
+    n_b = -(-n // 64)
+    if score == "sampled_max":
+        q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
+        perm = permutation(q.float(), k.float(), cfg)
+        exact = layout_masses(q, k, perm, cfg, 0, n_b, dtype=torch.float64)
+        plain = layout_masses(q, k, perm, cfg, 0, n_b, dtype=torch.bfloat16)
+        got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b, tiles=tiles)
+        err, plain_err = (got.cpu().double() - exact).abs().max().item(), (plain - exact).abs().max().item()
+        assert err <= 2 * plain_err + 1e-5, f"kernel error {err:.3g} vs plain bf16 error {plain_err:.3g}"
+    else:
+        perm = permutation(q, k, cfg)
+        twin = reference.sampled_block_mass(q, k.repeat_interleave(h_q // h_kv, 1),
+                                            reference.permute_keys(k, perm).repeat_interleave(h_q // perm.shape[1], 1),
+                                            cfg, 0, n_b, 1.0 / math.sqrt(d), per_row=True)
+        qr, kr = plan_rules.float8_rounded(q, dims=(-1,)), plan_rules.float8_rounded(k)
+        bound = (qr.abs() @ kr.abs().repeat_interleave(h_q // h_kv, 1).transpose(-1, -2)).max() / math.sqrt(d)
+        got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b, tiles=tiles)
+        torch.testing.assert_close(got.cpu(), twin, rtol=math.expm1(2 * 2 ** -12 * bound.item()) + 1e-5, atol=2e-6)
+        return
+    plan = sampled.select_blocks(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, tiles=tiles)
+    assert_plans_equal(q.float(), k.float(), perm, cfg, plan, ref_select(q.float(), k.float(), perm, cfg))
+
+
 def test_broken_layouts_would_fail():
     """The data make the layout visible: reading original keys before the diagonal segment, or
     permuted keys inside it, moves the masses far beyond the fp32 tolerance above."""
@@ -504,8 +548,8 @@ def compile(fn, sig, consts, warps):
 
 def scoring_signature(dtype, copy):  # _sampled_lse_kernel (copy: also a permuted K) and _antidiagonal_lse_kernel
     sig = {"Q": "*" + dtype, "K": "*" + dtype, **({"KP": "*" + dtype} if copy else {}), "PERM": "*i32",
-           "OUT": "*fp32", "LSE": "*fp32", "TOPV": "*fp32", "TOPI": "*i32", **({"RSCALE": "*fp32"} if copy else {}),
-           "scale_log2": "fp32"}
+           "OUT": "*fp32", "LSE": "*fp32", **({"LPART": "*fp32"} if copy else {}), "TOPV": "*fp32", "TOPI": "*i32",
+           **({"RSCALE": "*fp32"} if copy else {}), "scale_log2": "fp32"}
     for name in ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn",
                  *(("stride_pkb", "stride_pkh", "stride_pkn") if copy else ()), "stride_pb",
                  "stride_ph", "n_keys", "n_b", "r0", "r1", "H_q", "G_KV", "G_PERM", "per_seg"):
@@ -519,7 +563,7 @@ for dtype, head_dim, block_max in (("bf16", 64, False), ("bf16", 128, False), ("
                   KB=1 if dtype == "fp32" else 2, MAX=block_max, COPY=block_max, TMA=block_max,
                   FP8=dtype == "fp8e4nv", ROW_TOP=2 * block_max, RT_POW2=2,
                   HEAD_DIM=head_dim, D_POW2=head_dim,
-                  IEEE=dtype == "fp32")
+                  IEEE=dtype == "fp32", RESUME=dtype == "fp8e4nv")  # RESUME: after the Gluon kernel
     assert compile(kernel, scoring_signature(dtype, True), consts, 4).asm["cubin"], (dtype, head_dim, block_max)
     print("compiled", dtype, head_dim, "max" if block_max else "sum")
 from pbs_kernels.triton.antidiagonal_kernel import _antidiagonal_lse_kernel as stripes

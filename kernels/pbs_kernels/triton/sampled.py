@@ -21,6 +21,7 @@ import triton
 
 from .. import plan_rules
 from ..config import PBSConfig
+from . import sampled_gluon
 from . import select as pooled
 from .launching import ensure_allocator, interpreting, last_dim_contiguous
 from .antidiagonal_kernel import _antidiagonal_lse_kernel
@@ -70,8 +71,16 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
     qb = max(1, tiles.rows // (heads * m_pow2))  # query blocks per program
     block_r = max(16, triton.next_power_of_2(heads * qb * m_pow2))
     kp = k if k_perm is None else k_perm
-    _sampled_lse_kernel[(triton.cdiv(r1 - r0, qb), b * h_q // heads)](
-        q, k, kp, perm, out, lse, topv, topi, rscale if rscale is not None else lse,
+    grid = (triton.cdiv(r1 - r0, qb), b * h_q // heads)
+    tma = _descriptor_loads(kp, k_perm is not None, tiles)
+    lpart = lse  # unread without the Gluon kernel
+    resume = tiles.gluon and sampled_gluon.supported(q, k_perm, config, block_r, tma)
+    if resume:  # the key blocks before each program's own segments, in Gluon; the Triton kernel resumes
+        lpart = torch.empty_like(lse)
+        sampled_gluon.launch(q, k_perm, grid, config, r0, r1, scale, out, lse, lpart, topv, topi, rscale, heads, qb,
+                             tiles.key_blocks, row_top)
+    _sampled_lse_kernel[grid](
+        q, k, kp, perm, out, lse, lpart, topv, topi, rscale if rscale is not None else lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         kp.stride(0), kp.stride(1), kp.stride(2),
@@ -81,9 +90,9 @@ def _block_lse(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, config: PBS
         M=m, M_POW2=m_pow2, STEP=bs // m, GEOMETRIC=config.sample_spacing == "geometric", QB=qb, HP=heads,
         BLOCK_R=block_r,
         BLOCK_N=bs, KB=tiles.key_blocks, MAX=config.score in PBSConfig.BLOCK_MAXIMA, COPY=k_perm is not None,
-        TMA=_descriptor_loads(kp, k_perm is not None, tiles), FP8=rscale is not None,
+        TMA=tma, FP8=rscale is not None,
         ROW_TOP=row_top, RT_POW2=triton.next_power_of_2(max(1, row_top)), HEAD_DIM=d,
-        D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32,
+        D_POW2=max(16, triton.next_power_of_2(d)), IEEE=q.dtype == torch.float32, RESUME=resume,
         **tiles.launch_options(),
     )
 

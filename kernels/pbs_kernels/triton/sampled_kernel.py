@@ -21,7 +21,9 @@ both layouts and each row keeps, block by block, the one its query block reads. 
 over those maxima: one exponential per block, not per key. ``mass_j = exp(lse_j - lse)`` is taken by
 the consumer: ``_sampled_top_p_kernel`` (the plan) or the launcher (the masses themselves). With
 ROW_TOP > 0 each row also keeps its ROW_TOP best off-diagonal blocks on the way (a few comparisons per
-tile), so that the plan needs no arg-max over whole rows.
+tile), so that the plan needs no arg-max over whole rows. With RESUME the tiles before the group's first
+diagonal segment were scored by ``sampled_gluon_kernel`` (block maxima on Hopper): the rows start from the
+state it left in LSE (running maximum), LPART (running sum) and TOPV / TOPI.
 
 Output layout: OUT fp32 (B * H_q, C, m, N_b) with C = r1 - r0 query blocks of the chunk [r0, r1);
 LSE fp32 (B * H_q, C, m); TOPV fp32 / TOPI int32 (B * H_q, C, m, ROW_TOP): the best blocks' log-sum-exps
@@ -94,7 +96,7 @@ def _block_lse(s, scale, m_i, l_i, BLOCK_R: tl.constexpr, KB: tl.constexpr, KEYS
 
 @triton.jit
 def _sampled_lse_kernel(
-    Q, K, KP, PERM, OUT, LSE, TOPV, TOPI, RSCALE,
+    Q, K, KP, PERM, OUT, LSE, LPART, TOPV, TOPI, RSCALE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_pkb, stride_pkh, stride_pkn,
@@ -102,8 +104,8 @@ def _sampled_lse_kernel(
     n_keys, n_b, r0, r1, H_q, G_KV, G_PERM, per_seg, scale_log2,
     M: tl.constexpr, M_POW2: tl.constexpr, STEP: tl.constexpr, GEOMETRIC: tl.constexpr, QB: tl.constexpr,
     HP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr, MAX: tl.constexpr,
-    COPY: tl.constexpr, TMA: tl.constexpr, FP8: tl.constexpr, ROW_TOP: tl.constexpr, RT_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr,
-    IEEE: tl.constexpr,
+    COPY: tl.constexpr, TMA: tl.constexpr, FP8: tl.constexpr, ROW_TOP: tl.constexpr, RT_POW2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_POW2: tl.constexpr, IEEE: tl.constexpr, RESUME: tl.constexpr = False,
 ):
     # grid: (cdiv(r1 - r0, QB), B * H_q / HP); each program covers query blocks g0 .. g0+QB-1 of HP query
     # heads that share their key head and permutation (HP divides G_PERM); the blocks may span several
@@ -163,9 +165,15 @@ def _sampled_lse_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     top_v, top_i = _row_top_init(BLOCK_R, ROW_TOP, RT_POW2)
+    first_tile = 0
+    if RESUME:  # those tiles were scored by sampled_gluon_kernel: its state (LSE: running max, LPART: sum)
+        m_i = tl.load(LSE + row, mask=row_ok, other=float("-inf"))
+        l_i = tl.load(LPART + row, mask=row_ok, other=0.0)
+        top_v, top_i = _row_top_load(TOPV, TOPI, top_v, top_i, row, row_ok, ROW_TOP, RT_POW2)
+        first_tile = ds_first // KB
     # -- tiles wholly before every row's diagonal segment: permuted order (slot -> original key
     #    through perm); every slot is before every row of the group, so nothing is masked --
-    for jt in range(0, ds_first // KB):
+    for jt in range(first_tile, ds_first // KB):
         slot = jt * TILE + offs_n
         if TMA:  # every slot of these tiles is before N
             kp = kp_desc.load([kp_row0 + jt * TILE, 0])
@@ -230,6 +238,19 @@ def _row_top_update(top_v, top_i, lse_b, blk0, ds_row, KB: tl.constexpr, ROW_TOP
             swap = (slot == tl.argmin(top_v, 1)[:, None]) & (v_c > tl.min(top_v, 1))[:, None]
             top_v = tl.where(swap, v_c[:, None], top_v)
             top_i = tl.where(swap, blk0 + c, top_i)
+    return top_v, top_i
+
+
+@triton.jit
+def _row_top_load(TOPV, TOPI, top_v, top_i, row, row_ok, ROW_TOP: tl.constexpr, RT_POW2: tl.constexpr):
+    """The rows' best-blocks lists as ``_row_top_store`` (or ``sampled_gluon_kernel``) left them, in the live
+    slots of the empty lists top_v, top_i (``_row_top_init``)."""
+    if ROW_TOP > 0:
+        slot = tl.arange(0, RT_POW2)[None, :]
+        at = row.to(tl.int64)[:, None] * ROW_TOP + slot
+        ok = row_ok[:, None] & (slot < ROW_TOP)
+        top_v = tl.where(ok, tl.load(TOPV + at, mask=ok, other=0.0), top_v)
+        top_i = tl.where(ok, tl.load(TOPI + at, mask=ok, other=0), top_i)
     return top_v, top_i
 
 

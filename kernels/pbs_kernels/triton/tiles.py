@@ -107,6 +107,10 @@ class SampledTiles:
                  permutation.
     tma:         with copy_keys: read that copy through a TMA tensor descriptor (whole tiles; head_dim a
                  power of two), not through pointer loads.
+    gluon:       with tma, block maxima and 128 rows on a Hopper GPU: score the key blocks before each program's
+                 own segments with the warp-specialized Gluon kernel (``sampled_gluon_kernel``: a block's
+                 product on the tensor cores while the previous block is reduced) and the rest with the Triton
+                 kernel, which resumes from its state. Not yet timed on a GPU, so off by default.
     num_warps:   warps per program.
     num_stages:  software-pipelining stages; None: Triton's default.
     top_p_warps: warps of the plan's top-p kernel (``_sampled_top_p_kernel``); None: one warp per 512
@@ -122,6 +126,7 @@ class SampledTiles:
     key_stripes: int = 64
     copy_keys: bool = True
     tma: bool = True
+    gluon: bool = False
     top_p_warps: int | None = None
     top_p_rows: int | None = None
 
@@ -130,7 +135,7 @@ class SampledTiles:
         _positive("heads", self.heads, "query heads", 4)
         _power_of_two("key_blocks", self.key_blocks, 1, 16)
         _power_of_two("key_stripes", self.key_stripes, 16)
-        for name in ("copy_keys", "tma"):
+        for name in ("copy_keys", "tma", "gluon"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _power_of_two("num_warps", self.num_warps, 1, MAX_WARPS)
