@@ -278,6 +278,59 @@ def test_gluon_scoring_matches_reference(score, b, h_q, h_kv, n, d, segment, hea
     assert_plans_equal(q.float(), k.float(), perm, cfg, plan, ref_select(q.float(), k.float(), perm, cfg))
 
 
+
+def gluon_twin(q, k_perm, grid, config, r0, r1, scale, out, lse, lpart, topv, topi, rscale, heads, qb, key_blocks,
+               row_top):
+    """What ``sampled_gluon.launch`` leaves for the Triton kernel to resume from, from the definition in
+    fp64 (fp32 rows, no float8): per program of ``qb`` query blocks from r0, the block maxima of key blocks
+    [0, n_perm) of the permuted layout (n_perm = the program's first segment start, rounded down to
+    ``key_blocks``) into ``out``, each row's running maximum (log2 units) into ``lse``, its sum of
+    exp2(block maximum - that maximum) into ``lpart``, and its ``row_top`` best of those blocks (ties:
+    the earlier block) into ``topv`` / ``topi``."""
+    b, h_q, n, _ = q.shape
+    bs, m = config.block_size, config.sample_rows
+    per_seg = config.segment_size // bs
+    pos = plan_rules.sample_rows(n, bs, m, q.device, config.sample_spacing)
+    keys = k_perm.double().repeat_interleave(h_q // k_perm.shape[1], 1)
+    out, lse, lpart = out.view(b, h_q, r1 - r0, m, -1), lse.view(b, h_q, r1 - r0, m), lpart.view(b, h_q, r1 - r0, m)
+    for i in range(r0, r1):
+        g0 = r0 + (i - r0) // qb * qb
+        n_perm = g0 // per_seg * per_seg // key_blocks * key_blocks
+        logits = q[:, :, pos[i]].double() @ keys[:, :, : n_perm * bs].transpose(-1, -2) * (scale * math.log2(math.e))
+        m_b = logits.reshape(b, h_q, m, n_perm, bs).amax(-1)  # (B, H_q, m, n_perm), log2 units
+        out[:, :, i - r0, :, :n_perm] = m_b * math.log(2)
+        m_i = m_b.amax(-1) if n_perm else torch.full((b, h_q, m), -math.inf, dtype=torch.float64)
+        lse[:, :, i - r0] = m_i
+        lpart[:, :, i - r0] = (m_b - m_i[..., None]).exp2().sum(-1)
+        if row_top:
+            order = torch.sort(m_b, dim=-1, descending=True, stable=True)
+            v = torch.full((b, h_q, m, row_top), -math.inf, dtype=torch.float64)
+            idx = torch.full((b, h_q, m, row_top), -1)
+            v[..., : min(row_top, n_perm)] = order.values[..., :row_top] * math.log(2)
+            idx[..., : min(row_top, n_perm)] = order.indices[..., :row_top]
+            topv.view(b, h_q, r1 - r0, m, row_top)[:, :, i - r0] = v
+            topi.view(b, h_q, r1 - r0, m, row_top)[:, :, i - r0] = idx
+
+
+@pytest.mark.parametrize("rows, key_blocks, keys", [(16, 1, "copy"), (128, 2, "tma"), (64, 1, "tma")])
+def test_resuming_after_the_gluon_part_gives_the_reference(monkeypatch, rows, key_blocks, keys):
+    """The Triton kernel's RESUME path and its launcher without a Hopper GPU: the Gluon kernel's part
+    written by ``gluon_twin``, the rest scored by the Triton kernel from that state; masses and plan
+    against the references. Programs start on, before and past segment starts (3 blocks per segment),
+    with 1 or 2 key blocks per tile (the Gluon part ends where the Triton kernel's first loop would)."""
+    monkeypatch.setattr(sampled.sampled_gluon, "supported", lambda *args: True)
+    monkeypatch.setattr(sampled.sampled_gluon, "launch", gluon_twin)
+    tiles = SampledTiles(rows=rows, key_blocks=key_blocks, copy_keys=True, tma=keys == "tma", gluon=True)
+    cfg = PBSConfig(block_size=16, segment_size=48, **{**DEFAULT, "score": "sampled_max", "sample_rows": 4})
+    q, k = structured_qkv(1, 4, 2, 601, 32, seed=rows + key_blocks)
+    perm = permutation(q, k, cfg)
+    n_b = -(-601 // 16)
+    got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b, tiles=tiles).cpu()
+    torch.testing.assert_close(got.double(), layout_masses(q, k, perm, cfg, 0, n_b), rtol=1e-5, atol=2e-6)
+    plan = sampled.select_blocks(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, tiles=tiles)
+    assert_plans_equal(q, k, perm, cfg, plan, ref_select(q, k, perm, cfg))
+
+
 def test_broken_layouts_would_fail():
     """The data make the layout visible: reading original keys before the diagonal segment, or
     permuted keys inside it, moves the masses far beyond the fp32 tolerance above."""
