@@ -139,6 +139,7 @@ def test_tables_in_80_columns_keep_every_number_whole(monkeypatch):
     recs = [result(131072, "pbs", median_ms=12345.678, q25_ms=12000.0, q75_ms=12500.0, min_ms=1, max_ms=2,
                    repeats=3, permute_ms=123.456, select_ms=2345.67, attend_ms=9876.54, density=0.123456,
                    tflops=123.456, tflops_computed=98.7654, speedup=3.14159, attend_speedup=4.5678,
+                   plan_share=0.1234,
                    rel_l2_error=1.23e-3, recall_mean=0.98765, recall_min=0.91234, peak_mem_mib=12345.0)]
     doc = reports.envelope("profile", device="cpu", dtype="float32", shape={"batch": 1, "heads": 32, "kv_heads": 8,
                            "head_dim": 128}, pbs={"block_size": 128}, workload={"source": "synthetic"},

@@ -28,7 +28,7 @@ CASES = {
 }
 # what depends on the clock, the machine or the process (argv: the in-process runner sees pytest's), not on the inputs
 VOLATILE = {"timestamp", "env", "argv", "repeats", "peak_mem_mib", "tflops", "tflops_computed", "speedup",
-            "attend_speedup", "break_even", "speedup_at_longest", "within_spread"}
+            "attend_speedup", "plan_share", "break_even", "speedup_at_longest", "within_spread"}
 
 
 def stable(value):

@@ -61,6 +61,8 @@ def test_cpu_sweep_lists_dense_and_pbs_with_density_speedup_recall(sweep):
         assert pbs["speedup"] == pytest.approx(best["median_ms"] / pbs["median_ms"])
         assert pbs["attend_speedup"] == pytest.approx(best["median_ms"] / pbs["attend_ms"])
         assert math_["attend_speedup"] is None
+        assert pbs["plan_share"] == pytest.approx((pbs["permute_ms"] + pbs["select_ms"]) / best["median_ms"])
+        assert math_["plan_share"] is None
         flops = 2 * n * n * 64 * 4  # 2 N^2 D H_q B
         assert pbs["tflops"] == pytest.approx(flops / (pbs["median_ms"] * 1e9))
         assert pbs["tflops_computed"] == pytest.approx(pbs["density"] * flops / (pbs["attend_ms"] * 1e9))

@@ -28,7 +28,9 @@ Numbers per record (all times in ms; spread = quartiles and min/max over the rep
   ``2 * 2 * N^2 * D * H_q * B / 2`` = ``2 * N^2 * D * H_q * B`` (two matmuls, half the square).
 - ``tflops_computed``: FLOPs actually computed, ``density * causal FLOPs``, over the attend time.
 - ``speedup``: best dense SDPA time (the fastest ``sdpa-*`` at that length, named in ``best_dense``)
-  / this backend's time; ``attend_speedup``: the same over the attend phase alone (sparse backends).
+  / this backend's time; ``attend_speedup``: the same over the attend phase alone (sparse backends);
+  ``plan_share``: the planning phases (permute + select) over that dense time (sparse backends), the share
+  of a dense layer that choosing the blocks costs.
 - ``rel_l2_error``: ``||out - dense||_2 / ||dense||_2`` against one dense output (``error_vs``).
 - ``recall_mean``/``recall_min``: share of the full causal attention mass (softmax over all keys) that
   the kept blocks cover, over sampled query rows and all heads.
@@ -447,6 +449,8 @@ class Profiler:
                 rec["speedup"] = best["median_ms"] / rec["median_ms"]
                 if rec["backend"] in SPARSE_BACKENDS and rec.get("attend_ms"):
                     rec["attend_speedup"] = best["median_ms"] / rec["attend_ms"]  # the attention kernel alone
+                if rec["backend"] in SPARSE_BACKENDS and rec.get("permute_ms") is not None:
+                    rec["plan_share"] = (rec["permute_ms"] + rec["select_ms"]) / best["median_ms"]
         case.records = ordered
         return ordered
 

@@ -44,6 +44,8 @@ def row_cells(rec: dict[str, Any]) -> list[str]:
     phases = ""
     if rec.get("permute_ms") is not None:
         phases = f"{format_ms(rec['permute_ms'])} / {format_ms(rec['select_ms'])} / {format_ms(rec['attend_ms'])}"
+        if rec.get("plan_share") is not None:
+            phases += f" (plan {rec['plan_share']:.0%} of dense)"
     recall = ""
     if rec.get("recall_mean") is not None:
         recall = f"{rec['recall_mean']:.3f} / {rec['recall_min']:.3f}"
