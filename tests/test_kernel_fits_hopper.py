@@ -147,10 +147,11 @@ for dt, dtype, d, heads, fp8 in (("fp8e4nv", gl.float8e4nv, 128, 1, True), ("bf1
     q_layout = gl.NVMMASharedLayout.get_default_for([qb * 16, d], dtype)
     k_layout = gl.NVMMASharedLayout.get_default_for([64, d], dtype)
     consts = dict(HP=heads, QB=qb, M=16, KB=2, BLOCK=64, HEAD_DIM=d, STAGES=L.STAGES, FP8=fp8, ROW_TOP=2)
-    sig = {"q_desc": f"tensordesc<{dt}[{qb * 16},{d}],{q_layout!r}>", "k_desc": f"tensordesc<{dt}[64,{d}],{k_layout!r}>",
+    scalars = ("n_keys", "n_b", "r0", "r1", "H_q", "G_PERM", "per_seg", "q_blocks", "q_block0")
+    sig = {"q_desc": f"tensordesc<{dt}[{qb * 16},{d}],{q_layout!r}>",
+           "k_desc": f"tensordesc<{dt}[64,{d}],{k_layout!r}>",
            **{n: "*fp32" for n in ("OUT", "LSE", "LPART", "TOPV")}, "TOPI": "*i32", "RSCALE": "*fp32",
-           "scale_log2": "fp32", **{n: "i32" for n in ("n_keys", "n_b", "r0", "r1", "H_q", "G_PERM", "per_seg")},
-           **{c: "constexpr" for c in consts}}
+           "scale_log2": "fp32", **{n: "i32" for n in scalars}, **{c: "constexpr" for c in consts}}
     kernel = triton.compile(GluonASTSource(fn=KS.sampled_max_permuted_fwd, signature=sig, constexprs=consts),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     ptxas = get_ptxas(90) if get_ptxas.__code__.co_argcount else get_ptxas()

@@ -250,7 +250,8 @@ def test_gluon_scoring_matches_reference(score, b, h_q, h_kv, n, d, segment, hea
     """``SampledTiles(gluon=True)``: the Gluon kernel scores the blocks before each program's segments and
     the Triton kernel resumes from its state. Block maxima in bf16 against the fp64 definition (the
     tolerance rule of the low-precision test) and their plan (row_top 2) against the reference's on the
-    same inputs; float8 against the reference twin within the float8 MMA's accumulation bound."""
+    same inputs, in one chunk of query blocks and in chunks of 5; float8 against the reference twin within
+    the float8 MMA's accumulation bound."""
     cfg = PBSConfig(block_size=64, segment_size=segment, **{**DEFAULT, "score": score, "sample_rows": 16,
                                                              "threshold": 0.99})
     tiles = SampledTiles(gluon=True, heads=heads, key_blocks=key_blocks)
@@ -274,8 +275,12 @@ def test_gluon_scoring_matches_reference(score, b, h_q, h_kv, n, d, segment, hea
         got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b, tiles=tiles)
         torch.testing.assert_close(got.cpu(), twin, rtol=math.expm1(2 * 2 ** -12 * bound.item()) + 1e-5, atol=2e-6)
         return
-    plan = sampled.select_blocks(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, tiles=tiles)
-    assert_plans_equal(q.float(), k.float(), perm, cfg, plan, ref_select(q.float(), k.float(), perm, cfg))
+    want = ref_select(q.float(), k.float(), perm, cfg)
+    # one chunk, and chunks of 5 query blocks (the Gluon kernel's rows gathered per chunk)
+    for buffer_bytes in (sampled._BUFFER_BYTES, 4 * b * h_q * 16 * n_b * 5):
+        plan = sampled.select_blocks(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, tiles=tiles,
+                                     buffer_bytes=buffer_bytes)
+        assert_plans_equal(q.float(), k.float(), perm, cfg, plan, want)
 
 
 
@@ -317,7 +322,8 @@ def test_resuming_after_the_gluon_part_gives_the_reference(monkeypatch, rows, ke
     """The Triton kernel's RESUME path and its launcher without a Hopper GPU: the Gluon kernel's part
     written by ``gluon_twin``, the rest scored by the Triton kernel from that state; masses and plan
     against the references. Programs start on, before and past segment starts (3 blocks per segment),
-    with 1 or 2 key blocks per tile (the Gluon part ends where the Triton kernel's first loop would)."""
+    with 1 or 2 key blocks per tile (the Gluon part ends where the Triton kernel's first loop would), in
+    one chunk of query blocks and in chunks of 7."""
     monkeypatch.setattr(sampled.sampled_gluon, "supported", lambda *args: True)
     monkeypatch.setattr(sampled.sampled_gluon, "launch", gluon_twin)
     tiles = SampledTiles(rows=rows, key_blocks=key_blocks, copy_keys=True, tma=keys == "tma", gluon=True)
@@ -327,8 +333,11 @@ def test_resuming_after_the_gluon_part_gives_the_reference(monkeypatch, rows, ke
     n_b = -(-601 // 16)
     got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b, tiles=tiles).cpu()
     torch.testing.assert_close(got.double(), layout_masses(q, k, perm, cfg, 0, n_b), rtol=1e-5, atol=2e-6)
-    plan = sampled.select_blocks(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, tiles=tiles)
-    assert_plans_equal(q, k, perm, cfg, plan, ref_select(q, k, perm, cfg))
+    want = ref_select(q, k, perm, cfg)
+    for buffer_bytes in (sampled._BUFFER_BYTES, 4 * 4 * 4 * n_b * 7):  # one chunk; chunks of 7 query blocks
+        plan = sampled.select_blocks(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, tiles=tiles,
+                                     buffer_bytes=buffer_bytes)
+        assert_plans_equal(q, k, perm, cfg, plan, want)
 
 
 def test_broken_layouts_would_fail():

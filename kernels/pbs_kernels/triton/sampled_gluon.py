@@ -42,8 +42,9 @@ def launch(q: torch.Tensor, k_perm: torch.Tensor, grid: tuple[int, int], config:
            row_top: int) -> None:
     """``sampled_gluon_kernel.sampled_max_permuted_fwd`` on the grid of the Triton scoring (``heads`` query
     heads x ``qb`` query blocks per program). q: with float8 (rscale given) the sampled rows alone (B, H_q,
-    N_b * m, D), else all of q (B, H_q, N, D), whose sampled rows are gathered here (a quarter of q with the
-    default's 16 rows of 64); k_perm: the permuted copy (B, H_perm, N, D), contiguous."""
+    N_b * m, D), else all of q (B, H_q, N, D), whose sampled rows of query blocks [r0, r1) are gathered
+    here (a quarter of those rows with the default's 16 rows of 64); k_perm: the permuted copy (B, H_perm,
+    N, D), contiguous."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -52,9 +53,12 @@ def launch(q: torch.Tensor, k_perm: torch.Tensor, grid: tuple[int, int], config:
     b, h_q, _, d = q.shape
     n = k_perm.shape[2]
     bs, m = config.block_size, config.sample_rows
+    n_b = (n + bs - 1) // bs
     fp8 = rscale is not None
+    q_blocks, q_block0 = n_b, 0
     if not fp8:
-        q = q[:, :, plan_rules.sample_rows(n, bs, m, q.device, config.sample_spacing).reshape(-1)]
+        q_blocks, q_block0 = r1 - r0, r0
+        q = q[:, :, plan_rules.sample_rows(n, bs, m, q.device, config.sample_spacing)[r0:r1].reshape(-1)]
     dtype = {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[q.dtype]
 
     def desc(x: torch.Tensor, rows: int) -> TensorDescriptor:
@@ -66,6 +70,6 @@ def launch(q: torch.Tensor, k_perm: torch.Tensor, grid: tuple[int, int], config:
         KS.sampled_max_permuted_fwd[grid](
             desc(q.contiguous(), qb * m), desc(k_perm, bs), out, lse, lpart, topv, topi,
             rscale if fp8 else lse, scale * math.log2(math.e),
-            n, (n + bs - 1) // bs, r0, r1, h_q, h_q // k_perm.shape[1], config.segment_size // bs,
+            n, n_b, r0, r1, h_q, h_q // k_perm.shape[1], config.segment_size // bs, q_blocks, q_block0,
             HP=heads, QB=qb, M=m, KB=key_blocks, BLOCK=bs, HEAD_DIM=d, STAGES=STAGES, FP8=fp8,
             ROW_TOP=row_top, num_warps=4)

@@ -25,8 +25,9 @@ slot is before every row and before N, and nothing is masked. The state after th
 running maximum, log2 units), LPART (the running sum) and TOPV / TOPI (natural-log units, -inf / -1 where
 empty); the Triton kernel, launched with RESUME, starts from it.
 
-Shapes as ``_sampled_lse_kernel``'s: q_desc over the sampled rows (B * H_q * N_b * M, D), [QB * M, D]
-tiles; k_desc over the permuted copy (B * H_perm * N, D), [BLOCK, D] tiles; OUT fp32 (B * H_q, C, M, N_b);
+Shapes as ``_sampled_lse_kernel``'s: q_desc over sampled rows (B * H_q * q_blocks * M, D), [QB * M, D]
+tiles: the rows of query blocks q_block0 .. q_block0 + q_blocks - 1 of each head; k_desc over the
+permuted copy (B * H_perm * N, D), [BLOCK, D] tiles; OUT fp32 (B * H_q, C, M, N_b);
 LSE, LPART fp32 (B * H_q, C, M); TOPV fp32 / TOPI int32 (B * H_q, C, M, ROW_TOP); RSCALE fp32
 (B * H_q, N_b * M) (FP8: 1 / (row scale x key scale)).
 """
@@ -56,14 +57,14 @@ def _group(n_b, r0, r1, H_q, HP: gl.constexpr, QB: gl.constexpr, KB: gl.constexp
 
 @gluon.jit
 def _load_partition(q_desc, k_desc, q_smem, k_smem, q_ready, k_ready, k_empty, n_b, r0, r1, H_q, G_PERM, n_keys,
-                    per_seg, HP: gl.constexpr, QB: gl.constexpr, M: gl.constexpr, KB: gl.constexpr,
-                    BLOCK: gl.constexpr, STAGES: gl.constexpr):
+                    per_seg, q_blocks, q_block0, HP: gl.constexpr, QB: gl.constexpr, M: gl.constexpr,
+                    KB: gl.constexpr, BLOCK: gl.constexpr, STAGES: gl.constexpr):
     """One warp: the group's sampled rows (one TMA load per query head), then its key blocks, in order,
     through the ring."""
     b, h0, g0, n_perm = _group(n_b, r0, r1, H_q, HP, QB, KB, per_seg)
     mbarrier.expect(q_ready, HP * q_desc.block_type.nbytes)
     for h in gl.static_range(HP):
-        row = ((b * H_q + h0 + h).to(gl.int64) * n_b + g0) * M
+        row = ((b * H_q + h0 + h).to(gl.int64) * q_blocks + g0 - q_block0) * M
         tma_load(q_desc, [row.to(gl.int32), 0], q_ready, q_smem.slice(h * QB * M, QB * M))
     k_row0 = ((b * (H_q // G_PERM) + h0 // G_PERM) * n_keys).to(gl.int32)
     for t in range(n_perm):
@@ -173,7 +174,7 @@ def _score_partition(q_smem, k_smem, q_ready, k_ready, k_empty, OUT, LSE, LPART,
 
 @gluon.jit
 def sampled_max_permuted_fwd(q_desc, k_desc, OUT, LSE, LPART, TOPV, TOPI, RSCALE, scale_log2,
-                             n_keys, n_b, r0, r1, H_q, G_PERM, per_seg,
+                             n_keys, n_b, r0, r1, H_q, G_PERM, per_seg, q_blocks, q_block0,
                              HP: gl.constexpr,  # query heads per program (they share the permutation)
                              QB: gl.constexpr,  # query blocks per program; HP * QB * M = 128 rows
                              M: gl.constexpr,  # sampled rows per query block (a power of two)
@@ -204,5 +205,5 @@ def sampled_max_permuted_fwd(q_desc, k_desc, OUT, LSE, LPART, TOPV, TOPI, RSCALE
                             scale_log2, n_b, r0, r1, H_q, per_seg, HP, QB, M, KB, BLOCK, STAGES, 1, FP8,
                             ROW_TOP)),
         (_load_partition, (q_desc, k_desc, q_smem, k_smem, q_ready, k_ready, k_empty, n_b, r0, r1, H_q, G_PERM,
-                           n_keys, per_seg, HP, QB, M, KB, BLOCK, STAGES)),
+                           n_keys, per_seg, q_blocks, q_block0, HP, QB, M, KB, BLOCK, STAGES)),
     ], [4, 1], [232, 24])
