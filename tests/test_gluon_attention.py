@@ -146,3 +146,38 @@ def test_persistent_refuses_what_it_cannot_run(monkeypatch):
     assert not A.persistent_supported(q, 128)
     with pytest.raises(ValueError, match="perm_mode='auto'"):
         A.pbs_attention(q.half(), k.half(), v.half(), plan, perm_mode="persistent")
+
+
+@needs_hopper
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("b,h_q,h_kv,n", [(1, 4, 1, 600), (2, 6, 2, 1100), (1, 2, 2, 130)])
+def test_persistent_64_token_blocks(d, b, h_q, h_kv, n):
+    """64-token plans (the ``default`` preset's blocks), where each program has one consumer group and two
+    programs share an SM: against the fp64 oracle; the same output with one program, with 3, and with a
+    fixed stride; from token-major views (written in that layout); a row chunk writes only its rows."""
+    q, k, v = qkv(b, h_q, h_kv, n, d, torch.bfloat16, seed=n + d)
+    plan = to_device(random_plan(b, h_q, h_kv, n, 64, 256, p=0.4, seed=n))
+    whole = check(q, k, v, plan, perm_mode="persistent")
+    for cfg in ({"programs": 1}, {"programs": 3}, {"dynamic": False}, {"head_major": False}):
+        torch.testing.assert_close(A.pbs_attention(q, k, v, plan, perm_mode="persistent", config=cfg), whole,
+                                   atol=0, rtol=0)
+    tq, tk, tv = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    got = A.pbs_attention(tq, tk, tv, plan, perm_mode="persistent")
+    assert A.token_major(got)
+    torch.testing.assert_close(got, whole, atol=0, rtol=0)
+    r0, r1 = 1, 3
+    part = PermutedBlockMask(plan.perm, plan.kv_num_blocks[:, :, r0:r1].contiguous(),
+                             plan.kv_indices[:, :, r0:r1].contiguous(), 64, 256, n, row_offset=r0)
+    out = torch.full_like(q, float("nan"))
+    A.pbs_attention(q, k, v, part, perm_mode="persistent", out=out, permuted=A.copies_for("persistent", k, v, plan.perm))
+    torch.testing.assert_close(out[:, :, r0 * 64 : r1 * 64], whole[:, :, r0 * 64 : r1 * 64], atol=0, rtol=0)
+    assert out[:, :, : r0 * 64].isnan().all() and out[:, :, r1 * 64 :].isnan().all()
+
+
+def test_auto_keeps_64_token_plans_off_the_persistent_kernel_until_measured(monkeypatch):
+    """Where the persistent kernel can run (here: made to look so), "auto" picks it for 128-token plans
+    only; 64-token plans take it when asked for by name (``perm_mode="persistent"``, or ``PBS_PERM_MODE``)."""
+    monkeypatch.setattr(A, "persistent_supported", lambda q, block_size: True)
+    q = torch.empty(1, 1, 1, 128, device="meta", dtype=torch.bfloat16)
+    assert A._auto_mode(131072, 128, q) == "persistent"
+    assert A._auto_mode(131072, 64, q) == "tma" and A._auto_mode(4096, 64, q) == "remap"

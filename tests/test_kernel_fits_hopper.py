@@ -96,21 +96,25 @@ from pbs_kernels.triton import attention as A
 from pbs_kernels.triton import attention_gluon_kernel as KG
 
 out = []
-for d in (64, 128):
-    layout = gl.NVMMASharedLayout.get_default_for([128, d], gl.bfloat16)
-    desc = f"tensordesc<bf16[128,{d}],{layout!r}>"
-    k_stages, v_stages = A._persistent_stages(d)
+for block, d in ((128, 64), (128, 128), (64, 64), (64, 128)):
+    layout = gl.NVMMASharedLayout.get_default_for([block, d], gl.bfloat16)
+    desc = f"tensordesc<bf16[{block},{d}],{layout!r}>"
+    k_stages, v_stages = A._persistent_stages(d, block)
     for dynamic in (True, False):  # both tile pickings, both tile orders
-        consts = dict(SEG_BLOCKS=2, BLOCK=128, HEAD_DIM=d, K_STAGES=k_stages, V_STAGES=v_stages, DYNAMIC=dynamic,
-                      HEAD_MAJOR=dynamic, TOKEN_MAJOR=not dynamic)
+        consts = dict(SEG_BLOCKS=256 // block, BLOCK=block, HEAD_DIM=d, K_STAGES=k_stages, V_STAGES=v_stages,
+                      DYNAMIC=dynamic, HEAD_MAJOR=dynamic, TOKEN_MAJOR=not dynamic)
         sig = {**{n: desc for n in ("q_desc", "k_desc", "v_desc", "ko_desc", "vo_desc")}, "O": "*bf16",
                "KV_NUM": "*i32", "KV_IDX": "*i32", "COUNTER": "*i32", "qk_scale": "fp32",
                **{n: "i32" for n in ("N_CTX", "H_Q", "H_C", "H_KV", "QB0", "N_ROWS", "N_KB", "N_TILES")},
                **{c: "constexpr" for c in consts}}
         kernel = triton.compile(GluonASTSource(fn=KG.pbs_attn_fwd_persistent, signature=sig, constexprs=consts),
-                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        out.append({"head_dim": d, "dynamic": dynamic, "shared": kernel.metadata.shared,
-                    "warps_launched": kernel.metadata.num_warps, "wgmma": kernel.asm["ptx"].count("wgmma.mma_async")})
+                                target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": 4, **A._persistent_registers(block)})
+        ptx = kernel.asm["ptx"]
+        maxnreg = int(ptx.split(".maxnreg")[1].split()[0]) if ".maxnreg" in ptx else 255
+        out.append({"block": block, "head_dim": d, "dynamic": dynamic, "shared": kernel.metadata.shared,
+                    "warps_launched": kernel.metadata.num_warps, "wgmma": ptx.count("wgmma.mma_async"),
+                    "registers_launched": maxnreg * 32 * kernel.metadata.num_warps})
 print(json.dumps(out))
 """
 
@@ -118,15 +122,20 @@ print(json.dumps(out))
 def test_persistent_gluon_kernel_compiles_for_hopper(tmp_path):
     """The persistent Gluon kernel ("persistent" read mode) compiles for sm_90 with the installed Triton
     (the GPU machine had 3.6, CI has a later one: the kernel bridges the renamed Gluon calls), fits the
-    H100's shared memory with the launcher's ring sizes, launches its four partitions (two 4-warp
-    consumer groups, two 1-warp loaders) and multiplies on the tensor cores with wgmma."""
+    H100's shared memory with the launcher's ring sizes, launches its partitions (with 128-token blocks two
+    4-warp consumer groups, with 64-token blocks one; two 1-warp loaders) and multiplies on the tensor
+    cores with wgmma. With 64-token blocks two programs fit one SM: half its shared memory and registers
+    each (``_persistent_registers``)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     results = compiled(_COMPILE_GLUON, tmp_path)
-    assert len(results) == 4
+    assert len(results) == 8
     for r in results:
         assert 0 < r["shared"] <= H100_SHARED_BYTES, r
-        assert r["warps_launched"] >= 4 + 4 + 1 + 1, r
+        assert r["warps_launched"] >= 4 * (r["block"] // 64) + 1 + 1, r
         assert r["wgmma"] > 0, r
+        if r["block"] == 64:
+            assert r["shared"] <= H100_SHARED_BYTES // 2, r
+            assert r["registers_launched"] <= 65536 // 2, r
 
 
 _COMPILE_GLUON_SCORING = r"""

@@ -27,6 +27,7 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # and 128. Compiled for sm_90 and tested in the interpreter, not timed on a GPU yet.
 WIDE_HEAD_MODES = ("remap", "gather")
 PERSISTENT_HEAD_DIMS = (64, 128)
+PERSISTENT_BLOCKS = (64, 128)  # plan block sizes: two consumer groups of 64 rows per 128-token tile, one per 64
 # 0-2: attention_kernel's PERM_MODE; 4: attention_gluon_kernel (Hopper only)
 PERM_MODES = {"tma": 0, "gather": 1, "remap": 2, "persistent": 4}
 # Default way of reading permuted keys: "auto" picks "persistent" on Hopper in fp16/bf16 with 128-token
@@ -227,7 +228,7 @@ def copies_fit_l2(q: torch.Tensor, kv_heads: int, seq_len: int) -> bool:
 
 
 def _auto_mode(seq_len: int, block_size: int, q: torch.Tensor) -> str:
-    if persistent_supported(q, block_size):
+    if block_size == 128 and persistent_supported(q, block_size):
         return "persistent"
     return "tma" if seq_len >= TMA_MIN_SEQ_LEN else "remap"
 
@@ -284,7 +285,7 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
         copy), "gather" (one permuted copy of K/V, contiguous tiles), "tma" (the copy, read with
         tensor descriptors), "persistent" (the persistent Gluon kernel
         ``attention_gluon_kernel``: a permuted copy for earlier segments, k and v themselves for the
-        query's own segment; Hopper, fp16/bf16, 128-token blocks) or "auto"
+        query's own segment; Hopper, fp16/bf16, 64- or 128-token blocks) or "auto"
         (``choose_perm_mode``). Default ``default_perm_mode()`` (``PBS_PERM_MODE``, else "auto").
     config: tile config {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}; None = the measured
         default (``_default_config``); "autotune" = tune on CUDA over ``_cuda_configs`` (also when
@@ -329,8 +330,8 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     mode_name = resolve_perm_mode(plan.seq_len, bs, q, perm_mode, masked)
     mode = PERM_MODES[mode_name]
     if mode_name == "persistent" and not persistent_supported(q, bs):
-        raise ValueError("perm_mode 'persistent' needs a Hopper GPU, fp16/bf16, head_dim 64 or 128 and 128-token "
-                         f"plan blocks; got {q.dtype} head_dim={d} block={bs} on {q.device}: use perm_mode='auto'")
+        raise ValueError("perm_mode 'persistent' needs a Hopper GPU, fp16/bf16, head_dim 64 or 128 and 64- or "
+                         f"128-token plan blocks; got {q.dtype} head_dim={d} block={bs} on {q.device}: use perm_mode='auto'")
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
 
     strided = keeps_layout(mode_name, q, k, v) and (out is None or token_major(out))
@@ -396,9 +397,10 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
 
 def persistent_supported(q: torch.Tensor, block_size: int) -> bool:
     """Whether the persistent Gluon kernel (``attention_gluon_kernel``) runs q (B, H_q, N, D): a Hopper
-    GPU, fp16/bf16, head_dim 64 or 128, 128-token plan blocks."""
+    GPU, fp16/bf16, head_dim 64 or 128, 64- or 128-token plan blocks. ("auto" picks it for 128-token
+    blocks only: with 64-token blocks it is not yet measured.)"""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in PERSISTENT_HEAD_DIMS
-            and block_size == 128 and _is_hopper(q.device.index or 0))
+            and block_size in PERSISTENT_BLOCKS and _is_hopper(q.device.index or 0))
 
 
 @functools.cache
@@ -406,11 +408,22 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _persistent_stages(head_dim: int) -> tuple[int, int]:
+def _persistent_stages(head_dim: int, block_size: int = 128) -> tuple[int, int]:
     """K and V ring slots of the persistent kernel: what fits the H100's 227 KB of shared memory beside
     two q buffers (head_dim 128: 2 x 32 KB q + 3 x 32 KB K + 2 x 32 KB V = 224 KB; head_dim 64: 16 KB
-    tiles, 4 + 4). K gets the deeper ring: a K tile is read first in a block's step, V last."""
+    tiles, 4 + 4). K gets the deeper ring: a K tile is read first in a block's step, V last. With
+    64-token blocks the tiles are half as large and the same slots take half the memory, so that two
+    programs (one consumer group each) share an SM."""
+    if block_size == 64:
+        return (2, 2) if head_dim > 64 else (4, 4)  # 97 / 81 KiB a program
     return (3, 2) if head_dim > 64 else (4, 4)
+
+
+def _persistent_registers(block_size: int) -> dict:
+    """Launch options of the persistent kernel. With 64-token blocks a program has one consumer group (4
+    warps) and two loader warps in 8 warps' room: 128 registers a thread at launch let two programs share
+    an SM's 65,536, and the kernel's own split moves them to the consumers (232 each, 24 for the rest)."""
+    return {"maxnreg": 128} if block_size == 64 else {}
 
 
 def _launch_persistent(q, k, v, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb, bs, seg_blocks, config,
@@ -439,9 +452,10 @@ def _launch_persistent(q, k, v, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb,
 
     cfg = config if isinstance(config, dict) else {}
     n_tiles = n_rows * b * h_q
-    grid = (max(1, min(n_tiles, cfg.get("programs", _num_sms(q.device.index or 0)))),)
+    per_sm = 128 // bs  # 64-token blocks: one consumer group per program, two programs per SM
+    grid = (max(1, min(n_tiles, cfg.get("programs", per_sm * _num_sms(q.device.index or 0)))),)
     dynamic = bool(cfg.get("dynamic", True))
-    k_stages, v_stages = _persistent_stages(d)
+    k_stages, v_stages = _persistent_stages(d, bs)
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else num  # num: never read
     with torch.cuda.device(q.device):
         KG.pbs_attn_fwd_persistent[grid](
@@ -450,5 +464,6 @@ def _launch_persistent(q, k, v, kc, vc, out, num, idx, scale, qb0, n_rows, n_kb,
             kc.shape[1], k.shape[1], qb0,
             n_rows, n_kb, n_tiles, SEG_BLOCKS=seg_blocks, BLOCK=bs, HEAD_DIM=d, DYNAMIC=dynamic,
             HEAD_MAJOR=bool(cfg.get("head_major", not copies_fit_l2(q, kc.shape[1], n))), TOKEN_MAJOR=strided,
-            K_STAGES=cfg.get("k_stages", k_stages), V_STAGES=cfg.get("v_stages", v_stages), num_warps=4)
+            K_STAGES=cfg.get("k_stages", k_stages), V_STAGES=cfg.get("v_stages", v_stages), num_warps=4,
+            **_persistent_registers(bs))
     return out

@@ -1,7 +1,7 @@
 """Consumer side of the persistent Gluon attention kernel (``attention_gluon_kernel``).
 
-Two warp groups per program, each computing 64 of a tile's 128 query rows: QKᵀ and P V on the tensor
-cores (wgmma, asynchronous), the online softmax in registers (base 2, log2(e)-folded scale). Only the
+Two warp groups per program, each computing 64 of a tile's 128 query rows (with 64-token blocks one
+group, all 64 rows of the tile): QKᵀ and P V on the tensor cores (wgmma, asynchronous), the online softmax in registers (base 2, log2(e)-folded scale). Only the
 diagonal block (a row's last entry when kept) takes the token-level causal mask; the other blocks
 skip it.
 
@@ -90,7 +90,7 @@ def _store_tile(O, acc, l_i, tile, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, HALF: 
                 BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, HEAD_MAJOR: gl.constexpr, TOKEN_MAJOR: gl.constexpr):
     """Writes a consumer group's 64 output rows of ``tile``: acc (ROWS, HEAD_DIM) / l_i (ROWS); rows
     that saw no key (l_i == 0) write 0. O is laid out as q (``head_origin``)."""
-    ROWS: gl.constexpr = BLOCK // 2
+    ROWS: gl.constexpr = 64  # a warp group's rows: a tile's half with 128-token blocks, all of it with 64
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     o_cols: gl.constexpr = gl.SliceLayout(0, acc.type.layout)
     qb, bh, row = tile_coords(tile, H_Q, H_C, QB0, N_ROWS, N_TILES, HEAD_MAJOR)
@@ -115,8 +115,8 @@ def _first_kept(tile, num, diag_t, i, tile_smem, q_ready, q_empty, O, N_CTX, H_Q
     N_TILES: none left)."""
     while (tile < N_TILES) & (num == 0):
         release(q_empty, i % 2)
-        _store_tile(O, gl.zeros([BLOCK // 2, HEAD_DIM], gl.float32, o_layout),
-                    gl.zeros([BLOCK // 2], gl.float32, gl.SliceLayout(1, o_layout)), tile, N_CTX, H_Q, H_C, QB0,
+        _store_tile(O, gl.zeros([64, HEAD_DIM], gl.float32, o_layout),
+                    gl.zeros([64], gl.float32, gl.SliceLayout(1, o_layout)), tile, N_CTX, H_Q, H_C, QB0,
                     N_ROWS, N_TILES, HALF, BLOCK, HEAD_DIM, HEAD_MAJOR, TOKEN_MAJOR)
         i += 1
         tile, num, diag_t = received_tile(tile_smem, q_ready, i, meta_layout)
@@ -130,7 +130,7 @@ def attend_partition(q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_read
                      BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, K_STAGES: gl.constexpr,
                      V_STAGES: gl.constexpr, HEAD_MAJOR: gl.constexpr, TOKEN_MAJOR: gl.constexpr):
     """A consumer group: the tiles of this program, as the q+K loader hands them over."""
-    ROWS: gl.constexpr = BLOCK // 2
+    ROWS: gl.constexpr = 64  # a warp group's rows: a tile's half with 128-token blocks, all of it with 64
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],

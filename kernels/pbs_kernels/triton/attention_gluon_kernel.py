@@ -12,7 +12,8 @@ Gluon dialect, so that the schedule is written out here instead of left to the c
 - **warp-specialized**, four partitions: two consumer warp groups (``attention_gluon_attend``: 64
   query rows of each tile each, tensor-core products and online softmax), one warp loading q (two
   buffers) and K (a ring of ``K_STAGES`` slots), one warp loading V (``V_STAGES`` slots), all
-  through TMA;
+  through TMA. With 64-token blocks a tile has 64 rows and one consumer group (three partitions); the
+  launcher then runs two programs per SM (half the registers and shared memory each);
 - **overlap across tiles**: the loaders fetch the next tile's q and first blocks while the consumers
   finish a tile and write its output, the fixed per-tile cost that weighs on rows with few kept blocks.
 
@@ -159,28 +160,42 @@ def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, ko_desc, vo_desc, O, KV_NUM,
     k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    GROUPS: gl.constexpr = BLOCK // 64  # consumer warp groups of 64 query rows per tile
     for b in gl.static_range(2):
         mbarrier.init(q_ready.index(b), count=1)
-        mbarrier.init(q_empty.index(b), count=2)  # one arrive per consumer warp group
+        mbarrier.init(q_empty.index(b), count=GROUPS)  # one arrive per consumer warp group
     for s in gl.static_range(K_STAGES):
         mbarrier.init(k_ready.index(s), count=1)
-        mbarrier.init(k_empty.index(s), count=2)
+        mbarrier.init(k_empty.index(s), count=GROUPS)
     for s in gl.static_range(V_STAGES):
         mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(v_empty.index(s), count=2)
+        mbarrier.init(v_empty.index(s), count=GROUPS)
     fence_async_shared()
 
-    gl.warp_specialize([
-        (attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                              O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 0, BLOCK, HEAD_DIM, K_STAGES, V_STAGES,
-                              HEAD_MAJOR, TOKEN_MAJOR)),  # default partition: 4 warps
-        (attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty,
-                              O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 1, BLOCK, HEAD_DIM, K_STAGES, V_STAGES,
-                              HEAD_MAJOR, TOKEN_MAJOR)),
-        (_load_q_k_partition, (q_desc, k_desc, ko_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready, k_empty,
-                               KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_KB, N_TILES,
-                               SEG_BLOCKS, BLOCK, K_STAGES, DYNAMIC, HEAD_MAJOR, HEAD_DIM, TOKEN_MAJOR)),
-        (_load_v_partition, (v_desc, vo_desc, v_smem, tile_smem, q_ready, v_ready, v_empty,
-                             KV_IDX, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_KB, N_TILES,
-                             SEG_BLOCKS, BLOCK, V_STAGES, HEAD_MAJOR, HEAD_DIM, TOKEN_MAJOR)),
-    ], [4, 1, 1], [232, 24, 24])
+    if GROUPS == 2:  # the default partition (4 warps) and a second consumer group take a tile's halves
+        gl.warp_specialize([
+            (attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                                v_empty, O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 0, BLOCK, HEAD_DIM,
+                                K_STAGES, V_STAGES, HEAD_MAJOR, TOKEN_MAJOR)),
+            (attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                                v_empty, O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 1, BLOCK, HEAD_DIM,
+                                K_STAGES, V_STAGES, HEAD_MAJOR, TOKEN_MAJOR)),
+            (_load_q_k_partition, (q_desc, k_desc, ko_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready,
+                                   k_empty, KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_KB, N_TILES,
+                                   SEG_BLOCKS, BLOCK, K_STAGES, DYNAMIC, HEAD_MAJOR, HEAD_DIM, TOKEN_MAJOR)),
+            (_load_v_partition, (v_desc, vo_desc, v_smem, tile_smem, q_ready, v_ready, v_empty, KV_IDX, N_CTX, H_Q,
+                                 H_C, H_KV, QB0, N_ROWS, N_KB, N_TILES, SEG_BLOCKS, BLOCK, V_STAGES, HEAD_MAJOR,
+                                 HEAD_DIM, TOKEN_MAJOR)),
+        ], [4, 1, 1], [232, 24, 24])
+    else:  # 64-token blocks: the default partition takes the whole tile
+        gl.warp_specialize([
+            (attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
+                                v_empty, O, qk_scale, N_CTX, H_Q, H_C, QB0, N_ROWS, N_TILES, 0, BLOCK, HEAD_DIM,
+                                K_STAGES, V_STAGES, HEAD_MAJOR, TOKEN_MAJOR)),
+            (_load_q_k_partition, (q_desc, k_desc, ko_desc, q_smem, k_smem, tile_smem, q_ready, q_empty, k_ready,
+                                   k_empty, KV_NUM, KV_IDX, COUNTER, N_CTX, H_Q, H_C, H_KV, QB0, N_ROWS, N_KB, N_TILES,
+                                   SEG_BLOCKS, BLOCK, K_STAGES, DYNAMIC, HEAD_MAJOR, HEAD_DIM, TOKEN_MAJOR)),
+            (_load_v_partition, (v_desc, vo_desc, v_smem, tile_smem, q_ready, v_ready, v_empty, KV_IDX, N_CTX, H_Q,
+                                 H_C, H_KV, QB0, N_ROWS, N_KB, N_TILES, SEG_BLOCKS, BLOCK, V_STAGES, HEAD_MAJOR,
+                                 HEAD_DIM, TOKEN_MAJOR)),
+        ], [1, 1], [24, 24])
