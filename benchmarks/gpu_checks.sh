@@ -3,13 +3,14 @@
 # defaults, in parts of a few minutes each. From the repository root, on a Hopper GPU with pbs installed:
 #
 #   bash benchmarks/gpu_checks.sh kernels OUT   # GPU tests of the Gluon kernels and the sampled selection
-#   bash benchmarks/gpu_checks.sh speed OUT     # the selection's tiles (Gluon scoring among them), pbs profile
-#   bash benchmarks/gpu_checks.sh model OUT     # the embedded model: bf16 pbs eval on held-out prose, prefill
+#   bash benchmarks/gpu_checks.sh speed OUT     # the selection with and without Gluon scoring, pbs profile
+#   bash benchmarks/gpu_checks.sh eval OUT      # the embedded model: bf16 pbs eval on the held-out prose
+#   bash benchmarks/gpu_checks.sh prefill OUT   # the embedded model: whole-model prefill against dense
 #
 # OUT (default gpu-checks/) gets one log per step. Each step has its own time limit, so that one that
 # hangs (a Gluon kernel waiting on a barrier that never completes) costs its limit, not the part.
 set -uo pipefail
-part=${1:?part: kernels, speed or model}
+part=${1:?part: kernels, speed, eval or prefill}
 out=${2:-gpu-checks}
 mkdir -p "$out"
 
@@ -27,19 +28,24 @@ python3 -c "import sys, torch, triton, transformers; print('python', sys.version
 
 case $part in
 kernels)
-  step gluon-scoring 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_sampled.py -k "gluon or resuming"
-  step gluon-attention-64 150 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_attention.py
-  step sampled-plans 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_sampled.py -k "plan_matches or float8"
+  step gluon-scoring 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_sampled.py -k "gluon or resuming"
+  step gluon-attention-64 100 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_attention.py
+  step sampled-plans 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_sampled.py -k "plan_matches or float8"
   ;;
 speed)
-  step sampled-sweep 300 python3 benchmarks/sampled_bench.py --shapes llama --seq-lens 32k,128k --reference-lens '' \
-    --check-len 0 --sweep --json "$out/sampled-sweep.json"
-  step profile-default 120 pbs profile --seq-len 32k,128k --backends pbs,sdpa-cudnn --profile default --markdown \
+  for score in sampled_max sampled_max_fp8; do  # the default's scoring and its float8 option, Triton then Gluon
+    step "select-$score" 100 python3 benchmarks/sampled_bench.py --shapes llama --seq-lens 32k,128k \
+      --reference-lens '' --check-len 0 --kernels --set "score=$score" --json "$out/select-$score.json"
+    PBS_GLUON_SCORING=1 step "select-$score-gluon" 100 python3 benchmarks/sampled_bench.py --shapes llama \
+      --seq-lens 32k,128k --reference-lens '' --check-len 0 --kernels --set "score=$score" \
+      --json "$out/select-$score-gluon.json"
+  done
+  step profile-default 90 pbs profile --seq-len 32k,128k --backends pbs,sdpa-cudnn --profile default --markdown \
     -o "$out/profile-default.json"
-  PBS_PERM_MODE=persistent step profile-default-persistent 120 pbs profile --seq-len 32k,128k \
-    --backends pbs,sdpa-cudnn --profile default --markdown -o "$out/profile-default-persistent.json"
+  PBS_GLUON_SCORING=1 PBS_PERM_MODE=persistent step profile-default-gluon 90 pbs profile --seq-len 32k,128k \
+    --backends pbs,sdpa-cudnn --profile default --markdown -o "$out/profile-default-gluon.json"
   ;;
-model)
+eval)
   # the held-out documents of BENCHMARKS.md ("Held-out prose") made with Python 3.11: pass them in PBS_DOCS
   # (specialnames.txt, compound.txt, news.txt); without it they come from this Python, whose texts may differ
   docs=${PBS_DOCS:-$out/docs}
@@ -50,10 +56,14 @@ model)
     done
     cp "$(python3 -c 'import idlelib, os; print(os.path.dirname(idlelib.__file__))')/NEWS.txt" "$docs/news.txt"
   fi
-  for doc in specialnames compound news; do
-    step "eval-$doc" 90 pbs eval "$docs/$doc.txt" --profile default --max-tokens 8k --device cuda --json \
-      -o "$out/eval-$doc.json"
+  for profile in ${PBS_EVAL_PROFILES:-default}; do  # e.g. "default fp8" with a preset file in PBS_CONFIG_DIR
+    for doc in specialnames compound news; do
+      step "eval-$doc-$profile" 90 pbs eval "$docs/$doc.txt" --profile "$profile" --max-tokens 8k --device cuda \
+        --json -o "$out/eval-$doc-$profile.json"
+    done
   done
+  ;;
+prefill)
   cat "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')"/*.py | head -c 1600000 > "$out/doc.txt"
   for n in 8k 32k 128k; do
     step "prefill-$n" 120 pbs prefill "$out/doc.txt" --profile default --max-tokens "$n" --beyond-context \
@@ -61,7 +71,7 @@ model)
   done
   ;;
 *)
-  echo "unknown part $part: kernels, speed or model" >&2
+  echo "unknown part $part: kernels, speed, eval or prefill" >&2
   exit 2
   ;;
 esac

@@ -9,9 +9,11 @@ Triton here: these are plain values.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 MAX_WARPS = 32  # 1024 threads, the most one program may have on NVIDIA GPUs
+GLUON_SCORING_ENV = "PBS_GLUON_SCORING"
 
 
 def _power_of_two(name: str, value: int | None, at_least: int, at_most: int | None = None,
@@ -166,4 +168,6 @@ SELECT_TILES = SelectTiles()
 # H100 (Llama shape, block maxima) the selection took 3.13 / 48.6 ms at 32K / 128K, against 4.88 / 97.8 with 64
 # rows, 4 warps and keys gathered through the permutation, 3.62 / 56.3 from the copy by pointer loads, 3.19 /
 # 50.1 with Triton's default stages (sampled_bench --sweep, commit 9869a60)
-SAMPLED_TILES = SampledTiles()
+# PBS_GLUON_SCORING=1: the Gluon kernel scores the blocks before each program's segments (``gluon``), for
+# measuring it; off otherwise until it is measured
+SAMPLED_TILES = SampledTiles(gluon=os.environ.get(GLUON_SCORING_ENV) == "1")
