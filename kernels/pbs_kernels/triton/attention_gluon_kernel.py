@@ -172,6 +172,8 @@ def pbs_attn_fwd_persistent(q_desc, k_desc, v_desc, ko_desc, vo_desc, O, KV_NUM,
         mbarrier.init(v_empty.index(s), count=GROUPS)
     fence_async_shared()
 
+    # the partition lists are spelled out in each branch: Gluon takes (function, arguments) pairs written in
+    # place, not held in variables
     if GROUPS == 2:  # the default partition (4 warps) and a second consumer group take a tile's halves
         gl.warp_specialize([
             (attend_partition, (q_smem, k_smem, v_smem, tile_smem, q_ready, q_empty, k_ready, v_ready, k_empty,
