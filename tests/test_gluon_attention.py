@@ -169,7 +169,8 @@ def test_persistent_64_token_blocks(d, b, h_q, h_kv, n):
     part = PermutedBlockMask(plan.perm, plan.kv_num_blocks[:, :, r0:r1].contiguous(),
                              plan.kv_indices[:, :, r0:r1].contiguous(), 64, 256, n, row_offset=r0)
     out = torch.full_like(q, float("nan"))
-    A.pbs_attention(q, k, v, part, perm_mode="persistent", out=out, permuted=A.copies_for("persistent", k, v, plan.perm))
+    A.pbs_attention(q, k, v, part, perm_mode="persistent", out=out,
+                    permuted=A.copies_for("persistent", k, v, plan.perm))
     torch.testing.assert_close(out[:, :, r0 * 64 : r1 * 64], whole[:, :, r0 * 64 : r1 * 64], atol=0, rtol=0)
     assert out[:, :, : r0 * 64].isnan().all() and out[:, :, r1 * 64 :].isnan().all()
 

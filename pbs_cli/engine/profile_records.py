@@ -13,8 +13,8 @@ SPARSE_BACKENDS = ("pbs", "flex", "reference")
 RESULT_FIELDS = (
     "seq_len", "layer", "backend", "status", "reason", "median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms",
     "repeats", "permute_ms", "select_ms", "attend_ms", "density", "tflops", "tflops_computed", "speedup",
-    "attend_speedup", "plan_share", "best_dense", "rel_l2_error", "error_vs", "recall_mean", "recall_min", "peak_mem_mib", "kernel",
-    "notes",
+    "attend_speedup", "plan_share", "best_dense", "rel_l2_error", "error_vs", "recall_mean", "recall_min",
+    "peak_mem_mib", "kernel", "notes",
 )
 
 

@@ -331,7 +331,8 @@ def pbs_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Permu
     mode = PERM_MODES[mode_name]
     if mode_name == "persistent" and not persistent_supported(q, bs):
         raise ValueError("perm_mode 'persistent' needs a Hopper GPU, fp16/bf16, head_dim 64 or 128 and 64- or "
-                         f"128-token plan blocks; got {q.dtype} head_dim={d} block={bs} on {q.device}: use perm_mode='auto'")
+                         f"128-token plan blocks; got {q.dtype} head_dim={d} block={bs} on {q.device}: "
+                         "use perm_mode='auto'")
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
 
     strided = keeps_layout(mode_name, q, k, v) and (out is None or token_major(out))
@@ -412,10 +413,11 @@ def _persistent_stages(head_dim: int, block_size: int = 128) -> tuple[int, int]:
     """K and V ring slots of the persistent kernel: what fits the H100's 227 KB of shared memory beside
     two q buffers (head_dim 128: 2 x 32 KB q + 3 x 32 KB K + 2 x 32 KB V = 224 KB; head_dim 64: 16 KB
     tiles, 4 + 4). K gets the deeper ring: a K tile is read first in a block's step, V last. With
-    64-token blocks the tiles are half as large and the same slots take half the memory, so that two
-    programs (one consumer group each) share an SM."""
+    64-token blocks the tiles are half as large, and the rings stay under half of that memory (head_dim
+    128: 2 + 2 slots, 97 KiB a program; 64: 4 + 4, 81 KiB) so that two programs (one consumer group each)
+    share an SM."""
     if block_size == 64:
-        return (2, 2) if head_dim > 64 else (4, 4)  # 97 / 81 KiB a program
+        return (2, 2) if head_dim > 64 else (4, 4)
     return (3, 2) if head_dim > 64 else (4, 4)
 
 

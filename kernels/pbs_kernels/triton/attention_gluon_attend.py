@@ -1,9 +1,9 @@
 """Consumer side of the persistent Gluon attention kernel (``attention_gluon_kernel``).
 
 Two warp groups per program, each computing 64 of a tile's 128 query rows (with 64-token blocks one
-group, all 64 rows of the tile): QKᵀ and P V on the tensor cores (wgmma, asynchronous), the online softmax in registers (base 2, log2(e)-folded scale). Only the
-diagonal block (a row's last entry when kept) takes the token-level causal mask; the other blocks
-skip it.
+group, all 64 rows of the tile): QKᵀ and P V on the tensor cores (wgmma, asynchronous), the online
+softmax in registers (base 2, log2(e)-folded scale). Only the diagonal block (a row's last entry when
+kept) takes the token-level causal mask; the other blocks skip it.
 
 Within a tile, block t's QKᵀ is issued before block t-1's P V and block t's softmax runs while that
 P V is on the tensor cores (FlashAttention-3's overlap within a warp group, ``_overlapped_block``);

@@ -9,8 +9,9 @@ the permutation, or with ``SampledTiles.copy_keys`` read from one permuted copy 
 and tile a log-sum-exp, and per row its ``row_top`` best off-diagonal blocks; ``_sampled_top_p_kernel``
 averages the rows' block masses, forces those blocks and ranks top-p (the pooled selection's bisection,
 no sort). With ``SampledTiles.gluon`` (block maxima on Hopper) ``sampled_gluon`` scores the key blocks
-before each program's own segments first and ``_sampled_lse_kernel`` resumes from its state. Memory: one fp32 buffer (B, H_q, C, m, N_b) for a chunk of C query blocks, at most
-``_BUFFER_BYTES`` (and the copy of K, B x H_perm x N x D, with ``copy_keys``).
+before each program's own segments first and ``_sampled_lse_kernel`` resumes from its state.
+Memory: one fp32 buffer (B, H_q, C, m, N_b) for a chunk of C query blocks, at most ``_BUFFER_BYTES``
+(and the copy of K, B x H_perm x N x D, with ``copy_keys``).
 """
 
 from __future__ import annotations
