@@ -100,7 +100,8 @@ for block, d in ((128, 64), (128, 128), (64, 64), (64, 128)):
     layout = gl.NVMMASharedLayout.get_default_for([block, d], gl.bfloat16)
     desc = f"tensordesc<bf16[{block},{d}],{layout!r}>"
     k_stages, v_stages = A._persistent_stages(d, block)
-    for dynamic in (True, False):  # both tile pickings, both tile orders
+    # both tile pickings and both tile orders with 128-token blocks; one of each with 64
+    for dynamic in ((True, False) if block == 128 else (d == 64,)):
         consts = dict(SEG_BLOCKS=256 // block, BLOCK=block, HEAD_DIM=d, K_STAGES=k_stages, V_STAGES=v_stages,
                       DYNAMIC=dynamic, HEAD_MAJOR=dynamic, TOKEN_MAJOR=not dynamic)
         sig = {**{n: desc for n in ("q_desc", "k_desc", "v_desc", "ko_desc", "vo_desc")}, "O": "*bf16",
@@ -128,7 +129,7 @@ def test_persistent_gluon_kernel_compiles_for_hopper(tmp_path):
     each (``_persistent_registers``)."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     results = compiled(_COMPILE_GLUON, tmp_path)
-    assert len(results) == 8
+    assert len(results) == 6
     for r in results:
         assert 0 < r["shared"] <= H100_SHARED_BYTES, r
         assert r["warps_launched"] >= 4 * (r["block"] // 64) + 1 + 1, r
