@@ -208,6 +208,23 @@ def test_float8_scaling():
                                rtol=0, atol=0)
 
 
+def reference_masses(q, k, perm, cfg, n_b):
+    """The reference twin's per-row masses of all query blocks (keys expanded to the query heads)."""
+    h_q = q.shape[1]
+    return reference.sampled_block_mass(q, k.repeat_interleave(h_q // k.shape[1], 1),
+                                        reference.permute_keys(k, perm).repeat_interleave(h_q // perm.shape[1], 1),
+                                        cfg, 0, n_b, 1.0 / math.sqrt(q.shape[-1]), per_row=True)
+
+
+def float8_mma_rtol(q, k):
+    """Relative tolerance of masses from an H100's float8 MMA, which keeps about 14 bits of its running sums:
+    at most 2**-12 of the summed |products| per logit for head_dim <= 128, in the block maximum and in the
+    row's log-sum-exp."""
+    qr, kr = plan_rules.float8_rounded(q, dims=(-1,)), plan_rules.float8_rounded(k)
+    g = q.shape[1] // k.shape[1]
+    bound = (qr.abs() @ kr.abs().repeat_interleave(g, 1).transpose(-1, -2)).max() / math.sqrt(q.shape[-1])
+    return math.expm1(2 * 2 ** -12 * bound.item()) + 1e-5
+
 def test_float8_block_maxima_match_reference():
     """score "sampled_max_fp8": the kernel's masses (sampled rows and keys cast to float8, a scale per row and
     per key head, float8 dot products) against the reference twin, which rounds the same way, with keys
@@ -218,15 +235,8 @@ def test_float8_block_maxima_match_reference():
     q, k = structured_qkv(b, h_q, h_kv, n, 32, seed=11)
     perm = permutation(q, k, cfg)
     n_b = -(-n // bs)
-    twin = reference.sampled_block_mass(q, k.repeat_interleave(h_q // h_kv, 1),
-                                        reference.permute_keys(k, perm).repeat_interleave(h_q // perm.shape[1], 1),
-                                        cfg, 0, n_b, 1.0 / math.sqrt(32), per_row=True)
-    rtol = 1e-5
-    if DEVICE == "cuda":  # an H100's float8 MMA keeps about 14 bits of its running sums: at most 2**-12 of the
-        # summed |products| per logit for head_dim <= 128, in the block maximum and in the row's log-sum-exp
-        qr, kr = plan_rules.float8_rounded(q, dims=(-1,)), plan_rules.float8_rounded(k)
-        bound = (qr.abs() @ kr.abs().repeat_interleave(h_q // h_kv, 1).transpose(-1, -2)).max() / math.sqrt(32)
-        rtol = math.expm1(2 * 2 ** -12 * bound.item()) + 1e-5
+    twin = reference_masses(q, k, perm, cfg, n_b)
+    rtol = float8_mma_rtol(q, k) if DEVICE == "cuda" else 1e-5
     for tiles in (SampledTiles(copy_keys=False), SampledTiles(tma=False), SampledTiles()):
         got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b, tiles=tiles).cpu()
         torch.testing.assert_close(got, twin, rtol=rtol, atol=2e-6)
@@ -267,13 +277,9 @@ def test_gluon_scoring_matches_reference(score, b, h_q, h_kv, n, d, segment, hea
         assert err <= 2 * plain_err + 1e-5, f"kernel error {err:.3g} vs plain bf16 error {plain_err:.3g}"
     else:
         perm = permutation(q, k, cfg)
-        twin = reference.sampled_block_mass(q, k.repeat_interleave(h_q // h_kv, 1),
-                                            reference.permute_keys(k, perm).repeat_interleave(h_q // perm.shape[1], 1),
-                                            cfg, 0, n_b, 1.0 / math.sqrt(d), per_row=True)
-        qr, kr = plan_rules.float8_rounded(q, dims=(-1,)), plan_rules.float8_rounded(k)
-        bound = (qr.abs() @ kr.abs().repeat_interleave(h_q // h_kv, 1).transpose(-1, -2)).max() / math.sqrt(d)
         got = sampled.sampled_block_mass(q.to(DEVICE), k.to(DEVICE), perm.to(DEVICE), cfg, 0, n_b, tiles=tiles)
-        torch.testing.assert_close(got.cpu(), twin, rtol=math.expm1(2 * 2 ** -12 * bound.item()) + 1e-5, atol=2e-6)
+        torch.testing.assert_close(got.cpu(), reference_masses(q, k, perm, cfg, n_b), rtol=float8_mma_rtol(q, k),
+                                   atol=2e-6)
         return
     want = ref_select(q.float(), k.float(), perm, cfg)
     # one chunk, and chunks of 5 query blocks (the Gluon kernel's rows gathered per chunk)

@@ -19,7 +19,7 @@ from ..config import PBSConfig
 ROWS = 128  # two consumer warp groups of 64 rows
 HEAD_DIMS = (64, 128)
 BLOCK_SIZES = (64, 128)
-STAGES = 4  # key-block ring: 4 x 32 KiB at head_dim 128 in bf16 beside 32 KiB of rows
+STAGES = 4  # key-block ring: 4 x 16 KiB at head_dim 128 in bf16 beside 32 KiB of rows
 MAX_ROW_TOP = 2
 
 

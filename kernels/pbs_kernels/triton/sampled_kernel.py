@@ -242,13 +242,19 @@ def _row_top_update(top_v, top_i, lse_b, blk0, ds_row, KB: tl.constexpr, ROW_TOP
 
 
 @triton.jit
+def _row_top_slots(row, row_ok, ROW_TOP: tl.constexpr, RT_POW2: tl.constexpr):
+    """Where rows' best-blocks lists live in TOPV / TOPI (``row`` (BLOCK_R,) the flat row index, ROW_TOP entries
+    a row): offsets (BLOCK_R, RT_POW2) and the mask of live slots of live rows."""
+    slot = tl.arange(0, RT_POW2)[None, :]
+    return row.to(tl.int64)[:, None] * ROW_TOP + slot, row_ok[:, None] & (slot < ROW_TOP)
+
+
+@triton.jit
 def _row_top_load(TOPV, TOPI, top_v, top_i, row, row_ok, ROW_TOP: tl.constexpr, RT_POW2: tl.constexpr):
     """The rows' best-blocks lists as ``_row_top_store`` (or ``sampled_gluon_kernel``) left them, in the live
     slots of the empty lists top_v, top_i (``_row_top_init``)."""
     if ROW_TOP > 0:
-        slot = tl.arange(0, RT_POW2)[None, :]
-        at = row.to(tl.int64)[:, None] * ROW_TOP + slot
-        ok = row_ok[:, None] & (slot < ROW_TOP)
+        at, ok = _row_top_slots(row, row_ok, ROW_TOP, RT_POW2)
         top_v = tl.where(ok, tl.load(TOPV + at, mask=ok, other=0.0), top_v)
         top_i = tl.where(ok, tl.load(TOPI + at, mask=ok, other=0), top_i)
     return top_v, top_i
@@ -259,9 +265,7 @@ def _row_top_store(TOPV, TOPI, top_v, top_i, row, row_ok, ROW_TOP: tl.constexpr,
     """Store the rows' best-blocks lists at TOPV / TOPI (rows of ROW_TOP entries; ``row`` (BLOCK_R,) the
     flat row index)."""
     if ROW_TOP > 0:
-        slot = tl.arange(0, RT_POW2)[None, :]
-        at = row.to(tl.int64)[:, None] * ROW_TOP + slot
-        ok = row_ok[:, None] & (slot < ROW_TOP)
+        at, ok = _row_top_slots(row, row_ok, ROW_TOP, RT_POW2)
         tl.store(TOPV + at, top_v, mask=ok)
         tl.store(TOPI + at, top_i, mask=ok)
 
